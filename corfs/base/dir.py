@@ -1,0 +1,113 @@
+"""A local directory of raw images as a base. Only regular files directly in the directory
+are images; symlinks are followed only when they stay inside BASE, devices and fifos are
+never exposed. Reads run in worker threads because a cold read from a NAS can block."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import BaseChanged, BaseNotFound, TransientBaseError, UsageError
+
+log = logging.getLogger(__name__)
+
+_READ_LIMITER = trio.CapacityLimiter(8)
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"size={st.st_size};mtime_ns={st.st_mtime_ns};ino={st.st_ino}"
+
+
+@dataclass
+class DirImage:
+    name: str
+    size: int
+    identity: str
+    path: str
+    layout: None = None
+    _fd: int | None = field(default=None, repr=False)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise BaseNotFound(f"base image {self.path} is gone") from None
+            if _identity(os.fstat(fd)) != self.identity:
+                os.close(fd)
+                raise BaseChanged(f"base image {self.path} changed since it was opened")
+            self._fd = fd
+        return self._fd
+
+    def _read_sync(self, offset: int, length: int) -> bytes:
+        fd = self._open()
+        # The identity check on each read catches an image rewritten in place (mtime moves).
+        if _identity(os.fstat(fd)) != self.identity:
+            raise BaseChanged(f"base image {self.path} changed since it was opened")
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError as exc:
+            raise TransientBaseError(f"reading {self.path}: {exc.strerror}") from exc
+        if len(data) != length:
+            raise BaseChanged(f"base image {self.path} is shorter than it was")
+        return data
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(self._read_sync, offset, length, limiter=_READ_LIMITER)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class DirBase:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.description = root
+        self._images: list[DirImage] = []
+
+    @classmethod
+    def open(cls, path: str) -> DirBase:
+        root = os.path.realpath(path)
+        if not os.path.exists(root):
+            raise UsageError(f"base directory {path} does not exist")
+        if not os.path.isdir(root):
+            raise UsageError(f"base {path} is not a directory")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise UsageError(f"base directory {path} is not readable")
+        return cls(root)
+
+    def _entry_image(self, entry: os.DirEntry[str]) -> DirImage | None:
+        path = entry.path
+        if entry.is_symlink():
+            target = os.path.realpath(path)
+            if os.path.commonpath([target, self.root]) != self.root:
+                log.warning("not exposing %s: symlink points outside the base", path)
+                return None
+            path = target
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):
+                log.warning("not exposing %s: not a regular file", entry.path)
+            return None
+        return DirImage(name=entry.name, size=st.st_size, identity=_identity(st), path=path)
+
+    async def list_images(self) -> list[DirImage]:
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError as exc:
+            raise BaseNotFound(f"cannot list base directory {self.root}: {exc.strerror}") from exc
+        self._images = [img for e in entries if (img := self._entry_image(e)) is not None]
+        return list(self._images)
+
+    async def aclose(self) -> None:
+        for image in self._images:
+            image.close()

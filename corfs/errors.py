@@ -1,0 +1,85 @@
+"""The one error tree of corfs. Each class carries the errno the mount answers with and the
+exit code the CLI ends with; they are translated in exactly two places, fuse_ops and cli.
+
+    CorfsError                      EIO, exit 1
+    ├── UsageError                  EINVAL, exit 2   bad arguments or paths
+    ├── CacheError                  EIO, exit 3      CACHE unusable or inconsistent
+    │   ├── CacheLocked             EBUSY, exit 3    another mount holds CACHE
+    │   └── CacheFull               ENOSPC, exit 3
+    ├── ReadOnlyError               EROFS, exit 1
+    ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
+    ├── ControlError                EIO, exit 4      control of something that is no corfs mount
+    └── BaseError                   EIO, exit 5      BASE failed
+        ├── BaseUnavailable         EIO, exit 5      timed out after retries / unreachable
+        ├── BaseNotFound            ENOENT, exit 5
+        ├── BaseAccessDenied        EACCES, exit 5
+        ├── BaseChanged             ESTALE, exit 5   the base image is not the one cached
+        ├── BaseCorrupt             EIO, exit 5      digest mismatch, bad manifest, short body
+        └── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class CorfsError(Exception):
+    errno: int = errno.EIO
+    exit_code: int = 1
+
+
+class UsageError(CorfsError):
+    errno = errno.EINVAL
+    exit_code = 2
+
+
+class CacheError(CorfsError):
+    exit_code = 3
+
+
+class CacheLocked(CacheError):
+    errno = errno.EBUSY
+
+
+class CacheFull(CacheError):
+    errno = errno.ENOSPC
+
+
+class ReadOnlyError(CorfsError):
+    errno = errno.EROFS
+
+
+class NotLocalError(CorfsError):
+    pass
+
+
+class ControlError(CorfsError):
+    exit_code = 4
+
+
+class BaseError(CorfsError):
+    exit_code = 5
+
+
+class BaseUnavailable(BaseError):
+    pass
+
+
+class BaseNotFound(BaseError):
+    errno = errno.ENOENT
+
+
+class BaseAccessDenied(BaseError):
+    errno = errno.EACCES
+
+
+class BaseChanged(BaseError):
+    errno = errno.ESTALE
+
+
+class BaseCorrupt(BaseError):
+    pass
+
+
+class TransientBaseError(BaseError):
+    """A failure that may go away: the fetcher retries it until --io-timeout."""
