@@ -8,6 +8,7 @@ Contract of every store (tests/stores runs one suite against each):
   the range inside the image) of *that identity*: if the image changed, it raises BaseChanged,
   never bytes of another version. Retryable failures raise TransientBaseError; the fetcher
   retries them, stores do not loop themselves.
+- `read_object(key)` reads a whole small object below the base (not listed as an image).
 - BASE is read-only: no store writes to it, ever.
 """
 
@@ -54,6 +55,11 @@ class BaseStore(Protocol):
     description: str  # safe for logs: no credentials
 
     async def list_images(self) -> list[BaseImage]: ...
+
+    async def read_object(self, key: str) -> bytes:
+        """The whole object at `key`, a '/'-separated path relative to the base (published
+        chunk objects live at chunks/xx/<hex>.zst). BaseNotFound if there is none."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -108,6 +108,22 @@ class DirBase:
         self._images = [img for e in entries if (img := self._entry_image(e)) is not None]
         return list(self._images)
 
+    async def read_object(self, key: str) -> bytes:
+        path = os.path.realpath(os.path.join(self.root, key))
+        if os.path.commonpath([path, self.root]) != self.root:
+            raise BaseNotFound(f"{key} is outside the base")
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise BaseNotFound(f"{path} does not exist") from None
+            except OSError as exc:
+                raise TransientBaseError(f"reading {path}: {exc.strerror}") from exc
+
+        return await trio.to_thread.run_sync(read, limiter=_READ_LIMITER)
+
     async def aclose(self) -> None:
         for image in self._images:
             image.close()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import BaseChanged, BaseError, TransientBaseError
+from ..errors import BaseChanged, BaseError, BaseNotFound, TransientBaseError
 from . import ChunkLayout
 
 
@@ -82,6 +82,8 @@ class MemoryBase:
     description = "memory://"
 
     def __init__(self, images: dict[str, bytes] | None = None) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.object_reads: list[str] = []
         self.images: dict[str, MemoryImage] = {
             name: MemoryImage(name, bytearray(data)) for name, data in (images or {}).items()
         }
@@ -94,6 +96,14 @@ class MemoryBase:
         for image in self.images.values():
             image._opened_identity = image.identity
         return list(self.images.values())
+
+    async def read_object(self, key: str) -> bytes:
+        await trio.lowlevel.checkpoint()
+        self.object_reads.append(key)
+        try:
+            return self.objects[key]
+        except KeyError:
+            raise BaseNotFound(f"memory://{key} does not exist") from None
 
     async def aclose(self) -> None:
         pass
