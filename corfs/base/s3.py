@@ -1,0 +1,291 @@
+"""S3 bases: `s3://bucket/prefix/` exposes the objects directly below the prefix (not deeper),
+`s3://bucket/prefix/key.raw` exposes that one object.
+
+boto3 is blocking, so every call runs in a worker thread under one CapacityLimiter sized like
+the connection pool. Signing and credentials are botocore's: env, shared config / profile,
+instance role. Invariants:
+- An image's identity is its ETag plus size, and every ranged GetObject carries IfMatch with
+  that ETag and is checked (Content-Range, exact length, ETag): a changed object raises
+  BaseChanged, never bytes of another version.
+- botocore's own retries are off (the fetcher retries); connect/read timeouts derive from
+  --io-timeout, so a silent endpoint becomes TransientBaseError.
+- Messages name the bucket and key, never credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..errors import (
+    BaseAccessDenied,
+    BaseChanged,
+    BaseError,
+    BaseNotFound,
+    BaseUnavailable,
+    TransientBaseError,
+    UsageError,
+)
+from . import BaseOptions
+from .http import _parse_content_range, stall_timeout
+
+log = logging.getLogger(__name__)
+
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_DENIED = {
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+_CHANGED = {"412", "PreconditionFailed", "InvalidRange", "416"}
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+    "429",
+}
+
+
+def _client_error(exc: Exception, what: str) -> BaseError:
+    """Map a botocore exception to the error tree."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _NOT_FOUND or status == 404:
+            return BaseNotFound(f"{what}: not found ({code or status})")
+        if code in _DENIED or status in (401, 403):
+            return BaseAccessDenied(f"{what}: access denied ({code or status})")
+        if code in _CHANGED or status in (412, 416):
+            return BaseChanged(f"{what}: changed on the server ({code or status})")
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return TransientBaseError(f"{what}: server busy or failing ({code or status})")
+        return BaseUnavailable(f"{what}: S3 error {code or status}")
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return BaseAccessDenied(f"{what}: no S3 credentials found (env, profile or instance role)")
+    if isinstance(exc, bx.ProfileNotFound):
+        return UsageError(f"{what}: {exc}")
+    if isinstance(exc, bx.EndpointConnectionError):
+        return TransientBaseError(f"{what}: cannot connect to the S3 endpoint")
+    if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
+        return TransientBaseError(f"{what}: timed out ({type(exc).__name__})")
+    if isinstance(exc, (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ConnectionError)):
+        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
+    if isinstance(exc, bx.SSLError):
+        return BaseUnavailable(f"{what}: TLS failure talking to the S3 endpoint")
+    if isinstance(exc, bx.BotoCoreError):
+        return TransientBaseError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, OSError):
+        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
+    raise exc
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    rest = url[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise UsageError(f"base URL {url!r} has no bucket")
+    return bucket, prefix
+
+
+@dataclass
+class S3Image:
+    name: str
+    size: int
+    identity: str
+    key: str
+    etag: str
+    store: S3Base = field(repr=False)
+    layout: None = None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return await self.store._run(self.store._read_sync, self, offset, length)
+
+
+class S3Base:
+    def __init__(self, bucket: str, prefix: str, options: BaseOptions) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.is_dir = prefix == "" or prefix.endswith("/")
+        self.description = f"s3://{bucket}/{prefix}"
+        self.options = options
+        self.limiter = trio.CapacityLimiter(max(1, options.max_connections))
+        stall = stall_timeout(options)
+        try:
+            session = boto3.session.Session(profile_name=options.profile)
+        except Exception as exc:  # botocore.exceptions.ProfileNotFound and friends
+            raise _client_error(exc, self.description) from None
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=stall,
+            read_timeout=stall,
+            max_pool_connections=max(1, options.max_connections) + 2,
+            tcp_keepalive=True,
+        )
+        self.client: Any = session.client(
+            "s3",
+            endpoint_url=options.endpoint_url,
+            region_name=options.region,
+            config=config,
+            verify=options.ca_file if options.ca_file else None,
+        )
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def _what(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _read_sync(self, image: S3Image, offset: int, length: int) -> bytes:
+        what = self._what(image.key)
+        end = offset + length - 1
+        try:
+            resp = self.client.get_object(
+                Bucket=self.bucket, Key=image.key, Range=f"bytes={offset}-{end}", IfMatch=image.etag
+            )
+            body = resp["Body"]
+            try:
+                etag = resp.get("ETag")
+                if etag and etag != image.etag:
+                    raise BaseChanged(f"{what}: changed on the server (ETag moved)")
+                got = _parse_content_range(resp.get("ContentRange"))
+                if got is None:
+                    if offset != 0 or resp.get("ContentLength") != image.size:
+                        raise TransientBaseError(f"{what}: answer without Content-Range")
+                    got = (0, image.size - 1, image.size)
+                if got[:2] != (offset, end):
+                    raise TransientBaseError(f"{what}: wrong Content-Range for {offset}-{end}")
+                if got[2] is not None and got[2] != image.size:
+                    raise BaseChanged(f"{what}: size changed on the server")
+                data = body.read(length + 1)
+            finally:
+                body.close()
+        except BaseError:
+            raise
+        except Exception as exc:
+            raise _client_error(exc, what) from None
+        if len(data) != length:
+            raise TransientBaseError(f"{what}: body of {len(data)} bytes, expected {length}")
+        return data
+
+    def _head_sync(self, key: str) -> tuple[int, str]:
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise _client_error(exc, self._what(key)) from None
+        return int(resp["ContentLength"]), str(resp["ETag"])
+
+    def _list_sync(self, prefix: str) -> list[tuple[str, int, str]]:
+        """(key, size, etag) of the objects directly below `prefix` (Delimiter '/')."""
+        found: list[tuple[str, int, str]] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                for obj in page.get("Contents", ()):
+                    found.append((obj["Key"], int(obj["Size"]), str(obj["ETag"])))
+        except Exception as exc:
+            raise _client_error(exc, f"s3://{self.bucket}/{prefix}") from None
+        return found
+
+    def _image(self, key: str, size: int, etag: str) -> S3Image:
+        return S3Image(
+            name=key.rsplit("/", 1)[-1],
+            size=size,
+            identity=f"size={size};etag={etag}",
+            key=key,
+            etag=etag,
+            store=self,
+        )
+
+    async def list_images(self) -> list[S3Image]:
+        if not self.is_dir:
+            size, etag = await self._run(self._head_sync, self.prefix)
+            return [self._image(self.prefix, size, etag)]
+        objects = await self._run(self._list_sync, self.prefix)
+        images = [
+            self._image(key, size, etag)
+            for key, size, etag in objects
+            if key != self.prefix and not key.endswith("/")
+        ]
+        return sorted(images, key=lambda i: i.name)
+
+    async def read_object(self, key: str) -> bytes:
+        parts = [p for p in key.split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            raise BaseNotFound(f"{key} is outside the base")
+        base = self.prefix if self.is_dir else self.prefix.rsplit("/", 1)[0] + "/"
+        if base == "/":
+            base = ""
+        full = base + "/".join(parts)
+
+        def get() -> bytes:
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=full)
+                body = resp["Body"]
+                try:
+                    data = body.read()
+                finally:
+                    body.close()
+            except Exception as exc:
+                raise _client_error(exc, self._what(full)) from None
+            if len(data) != resp.get("ContentLength", len(data)):
+                raise TransientBaseError(f"{self._what(full)}: body ended early")
+            return data
+
+        return await self._run(get)
+
+    async def aclose(self) -> None:
+        await self._run(self.client.close)
+
+
+async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
+    """Open and list once, so a wrong bucket, key or credentials fail here, in one line."""
+    bucket, prefix = parse_s3_url(url)
+    store = await trio.to_thread.run_sync(S3Base, bucket, prefix, options)
+    try:
+        await store.list_images()
+    except BaseNotFound:
+        if store.is_dir:
+            await store.aclose()
+            raise
+        # s3://bucket/dir without the slash: accept it when it names a non-empty "directory".
+        store.prefix += "/"
+        store.is_dir = True
+        store.description = f"s3://{bucket}/{store.prefix}"
+        try:
+            if not await store.list_images():
+                raise BaseNotFound(f"s3://{bucket}/{prefix}: not found") from None
+        except BaseException:
+            await store.aclose()
+            raise
+    except TransientBaseError as exc:
+        await store.aclose()
+        raise BaseUnavailable(str(exc)) from None
+    except BaseException:
+        await store.aclose()
+        raise
+    return store

@@ -1,0 +1,248 @@
+"""Real servers for the store tests, on 127.0.0.1 with free ports: nginx (Debian's binary, our
+own config in a temp dir) and moto's S3 server in a subprocess. Each is stopped by its PID.
+Also a throwaway CA + server certificate made with openssl, for the TLS tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+NGINX = "/usr/sbin/nginx"
+
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_SESSION_TOKEN": "testing-session-token",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent/corfs-test-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/corfs-test-aws-credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes], log: Path | None, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            detail = log.read_text() if log and log.exists() else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {detail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@dataclass
+class TlsFiles:
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(tmp: Path) -> TlsFiles:
+    """A throwaway CA and a certificate for 127.0.0.1 / localhost signed by it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=corfs test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", "server.key", "-out", "server.csr")
+    (tmp / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
+    return TlsFiles(ca_cert=tmp / "ca.pem", cert=tmp / "server.pem", key=tmp / "server.key")
+
+
+@dataclass
+class Nginx:
+    """nginx serving `root` with JSON autoindex, Range and keep-alive. Locations:
+    /denied/ answers 403; /auth/ needs `Authorization: Bearer x`."""
+
+    root: Path
+    workdir: Path
+    tls: TlsFiles | None = None
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/"
+
+    def config(self) -> str:
+        w = self.workdir
+        user = "user root;" if os.geteuid() == 0 else ""
+        listen = f"listen 127.0.0.1:{self.port}"
+        ssl = ""
+        if self.tls:
+            listen += " ssl"
+            ssl = f"ssl_certificate {self.tls.cert};\n    ssl_certificate_key {self.tls.key};"
+        return f"""
+daemon off;
+master_process on;
+worker_processes 2;
+{user}
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {w}/client_body;
+  proxy_temp_path {w}/proxy;
+  fastcgi_temp_path {w}/fastcgi;
+  uwsgi_temp_path {w}/uwsgi;
+  scgi_temp_path {w}/scgi;
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_timeout 75s;
+  keepalive_requests 100000;
+  server {{
+    {listen};
+    {ssl}
+    root {self.root};
+    location / {{ autoindex on; autoindex_format json; }}
+    location /denied/ {{ deny all; }}
+    location /auth/ {{
+      if ($http_authorization != "Bearer x") {{ return 403; }}
+      autoindex on;
+      autoindex_format json;
+    }}
+  }}
+}}
+"""
+
+    def start(self) -> Nginx:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(self.config())
+        log = self.workdir / "error.log"
+        self.proc = subprocess.Popen(
+            [NGINX, "-e", str(log), "-p", str(self.workdir), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "stderr.log", "wb"),  # noqa: SIM115
+        )
+        wait_port(self.port, self.proc, self.workdir / "stderr.log")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@dataclass
+class Moto:
+    """moto's S3 server in a subprocess. `client()` is a boto3 client with the fake
+    credentials; `env` is what a store under test needs in os.environ."""
+
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Moto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        log = self.workdir / "moto.log"
+        env = {**os.environ, **FAKE_AWS_ENV}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(log, "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        wait_port(self.port, self.proc, log)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        return self
+
+    def client(self):  # -> botocore S3 client
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+# ---- pytest fixtures, imported by tests/stores/conftest.py and tests/remote/conftest.py ----
+
+TEST_BUCKET = "corfs-test"
+
+
+@pytest.fixture(scope="session")
+def nginx_server(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("nginx")
+    server = Nginx(root=base / "root", workdir=base / "work").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory):
+    """moto with the fake credentials in os.environ (the store under test uses botocore's
+    standard chain) and the bucket TEST_BUCKET."""
+    saved = {k: os.environ.get(k) for k in FAKE_AWS_ENV}
+    os.environ.update(FAKE_AWS_ENV)
+    server = Moto(workdir=tmp_path_factory.mktemp("moto")).start()
+    server.client().create_bucket(Bucket=TEST_BUCKET)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
