@@ -1,9 +1,175 @@
-"""Published images (see corfs/publish.py): placeholder until the published adapter lands."""
+"""Published images (written by corfs/publish.py, format in corfs/manifest.py) as base images.
+
+`with_published_images(store)` wraps any BaseStore. In its listing each `<name>.corfs.json`
+becomes image `<name>`: its size and `layout` come from the manifest, its `identity` is
+"manifest:" + xxh3-128 of the manifest bytes, and a read fetches the chunk objects it covers
+(concurrently), decompresses them and returns the bytes. Zero chunks are never fetched.
+
+Invariants:
+- A read returns exactly the requested length or raises: a chunk object that does not
+  decompress to exactly its chunk's length raises BaseCorrupt, and decompression never
+  produces more than that length (a zstd bomb is refused, not expanded).
+- Digests are not checked here: the fetcher checks every chunk against `layout` (so it can
+  refetch once, then fail). A swapped or altered object that still decompresses yields bytes
+  whose digest is wrong, never bytes passed off as right.
+- Chunk objects are content-addressed, so an image stays readable under its identity even if
+  its manifest is replaced later (as long as its chunks are kept).
+- Plain raw images pass through unchanged; a published image shadows a raw one of the same
+  name. A manifest that does not parse leaves its image out with one warning; others serve.
+- `index.json` (publish's listing for HTTP bases) is metadata, never an image.
+"""
 
 from __future__ import annotations
 
-from . import BaseStore
+import logging
+from dataclasses import dataclass, field
+
+import trio
+import xxhash
+import zstandard
+
+from ..errors import BaseCorrupt, BaseNotFound
+from ..manifest import (
+    INDEX_KEY,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    chunk_key,
+    image_name_of,
+    parse_manifest,
+)
+from . import BaseImage, BaseStore, ChunkLayout
+
+log = logging.getLogger(__name__)
+
+_FETCHES_PER_READ = 8
+_DECOMPRESS_LIMITER = trio.CapacityLimiter(4)
+
+
+def decompress_chunk(packed: bytes, expected: int, what: str) -> bytes:
+    """The chunk in zstd frame `packed`, which must be exactly `expected` bytes long."""
+    try:
+        declared = zstandard.frame_content_size(packed)
+    except zstandard.ZstdError as exc:
+        raise BaseCorrupt(f"chunk object {what} is not a zstd frame ({exc})") from None
+    # decompress() trusts a declared content size over max_output_size, so check it first.
+    if declared not in (-1, expected):
+        raise BaseCorrupt(f"chunk object {what} declares {declared} bytes, expected {expected}")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise BaseCorrupt(f"chunk object {what} does not decompress ({exc})") from None
+    if len(data) != expected:
+        raise BaseCorrupt(f"chunk object {what} holds {len(data)} bytes, expected {expected}")
+    return data
+
+
+@dataclass
+class PublishedImage:
+    name: str
+    size: int
+    identity: str
+    layout: ChunkLayout
+    manifest: Manifest = field(repr=False)
+    store: BaseStore = field(repr=False)
+
+    async def _fetch(self, index: int, out: bytearray, at: int, limiter: trio.CapacityLimiter,
+                     ) -> None:
+        digest = self.layout.digests[index]
+        assert digest is not None
+        key = chunk_key(digest)
+        expected = self.manifest.chunk_length(index)
+        async with limiter:
+            packed = await self.store.read_object(key)
+        data = await trio.to_thread.run_sync(
+            decompress_chunk, packed, expected, key, limiter=_DECOMPRESS_LIMITER
+        )
+        out[at : at + expected] = data
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read of {length} at {offset} is outside {self.name} ({self.size})")
+        if length == 0:
+            return bytearray()
+        cs = self.layout.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        start = first * cs
+        # Whole chunks land in `out` (zeros where chunks are zero); trim to the range after.
+        out = bytearray(min(self.size, (last + 1) * cs) - start)
+        wanted = [i for i in range(first, last + 1) if self.layout.digests[i] is not None]
+        if wanted:
+            limiter = trio.CapacityLimiter(_FETCHES_PER_READ)
+            async with trio.open_nursery() as nursery:
+                for i in wanted:
+                    nursery.start_soon(self._fetch, i, out, i * cs - start, limiter)
+        if offset == start and length == len(out):
+            return out
+        return out[offset - start : offset - start + length]
+
+
+class PublishedStore:
+    """A BaseStore whose listing shows published images in place of their manifests."""
+
+    def __init__(self, store: BaseStore) -> None:
+        self.inner = store
+        self.description = store.description
+        # manifest name -> (identity of the manifest object, image built from it)
+        self._cache: dict[str, tuple[str, PublishedImage]] = {}
+
+    async def _load(self, entry: BaseImage, name: str, out: dict[str, PublishedImage]) -> None:
+        cached = self._cache.get(entry.name)
+        if cached is not None and cached[0] == entry.identity:
+            out[name] = cached[1]
+            return
+        if entry.size > MAX_MANIFEST_BYTES:
+            log.warning("leaving out published image %r: manifest of %d bytes is too large",
+                        name, entry.size)
+            return
+        try:
+            data = await self.inner.read_object(entry.name)
+            manifest = parse_manifest(data, name)
+        except (BaseCorrupt, BaseNotFound) as exc:
+            log.warning("leaving out published image %r of %s: %s", name, self.description, exc)
+            return
+        image = PublishedImage(
+            name=name,
+            size=manifest.size,
+            identity="manifest:" + xxhash.xxh3_128_hexdigest(data),
+            layout=ChunkLayout(manifest.chunk_size, manifest.digests),
+            manifest=manifest,
+            store=self.inner,
+        )
+        self._cache[entry.name] = (entry.identity, image)
+        out[name] = image
+
+    async def list_images(self) -> list[BaseImage]:
+        entries = await self.inner.list_images()
+        raw: dict[str, BaseImage] = {}
+        manifests: list[tuple[BaseImage, str]] = []
+        for entry in entries:
+            name = image_name_of(entry.name)
+            if name is not None:
+                manifests.append((entry, name))
+            elif entry.name != INDEX_KEY:
+                raw[entry.name] = entry
+        published: dict[str, PublishedImage] = {}
+        async with trio.open_nursery() as nursery:
+            for entry, name in manifests:
+                nursery.start_soon(self._load, entry, name, published)
+        live = {entry.name for entry, _ in manifests}
+        self._cache = {k: v for k, v in self._cache.items() if k in live}
+        for name in published:
+            if name in raw:
+                log.info("%s: published image %r shadows the raw file of that name",
+                         self.description, name)
+        images: dict[str, BaseImage] = {**raw, **published}
+        return [images[name] for name in sorted(images)]
+
+    async def read_object(self, key: str) -> bytes:
+        return await self.inner.read_object(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def with_published_images(store: BaseStore) -> BaseStore:
-    return store
+    return PublishedStore(store)

@@ -1,0 +1,616 @@
+"""`corfs publish IMAGE... DEST`: write raw images in published form (see corfs/manifest.py).
+
+Each image is cut into chunks; each chunk is hashed (xxh3-128 of its bytes); all-zero chunks
+are only noted in the manifest; every other distinct chunk is stored once, zstd-compressed,
+at chunks/<hex[:2]>/<hex>.zst. The manifest comes last, then index.json.
+
+Invariants:
+- No half-written object is ever visible: a directory DEST gets each object under a temp name
+  in DEST/.corfs-tmp (not an image, not a chunk) and renamed into place; S3 PUTs are whole.
+- A manifest is visible only after every chunk it names is stored (and, for a directory,
+  synced to disk): a reader never meets a manifest whose chunks are missing.
+- Idempotent and resumable: an object that exists already is not written again (existence is
+  checked before compressing), nor is a manifest or index whose bytes are unchanged.
+- Chunks run in a thread pool: xxhash and zstd release the GIL on large buffers, and pread and
+  the S3 client block; results are gathered on the calling thread, which alone updates counts
+  and the progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import zstandard
+
+from .digest import chunk_digest, is_zero
+from .errors import BaseCorrupt, CorfsError, UsageError
+from .manifest import (
+    INDEX_KEY,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    Manifest,
+    check_image_name,
+    chunk_key,
+    image_name_of,
+    manifest_key,
+    parse_index,
+    render_index,
+)
+from .sizes import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_LEVEL = 3
+TMP_DIR = ".corfs-tmp"
+_STALE_TMP_SECONDS = 3600
+
+
+# ---- destinations --------------------------------------------------------------------------
+
+
+class Destination(Protocol):
+    description: str
+
+    def exists(self, key: str) -> bool: ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` at `key` whole: readers see the old object or the new, never a part."""
+        ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def list_manifests(self) -> dict[str, int]:
+        """{manifest key: size} of the manifests at the top of DEST."""
+        ...
+
+    def sync(self) -> None:
+        """Make everything put so far durable before a manifest refers to it."""
+        ...
+
+
+def _syncfs(fd: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
+
+
+class DirDestination:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.description = root
+        self._tmp = os.path.join(root, TMP_DIR)
+
+    @classmethod
+    def open(cls, path: str) -> DirDestination:
+        root = os.path.abspath(path)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise UsageError(f"destination {path} is not a directory")
+        try:
+            os.makedirs(os.path.join(root, TMP_DIR), exist_ok=True)
+            probe = os.path.join(root, TMP_DIR, f"probe-{uuid.uuid4().hex}")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise UsageError(f"destination {path} is not writable: {exc.strerror}") from None
+        dest = cls(root)
+        dest._remove_stale_tmp()
+        return dest
+
+    def _remove_stale_tmp(self) -> None:
+        """Temp files of runs that were killed; a concurrent run's are younger than this."""
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        path = self._path(key)
+        tmp = os.path.join(self._tmp, f"{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise CorfsError(f"writing {path}: {exc.strerror}") from None
+        if durable:
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CorfsError(f"reading {self._path(key)}: {exc.strerror}") from None
+
+    def list_manifests(self) -> dict[str, int]:
+        found = {}
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if image_name_of(entry.name) is not None and entry.is_file():
+                    found[entry.name] = entry.stat().st_size
+        return found
+
+    def sync(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
+
+
+class S3Destination:
+    def __init__(self, client, bucket: str, prefix: str, description: str) -> None:  # noqa: ANN001
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.description = description
+
+    @classmethod
+    def open(
+        cls, url: str, *, endpoint_url: str | None, region: str | None, profile: str | None,
+        connections: int,
+    ) -> S3Destination:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise UsageError(f"destination {url!r} names no bucket (s3://bucket/prefix)")
+        prefix = prefix.strip("/")
+        prefix = prefix + "/" if prefix else ""
+        config = botocore.config.Config(
+            max_pool_connections=max(10, connections),
+            retries={"max_attempts": 5, "mode": "standard"},
+        )
+        try:
+            session = boto3.Session(profile_name=profile, region_name=region)
+            client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except botocore.exceptions.BotoCoreError as exc:
+            raise UsageError(f"cannot use S3 destination {url}: {exc}") from None
+        dest = cls(client, bucket, prefix, f"s3://{bucket}/{prefix}")
+        with dest._errors(f"bucket {bucket}"):
+            client.head_bucket(Bucket=bucket)
+        return dest
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        import botocore.exceptions
+
+        try:
+            yield
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "?")
+            if code in ("404", "NoSuchBucket"):
+                raise UsageError(f"S3 {what} does not exist ({self.description})") from None
+            if code in ("403", "AccessDenied"):
+                raise UsageError(f"S3 {what}: access denied ({self.description})") from None
+            raise CorfsError(f"S3 {what}: {code} ({self.description})") from None
+        except botocore.exceptions.NoCredentialsError:
+            raise UsageError("S3: no credentials (set AWS_* variables or --profile)") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise CorfsError(f"S3 {what}: {exc}") from None
+
+    def exists(self, key: str) -> bool:
+        import botocore.exceptions
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            with self._errors(key):
+                raise
+        except botocore.exceptions.BotoCoreError:
+            with self._errors(key):
+                raise
+        return True
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._errors(key):
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+
+    def get(self, key: str) -> bytes | None:
+        if not self.exists(key):
+            return None
+        with self._errors(key):
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+
+    def list_manifests(self) -> dict[str, int]:
+        found = {}
+        with self._errors("listing"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) :]
+                    if image_name_of(key) is not None:
+                        found[key] = obj["Size"]
+        return found
+
+    def sync(self) -> None:
+        pass  # a PUT that returned is durable
+
+
+def open_destination(
+    dest: str, *, endpoint_url: str | None = None, region: str | None = None,
+    profile: str | None = None, connections: int = 10,
+) -> Destination:
+    if dest.startswith("s3://"):
+        return S3Destination.open(
+            dest, endpoint_url=endpoint_url, region=region, profile=profile,
+            connections=connections,
+        )
+    if "://" in dest:
+        raise UsageError(f"cannot publish to {dest!r}: use a directory or s3://bucket/prefix")
+    return DirDestination.open(dest)
+
+
+# ---- publishing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishSummary:
+    name: str
+    manifest: str  # where the manifest is, for the user
+    size: int
+    chunk_size: int
+    chunks_total: int
+    chunks_zero: int
+    chunks_unique: int  # distinct non-zero chunks of this image
+    chunks_present: int  # of those, already stored (before this image) and not uploaded
+    chunks_uploaded: int
+    bytes_in: int  # image bytes read
+    bytes_uploaded_raw: int  # uncompressed bytes of the uploaded chunks
+    bytes_out: int  # compressed bytes of the uploaded chunks
+    manifest_written: bool  # False when an identical manifest was there already
+    seconds: float
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_uploaded_raw / self.bytes_out if self.bytes_out else 1.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes_in / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def format_summary(s: PublishSummary) -> str:
+    """One line for the user (the CLI prints it)."""
+    return (
+        f"{s.name}: {s.chunks_total} chunks ({s.chunks_zero} zero, {s.chunks_unique} unique, "
+        f"{s.chunks_present} already present, {s.chunks_uploaded} uploaded), "
+        f"{format_size(s.bytes_in)} in, {format_size(s.bytes_out)} out "
+        f"(ratio {s.compression_ratio:.2f}), {s.seconds:.1f} s, {s.mb_per_second:.0f} MB/s"
+        f"{'' if s.manifest_written else ', manifest unchanged'} -> {s.manifest}"
+    )
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    index: int
+    length: int
+    digest: bytes | None  # None: all zero
+    uploaded_raw: int  # 0 unless this task stored the object
+    uploaded: int  # compressed bytes stored
+
+
+class _Publisher:
+    """Shared by all images of one run, so that a chunk is stored once across them."""
+
+    def __init__(
+        self, dest: Destination, *, chunk_size: int, level: int, pool: ThreadPoolExecutor,
+        window: int, on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dest = dest
+        self.chunk_size = chunk_size
+        self.level = level
+        self.pool = pool
+        self.window = window
+        self.on_bytes = on_bytes
+        self._claimed: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        # One per thread: a ZstdCompressor must not be used by two threads at once. The frame
+        # records its content size, which the reader checks before decompressing.
+        comp = getattr(self._local, "comp", None)
+        if comp is None:
+            comp = self._local.comp = zstandard.ZstdCompressor(
+                level=self.level, write_content_size=True
+            )
+        return comp
+
+    def _chunk(self, fd: int, path: str, index: int, length: int) -> _ChunkResult:
+        try:
+            data = os.pread(fd, length, index * self.chunk_size)
+        except OSError as exc:
+            raise CorfsError(f"reading {path}: {exc.strerror}") from None
+        if len(data) != length:
+            raise CorfsError(f"{path} shrank while it was being published")
+        if is_zero(data):
+            return _ChunkResult(index, length, None, 0, 0)
+        digest = chunk_digest(data)
+        with self._lock:
+            mine = digest not in self._claimed
+            self._claimed.add(digest)
+        if not mine:
+            return _ChunkResult(index, length, digest, 0, 0)
+        key = chunk_key(digest)
+        if self.dest.exists(key):
+            return _ChunkResult(index, length, digest, 0, 0)
+        packed = self._compressor().compress(data)
+        self.dest.put(key, packed)
+        return _ChunkResult(index, length, digest, length, len(packed))
+
+    def publish(self, path: str, name: str) -> PublishSummary:
+        started = time.monotonic()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot open image {path}: {exc.strerror}") from None
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            count = -(-size // self.chunk_size)
+            digests: list[bytes | None] = [None] * count
+            uploaded = uploaded_raw = bytes_out = 0
+            pending: deque[Future[_ChunkResult]] = deque()
+
+            def collect(future: Future[_ChunkResult]) -> None:
+                nonlocal uploaded, uploaded_raw, bytes_out
+                result = future.result()
+                digests[result.index] = result.digest
+                if result.uploaded_raw:
+                    uploaded += 1
+                    uploaded_raw += result.uploaded_raw
+                    bytes_out += result.uploaded
+                if self.on_bytes:
+                    self.on_bytes(result.length)
+
+            try:
+                for index in range(count):
+                    length = min(self.chunk_size, size - index * self.chunk_size)
+                    pending.append(self.pool.submit(self._chunk, fd, path, index, length))
+                    while len(pending) >= self.window:
+                        collect(pending.popleft())
+                while pending:
+                    collect(pending.popleft())
+            finally:
+                # On failure, drop what has not started and wait for what has: no thread may
+                # still be writing after we return (nor use fd once it is closed).
+                for future in pending:
+                    future.cancel()
+                for future in pending:
+                    with contextlib.suppress(BaseException):
+                        future.result()
+        finally:
+            os.close(fd)
+
+        manifest = Manifest(name=name, size=size, chunk_size=self.chunk_size,
+                            digests=tuple(digests))
+        written = self._write_manifest(manifest)
+        unique = {d for d in digests if d is not None}
+        return PublishSummary(
+            name=name,
+            manifest=f"{self.dest.description.rstrip('/')}/{manifest_key(name)}",
+            size=size,
+            chunk_size=self.chunk_size,
+            chunks_total=count,
+            chunks_zero=digests.count(None),
+            chunks_unique=len(unique),
+            chunks_present=len(unique) - uploaded,
+            chunks_uploaded=uploaded,
+            bytes_in=size,
+            bytes_uploaded_raw=uploaded_raw,
+            bytes_out=bytes_out,
+            manifest_written=written,
+            seconds=time.monotonic() - started,
+        )
+
+    def _write_manifest(self, manifest: Manifest) -> bool:
+        key = manifest_key(manifest.name)
+        data = manifest.to_json()
+        if self.dest.get(key) == data:
+            return False
+        self.dest.sync()  # chunks durable before the manifest that names them
+        if isinstance(self.dest, DirDestination):
+            self.dest.put(key, data, durable=True)
+        else:
+            self.dest.put(key, data)
+        return True
+
+    def update_index(self) -> None:
+        """index.json lists every manifest at DEST, keeping entries others put there."""
+        old = self.dest.get(INDEX_KEY)
+        entries: dict[str, int] = {}
+        if old is not None:
+            try:
+                entries = parse_index(old)
+            except BaseCorrupt as exc:
+                log.warning("rewriting %s/%s: %s", self.dest.description, INDEX_KEY, exc)
+        entries.update(self.dest.list_manifests())
+        data = render_index(entries)
+        if data != old:
+            self.dest.put(INDEX_KEY, data)
+
+
+def _check_sources(images: list[str]) -> list[tuple[str, str]]:
+    """(path, name) per image, or UsageError for the first bad one."""
+    if not images:
+        raise UsageError("nothing to publish: name at least one image")
+    sources: list[tuple[str, str]] = []
+    names: set[str] = set()
+    for path in images:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise UsageError(f"image {path}: {exc.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"image {path} is not a regular file or block device")
+        name = os.path.basename(os.path.normpath(path))
+        why = check_image_name(name)
+        if why:
+            raise UsageError(f"cannot publish {path} as {name!r}: {why}")
+        if name in names:
+            raise UsageError(f"two images are named {name!r}: names must be distinct")
+        names.add(name)
+        sources.append((path, name))
+    return sources
+
+
+def _check_options(chunk_size: int, level: int, jobs: int) -> None:
+    if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(
+            f"chunk size {chunk_size} must be a power of two from {format_size(MIN_CHUNK_SIZE)} "
+            f"to {format_size(MAX_CHUNK_SIZE)}"
+        )
+    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise UsageError(f"zstd level {level} is outside 1..{zstandard.MAX_COMPRESSION_LEVEL}")
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+
+
+def publish_to(
+    images: list[str], dest: Destination, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: int = DEFAULT_LEVEL, jobs: int = 1, on_bytes: Callable[[int], None] | None = None,
+) -> list[PublishSummary]:
+    """Publish `images` to an open destination (the seam tests use to inject faults)."""
+    _check_options(chunk_size, level, jobs)
+    sources = _check_sources(images)
+    summaries = []
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="corfs-publish") as pool:
+        publisher = _Publisher(
+            dest, chunk_size=chunk_size, level=level, pool=pool, window=2 * jobs + 2,
+            on_bytes=on_bytes,
+        )
+        for path, name in sources:
+            summaries.append(publisher.publish(path, name))
+            publisher.update_index()  # after each image: a later failure keeps it listed
+    return summaries
+
+
+def run_publish(
+    images: list[str], dest: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: int = DEFAULT_LEVEL, jobs: int | None = None, progress: bool = False,
+    endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
+) -> list[PublishSummary]:
+    """`corfs publish`: bad input raises UsageError, failures CorfsError, one line each."""
+    jobs = jobs or os.cpu_count() or 1
+    _check_options(chunk_size, level, jobs)
+    sources = _check_sources(images)
+    destination = open_destination(
+        dest, endpoint_url=endpoint_url, region=region, profile=profile, connections=2 * jobs
+    )
+    if not progress:
+        return publish_to(images, destination, chunk_size=chunk_size, level=level, jobs=jobs)
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    total = sum(_image_size(path) for path, _ in sources)
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"publishing to {destination.description}", total=total)
+        return publish_to(
+            images, destination, chunk_size=chunk_size, level=level, jobs=jobs,
+            on_bytes=lambda n: bar.advance(task, n),
+        )
+
+
+def _image_size(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+# ---- CLI glue (the CLI owns printing and exit codes) ---------------------------------------
+
+
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="raw images to publish")
+    parser.add_argument("destination", metavar="DEST",
+                        help="a directory or s3://bucket/prefix (serve a directory over HTTP "
+                             "to use it as a base)")
+    parser.add_argument("--chunk-size", type=_size_argument, default=DEFAULT_CHUNK_SIZE,
+                        help="chunk size, a power of two (default 1M)")
+    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                        help=f"zstd compression level (default {DEFAULT_LEVEL})")
+    parser.add_argument("-j", "--jobs", type=int, default=None,
+                        help="chunks processed in parallel (default: number of CPUs)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint URL")
+    parser.add_argument("--region", default=None, help="S3 region")
+    parser.add_argument("--profile", default=None, help="AWS profile for S3")
+
+
+def publish_from_args(args: argparse.Namespace) -> list[PublishSummary]:
+    """Run `corfs publish` from arguments added by add_publish_arguments."""
+    import sys
+
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    return run_publish(
+        args.images, args.destination, chunk_size=args.chunk_size, level=args.level,
+        jobs=args.jobs, progress=progress, endpoint_url=args.endpoint_url, region=args.region,
+        profile=args.profile,
+    )
