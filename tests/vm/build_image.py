@@ -73,12 +73,17 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def kernel_package_name() -> str:
     """The linux-image-X-amd64 package the linux-image-amd64 metapackage depends on."""
-    out = subprocess.run(
-        ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True
-    ).stdout
-    match = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)\b", out)
-    if match:
-        return match.group(1)
+    for attempt in range(2):
+        out = subprocess.run(
+            ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True
+        ).stdout
+        match = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)\b", out)
+        if match:
+            return match.group(1)
+        if attempt == 0 and os.geteuid() == 0 and not (cache_root() / "debs").is_dir():
+            # A machine whose apt lists were never fetched knows no linux-image-amd64.
+            log.info("apt-cache knows no linux-image-amd64: running apt-get update")
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
     cached = sorted((cache_root() / "debs").glob("linux-image-*-amd64_*.deb"))
     if cached:
         return cached[-1].name.split("_", 1)[0]

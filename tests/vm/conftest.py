@@ -14,9 +14,10 @@ REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "dpkg")
 
 @pytest.fixture(scope="session")
 def vm_artifacts() -> VmArtifacts:
+    # Fail, not skip: scripts/setup.sh installs these, so a missing one is a broken set-up.
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"VM tests need {', '.join(missing)}")
+        pytest.fail(f"VM tests need {', '.join(missing)} (run scripts/setup.sh)")
     return build_test_image()
 
 
