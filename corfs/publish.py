@@ -190,7 +190,12 @@ class S3Destination:
 
     @classmethod
     def open(
-        cls, url: str, *, endpoint_url: str | None, region: str | None, profile: str | None,
+        cls,
+        url: str,
+        *,
+        endpoint_url: str | None,
+        region: str | None,
+        profile: str | None,
         connections: int,
     ) -> S3Destination:
         import boto3
@@ -277,12 +282,19 @@ class S3Destination:
 
 
 def open_destination(
-    dest: str, *, endpoint_url: str | None = None, region: str | None = None,
-    profile: str | None = None, connections: int = 10,
+    dest: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    connections: int = 10,
 ) -> Destination:
     if dest.startswith("s3://"):
         return S3Destination.open(
-            dest, endpoint_url=endpoint_url, region=region, profile=profile,
+            dest,
+            endpoint_url=endpoint_url,
+            region=region,
+            profile=profile,
             connections=connections,
         )
     if "://" in dest:
@@ -343,8 +355,14 @@ class _Publisher:
     """Shared by all images of one run, so that a chunk is stored once across them."""
 
     def __init__(
-        self, dest: Destination, *, chunk_size: int, level: int, pool: ThreadPoolExecutor,
-        window: int, on_bytes: Callable[[int], None] | None = None,
+        self,
+        dest: Destination,
+        *,
+        chunk_size: int,
+        level: int,
+        pool: ThreadPoolExecutor,
+        window: int,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.dest = dest
         self.chunk_size = chunk_size
@@ -431,8 +449,9 @@ class _Publisher:
         finally:
             os.close(fd)
 
-        manifest = Manifest(name=name, size=size, chunk_size=self.chunk_size,
-                            digests=tuple(digests))
+        manifest = Manifest(
+            name=name, size=size, chunk_size=self.chunk_size, digests=tuple(digests)
+        )
         written = self._write_manifest(manifest)
         unique = {d for d in digests if d is not None}
         return PublishSummary(
@@ -516,8 +535,13 @@ def _check_options(chunk_size: int, level: int, jobs: int) -> None:
 
 
 def publish_to(
-    images: list[str], dest: Destination, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    level: int = DEFAULT_LEVEL, jobs: int = 1, on_bytes: Callable[[int], None] | None = None,
+    images: list[str],
+    dest: Destination,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: int = DEFAULT_LEVEL,
+    jobs: int = 1,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> list[PublishSummary]:
     """Publish `images` to an open destination (the seam tests use to inject faults)."""
     _check_options(chunk_size, level, jobs)
@@ -525,7 +549,11 @@ def publish_to(
     summaries = []
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="corfs-publish") as pool:
         publisher = _Publisher(
-            dest, chunk_size=chunk_size, level=level, pool=pool, window=2 * jobs + 2,
+            dest,
+            chunk_size=chunk_size,
+            level=level,
+            pool=pool,
+            window=2 * jobs + 2,
             on_bytes=on_bytes,
         )
         for path, name in sources:
@@ -535,9 +563,16 @@ def publish_to(
 
 
 def run_publish(
-    images: list[str], dest: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    level: int = DEFAULT_LEVEL, jobs: int | None = None, progress: bool = False,
-    endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
+    images: list[str],
+    dest: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: int = DEFAULT_LEVEL,
+    jobs: int | None = None,
+    progress: bool = False,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
 ) -> list[PublishSummary]:
     """`corfs publish`: bad input raises UsageError, failures CorfsError, one line each."""
     jobs = jobs or os.cpu_count() or 1
@@ -560,13 +595,21 @@ def run_publish(
 
     total = sum(_image_size(path) for path, _ in sources)
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
         transient=True,
     ) as bar:
         task = bar.add_task(f"publishing to {destination.description}", total=total)
         return publish_to(
-            images, destination, chunk_size=chunk_size, level=level, jobs=jobs,
+            images,
+            destination,
+            chunk_size=chunk_size,
+            level=level,
+            jobs=jobs,
             on_bytes=lambda n: bar.advance(task, n),
         )
 
@@ -588,17 +631,36 @@ def _size_argument(text: str) -> int:
 
 def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="raw images to publish")
-    parser.add_argument("destination", metavar="DEST",
-                        help="a directory or s3://bucket/prefix (serve a directory over HTTP "
-                             "to use it as a base)")
-    parser.add_argument("--chunk-size", type=_size_argument, default=DEFAULT_CHUNK_SIZE,
-                        help="chunk size, a power of two (default 1M)")
-    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL,
-                        help=f"zstd compression level (default {DEFAULT_LEVEL})")
-    parser.add_argument("-j", "--jobs", type=int, default=None,
-                        help="chunks processed in parallel (default: number of CPUs)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument(
+        "destination",
+        metavar="DEST",
+        help="a directory or s3://bucket/prefix (serve a directory over HTTP to use it as a base)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_size_argument,
+        default=DEFAULT_CHUNK_SIZE,
+        help="chunk size, a power of two (default 1M)",
+    )
+    parser.add_argument(
+        "--level",
+        type=int,
+        default=DEFAULT_LEVEL,
+        help=f"zstd compression level (default {DEFAULT_LEVEL})",
+    )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
+        help="chunks processed in parallel (default: number of CPUs)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint URL")
     parser.add_argument("--region", default=None, help="S3 region")
     parser.add_argument("--profile", default=None, help="AWS profile for S3")
@@ -610,7 +672,13 @@ def publish_from_args(args: argparse.Namespace) -> list[PublishSummary]:
 
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     return run_publish(
-        args.images, args.destination, chunk_size=args.chunk_size, level=args.level,
-        jobs=args.jobs, progress=progress, endpoint_url=args.endpoint_url, region=args.region,
+        args.images,
+        args.destination,
+        chunk_size=args.chunk_size,
+        level=args.level,
+        jobs=args.jobs,
+        progress=progress,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
         profile=args.profile,
     )

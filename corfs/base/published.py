@@ -85,6 +85,26 @@ class PublishedImage:
         )
         out[at : at + expected] = data
 
+    async def _fetch_all(self, wanted: list[int], out: bytearray, start: int,
+                         limiter: trio.CapacityLimiter) -> None:
+        """Fetch chunks concurrently; the first failure cancels the rest and is raised as
+        itself (not an ExceptionGroup), as a single-chunk read would raise it."""
+        failures: list[Exception] = []
+        cs = self.layout.chunk_size
+
+        async def one(index: int, cancel_scope: trio.CancelScope) -> None:
+            try:
+                await self._fetch(index, out, index * cs - start, limiter)
+            except Exception as exc:
+                failures.append(exc)
+                cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index in wanted:
+                nursery.start_soon(one, index, nursery.cancel_scope)
+        if failures:
+            raise failures[0]
+
     async def read(self, offset: int, length: int) -> bytearray:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} at {offset} is outside {self.name} ({self.size})")
@@ -96,11 +116,11 @@ class PublishedImage:
         # Whole chunks land in `out` (zeros where chunks are zero); trim to the range after.
         out = bytearray(min(self.size, (last + 1) * cs) - start)
         wanted = [i for i in range(first, last + 1) if self.layout.digests[i] is not None]
-        if wanted:
-            limiter = trio.CapacityLimiter(_FETCHES_PER_READ)
-            async with trio.open_nursery() as nursery:
-                for i in wanted:
-                    nursery.start_soon(self._fetch, i, out, i * cs - start, limiter)
+        limiter = trio.CapacityLimiter(_FETCHES_PER_READ)
+        if len(wanted) == 1:
+            await self._fetch(wanted[0], out, wanted[0] * cs - start, limiter)
+        elif wanted:
+            await self._fetch_all(wanted, out, start, limiter)
         if offset == start and length == len(out):
             return out
         return out[offset - start : offset - start + length]

@@ -1,0 +1,293 @@
+"""`corfs publish` to a directory and to S3 (moto), read back through corfs.base.open_base."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from corfs.base import BaseOptions, open_base
+from corfs.digest import chunk_digest, to_hex
+from corfs.errors import CorfsError, UsageError
+from corfs.manifest import chunk_key, parse_index
+from corfs.publish import (
+    DirDestination,
+    PublishSummary,
+    add_publish_arguments,
+    format_summary,
+    publish_to,
+    run_publish,
+)
+from tests.servers import TEST_BUCKET, moto_server  # noqa: F401  (fixture)
+
+CS = 64 << 10
+
+
+def make_images(src: Path) -> dict[str, bytes]:
+    """Random chunks, a block repeated within and across images, zero runs, ragged ends."""
+    rng = random.Random(5)
+
+    def rand(n: int) -> bytes:
+        return rng.randbytes(n)
+
+    shared = rand(CS)
+    text = (b"corfs publishes compressible text. " * 2000)[:CS]
+    images = {
+        "a.raw": rand(3 * CS) + bytes(2 * CS) + shared + shared + text + rand(1000),
+        "b.raw": shared + rand(CS) + bytes(CS) + text[:777],
+        "empty.raw": b"",
+        "zeros.raw": bytes(3 * CS + 12),
+    }
+    src.mkdir(exist_ok=True)
+    for name, data in images.items():
+        (src / name).write_bytes(data)
+    return images
+
+
+def publish(src: Path, images: dict[str, bytes], dest: str, **kw) -> list[PublishSummary]:
+    opts = dict(chunk_size=CS, level=3, jobs=2, progress=False, endpoint_url=None, region=None,
+                profile=None)
+    opts.update(kw)
+    return run_publish([str(src / n) for n in images], dest, **opts)
+
+
+def stored_objects(dest: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(dest)): p.read_bytes()
+        for p in (dest / "chunks").rglob("*")
+        if p.is_file()
+    }
+
+
+def check_objects_valid(dest: Path) -> None:
+    """Every visible chunk object is whole: it decompresses to bytes whose digest names it."""
+    for key, packed in stored_objects(dest).items():
+        data = zstandard.ZstdDecompressor().decompress(packed)
+        assert key == chunk_key(chunk_digest(data))
+
+
+async def read_all(url: str, options: BaseOptions | None = None) -> dict[str, bytes]:
+    store = await open_base(url, options or BaseOptions())
+    try:
+        out = {}
+        for image in await store.list_images():
+            assert image.layout is not None and image.identity.startswith("manifest:")
+            cs = image.layout.chunk_size
+            parts = []
+            # Reads of one, three and (at the end) a short chunk.
+            offset = 0
+            step = cs
+            while offset < image.size:
+                length = min(step, image.size - offset)
+                parts.append(bytes(await image.read(offset, length)))
+                offset += length
+                step = 3 * cs if step == cs else cs
+            out[image.name] = b"".join(parts)
+            assert bytes(await image.read(0, image.size)) == out[image.name]
+        return out
+    finally:
+        await store.aclose()
+
+
+def test_publish_dir_reads_back_dedups_and_skips_zeros(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "src")
+    dest = tmp_path / "pub"
+    summaries = publish(tmp_path / "src", images, str(dest))
+    by = {s.name: s for s in summaries}
+
+    a, b = by["a.raw"], by["b.raw"]
+    assert (a.chunks_total, a.chunks_zero, a.chunks_unique, a.chunks_uploaded) == (9, 2, 6, 6)
+    # b: shared (stored by a), one new random chunk, a zero chunk, a short text chunk (new).
+    assert (b.chunks_total, b.chunks_zero, b.chunks_unique, b.chunks_present) == (4, 1, 3, 1)
+    assert b.chunks_uploaded == 2
+    assert by["empty.raw"].chunks_total == 0
+    assert by["zeros.raw"].chunks_zero == 4 and by["zeros.raw"].chunks_uploaded == 0
+    assert a.bytes_in == len(images["a.raw"]) and a.bytes_out < a.bytes_uploaded_raw
+    assert a.compression_ratio > 1
+    assert "a.raw: 9 chunks" in format_summary(a)
+
+    objects = stored_objects(dest)
+    assert len(objects) == 8  # each distinct non-zero chunk once, across both images
+    for zero_len in (CS, 12, 777):
+        assert chunk_key(chunk_digest(bytes(zero_len))) not in objects
+    check_objects_valid(dest)
+    assert parse_index((dest / "index.json").read_bytes()) == {
+        f"{n}.corfs.json": (dest / f"{n}.corfs.json").stat().st_size for n in images
+    }
+    assert not os.listdir(dest / ".corfs-tmp")
+
+    assert trio.run(read_all, str(dest)) == images
+
+
+def test_republish_uploads_nothing_and_changes_nothing(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "src")
+    dest = tmp_path / "pub"
+    publish(tmp_path / "src", images, str(dest))
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    time.sleep(0.01)
+
+    again = publish(tmp_path / "src", images, str(dest), jobs=1)
+    for s in again:
+        assert s.chunks_uploaded == 0 and s.bytes_out == 0
+        assert s.chunks_present == s.chunks_unique
+        assert not s.manifest_written
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()} == before
+
+
+def test_changed_image_replaces_manifest_and_keeps_old_chunks(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "src")
+    dest = tmp_path / "pub"
+    publish(tmp_path / "src", images, str(dest))
+    images["b.raw"] = images["b.raw"][:CS] + os.urandom(CS)
+    (tmp_path / "src" / "b.raw").write_bytes(images["b.raw"])
+    (s,) = publish(tmp_path / "src", {"b.raw": b""}, str(dest))
+    assert s.manifest_written and s.chunks_uploaded == 1 and s.chunks_present == 1
+    assert trio.run(read_all, str(dest)) == images
+
+
+class FailingDestination(DirDestination):
+    """A real directory destination that breaks after `puts` objects: an interrupted run."""
+
+    def __init__(self, root: str, puts: int) -> None:
+        super().__init__(root)
+        self.puts_left = puts
+
+    def put(self, key: str, data: bytes, **kw: bool) -> None:
+        if self.puts_left == 0:
+            raise CorfsError("injected: network gone")
+        self.puts_left -= 1
+        super().put(key, data, **kw)
+
+
+def test_interrupted_publish_shows_no_partial_object_nor_manifest_and_resumes(
+    tmp_path: Path,
+) -> None:
+    images = make_images(tmp_path / "src")
+    paths = [str(tmp_path / "src" / n) for n in images]
+    dest = tmp_path / "pub"
+    DirDestination.open(str(dest))
+
+    with pytest.raises(CorfsError, match="injected"):
+        publish_to(paths, FailingDestination(str(dest), puts=3), chunk_size=CS, jobs=2)
+    assert len(stored_objects(dest)) == 3
+    check_objects_valid(dest)
+    assert not list(dest.glob("*.corfs.json")) and not (dest / "index.json").exists()
+    assert not os.listdir(dest / ".corfs-tmp")
+    assert trio.run(read_all, str(dest)) == {}
+
+    summaries = publish_to(paths, DirDestination(str(dest)), chunk_size=CS, jobs=2)
+    assert sum(s.chunks_uploaded for s in summaries) == 8 - 3
+    assert trio.run(read_all, str(dest)) == images
+
+
+def test_killed_publish_leaves_only_whole_objects(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    image = src / "big.raw"
+    image.write_bytes(random.Random(1).randbytes(32 << 20))
+    dest = tmp_path / "pub"
+    script = textwrap.dedent(f"""
+        from corfs.publish import run_publish
+        run_publish([{str(image)!r}], {str(dest)!r}, chunk_size={CS}, level=19, jobs=1,
+                    progress=False, endpoint_url=None, region=None, profile=None)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        while len(stored_objects(dest) if (dest / "chunks").exists() else {}) < 5:
+            assert proc.poll() is None, "publish ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (dest / "big.raw.corfs.json").exists()
+    check_objects_valid(dest)  # temp files may remain in .corfs-tmp, never as objects
+    assert trio.run(read_all, str(dest)) == {}
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "src")
+    dest = str(tmp_path / "pub")
+    with pytest.raises(UsageError, match="missing.raw"):
+        run_publish([str(tmp_path / "missing.raw")], dest, chunk_size=CS, level=3, jobs=1,
+                    progress=False, endpoint_url=None, region=None, profile=None)
+    with pytest.raises(UsageError, match="not a directory"):
+        publish(tmp_path / "src", images, str(tmp_path / "src" / "a.raw"))
+    with pytest.raises(UsageError, match="power of two"):
+        publish(tmp_path / "src", images, dest, chunk_size=1000)
+    with pytest.raises(UsageError, match="level"):
+        publish(tmp_path / "src", images, dest, level=99)
+    with pytest.raises(UsageError, match="use a directory or s3"):
+        publish(tmp_path / "src", images, "http://127.0.0.1:1/x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.raw").write_bytes(b"x")
+    with pytest.raises(UsageError, match="two images"):
+        run_publish([str(tmp_path / "src" / "a.raw"), str(tmp_path / "other" / "a.raw")], dest,
+                    chunk_size=CS, level=3, jobs=1, progress=False, endpoint_url=None,
+                    region=None, profile=None)
+    assert not os.path.exists(os.path.join(dest, "a.raw.corfs.json"))
+
+
+def test_arguments_and_progress(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_publish_arguments(parser)
+    args = parser.parse_args(["x.raw", "y.raw", "s3://b/p", "--chunk-size", "4M", "-j", "3"])
+    assert args.images == ["x.raw", "y.raw"] and args.destination == "s3://b/p"
+    assert args.chunk_size == 4 << 20 and args.jobs == 3 and args.level == 3
+    assert args.progress is None
+
+    images = make_images(tmp_path / "src")
+    summaries = publish(tmp_path / "src", images, str(tmp_path / "pub"), progress=True)
+    assert len(summaries) == 4
+    assert capfd.readouterr().out == ""  # the bar goes to stderr, nothing to stdout
+
+
+def test_publish_to_s3(tmp_path: Path, moto_server) -> None:  # noqa: F811
+    images = make_images(tmp_path / "src")
+    url = f"s3://{TEST_BUCKET}/published/v1"
+    summaries = publish(tmp_path / "src", images, url, endpoint_url=moto_server.endpoint,
+                        region="us-east-1")
+    assert sum(s.chunks_uploaded for s in summaries) == 8
+    client = moto_server.client()
+    keys = {
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=TEST_BUCKET, Prefix="published/v1/"
+        )
+        for o in page.get("Contents", [])
+    }
+    assert sum(k.startswith("published/v1/chunks/") for k in keys) == 8
+    assert {f"published/v1/{n}.corfs.json" for n in images} <= keys
+    index = client.get_object(Bucket=TEST_BUCKET, Key="published/v1/index.json")["Body"].read()
+    assert set(parse_index(index)) == {f"{n}.corfs.json" for n in images}
+    digest = chunk_digest(images["a.raw"][:CS])
+    body = client.get_object(Bucket=TEST_BUCKET, Key=f"published/v1/{chunk_key(digest)}")
+    assert zstandard.ZstdDecompressor().decompress(body["Body"].read()) == images["a.raw"][:CS]
+    assert to_hex(digest) in client.get_object(
+        Bucket=TEST_BUCKET, Key="published/v1/a.raw.corfs.json")["Body"].read().decode()
+
+    again = publish(tmp_path / "src", images, url, endpoint_url=moto_server.endpoint,
+                    region="us-east-1")
+    assert all(s.chunks_uploaded == 0 and not s.manifest_written for s in again)
+
+    with pytest.raises(UsageError, match="does not exist"):
+        publish(tmp_path / "src", images, "s3://no-such-bucket/x",
+                endpoint_url=moto_server.endpoint, region="us-east-1")
+
+    # Read back through the S3 base, when that store is there.
+    pytest.importorskip("corfs.base.s3")
+    options = BaseOptions(endpoint_url=moto_server.endpoint, region="us-east-1")
+    assert trio.run(read_all, url, options) == images
