@@ -83,3 +83,11 @@ class BaseCorrupt(BaseError):
 
 class TransientBaseError(BaseError):
     """A failure that may go away: the fetcher retries it until --io-timeout."""
+
+
+def leaf_error(exc: BaseException) -> CorfsError | None:
+    """The CorfsError inside (possibly nested) single-member exception groups, if that is
+    all there is; trio wraps errors raised inside nurseries."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, CorfsError) else None

@@ -43,10 +43,9 @@ class ChunkGeometry:
         """Chunks that a write of [offset, offset+length) touches without covering them whole."""
         chunks = self.chunks_of(offset, length)
         end = offset + self.clip(offset, length)
-        partial = []
-        for index in (chunks[:1] + chunks[-1:]) if chunks else []:
+        partial: list[int] = []
+        for index in sorted({chunks[0], chunks[-1]}) if chunks else []:
             start = self.chunk_start(index)
             if offset > start or end < start + self.chunk_length(index):
-                if index not in partial:
-                    partial.append(index)
+                partial.append(index)
         return partial

@@ -87,7 +87,9 @@ async def open_base(url: str, options: BaseOptions = BaseOptions()) -> BaseStore
 
         store = await open_s3_base(url, options)
     elif "://" in url:
-        raise UsageError(f"unsupported base {describe_url(url)!r}: use a directory, http(s):// or s3://")
+        raise UsageError(
+            f"unsupported base {describe_url(url)!r}: use a directory, http(s):// or s3://"
+        )
     else:
         from .dir import DirBase
 

@@ -1,0 +1,277 @@
+"""Command line: argument parsing, the only place that prints for the user and picks exit codes.
+Every CorfsError ends as one line on stderr and its exit code; no traceback for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import control, detach, scrub
+from .base import BaseOptions
+from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
+from .errors import UsageError, leaf_error
+from .sizes import parse_size
+
+log = logging.getLogger("corfs")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _owner(text: str) -> tuple[int, int]:
+    try:
+        uid, _, gid = text.partition(":")
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not UID:GID: {text!r}") from None
+
+
+def _mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+
+
+def _add_mount(sub: _WithCommon) -> None:
+    p = sub.add_parser("mount", help="mount BASE's images in MNT, cached in CACHE")
+    p.add_argument(
+        "base", metavar="BASE", help="/dir, http(s)://host/path[/] or s3://bucket/prefix/"
+    )
+    p.add_argument("cache", metavar="CACHE", help="local directory for the chunk store")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, help="default 1M")
+    p.add_argument("--read-only", action="store_true", help="refuse writes (EROFS)")
+    p.add_argument(
+        "--reset-stale",
+        action="store_true",
+        help="discard the cache of an image that changed in BASE instead of refusing it",
+    )
+    p.add_argument("--allow-other", action="store_true", help="let other users (libvirt's QEMU) in")
+    p.add_argument("--owner", type=_owner, help="UID:GID of the exposed images")
+    p.add_argument("--mode", type=_mode, default=0o644, help="octal mode of the images (644)")
+    p.add_argument("--no-stream", action="store_true", help="copy-on-read only, no background fill")
+    p.add_argument("--stream-paused", action="store_true", help="start with streaming paused")
+    p.add_argument(
+        "--bandwidth", type=_size, default=0, help="stream rate limit, e.g. 50M (0: none)"
+    )
+    p.add_argument("--trace", metavar="FILE", help="stream the chunks of this boot trace first")
+    p.add_argument(
+        "--record-trace",
+        action="store_true",
+        help="record the order of first reads into CACHE/trace.json",
+    )
+    p.add_argument(
+        "--io-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up on the base after this long (EIO), default 60",
+    )
+    p.add_argument("--ca-file", help="extra CA certificates for https bases")
+    p.add_argument(
+        "--auth-header-env",
+        metavar="VAR",
+        help="environment variable holding an HTTP header 'Name: value' to send",
+    )
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph RGW)")
+    p.add_argument("--region", help="S3 region")
+    p.add_argument("--profile", help="AWS profile for S3 credentials")
+    p.add_argument("--connections", type=int, default=8, help="concurrent base requests (8)")
+    p.add_argument("--daemon", action="store_true", help="go to the background once mounted")
+    p.add_argument("--log-file", help="log here instead of stderr")
+
+
+def _add_status(sub: _WithCommon) -> None:
+    p = sub.add_parser("status", help="fill ratio, rate and ETA of each image")
+    p.add_argument(
+        "path", metavar="PATH", nargs="?", help="a mountpoint or a cache dir (default: all mounts)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="live progress bars until complete")
+
+
+def _add_stream(sub: _WithCommon) -> None:
+    p = sub.add_parser("stream", help="pause, resume or limit the background stream")
+    ops = p.add_subparsers(dest="op", required=True)
+    for op in ("pause", "resume"):
+        q = ops.add_parser(op)
+        q.add_argument("mountpoint", metavar="MNT", nargs="?")
+        q.add_argument("image", metavar="IMAGE", nargs="?")
+    q = ops.add_parser("bandwidth")
+    q.add_argument("mountpoint", metavar="MNT")
+    q.add_argument("rate", metavar="RATE", type=_size, help="e.g. 50M; 0 = unlimited")
+
+
+class _WithCommon:
+    """Adds the common options to every subcommand parser."""
+
+    def __init__(self, sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+        self._sub, self._common = sub, common
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return self._sub.add_parser(name, parents=[self._common], **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corfs", description="copy-on-read FUSE for VM images")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # -v also after the subcommand (corfs mount ... -v); SUPPRESS keeps the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    sub = _WithCommon(sub, common)
+    _add_mount(sub)
+    _add_status(sub)
+    _add_stream(sub)
+    p = sub.add_parser("detach", help="write a fully local image out as a standalone raw file")
+    p.add_argument("cache", metavar="CACHE")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("dest", metavar="DEST")
+    p = sub.add_parser("verify", help="check local chunks against their digests")
+    p.add_argument("cache", metavar="CACHE")
+    p.add_argument("image", metavar="IMAGE", nargs="?")
+    p.add_argument("--json", action="store_true")
+    try:
+        from . import publish
+    except ImportError:  # pragma: no cover - publish lands separately
+        publish = None  # type: ignore[assignment]
+    if publish is not None:
+        p = sub.add_parser("publish", help="write images in the chunked, zstd, verified form")
+        publish.add_publish_arguments(p)
+    return parser
+
+
+def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("corfs: %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _mount_config(args: argparse.Namespace) -> MountConfig:
+    if args.chunk_size < 4096 or args.chunk_size & (args.chunk_size - 1):
+        raise UsageError(
+            f"--chunk-size must be a power of two of at least 4k, not {args.chunk_size}"
+        )
+    if args.io_timeout <= 0:
+        raise UsageError("--io-timeout must be positive")
+    return MountConfig(
+        base_url=args.base,
+        cache_dir=os.path.abspath(args.cache),
+        mountpoint=args.mountpoint,
+        chunk_size=args.chunk_size,
+        read_only=args.read_only,
+        reset_stale=args.reset_stale,
+        allow_other=args.allow_other,
+        owner=args.owner,
+        mode=args.mode,
+        base=BaseOptions(
+            io_timeout=args.io_timeout,
+            ca_file=args.ca_file,
+            auth_header_env=args.auth_header_env,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            profile=args.profile,
+            max_connections=args.connections,
+        ),
+        stream=StreamConfig(
+            enabled=not args.no_stream,
+            start_paused=args.stream_paused,
+            bandwidth=args.bandwidth,
+            trace_file=args.trace,
+            record_trace=args.record_trace,
+        ),
+    )
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import run_mount_daemonized
+    from .mount import run_mount
+
+    config = _mount_config(args)
+    if args.daemon:
+        return run_mount_daemonized(config, args.log_file)
+    run_mount(config)
+    return 0
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    if args.op == "bandwidth":
+        control.send_command(args.mountpoint, {"op": "bandwidth", "rate": args.rate})
+        return 0
+    mounts = [args.mountpoint] if args.mountpoint else control.corfs_mounts()
+    if not mounts:
+        raise UsageError("no corfs mount is running")
+    for mountpoint in mounts:
+        control.send_command(mountpoint, {"op": args.op, "image": args.image})
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status_view import print_status, watch_status
+
+    paths = [args.path] if args.path else control.corfs_mounts()
+    if not paths:
+        raise UsageError("no corfs mount is running; name a cache dir to see its state")
+    if args.watch:
+        return watch_status(paths)
+    statuses = [control.status_of_path(path) for path in paths]
+    print_status(statuses, as_json=args.json)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    reports = scrub.verify_cache(args.cache, args.image)
+    scrub.print_reports(reports, as_json=args.json)
+    return 0 if all(r.bad == 0 for r in reports) else 1
+
+
+def _cmd_detach(args: argparse.Namespace) -> int:
+    written = detach.detach_image(args.cache, args.image, args.dest)
+    print(f"{args.image}: wrote {written} bytes to {args.dest}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from . import publish
+
+    return publish.main_publish(args)
+
+
+COMMANDS = {
+    "mount": _cmd_mount,
+    "status": _cmd_status,
+    "stream": _cmd_stream,
+    "verify": _cmd_verify,
+    "detach": _cmd_detach,
+    "publish": _cmd_publish,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(
+        args.verbose,
+        getattr(args, "log_file", None) if not getattr(args, "daemon", False) else None,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        error = leaf_error(exc)
+        if error is None:
+            raise
+        print(f"corfs: {error}", file=sys.stderr)
+        return error.exit_code

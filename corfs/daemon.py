@@ -1,0 +1,61 @@
+"""`corfs mount --daemon`: fork before trio and FUSE start, report readiness (or the one-line
+error) to the waiting parent through a pipe, so the command returns once the mount is ready."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+from .config import MountConfig
+from .errors import leaf_error
+from .mount import run_mount
+
+
+def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace")
+        if answer.startswith("ok"):
+            return 0
+        code, _, message = answer.partition(" ")
+        if not message:
+            os.waitpid(pid, 0)
+            message = "the mount daemon died before it was ready"
+        print(f"corfs: {message.strip()}", file=sys.stderr)
+        return int(code) if code.isdigit() else 1
+    os.close(read_end)
+    os._exit(_child(config, log_file, write_end))
+
+
+def _child(config: MountConfig, log_file: str | None, ready_fd: int) -> int:
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640) if log_file else devnull
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s corfs[%(process)d]: %(levelname)s %(message)s")
+    )
+    logging.getLogger().handlers[:] = [handler]
+
+    def ready() -> None:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+
+    try:
+        run_mount(config, ready)
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
+        error = leaf_error(exc)
+        code, message = (error.exit_code, str(error)) if error else (1, f"internal error: {exc!r}")
+        logging.getLogger(__name__).error("%s", message)
+        with contextlib.suppress(OSError):  # already reported ready: the log has it
+            os.write(ready_fd, f"{code} {message}\n".encode())
+        return code

@@ -1,0 +1,192 @@
+"""Getting verified chunk bytes out of a base image: retries with backoff and jitter bounded by
+--io-timeout, digest checks for published images, zero chunks that are never fetched, and
+chunks copied from the local cache when the same digest is already there (dedup).
+
+Invariants:
+- Only bytes that passed every check leave this module. A published chunk whose digest does not
+  match is fetched once more, then the fetch fails with BaseCorrupt (EIO); it is never returned.
+- Every wait on the base is bounded: after io_timeout the caller gets BaseUnavailable (EIO).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .base import BaseImage
+from .digest import chunk_digest, is_zero
+from .errors import BaseCorrupt, BaseUnavailable, TransientBaseError
+from .geometry import ChunkGeometry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    io_timeout: float = 60.0
+    first_backoff: float = 0.1
+    max_backoff: float = 5.0
+
+
+@dataclass(frozen=True)
+class FetchedChunk:
+    index: int
+    data: bytes | None  # None: all zeros (nothing to write)
+    digest: bytes | None  # xxh3-128 of data; None for zeros
+
+
+@dataclass(frozen=True)
+class FetcherStatistics:
+    requests: int
+    bytes_fetched: int
+    retries: int
+    failures: int
+    digest_mismatches: int
+    dedup_hits: int
+
+
+# Looks a digest up in the local cache: verified bytes of a chunk already local, or None.
+LocalLookup = Callable[[bytes], bytes | None]
+
+
+class Fetcher:
+    def __init__(self, policy: RetryPolicy = RetryPolicy()) -> None:
+        self.policy = policy
+        self.requests = 0
+        self.bytes_fetched = 0
+        self.retries = 0
+        self.failures = 0
+        self.digest_mismatches = 0
+        self.dedup_hits = 0
+
+    def statistics(self) -> FetcherStatistics:
+        return FetcherStatistics(
+            self.requests,
+            self.bytes_fetched,
+            self.retries,
+            self.failures,
+            self.digest_mismatches,
+            self.dedup_hits,
+        )
+
+    async def read_with_retry(self, source: BaseImage, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes of `source` at `offset`, retrying transient failures with
+        exponential backoff and jitter until io_timeout has passed since the first try."""
+        deadline = trio.current_time() + self.policy.io_timeout
+        attempt = 0
+        while True:
+            self.requests += 1
+            try:
+                with trio.fail_at(deadline):
+                    data = await source.read(offset, length)
+                if len(data) != length:
+                    raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")
+                self.bytes_fetched += length
+                return bytes(data) if not isinstance(data, bytes) else data
+            except trio.TooSlowError:
+                self.failures += 1
+                raise BaseUnavailable(
+                    f"{source.name}: no answer from the base within {self.policy.io_timeout:g} s"
+                ) from None
+            except TransientBaseError as exc:
+                attempt += 1
+                backoff = min(
+                    self.policy.max_backoff, self.policy.first_backoff * 2 ** (attempt - 1)
+                )
+                backoff *= random.uniform(0.5, 1.0)
+                if trio.current_time() + backoff >= deadline:
+                    self.failures += 1
+                    raise BaseUnavailable(
+                        f"{source.name}: base failed for {self.policy.io_timeout:g} s "
+                        f"({attempt} tries): {exc}"
+                    ) from None
+                self.retries += 1
+                log.info("%s: retrying in %.2f s: %s", source.name, backoff, exc)
+                await trio.sleep(backoff)
+
+    async def fetch_chunks(
+        self,
+        source: BaseImage,
+        geometry: ChunkGeometry,
+        indexes: range,
+        local_lookup: LocalLookup | None = None,
+    ) -> list[FetchedChunk]:
+        """Verified contents of the contiguous chunks `indexes`: one base request for each run
+        of chunks that are neither known zeros nor found locally by digest."""
+        layout = source.layout
+        if layout is None:
+            return await self._fetch_raw(source, geometry, indexes)
+        results: dict[int, FetchedChunk] = {}
+        to_fetch: list[int] = []
+        for index in indexes:
+            expected = layout.digests[index]
+            if expected is None:
+                results[index] = FetchedChunk(index, None, None)
+                continue
+            local = local_lookup(expected) if local_lookup else None
+            if local is not None:
+                self.dedup_hits += 1
+                results[index] = FetchedChunk(index, local, expected)
+            else:
+                to_fetch.append(index)
+        for run in _runs(to_fetch):
+            for chunk in await self._fetch_published_run(source, geometry, run):
+                results[chunk.index] = chunk
+        return [results[i] for i in indexes]
+
+    async def _fetch_raw(
+        self, source: BaseImage, geometry: ChunkGeometry, run: range
+    ) -> list[FetchedChunk]:
+        start = geometry.chunk_start(run.start)
+        end = geometry.chunk_start(run[-1]) + geometry.chunk_length(run[-1])
+        data = await self.read_with_retry(source, start, end - start)
+        view = memoryview(data)
+        chunks = []
+        for index in run:
+            offset = geometry.chunk_start(index) - start
+            piece = view[offset : offset + geometry.chunk_length(index)]
+            if is_zero(piece):
+                chunks.append(FetchedChunk(index, None, None))
+            else:
+                chunks.append(FetchedChunk(index, bytes(piece), chunk_digest(piece)))
+        return chunks
+
+    async def _fetch_published_run(
+        self, source: BaseImage, geometry: ChunkGeometry, run: range
+    ) -> list[FetchedChunk]:
+        assert source.layout is not None
+        chunks = await self._fetch_raw(source, geometry, run)
+        verified = []
+        for chunk in chunks:
+            expected = source.layout.digests[chunk.index]
+            if chunk.digest != expected:
+                chunk = await self._refetch_once(source, geometry, chunk.index, expected)
+            verified.append(chunk)
+        return verified
+
+    async def _refetch_once(
+        self, source: BaseImage, geometry: ChunkGeometry, index: int, expected: bytes | None
+    ) -> FetchedChunk:
+        self.digest_mismatches += 1
+        log.warning("%s: chunk %d failed its digest check, fetching it again", source.name, index)
+        (chunk,) = await self._fetch_raw(source, geometry, range(index, index + 1))
+        if chunk.digest != expected:
+            self.digest_mismatches += 1
+            self.failures += 1
+            raise BaseCorrupt(f"{source.name}: chunk {index} failed its digest check twice")
+        return chunk
+
+
+def _runs(indexes: list[int]) -> list[range]:
+    """[1,2,3,7,8] -> [range(1,4), range(7,9)]"""
+    runs: list[range] = []
+    for index in indexes:
+        if runs and runs[-1].stop == index:
+            runs[-1] = range(runs[-1].start, index + 1)
+        else:
+            runs.append(range(index, index + 1))
+    return runs

@@ -1,0 +1,209 @@
+"""The kernel-facing adapter: a flat directory of images, one short method per FUSE operation.
+CorfsError becomes FUSEError(errno) here and nowhere else; the mount root carries the control
+xattrs (see control.py)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import pyfuse3
+
+from .control import CONTROL_XATTR, STATUS_XATTR, Controller
+from .errors import ControlError, CorfsError
+from .image import Image
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+T = TypeVar("T")
+_XATTRS = (STATUS_XATTR.encode(), CONTROL_XATTR.encode())
+
+
+def _translate_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """CorfsError -> its errno; any other exception is a bug: log it, answer EIO, keep serving."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: object) -> T:
+        try:
+            return await method(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except CorfsError as exc:
+            log.warning("%s: %s", method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class CorfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        images: Sequence[Image],
+        controller: Controller,
+        *,
+        owner: tuple[int, int],
+        mode: int,
+        statfs_path: str,
+    ) -> None:
+        super().__init__()
+        self._by_inode = {ROOT_INODE + 1 + i: image for i, image in enumerate(images)}
+        self._by_name = {os.fsencode(image.name): inode for inode, image in self._by_inode.items()}
+        self._controller = controller
+        self._uid, self._gid = owner
+        self._mode = mode
+        self._statfs_path = statfs_path
+        self._mount_time_ns = _now_ns()
+
+    # ---- attributes ----------------------------------------------------------------------
+
+    def _image(self, inode: int) -> Image:
+        try:
+            return self._by_inode[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_uid, attr.st_gid = self._uid, self._gid
+        attr.st_blksize = 1 << 20
+        attr.attr_timeout = attr.entry_timeout = 1.0
+        if inode == ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.st_size = 0
+            times = self._mount_time_ns
+        else:
+            image = self._image(inode)
+            attr.st_mode = stat.S_IFREG | (self._mode & ~0o111 if image.read_only else self._mode)
+            if image.read_only:
+                attr.st_mode &= ~0o222
+            attr.st_nlink = 1
+            attr.st_size = image.size
+            attr.st_blocks = image.local_bytes // 512
+            times = image.mtime_ns
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = times
+        return attr
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attributes(ROOT_INODE)
+        inode = self._by_name.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(inode)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(inode)
+
+    @_translate_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001, ANN201 (pyfuse3 signature)
+        if inode != ROOT_INODE:
+            image = self._image(inode)
+            if fields.update_size and attr.st_size != image.size:
+                raise pyfuse3.FUSEError(errno.EPERM)  # an image's size is its base's
+            if fields.update_mtime:
+                image.mtime_ns = attr.st_mtime_ns
+        return self._attributes(inode)
+
+    @_translate_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        vfs = os.statvfs(self._statfs_path)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize, data.f_frsize = vfs.f_bsize, vfs.f_frsize
+        data.f_blocks, data.f_bfree, data.f_bavail = vfs.f_blocks, vfs.f_bfree, vfs.f_bavail
+        data.f_files, data.f_ffree, data.f_favail = len(self._by_inode) + 1, 0, 0
+        data.f_namemax = 255
+        return data
+
+    # ---- directory -----------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = sorted(self._by_name.items())
+        for position, (name, inode) in enumerate(entries[start_id:], start=start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attributes(inode), position + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    # ---- files ---------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        image = self._image(inode)
+        if image.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # keep_cache: every change to an image goes through this mount, so the kernel's page
+        # cache of it never goes stale.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_translate_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._image(fh).read(off, size)
+
+    @_translate_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._image(fh).write(off, buf)
+
+    @_translate_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._image(fh).fsync()
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    # ---- control xattrs on the root ------------------------------------------------------
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(_XATTRS) if inode == ROOT_INODE else []
+
+    @_translate_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == STATUS_XATTR.encode():
+            return self._controller.status_json().encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @_translate_errors
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if inode != ROOT_INODE or name != CONTROL_XATTR.encode():
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        try:
+            self._controller.apply(value)
+        except ControlError as exc:
+            log.warning("control command refused: %s", exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
+def _now_ns() -> int:
+    import time
+
+    return time.time_ns()

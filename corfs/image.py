@@ -1,0 +1,314 @@
+"""One open image: which chunks are local, filling the missing ones (one fill per chunk however
+many readers, writers and stream workers wait), and serving reads and writes of byte ranges.
+
+Invariants:
+- A read of local chunks is one `pread` on the data file, inline on the trio thread.
+- One fill per chunk: a chunk being filled is waited for, never fetched twice.
+- Base bytes are never written over a chunk that is already local: `_apply` checks the state
+  and writes with no `await` between the check and the write, and writers mark chunks dirty
+  in the same atomic step as their `pwrite`.
+- A write that covers a chunk only partly makes that chunk local first.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from .base import BaseImage
+from .digest import chunk_digest
+from .errors import (
+    BaseChanged,
+    BaseNotFound,
+    CacheFull,
+    CorfsError,
+    ReadOnlyError,
+)
+from .fetcher import FetchedChunk, Fetcher, _runs
+from .geometry import ChunkGeometry
+from .store import CacheStore, ChunkState, ImageRecord
+
+log = logging.getLogger(__name__)
+
+ABSENT = bytes([ChunkState.ABSENT])
+MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
+
+
+class OutOfImageError(CorfsError):
+    errno = errno.ENOSPC
+
+
+@dataclass
+class _Fill:
+    """A fill in flight: everyone who needs one of its chunks waits on `done`."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: CorfsError | None = None
+
+
+@dataclass(frozen=True)
+class ImageStatistics:
+    name: str
+    size: int
+    chunk_size: int
+    chunk_count: int
+    local_chunks: int
+    dirty_chunks: int
+    local_bytes: int
+    fills: int
+    fill_errors: int
+    error: str | None
+
+
+class Image:
+    def __init__(
+        self,
+        record: ImageRecord,
+        store: CacheStore,
+        fetcher: Fetcher,
+        source: BaseImage | None,
+        fill_nursery: trio.Nursery,
+        *,
+        read_only: bool = False,
+        mtime_ns: int = 0,
+    ) -> None:
+        self.name = record.name
+        self.record = record
+        self.geometry = ChunkGeometry(record.size, record.chunk_size)
+        self.store = store
+        self.fetcher = fetcher
+        self.source = source
+        self.read_only = read_only
+        self.mtime_ns = mtime_ns
+        self._nursery = fill_nursery
+        self._states, self.dirty_chunks = store.load_states(record)
+        self.local_chunks = self.geometry.chunk_count - self._states.count(ABSENT)
+        self._local_bytes = sum(
+            self.geometry.chunk_length(i)
+            for i in range(self.geometry.chunk_count)
+            if self._states[i]
+        )
+        self._fills: dict[int, _Fill] = {}
+        self._fd = store.data_fd(self.name)
+        self.fills = 0
+        self.fill_errors = 0
+        self.error: str | None = None
+        self.last_foreground = 0.0  # trio clock of the last client read or write
+        self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
+        self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
+
+    # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.geometry.image_size
+
+    @property
+    def complete(self) -> bool:
+        return self.local_chunks == self.geometry.chunk_count
+
+    @property
+    def local_bytes(self) -> int:
+        return self._local_bytes
+
+    def is_local(self, index: int) -> bool:
+        return self._states[index] != ChunkState.ABSENT
+
+    def state_of(self, index: int) -> ChunkState:
+        return ChunkState(self._states[index])
+
+    def next_missing(self, start: int) -> int | None:
+        """The first absent chunk at or after `start`, or None."""
+        found = self._states.find(ABSENT, start)
+        return None if found < 0 else found
+
+    def is_filling(self, index: int) -> bool:
+        return index in self._fills
+
+    def statistics(self) -> ImageStatistics:
+        return ImageStatistics(
+            self.name,
+            self.size,
+            self.geometry.chunk_size,
+            self.geometry.chunk_count,
+            self.local_chunks,
+            self.dirty_chunks,
+            self._local_bytes,
+            self.fills,
+            self.fill_errors,
+            self.error,
+        )
+
+    def _set_state(self, index: int, state: ChunkState, digest: bytes | None) -> None:
+        old = self._states[index]
+        if old == ChunkState.ABSENT and state != ChunkState.ABSENT:
+            self.local_chunks += 1
+            self._local_bytes += self.geometry.chunk_length(index)
+        elif old != ChunkState.ABSENT and state == ChunkState.ABSENT:
+            self.local_chunks -= 1
+            self._local_bytes -= self.geometry.chunk_length(index)
+        if state == ChunkState.DIRTY and old != ChunkState.DIRTY:
+            self.dirty_chunks += 1
+        elif old == ChunkState.DIRTY and state != ChunkState.DIRTY:
+            self.dirty_chunks -= 1
+        self._states[index] = state
+        self.store.record(self.name, index, state, digest)
+
+    def forget_chunk(self, index: int) -> None:
+        """Mark a clean chunk absent again (it failed a scrub): it will be fetched anew."""
+        if self._states[index] in (ChunkState.CLEAN, ChunkState.ZERO) and index not in self._fills:
+            self._set_state(index, ChunkState.ABSENT, None)
+
+    # ---- filling -------------------------------------------------------------------------
+
+    async def wait_local(self, indexes: Iterable[int], *, background: bool = False) -> None:
+        """Return once every chunk of `indexes` is local, filling the missing ones (sharing
+        fills already in flight). Raises the fill's error (EIO, ESTALE, ENOSPC ...)."""
+        wanted = list(indexes)
+        while True:
+            missing = [i for i in wanted if self._states[i] == ChunkState.ABSENT]
+            if not missing:
+                return
+            self._start_fills([i for i in missing if i not in self._fills], background)
+            fills = {id(f): f for f in (self._fills[i] for i in missing if i in self._fills)}
+            for fill in fills.values():
+                await fill.done.wait()
+                if fill.error is not None:
+                    raise type(fill.error)(str(fill.error))
+
+    def _start_fills(self, indexes: list[int], background: bool) -> None:
+        limit = MAX_FOREGROUND_RUN if not background else len(indexes) or 1
+        for run in _runs(indexes):
+            for start in range(run.start, run.stop, limit):
+                piece = range(start, min(start + limit, run.stop))
+                fill = _Fill()
+                for index in piece:
+                    self._fills[index] = fill
+                self._nursery.start_soon(self._fill, piece, fill)
+
+    async def _fill(self, run: range, fill: _Fill) -> None:
+        try:
+            if self.source is None:
+                raise BaseNotFound(
+                    f"{self.name}: chunk {run.start} is not local and the base image is gone"
+                )
+            chunks = await self.fetcher.fetch_chunks(
+                self.source, self.geometry, run, self._local_copy
+            )
+            for chunk in chunks:
+                self._apply(chunk)
+            self.fills += 1
+        except BaseChanged as exc:
+            self.error = f"base image changed: {exc}"
+            fill.error = exc
+            log.error("%s", exc)
+        except CorfsError as exc:
+            self.fill_errors += 1
+            fill.error = exc
+            log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
+        except Exception as exc:  # a bug must fail this read, not the daemon
+            self.fill_errors += 1
+            fill.error = CorfsError(f"internal error filling {self.name}: {exc!r}")
+            log.exception("filling %s chunks %d-%d", self.name, run.start, run.stop - 1)
+        finally:
+            for index in run:
+                if self._fills.get(index) is fill:
+                    del self._fills[index]
+            fill.done.set()
+
+    def _apply(self, chunk: FetchedChunk) -> None:
+        """Store one verified chunk and mark it local. No await in here: see module invariant."""
+        index = chunk.index
+        if self._states[index] != ChunkState.ABSENT:
+            return
+        start, length = self.geometry.chunk_start(index), self.geometry.chunk_length(index)
+        if chunk.data is None:
+            self.store.punch(self.name, start, length)
+            self._set_state(index, ChunkState.ZERO, None)
+        else:
+            self.store.write_data(self.name, start, chunk.data)
+            self._set_state(index, ChunkState.CLEAN, chunk.digest)
+
+    def _local_copy(self, digest: bytes) -> bytes | None:
+        """Verified bytes of a committed clean chunk with this digest, from any image here."""
+        found = self.store.find_by_digest(digest)
+        if found is None:
+            return None
+        name, index = found
+        record = self.store.record_of(name)
+        if record is None:
+            return None
+        geometry = ChunkGeometry(record.size, record.chunk_size)
+        try:
+            data = os.pread(
+                self.store.data_fd(name), geometry.chunk_length(index), geometry.chunk_start(index)
+            )
+        except (OSError, CorfsError):
+            return None
+        return data if chunk_digest(data) == digest else None
+
+    # ---- client I/O ----------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        length = self.geometry.clip(offset, length)
+        if length <= 0:
+            return b""
+        self.last_foreground = trio.current_time()
+        chunks = self.geometry.chunks_of(offset, length)
+        if self.first_reads is not None:
+            self.first_reads(chunks)
+        if self._states.find(ABSENT, chunks.start, chunks.stop) >= 0:
+            for listener in self.miss_listeners:
+                listener(chunks.stop - 1)
+            try:
+                await self.wait_local(chunks)
+            except CacheFull:
+                log.warning("%s: cache disk full, serving a read without caching it", self.name)
+                return await self._read_uncached(offset, length)
+        return os.pread(self._fd, length, offset)
+
+    async def _read_uncached(self, offset: int, length: int) -> bytes:
+        assert self.source is not None
+        parts = []
+        for index in self.geometry.chunks_of(offset, length):
+            start = self.geometry.chunk_start(index)
+            if self.is_local(index):
+                data = os.pread(self._fd, self.geometry.chunk_length(index), start)
+            else:
+                (chunk,) = await self.fetcher.fetch_chunks(
+                    self.source, self.geometry, range(index, index + 1)
+                )
+                data = chunk.data or bytes(self.geometry.chunk_length(index))
+            lo = max(offset, start) - start
+            hi = min(offset + length, start + len(data)) - start
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.name} is mounted read-only")
+        if offset + len(data) > self.size:
+            raise OutOfImageError(f"write past the end of {self.name} ({self.size} bytes)")
+        if not data:
+            return 0
+        self.last_foreground = trio.current_time()
+        partial = self.geometry.partly_covered(offset, len(data))
+        while any(self._states[i] == ChunkState.ABSENT for i in partial):
+            await self.wait_local(partial)
+        # No await from here on: the write and the dirty marks are one atomic step.
+        self.store.write_data(self.name, offset, data)
+        for index in self.geometry.chunks_of(offset, len(data)):
+            if self._states[index] != ChunkState.DIRTY:
+                self._set_state(index, ChunkState.DIRTY, None)
+        self.store.touch(self.name)
+        self.mtime_ns = time.time_ns()
+        return len(data)
+
+    async def fsync(self) -> None:
+        await self.store.commit()

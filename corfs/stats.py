@@ -1,0 +1,67 @@
+"""Statistics snapshots: frozen dataclasses that `corfs status --json` serialises, and the rate
+meter behind each image's current rate and ETA."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import asdict, dataclass, field
+
+STATUS_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageStatus:
+    name: str
+    size: int
+    chunk_size: int
+    local_bytes: int
+    dirty_bytes: int
+    fill_ratio: float
+    state: str  # streaming | paused | complete | idle | error | offline
+    rate_bps: float
+    eta_s: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class MountStatus:
+    mounted: bool
+    mountpoint: str | None
+    cache: str
+    base: str | None
+    bandwidth_bps: int
+    images: list[ImageStatus] = field(default_factory=list)
+    fetcher: dict | None = None
+    schema_version: int = STATUS_SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fill_ratio(local_bytes: int, size: int) -> float:
+    return 1.0 if size == 0 else min(1.0, local_bytes / size)
+
+
+class RateMeter:
+    """Bytes per second over the last `window` seconds, from (time, total) samples."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def sample(self, now: float, total: int) -> None:
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+
+    def rate(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return max(0.0, (b1 - b0) / (t1 - t0)) if t1 > t0 else 0.0
+
+
+def eta_seconds(remaining: int, rate: float) -> float | None:
+    if remaining <= 0:
+        return 0.0
+    return remaining / rate if rate > 0 else None

@@ -1,0 +1,89 @@
+"""Showing status to a person: a table per mount, JSON, or live progress bars (--watch)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from . import control
+from .errors import CorfsError
+from .sizes import format_size
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_table(status: dict) -> str:
+    where = (
+        status.get("mountpoint") if status.get("mounted") else f"{status['cache']} (not mounted)"
+    )
+    lines = [f"{where}  base: {status.get('base') or '-'}"]
+    lines.append(
+        f"{'IMAGE':<24} {'SIZE':>10} {'LOCAL':>10} {'FILL':>7} {'STATE':<10} {'RATE':>12} {'ETA':>9}"
+    )
+    for image in status["images"]:
+        rate = f"{format_size(image['rate_bps'])}/s" if image["rate_bps"] else "-"
+        lines.append(
+            f"{image['name']:<24} {format_size(image['size']):>10} "
+            f"{format_size(image['local_bytes']):>10} {image['fill_ratio'] * 100:6.1f}% "
+            f"{image['state']:<10} {rate:>12} {_eta(image['eta_s']):>9}"
+        )
+        if image.get("error"):
+            lines.append(f"  error: {image['error']}")
+    return "\n".join(lines)
+
+
+def print_status(statuses: list[dict], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(statuses[0] if len(statuses) == 1 else {"mounts": statuses}))
+        return
+    print("\n\n".join(format_table(s) for s in statuses))
+
+
+def watch_status(paths: list[str], interval: float = 1.0) -> int:
+    """Progress bars per image until every image is complete (or Ctrl-C)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[state]}"),
+    )
+    tasks: dict[str, int] = {}
+    try:
+        with Progress(*columns) as progress:
+            while True:
+                done = True
+                for path in paths:
+                    status = control.status_of_path(path)
+                    for image in status["images"]:
+                        key = f"{path}:{image['name']}"
+                        if key not in tasks:
+                            tasks[key] = progress.add_task(
+                                image["name"], total=image["size"], state=""
+                            )
+                        progress.update(
+                            tasks[key], completed=image["local_bytes"], state=image["state"]
+                        )
+                        done &= image["state"] in ("complete", "error")
+                if done:
+                    return 0
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return 130
+    except CorfsError:
+        raise

@@ -1,0 +1,392 @@
+"""The local chunk store in CACHE: one sparse data file per image plus the chunk state of every
+image in one SQLite database (WAL).
+
+Layout of CACHE:
+    corfs.lock            flock: one mount (or offline writer) at a time
+    state.db              images(name, size, chunk_size, identity, ...) and chunks(image, idx,
+                          state, digest); a chunk that has no row is absent
+    data/<name>           sparse data file of the image's full size; a fully local image *is*
+                          its raw file
+    mountpoint            where the live mount is (for `corfs status CACHE`)
+    traces/<name>.trace   chunk order recorded with --record-trace
+
+Invariant: never mark before durable. Marks are collected in memory (`record`) and written by
+`commit()`, which first fdatasyncs every data file touched and only then commits the rows it
+snapshotted before syncing. So after a crash, every row says the truth about bytes on disk.
+State is mutated only on the trio thread; `commit` swaps the pending map out there, and only
+the fdatasync and the SQL run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from urllib.parse import quote
+
+import trio
+
+from .errors import CacheError, CacheFull, CacheLocked, UsageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images(
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    identity TEXT NOT NULL,
+    base TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks(
+    image TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    digest BLOB,
+    PRIMARY KEY(image, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_digest ON chunks(digest) WHERE digest IS NOT NULL;
+"""
+
+
+class ChunkState(IntEnum):
+    ABSENT = 0
+    CLEAN = 1  # equal to base; digest recorded
+    ZERO = 2  # equal to base and all zeros: a hole in the data file
+    DIRTY = 3  # written through the mount; no longer equal to base
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    size: int
+    chunk_size: int
+    identity: str
+    base: str
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if libc.fallocate(fd, falloc_fl_keep_size | falloc_fl_punch_hole, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        os.pwrite(fd, bytes(length), offset)  # no hole support: write the zeros instead
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros without allocating space."""
+    if length > 0:
+        _punch_hole(fd, offset, length)
+
+
+def data_file_name(image: str) -> str:
+    return quote(image, safe="") or "%00"
+
+
+class CacheStore:
+    def __init__(self, cache_dir: str, db: sqlite3.Connection, lock_fd: int | None) -> None:
+        self.cache_dir = cache_dir
+        self._db = db
+        self._db_lock = threading.Lock()
+        self._lock_fd = lock_fd
+        self._data_fds: dict[str, int] = {}
+        self._pending: dict[tuple[str, int], tuple[int, bytes | None]] = {}
+        self._touched: set[str] = set()
+        self._commit_lock = trio.Lock()
+        self.commits = 0
+
+    # ---- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cache_dir: str, *, lock: bool = True, create: bool = True) -> CacheStore:
+        """Open (and with `create`, initialise) CACHE. With `lock`, take the exclusive lock
+        that keeps two mounts off one cache; CacheLocked if another process holds it."""
+        cache_dir = os.path.abspath(cache_dir)
+        if not os.path.isdir(cache_dir):
+            if os.path.exists(cache_dir) or not create:
+                raise UsageError(f"cache {cache_dir} is not a directory")
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
+        if create and not os.access(cache_dir, os.W_OK | os.X_OK):
+            raise UsageError(f"cache {cache_dir} is not writable")
+        db_path = os.path.join(cache_dir, "state.db")
+        if not create and not os.path.exists(db_path):
+            raise UsageError(f"{cache_dir} is not a corfs cache (no state.db)")
+        lock_fd = cls._take_lock(cache_dir) if lock else None
+        try:
+            db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            if create:
+                db.executescript(_SCHEMA)
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+                os.makedirs(os.path.join(cache_dir, "data"), exist_ok=True)
+        except sqlite3.Error as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise CacheError(f"cache database {db_path} is unusable: {exc}") from None
+        except OSError as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
+        return cls(cache_dir, db, lock_fd)
+
+    @staticmethod
+    def _take_lock(cache_dir: str) -> int:
+        try:
+            fd = os.open(
+                os.path.join(cache_dir, "corfs.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            )
+        except OSError as exc:
+            raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLocked(f"cache {cache_dir} is in use by another corfs process") from None
+        return fd
+
+    @staticmethod
+    def is_locked(cache_dir: str) -> bool:
+        """True when a live process holds CACHE's lock (a mount is running on it)."""
+        try:
+            fd = os.open(os.path.join(cache_dir, "corfs.lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._data_fds.values():
+            os.close(fd)
+        self._data_fds.clear()
+        self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---- image records -------------------------------------------------------------------
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def records(self) -> list[ImageRecord]:
+        rows = self._query(
+            "SELECT name, size, chunk_size, identity, base FROM images ORDER BY name"
+        )
+        return [ImageRecord(*row) for row in rows]
+
+    def record_of(self, name: str) -> ImageRecord | None:
+        rows = self._query(
+            "SELECT name, size, chunk_size, identity, base FROM images WHERE name = ?", (name,)
+        )
+        return ImageRecord(*rows[0]) if rows else None
+
+    def create_image(
+        self, name: str, size: int, chunk_size: int, identity: str, base: str
+    ) -> ImageRecord:
+        path = self.data_path(name)
+        try:
+            with open(path, "wb") as f:
+                f.truncate(size)
+        except OSError as exc:
+            raise self._os_error(exc, f"creating {path}") from None
+        with self._db_lock:
+            self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO images VALUES(?, ?, ?, ?, ?, ?)",
+                (name, size, chunk_size, identity, base, time.time()),
+            )
+        return ImageRecord(name, size, chunk_size, identity, base)
+
+    def drop_image(self, name: str) -> None:
+        """Forget an image's cache (for --reset-stale): rows first, then the data file."""
+        fd = self._data_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
+            self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+            self._db.execute("COMMIT")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_path(name))
+
+    def load_states(self, record: ImageRecord) -> tuple[bytearray, int]:
+        """Per-chunk states of an image (one byte each) and its count of dirty chunks."""
+        count = -(-record.size // record.chunk_size)
+        states = bytearray(count)
+        rows = self._query("SELECT idx, state FROM chunks WHERE image = ?", (record.name,))
+        for idx, state in rows:
+            if 0 <= idx < count:
+                states[idx] = state
+        return states, sum(1 for _, s in rows if s == ChunkState.DIRTY)
+
+    def digests_of(self, name: str) -> dict[int, bytes]:
+        rows = self._query(
+            "SELECT idx, digest FROM chunks WHERE image = ? AND state = ?", (name, ChunkState.CLEAN)
+        )
+        return {idx: digest for idx, digest in rows if digest is not None}
+
+    def find_by_digest(self, digest: bytes) -> tuple[str, int] | None:
+        """A committed clean chunk with these bytes, in any image of this cache (for dedup)."""
+        rows = self._query(
+            "SELECT image, idx FROM chunks WHERE digest = ? AND state = ? LIMIT 1",
+            (digest, ChunkState.CLEAN),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    # ---- data files ----------------------------------------------------------------------
+
+    def data_path(self, name: str) -> str:
+        return os.path.join(self.cache_dir, "data", data_file_name(name))
+
+    def data_fd(self, name: str) -> int:
+        fd = self._data_fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(self.data_path(name), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise CacheError(f"data file of {name} is missing from the cache") from None
+            self._data_fds[name] = fd
+        return fd
+
+    @staticmethod
+    def _os_error(exc: OSError, what: str) -> Exception:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return CacheFull(f"cache disk full while {what}")
+        return CacheError(f"{what}: {exc.strerror}")
+
+    def write_data(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        try:
+            written = os.pwrite(self.data_fd(name), data, offset)
+        except OSError as exc:
+            raise self._os_error(exc, f"writing {name}") from None
+        if written != len(data):
+            raise CacheFull(f"short write to the data file of {name}")
+
+    def punch(self, name: str, offset: int, length: int) -> None:
+        try:
+            punch_hole(self.data_fd(name), offset, length)
+        except OSError as exc:
+            raise self._os_error(exc, f"punching {name}") from None
+
+    # ---- durable marks -------------------------------------------------------------------
+
+    def record(self, name: str, idx: int, state: ChunkState, digest: bytes | None = None) -> None:
+        """Queue a chunk's new state for the next commit. The caller has already written its
+        bytes to the data file (the commit syncs that file before the row is written)."""
+        self._pending[(name, idx)] = (int(state), digest)
+        self._touched.add(name)
+
+    def touch(self, name: str) -> None:
+        """The data file of `name` changed: the next commit must sync it."""
+        self._touched.add(name)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    async def commit(self) -> None:
+        """Make every mark recorded so far durable: fdatasync, then commit the rows."""
+        async with self._commit_lock:
+            # No await between these lines and the swap: what we sync is what we snapshot.
+            pending, self._pending = self._pending, {}
+            touched, self._touched = self._touched, set()
+            fds = [self._data_fds[name] for name in touched if name in self._data_fds]
+            if not pending and not fds:
+                return
+            try:
+                await trio.to_thread.run_sync(self._sync_and_write, fds, pending)
+            except BaseException:
+                # Not durable: put the marks back (newer marks taken meanwhile win).
+                for key, value in pending.items():
+                    self._pending.setdefault(key, value)
+                self._touched |= touched
+                raise
+
+    def commit_sync(self) -> None:
+        """The same as `commit`, for shutdown paths outside trio."""
+        pending, self._pending = self._pending, {}
+        self._touched = set()
+        self._sync_and_write(list(self._data_fds.values()), pending)
+
+    def _sync_and_write(
+        self, fds: list[int], pending: dict[tuple[str, int], tuple[int, bytes | None]]
+    ) -> None:
+        try:
+            for fd in fds:
+                os.fdatasync(fd)
+        except OSError as exc:
+            raise self._os_error(exc, "syncing the cache") from None
+        if not pending:
+            return
+        absent = [
+            (name, idx) for (name, idx), (state, _) in pending.items() if state == ChunkState.ABSENT
+        ]
+        present = [
+            (name, idx, state, digest)
+            for (name, idx), (state, digest) in pending.items()
+            if state != ChunkState.ABSENT
+        ]
+        with self._db_lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("DELETE FROM chunks WHERE image = ? AND idx = ?", absent)
+                self._db.executemany("INSERT OR REPLACE INTO chunks VALUES(?, ?, ?, ?)", present)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if "full" in str(exc):
+                    raise CacheFull(f"cache disk full while committing: {exc}") from None
+                raise CacheError(f"committing chunk state: {exc}") from None
+        self.commits += 1
+
+    # ---- small files beside the state ----------------------------------------------------
+
+    def write_small_file(self, relative: str, text: str) -> None:
+        path = os.path.join(self.cache_dir, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    def read_small_file(self, relative: str) -> str | None:
+        try:
+            with open(os.path.join(self.cache_dir, relative)) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def remove_small_file(self, relative: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.cache_dir, relative))

@@ -1,0 +1,250 @@
+"""The background filler (image streaming, like QEMU's block-stream): copies every chunk that is
+not yet local, until each image is fully local.
+
+Order per image: read-ahead after foreground misses first, then the recorded trace, then
+sequential. Foreground first: stream fills never block a client (clients start their own fills
+at once and share the stream's in-flight ones), and before each fill the worker waits for a
+short lull in client I/O, so local reads keep their latency while the stream runs unlimited.
+Failures back off per image and retry by themselves; the error shows in status meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import StreamConfig
+from .errors import BaseChanged, CorfsError
+from .image import Image
+from .stats import RateMeter
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_CHUNKS = 8
+LULL = 0.005  # seconds without client I/O before a stream fill starts
+MAX_LULL_WAIT = 0.1  # ... but never wait longer than this
+MAX_BACKOFF = 30.0
+
+
+class BandwidthLimiter:
+    """Paces byte counts to `rate` bytes/s (0 = unlimited); a rate change takes effect at once."""
+
+    def __init__(self, rate: int = 0) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    def set_rate(self, rate: int) -> None:
+        self.rate = rate
+        self._next = trio.current_time()
+
+    async def acquire(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._next)
+        self._next = start + nbytes / self.rate
+        await trio.sleep_until(start)
+
+
+@dataclass
+class _ImageStream:
+    image: Image
+    paused: bool = False
+    cursor: int = 0
+    urgent: collections.deque[int] = field(default_factory=collections.deque)
+    failures: int = 0
+    retry_at: float = 0.0
+    error: str | None = None
+    fatal: bool = False
+    meter: RateMeter = field(default_factory=RateMeter)
+
+
+@dataclass(frozen=True)
+class ImageStreamStatistics:
+    state: str
+    rate_bps: float
+    error: str | None
+
+
+class StreamWorker:
+    def __init__(
+        self,
+        images: Sequence[Image],
+        config: StreamConfig,
+        traces: dict[str, list[int]] | None = None,
+    ) -> None:
+        self.config = config
+        self.enabled = config.enabled
+        self.limiter = BandwidthLimiter(config.bandwidth)
+        self._streams = {
+            image.name: _ImageStream(image, paused=config.start_paused) for image in images
+        }
+        self._wakeup = trio.Event()
+        self._rotation = 0
+        for name, order in (traces or {}).items():
+            if name in self._streams:
+                self._streams[name].urgent.extend(order)
+        for stream in self._streams.values():
+            stream.image.miss_listeners.append(self._read_ahead_hook(stream))
+
+    # ---- control -------------------------------------------------------------------------
+
+    def _select(self, name: str | None) -> list[_ImageStream]:
+        if name is None:
+            return list(self._streams.values())
+        if name not in self._streams:
+            raise KeyError(name)
+        return [self._streams[name]]
+
+    def pause(self, name: str | None = None) -> None:
+        for stream in self._select(name):
+            stream.paused = True
+
+    def resume(self, name: str | None = None) -> None:
+        for stream in self._select(name):
+            stream.paused = False
+            stream.retry_at = 0.0
+        self._wake()
+
+    def set_bandwidth(self, rate: int) -> None:
+        self.limiter.set_rate(rate)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _read_ahead_hook(self, stream: _ImageStream):  # noqa: ANN202 - closure for Image
+        def on_miss(last_chunk: int) -> None:
+            count = stream.image.geometry.chunk_count
+            ahead = range(last_chunk + 1, min(count, last_chunk + 1 + READ_AHEAD_CHUNKS))
+            stream.urgent.extendleft(reversed(ahead))
+            self._wake()
+
+        return on_miss
+
+    # ---- status --------------------------------------------------------------------------
+
+    def sample_rates(self) -> None:
+        now = trio.current_time()
+        for stream in self._streams.values():
+            stream.meter.sample(now, stream.image.local_bytes)
+
+    def statistics(self, name: str) -> ImageStreamStatistics:
+        stream = self._streams[name]
+        image = stream.image
+        if stream.fatal or image.error:
+            state = "error"
+        elif image.complete:
+            state = "complete"
+        elif not self.enabled:
+            state = "idle"
+        elif stream.paused:
+            state = "paused"
+        else:
+            state = "streaming"
+        return ImageStreamStatistics(state, stream.meter.rate(), stream.error or image.error)
+
+    # ---- work ----------------------------------------------------------------------------
+
+    def _next_run(self, stream: _ImageStream) -> range | None:
+        image = stream.image
+        count = image.geometry.chunk_count
+        while stream.urgent:
+            index = stream.urgent.popleft()
+            if 0 <= index < count and not image.is_local(index) and not image.is_filling(index):
+                return self._extend(image, index, self.config.run_chunks)
+        # Sequential from the cursor to the end, then the chunks before it (skipped earlier
+        # because a client was filling them, or failed).
+        for begin, end in ((stream.cursor, count), (0, stream.cursor)):
+            index = image.next_missing(begin)
+            while index is not None and index < end:
+                if not image.is_filling(index):
+                    run = self._extend(image, index, self.config.run_chunks)
+                    stream.cursor = run.stop
+                    return run
+                index = image.next_missing(index + 1)
+        return None
+
+    @staticmethod
+    def _extend(image: Image, first: int, limit: int) -> range:
+        stop = first + 1
+        count = image.geometry.chunk_count
+        while (
+            stop < count
+            and stop - first < limit
+            and not image.is_local(stop)
+            and not image.is_filling(stop)
+        ):
+            stop += 1
+        return range(first, stop)
+
+    def _pick(self) -> tuple[_ImageStream, range] | None:
+        now = trio.current_time()
+        streams = list(self._streams.values())
+        for step in range(len(streams)):
+            stream = streams[(self._rotation + step) % len(streams)]
+            if stream.paused or stream.fatal or stream.retry_at > now or stream.image.complete:
+                continue
+            run = self._next_run(stream)
+            if run is not None:
+                self._rotation = (self._rotation + step + 1) % len(streams)
+                return stream, run
+        return None
+
+    async def _wait_for_lull(self) -> None:
+        waited = 0.0
+        while waited < MAX_LULL_WAIT:
+            last = max((s.image.last_foreground for s in self._streams.values()), default=0.0)
+            quiet = trio.current_time() - last
+            if quiet >= LULL:
+                return
+            await trio.sleep(LULL - quiet)
+            waited += LULL - quiet
+
+    async def _worker(self) -> None:
+        while True:
+            picked = self._pick()
+            if picked is None:
+                self._wakeup = trio.Event()
+                with trio.move_on_after(1.0):
+                    await self._wakeup.wait()
+                continue
+            stream, run = picked
+            image = stream.image
+            nbytes = sum(image.geometry.chunk_length(i) for i in run)
+            await self.limiter.acquire(nbytes)
+            await self._wait_for_lull()
+            try:
+                await image.wait_local(run, background=True)
+            except BaseChanged as exc:
+                stream.fatal = True
+                stream.error = str(exc)
+            except CorfsError as exc:
+                stream.failures += 1
+                backoff = min(MAX_BACKOFF, 2.0 ** (stream.failures - 1))
+                stream.retry_at = trio.current_time() + backoff
+                stream.error = str(exc)
+                stream.urgent.appendleft(run.start)
+                log.warning("stream of %s: %s (retrying in %.0f s)", image.name, exc, backoff)
+            else:
+                if stream.failures:
+                    log.info("stream of %s: base is back, going on", image.name)
+                stream.failures = 0
+                stream.error = None
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sample_forever)
+            if self.enabled:
+                for _ in range(max(1, self.config.workers)):
+                    nursery.start_soon(self._worker)
+            task_status.started()
+
+    async def _sample_forever(self) -> None:
+        while True:
+            self.sample_rates()
+            await trio.sleep(1.0)
