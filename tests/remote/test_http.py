@@ -1,0 +1,280 @@
+"""The HTTP store against a fault-injecting proxy in front of nginx, and its open errors, auth
+header and TLS. Every fault gives the right error class, or (server ignoring Range) the right
+bytes; wrong bytes are never returned."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import trio
+
+from corfs.base import BaseOptions, open_base
+from corfs.base.http import HttpBase, open_http_base
+from corfs.errors import (
+    BaseAccessDenied,
+    BaseChanged,
+    BaseNotFound,
+    BaseUnavailable,
+    TransientBaseError,
+    UsageError,
+)
+from tests.servers import Nginx, make_tls
+
+FAST = BaseOptions(io_timeout=1.5)  # stall timeout 0.5 s
+MiB = 1 << 20
+RANGES = [(0, 4096), (MiB - 7, MiB + 14), (3 * MiB, 333), (12345, 1)]
+
+
+async def open_site(site, lean: bool) -> tuple[HttpBase, object]:  # noqa: ANN001
+    store = await open_http_base(site.url, FAST)
+    store.reader.use_plain = lean
+    (image,) = await store.list_images()
+    return store, image
+
+
+async def check_reads(image, data: bytes) -> None:  # noqa: ANN001
+    for offset, length in RANGES:
+        assert bytes(await image.read(offset, length)) == data[offset : offset + length]
+
+
+ERROR_FAULTS = [
+    ("drop", TransientBaseError),
+    ("reset", TransientBaseError),
+    ("stall", TransientBaseError),
+    ("stall_body", TransientBaseError),
+    ("status:500", TransientBaseError),
+    ("status:503", TransientBaseError),
+    ("status:429", TransientBaseError),
+    ("status:404", BaseNotFound),
+    ("status:403", BaseAccessDenied),
+    ("status:412", BaseChanged),
+    ("truncate", TransientBaseError),
+    ("wrong_range", TransientBaseError),
+]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+@pytest.mark.parametrize(("fault", "error"), ERROR_FAULTS, ids=[f for f, _ in ERROR_FAULTS])
+def test_fault_gives_error_then_recovers(site, lean: bool, fault: str, error: type) -> None:  # noqa: ANN001
+    async def main() -> None:
+        store, image = await open_site(site, lean)
+        try:
+            await check_reads(image, site.data)  # warm: pooled keep-alive connections exist
+            site.proxy.inject(fault, fault)  # twice: a resend on a fresh connection fails too
+            start = time.monotonic()
+            with pytest.raises(error):
+                await image.read(MiB, MiB)
+            assert time.monotonic() - start < 3
+            site.proxy.faults.clear()
+            await check_reads(image, site.data)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+def test_server_ignoring_range_gives_right_bytes(site, lean: bool) -> None:  # noqa: ANN001
+    async def main() -> None:
+        store, image = await open_site(site, lean)
+        try:
+            for offset, length in RANGES:
+                site.proxy.inject("ignore_range", "ignore_range")
+                assert (
+                    bytes(await image.read(offset, length)) == site.data[offset : offset + length]
+                )
+            assert any(f == "ignore_range" for _, f in site.proxy.requests)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_server_ignoring_range_after_change_is_base_changed(site) -> None:  # noqa: ANN001
+    async def main() -> None:
+        store, image = await open_site(site, lean=False)
+        try:
+            path = site.root / "disk.raw"
+            path.write_bytes(bytes(len(site.data)))
+            os.utime(path, (1_500_000_000, 1_500_000_000))
+            site.proxy.inject("ignore_range")
+            with pytest.raises(BaseChanged):
+                await image.read(0, 4096)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+def test_slow_answer_within_stall_timeout_is_fine(site, lean: bool) -> None:  # noqa: ANN001
+    async def main() -> None:
+        store, image = await open_site(site, lean)
+        try:
+            site.proxy.inject("delay:0.3")
+            await check_reads(image, site.data)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_keepalive_closed_by_server_is_resent_once(site) -> None:  # noqa: ANN001
+    async def main() -> None:
+        store, image = await open_site(site, lean=True)
+        try:
+            for _ in range(5):
+                site.proxy.inject("close_after")
+                await check_reads(image, site.data)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+# ---- errors when opening ----
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "words"),
+    [
+        ("http://no-such-host.invalid/", BaseUnavailable, "resolve"),
+        ("http://no-such-host.invalid/disk.raw", BaseUnavailable, "resolve"),
+        ("http://127.0.0.1:{closed}/", BaseUnavailable, "refused"),
+        ("http://127.0.0.1:{closed}/disk.raw", BaseUnavailable, "refused"),
+        ("{nginx}no-such-dir/", BaseNotFound, "not found"),
+        ("{nginx}no-such-image.raw", BaseNotFound, "not found"),
+        ("{nginx}denied/", BaseAccessDenied, "denied"),
+        ("{nginx}denied/disk.raw", BaseAccessDenied, "denied"),
+        ("ftp://127.0.0.1/", UsageError, "unsupported"),
+    ],
+)
+def test_open_errors(nginx_server, url: str, error: type, words: str) -> None:  # noqa: ANN001
+    (nginx_server.root / "denied").mkdir(exist_ok=True)
+    (nginx_server.root / "denied" / "disk.raw").write_bytes(b"secret")
+    url = url.format(closed=closed_port(), nginx=nginx_server.url)
+
+    async def main() -> None:
+        with pytest.raises(error) as info:
+            await open_base(url, FAST)
+        message = str(info.value)
+        assert words in message
+        assert "\n" not in message
+        if error is not UsageError:
+            assert url.split("://")[1].split("/")[0] in message  # names the server
+
+    trio.run(main)
+
+
+def test_credentials_in_url_are_refused_without_echo(nginx_server) -> None:  # noqa: ANN001
+    url = nginx_server.url.replace("http://", "http://user:hunter2@")
+
+    async def main() -> None:
+        with pytest.raises(UsageError) as info:
+            await open_base(url, FAST)
+        assert "hunter2" not in str(info.value)
+
+    trio.run(main)
+
+
+def test_auth_header_from_env(nginx_server, monkeypatch) -> None:  # noqa: ANN001
+    (nginx_server.root / "auth").mkdir(exist_ok=True)
+    data = os.urandom(300_000)
+    (nginx_server.root / "auth" / "disk.raw").write_bytes(data)
+    url = nginx_server.url + "auth/"
+
+    async def main() -> None:
+        with pytest.raises(BaseAccessDenied) as info:
+            await open_base(url, FAST)
+        monkeypatch.setenv("CORFS_TEST_AUTH", "Authorization: Bearer wrong-token-1234")
+        options = BaseOptions(io_timeout=1.5, auth_header_env="CORFS_TEST_AUTH")
+        with pytest.raises(BaseAccessDenied) as info:
+            await open_base(url, options)
+        assert "wrong-token-1234" not in str(info.value)
+        monkeypatch.setenv("CORFS_TEST_AUTH", "Authorization: Bearer x")
+        store = await open_http_base(url, options)
+        try:
+            (image,) = await store.list_images()
+            for lean in (True, False):
+                store.reader.use_plain = lean
+                assert bytes(await image.read(1000, 200_000)) == data[1000:201_000]
+            assert await store.read_object("disk.raw") == data
+        finally:
+            await store.aclose()
+        monkeypatch.setenv("CORFS_TEST_AUTH", "no colon here")
+        with pytest.raises(UsageError) as info:
+            await open_base(url, options)
+        assert "no colon" not in str(info.value)
+        monkeypatch.delenv("CORFS_TEST_AUTH")
+        with pytest.raises(UsageError):
+            await open_base(url, options)
+
+    trio.run(main)
+
+
+@pytest.fixture(scope="module")
+def tls_nginx(tmp_path_factory):  # noqa: ANN001
+    base = tmp_path_factory.mktemp("tls")
+    tls = make_tls(base / "pki")
+    server = Nginx(root=base / "root", workdir=base / "work", tls=tls).start()
+    (server.root / "disk.raw").write_bytes(b"0123456789" * 100_000)
+    yield server
+    server.stop()
+
+
+def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:  # noqa: ANN001
+    async def main() -> None:
+        with pytest.raises(BaseUnavailable) as info:
+            await open_base(tls_nginx.url, FAST)
+        assert "certificate" in str(info.value)
+        options = BaseOptions(io_timeout=1.5, ca_file=str(tls_nginx.tls.ca_cert))
+        store = await open_base(tls_nginx.url, options)
+        try:
+            (image,) = await store.list_images()
+            assert image.size == 1_000_000
+            assert bytes(await image.read(999_990, 10)) == b"0123456789"
+        finally:
+            await store.aclose()
+        with pytest.raises(UsageError):
+            await open_base(tls_nginx.url, BaseOptions(ca_file="/nonexistent/ca.pem"))
+
+    trio.run(main)
+
+
+def test_index_json_preferred_over_autoindex(nginx_server) -> None:  # noqa: ANN001
+    d = nginx_server.root / "indexed"
+    d.mkdir(exist_ok=True)
+    (d / "a.raw").write_bytes(b"a" * 10)
+    (d / "hidden.raw").write_bytes(b"h")
+    (d / "index.json").write_text('{"images": [{"name": "a.raw", "size": 10}]}')
+
+    async def main() -> None:
+        store = await open_base(nginx_server.url + "indexed/", FAST)
+        try:
+            assert [(i.name, i.size) for i in await store.list_images()] == [("a.raw", 10)]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_listing_that_is_not_json_is_a_clear_error(nginx_server) -> None:  # noqa: ANN001
+    d = nginx_server.root / "htmlindex"
+    d.mkdir(exist_ok=True)
+    (d / "index.html").write_text("<html>hello</html>")
+
+    async def main() -> None:
+        with pytest.raises(Exception) as info:
+            await open_base(nginx_server.url + "htmlindex/", FAST)
+        assert "JSON" in str(info.value)
+
+    trio.run(main)

@@ -1,0 +1,214 @@
+"""The S3 store against moto: pagination, open errors, credentials, and faults injected by
+the proxy in front of moto."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import trio
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from corfs.base import BaseOptions
+from corfs.base.s3 import _client_error, open_s3_base
+from corfs.errors import (
+    BaseAccessDenied,
+    BaseChanged,
+    BaseNotFound,
+    BaseUnavailable,
+    TransientBaseError,
+    UsageError,
+)
+from tests.remote.proxy import FaultProxy
+from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto
+
+MiB = 1 << 20
+
+
+def options(endpoint: str, **kw: object) -> BaseOptions:
+    return BaseOptions(io_timeout=1.5, endpoint_url=endpoint, region="us-east-1", **kw)  # type: ignore[arg-type]
+
+
+def test_listing_paginates_and_keeps_to_direct_children(moto_server) -> None:  # noqa: ANN001
+    client = moto_server.client()
+    prefix = f"many-{os.getpid()}/"
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}img{i:05d}.raw", Body=b"%d" % i)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(1105)))
+    client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}chunks/aa/x.zst", Body=b"deep")
+    client.put_object(Bucket=TEST_BUCKET, Key=prefix, Body=b"")  # a "directory marker"
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{TEST_BUCKET}/{prefix}", options(moto_server.endpoint))
+        try:
+            images = await store.list_images()
+            assert len(images) == 1105
+            assert images[0].name == "img00000.raw" and images[-1].name == "img01104.raw"
+            assert bytes(await images[1104].read(0, 4)) == b"1104"
+            assert await store.read_object("chunks/aa/x.zst") == b"deep"
+        finally:
+            await store.aclose()
+        # Without the trailing slash the prefix is still taken as a directory.
+        store = await open_s3_base(
+            f"s3://{TEST_BUCKET}/{prefix[:-1]}", options(moto_server.endpoint)
+        )
+        try:
+            assert len(await store.list_images()) == 1105
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_open_errors(moto_server) -> None:  # noqa: ANN001
+    ep = moto_server.endpoint
+
+    async def main() -> None:
+        with pytest.raises(BaseNotFound):
+            await open_s3_base("s3://no-such-bucket-corfs/", options(ep))
+        with pytest.raises(BaseNotFound):
+            await open_s3_base(f"s3://{TEST_BUCKET}/nothing/here.raw", options(ep))
+        with pytest.raises(BaseUnavailable) as info:
+            await open_s3_base(f"s3://{TEST_BUCKET}/", options(f"http://127.0.0.1:{closed_port()}"))
+        assert "\n" not in str(info.value)
+        with pytest.raises(UsageError):
+            await open_s3_base("s3:///x", options(ep))
+        with pytest.raises(UsageError):
+            await open_s3_base(f"s3://{TEST_BUCKET}/", options(ep, profile="no-such-profile"))
+
+    trio.run(main)
+
+
+@pytest.fixture(scope="module")
+def moto_with_auth(tmp_path_factory):  # noqa: ANN001
+    server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_wrong_credentials_are_access_denied_without_echo(moto_with_auth) -> None:  # noqa: ANN001
+    async def main() -> None:
+        with pytest.raises(BaseAccessDenied) as info:
+            await open_s3_base(f"s3://{TEST_BUCKET}/", options(moto_with_auth.endpoint))
+        message = str(info.value)
+        for secret in FAKE_AWS_ENV.values():
+            if "testing" in secret:
+                assert secret not in message
+
+    trio.run(main)
+
+
+def test_missing_credentials_are_access_denied(moto_server, monkeypatch) -> None:  # noqa: ANN001
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k)
+
+    async def main() -> None:
+        with pytest.raises(BaseAccessDenied) as info:
+            await open_s3_base(f"s3://{TEST_BUCKET}/", options(moto_server.endpoint))
+        assert "credentials" in str(info.value)
+
+    trio.run(main)
+
+
+@pytest.fixture
+def s3_site(moto_server):  # noqa: ANN001
+    proxy = FaultProxy(upstream_port=moto_server.port).start()
+    prefix = f"faults-{time.monotonic_ns()}/"
+    data = os.urandom(2 * MiB + 77)
+    moto_server.client().put_object(Bucket=TEST_BUCKET, Key=prefix + "disk.raw", Body=data)
+    yield proxy, prefix, data
+    proxy.stop()
+
+
+FAULTS = [
+    ("drop", TransientBaseError),
+    ("reset", TransientBaseError),
+    ("stall", TransientBaseError),
+    ("stall_body", TransientBaseError),
+    ("status:500", TransientBaseError),
+    ("status:503", TransientBaseError),
+    ("truncate", TransientBaseError),
+    ("wrong_range", TransientBaseError),
+    ("status:412", BaseChanged),
+]
+
+
+@pytest.mark.parametrize(("fault", "error"), FAULTS, ids=[f for f, _ in FAULTS])
+def test_fault_gives_error_then_recovers(s3_site, fault: str, error: type) -> None:  # noqa: ANN001
+    proxy, prefix, data = s3_site
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{TEST_BUCKET}/{prefix}", options(proxy.url.rstrip("/")))
+        try:
+            (image,) = await store.list_images()
+            assert bytes(await image.read(MiB, 100)) == data[MiB : MiB + 100]
+            proxy.inject(fault)
+            start = time.monotonic()
+            with pytest.raises(error):
+                await image.read(10, MiB)
+            assert time.monotonic() - start < 3
+            proxy.faults.clear()
+            assert bytes(await image.read(10, MiB)) == data[10 : MiB + 10]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_server_ignoring_range_never_gives_wrong_bytes(s3_site) -> None:  # noqa: ANN001
+    proxy, prefix, data = s3_site
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{TEST_BUCKET}/{prefix}", options(proxy.url.rstrip("/")))
+        try:
+            (image,) = await store.list_images()
+            proxy.inject("ignore_range")
+            with pytest.raises(TransientBaseError):
+                await image.read(10, 100)
+            proxy.inject("ignore_range")
+            assert bytes(await image.read(0, len(data))) == data  # the whole object: no range
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def _err(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "GetObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (_err("NoSuchKey", 404), BaseNotFound),
+        (_err("NoSuchBucket", 404), BaseNotFound),
+        (_err("AccessDenied", 403), BaseAccessDenied),
+        (_err("InvalidAccessKeyId", 403), BaseAccessDenied),
+        (_err("SignatureDoesNotMatch", 403), BaseAccessDenied),
+        (_err("SlowDown", 503), TransientBaseError),
+        (_err("InternalError", 500), TransientBaseError),
+        (_err("Throttling", 400), TransientBaseError),
+        (_err("PreconditionFailed", 412), BaseChanged),
+        (EndpointConnectionError(endpoint_url="http://x"), TransientBaseError),
+        (ReadTimeoutError(endpoint_url="http://x"), TransientBaseError),
+        (ConnectionResetError(), TransientBaseError),
+    ],
+)
+def test_error_mapping(exc: Exception, error: type) -> None:
+    assert type(_client_error(exc, "s3://b/k")) is error
