@@ -1,0 +1,126 @@
+"""Issue 2, point 3: copy-on-read. A first read fetches whole chunks; a re-read never touches
+BASE; concurrent readers of one missing chunk cause one fetch."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+
+from tests.mounting import make_image
+
+from .util import KIB, MIB, direct_read, drop_caches, image_status, live_status, status
+
+CHUNK = 64 * KIB
+SIZE = 4 * MIB + 5000
+
+
+def _fetcher(mnt):
+    return live_status(mnt)["fetcher"]
+
+
+def test_first_read_fetches_whole_chunks(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=3)
+    want = (tmp_dirs.base / "a.raw").read_bytes()
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        path = m.mnt / "a.raw"
+        st = status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == 0
+        assert st["fetcher"]["bytes_fetched"] == 0
+
+        # 4 KiB in the middle of chunk 2: exactly chunk 2 is fetched and kept
+        assert direct_read(path, 2 * CHUNK + 8 * KIB, 4 * KIB) == want[2 * CHUNK + 8 * KIB :][
+            : 4 * KIB
+        ]
+        st = status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == CHUNK
+        assert st["fetcher"]["bytes_fetched"] == CHUNK
+
+        # 8 KiB across the boundary of chunks 9 and 10: both whole chunks
+        off = 10 * CHUNK - 4 * KIB
+        assert direct_read(path, off, 8 * KIB) == want[off : off + 8 * KIB]
+        st = status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == 3 * CHUNK
+        assert st["fetcher"]["bytes_fetched"] == 3 * CHUNK
+
+        # the short last chunk is fetched whole, up to EOF only
+        last = SIZE // CHUNK * CHUNK
+        assert direct_read(path, last, 4 * KIB) == want[last : last + 4 * KIB]
+        st = status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == 3 * CHUNK + SIZE - last
+        assert st["fetcher"]["bytes_fetched"] == 3 * CHUNK + SIZE - last
+        m.stop()
+    # the chunks are recorded: the cache alone says so after unmount
+    assert image_status(status(tmp_dirs.cache), "a.raw")["local_bytes"] == 3 * CHUNK + SIZE - last
+
+
+def test_reread_never_touches_base(tmp_dirs, tmp_path):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=4)
+    want = (tmp_dirs.base / "a.raw").read_bytes()
+    ranges = [(0, 100 * KIB), (CHUNK * 7 - 10, 3 * CHUNK + 20), (1 * MIB, 256 * KIB)]
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        path = m.mnt / "a.raw"
+        with open(path, "rb") as f:
+            for off, length in ranges:
+                f.seek(off)
+                assert f.read(length) == want[off : off + length]
+        before = _fetcher(m.mnt)
+
+        # Take the base away: move it out of BASE, then scribble over it in place (the
+        # daemon may hold it open, so the moved inode must not hold the old bytes either).
+        moved = tmp_path / "moved-away.raw"
+        os.rename(tmp_dirs.base / "a.raw", moved)
+        with open(moved, "r+b") as f:
+            f.write(b"\xee" * SIZE)
+        drop_caches()
+
+        with open(path, "rb") as f:  # buffered, page cache dropped: reaches the daemon
+            for off, length in ranges:
+                f.seek(off)
+                assert f.read(length) == want[off : off + length]
+        for off, length in ranges:  # O_DIRECT: reaches the daemon for sure
+            start = off // 4096 * 4096
+            got = direct_read(path, start, length + off - start)
+            assert got == want[start : off + length]
+        assert _fetcher(m.mnt)["requests"] == before["requests"]
+        assert _fetcher(m.mnt)["bytes_fetched"] == before["bytes_fetched"]
+
+        # ...and the base really is unusable: a chunk that is not local fails
+        with pytest.raises(OSError) as err:
+            direct_read(path, 3 * MIB, 4 * KIB)
+        assert err.value.errno in (errno.EIO, errno.ESTALE, errno.ENOENT)
+        m.stop()
+
+
+def test_concurrent_readers_one_fetch(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=5)
+    want = (tmp_dirs.base / "a.raw").read_bytes()
+    readers = 8
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        path = m.mnt / "a.raw"
+        for chunk in (5, 20, 40):
+            off = chunk * CHUNK + 16 * KIB
+            before = _fetcher(m.mnt)
+            barrier = threading.Barrier(readers)
+            results: list[bytes | BaseException] = [b""] * readers
+
+            def read(i: int, off: int = off) -> None:
+                try:
+                    barrier.wait()
+                    results[i] = direct_read(path, off, 16 * KIB)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    results[i] = exc
+
+            threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert all(r == want[off : off + 16 * KIB] for r in results), results
+            after = _fetcher(m.mnt)
+            assert after["requests"] - before["requests"] == 1, (chunk, before, after)
+            assert after["bytes_fetched"] - before["bytes_fetched"] == CHUNK
+        assert image_status(live_status(m.mnt), "a.raw")["local_bytes"] == 3 * CHUNK
+        m.stop()
