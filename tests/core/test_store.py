@@ -1,0 +1,214 @@
+"""The chunk store: never mark before durable (rows only after fdatasync, failed commits keep
+their marks), zero chunks stay holes, the lock, records and data files."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+
+from corfs.digest import chunk_digest
+from corfs.errors import CacheError, CacheLocked, UsageError
+from corfs.store import CacheStore, ChunkState
+from tests.core.conftest import CS, committed_states, random_bytes, st_allocated
+
+
+def test_read_marks_are_not_committed_until_commit(tmp_path, rig_factory) -> None:
+    data = random_bytes(4 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            assert await image.read(CS, 10) == data[CS : CS + 10]
+            assert image.is_local(1)
+            # In memory it is local; a fresh process must not see it yet.
+            assert committed_states(rig.cache_dir, "a") == {}
+            assert rig.store.pending_count == 1
+            await rig.store.commit()
+            assert rig.store.pending_count == 0
+            rows = committed_states(rig.cache_dir, "a")
+            assert rows == {1: (ChunkState.CLEAN, chunk_digest(data[CS : 2 * CS]))}
+            # ... and the bytes behind the row are right on disk.
+            with open(rig.store.data_path("a"), "rb") as f:
+                f.seek(CS)
+                assert f.read(CS) == data[CS : 2 * CS]
+
+    trio.run(main)
+
+
+def test_commit_syncs_data_before_writing_rows(tmp_path, rig_factory, monkeypatch) -> None:
+    """Order inside a commit: every fdatasync happens before the row is written."""
+    data = random_bytes(2 * CS)
+    events: list[str] = []
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            await rig.image("a").read(0, CS)
+            real_fdatasync = os.fdatasync
+            cache_dir = rig.cache_dir
+
+            def spy(fd: int) -> None:
+                # When the data file is synced, the row must not be visible yet.
+                events.append("sync" if committed_states(cache_dir, "a") == {} else "late-sync")
+                real_fdatasync(fd)
+
+            monkeypatch.setattr(os, "fdatasync", spy)
+            await rig.store.commit()
+            monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+            events.append("rows" if 0 in committed_states(cache_dir, "a") else "no-rows")
+
+    trio.run(main)
+    assert events == ["sync", "rows"]
+
+
+def test_failed_fdatasync_keeps_marks_pending(tmp_path, rig_factory, monkeypatch) -> None:
+    data = random_bytes(3 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(0, 3 * CS)
+            assert rig.store.pending_count == 3
+            real_fdatasync = os.fdatasync
+            calls = []
+
+            def failing_once(fd: int) -> None:
+                calls.append(fd)
+                if len(calls) == 1:
+                    raise OSError(errno.EIO, "injected EIO")
+                real_fdatasync(fd)
+
+            monkeypatch.setattr(os, "fdatasync", failing_once)
+            with pytest.raises(CacheError):
+                await rig.store.commit()
+            assert committed_states(rig.cache_dir, "a") == {}
+            assert rig.store.pending_count == 3
+            # A newer mark taken after the failed commit wins over the restored one.
+            await image.write(0, b"x" * CS)
+            assert rig.store.pending_count == 3
+            await rig.store.commit()
+            assert len(calls) == 2
+            rows = committed_states(rig.cache_dir, "a")
+            assert rows[0] == (ChunkState.DIRTY, None)
+            assert rows[1] == (ChunkState.CLEAN, chunk_digest(data[CS : 2 * CS]))
+            assert rows[2] == (ChunkState.CLEAN, chunk_digest(data[2 * CS :]))
+            assert rig.store.pending_count == 0
+
+    trio.run(main)
+
+
+def test_enospc_on_sync_is_cache_full(tmp_path, rig_factory, monkeypatch) -> None:
+    from corfs.errors import CacheFull
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(CS)}) as rig:
+            await rig.image("a").read(0, 1)
+
+            def full(fd: int) -> None:
+                raise OSError(errno.ENOSPC, "no space")
+
+            monkeypatch.setattr(os, "fdatasync", full)
+            with pytest.raises(CacheFull) as info:
+                await rig.store.commit()
+            assert info.value.errno == errno.ENOSPC
+            assert rig.store.pending_count == 1
+
+    trio.run(main)
+
+
+def test_zero_chunks_are_recorded_zero_and_stay_sparse(tmp_path, rig_factory) -> None:
+    big = 64 * 1024
+    data = bytes(3 * big) + random_bytes(big) + bytes(2 * big)
+
+    async def main() -> None:
+        async with rig_factory({"z": data}, chunk_size=big) as rig:
+            image = rig.image("z")
+            assert await image.read(0, len(data)) == data
+            await rig.store.commit()
+            states = [image.state_of(i) for i in range(6)]
+            assert states == [ChunkState.ZERO] * 3 + [ChunkState.CLEAN] + [ChunkState.ZERO] * 2
+            rows = committed_states(rig.cache_dir, "z")
+            assert {i: s for i, (s, _) in rows.items()} == {
+                0: ChunkState.ZERO, 1: ChunkState.ZERO, 2: ChunkState.ZERO,
+                3: ChunkState.CLEAN, 4: ChunkState.ZERO, 5: ChunkState.ZERO,
+            }  # fmt: skip
+            assert all(d is None for i, (_, d) in rows.items() if i != 3)
+            # Only the one data chunk takes space (plus a little filesystem slack).
+            allocated = st_allocated(rig.store.data_path("z"))
+            assert allocated <= big + 16 * 1024, allocated
+            assert rig.data_file("z") == data
+
+    trio.run(main)
+
+
+def test_zero_chunk_read_alone_allocates_nothing(tmp_path, rig_factory) -> None:
+    data = random_bytes(CS) + bytes(4 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"z": data}) as rig:
+            assert await rig.image("z").read(2 * CS, CS) == bytes(CS)
+            await rig.store.commit()
+            assert st_allocated(rig.store.data_path("z")) == 0
+            assert committed_states(rig.cache_dir, "z") == {2: (ChunkState.ZERO, None)}
+
+    trio.run(main)
+
+
+def test_lock_keeps_a_second_store_off(tmp_path) -> None:
+    first = CacheStore.open(str(tmp_path / "c"))
+    try:
+        with pytest.raises(CacheLocked):
+            CacheStore.open(str(tmp_path / "c"))
+        assert CacheStore.is_locked(str(tmp_path / "c"))
+        CacheStore.open(str(tmp_path / "c"), lock=False).close()
+    finally:
+        first.close()
+    assert not CacheStore.is_locked(str(tmp_path / "c"))
+    CacheStore.open(str(tmp_path / "c")).close()
+
+
+def test_open_refuses_non_cache(tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError):
+        CacheStore.open(str(tmp_path / "file"))
+    with pytest.raises(UsageError):
+        CacheStore.open(str(tmp_path / "nothing"), create=False)
+
+
+def test_records_and_drop(tmp_path) -> None:
+    store = CacheStore.open(str(tmp_path / "c"))
+    try:
+        rec = store.create_image("a/b c", 10 * CS + 5, CS, "v1", "memory://")
+        assert store.record_of("a/b c") == rec
+        assert os.path.getsize(store.data_path("a/b c")) == 10 * CS + 5
+        assert os.path.dirname(store.data_path("a/b c")) == str(tmp_path / "c" / "data")
+        states, dirty = store.load_states(rec)
+        assert states == bytearray(11) and dirty == 0
+        store.record("a/b c", 3, ChunkState.DIRTY)
+        store.record("a/b c", 4, ChunkState.CLEAN, b"d" * 16)
+        store.commit_sync()
+        states, dirty = store.load_states(rec)
+        assert states[3] == ChunkState.DIRTY and states[4] == ChunkState.CLEAN and dirty == 1
+        assert store.find_by_digest(b"d" * 16) == ("a/b c", 4)
+        assert store.digests_of("a/b c") == {4: b"d" * 16}
+        store.drop_image("a/b c")
+        assert store.record_of("a/b c") is None
+        assert not os.path.exists(store.data_path("a/b c"))
+        assert store.find_by_digest(b"d" * 16) is None
+    finally:
+        store.close()
+
+
+def test_marking_absent_deletes_the_row(tmp_path) -> None:
+    store = CacheStore.open(str(tmp_path / "c"))
+    try:
+        rec = store.create_image("a", 4 * CS, CS, "v1", "memory://")
+        store.record("a", 1, ChunkState.CLEAN, b"x" * 16)
+        store.commit_sync()
+        store.record("a", 1, ChunkState.ABSENT)
+        store.commit_sync()
+        assert store.load_states(rec)[0] == bytearray(4)
+    finally:
+        store.close()
