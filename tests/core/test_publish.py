@@ -28,7 +28,7 @@ from corfs.publish import (
     publish_to,
     run_publish,
 )
-from tests.servers import TEST_BUCKET, moto_server  # noqa: F401  (fixture)
+from tests.servers import TEST_BUCKET, moto_server, nginx_server  # noqa: F401  (fixtures)
 
 CS = 64 << 10
 
@@ -291,3 +291,12 @@ def test_publish_to_s3(tmp_path: Path, moto_server) -> None:  # noqa: F811
     pytest.importorskip("corfs.base.s3")
     options = BaseOptions(endpoint_url=moto_server.endpoint, region="us-east-1")
     assert trio.run(read_all, url, options) == images
+
+
+def test_published_dir_served_over_http(tmp_path: Path, nginx_server) -> None:  # noqa: F811
+    """A published directory behind a plain web server is a base: index.json lists it."""
+    pytest.importorskip("corfs.base.http")
+    images = make_images(tmp_path / "src")
+    dest = nginx_server.root / f"published-{os.getpid()}-{time.monotonic_ns()}"
+    publish(tmp_path / "src", images, str(dest))
+    assert trio.run(read_all, f"{nginx_server.url}{dest.name}/") == images
