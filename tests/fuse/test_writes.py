@@ -1,0 +1,108 @@
+"""Issue 2, point 4: writes land in CACHE only, a partly written chunk is completed from BASE
+first, fsync through MNT is durable across kill -9, --read-only refuses writes (EROFS)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+import pytest
+
+from tests.mounting import make_image, sha256_file
+
+from .util import KIB, MIB, direct_read, drop_caches, image_status, live_status, status
+
+SIZE = 8 * MIB
+
+
+def test_writes_land_in_cache_only(tmp_dirs):
+    base = make_image(tmp_dirs.base / "a.raw", SIZE, seed=11)
+    sha, mtime = sha256_file(base), os.stat(base).st_mtime_ns
+    want = bytearray(base.read_bytes())
+    with tmp_dirs.mount("--no-stream") as m:
+        with open(m.mnt / "a.raw", "r+b") as f:
+            for off, data in [(0, b"A" * 4096), (3 * MIB - 100, b"B" * 300), (SIZE - 7, b"C" * 7)]:
+                f.seek(off)
+                f.write(data)
+                want[off : off + len(data)] = data
+            f.flush()
+            os.fsync(f.fileno())
+        drop_caches()
+        assert (m.mnt / "a.raw").read_bytes() == want
+        assert image_status(live_status(m.mnt), "a.raw")["dirty_bytes"] > 0
+        m.stop()
+    assert sha256_file(base) == sha
+    assert os.stat(base).st_mtime_ns == mtime
+    with tmp_dirs.mount("--no-stream") as m:  # and they stay after a remount
+        assert (m.mnt / "a.raw").read_bytes() == want
+        m.stop()
+    assert sha256_file(base) == sha
+
+
+def test_partial_write_completes_chunk_from_base(tmp_dirs):
+    base = make_image(tmp_dirs.base / "a.raw", SIZE, seed=12)
+    orig = base.read_bytes()
+    chunk = 1 * MIB
+    start = 3 * chunk
+    patch_off = start + chunk // 2 + 4 * KIB  # 4 KiB in the middle of absent chunk 3
+    patch = bytes(range(256)) * 16
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "1M") as m:
+        assert image_status(live_status(m.mnt), "a.raw")["local_bytes"] == 0
+        fd = os.open(m.mnt / "a.raw", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, patch, patch_off) == len(patch)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        st = live_status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == chunk  # just that chunk
+        assert st["fetcher"]["bytes_fetched"] == chunk
+        expected = bytearray(orig[start : start + chunk])
+        expected[patch_off - start : patch_off - start + len(patch)] = patch
+        assert direct_read(m.mnt / "a.raw", start, chunk) == expected
+        m.stop()
+    # the cache's data file holds the completed chunk (base + write), nothing else is local
+    data = (tmp_dirs.cache / "data" / "a.raw").read_bytes()
+    assert data[start : start + chunk] == expected
+    assert image_status(status(tmp_dirs.cache), "a.raw")["local_bytes"] == chunk
+    assert base.read_bytes() == orig
+
+
+def test_fsync_is_durable_across_kill9(tmp_dirs):
+    base = make_image(tmp_dirs.base / "a.raw", SIZE, seed=13)
+    want = bytearray(base.read_bytes())
+    writes = [(5 * MIB + 123, b"\x5a" * 5000), (0, b"\x01" * 512), (7 * MIB, b"\x77" * MIB)]
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        fd = os.open(m.mnt / "a.raw", os.O_RDWR)
+        try:
+            for off, data in writes:
+                os.pwrite(fd, data, off)
+                want[off : off + len(data)] = data
+            os.fsync(fd)
+            m.kill9()  # right after fsync returned: no time for the periodic commit
+        finally:
+            with contextlib.suppress(OSError):  # ENOTCONN once the daemon is gone
+                os.close(fd)
+    drop_caches()
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        for off, data in writes:
+            assert direct_read(m.mnt / "a.raw", off // 4096 * 4096, len(data) + 4096)[
+                off % 4096 : off % 4096 + len(data)
+            ] == data
+        assert (m.mnt / "a.raw").read_bytes() == want
+        m.stop()
+
+
+def test_read_only_refuses_writes(tmp_dirs):
+    base = make_image(tmp_dirs.base / "a.raw", 1 * MIB, seed=14)
+    orig = base.read_bytes()
+    with tmp_dirs.mount("--read-only", "--no-stream") as m:
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(OSError) as err:
+                os.open(m.mnt / "a.raw", flags)
+            assert err.value.errno == errno.EROFS
+        assert (m.mnt / "a.raw").read_bytes() == orig
+        assert live_status(m.mnt)["images"][0]["dirty_bytes"] == 0
+        m.stop()
+    assert base.read_bytes() == orig
