@@ -1,0 +1,155 @@
+"""Issue 2, point 5: crash safety. Rounds of: mount with streaming on and 64 KiB chunks, a
+reader and a writer at work, kill -9 at a random moment; the next mount must serve, for every
+4 KiB block, the base bytes or the written bytes that were acknowledged by fsync, and for
+writes not yet synced either the old or the new content of the block, never anything else."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import struct
+import threading
+import time
+
+import pytest
+
+from tests.mounting import make_image
+
+from .util import KIB, MIB, direct_read, direct_write
+
+BLOCK = 4 * KIB
+SIZE = 16 * MIB
+ROUNDS = 20
+
+
+def _pattern(seq: int, block: int) -> bytes:
+    """The bytes write number `seq` puts in `block`: unique per (write, block)."""
+    return struct.pack("<QQ", seq, block) * (BLOCK // 16)
+
+
+class Model:
+    """Per 4 KiB block: its durable content (None = base) and the contents of writes issued
+    since the last fsync. Any of those may be found after a crash."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.durable: dict[int, bytes] = {}
+        self.unsynced: dict[int, list[bytes]] = {}
+
+    def issue(self, offset: int, blocks: list[bytes]) -> None:
+        with self.lock:  # recorded before the write is sent: it may land at any moment
+            for i, data in enumerate(blocks):
+                self.unsynced.setdefault(offset // BLOCK + i, []).append(data)
+
+    def synced(self) -> None:
+        with self.lock:  # fsync returned: every write before it is durable
+            for block, contents in self.unsynced.items():
+                self.durable[block] = contents[-1]
+            self.unsynced.clear()
+
+    def after_remount(self, image: bytes) -> None:
+        """What the remounted image holds becomes the truth for the next round."""
+        with self.lock:
+            for block in self.unsynced:
+                data = image[block * BLOCK : (block + 1) * BLOCK]
+                self.durable[block] = data
+            self.unsynced.clear()
+
+    def touched(self) -> set[int]:
+        with self.lock:
+            return set(self.durable) | set(self.unsynced)
+
+    def allowed(self, block: int, base: bytes) -> list[bytes]:
+        with self.lock:
+            first = self.durable.get(block, base[block * BLOCK : (block + 1) * BLOCK])
+            return [first, *self.unsynced.get(block, [])]
+
+
+def _check(image: bytes, base: bytes, model: Model, where: str) -> None:
+    assert len(image) == len(base), where
+    touched = model.touched()
+    bad = []
+    for block in range(len(base) // BLOCK):
+        got = image[block * BLOCK : (block + 1) * BLOCK]
+        if block not in touched:
+            if got != base[block * BLOCK : (block + 1) * BLOCK]:
+                bad.append((block, "base"))
+        elif got not in model.allowed(block, base):
+            bad.append((block, "written"))
+    assert not bad, f"{where}: {len(bad)} blocks wrong, first: {bad[:5]}"
+
+
+def _writer(path, model: Model, rng: random.Random, seq0: int, stop: threading.Event) -> None:
+    seq = seq0
+    with contextlib.suppress(OSError):  # ENOTCONN / ECONNABORTED once killed
+        while not stop.is_set():
+            nblocks = rng.choice((1, 1, 2, 4, 16))
+            block = rng.randrange(0, SIZE // BLOCK - nblocks)
+            seq += 1
+            blocks = [_pattern(seq, block + i) for i in range(nblocks)]
+            model.issue(block * BLOCK, blocks)
+            sync = rng.random() < 0.3
+            direct_write(path, block * BLOCK, b"".join(blocks), fsync=sync)
+            if sync:
+                model.synced()
+
+
+def _reader(path, base: bytes, model: Model, rng: random.Random, stop, errors: list) -> None:
+    with contextlib.suppress(OSError):
+        while not stop.is_set():
+            off = rng.randrange(0, SIZE // BLOCK) * BLOCK
+            length = rng.choice((4, 64, 128, 256)) * KIB
+            got = direct_read(path, off, length)
+            touched = model.touched()  # after the read: includes every write that could land
+            for i in range(len(got) // BLOCK):
+                block = off // BLOCK + i
+                if block not in touched and got[i * BLOCK : (i + 1) * BLOCK] != base[
+                    block * BLOCK : (block + 1) * BLOCK
+                ]:
+                    errors.append(f"reader saw wrong bytes in untouched block {block}")
+                    return
+
+
+@pytest.mark.slow
+def test_kill9_rounds_keep_every_byte_right(tmp_dirs):
+    base_path = make_image(tmp_dirs.base / "disk.raw", SIZE, seed=21, zero_blocks=(3, 9))
+    base = base_path.read_bytes()
+    model = Model()
+    rng = random.Random(1234)
+    options = ("--chunk-size", "64k")
+    for round_no in range(ROUNDS):
+        with tmp_dirs.mount(*options) as m:
+            path = m.mnt / "disk.raw"
+            image = (path).read_bytes()
+            _check(image, base, model, f"mount before round {round_no}")
+            model.after_remount(image)
+
+            stop = threading.Event()
+            errors: list[str] = []
+            threads = [
+                threading.Thread(
+                    target=_writer, args=(path, model, random.Random(rng.random()),
+                                          round_no * 1_000_000, stop)
+                ),
+                threading.Thread(
+                    target=_reader, args=(path, base, model, random.Random(rng.random()),
+                                          stop, errors)
+                ),
+            ]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(rng.uniform(0.05, 0.6))
+                m.kill9()
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(30)
+            assert not any(t.is_alive() for t in threads), "a client thread hung"
+            assert not errors, errors
+    with tmp_dirs.mount(*options) as m:
+        image = (m.mnt / "disk.raw").read_bytes()
+        _check(image, base, model, "final mount")
+        m.stop()
+    assert base_path.read_bytes() == base  # BASE untouched through it all
