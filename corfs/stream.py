@@ -218,6 +218,11 @@ class StreamWorker:
             nbytes = sum(image.geometry.chunk_length(i) for i in run)
             await self.limiter.acquire(nbytes)
             await self._wait_for_lull()
+            if stream.paused or stream.fatal:
+                # Paused while this run waited for its turn (seconds at a low bandwidth): drop
+                # it, to be picked first on resume, rather than fill after the pause.
+                stream.urgent.appendleft(run.start)
+                continue
             try:
                 await image.wait_local(run, background=True)
             except BaseChanged as exc:
