@@ -1,0 +1,382 @@
+"""An open image over a real CacheStore and Fetcher: reads equal the base, one fill per chunk,
+writes (partial chunks completed first, writes win over racing fills), a changed base, a full
+cache disk and a vanished base."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from corfs.errors import BaseChanged, BaseNotFound, CacheFull, ReadOnlyError
+from corfs.image import Image
+from corfs.store import ChunkState
+from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, wait_until
+
+SIZE = 13 * CS + 123  # a short last chunk
+
+
+def idle(image: Image) -> bool:
+    return not any(image.is_filling(i) for i in range(image.geometry.chunk_count))
+
+
+def run(main) -> None:  # noqa: ANN001
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_random_ranges_equal_base(rig_factory) -> None:
+    data = random_bytes(SIZE)
+    rnd = random.Random(7)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            for _ in range(200):
+                offset = rnd.randrange(0, SIZE + 2 * CS)
+                length = rnd.choice([1, 511, CS, 3 * CS + 17, rnd.randrange(0, 5 * CS)])
+                got = await image.read(offset, length)
+                assert got == data[offset : offset + length], (offset, length)
+            assert await image.read(0, SIZE) == data
+
+    run(main)
+
+
+def test_reads_past_eof_and_across_it(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            assert await image.read(SIZE, 100) == b""
+            assert await image.read(SIZE + 10 * CS, CS) == b""
+            assert rig.source("a").reads == []
+            assert await image.read(SIZE - 50, 4 * CS) == data[-50:]
+            # The short last chunk was read exactly, never beyond the image.
+            assert rig.source("a").reads == [(13 * CS, 123)]
+            assert await image.read(0, 0) == b""
+
+    run(main)
+
+
+def test_zero_byte_image(rig_factory) -> None:
+    async def main() -> None:
+        async with rig_factory({"empty": b""}) as rig:
+            image = rig.image("empty")
+            assert image.size == 0 and image.complete
+            assert image.geometry.chunk_count == 0
+            assert await image.read(0, 4096) == b""
+            assert await image.write(0, b"") == 0
+            with pytest.raises(Exception) as info:
+                await image.write(0, b"x")
+            assert getattr(info.value, "errno", None) == errno.ENOSPC
+            assert rig.source("empty").reads == []
+            assert image.statistics().chunk_count == 0
+
+    run(main)
+
+
+def test_local_reads_never_touch_the_base(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(2 * CS + 5, CS)  # chunks 2 and 3
+            source = rig.source("a")
+            assert sorted(chunk_reads(source, CS)) == [2, 3]
+            before = list(source.reads)
+            for _ in range(20):
+                assert await image.read(2 * CS, 2 * CS) == data[2 * CS : 4 * CS]
+                assert await image.read(3 * CS + 100, 7) == data[3 * CS + 100 : 3 * CS + 107]
+            assert source.reads == before
+            # A read that spans a local and a missing chunk fetches only the missing one
+            # (and perhaps chunks after it, ahead of time), never a local one again.
+            assert await image.read(3 * CS, 2 * CS) == data[3 * CS : 5 * CS]
+            await wait_until(lambda: idle(image))
+            fetched = chunk_reads(source, CS)
+            assert fetched[:2] == [2, 3] and fetched.count(4) == 1
+            assert len(fetched) == len(set(fetched)) and min(fetched[2:]) == 4
+
+    run(main)
+
+
+def test_concurrent_readers_of_a_missing_chunk_share_one_fill(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            source = rig.source("a")
+            source.faults.delay = 1.0
+            results: dict[int, bytes] = {}
+
+            async def reader(i: int) -> None:
+                offset = 5 * CS + 97 * i
+                results[i] = await image.read(offset, 50)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(reader, i)
+            # Exactly one base read of chunk 5 (read-ahead may fetch chunks after it, once).
+            fetched = chunk_reads(source, CS)
+            assert fetched.count(5) == 1
+            assert len(fetched) == len(set(fetched))
+            assert len(results) == 20
+            for i, got in results.items():
+                offset = 5 * CS + 97 * i
+                assert got == data[offset : offset + 50]
+
+    run(main)
+
+
+def test_foreground_reader_shares_a_background_fill_in_flight(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            source = rig.source("a")
+            source.faults.delay = 1.0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: image.wait_local(range(4, 8), background=True))
+                await wait_until(lambda: source.in_flight == 1)
+                assert image.is_filling(6)
+                start = trio.current_time()
+                assert await image.read(6 * CS + 3, 10) == data[6 * CS + 3 : 6 * CS + 13]
+                assert trio.current_time() - start <= 1.0
+            assert source.reads == [(4 * CS, 4 * CS)]
+            assert all(image.is_local(i) for i in range(4, 8))
+
+    run(main)
+
+
+def test_partial_write_completes_chunk_from_base_first(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            # Covers the end of chunk 1, all of chunk 2 and the start of chunk 3.
+            offset, patch = 2 * CS - 10, b"P" * (CS + 20)
+            assert await image.write(offset, patch) == len(patch)
+            assert sorted(chunk_reads(rig.source("a"), CS)) == [1, 3]
+            expected = bytearray(data)
+            expected[offset : offset + len(patch)] = patch
+            assert await image.read(0, SIZE) == bytes(expected)
+            assert [image.state_of(i) for i in (1, 2, 3)] == [ChunkState.DIRTY] * 3
+            assert image.statistics().dirty_chunks == 3
+            await rig.store.commit()
+            rows = committed_states(rig.cache_dir, "a")
+            assert {i: rows[i] for i in (1, 2, 3)} == {i: (ChunkState.DIRTY, None) for i in (1, 2, 3)}
+            assert rig.data_file("a") == bytes(expected)
+
+    run(main)
+
+
+def test_whole_chunk_overwrite_of_absent_chunk_reads_nothing(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.write(4 * CS, b"W" * (2 * CS))
+            # The short last chunk, written whole, needs no base read either.
+            await image.write(13 * CS, b"L" * 123)
+            assert rig.source("a").reads == []
+            assert await image.read(4 * CS, 2 * CS) == b"W" * (2 * CS)
+            assert await image.read(13 * CS, 500) == b"L" * 123
+            assert rig.source("a").reads == []
+
+    run(main)
+
+
+def test_write_wins_over_a_racing_fill(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            source = rig.source("a")
+            source.faults.delay = 1.0
+            async with trio.open_nursery() as nursery:
+                # A background fill of chunks 0-3 and a foreground read of chunk 8 in flight.
+                nursery.start_soon(lambda: image.wait_local(range(0, 4), background=True))
+                nursery.start_soon(image.read, 8 * CS, 1)
+                await wait_until(lambda: source.in_flight == 2)
+                await image.write(2 * CS, b"A" * CS)  # whole chunk: no wait
+                await image.write(8 * CS, b"B" * CS)
+                assert image.state_of(2) == ChunkState.DIRTY
+                assert source.in_flight == 2  # the fills are still running
+            # The fills landed afterwards and did not overwrite the written chunks.
+            assert await image.read(2 * CS, CS) == b"A" * CS
+            assert await image.read(8 * CS, CS) == b"B" * CS
+            assert await image.read(0, 2 * CS) == data[: 2 * CS]
+            assert await image.read(3 * CS, CS) == data[3 * CS : 4 * CS]
+            assert image.state_of(2) == ChunkState.DIRTY
+            assert image.state_of(8) == ChunkState.DIRTY
+            await rig.store.commit()
+            rows = committed_states(rig.cache_dir, "a")
+            assert rows[2] == (ChunkState.DIRTY, None) and rows[8] == (ChunkState.DIRTY, None)
+            assert rows[0][0] == ChunkState.CLEAN
+            assert image.local_chunks == 5 and image.dirty_chunks == 2
+
+    run(main)
+
+
+def test_partial_write_waits_for_the_fill_in_flight(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            source = rig.source("a")
+            source.faults.delay = 1.0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.read, 3 * CS, 1)
+                await wait_until(lambda: source.in_flight == 1)
+                await image.write(3 * CS + 100, b"xyz")
+            assert len(source.reads) == 1
+            expected = data[3 * CS : 3 * CS + 100] + b"xyz" + data[3 * CS + 103 : 4 * CS]
+            assert await image.read(3 * CS, CS) == expected
+
+    run(main)
+
+
+def test_read_only_and_out_of_range_writes(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, read_only=True) as rig:
+            with pytest.raises(ReadOnlyError) as info:
+                await rig.image("a").write(0, b"x")
+            assert info.value.errno == errno.EROFS
+            assert await rig.image("a").read(0, 10) == data[:10]
+
+    async def writable() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            with pytest.raises(Exception) as info:
+                await image.write(SIZE - 2, b"abc")
+            assert getattr(info.value, "errno", None) == errno.ENOSPC
+            with pytest.raises(Exception):
+                await image.write(SIZE + CS, b"a")
+            assert not image.is_local(13) and image.dirty_chunks == 0
+            assert await image.write(SIZE - 3, b"abc") == 3
+            assert await image.read(SIZE - 5, 10) == data[-5:-3] + b"abc"
+
+    run(main)
+    run(writable)
+
+
+def test_base_changed_fails_reads_with_estale(rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            assert await image.read(0, CS) == data[:CS]
+            rig.source("a").replace(random_bytes(SIZE, seed=9), "v2")
+            with pytest.raises(BaseChanged) as info:
+                await image.read(0, 2 * CS)  # one local chunk, one missing: never a mix
+            assert info.value.errno == errno.ESTALE
+            assert image.error is not None and "changed" in image.error
+            assert image.statistics().error == image.error
+            assert not image.is_local(1)
+            # Local chunks keep being served.
+            assert await image.read(0, CS) == data[:CS]
+
+    run(main)
+
+
+def test_cache_full_reads_uncached_and_writes_fail(rig_factory, monkeypatch) -> None:
+    import corfs.store
+
+    data = random_bytes(SIZE)
+
+    def no_space(fd: int, buf: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(0, CS)
+            monkeypatch.setattr(corfs.store.os, "pwrite", no_space)
+            # Served correctly (partly local, partly straight from the base), nothing cached.
+            assert await image.read(CS // 2, 3 * CS) == data[CS // 2 : CS // 2 + 3 * CS]
+            assert [image.is_local(i) for i in range(4)] == [True, False, False, False]
+            with pytest.raises(CacheFull) as info:
+                await image.write(0, b"x")  # local chunk: the pwrite itself fails
+            assert info.value.errno == errno.ENOSPC
+            with pytest.raises(CacheFull):
+                await image.write(5 * CS + 1, b"x")  # partial absent chunk: the fill fails
+            with pytest.raises(CacheFull):
+                await image.write(6 * CS, b"y" * CS)  # whole chunk
+            assert image.dirty_chunks == 0
+            assert await image.read(0, CS) == data[:CS]
+            monkeypatch.undo()
+            # Space again: reads cache as before.
+            assert await image.read(5 * CS, CS) == data[5 * CS : 6 * CS]
+            assert image.is_local(5)
+
+    run(main)
+
+
+def test_base_gone_serves_local_chunks_and_fails_missing(tmp_path, rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(0, 2 * CS)
+            await rig.store.commit()
+            orphan = Image(image.record, rig.store, rig.fetcher, None, rig.nursery)
+            assert await orphan.read(0, 2 * CS) == data[: 2 * CS]
+            with pytest.raises(BaseNotFound):
+                await orphan.read(3 * CS, 1)
+
+    run(main)
+
+
+def test_reopened_image_knows_its_committed_chunks(tmp_path, rig_factory) -> None:
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(0, 3 * CS)
+            await image.write(10 * CS, b"d" * 10)
+            await rig.store.commit()
+            again = Image(image.record, rig.store, rig.fetcher, rig.source("a"), rig.nursery)
+            assert again.local_chunks == 4 and again.dirty_chunks == 1
+            assert again.local_bytes == 4 * CS
+            reads = len(rig.source("a").reads)
+            assert await again.read(10 * CS, 12) == b"d" * 10 + data[10 * CS + 10 : 10 * CS + 12]
+            assert len(rig.source("a").reads) == reads
+
+    run(main)
+
+
+def test_fill_error_is_reported_and_chunk_stays_absent(rig_factory) -> None:
+    from corfs.errors import BaseUnavailable
+    from corfs.fetcher import RetryPolicy
+
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, policy=RetryPolicy(io_timeout=2.0)) as rig:
+            image = rig.image("a")
+            rig.source("a").faults.fail_next = 10**6
+            with pytest.raises(BaseUnavailable) as info:
+                await image.read(0, 10)
+            assert info.value.errno == errno.EIO
+            assert not image.is_local(0) and image.fill_errors == 1
+            assert rig.store.pending_count == 0
+            assert os.pread(rig.store.data_fd("a"), CS, 0) == bytes(CS)
+            rig.source("a").faults.fail_next = 0
+            assert await image.read(0, 10) == data[:10]
+
+    run(main)
