@@ -24,6 +24,7 @@ from corfs.image import Image
 from corfs.store import CacheStore, ChunkState
 
 CS = 4096
+DEFAULT_POLICY = RetryPolicy(io_timeout=10.0)
 
 
 def random_bytes(size: int, seed: int = 0) -> bytes:
@@ -96,7 +97,7 @@ def rig_factory(tmp_path: Path):  # noqa: ANN201
         images: dict[str, bytes],
         *,
         chunk_size: int = CS,
-        policy: RetryPolicy = RetryPolicy(io_timeout=10.0),
+        policy: RetryPolicy = DEFAULT_POLICY,
         read_only: bool = False,
         published: bool = False,
         cache_dir: Path | None = None,

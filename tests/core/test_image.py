@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from corfs.errors import BaseChanged, BaseNotFound, CacheFull, ReadOnlyError
+from corfs.errors import BaseChanged, BaseNotFound, CacheFull, CorfsError, ReadOnlyError
 from corfs.image import Image
 from corfs.store import ChunkState
 from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, wait_until
@@ -70,9 +70,9 @@ def test_zero_byte_image(rig_factory) -> None:
             assert image.geometry.chunk_count == 0
             assert await image.read(0, 4096) == b""
             assert await image.write(0, b"") == 0
-            with pytest.raises(Exception) as info:
+            with pytest.raises(CorfsError) as info:
                 await image.write(0, b"x")
-            assert getattr(info.value, "errno", None) == errno.ENOSPC
+            assert info.value.errno == errno.ENOSPC
             assert rig.source("empty").reads == []
             assert image.statistics().chunk_count == 0
 
@@ -171,7 +171,7 @@ def test_partial_write_completes_chunk_from_base_first(rig_factory) -> None:
             assert image.statistics().dirty_chunks == 3
             await rig.store.commit()
             rows = committed_states(rig.cache_dir, "a")
-            assert {i: rows[i] for i in (1, 2, 3)} == {i: (ChunkState.DIRTY, None) for i in (1, 2, 3)}
+            assert [rows[i] for i in (1, 2, 3)] == [(ChunkState.DIRTY, None)] * 3
             assert rig.data_file("a") == bytes(expected)
 
     run(main)
@@ -259,10 +259,10 @@ def test_read_only_and_out_of_range_writes(rig_factory) -> None:
     async def writable() -> None:
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
-            with pytest.raises(Exception) as info:
+            with pytest.raises(CorfsError) as info:
                 await image.write(SIZE - 2, b"abc")
-            assert getattr(info.value, "errno", None) == errno.ENOSPC
-            with pytest.raises(Exception):
+            assert info.value.errno == errno.ENOSPC
+            with pytest.raises(CorfsError):
                 await image.write(SIZE + CS, b"a")
             assert not image.is_local(13) and image.dirty_chunks == 0
             assert await image.write(SIZE - 3, b"abc") == 3
