@@ -139,13 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache", metavar="CACHE")
     p.add_argument("image", metavar="IMAGE", nargs="?")
     p.add_argument("--json", action="store_true")
-    try:
-        from . import publish
-    except ImportError:  # pragma: no cover - publish lands separately
-        publish = None  # type: ignore[assignment]
-    if publish is not None:
-        p = sub.add_parser("publish", help="write images in the chunked, zstd, verified form")
-        publish.add_publish_arguments(p)
+    from .publish import add_publish_arguments
+
+    p = sub.add_parser("publish", help="write images in chunked, zstd, content-addressed form")
+    add_publish_arguments(p)
     return parser
 
 
@@ -246,7 +243,9 @@ def _cmd_detach(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from . import publish
 
-    return publish.main_publish(args)
+    for summary in publish.publish_from_args(args):
+        print(publish.format_summary(summary))
+    return 0
 
 
 COMMANDS = {

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ABSENT = bytes([ChunkState.ABSENT])
 MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
+READ_AHEAD_MAX = 8  # chunks fetched ahead of a sequential reader
+READ_AHEAD_RUN = 2  # chunks per read-ahead request: small runs land (and unblock) sooner
 
 
 class OutOfImageError(CorfsError):
@@ -95,6 +97,8 @@ class Image:
             if self._states[i]
         )
         self._fills: dict[int, _Fill] = {}
+        self._next_sequential = -1  # the chunk a sequential reader would miss next
+        self._read_ahead = 0  # current read-ahead window, in chunks
         self._fd = store.data_fd(self.name)
         self.fills = 0
         self.fill_errors = 0
@@ -175,15 +179,17 @@ class Image:
             missing = [i for i in wanted if self._states[i] == ChunkState.ABSENT]
             if not missing:
                 return
-            self._start_fills([i for i in missing if i not in self._fills], background)
+            limit = len(missing) if background else MAX_FOREGROUND_RUN
+            self._start_fills([i for i in missing if i not in self._fills], limit)
             fills = {id(f): f for f in (self._fills[i] for i in missing if i in self._fills)}
             for fill in fills.values():
                 await fill.done.wait()
                 if fill.error is not None:
                     raise type(fill.error)(str(fill.error))
 
-    def _start_fills(self, indexes: list[int], background: bool) -> None:
-        limit = MAX_FOREGROUND_RUN if not background else len(indexes) or 1
+    def _start_fills(self, indexes: list[int], limit: int) -> None:
+        """Start fills of `indexes` (none in flight yet), at most `limit` chunks per request."""
+        limit = max(1, limit)
         for run in _runs(indexes):
             for start in range(run.start, run.stop, limit):
                 piece = range(start, min(start + limit, run.stop))
@@ -266,12 +272,31 @@ class Image:
         if self._states.find(ABSENT, chunks.start, chunks.stop) >= 0:
             for listener in self.miss_listeners:
                 listener(chunks.stop - 1)
+            self._read_ahead_after(chunks)
             try:
                 await self.wait_local(chunks)
             except CacheFull:
                 log.warning("%s: cache disk full, serving a read without caching it", self.name)
                 return await self._read_uncached(offset, length)
         return os.pread(self._fd, length, offset)
+
+    def _read_ahead_after(self, chunks: range) -> None:
+        """A reader whose miss starts where its last one ended is sequential: fetch the chunks
+        after it ahead of time, in a window that doubles up to READ_AHEAD_MAX; a random miss
+        resets the window, so random readers fetch no more than they read."""
+        if chunks.start in (self._next_sequential - 1, self._next_sequential):
+            self._read_ahead = min(READ_AHEAD_MAX, max(2, self._read_ahead * 2))
+        else:
+            self._read_ahead = 0
+        self._next_sequential = chunks.stop
+        if self._read_ahead and self.source is not None:
+            stop = min(self.geometry.chunk_count, chunks.stop + self._read_ahead)
+            ahead = [
+                i
+                for i in range(chunks.stop, stop)
+                if self._states[i] == ChunkState.ABSENT and i not in self._fills
+            ]
+            self._start_fills(ahead, READ_AHEAD_RUN)
 
     async def _read_uncached(self, offset: int, length: int) -> bytes:
         assert self.source is not None

@@ -1,0 +1,157 @@
+"""Shared pieces of the benchmarks: work dirs outside the repo, mounting a FUSE daemon in a
+subprocess and always unmounting it, dropping the page cache, fio runs, and the CPU time and
+RSS of a daemon. Benchmarks print ratios against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
+MiB = 1 << 20
+
+
+def workdir(name: str) -> str:
+    path = os.path.join(WORK, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def make_image(path: str, size: int, *, zero_fraction: float = 0.0, seed: int = 1) -> str:
+    """A deterministic image; reused when it already has the right size."""
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return path
+    rng = random.Random(seed)
+    block = rng.randbytes(MiB)
+    with open(path, "wb") as f:
+        for offset in range(0, size, MiB):
+            length = min(MiB, size - offset)
+            if rng.random() < zero_fraction:
+                f.seek(offset + length)
+                continue
+            # Vary each block cheaply so no two chunks are equal (no accidental dedup).
+            f.write(offset.to_bytes(8, "little") + block[8:length])
+        f.truncate(size)
+    return path
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    mountpoint: str
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+@contextlib.contextmanager
+def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> Iterator[Daemon]:
+    """Run a FUSE daemon in the foreground; yield once mounted; always unmount and reap it."""
+    os.makedirs(mountpoint, exist_ok=True)
+    log = open(log_path or os.devnull, "ab")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[:4]} did not mount (see {log_path})")
+            time.sleep(0.05)
+        yield Daemon(proc, mountpoint)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+        log.close()
+
+
+def corfs_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "corfs", "mount", *args]
+
+
+def corfs_status(mountpoint: str) -> dict:
+    return json.loads(os.getxattr(mountpoint, "user.corfs.status"))
+
+
+def wait_complete(mountpoint: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(i["state"] == "complete" for i in corfs_status(mountpoint)["images"]):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{mountpoint} did not complete in {timeout} s")
+
+
+def read_sequential(path: str, block: int = MiB) -> float:
+    """MB/s of reading `path` front to back in `block` requests."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        total = 0
+        while chunk := os.read(fd, block):
+            total += len(chunk)
+        return total / (time.perf_counter() - start) / 1e6
+    finally:
+        os.close(fd)
+
+
+def fio_randread(path: str, seconds: int = 8, size: int | None = None) -> dict:
+    """4 KiB O_DIRECT random reads: IOPS and p99 latency in microseconds."""
+    argv = [
+        "fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
+        "--ioengine=psync", "--numjobs=1", f"--runtime={seconds}", "--time_based",
+        "--output-format=json", "--readonly",
+    ]
+    if size:
+        argv.append(f"--size={size}")
+    out = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    read = out["jobs"][0]["read"]
+    p99 = read["clat_ns"]["percentile"]["99.000000"] / 1000
+    return {"iops": read["iops"], "p99_us": p99}
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.node()}, {os.cpu_count()} cores, {cpu}, kernel {platform.release()}"
