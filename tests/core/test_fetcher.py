@@ -1,0 +1,305 @@
+"""The fetcher against a fault-injecting MemoryBase: retries with backoff bounded by io_timeout,
+stalls, short answers, digest checks of published images (a corrupt chunk is never stored),
+zero chunks that are never fetched, and dedup from the local cache. MockClock (autojump) makes
+every wait instant."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from corfs.base.memory import MemoryImage
+from corfs.errors import BaseCorrupt, BaseNotFound, BaseUnavailable
+from corfs.fetcher import Fetcher, RetryPolicy, _runs
+from corfs.geometry import ChunkGeometry
+from corfs.store import ChunkState
+from tests.core.conftest import CS, chunk_reads, committed_states, layout_of, random_bytes
+
+POLICY = RetryPolicy(io_timeout=10.0, first_backoff=0.1, max_backoff=2.0)
+
+
+def run(main) -> None:  # noqa: ANN001
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def source_of(data: bytes, *, published: bool = False) -> MemoryImage:
+    return MemoryImage("img", bytearray(data), layout=layout_of(data, CS) if published else None)
+
+
+def test_transient_failures_are_retried_with_backoff() -> None:
+    data = random_bytes(4 * CS)
+
+    async def main() -> None:
+        source = source_of(data)
+        source.faults.fail_next = 3
+        fetcher = Fetcher(POLICY)
+        start = trio.current_time()
+        assert await fetcher.read_with_retry(source, CS, 2 * CS) == data[CS : 3 * CS]
+        elapsed = trio.current_time() - start
+        # Backoffs 0.1, 0.2, 0.4, each jittered to 50-100 %.
+        assert 0.35 - 1e-9 <= elapsed <= 0.7 + 1e-9, elapsed
+        assert len(source.reads) == 4
+        assert fetcher.retries == 3 and fetcher.failures == 0
+        assert fetcher.requests == 4 and fetcher.bytes_fetched == 2 * CS
+
+    run(main)
+
+
+def test_backoff_is_capped() -> None:
+    async def main() -> None:
+        source = source_of(random_bytes(CS))
+        source.faults.fail_next = 10
+        fetcher = Fetcher(RetryPolicy(io_timeout=100.0, first_backoff=0.1, max_backoff=1.0))
+        start = trio.current_time()
+        await fetcher.read_with_retry(source, 0, CS)
+        # 0.1+0.2+0.4+0.8 then 6 x 1.0, at 50-100 %.
+        assert 3.75 - 1e-9 <= trio.current_time() - start <= 7.5 + 1e-9
+
+    run(main)
+
+
+def test_persistent_failure_becomes_unavailable_after_io_timeout() -> None:
+    async def main() -> None:
+        source = source_of(random_bytes(CS))
+        source.faults.fail_next = 10**9
+        fetcher = Fetcher(POLICY)
+        start = trio.current_time()
+        with pytest.raises(BaseUnavailable) as info:
+            await fetcher.read_with_retry(source, 0, CS)
+        elapsed = trio.current_time() - start
+        assert info.value.errno == errno.EIO
+        assert POLICY.io_timeout - POLICY.max_backoff <= elapsed <= POLICY.io_timeout
+        assert fetcher.retries >= 5 and fetcher.failures == 1
+
+    run(main)
+
+
+def test_stalled_base_becomes_unavailable_not_a_hang() -> None:
+    async def main() -> None:
+        source = source_of(random_bytes(CS))
+        source.faults.stall = True
+        fetcher = Fetcher(POLICY)
+        start = trio.current_time()
+        with pytest.raises(BaseUnavailable):
+            await fetcher.read_with_retry(source, 0, CS)
+        assert trio.current_time() - start == pytest.approx(POLICY.io_timeout)
+        assert source.in_flight == 0
+
+    run(main)
+
+
+def test_slow_base_within_timeout_is_fine_beyond_it_is_not() -> None:
+    async def main() -> None:
+        source = source_of(random_bytes(CS))
+        source.faults.delay = 9.0
+        assert await Fetcher(POLICY).read_with_retry(source, 0, 10) == bytes(source.data[:10])
+        source.faults.delay = 11.0
+        with pytest.raises(BaseUnavailable):
+            await Fetcher(POLICY).read_with_retry(source, 0, 10)
+
+    run(main)
+
+
+def test_short_answer_is_retried() -> None:
+    data = random_bytes(3 * CS)
+
+    async def main() -> None:
+        source = source_of(data)
+        source.faults.short_next = 2
+        fetcher = Fetcher(POLICY)
+        assert await fetcher.read_with_retry(source, 0, 3 * CS) == data
+        assert len(source.reads) == 3 and fetcher.retries == 2
+
+    run(main)
+
+
+def test_non_transient_errors_are_not_retried() -> None:
+    async def main() -> None:
+        source = source_of(random_bytes(CS))
+        source.faults.fail_next = 1
+        source.faults.fail_with = BaseNotFound
+        fetcher = Fetcher(POLICY)
+        with pytest.raises(BaseNotFound):
+            await fetcher.read_with_retry(source, 0, CS)
+        assert len(source.reads) == 1
+
+    run(main)
+
+
+def test_raw_fetch_splits_runs_and_finds_zeros() -> None:
+    data = random_bytes(CS) + bytes(CS) + random_bytes(CS // 2, seed=3)
+
+    async def main() -> None:
+        source = source_of(data)
+        chunks = await Fetcher(POLICY).fetch_chunks(
+            source, ChunkGeometry(len(data), CS), range(0, 3)
+        )
+        assert source.reads == [(0, len(data))]
+        assert [c.index for c in chunks] == [0, 1, 2]
+        assert chunks[0].data == data[:CS]
+        assert chunks[1].data is None and chunks[1].digest is None
+        assert chunks[2].data == data[2 * CS :]  # the short last chunk
+
+    run(main)
+
+
+def test_runs() -> None:
+    assert _runs([]) == []
+    assert _runs([1, 2, 3, 7, 8, 10]) == [range(1, 4), range(7, 9), range(10, 11)]
+
+
+# ---- published images: digests ------------------------------------------------------------
+
+
+def test_corrupt_answer_is_refetched_once(rig_factory) -> None:
+    data = random_bytes(6 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"p": data}, published=True) as rig:
+            rig.source("p").faults.corrupt_next = 1
+            image = rig.image("p")
+            assert await image.read(CS, 2 * CS) == data[CS : 3 * CS]
+            assert rig.fetcher.digest_mismatches == 1
+            assert chunk_reads(rig.source("p"), CS) == [1, 2, 1]
+            await rig.store.commit()
+            rows = committed_states(rig.cache_dir, "p")
+            assert rows[1][1] == rig.source("p").layout.digests[1]
+
+    run(main)
+
+
+def test_corrupt_twice_is_base_corrupt_and_never_stored(rig_factory) -> None:
+    data = random_bytes(6 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"p": data}, published=True) as rig:
+            image = rig.image("p")
+            rig.source("p").faults.corrupt_next = 2
+            with pytest.raises(BaseCorrupt) as info:
+                await image.read(2 * CS, 10)
+            assert info.value.errno == errno.EIO
+            assert rig.fetcher.digest_mismatches == 2
+            assert not image.is_local(2) and image.local_chunks == 0
+            assert rig.store.pending_count == 0
+            await rig.store.commit()
+            assert committed_states(rig.cache_dir, "p") == {}
+            # Not a byte of it reached the data file.
+            assert os.pread(rig.store.data_fd("p"), CS, 2 * CS) == bytes(CS)
+            assert os.stat(rig.store.data_path("p")).st_blocks == 0
+            # The base heals: the next read fetches good bytes.
+            assert await image.read(2 * CS, 10) == data[2 * CS : 2 * CS + 10]
+
+    run(main)
+
+
+def test_corrupt_chunk_in_a_run_keeps_the_whole_run_out(rig_factory) -> None:
+    """A run of chunks where one is corrupt (both times): none of the run is stored."""
+    data = random_bytes(4 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"p": data}, published=True) as rig:
+            image = rig.image("p")
+            source = rig.source("p")
+            real_read = source.read
+
+            async def bad_chunk_two(offset: int, length: int) -> bytes:
+                answer = bytearray(await real_read(offset, length))
+                if offset <= 2 * CS < offset + length:
+                    answer[2 * CS - offset] ^= 0x55
+                return bytes(answer)
+
+            source.read = bad_chunk_two  # type: ignore[method-assign]
+            with pytest.raises(BaseCorrupt):
+                await image.read(0, 4 * CS)
+            assert image.local_chunks == 0 and rig.store.pending_count == 0
+            assert os.pread(rig.store.data_fd("p"), 4 * CS, 0) == bytes(4 * CS)
+
+    run(main)
+
+
+def test_zero_chunks_of_a_layout_are_never_fetched(rig_factory) -> None:
+    data = random_bytes(CS) + bytes(3 * CS) + random_bytes(CS, seed=1)
+
+    async def main() -> None:
+        async with rig_factory({"p": data}, published=True) as rig:
+            image = rig.image("p")
+            assert await image.read(0, len(data)) == data
+            fetched = chunk_reads(rig.source("p"), CS)
+            assert sorted(fetched) == [0, 4]
+            assert [image.state_of(i) for i in range(5)] == [
+                ChunkState.CLEAN,
+                ChunkState.ZERO,
+                ChunkState.ZERO,
+                ChunkState.ZERO,
+                ChunkState.CLEAN,
+            ]
+            # A zero-only read does no base request at all.
+            async with rig_factory({"q": bytes(4 * CS)}, published=True, store=rig.store) as other:
+                assert await other.image("q").read(0, 4 * CS) == bytes(4 * CS)
+                assert other.source("q").reads == []
+
+    run(main)
+
+
+def test_dedup_copies_a_committed_chunk_instead_of_fetching(tmp_path, rig_factory) -> None:
+    shared = random_bytes(CS, seed=42)
+    a = random_bytes(CS, seed=1) + shared + random_bytes(CS, seed=2)
+    b = shared + random_bytes(CS, seed=3)
+
+    async def main() -> None:
+        async with rig_factory({"a": a, "b": b}, published=True) as rig:
+            await rig.image("a").read(CS, CS)
+            # Not committed yet: no dedup from uncommitted chunks.
+            assert await rig.image("b").read(CS, 10) == b[CS : CS + 10]
+            await rig.store.commit()
+            assert await rig.image("b").read(0, CS) == shared
+            assert chunk_reads(rig.source("b"), CS) == [1]
+            assert rig.fetcher.dedup_hits == 1
+            assert rig.image("b").state_of(0) == ChunkState.CLEAN
+            await rig.store.commit()
+            assert committed_states(rig.cache_dir, "b")[0] == (
+                ChunkState.CLEAN,
+                rig.source("b").layout.digests[0],
+            )
+
+    run(main)
+
+
+def test_dedup_skips_a_source_chunk_that_was_overwritten(rig_factory) -> None:
+    """A committed clean row whose bytes changed since (written, not yet committed dirty) is
+    not copied: its digest no longer matches, so the chunk is fetched."""
+    shared = random_bytes(CS, seed=42)
+
+    async def main() -> None:
+        async with rig_factory({"a": shared, "b": shared}, published=True) as rig:
+            await rig.image("a").read(0, 1)
+            await rig.store.commit()
+            await rig.image("a").write(0, b"z" * 100)
+            assert await rig.image("b").read(0, CS) == shared
+            assert rig.fetcher.dedup_hits == 0
+            assert chunk_reads(rig.source("b"), CS) == [0]
+
+    run(main)
+
+
+def test_unavailable_base_fails_the_read_in_bounded_time(rig_factory) -> None:
+    data = random_bytes(4 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, policy=RetryPolicy(io_timeout=5.0)) as rig:
+            image = rig.image("a")
+            await image.read(0, CS)
+            rig.source("a").faults.stall = True
+            start = trio.current_time()
+            with pytest.raises(BaseUnavailable):
+                await image.read(2 * CS, 1)
+            assert trio.current_time() - start == pytest.approx(5.0)
+            # Local chunks keep being served meanwhile.
+            assert await image.read(0, CS) == data[:CS]
+            assert not image.is_local(2)
+
+    run(main)
