@@ -1,0 +1,56 @@
+"""Issue 2, point 7: fully local means independent. A completely streamed image is served
+after its base is deleted; `corfs detach` writes it out equal to the original and refuses an
+image that is not fully local."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from tests.mounting import make_image, run_corfs, sha256_file
+
+from .util import MIB, assert_one_line_error, direct_read, image_status, status, wait_complete
+
+
+def test_streamed_image_survives_base_removal_and_detaches(tmp_dirs, tmp_path):
+    orig = tmp_path / "original.raw"
+    make_image(orig, 6 * MIB + 4321, seed=41, zero_blocks=(2,))
+    os.link(orig, tmp_dirs.base / "disk.raw")  # the base copy; `orig` keeps the bytes
+    make_image(tmp_dirs.base / "other.raw", 4 * MIB, seed=42)
+    with tmp_dirs.mount("--chunk-size", "256k") as m:
+        wait_complete(m.mnt, "disk.raw")
+        wait_complete(m.mnt, "other.raw")
+        st = image_status(status(m.mnt), "disk.raw")
+        assert st["state"] == "complete" and st["fill_ratio"] == 1.0
+        m.stop()
+
+    os.unlink(tmp_dirs.base / "disk.raw")
+    with tmp_dirs.mount("--no-stream") as m:
+        assert sha256_file(m.mnt / "disk.raw") == sha256_file(orig)
+        m.stop()
+        assert "disk.raw" in m.log_text()  # "not in the base any more"
+
+    dest = tmp_path / "detached.raw"
+    result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
+    assert result.returncode == 0, result.stderr
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", dest, orig],
+        capture_output=True, text=True, check=False,
+    )
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert sha256_file(dest) == sha256_file(orig)
+
+
+def test_detach_refuses_image_not_fully_local(tmp_dirs, tmp_path):
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=43)
+    with tmp_dirs.mount("--no-stream") as m:
+        direct_read(m.mnt / "disk.raw", 2 * MIB, 4096)  # one chunk, no read-ahead
+        assert 0 < image_status(status(m.mnt), "disk.raw")["local_bytes"] < 4 * MIB
+        m.stop()
+    dest = tmp_path / "detached.raw"
+    result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
+    assert_one_line_error(result, "disk.raw", "not fully local")
+    assert not dest.exists()
+    assert not list(tmp_path.glob("detached.raw*"))
+    # and an image the cache does not have
+    assert_one_line_error(run_corfs("detach", tmp_dirs.cache, "nope.raw", dest), "nope.raw")
