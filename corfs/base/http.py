@@ -241,13 +241,14 @@ class HttpReader:
         """Exactly `length` bytes after skipping `skip`; TransientBaseError if the body ends
         early. Stops reading (and drops the connection) once it has them."""
         out = bytearray(length)
-        pos = -skip
+        view = memoryview(out)
+        pos = -skip  # where the next piece starts, relative to the first wanted byte
         async for piece in resp.aiter_raw():
             start = max(0, -pos)
             if start < len(piece):
-                take = min(len(piece) - start, length - max(pos, 0))
                 dst = max(pos, 0)
-                out[dst : dst + take] = piece[start : start + take]
+                take = min(len(piece) - start, length - dst)
+                view[dst : dst + take] = memoryview(piece)[start : start + take]
             pos += len(piece)
             if pos >= length:
                 break
