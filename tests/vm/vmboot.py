@@ -8,6 +8,7 @@ come within ``timeout`` seconds, and :class:`BootError` carries the console text
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -24,6 +25,7 @@ MARKER_RE = re.compile(
     r"CORFS-MARKER boot=(?P<boot>\d+) sum=(?P<sum>[0-9a-f]{64}) "
     r"prev=(?P<prev>\w+) write=(?P<write>\w+)"
 )
+KILL_WAIT = 30.0
 FAIL_RE = re.compile(r"CORFS-INITRAMFS-FAIL .*|Kernel panic.*")
 
 
@@ -98,14 +100,17 @@ def boot(
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()  # our own child, by PID
-        proc.wait()
+        # A read stuck in a hung FUSE daemon still yields to SIGKILL; bound the wait anyway.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(KILL_WAIT)
         reader.join(5)
         text = _console(chunks)
         raise BootError(f"VM did not power off within {timeout:.0f}s", text) from None
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(KILL_WAIT)
     reader.join(5)
     seconds = time.monotonic() - start
     text = _console(chunks)
