@@ -1,0 +1,119 @@
+"""Issue 2, point 10: life cycle. SIGINT and SIGTERM end a mount cleanly (exit 0, unmounted,
+chunk state committed); so does `fusermount3 -u MNT`; `--daemon` returns once the mount is
+ready; `--allow-other` mounts with allow_other."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.mounting import (
+    _find_daemon_pid,
+    _wait_pid_gone,
+    is_fuse_mounted,
+    is_mounted,
+    lazy_unmount,
+    make_image,
+    run_corfs,
+)
+
+from .util import KIB, MIB, direct_read, image_status, live_status, mount_options, status
+
+SIZE = 4 * MIB
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_ends_cleanly_with_state_committed(tmp_dirs, sig):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=81)
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "64k") as m:
+        for off in (0, MIB, 3 * MIB):
+            direct_read(m.mnt / "a.raw", off, 4 * KIB)
+        fd = os.open(m.mnt / "a.raw", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xcd" * 4096, 2 * MIB)  # not fsynced: the clean stop commits it
+        finally:
+            os.close(fd)
+        local = image_status(live_status(m.mnt), "a.raw")["local_bytes"]
+        assert local == 4 * 64 * KIB
+        m.stop(sig)  # asserts exit code 0 and MNT unmounted
+        assert "Traceback" not in m.log_text()
+    assert not is_mounted(tmp_dirs.mnt)
+    st = image_status(status(tmp_dirs.cache), "a.raw")
+    assert st["local_bytes"] == local
+    assert st["dirty_bytes"] > 0
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        assert direct_read(m.mnt / "a.raw", 2 * MIB, 4096) == b"\xcd" * 4096
+        m.stop()
+
+
+def test_fusermount_unmount_ends_process(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=82)
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "64k") as m:
+        direct_read(m.mnt / "a.raw", MIB, 4 * KIB)
+        result = subprocess.run(
+            ["fusermount3", "-u", str(m.mnt)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert m.proc is not None
+        assert m.proc.wait(20) == 0, m.log_tail()
+        assert not is_mounted(m.mnt)
+    assert image_status(status(tmp_dirs.cache), "a.raw")["local_bytes"] == 64 * KIB
+
+
+def test_daemon_returns_once_mounted(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=83)
+    want = (tmp_dirs.base / "a.raw").read_bytes()
+    log_file = tmp_dirs.logs / "daemon.log"
+    pid = None
+    try:
+        result = run_corfs(
+            "mount", tmp_dirs.base, tmp_dirs.cache, tmp_dirs.mnt, "--daemon", "--no-stream",
+            "--log-file", log_file, timeout=30,
+        )
+        mounted_at_return = is_fuse_mounted(tmp_dirs.mnt)  # right after the command returned
+        pid = _find_daemon_pid(tmp_dirs.mnt)
+        assert result.returncode == 0, result.stderr
+        assert mounted_at_return
+        assert pid is not None and pid != os.getpid()
+        assert (tmp_dirs.mnt / "a.raw").read_bytes() == want
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_pid_gone(pid, 20), "daemon still running after SIGTERM"
+        assert not is_mounted(tmp_dirs.mnt)
+        assert "Traceback" not in log_file.read_text()
+    finally:
+        lazy_unmount(tmp_dirs.mnt)
+        pid = pid or _find_daemon_pid(tmp_dirs.mnt)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_pid_gone(pid, 10)
+        lazy_unmount(tmp_dirs.mnt)
+
+
+def test_daemon_stopped_by_fusermount(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=84)
+    with tmp_dirs.mount("--daemon", "--no-stream") as m:
+        assert is_fuse_mounted(m.mnt)
+        pid = m.pid
+        assert pid is not None
+        assert len((m.mnt / "a.raw").read_bytes()) == SIZE
+        subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True, capture_output=True)
+        assert _wait_pid_gone(pid, 20)
+        assert not is_mounted(m.mnt)
+
+
+def test_allow_other(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", 1 * MIB, seed=85)
+    with tmp_dirs.mount("--allow-other", "--no-stream") as m:
+        _, super_options = mount_options(m.mnt)
+        assert "allow_other" in super_options, super_options
+        assert (m.mnt / "a.raw").stat().st_size == MIB
+        m.stop()
+    with tmp_dirs.mount("--no-stream") as m:  # and not without the option
+        _, super_options = mount_options(m.mnt)
+        assert "allow_other" not in super_options, super_options
+        m.stop()
