@@ -147,6 +147,24 @@ async def _stop_on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa
             return
 
 
+async def _raise_read_ahead(mountpoint: str, kib: int = 1024) -> None:
+    """Buffered reads reach the daemon in requests as large as the mount's read-ahead (128 KiB
+    by default); 1 MiB requests cost a quarter of the round trips. Found through
+    /proc/self/mountinfo, never by touching the mount itself (that would deadlock here). The
+    kernel sets the read-ahead when it gets the reply to FUSE's INIT, so wait for that first."""
+    await trio.sleep(0.2)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == mountpoint:
+                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
+                        bdi.write(f"{kib}\n")
+                    return
+    except OSError as exc:
+        log.debug("could not raise the read-ahead of %s: %s", mountpoint, exc)
+
+
 def _fuse_options(config: MountConfig) -> set[str]:
     options = set(pyfuse3.default_options)
     options.add("fsname=corfs")
@@ -211,6 +229,7 @@ async def _serve_with(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
         )
         pyfuse3.init(operations, mountpoint, _fuse_options(config))
+        nursery.start_soon(_raise_read_ahead, mountpoint)
         try:
             store.write_small_file(MOUNTPOINT_FILE, mountpoint)
             await nursery.start(_commit_forever, store, config.commit_interval)
