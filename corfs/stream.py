@@ -35,19 +35,25 @@ class BandwidthLimiter:
 
     def __init__(self, rate: int = 0) -> None:
         self.rate = rate
-        self._next = 0.0
+        self._next = 0.0  # when the next acquire may go
+        self._rate_changed = trio.Event()
 
     def set_rate(self, rate: int) -> None:
         self.rate = rate
         self._next = trio.current_time()
+        # Wake the waiters: they must not sleep out a slot computed at the old rate.
+        self._rate_changed.set()
+        self._rate_changed = trio.Event()
 
     async def acquire(self, nbytes: int) -> None:
-        if self.rate <= 0:
-            return
-        now = trio.current_time()
-        start = max(now, self._next)
-        self._next = start + nbytes / self.rate
-        await trio.sleep_until(start)
+        while self.rate > 0:
+            now = trio.current_time()
+            if now >= self._next:
+                self._next = now + nbytes / self.rate
+                return
+            changed = self._rate_changed
+            with trio.move_on_at(self._next):
+                await changed.wait()
 
 
 @dataclass
