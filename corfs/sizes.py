@@ -14,6 +14,8 @@ def parse_size(text: str) -> int:
         result = float(number) * _UNITS[unit]
     except ValueError:
         raise ValueError(f"not a size: {text!r} (examples: 0, 64k, 50M, 2G)") from None
+    if result != result or result in (float("inf"), float("-inf")):  # nan, inf
+        raise ValueError(f"not a size: {text!r} (examples: 0, 64k, 50M, 2G)")
     if result < 0:
         raise ValueError(f"a size must not be negative: {text!r}")
     return int(result)
