@@ -191,3 +191,16 @@ def test_status_of_the_cache_dir_while_mounted_and_after(dirs: CorfsDirs) -> Non
     image = image_status(st, NAME)
     assert st["mounted"] is False and image["state"] == "offline"
     assert 0 < image["local_bytes"] < image["size"]
+
+
+def test_raising_the_bandwidth_takes_effect_at_once(dirs: CorfsDirs) -> None:
+    # At 1 MB/s with 1 MiB chunks the stream's runs are seconds apart; lifting the limit
+    # must not leave the workers asleep on the old schedule.
+    with dirs.mount("--bandwidth", "1M") as m:
+        wait_for(lambda: _local(m.mnt) > 0, 10, "the stream to start")
+        result = run_corfs("stream", "bandwidth", m.mnt, "0")
+        assert result.returncode == 0, result.stderr
+        started = time.monotonic()
+        wait_complete(m.mnt, NAME, 30)
+        took = time.monotonic() - started
+        assert took < 3.0, f"{took:.1f} s to stream 60 MiB after the limit was lifted"
