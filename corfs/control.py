@@ -182,8 +182,10 @@ def offline_status(cache_dir: str) -> MountStatus:
 
 def status_of_path(path: str) -> dict:
     """Status for PATH, a mountpoint or a cache dir, mounted or not."""
-    if not os.path.exists(path):
-        raise UsageError(f"{path} does not exist")
+    try:
+        os.stat(path)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
+    except OSError as exc:
+        raise _not_a_mount(path, exc) from None
     if os.path.exists(os.path.join(path, "state.db")):
         if CacheStore.is_locked(path):
             mountpoint = (_read_text(os.path.join(path, MOUNTPOINT_FILE)) or "").strip()
