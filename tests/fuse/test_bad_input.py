@@ -1,0 +1,169 @@
+"""Issue 2, point 11: bad input. Each case ends with one clear line on stderr (no traceback),
+a non-zero exit, and nothing in BASE or CACHE changed. Also: which base entries are exposed
+(symlinks inside BASE yes; symlinks leading out, devices and fifos no)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.mounting import (
+    corfs_command,
+    corfs_env,
+    is_mounted,
+    lazy_unmount,
+    make_image,
+    mount_path,
+    mount_table,
+    run_corfs,
+)
+
+from .util import MIB, assert_one_line_error, snapshot
+
+
+@pytest.fixture
+def dirs(tmp_dirs):
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=91)
+    yield tmp_dirs
+    lazy_unmount(tmp_dirs.mnt)  # a mount that wrongly came up must not stay
+
+
+def _mount_fails(base, cache, mnt, *needles, watch=(), env=None):
+    """`corfs mount BASE CACHE MNT` fails in one line and changes nothing in `watch`."""
+    before, mounts = snapshot(*watch), _mounts_at(mnt)
+    result = run_corfs("mount", base, cache, mnt, "--no-stream", timeout=20, env=env)
+    line = assert_one_line_error(result, *needles)
+    assert snapshot(*watch) == before, "a failed mount changed BASE or CACHE"
+    assert _mounts_at(mnt) == mounts, "a failed mount mounted something"
+    return line
+
+
+def _mounts_at(mnt):
+    target = mount_path(mnt)
+    return [entry for entry in mount_table() if entry[0] == target]
+
+
+def test_base_missing(dirs, tmp_path):
+    _mount_fails(tmp_path / "no-such-base", dirs.cache, dirs.mnt, "no-such-base",
+                 watch=(dirs.cache,))
+
+
+def test_base_not_a_directory(dirs):
+    _mount_fails(dirs.base / "a.raw", dirs.cache, dirs.mnt, "a.raw", "not a directory",
+                 watch=(dirs.base, dirs.cache))
+
+
+def test_cache_is_a_file(dirs, tmp_path):
+    cache = tmp_path / "cache-file"
+    cache.write_bytes(b"not a cache")
+    _mount_fails(dirs.base, cache, dirs.mnt, "cache-file", watch=(dirs.base, cache))
+
+
+@pytest.fixture
+def read_only_tmpfs(tmp_path):
+    """A tmpfs holding an empty `cache/` dir, remounted read-only; unmounted afterwards."""
+    top = tmp_path / "rofs"
+    top.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corfs-test", top], check=True)
+    try:
+        (top / "cache").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", top], check=True)
+        yield top
+    finally:
+        subprocess.run(["umount", "-l", top], check=False)
+
+
+@pytest.mark.parametrize("name", ["cache", "new-cache"], ids=["existing", "to-create"])
+def test_cache_on_read_only_fs(dirs, read_only_tmpfs, name):
+    cache = read_only_tmpfs / name
+    line = _mount_fails(dirs.base, cache, dirs.mnt, name, watch=(dirs.base, read_only_tmpfs))
+    assert "writ" in line or "create" in line or "read-only" in line.lower(), line
+
+
+def test_mountpoint_missing(dirs, tmp_path):
+    _mount_fails(dirs.base, dirs.cache, tmp_path / "no-mnt", "no-mnt", "does not exist",
+                 watch=(dirs.base, dirs.cache))
+
+
+def test_mountpoint_not_a_directory(dirs, tmp_path):
+    mnt = tmp_path / "mnt-file"
+    mnt.write_bytes(b"")
+    _mount_fails(dirs.base, dirs.cache, mnt, "mnt-file", "not a directory",
+                 watch=(dirs.base, dirs.cache, mnt))
+
+
+def test_mountpoint_already_mounted(dirs, tmp_path):
+    with dirs.mount("--no-stream") as m:
+        other_cache = tmp_path / "cache2"
+        _mount_fails(dirs.base, other_cache, dirs.mnt, "already a mountpoint",
+                     watch=(dirs.base, other_cache))
+        assert (m.mnt / "a.raw").stat().st_size == MIB  # the first mount is unharmed
+        m.stop()
+
+
+def test_dev_fuse_missing(dirs):
+    """/dev is an empty tmpfs in a private mount namespace: no /dev/fuse there."""
+    before = snapshot(dirs.base, dirs.cache)
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs corfs-nodev /dev && exec "$@"', "sh",
+         *corfs_command("mount", dirs.base, dirs.cache, dirs.mnt, "--no-stream")],
+        capture_output=True, text=True, timeout=20, env=corfs_env(), stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert_one_line_error(result, "/dev/fuse")
+    assert snapshot(dirs.base, dirs.cache) == before
+    assert os.path.exists("/dev/fuse")  # ours is untouched
+    assert not is_mounted(dirs.mnt)
+
+
+def test_two_mounts_on_one_cache(dirs, tmp_path):
+    mnt2 = tmp_path / "mnt2"
+    mnt2.mkdir()
+    with dirs.mount("--no-stream") as m:
+        line = _mount_fails(dirs.base, dirs.cache, mnt2, watch=(dirs.base,))
+        assert "use" in line or "lock" in line, line
+        assert (m.mnt / "a.raw").read_bytes() == (dirs.base / "a.raw").read_bytes()
+        m.stop()
+
+
+def test_dead_mount_gives_the_hint(dirs):
+    with dirs.mount("--no-stream") as m:
+        m.kill9(unmount=False)
+        assert is_mounted(dirs.mnt)
+        _mount_fails(dirs.base, dirs.cache, dirs.mnt, "fusermount3 -u -z",
+                     watch=(dirs.base, dirs.cache))
+        # status of the dead mount says the same
+        status = run_corfs("status", dirs.mnt)
+        assert_one_line_error(status, "fusermount3 -u -z")
+    assert not is_mounted(dirs.mnt)  # CorfsMount cleared it
+
+
+def test_only_regular_files_and_inner_symlinks_are_exposed(dirs, tmp_path):
+    outside = make_image(tmp_path / "outside.raw", MIB, seed=92)
+    os.symlink(outside, dirs.base / "link-out.raw")
+    os.symlink("a.raw", dirs.base / "link-in.raw")
+    os.mkfifo(dirs.base / "fifo.raw")
+    os.mknod(dirs.base / "null.raw", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (dirs.base / "subdir").mkdir()
+    with dirs.mount("--no-stream") as m:
+        assert sorted(os.listdir(m.mnt)) == ["a.raw", "link-in.raw"]
+        assert (m.mnt / "link-in.raw").read_bytes() == (dirs.base / "a.raw").read_bytes()
+        for name in ("link-out.raw", "fifo.raw", "null.raw", "subdir"):
+            assert not (m.mnt / name).exists()
+        m.stop()
+        log = m.log_text()
+    assert "link-out.raw" in log and "fifo.raw" in log and "null.raw" in log
+    assert "Traceback" not in log
+
+
+def test_cli_itself_has_no_traceback_for_bad_options(dirs):
+    result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--chunk-size", "3k")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert sys.executable  # run_corfs used our interpreter
+    assert not is_mounted(dirs.mnt)
+
+
