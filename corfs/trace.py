@@ -64,8 +64,11 @@ def convert_order(
     seen: set[int] = set()
     result = []
     for index in order:
-        converted = index * from_chunk_size // to_chunk_size
-        if converted < count and converted not in seen:
-            seen.add(converted)
-            result.append(converted)
+        # Every chunk of the new size that holds bytes of the traced chunk, not just the first.
+        first = index * from_chunk_size // to_chunk_size
+        last = ((index + 1) * from_chunk_size - 1) // to_chunk_size
+        for converted in range(max(0, first), min(last + 1, count)):
+            if converted not in seen:
+                seen.add(converted)
+                result.append(converted)
     return result
