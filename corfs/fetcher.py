@@ -35,7 +35,7 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class FetchedChunk:
     index: int
-    data: bytes | None  # None: all zeros (nothing to write)
+    data: bytes | memoryview | None  # None: all zeros (nothing to write)
     digest: bytes | None  # xxh3-128 of data; None for zeros
 
 
@@ -73,7 +73,9 @@ class Fetcher:
             self.dedup_hits,
         )
 
-    async def read_with_retry(self, source: BaseImage, offset: int, length: int) -> bytes:
+    async def read_with_retry(
+        self, source: BaseImage, offset: int, length: int
+    ) -> bytes | bytearray:
         """Exactly `length` bytes of `source` at `offset`, retrying transient failures with
         exponential backoff and jitter until io_timeout has passed since the first try."""
         deadline = trio.current_time() + self.policy.io_timeout
@@ -86,7 +88,7 @@ class Fetcher:
                 if len(data) != length:
                     raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")
                 self.bytes_fetched += length
-                return bytes(data) if not isinstance(data, bytes) else data
+                return data
             except trio.TooSlowError:
                 self.failures += 1
                 raise BaseUnavailable(
@@ -152,17 +154,29 @@ class Fetcher:
             if is_zero(piece):
                 chunks.append(FetchedChunk(index, None, None))
             else:
-                chunks.append(FetchedChunk(index, bytes(piece), chunk_digest(piece)))
+                # A view, not a copy: pwrite and the digest take buffers as they are.
+                chunks.append(FetchedChunk(index, piece, chunk_digest(piece)))
         return chunks
 
     async def _fetch_published_run(
         self, source: BaseImage, geometry: ChunkGeometry, run: range
     ) -> list[FetchedChunk]:
         assert source.layout is not None
-        chunks = await self._fetch_raw(source, geometry, run)
+        digests = source.layout.digests
+        try:
+            chunks = await self._fetch_raw(source, geometry, run)
+        except BaseCorrupt as exc:
+            # An object that is not even a right-sized zstd frame (truncated, garbage) failed
+            # its check as surely as one with the wrong digest: every chunk of the run gets its
+            # one more fetch.
+            self.digest_mismatches += 1
+            log.warning(
+                "%s: %s; fetching chunks %d-%d again", source.name, exc, run.start, run.stop - 1
+            )
+            return [await self._fetch_second_time(source, geometry, i, digests[i]) for i in run]
         verified = []
         for chunk in chunks:
-            expected = source.layout.digests[chunk.index]
+            expected = digests[chunk.index]
             if chunk.digest != expected:
                 chunk = await self._refetch_once(source, geometry, chunk.index, expected)
             verified.append(chunk)
@@ -173,7 +187,20 @@ class Fetcher:
     ) -> FetchedChunk:
         self.digest_mismatches += 1
         log.warning("%s: chunk %d failed its digest check, fetching it again", source.name, index)
-        (chunk,) = await self._fetch_raw(source, geometry, range(index, index + 1))
+        return await self._fetch_second_time(source, geometry, index, expected)
+
+    async def _fetch_second_time(
+        self, source: BaseImage, geometry: ChunkGeometry, index: int, expected: bytes | None
+    ) -> FetchedChunk:
+        """The last try of a chunk whose first fetch failed its check: right or BaseCorrupt."""
+        try:
+            (chunk,) = await self._fetch_raw(source, geometry, range(index, index + 1))
+        except BaseCorrupt as exc:
+            self.digest_mismatches += 1
+            self.failures += 1
+            raise BaseCorrupt(
+                f"{source.name}: chunk {index} failed its check twice: {exc}"
+            ) from None
         if chunk.digest != expected:
             self.digest_mismatches += 1
             self.failures += 1
