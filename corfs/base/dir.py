@@ -57,7 +57,10 @@ class DirImage:
         return data
 
     async def read(self, offset: int, length: int) -> bytes:
-        return await trio.to_thread.run_sync(self._read_sync, offset, length, limiter=_READ_LIMITER)
+        # abandon_on_cancel: a read hung on a dead NAS must not outlive --io-timeout.
+        return await trio.to_thread.run_sync(
+            self._read_sync, offset, length, limiter=_READ_LIMITER, abandon_on_cancel=True
+        )
 
     def close(self) -> None:
         if self._fd is not None:
@@ -122,7 +125,7 @@ class DirBase:
             except OSError as exc:
                 raise TransientBaseError(f"reading {path}: {exc.strerror}") from exc
 
-        return await trio.to_thread.run_sync(read, limiter=_READ_LIMITER)
+        return await trio.to_thread.run_sync(read, limiter=_READ_LIMITER, abandon_on_cancel=True)
 
     async def aclose(self) -> None:
         for image in self._images:
