@@ -27,6 +27,15 @@ def workdir(name: str) -> str:
     return path
 
 
+def fresh_dir(path: str) -> str:
+    """An empty directory at `path` (whatever was there is removed)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
 def make_image(path: str, size: int, *, zero_fraction: float = 0.0, seed: int = 1) -> str:
     """A deterministic image; reused when it already has the right size."""
     if os.path.exists(path) and os.path.getsize(path) == size:
@@ -79,7 +88,7 @@ class Daemon:
 def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> Iterator[Daemon]:
     """Run a FUSE daemon in the foreground; yield once mounted; always unmount and reap it."""
     os.makedirs(mountpoint, exist_ok=True)
-    log = open(log_path or os.devnull, "ab")
+    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed in the finally below
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)
     try:
@@ -135,9 +144,18 @@ def read_sequential(path: str, block: int = MiB) -> float:
 def fio_randread(path: str, seconds: int = 8, size: int | None = None) -> dict:
     """4 KiB O_DIRECT random reads: IOPS and p99 latency in microseconds."""
     argv = [
-        "fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
-        "--ioengine=psync", "--numjobs=1", f"--runtime={seconds}", "--time_based",
-        "--output-format=json", "--readonly",
+        "fio",
+        "--name=rr",
+        f"--filename={path}",
+        "--rw=randread",
+        "--bs=4k",
+        "--direct=1",
+        "--ioengine=psync",
+        "--numjobs=1",
+        f"--runtime={seconds}",
+        "--time_based",
+        "--output-format=json",
+        "--readonly",
     ]
     if size:
         argv.append(f"--size={size}")

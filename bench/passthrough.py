@@ -24,7 +24,9 @@ class Passthrough(pyfuse3.Operations):
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
-        attr.st_mode = (stat.S_IFDIR | 0o755) if inode == pyfuse3.ROOT_INODE else (stat.S_IFREG | 0o444)
+        attr.st_mode = (
+            (stat.S_IFDIR | 0o755) if inode == pyfuse3.ROOT_INODE else (stat.S_IFREG | 0o444)
+        )
         attr.st_size = 0 if inode == pyfuse3.ROOT_INODE else self.size
         attr.attr_timeout = attr.entry_timeout = 1.0
         return attr

@@ -17,6 +17,7 @@ from .harness import (
     corfs_argv,
     drop_caches,
     fio_randread,
+    fresh_dir,
     machine,
     make_image,
     mounted,
@@ -24,12 +25,6 @@ from .harness import (
     wait_complete,
     workdir,
 )
-
-
-def _fresh(path: str) -> str:
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    return path
 
 
 def run(size_mib: int, chunk_size: str, passes: int) -> dict:
@@ -56,7 +51,7 @@ def run(size_mib: int, chunk_size: str, passes: int) -> dict:
             note("passthrough warm MB/s", read_sequential(path))
             note("passthrough hot MB/s", read_sequential(path))
 
-        cache = _fresh(os.path.join(root, "cache"))
+        cache = fresh_dir(os.path.join(root, "cache"))
         mnt = os.path.join(root, "mnt")
         argv = corfs_argv(base, cache, mnt, "--no-stream", "--chunk-size", chunk_size)
         with mounted(argv, mnt, os.path.join(root, "corfs.log")) as daemon:
@@ -89,12 +84,12 @@ def run(size_mib: int, chunk_size: str, passes: int) -> dict:
 
 def _rss_10g(root: str) -> tuple[int, int]:
     """RSS of the daemon serving a 10 GiB (sparse) image: empty cache, then fully local."""
-    base = _fresh(os.path.join(root, "base10g"))
+    base = fresh_dir(os.path.join(root, "base10g"))
     with open(os.path.join(base, "big.raw"), "wb") as f:
         f.truncate(10 << 30)
         f.seek(5 << 30)
         f.write(os.urandom(64 * MiB))  # some real data in the middle
-    cache = _fresh(os.path.join(root, "cache10g"))
+    cache = fresh_dir(os.path.join(root, "cache10g"))
     mnt = os.path.join(root, "mnt10g")
     with mounted(corfs_argv(base, cache, mnt), mnt) as daemon:
         empty = daemon.rss_bytes()
@@ -109,8 +104,10 @@ def report(results: dict, size_mib: int, chunk_size: str) -> str:
     lines = [f"machine: {machine()}", f"image: {size_mib} MiB, chunk size {chunk_size}"]
     for key, value in med.items():
         lines.append(f"  {key:<34} {value:10.1f}")
+
     def ratio(a: str, b: str) -> str:
         return f"{med[a] / med[b]:.2f}"
+
     lines += [
         f"  warm / passthrough warm            {ratio('corfs warm MB/s', 'passthrough warm MB/s')}"
         "  (target >= 0.80)",

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import time
 
@@ -21,18 +20,13 @@ from .harness import (
     corfs_status,
     drop_caches,
     fio_randread,
+    fresh_dir,
     machine,
     make_image,
     mounted,
     wait_complete,
     workdir,
 )
-
-
-def _fresh(path: str) -> str:
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    return path
 
 
 def _control(mnt: str, op: str, **fields: object) -> None:
@@ -48,7 +42,7 @@ def stream_vs_cp(root: str, base: str, image: str, size: int) -> dict:
     cp_seconds = time.perf_counter() - start
     os.unlink(copy)
 
-    cache = _fresh(os.path.join(root, "cache"))
+    cache = fresh_dir(os.path.join(root, "cache"))
     mnt = os.path.join(root, "mnt")
     drop_caches()
     with mounted(corfs_argv(base, cache, mnt), mnt, os.path.join(root, "corfs.log")) as daemon:
@@ -70,7 +64,7 @@ def stream_vs_cp(root: str, base: str, image: str, size: int) -> dict:
 
 def latency_under_stream(root: str, base: str, size: int) -> dict:
     """p99 of 4 KiB O_DIRECT reads over the local first quarter, stream paused vs running."""
-    cache = _fresh(os.path.join(root, "cache"))
+    cache = fresh_dir(os.path.join(root, "cache"))
     mnt = os.path.join(root, "mnt")
     local = size // 4
     with mounted(corfs_argv(base, cache, mnt, "--stream-paused"), mnt) as _:
@@ -94,7 +88,7 @@ def latency_under_stream(root: str, base: str, size: int) -> dict:
 
 
 def bandwidth_windows(root: str, base: str, rate: int, seconds: int = 30) -> dict:
-    cache = _fresh(os.path.join(root, "cache"))
+    cache = fresh_dir(os.path.join(root, "cache"))
     mnt = os.path.join(root, "mnt")
     with mounted(corfs_argv(base, cache, mnt, "--bandwidth", str(rate)), mnt):
         time.sleep(1.0)
@@ -107,7 +101,11 @@ def bandwidth_windows(root: str, base: str, rate: int, seconds: int = 30) -> dic
         (t0, b0), (t1, b1) = samples[i], samples[i + 10]
         rates.append((b1 - b0) / (t1 - t0))
     worst = max(abs(r / rate - 1) for r in rates)
-    return {"limit B/s": rate, "10 s window rates B/s": [round(r) for r in rates], "worst deviation": worst}
+    return {
+        "limit B/s": rate,
+        "10 s window rates B/s": [round(r) for r in rates],
+        "worst deviation": worst,
+    }
 
 
 def trace_benefit(root: str, base: str, size: int) -> dict:
@@ -116,7 +114,7 @@ def trace_benefit(root: str, base: str, size: int) -> dict:
     chunk = MiB
     rng = random.Random(7)
     boot = rng.sample(range(size // chunk), 64)
-    cache = _fresh(os.path.join(root, "cache-rec"))
+    cache = fresh_dir(os.path.join(root, "cache-rec"))
     mnt = os.path.join(root, "mnt")
     with mounted(corfs_argv(base, cache, mnt, "--stream-paused", "--record-trace"), mnt):
         fd = os.open(os.path.join(mnt, "disk.raw"), os.O_RDONLY)
@@ -126,7 +124,7 @@ def trace_benefit(root: str, base: str, size: int) -> dict:
     trace = os.path.join(cache, "trace.json")
     figures = {}
     for label, extra in (("without trace", []), ("with trace", ["--trace", trace])):
-        cache = _fresh(os.path.join(root, "cache-replay"))
+        cache = fresh_dir(os.path.join(root, "cache-replay"))
         drop_caches()
         with mounted(corfs_argv(base, cache, mnt, *extra), mnt):
             start = time.perf_counter()
@@ -140,9 +138,10 @@ def trace_benefit(root: str, base: str, size: int) -> dict:
                     break
                 time.sleep(0.05)
             figures[f"traced chunks local, {label} s"] = time.perf_counter() - start
-    figures["speed-up"] = figures["traced chunks local, without trace s"] / figures[
-        "traced chunks local, with trace s"
-    ]
+    figures["speed-up"] = (
+        figures["traced chunks local, without trace s"]
+        / figures["traced chunks local, with trace s"]
+    )
     return figures
 
 
@@ -164,7 +163,9 @@ def main() -> None:
     ):
         print(f"{name}:")
         for key, value in figures.items():
-            print(f"  {key:<36} {value:.2f}" if isinstance(value, float) else f"  {key:<36} {value}")
+            print(
+                f"  {key:<36} {value:.2f}" if isinstance(value, float) else f"  {key:<36} {value}"
+            )
 
 
 if __name__ == "__main__":
