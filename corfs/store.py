@@ -107,6 +107,7 @@ class CacheStore:
         self._lock_fd = lock_fd
         self._data_fds: dict[str, int] = {}
         self._pending: dict[tuple[str, int], tuple[int, bytes | None]] = {}
+        self._committing: dict[tuple[str, int], tuple[int, bytes | None]] = {}  # in a commit
         self._touched: set[str] = set()
         self._commit_lock = trio.Lock()
         self.commits = 0
@@ -256,7 +257,13 @@ class CacheStore:
         return {idx: digest for idx, digest in rows if digest is not None}
 
     def find_by_digest(self, digest: bytes) -> tuple[str, int] | None:
-        """A committed clean chunk with these bytes, in any image of this cache (for dedup)."""
+        """A clean chunk with these bytes in any image of this cache (for dedup): committed, or
+        written and marked but not committed yet (so dedup works within the commit interval).
+        Callers check the bytes they read against the digest, so a stale answer is harmless."""
+        for marks in (self._pending, self._committing):
+            for (name, idx), (state, found) in marks.items():
+                if found == digest and state == ChunkState.CLEAN:
+                    return name, idx
         rows = self._query(
             "SELECT image, idx FROM chunks WHERE digest = ? AND state = ? LIMIT 1",
             (digest, ChunkState.CLEAN),
@@ -323,6 +330,7 @@ class CacheStore:
             fds = [self._data_fds[name] for name in touched if name in self._data_fds]
             if not pending and not fds:
                 return
+            self._committing = pending
             try:
                 await trio.to_thread.run_sync(self._sync_and_write, fds, pending)
             except BaseException:
@@ -331,6 +339,8 @@ class CacheStore:
                     self._pending.setdefault(key, value)
                 self._touched |= touched
                 raise
+            finally:
+                self._committing = {}
 
     def commit_sync(self) -> None:
         """The same as `commit`, for shutdown paths outside trio."""
