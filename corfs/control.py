@@ -64,7 +64,7 @@ class Controller:
                     eta_s=eta_seconds(remaining, rate)
                     if stream.state == "streaming"
                     else (0.0 if stream.state == "complete" else None),
-                    error=stream.error,
+                    error=stream.error or image.fill_error,
                 )
             )
         fetcher = self._fetcher_statistics() if self._fetcher_statistics else None
@@ -81,9 +81,12 @@ class Controller:
     def status_json(self) -> str:
         return json.dumps(self.status().to_dict())
 
-    def apply(self, raw: bytes) -> None:
-        """Run one command: {"op": "pause"|"resume", "image": NAME|null} or
-        {"op": "bandwidth", "rate": BYTES_PER_SECOND}."""
+    def apply(self, raw: bytes) -> list[str]:
+        """Run one command: {"op": "pause"|"resume", "image": NAME|null},
+        {"op": "forget", "image": NAME, "chunks": [INDEX, ...]} or
+        {"op": "bandwidth", "rate": BYTES_PER_SECOND}. Returns the names of the images whose
+        chunks were forgotten (their pages in the kernel's cache must be dropped)."""
+        forgotten: list[str] = []
         try:
             command = json.loads(raw)
             op = command["op"]
@@ -94,8 +97,8 @@ class Controller:
                 self._stream.resume(image)
             elif op == "forget":
                 target = self._images[image]
-                for index in command["chunks"]:
-                    target.forget_chunk(int(index))
+                if any([target.forget_chunk(int(index)) for index in command["chunks"]]):
+                    forgotten.append(target.name)
             elif op == "bandwidth":
                 rate = int(command["rate"])
                 if rate < 0:
@@ -107,6 +110,7 @@ class Controller:
             raise ControlError(f"no image or field {exc} in command") from None
         except (ValueError, TypeError, AttributeError) as exc:
             raise ControlError(f"bad control command: {exc}") from None
+        return forgotten
 
 
 # ---- client side -------------------------------------------------------------------------

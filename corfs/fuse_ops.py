@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import pyfuse3
+import trio
 
 from .control import CONTROL_XATTR, STATUS_XATTR, Controller
 from .errors import ControlError, CorfsError
@@ -197,10 +198,23 @@ class CorfsOperations(pyfuse3.Operations):
         if inode != ROOT_INODE or name != CONTROL_XATTR.encode():
             raise pyfuse3.FUSEError(errno.ENOTSUP)
         try:
-            self._controller.apply(value)
+            forgotten = self._controller.apply(value)
         except ControlError as exc:
             log.warning("control command refused: %s", exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
+        for name in forgotten:
+            await self._drop_cached_pages(self._by_name[os.fsencode(name)])
+
+    async def _drop_cached_pages(self, inode: int) -> None:
+        """Chunks of this image were forgotten (a scrub found them bad): with keep_cache the
+        kernel would go on serving the bad bytes from its page cache, so drop its pages. In a
+        thread: the kernel may wait for a read of this inode in flight, which this (trio)
+        thread must stay free to answer."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel has no pages of it
+                log.warning("dropping cached pages of inode %d: %s", inode, exc)
 
 
 def _now_ns() -> int:

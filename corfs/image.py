@@ -102,7 +102,8 @@ class Image:
         self._fd = store.data_fd(self.name)
         self.fills = 0
         self.fill_errors = 0
-        self.error: str | None = None
+        self.error: str | None = None  # fatal (base changed): the image serves no more fills
+        self.fill_error: str | None = None  # the last failed fill, until a fill succeeds
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
         self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
@@ -164,10 +165,14 @@ class Image:
         self._states[index] = state
         self.store.record(self.name, index, state, digest)
 
-    def forget_chunk(self, index: int) -> None:
-        """Mark a clean chunk absent again (it failed a scrub): it will be fetched anew."""
+    def forget_chunk(self, index: int) -> bool:
+        """Mark a clean chunk absent again (it failed a scrub): it will be fetched anew. True
+        if it was forgotten: the caller must then drop the kernel's cached pages of the image,
+        which may hold the bad bytes (see fuse_ops)."""
         if self._states[index] in (ChunkState.CLEAN, ChunkState.ZERO) and index not in self._fills:
             self._set_state(index, ChunkState.ABSENT, None)
+            return True
+        return False
 
     # ---- filling -------------------------------------------------------------------------
 
@@ -210,12 +215,14 @@ class Image:
             for chunk in chunks:
                 self._apply(chunk)
             self.fills += 1
+            self.fill_error = None
         except BaseChanged as exc:
             self.error = f"base image changed: {exc}"
             fill.error = exc
             log.error("%s", exc)
         except CorfsError as exc:
             self.fill_errors += 1
+            self.fill_error = str(exc)
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
