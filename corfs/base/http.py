@@ -258,9 +258,9 @@ class HttpReader:
 
 
 class _PlainConn:
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, key: tuple[str, int]) -> None:
         self.sock = sock
-        self.used = False
+        self.key = key
 
     def close(self) -> None:
         self.sock.close()
@@ -279,6 +279,7 @@ class _PlainReader:
         self.stall = stall
         self.auth = auth
         self.idle: dict[tuple[str, int], list[_PlainConn]] = {}
+        self.bypass: set[tuple[str, int]] = set()  # servers that ignore Range: httpx only
 
     async def _connect(self, host: str, port: int) -> _PlainConn:
         sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET)
@@ -295,7 +296,7 @@ class _PlainReader:
         except BaseException:
             sock.close()
             raise
-        return _PlainConn(sock)
+        return _PlainConn(sock, (host, port))
 
     async def read_range(
         self, url: str, validator: Validator, offset: int, length: int
@@ -306,6 +307,8 @@ class _PlainReader:
         host = parts.hostname or ""
         port = parts.port or 80
         key = (host, port)
+        if key in self.bypass:
+            return None
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -391,6 +394,10 @@ class _PlainReader:
             if status != 206:
                 if status in (401, 403, 404, 410, 412, 416, 429) or status >= 500:
                     raise _status_error(status, what)
+                if status == 200:
+                    validator.check(headers, what)  # If-Range failed: another version
+                    if validator.etag and headers.get("etag") == validator.etag:
+                        self.bypass.add(conn.key)  # same version, whole body: ignores Range
                 return None, False
             validator.check(headers, what)
             if "transfer-encoding" in headers or "content-encoding" in headers:

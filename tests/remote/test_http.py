@@ -23,7 +23,7 @@ from corfs.errors import (
 )
 from tests.servers import Nginx, make_tls
 
-FAST = BaseOptions(io_timeout=1.5)  # stall timeout 0.5 s
+FAST = BaseOptions(io_timeout=3.0)  # stall timeout 1 s: tight, yet safe on a busy machine
 MiB = 1 << 20
 RANGES = [(0, 4096), (MiB - 7, MiB + 14), (3 * MiB, 333), (12345, 1)]
 
@@ -67,7 +67,7 @@ def test_fault_gives_error_then_recovers(site, lean: bool, fault: str, error: ty
             start = time.monotonic()
             with pytest.raises(error):
                 await image.read(MiB, MiB)
-            assert time.monotonic() - start < 3
+            assert time.monotonic() - start < 6
             site.proxy.faults.clear()
             await check_reads(image, site.data)
         finally:
@@ -196,7 +196,7 @@ def test_auth_header_from_env(nginx_server, monkeypatch) -> None:  # noqa: ANN00
         with pytest.raises(BaseAccessDenied) as info:
             await open_base(url, FAST)
         monkeypatch.setenv("CORFS_TEST_AUTH", "Authorization: Bearer wrong-token-1234")
-        options = BaseOptions(io_timeout=1.5, auth_header_env="CORFS_TEST_AUTH")
+        options = BaseOptions(io_timeout=3.0, auth_header_env="CORFS_TEST_AUTH")
         with pytest.raises(BaseAccessDenied) as info:
             await open_base(url, options)
         assert "wrong-token-1234" not in str(info.value)
@@ -236,7 +236,7 @@ def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:  # noq
         with pytest.raises(BaseUnavailable) as info:
             await open_base(tls_nginx.url, FAST)
         assert "certificate" in str(info.value)
-        options = BaseOptions(io_timeout=1.5, ca_file=str(tls_nginx.tls.ca_cert))
+        options = BaseOptions(io_timeout=3.0, ca_file=str(tls_nginx.tls.ca_cert))
         store = await open_base(tls_nginx.url, options)
         try:
             (image,) = await store.list_images()
