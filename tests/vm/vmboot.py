@@ -15,6 +15,7 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.vm.build_image import VmArtifacts, build_test_image
@@ -38,6 +39,7 @@ class BootResult:
     write: str  # ok | bad: this boot's file, read back after sync + drop_caches
     seconds: float
     console_text: str
+    marker_seconds: float | None = None  # from QEMU's start to the marker line on the console
 
 
 class BootError(AssertionError):
@@ -58,16 +60,24 @@ def qemu_command(
     drive = f"file={disk_path},format={fmt},if=virtio,cache={cache}"
     return [
         "qemu-system-x86_64",
-        "-accel", "tcg",
-        "-m", str(memory_mib),
+        "-accel",
+        "tcg",
+        "-m",
+        str(memory_mib),
         "-nodefaults",
-        "-display", "none",
-        "-serial", "stdio",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
         "-no-reboot",
-        "-kernel", str(artifacts.kernel),
-        "-initrd", str(artifacts.initrd),
-        "-append", artifacts.append_line(),
-        "-drive", drive,
+        "-kernel",
+        str(artifacts.kernel),
+        "-initrd",
+        str(artifacts.initrd),
+        "-append",
+        artifacts.append_line(),
+        "-drive",
+        drive,
     ]
 
 
@@ -78,8 +88,13 @@ def boot(
     fmt: str = "raw",
     timeout: float = 180.0,
     artifacts: VmArtifacts | None = None,
+    on_marker: Callable[[], None] | None = None,
 ) -> BootResult:
-    """Boot ``disk_path`` once; return after QEMU exits (the guest powers itself off)."""
+    """Boot ``disk_path`` once; return after QEMU exits (the guest powers itself off).
+
+    ``on_marker`` runs on the console reader thread the moment the marker line arrives, while
+    the guest still runs (e.g. to sample the host side's state at that instant).
+    """
     artifacts = artifacts or build_test_image()
     cmd = qemu_command(Path(disk_path), artifacts, cache=cache, fmt=fmt)
     log.info("boot: %s", " ".join(cmd))
@@ -88,11 +103,19 @@ def boot(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     chunks: list[bytes] = []
+    marker_at: list[float] = []
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in iter(proc.stdout.readline, b""):
             chunks.append(line)
+            if not marker_at and b"CORFS-MARKER" in line:
+                marker_at.append(time.monotonic() - start)
+                if on_marker is not None:
+                    try:
+                        on_marker()
+                    except Exception:  # a failing probe must not stop the console reader
+                        log.exception("boot: on_marker failed")
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -128,6 +151,7 @@ def boot(
         write=match.group("write"),
         seconds=seconds,
         console_text=text,
+        marker_seconds=marker_at[0] if marker_at else None,
     )
 
 
