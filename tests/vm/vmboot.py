@@ -58,27 +58,21 @@ def qemu_command(
     memory_mib: int = 512,
 ) -> list[str]:
     drive = f"file={disk_path},format={fmt},if=virtio,cache={cache}"
+    # fmt: off
     return [
         "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-m",
-        str(memory_mib),
+        "-accel", "tcg",
+        "-m", str(memory_mib),
         "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
+        "-display", "none",
+        "-serial", "stdio",
         "-no-reboot",
-        "-kernel",
-        str(artifacts.kernel),
-        "-initrd",
-        str(artifacts.initrd),
-        "-append",
-        artifacts.append_line(),
-        "-drive",
-        drive,
+        "-kernel", str(artifacts.kernel),
+        "-initrd", str(artifacts.initrd),
+        "-append", artifacts.append_line(),
+        "-drive", drive,
     ]
+    # fmt: on
 
 
 def boot(
