@@ -48,13 +48,20 @@ def _mounts_at(mnt):
 
 
 def test_base_missing(dirs, tmp_path):
-    _mount_fails(tmp_path / "no-such-base", dirs.cache, dirs.mnt, "no-such-base",
-                 watch=(dirs.cache,))
+    _mount_fails(
+        tmp_path / "no-such-base", dirs.cache, dirs.mnt, "no-such-base", watch=(dirs.cache,)
+    )
 
 
 def test_base_not_a_directory(dirs):
-    _mount_fails(dirs.base / "a.raw", dirs.cache, dirs.mnt, "a.raw", "not a directory",
-                 watch=(dirs.base, dirs.cache))
+    _mount_fails(
+        dirs.base / "a.raw",
+        dirs.cache,
+        dirs.mnt,
+        "a.raw",
+        "not a directory",
+        watch=(dirs.base, dirs.cache),
+    )
 
 
 def test_cache_is_a_file(dirs, tmp_path):
@@ -85,22 +92,35 @@ def test_cache_on_read_only_fs(dirs, read_only_tmpfs, name):
 
 
 def test_mountpoint_missing(dirs, tmp_path):
-    _mount_fails(dirs.base, dirs.cache, tmp_path / "no-mnt", "no-mnt", "does not exist",
-                 watch=(dirs.base, dirs.cache))
+    _mount_fails(
+        dirs.base,
+        dirs.cache,
+        tmp_path / "no-mnt",
+        "no-mnt",
+        "does not exist",
+        watch=(dirs.base, dirs.cache),
+    )
 
 
 def test_mountpoint_not_a_directory(dirs, tmp_path):
     mnt = tmp_path / "mnt-file"
     mnt.write_bytes(b"")
-    _mount_fails(dirs.base, dirs.cache, mnt, "mnt-file", "not a directory",
-                 watch=(dirs.base, dirs.cache, mnt))
+    _mount_fails(
+        dirs.base,
+        dirs.cache,
+        mnt,
+        "mnt-file",
+        "not a directory",
+        watch=(dirs.base, dirs.cache, mnt),
+    )
 
 
 def test_mountpoint_already_mounted(dirs, tmp_path):
     with dirs.mount("--no-stream") as m:
         other_cache = tmp_path / "cache2"
-        _mount_fails(dirs.base, other_cache, dirs.mnt, "already a mountpoint",
-                     watch=(dirs.base, other_cache))
+        _mount_fails(
+            dirs.base, other_cache, dirs.mnt, "already a mountpoint", watch=(dirs.base, other_cache)
+        )
         assert (m.mnt / "a.raw").stat().st_size == MIB  # the first mount is unharmed
         m.stop()
 
@@ -109,9 +129,20 @@ def test_dev_fuse_missing(dirs):
     """/dev is an empty tmpfs in a private mount namespace: no /dev/fuse there."""
     before = snapshot(dirs.base, dirs.cache)
     result = subprocess.run(
-        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs corfs-nodev /dev && exec "$@"', "sh",
-         *corfs_command("mount", dirs.base, dirs.cache, dirs.mnt, "--no-stream")],
-        capture_output=True, text=True, timeout=20, env=corfs_env(), stdin=subprocess.DEVNULL,
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            'mount -t tmpfs corfs-nodev /dev && exec "$@"',
+            "sh",
+            *corfs_command("mount", dirs.base, dirs.cache, dirs.mnt, "--no-stream"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=corfs_env(),
+        stdin=subprocess.DEVNULL,
         check=False,
     )
     assert_one_line_error(result, "/dev/fuse")
@@ -134,8 +165,9 @@ def test_dead_mount_gives_the_hint(dirs):
     with dirs.mount("--no-stream") as m:
         m.kill9(unmount=False)
         assert is_mounted(dirs.mnt)
-        _mount_fails(dirs.base, dirs.cache, dirs.mnt, "fusermount3 -u -z",
-                     watch=(dirs.base, dirs.cache))
+        _mount_fails(
+            dirs.base, dirs.cache, dirs.mnt, "fusermount3 -u -z", watch=(dirs.base, dirs.cache)
+        )
         # status of the dead mount says the same
         status = run_corfs("status", dirs.mnt)
         assert_one_line_error(status, "fusermount3 -u -z")
@@ -165,5 +197,3 @@ def test_cli_itself_has_no_traceback_for_bad_options(dirs):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert sys.executable  # run_corfs used our interpreter
     assert not is_mounted(dirs.mnt)
-
-

@@ -6,7 +6,6 @@ writes not yet synced either the old or the new content of the block, never anyt
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import struct
 import threading
@@ -104,9 +103,11 @@ def _reader(path, base: bytes, model: Model, rng: random.Random, stop, errors: l
             touched = model.touched()  # after the read: includes every write that could land
             for i in range(len(got) // BLOCK):
                 block = off // BLOCK + i
-                if block not in touched and got[i * BLOCK : (i + 1) * BLOCK] != base[
-                    block * BLOCK : (block + 1) * BLOCK
-                ]:
+                if (
+                    block not in touched
+                    and got[i * BLOCK : (i + 1) * BLOCK]
+                    != base[block * BLOCK : (block + 1) * BLOCK]
+                ):
                     errors.append(f"reader saw wrong bytes in untouched block {block}")
                     return
 
@@ -129,12 +130,12 @@ def test_kill9_rounds_keep_every_byte_right(tmp_dirs):
             errors: list[str] = []
             threads = [
                 threading.Thread(
-                    target=_writer, args=(path, model, random.Random(rng.random()),
-                                          round_no * 1_000_000, stop)
+                    target=_writer,
+                    args=(path, model, random.Random(rng.random()), round_no * 1_000_000, stop),
                 ),
                 threading.Thread(
-                    target=_reader, args=(path, base, model, random.Random(rng.random()),
-                                          stop, errors)
+                    target=_reader,
+                    args=(path, base, model, random.Random(rng.random()), stop, errors),
                 ),
             ]
             for t in threads:

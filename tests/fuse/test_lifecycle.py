@@ -71,8 +71,15 @@ def test_daemon_returns_once_mounted(tmp_dirs):
     pid = None
     try:
         result = run_corfs(
-            "mount", tmp_dirs.base, tmp_dirs.cache, tmp_dirs.mnt, "--daemon", "--no-stream",
-            "--log-file", log_file, timeout=30,
+            "mount",
+            tmp_dirs.base,
+            tmp_dirs.cache,
+            tmp_dirs.mnt,
+            "--daemon",
+            "--no-stream",
+            "--log-file",
+            log_file,
+            timeout=30,
         )
         mounted_at_return = is_fuse_mounted(tmp_dirs.mnt)  # right after the command returned
         pid = _find_daemon_pid(tmp_dirs.mnt)

@@ -35,7 +35,9 @@ def test_streamed_image_survives_base_removal_and_detaches(tmp_dirs, tmp_path):
     assert result.returncode == 0, result.stderr
     cmp = subprocess.run(
         ["qemu-img", "compare", "-f", "raw", "-F", "raw", dest, orig],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert sha256_file(dest) == sha256_file(orig)

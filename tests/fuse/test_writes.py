@@ -87,9 +87,12 @@ def test_fsync_is_durable_across_kill9(tmp_dirs):
     drop_caches()
     with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
         for off, data in writes:
-            assert direct_read(m.mnt / "a.raw", off // 4096 * 4096, len(data) + 4096)[
-                off % 4096 : off % 4096 + len(data)
-            ] == data
+            assert (
+                direct_read(m.mnt / "a.raw", off // 4096 * 4096, len(data) + 4096)[
+                    off % 4096 : off % 4096 + len(data)
+                ]
+                == data
+            )
         assert (m.mnt / "a.raw").read_bytes() == want
         m.stop()
 
