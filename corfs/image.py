@@ -103,7 +103,8 @@ class Image:
         self.fills = 0
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): the image serves no more fills
-        self.fill_error: str | None = None  # the last failed fill, until a fill succeeds
+        # chunk -> why its last fill failed, until a fill of it succeeds (shown in status)
+        self._fill_failures: dict[int, str] = {}
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
         self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
@@ -121,6 +122,13 @@ class Image:
     @property
     def local_bytes(self) -> int:
         return self._local_bytes
+
+    @property
+    def fill_error(self) -> str | None:
+        """Why the latest failed fill of a chunk still not filled failed, or None."""
+        if not self._fill_failures:
+            return None
+        return next(reversed(self._fill_failures.values()))
 
     def is_local(self, index: int) -> bool:
         return self._states[index] != ChunkState.ABSENT
@@ -215,14 +223,15 @@ class Image:
             for chunk in chunks:
                 self._apply(chunk)
             self.fills += 1
-            self.fill_error = None
+            for index in run:
+                self._fill_failures.pop(index, None)
         except BaseChanged as exc:
             self.error = f"base image changed: {exc}"
             fill.error = exc
             log.error("%s", exc)
         except CorfsError as exc:
             self.fill_errors += 1
-            self.fill_error = str(exc)
+            self._fill_failures.update(dict.fromkeys(run, str(exc)))
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
