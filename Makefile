@@ -9,6 +9,8 @@ PYTEST := $(VENV)/bin/pytest
 RUFF := $(VENV)/bin/ruff
 LINT_PATHS = $(wildcard corfs tests bench)
 PYTEST_ARGS ?=
+# Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only.
+BENCH_PACKAGES := httpdirfs rclone nbdkit libnbd-bin
 # pytest exit code 5 means "no tests ran": say so plainly (.ci/run looks for this line).
 NO_TESTS_MSG := corfs: pytest exit code 5: no tests were run
 RUN_PYTEST = $(PYTEST) -q $(1) $(PYTEST_ARGS) || { rc=$$?; \
@@ -35,6 +37,10 @@ demo: setup
 	contrib/demo.sh
 
 bench: setup
+	@missing=$$(for p in $(BENCH_PACKAGES); do \
+		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends $$missing; fi
 	$(PY) -m bench.run
 
 clean:
