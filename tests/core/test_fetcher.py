@@ -84,7 +84,7 @@ def test_stalled_base_becomes_unavailable_not_a_hang() -> None:
         source.faults.stall = True
         fetcher = Fetcher(POLICY)
         start = trio.current_time()
-        with pytest.raises(BaseUnavailable):
+        with trio.fail_after(60), pytest.raises(BaseUnavailable):  # a hang fails, not hangs
             await fetcher.read_with_retry(source, 0, CS)
         assert trio.current_time() - start == pytest.approx(POLICY.io_timeout)
         assert source.in_flight == 0
@@ -295,7 +295,7 @@ def test_unavailable_base_fails_the_read_in_bounded_time(rig_factory) -> None:
             await image.read(0, CS)
             rig.source("a").faults.stall = True
             start = trio.current_time()
-            with pytest.raises(BaseUnavailable):
+            with trio.fail_after(60), pytest.raises(BaseUnavailable):
                 await image.read(2 * CS, 1)
             assert trio.current_time() - start == pytest.approx(5.0)
             # Local chunks keep being served meanwhile.
