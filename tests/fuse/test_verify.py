@@ -1,0 +1,130 @@
+"""`corfs verify CACHE [IMAGE]` (issue 5, point 5): re-read clean local chunks, check their
+digests, mark bad ones absent so they are fetched again, and report (exit 1 if any was bad).
+
+- unmounted cache: bytes damaged in CACHE/data/<name> are found, their rows are gone, and a
+  later mount refetches them and serves the right bytes;
+- mounted image, without stopping it: verify reaches the daemon through the control xattr
+  ("forget"); the chunk is absent in status, and a read, even a buffered one whose pages the
+  kernel had cached (keep_cache), refetches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from tests.fuse.util import direct_read, drop_caches, image_status, live_status, wait_complete
+from tests.mounting import make_image, run_corfs
+
+KIB = 1 << 10
+CHUNK = 64 * KIB
+COUNT = 16
+ZERO = (2, 3)
+
+
+def chunk_rows(cache: Path, name: str) -> dict[int, int]:
+    db = sqlite3.connect(f"file:{cache / 'state.db'}?mode=ro", uri=True)
+    try:
+        return dict(db.execute("SELECT idx, state FROM chunks WHERE image = ?", (name,)))
+    finally:
+        db.close()
+
+
+def damage(path: Path, offset: int, length: int = 16) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.pread(fd, length, offset)
+        os.pwrite(fd, bytes(b ^ 0x5A for b in old), offset)
+    finally:
+        os.close(fd)
+
+
+def publish_into(tmp_dirs) -> bytes:  # noqa: ANN001
+    src = tmp_dirs.base.parent / "src"
+    src.mkdir()
+    image = make_image(src / "a.raw", COUNT * CHUNK, seed=7, zero_blocks=ZERO, block_size=CHUNK)
+    result = run_corfs("publish", image, tmp_dirs.base, "--chunk-size", "64K", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return image.read_bytes()
+
+
+def verify(*args: object) -> tuple[int, dict]:
+    result = run_corfs("verify", *args, "--json")
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_verify_unmounted_cache_forgets_bad_chunks_and_a_mount_refetches(tmp_dirs) -> None:
+    want = publish_into(tmp_dirs)
+    with tmp_dirs.mount() as m:
+        wait_complete(m.mnt, "a.raw")
+        m.stop()
+    data = tmp_dirs.cache / "data" / "a.raw"
+    assert verify(tmp_dirs.cache) == (
+        0,
+        {"images": [{"image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": []}]},
+    )
+    damage(data, 7 * CHUNK + 100)
+    damage(data, 3 * CHUNK + 9)  # a zero chunk (a hole) that now holds bytes
+
+    text = run_corfs("verify", tmp_dirs.cache)
+    assert text.returncode == 1
+    assert (
+        text.stdout.strip() == f"a.raw: {COUNT} local chunks checked, 2 bad, marked absent: [3, 7]"
+    )
+    rows = chunk_rows(tmp_dirs.cache, "a.raw")
+    assert 3 not in rows and 7 not in rows and len(rows) == COUNT - 2
+    assert verify(tmp_dirs.cache, "a.raw")[0] == 0  # the rest is good
+    missing = run_corfs("verify", tmp_dirs.cache, "nope.raw")
+    assert missing.returncode != 0 and "nope.raw" in missing.stderr
+
+    with tmp_dirs.mount("--no-stream") as m:
+        st = image_status(live_status(m.mnt), "a.raw")
+        assert st["local_bytes"] == (COUNT - 2) * CHUNK
+        drop_caches()
+        assert (m.mnt / "a.raw").read_bytes() == want
+        fetcher = live_status(m.mnt)["fetcher"]
+        assert fetcher["bytes_fetched"] == CHUNK  # chunk 7 only: chunk 3 is zero, never fetched
+        m.stop()
+    assert data.read_bytes() == want
+    assert verify(tmp_dirs.cache)[0] == 0
+
+
+def test_verify_mounted_image_forgets_through_the_daemon_and_kernel_cache(tmp_dirs) -> None:
+    want = publish_into(tmp_dirs)
+    bad = 9
+    with tmp_dirs.mount("--no-stream") as m:
+        image = m.mnt / "a.raw"
+        assert image.read_bytes() == want
+        time.sleep(1.5)  # committed: verify checks committed chunks
+        data = tmp_dirs.cache / "data" / "a.raw"
+        damage(data, bad * CHUNK + 4 * KIB)
+        # The cache cannot know yet: the daemon serves what its data file holds, and the
+        # kernel keeps those (bad) pages for later buffered reads.
+        drop_caches()
+        with open(image, "rb") as f:
+            f.seek(bad * CHUNK)
+            served = f.read(CHUNK)
+        assert served != want[bad * CHUNK : (bad + 1) * CHUNK]
+
+        code, report = verify(tmp_dirs.cache)
+        assert code == 1
+        assert report["images"][0]["bad_chunks"] == [bad]
+        st = live_status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == (COUNT - 1) * CHUNK
+        assert st["fetcher"]["bytes_fetched"] == (COUNT - len(ZERO)) * CHUNK
+
+        # Buffered, without dropping caches: the kernel must not serve its stale pages.
+        with open(image, "rb") as f:
+            f.seek(bad * CHUNK)
+            assert f.read(CHUNK) == want[bad * CHUNK : (bad + 1) * CHUNK]
+        assert direct_read(image, bad * CHUNK, CHUNK) == want[bad * CHUNK : (bad + 1) * CHUNK]
+        st = live_status(m.mnt)
+        assert image_status(st, "a.raw")["local_bytes"] == COUNT * CHUNK
+        assert st["fetcher"]["bytes_fetched"] == (COUNT - len(ZERO) + 1) * CHUNK
+        time.sleep(1.5)
+        assert verify(tmp_dirs.cache, "a.raw")[0] == 0
+        m.stop()
