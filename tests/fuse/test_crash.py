@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from tests.mounting import make_image
+from tests.mounting import CorfsMount, make_image
 
-from .util import KIB, MIB, direct_read, direct_write
+from .util import KIB, MIB, direct_read, direct_write, live_status
 
 BLOCK = 4 * KIB
 SIZE = 16 * MIB
@@ -47,14 +47,6 @@ class Model:
                 self.durable[block] = contents[-1]
             self.unsynced.clear()
 
-    def after_remount(self, image: bytes) -> None:
-        """What the remounted image holds becomes the truth for the next round."""
-        with self.lock:
-            for block in self.unsynced:
-                data = image[block * BLOCK : (block + 1) * BLOCK]
-                self.durable[block] = data
-            self.unsynced.clear()
-
     def touched(self) -> set[int]:
         with self.lock:
             return set(self.durable) | set(self.unsynced)
@@ -79,7 +71,7 @@ def _check(image: bytes, base: bytes, model: Model, where: str) -> None:
     assert not bad, f"{where}: {len(bad)} blocks wrong, first: {bad[:5]}"
 
 
-def _writer(path, model: Model, rng: random.Random, seq0: int, stop: threading.Event) -> None:
+def _writer(path, model: Model, rng: random.Random, seq0: int, stop, done: list[int]) -> None:
     seq = seq0
     with contextlib.suppress(OSError):  # ENOTCONN / ECONNABORTED once killed
         while not stop.is_set():
@@ -92,6 +84,7 @@ def _writer(path, model: Model, rng: random.Random, seq0: int, stop: threading.E
             direct_write(path, block * BLOCK, b"".join(blocks), fsync=sync)
             if sync:
                 model.synced()
+            done[0] += 1
 
 
 def _reader(path, base: bytes, model: Model, rng: random.Random, stop, errors: list) -> None:
@@ -113,25 +106,34 @@ def _reader(path, base: bytes, model: Model, rng: random.Random, stop, errors: l
 
 
 @pytest.mark.slow
-def test_kill9_rounds_keep_every_byte_right(tmp_dirs):
+def test_kill9_rounds_keep_every_byte_right(tmp_dirs, tmp_path):
+    """Each round starts from an empty cache and streams at a limited rate, so the kill
+    lands while the stream, the reader's fills and the writer all change the cache."""
     base_path = make_image(tmp_dirs.base / "disk.raw", SIZE, seed=21, zero_blocks=(3, 9))
     base = base_path.read_bytes()
-    model = Model()
     rng = random.Random(1234)
     options = ("--chunk-size", "64k")
+    writes = mid_stream = 0
     for round_no in range(ROUNDS):
-        with tmp_dirs.mount(*options) as m:
+        model = Model()
+        cache = tmp_path / f"cache{round_no}"
+        with CorfsMount(
+            base_path.parent,
+            cache,
+            tmp_dirs.mnt,
+            *options,
+            "--bandwidth",
+            "24M",
+            log_dir=tmp_dirs.logs,
+        ) as m:
             path = m.mnt / "disk.raw"
-            image = (path).read_bytes()
-            _check(image, base, model, f"mount before round {round_no}")
-            model.after_remount(image)
-
             stop = threading.Event()
             errors: list[str] = []
+            done = [0]
             threads = [
                 threading.Thread(
                     target=_writer,
-                    args=(path, model, random.Random(rng.random()), round_no * 1_000_000, stop),
+                    args=(path, model, random.Random(rng.random()), round_no << 32, stop, done),
                 ),
                 threading.Thread(
                     target=_reader,
@@ -141,7 +143,8 @@ def test_kill9_rounds_keep_every_byte_right(tmp_dirs):
             for t in threads:
                 t.start()
             try:
-                time.sleep(rng.uniform(0.05, 0.6))
+                time.sleep(rng.uniform(0.1, 0.6))
+                local = live_status(m.mnt)["images"][0]["local_bytes"]
                 m.kill9()
             finally:
                 stop.set()
@@ -149,8 +152,14 @@ def test_kill9_rounds_keep_every_byte_right(tmp_dirs):
                     t.join(30)
             assert not any(t.is_alive() for t in threads), "a client thread hung"
             assert not errors, errors
-    with tmp_dirs.mount(*options) as m:
-        image = (m.mnt / "disk.raw").read_bytes()
-        _check(image, base, model, "final mount")
-        m.stop()
+            writes += done[0]
+            mid_stream += local < SIZE
+        with CorfsMount(
+            base_path.parent, cache, tmp_dirs.mnt, *options, "--no-stream", log_dir=tmp_dirs.logs
+        ) as m:
+            image = (m.mnt / "disk.raw").read_bytes()
+            _check(image, base, model, f"remount after round {round_no}")
+            m.stop()
     assert base_path.read_bytes() == base  # BASE untouched through it all
+    assert writes >= 5 * ROUNDS, f"only {writes} writes completed: the test did little"
+    assert mid_stream >= ROUNDS // 2, f"only {mid_stream} kills landed mid-stream"
