@@ -80,6 +80,7 @@ class Fetcher:
         exponential backoff and jitter until io_timeout has passed since the first try."""
         deadline = trio.current_time() + self.policy.io_timeout
         attempt = 0
+        last_error = ""  # why the previous try failed: it names the base (URL, key)
         while True:
             self.requests += 1
             try:
@@ -93,9 +94,11 @@ class Fetcher:
                 self.failures += 1
                 raise BaseUnavailable(
                     f"{source.name}: no answer from the base within {self.policy.io_timeout:g} s"
+                    + (f" ({attempt} tries, last: {last_error})" if last_error else "")
                 ) from None
             except TransientBaseError as exc:
                 attempt += 1
+                last_error = str(exc)
                 backoff = min(
                     self.policy.max_backoff, self.policy.first_backoff * 2 ** (attempt - 1)
                 )
