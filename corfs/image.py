@@ -300,7 +300,9 @@ class Image:
         """A reader whose miss starts where its last one ended is sequential: fetch the chunks
         after it ahead of time, in a window that doubles up to READ_AHEAD_MAX; a random miss
         resets the window, so random readers fetch no more than they read."""
-        if chunks.start in (self._next_sequential - 1, self._next_sequential):
+        if chunks.start == self._next_sequential - 1 and chunks.stop == self._next_sequential:
+            return  # another miss in the same chunk (a concurrent reader, or the rest of it)
+        if chunks.start == self._next_sequential:
             self._read_ahead = min(READ_AHEAD_MAX, max(2, self._read_ahead * 2))
         else:
             self._read_ahead = 0
