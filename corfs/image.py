@@ -4,9 +4,12 @@ many readers, writers and stream workers wait), and serving reads and writes of 
 Invariants:
 - A read of local chunks is one `pread` on the data file, inline on the trio thread.
 - One fill per chunk: a chunk being filled is waited for, never fetched twice.
-- Base bytes are never written over a chunk that is already local: `_apply` checks the state
-  and writes with no `await` between the check and the write, and writers mark chunks dirty
-  in the same atomic step as their `pwrite`.
+- Base bytes are never written over a chunk that is already local: once its fetch is done, a
+  fill stores only the chunks still absent, and while it stores them (a worker-thread pwrite,
+  a millisecond) client writes to those chunks wait; a client write `pwrite`s and marks its
+  chunks dirty in one step with no `await` between.
+- Fill data is written in a worker thread (pwrite releases the GIL), so the loop keeps
+  serving local reads while a fill lands.
 - A write that covers a chunk only partly makes that chunk local first.
 """
 
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 ABSENT = bytes([ChunkState.ABSENT])
 MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
 READ_AHEAD_MAX = 8  # chunks fetched ahead of a sequential reader
+_WRITE_LIMITER = trio.CapacityLimiter(2)  # threads writing fills into data files
 READ_AHEAD_RUN = 2  # chunks per read-ahead request: small runs land (and unblock) sooner
 
 
@@ -97,6 +101,7 @@ class Image:
             if self._states[i]
         )
         self._fills: dict[int, _Fill] = {}
+        self._storing: dict[int, trio.Event] = {}  # chunks a fill is writing right now
         self._next_sequential = -1  # the chunk a sequential reader would miss next
         self._read_ahead = 0  # current read-ahead window, in chunks
         self._fd = store.data_fd(self.name)
@@ -220,8 +225,7 @@ class Image:
             chunks = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self._local_copy
             )
-            for chunk in chunks:
-                self._apply(chunk)
+            await self._store_fetched(chunks)
             self.fills += 1
             for index in run:
                 self._fill_failures.pop(index, None)
@@ -244,18 +248,30 @@ class Image:
                     del self._fills[index]
             fill.done.set()
 
-    def _apply(self, chunk: FetchedChunk) -> None:
-        """Store one verified chunk and mark it local. No await in here: see module invariant."""
-        index = chunk.index
-        if self._states[index] != ChunkState.ABSENT:
-            return
-        start, length = self.geometry.chunk_start(index), self.geometry.chunk_length(index)
-        if chunk.data is None:
-            self.store.punch(self.name, start, length)
-            self._set_state(index, ChunkState.ZERO, None)
-        else:
-            self.store.write_data(self.name, start, chunk.data)
-            self._set_state(index, ChunkState.CLEAN, chunk.digest)
+    async def _store_fetched(self, chunks: list[FetchedChunk]) -> None:
+        """Write verified chunks to the data file, then mark them local (module invariants)."""
+        todo = [c for c in chunks if self._states[c.index] == ChunkState.ABSENT]
+        storing = trio.Event()
+        for chunk in todo:
+            self._storing[chunk.index] = storing
+        try:
+            await trio.to_thread.run_sync(self._write_chunks, todo, limiter=_WRITE_LIMITER)
+            for chunk in todo:
+                state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
+                self._set_state(chunk.index, state, chunk.digest)
+        finally:
+            for chunk in todo:
+                del self._storing[chunk.index]
+            storing.set()
+
+    def _write_chunks(self, chunks: list[FetchedChunk]) -> None:
+        """Worker thread: touches the data file only, never the chunk state."""
+        for chunk in chunks:
+            start = self.geometry.chunk_start(chunk.index)
+            if chunk.data is None:
+                self.store.punch(self.name, start, self.geometry.chunk_length(chunk.index))
+            else:
+                self.store.write_data(self.name, start, chunk.data)
 
     def _local_copy(self, digest: bytes) -> bytes | None:
         """Verified bytes of a committed clean chunk with this digest, from any image here."""
@@ -341,12 +357,18 @@ class Image:
         if not data:
             return 0
         self.last_foreground = trio.current_time()
+        touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
-        while any(self._states[i] == ChunkState.ABSENT for i in partial):
-            await self.wait_local(partial)
+        while True:
+            if any(self._states[i] == ChunkState.ABSENT for i in partial):
+                await self.wait_local(partial)
+            elif busy := [self._storing[i] for i in touched if i in self._storing]:
+                await busy[0].wait()  # a fill is storing base bytes there: let it finish first
+            else:
+                break
         # No await from here on: the write and the dirty marks are one atomic step.
         self.store.write_data(self.name, offset, data)
-        for index in self.geometry.chunks_of(offset, len(data)):
+        for index in touched:
             if self._states[index] != ChunkState.DIRTY:
                 self._set_state(index, ChunkState.DIRTY, None)
         self.store.touch(self.name)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from corfs.base import ChunkLayout
 from corfs.base.memory import MemoryBase, MemoryImage
@@ -149,3 +150,10 @@ __all__ = [
     "st_allocated",
     "wait_until",
 ]
+
+
+def run_with_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
+    """Run `main` in virtual time that jumps whenever every task waits. The threshold lets
+    worker threads (fills write data files in threads) finish before the clock jumps past
+    them; with 0 a thread's few milliseconds would count as idle time."""
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.005))

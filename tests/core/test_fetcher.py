@@ -17,13 +17,19 @@ from corfs.errors import BaseCorrupt, BaseNotFound, BaseUnavailable
 from corfs.fetcher import Fetcher, RetryPolicy, _runs
 from corfs.geometry import ChunkGeometry
 from corfs.store import ChunkState
-from tests.core.conftest import CS, chunk_reads, committed_states, layout_of, random_bytes
+from tests.core.conftest import (
+    CS,
+    chunk_reads,
+    committed_states,
+    layout_of,
+    random_bytes,
+    run_with_mock_clock,
+)
 
 POLICY = RetryPolicy(io_timeout=10.0, first_backoff=0.1, max_backoff=2.0)
 
 
-def run(main) -> None:  # noqa: ANN001
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+run = run_with_mock_clock
 
 
 def source_of(data: bytes, *, published: bool = False) -> MemoryImage:

@@ -15,7 +15,14 @@ import trio.testing
 from corfs.errors import BaseChanged, BaseNotFound, CacheFull, CorfsError, ReadOnlyError
 from corfs.image import Image
 from corfs.store import ChunkState
-from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, wait_until
+from tests.core.conftest import (
+    CS,
+    chunk_reads,
+    committed_states,
+    random_bytes,
+    run_with_mock_clock,
+    wait_until,
+)
 
 SIZE = 13 * CS + 123  # a short last chunk
 
@@ -24,8 +31,7 @@ def idle(image: Image) -> bool:
     return not any(image.is_filling(i) for i in range(image.geometry.chunk_count))
 
 
-def run(main) -> None:  # noqa: ANN001
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+run = run_with_mock_clock
 
 
 def test_random_ranges_equal_base(rig_factory) -> None:

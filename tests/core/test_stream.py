@@ -4,8 +4,6 @@ in statistics, recovery by itself), and resuming from a reopened cache. MockCloc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import trio
 import trio.testing
@@ -15,15 +13,21 @@ from corfs.errors import TransientBaseError
 from corfs.fetcher import RetryPolicy
 from corfs.store import ChunkState
 from corfs.stream import StreamWorker
-from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, wait_until
+from tests.core.conftest import (
+    CS,
+    chunk_reads,
+    committed_states,
+    random_bytes,
+    run_with_mock_clock,
+    wait_until,
+)
 
 N = 64
 DATA = random_bytes(N * CS)
 ONE_BY_ONE = StreamConfig(workers=1, run_chunks=1)
 
 
-def run(main: Callable) -> None:
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+run = run_with_mock_clock
 
 
 def test_stream_fills_everything_sequentially(rig_factory) -> None:

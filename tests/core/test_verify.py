@@ -9,17 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 
 from corfs import scrub
 from corfs.errors import UsageError
 from corfs.store import CacheStore, ChunkState
-from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes
+from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
 
-
-def run(main) -> None:  # noqa: ANN001
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+run = run_with_mock_clock
 
 
 def damage(path: str, offset: int) -> None:
