@@ -2,8 +2,12 @@
 `s3://bucket/prefix/key.raw` exposes that one object.
 
 boto3 is blocking, so every call runs in a worker thread under one CapacityLimiter sized like
-the connection pool. Signing and credentials are botocore's: env, shared config / profile,
-instance role. Invariants:
+the connection pool. Such a thread cannot be interrupted, and botocore's timeouts are per
+socket operation (a body that trickles in never trips them), so calls are abandoned on
+cancel: the fetcher's --io-timeout ends the wait at once and the thread's eventual result is
+dropped. That is safe because the calls only read and share no state with the trio side; an
+abandoned call keeps its limiter slot until its thread ends. Signing and credentials are
+botocore's: env, shared config / profile, instance role. Invariants:
 - An image's identity is its ETag plus size, and every ranged GetObject carries IfMatch with
   that ETag and is checked (Content-Range, exact length, ETag): a changed object raises
   BaseChanged, never bytes of another version.
@@ -155,7 +159,9 @@ class S3Base:
         )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self.limiter, abandon_on_cancel=True
+        )
 
     def _what(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -259,7 +265,8 @@ class S3Base:
         return await self._run(get)
 
     async def aclose(self) -> None:
-        await self._run(self.client.close)
+        # Not under the limiter: abandoned calls may still hold its slots.
+        await trio.to_thread.run_sync(self.client.close, abandon_on_cancel=True)
 
 
 async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
