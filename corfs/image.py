@@ -272,6 +272,7 @@ class Image:
                 self.store.punch(self.name, start, self.geometry.chunk_length(chunk.index))
             else:
                 self.store.write_data(self.name, start, chunk.data)
+                self.store.start_writeback(self.name, start, len(chunk.data))
 
     def _local_copy(self, digest: bytes) -> bytes | None:
         """Verified bytes of a committed clean chunk with this digest, from any image here."""
