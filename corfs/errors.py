@@ -7,6 +7,7 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     │   ├── CacheLocked             EBUSY, exit 3    another mount holds CACHE
     │   └── CacheFull               ENOSPC, exit 3
     ├── ReadOnlyError               EROFS, exit 1
+    ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
     ├── ControlError                EIO, exit 4      control of something that is no corfs mount
     └── BaseError                   EIO, exit 5      BASE failed
@@ -47,6 +48,10 @@ class CacheFull(CacheError):
 
 class ReadOnlyError(CorfsError):
     errno = errno.EROFS
+
+
+class OutOfImageError(CorfsError):
+    errno = errno.ENOSPC  # what a block device answers for a write past its end
 
 
 class NotLocalError(CorfsError):

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -66,7 +67,7 @@ class CorfsOperations(pyfuse3.Operations):
         self._uid, self._gid = owner
         self._mode = mode
         self._statfs_path = statfs_path
-        self._mount_time_ns = _now_ns()
+        self._mount_time_ns = time.time_ns()
 
     # ---- attributes ----------------------------------------------------------------------
 
@@ -215,9 +216,3 @@ class CorfsOperations(pyfuse3.Operations):
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the kernel has no pages of it
                 log.warning("dropping cached pages of inode %d: %s", inode, exc)
-
-
-def _now_ns() -> int:
-    import time
-
-    return time.time_ns()

@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -31,6 +30,7 @@ from .errors import (
     BaseNotFound,
     CacheFull,
     CorfsError,
+    OutOfImageError,
     ReadOnlyError,
 )
 from .fetcher import FetchedChunk, Fetcher, _runs
@@ -44,10 +44,6 @@ MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
 READ_AHEAD_MAX = 8  # chunks fetched ahead of a sequential reader
 _WRITE_LIMITER = trio.CapacityLimiter(2)  # threads writing fills into data files
 READ_AHEAD_RUN = 2  # chunks per read-ahead request: small runs land (and unblock) sooner
-
-
-class OutOfImageError(CorfsError):
-    errno = errno.ENOSPC
 
 
 @dataclass

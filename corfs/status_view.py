@@ -22,9 +22,8 @@ def format_table(status: dict) -> str:
         status.get("mountpoint") if status.get("mounted") else f"{status['cache']} (not mounted)"
     )
     lines = [f"{where}  base: {status.get('base') or '-'}"]
-    lines.append(
-        f"{'IMAGE':<24} {'SIZE':>10} {'LOCAL':>10} {'FILL':>7} {'STATE':<10} {'RATE':>12} {'ETA':>9}"
-    )
+    columns = ("IMAGE", "SIZE", "LOCAL", "FILL", "STATE", "RATE", "ETA")
+    lines.append("{:<24} {:>10} {:>10} {:>7} {:<10} {:>12} {:>9}".format(*columns))
     for image in status["images"]:
         rate = f"{format_size(image['rate_bps'])}/s" if image["rate_bps"] else "-"
         lines.append(
