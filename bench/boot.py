@@ -8,6 +8,9 @@
     http+trace   the same with the trace
     dir-paused   corfs with --stream-paused: only what the boot itself reads is fetched
     http-paused  the same over HTTP
+    http-25M     HTTP with the stream limited to 25 MB/s (a WAN-like link), so that it does not
+                 fetch the whole image before the marker as it does at loopback speed
+    http-25M+trace  the same, streaming the traced chunks first
 
 and, for the corfs variants, the bytes fetched from BASE when the marker appears (status
 `fetcher.bytes_fetched`, read from the console thread the moment the line arrives) as a
@@ -57,7 +60,12 @@ from tests.vm.vmboot import BootResult, boot
 
 IMAGE = "disk.raw"
 BOOT_TIMEOUT = 600.0
-VARIANTS = ("raw", "dir", "dir+trace", "http", "http+trace", "dir-paused", "http-paused")
+VARIANTS = (
+    "raw", "dir", "dir+trace", "http", "http+trace", "dir-paused", "http-paused",
+    "http-25M", "http-25M+trace",
+)  # fmt: skip
+DEFAULT_VARIANTS = VARIANTS[:7]
+LIMITED_BANDWIDTH = "25M"
 
 
 # --------------------------------------------------------------------------- the image
@@ -190,6 +198,8 @@ def boot_corfs(setup: Setup, variant: str) -> Run:
         options += ["--trace", str(setup.trace)]
     if variant.endswith("-paused"):
         options.append("--stream-paused")
+    if f"-{LIMITED_BANDWIDTH}" in variant:
+        options += ["--bandwidth", LIMITED_BANDWIDTH]
     drop_caches()
     at_marker: dict = {}
     with corfs_mount(setup, base, options, variant) as mnt:
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--image-mib", type=int, default=1024)
     parser.add_argument("--pad-mib", type=int, default=640)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--json", type=Path, help="also write every run here")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
