@@ -146,6 +146,7 @@ class Setup:
     http_url: str
     work: Path
     trace: Path | None = None
+    cache_mode: str = "writeback"  # QEMU's -drive cache=; "none" opens the image O_DIRECT
     log_dir: Path = field(default_factory=lambda: Path(workdir("boot")) / "logs")
 
 
@@ -170,7 +171,7 @@ def boot_raw(setup: Setup) -> Run:
     )
     drop_caches()
     load = _loadavg()
-    result = boot(disk, artifacts=setup.artifacts, timeout=BOOT_TIMEOUT)
+    result = boot(disk, artifacts=setup.artifacts, cache=setup.cache_mode, timeout=BOOT_TIMEOUT)
     _check(result, setup.artifacts)
     disk.unlink()
     return Run(
@@ -211,7 +212,11 @@ def boot_corfs(setup: Setup, variant: str) -> Run:
 
         load = _loadavg()
         result = boot(
-            mnt / IMAGE, artifacts=setup.artifacts, timeout=BOOT_TIMEOUT, on_marker=sample
+            mnt / IMAGE,
+            artifacts=setup.artifacts,
+            cache=setup.cache_mode,
+            timeout=BOOT_TIMEOUT,
+            on_marker=sample,
         )
         _check(result, setup.artifacts)
         fetched_total = corfs_status(str(mnt))["fetcher"]["bytes_fetched"]
@@ -230,7 +235,12 @@ def boot_corfs(setup: Setup, variant: str) -> Run:
 def record_trace(setup: Setup) -> Path:
     """One cold boot over the dir base with --record-trace; the trace is kept for the run."""
     with corfs_mount(setup, str(setup.base_disk.parent), ["--record-trace"], "record"):
-        boot(setup.work / "mnt" / IMAGE, artifacts=setup.artifacts, timeout=BOOT_TIMEOUT)
+        boot(
+            setup.work / "mnt" / IMAGE,
+            artifacts=setup.artifacts,
+            cache=setup.cache_mode,
+            timeout=BOOT_TIMEOUT,
+        )
     trace = setup.work / "boot-trace.json"
     shutil.copy(setup.work / "cache" / "trace.json", trace)
     return trace
@@ -251,7 +261,8 @@ def report(runs: list[Run], image_size: int, allocated: int, args: argparse.Name
     lines = [
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
         f"image: {image_size / MiB:.0f} MiB ext4 ({allocated / MiB:.0f} MiB allocated, "
-        f"{args.pad_mib} MiB of it padding the guest does not read); {args.runs} runs per "
+        f"{args.pad_mib} MiB of it padding the guest does not read); QEMU cache={args.cache}; "
+        f"{args.runs} runs per "
         "variant, interleaved; medians",
         "",
         "| variant | marker s (runs) | × raw | fetched at marker | % of image | fetched by "
@@ -290,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-mib", type=int, default=1024)
     parser.add_argument("--pad-mib", type=int, default=640)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--cache", default="writeback", help="QEMU drive cache mode")
     parser.add_argument("--json", type=Path, help="also write every run here")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         nginx.start()
-        setup = Setup(artifacts, base_disk, nginx.url, work)
+        setup = Setup(artifacts, base_disk, nginx.url, work, cache_mode=args.cache)
         if any(v.endswith("+trace") for v in variants):
             setup.trace = record_trace(setup)
             traced = json.loads(setup.trace.read_text())["images"][IMAGE]["chunks"]
