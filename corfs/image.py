@@ -131,6 +131,15 @@ class Image:
             return None
         return next(reversed(self._fill_failures.values()))
 
+    def _clear_failures(self, run: range) -> None:
+        """These chunks filled: forget their failures, and the same failure recorded for the
+        other chunks of the run that failed with them (read-ahead neighbours never re-read)."""
+        healed = {self._fill_failures.pop(i) for i in run if i in self._fill_failures}
+        if healed:
+            self._fill_failures = {
+                i: why for i, why in self._fill_failures.items() if why not in healed
+            }
+
     def is_local(self, index: int) -> bool:
         return self._states[index] != ChunkState.ABSENT
 
@@ -223,8 +232,7 @@ class Image:
             )
             await self._store_fetched(chunks)
             self.fills += 1
-            for index in run:
-                self._fill_failures.pop(index, None)
+            self._clear_failures(run)
         except BaseChanged as exc:
             self.error = f"base image changed: {exc}"
             fill.error = exc
