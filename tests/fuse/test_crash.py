@@ -123,7 +123,7 @@ def test_kill9_rounds_keep_every_byte_right(tmp_dirs, tmp_path):
             tmp_dirs.mnt,
             *options,
             "--bandwidth",
-            "24M",
+            "8M",
             log_dir=tmp_dirs.logs,
         ) as m:
             path = m.mnt / "disk.raw"
