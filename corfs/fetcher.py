@@ -25,6 +25,9 @@ from .geometry import ChunkGeometry
 log = logging.getLogger(__name__)
 
 
+FINAL_TRY_MARGIN = 0.05  # seconds left for a last try before io_timeout
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     io_timeout: float = 60.0
@@ -100,10 +103,14 @@ class Fetcher:
                 attempt += 1
                 last_error = str(exc)
                 backoff = min(
-                    self.policy.max_backoff, self.policy.first_backoff * 2 ** (attempt - 1)
+                    self.policy.max_backoff, self.policy.first_backoff * 2 ** min(attempt - 1, 30)
                 )
                 backoff *= random.uniform(0.5, 1.0)
-                if trio.current_time() + backoff >= deadline:
+                # The last wait is cut short so that a last try still fits: the read gives up
+                # at io_timeout, not a backoff earlier.
+                remaining = deadline - trio.current_time() - FINAL_TRY_MARGIN
+                backoff = min(backoff, remaining)
+                if remaining < FINAL_TRY_MARGIN:
                     self.failures += 1
                     raise BaseUnavailable(
                         f"{source.name}: base failed for {self.policy.io_timeout:g} s "

@@ -78,7 +78,8 @@ def test_persistent_failure_becomes_unavailable_after_io_timeout() -> None:
             await fetcher.read_with_retry(source, 0, CS)
         elapsed = trio.current_time() - start
         assert info.value.errno == errno.EIO
-        assert POLICY.io_timeout - POLICY.max_backoff <= elapsed <= POLICY.io_timeout
+        # It gives up at io_timeout itself, not a backoff earlier.
+        assert POLICY.io_timeout - 0.1 <= elapsed <= POLICY.io_timeout
         assert fetcher.retries >= 5 and fetcher.failures == 1
 
     run(main)

@@ -89,7 +89,9 @@ def _writer(path, model: Model, rng: random.Random, seq0: int, stop, done: list[
 
 def _reader(path, base: bytes, model: Model, rng: random.Random, stop, errors: list) -> None:
     with contextlib.suppress(OSError):
-        while not stop.is_set():
+        # A pause between reads: random reads alone would make the whole image local within
+        # a fraction of a second, and the kill must land while chunks are still being filled.
+        while not stop.wait(0.005):
             off = rng.randrange(0, SIZE // BLOCK) * BLOCK
             length = rng.choice((4, 64, 128, 256)) * KIB
             got = direct_read(path, off, length)
