@@ -97,6 +97,7 @@ def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> It
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{argv[:4]} did not mount (see {log_path})")
             time.sleep(0.05)
+        time.sleep(0.2)  # let the daemon finish its start-up (corfs raises the read-ahead)
         yield Daemon(proc, mountpoint)
     finally:
         if proc.poll() is None:

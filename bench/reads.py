@@ -44,11 +44,10 @@ def run(size_mib: int, chunk_size: str, passes: int) -> dict:
         mnt = os.path.join(root, "mnt-pt")
         with mounted([sys.executable, "-m", "bench.passthrough", image, mnt], mnt):
             path = os.path.join(mnt, "disk.raw")
+            # The baseline for both cold and warm: every byte read from disk through Python
+            # FUSE, the page cache dropped (a passthrough has no copy-on-read).
             drop_caches()
-            note("passthrough cold MB/s", read_sequential(path))
-            drop_caches()
-            read_sequential(image)  # base in page cache, FUSE side cold: the 'warm' analogue
-            note("passthrough warm MB/s", read_sequential(path))
+            note("passthrough MB/s", read_sequential(path))
             note("passthrough hot MB/s", read_sequential(path))
 
         cache = fresh_dir(os.path.join(root, "cache"))
@@ -64,7 +63,6 @@ def run(size_mib: int, chunk_size: str, passes: int) -> dict:
         with mounted(argv, mnt, os.path.join(root, "corfs.log")) as daemon:
             path = os.path.join(mnt, "disk.raw")
             drop_caches()
-            os.posix_fadvise(os.open(os.path.join(cache, "data", "disk.raw"), os.O_RDONLY), 0, 0, 0)
             note("corfs warm MB/s", read_sequential(path))
             note("corfs hot MB/s", read_sequential(path))
             rr = fio_randread(path, seconds=6)
@@ -109,9 +107,9 @@ def report(results: dict, size_mib: int, chunk_size: str) -> str:
         return f"{med[a] / med[b]:.2f}"
 
     lines += [
-        f"  warm / passthrough warm            {ratio('corfs warm MB/s', 'passthrough warm MB/s')}"
+        f"  warm / passthrough                 {ratio('corfs warm MB/s', 'passthrough MB/s')}"
         "  (target >= 0.80)",
-        f"  cold / passthrough cold            {ratio('corfs cold MB/s', 'passthrough cold MB/s')}"
+        f"  cold / passthrough                 {ratio('corfs cold MB/s', 'passthrough MB/s')}"
         "  (target >= 0.50)",
         f"  hot GB/s                           {med['corfs hot MB/s'] / 1000:.2f}  (target >= 5)",
         f"  randread IOPS / passthrough        "

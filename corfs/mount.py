@@ -147,20 +147,32 @@ async def _stop_on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa
             return
 
 
+def _read_ahead_file(mountpoint: str) -> str | None:
+    """The mount's bdi read_ahead_kb, found through /proc/self/mountinfo: never by touching
+    the mount itself, which would deadlock inside its own daemon."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                return f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
+    return None
+
+
 async def _raise_read_ahead(mountpoint: str, kib: int = 1024) -> None:
     """Buffered reads reach the daemon in requests as large as the mount's read-ahead (128 KiB
-    by default); 1 MiB requests cost a quarter of the round trips. Found through
-    /proc/self/mountinfo, never by touching the mount itself (that would deadlock here). The
-    kernel sets the read-ahead when it gets the reply to FUSE's INIT, so wait for that first."""
-    await trio.sleep(0.2)
+    by default); 1 MiB requests cost a quarter of the round trips. The kernel sets the
+    read-ahead when it gets the reply to FUSE's INIT, after we could first write it, so keep
+    it raised through the first second of the mount."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == mountpoint:
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
-                        bdi.write(f"{kib}\n")
-                    return
+        path = _read_ahead_file(mountpoint)
+        if path is None:
+            return
+        for _ in range(100):
+            with open(path, "r+") as bdi:
+                if bdi.read().strip() != str(kib):
+                    bdi.seek(0)
+                    bdi.write(f"{kib}\n")
+            await trio.sleep(0.01)
     except OSError as exc:
         log.debug("could not raise the read-ahead of %s: %s", mountpoint, exc)
 
