@@ -61,7 +61,10 @@ class _ImageStream:
     image: Image
     paused: bool = False
     cursor: int = 0
-    urgent: collections.deque[int] = field(default_factory=collections.deque)
+    # Chunks to fill before the sequential order: read-ahead after foreground misses and runs
+    # to retry (bounded: a long-paused stream must not collect hints forever), then the trace.
+    urgent: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=256))
+    traced: collections.deque[int] = field(default_factory=collections.deque)
     failures: int = 0
     retry_at: float = 0.0
     error: str | None = None
@@ -93,7 +96,7 @@ class StreamWorker:
         self._rotation = 0
         for name, order in (traces or {}).items():
             if name in self._streams:
-                self._streams[name].urgent.extend(order)
+                self._streams[name].traced.extend(order)
         for stream in self._streams.values():
             stream.image.miss_listeners.append(self._read_ahead_hook(stream))
 
@@ -159,8 +162,8 @@ class StreamWorker:
     def _next_run(self, stream: _ImageStream) -> range | None:
         image = stream.image
         count = image.geometry.chunk_count
-        while stream.urgent:
-            index = stream.urgent.popleft()
+        while stream.urgent or stream.traced:
+            index = (stream.urgent or stream.traced).popleft()
             if 0 <= index < count and not image.is_local(index) and not image.is_filling(index):
                 return self._extend(image, index, self.config.run_chunks)
         # Sequential from the cursor to the end, then the chunks before it (skipped earlier
