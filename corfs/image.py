@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 ABSENT = bytes([ChunkState.ABSENT])
 MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
-READ_AHEAD_MAX = 8  # chunks fetched ahead of a sequential reader
+READ_AHEAD_MAX = 16  # chunks fetched ahead of a sequential reader
 _WRITE_LIMITER = trio.CapacityLimiter(2)  # threads writing fills into data files
-READ_AHEAD_RUN = 2  # chunks per read-ahead request: small runs land (and unblock) sooner
+READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unblock) sooner
 
 
 @dataclass
