@@ -34,7 +34,8 @@ from ..errors import (
     UsageError,
 )
 from . import BaseOptions
-from .http import _parse_content_range, stall_timeout
+from .http import stall_timeout
+from .http_wire import parse_content_range
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class S3Base:
                 etag = resp.get("ETag")
                 if etag and etag != image.etag:
                     raise BaseChanged(f"{what}: changed on the server (ETag moved)")
-                got = _parse_content_range(resp.get("ContentRange"))
+                got = parse_content_range(resp.get("ContentRange"))
                 if got is None:
                     if offset != 0 or resp.get("ContentLength") != image.size:
                         raise TransientBaseError(f"{what}: answer without Content-Range")
