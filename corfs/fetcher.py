@@ -20,7 +20,7 @@ import trio
 from .base import BaseImage
 from .digest import chunk_digest, is_zero, zero_digest
 from .errors import BaseCorrupt, BaseUnavailable, TransientBaseError
-from .geometry import ChunkGeometry
+from .geometry import ChunkGeometry, contiguous_runs
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Fetcher:
                 results[index] = FetchedChunk(index, local, expected)
             else:
                 to_fetch.append(index)
-        for run in _runs(to_fetch):
+        for run in contiguous_runs(to_fetch):
             for chunk in await self._fetch_published_run(source, geometry, run):
                 results[chunk.index] = chunk
         return [results[i] for i in indexes]
@@ -219,14 +219,3 @@ class Fetcher:
             self.failures += 1
             raise BaseCorrupt(f"{source.name}: chunk {index} failed its digest check twice")
         return chunk
-
-
-def _runs(indexes: list[int]) -> list[range]:
-    """[1,2,3,7,8] -> [range(1,4), range(7,9)]"""
-    runs: list[range] = []
-    for index in indexes:
-        if runs and runs[-1].stop == index:
-            runs[-1] = range(runs[-1].start, index + 1)
-        else:
-            runs.append(range(index, index + 1))
-    return runs

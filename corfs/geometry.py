@@ -49,3 +49,14 @@ class ChunkGeometry:
             if offset > start or end < start + self.chunk_length(index):
                 partial.append(index)
         return partial
+
+
+def contiguous_runs(indexes: list[int]) -> list[range]:
+    """Sorted chunk indexes as runs of adjacent ones: [1,2,3,7,8] -> [range(1,4), range(7,9)]."""
+    runs: list[range] = []
+    for index in indexes:
+        if runs and runs[-1].stop == index:
+            runs[-1] = range(runs[-1].start, index + 1)
+        else:
+            runs.append(range(index, index + 1))
+    return runs

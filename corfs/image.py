@@ -33,8 +33,8 @@ from .errors import (
     OutOfImageError,
     ReadOnlyError,
 )
-from .fetcher import FetchedChunk, Fetcher, _runs
-from .geometry import ChunkGeometry
+from .fetcher import FetchedChunk, Fetcher
+from .geometry import ChunkGeometry, contiguous_runs
 from .store import CacheStore, ChunkState, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class Image:
     def _start_fills(self, indexes: list[int], limit: int) -> None:
         """Start fills of `indexes` (none in flight yet), at most `limit` chunks per request."""
         limit = max(1, limit)
-        for run in _runs(indexes):
+        for run in contiguous_runs(indexes):
             for start in range(run.start, run.stop, limit):
                 piece = range(start, min(start + limit, run.stop))
                 fill = _Fill()

@@ -14,8 +14,8 @@ import trio.testing
 
 from corfs.base.memory import MemoryImage
 from corfs.errors import BaseCorrupt, BaseNotFound, BaseUnavailable
-from corfs.fetcher import Fetcher, RetryPolicy, _runs
-from corfs.geometry import ChunkGeometry
+from corfs.fetcher import Fetcher, RetryPolicy
+from corfs.geometry import ChunkGeometry, contiguous_runs
 from corfs.store import ChunkState
 from tests.core.conftest import (
     CS,
@@ -154,9 +154,9 @@ def test_raw_fetch_splits_runs_and_finds_zeros() -> None:
     run(main)
 
 
-def test_runs() -> None:
-    assert _runs([]) == []
-    assert _runs([1, 2, 3, 7, 8, 10]) == [range(1, 4), range(7, 9), range(10, 11)]
+def testcontiguous_runs() -> None:
+    assert contiguous_runs([]) == []
+    assert contiguous_runs([1, 2, 3, 7, 8, 10]) == [range(1, 4), range(7, 9), range(10, 11)]
 
 
 # ---- published images: digests ------------------------------------------------------------
