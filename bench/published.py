@@ -37,36 +37,9 @@ from bench.harness import (
     workdir,
 )
 from bench.rootfs import build
-from tests.servers import Nginx
+from tests.servers import LoggingNginx
 
 MB = 1e6
-
-
-class LoggingNginx(Nginx):
-    """nginx with an access log of `URI STATUS BYTES_SENT` lines."""
-
-    @property
-    def access_log(self) -> Path:
-        return self.workdir / "access.log"
-
-    def config(self) -> str:
-        fmt = "log_format corfs '$uri $status $body_bytes_sent';"
-        return (
-            super()
-            .config()
-            .replace("access_log off;", f"{fmt}\n  access_log {self.access_log} corfs;")
-        )
-
-    def sent(self, prefix: str) -> tuple[int, int]:
-        """(requests, body bytes) logged so far for URIs starting with `prefix`."""
-        count = total = 0
-        if self.access_log.exists():
-            for line in self.access_log.read_text().splitlines():
-                uri, _, sent = line.split()
-                if uri.startswith(prefix):
-                    count += 1
-                    total += int(sent)
-        return count, total
 
 
 @dataclass

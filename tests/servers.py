@@ -202,6 +202,39 @@ http {{
             stop_process(self.proc)
 
 
+class LoggingNginx(Nginx):
+    """Nginx with an access log, one line per request: `URI STATUS BYTES_SENT`, for tests and
+    benchmarks that count what a client fetched."""
+
+    @property
+    def access_log(self) -> Path:
+        return self.workdir / "access.log"
+
+    def config(self) -> str:
+        fmt = "log_format corfs '$uri $status $body_bytes_sent';"
+        return (
+            super()
+            .config()
+            .replace("access_log off;", f"{fmt}\n  access_log {self.access_log} corfs;")
+        )
+
+    def requests(self, prefix: str = "") -> list[tuple[str, int, int]]:
+        """(uri, status, body bytes) of the requests logged so far for URIs under `prefix`."""
+        if not self.access_log.exists():
+            return []
+        out = []
+        for line in self.access_log.read_text().splitlines():
+            uri, status, sent = line.split()
+            if uri.startswith(prefix):
+                out.append((uri, int(status), int(sent)))
+        return out
+
+    def sent(self, prefix: str) -> tuple[int, int]:
+        """(requests, body bytes) logged so far for URIs under `prefix`."""
+        logged = self.requests(prefix)
+        return len(logged), sum(sent for _, _, sent in logged)
+
+
 @dataclass
 class Moto:
     """moto's S3 server in a subprocess. `client()` is a boto3 client with the fake

@@ -35,7 +35,7 @@ from tests.fuse.util import (
     wait_for,
 )
 from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs, sha256_file
-from tests.servers import Nginx
+from tests.servers import LoggingNginx
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
@@ -79,32 +79,6 @@ def published_objects(dest: Path) -> dict[str, tuple]:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
-
-
-class LoggingNginx(Nginx):
-    """tests.servers.Nginx with an access log: one line per request, `URI STATUS BYTES`."""
-
-    @property
-    def access_log(self) -> Path:
-        return self.workdir / "access.log"
-
-    def config(self) -> str:
-        fmt = "log_format corfs '$uri $status $body_bytes_sent';"
-        return (
-            super()
-            .config()
-            .replace("access_log off;", f"{fmt}\n  access_log {self.access_log} corfs;")
-        )
-
-    def requests(self, prefix: str = "") -> list[tuple[str, int, int]]:
-        if not self.access_log.exists():
-            return []
-        out = []
-        for line in self.access_log.read_text().splitlines():
-            uri, status, sent = line.split()
-            if uri.startswith(prefix):
-                out.append((uri, int(status), int(sent)))
-        return out
 
 
 @pytest.fixture
