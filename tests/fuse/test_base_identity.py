@@ -10,7 +10,7 @@ import pytest
 
 from tests.mounting import make_image, sha256_file
 
-from .util import MIB, status
+from .util import MIB, direct_read, status
 
 SIZE = 2 * MIB
 
@@ -29,11 +29,11 @@ def test_changed_base_image_refused_then_reset(tmp_dirs, change):
     stale = make_image(tmp_dirs.base / "stale.raw", SIZE, seed=31)
     keep = make_image(tmp_dirs.base / "keep.raw", SIZE, seed=32)
     with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
-        # half of each image local, so a mix of old cache and new base would be possible
-        with open(m.mnt / "stale.raw", "rb") as f:
-            f.read(SIZE // 2)
-        with open(m.mnt / "keep.raw", "rb") as f:
-            f.read(SIZE // 2)
+        # some chunks of each image local, so a mix of old cache and new base would be
+        # possible; scattered O_DIRECT reads, so that no read-ahead makes them all local
+        for name in ("stale.raw", "keep.raw"):
+            for chunk in (0, 5, 11, 20):
+                direct_read(m.mnt / name, chunk * 64 * 1024, 4096)
         m.stop()
     cached = {i["name"]: i["local_bytes"] for i in status(tmp_dirs.cache)["images"]}
     assert 0 < cached["stale.raw"] < SIZE
