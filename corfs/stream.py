@@ -239,7 +239,7 @@ class StreamWorker:
                 stream.error = str(exc)
             except CorfsError as exc:
                 stream.failures += 1
-                backoff = min(MAX_BACKOFF, 2.0 ** (stream.failures - 1))
+                backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
                 stream.retry_at = trio.current_time() + backoff
                 stream.error = str(exc)
                 stream.urgent.appendleft(run.start)
