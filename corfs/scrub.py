@@ -14,6 +14,10 @@ from .digest import chunk_digest, is_zero
 from .errors import UsageError
 from .store import CacheStore, ChunkState, ImageRecord
 
+# Chunks per forget command: the command is an xattr value, which the kernel refuses (E2BIG)
+# above 64 KiB; 4096 indexes of up to 10 digits fit with room for the image's name.
+FORGET_BATCH = 4096
+
 
 @dataclass(frozen=True)
 class ScrubReport:
@@ -61,7 +65,9 @@ def verify_cache(cache_dir: str, image: str | None = None) -> list[ScrubReport]:
 def _forget(store: CacheStore, name: str, chunks: list[int], mounted: bool) -> None:
     if mounted:
         mountpoint = (store.read_small_file(control.MOUNTPOINT_FILE) or "").strip()
-        control.send_command(mountpoint, {"op": "forget", "image": name, "chunks": chunks})
+        for start in range(0, len(chunks), FORGET_BATCH):
+            batch = chunks[start : start + FORGET_BATCH]
+            control.send_command(mountpoint, {"op": "forget", "image": name, "chunks": batch})
     else:
         for index in chunks:
             store.record(name, index, ChunkState.ABSENT)

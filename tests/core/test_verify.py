@@ -5,13 +5,14 @@ the same through real mounts and the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from corfs import scrub
-from corfs.errors import UsageError
+from corfs.errors import ControlError, UsageError
 from corfs.store import CacheStore, ChunkState
 from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
 
@@ -163,3 +164,34 @@ def test_find_by_digest_sees_pending_committing_and_committed(tmp_path: Path) ->
         assert store.find_by_digest(b"e" * 16) is None
     finally:
         store.close()
+
+
+def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The forget command reaches the daemon as an xattr value, which the kernel refuses
+    (E2BIG) above XATTR_SIZE_MAX (64 KiB): many bad chunks must go in several commands."""
+    cache = str(tmp_path / "cache")
+    count = 20_000
+    store = CacheStore.open(cache)
+    try:
+        store.create_image("a", count * 512, 512, "id", "memory://")
+        for index in range(count):
+            store.record("a", index, ChunkState.CLEAN, b"\x01" * 16)  # the bytes are zeros
+        store.commit_sync()
+    finally:
+        store.close()
+
+    sent: list[int] = []
+
+    def send_command(mountpoint: str, command: dict) -> None:
+        if len(json.dumps(command).encode()) > 65536:
+            raise ControlError(f"{mountpoint} refused the command: Argument list too long")
+        assert command["op"] == "forget" and command["image"] == "a"
+        sent.extend(command["chunks"])
+
+    monkeypatch.setattr(CacheStore, "is_locked", staticmethod(lambda cache_dir: True))
+    monkeypatch.setattr(scrub.control, "send_command", send_command)
+    (report,) = scrub.verify_cache(cache)
+    assert report.bad == count
+    assert sorted(sent) == list(range(count))
