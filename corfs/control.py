@@ -64,7 +64,7 @@ class Controller:
                     eta_s=eta_seconds(remaining, rate)
                     if stream.state == "streaming"
                     else (0.0 if stream.state == "complete" else None),
-                    error=stream.error or image.fill_error,
+                    error=stream.error or image.fill_error or image.store.sync_failure,
                 )
             )
         fetcher = self._fetcher_statistics() if self._fetcher_statistics else None

@@ -135,6 +135,8 @@ async def _commit_forever(
         try:
             await store.commit()
         except CorfsError as exc:
+            if store.sync_failure is not None:
+                return  # said once in the log; committing again could record lost bytes
             log.error("committing chunk state failed (will retry): %s", exc)
 
 

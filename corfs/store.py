@@ -117,6 +117,14 @@ def data_file_name(image: str) -> str:
     return quote(image, safe="") or "%00"
 
 
+class _SyncFailed(Exception):
+    """fdatasync of a data file failed: the bytes behind pending marks may not be on disk."""
+
+    def __init__(self, cause: CacheError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class CacheStore:
     def __init__(self, cache_dir: str, db: sqlite3.Connection, lock_fd: int | None) -> None:
         self.cache_dir = cache_dir
@@ -128,6 +136,7 @@ class CacheStore:
         self._committing: dict[tuple[str, int], tuple[int, bytes | None]] = {}  # in a commit
         self._touched: set[str] = set()
         self._commit_lock = trio.Lock()
+        self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         self.commits = 0
 
     # ---- opening -------------------------------------------------------------------------
@@ -350,8 +359,15 @@ class CacheStore:
         return len(self._pending)
 
     async def commit(self) -> None:
-        """Make every mark recorded so far durable: fdatasync, then commit the rows."""
+        """Make every mark recorded so far durable: fdatasync, then commit the rows.
+
+        A failed fdatasync stops all further commits (CacheError from then on): Linux reports a
+        writeback error once and then marks the pages clean, so a retry could "succeed" with
+        the bytes never on disk and record chunks local that are not. What was committed
+        before stays true; a restart of the mount starts from there."""
         async with self._commit_lock:
+            if self.sync_failure is not None:
+                raise CacheError(self.sync_failure)
             # No await between these lines and the swap: what we sync is what we snapshot.
             pending, self._pending = self._pending, {}
             touched, self._touched = self._touched, set()
@@ -361,6 +377,13 @@ class CacheStore:
             self._committing = pending
             try:
                 await trio.to_thread.run_sync(self._sync_and_write, fds, pending)
+            except _SyncFailed as failed:
+                self.sync_failure = (
+                    f"the cache disk failed to sync ({failed.cause}): nothing more is recorded "
+                    "as local; restart the mount"
+                )
+                log.error("%s", self.sync_failure)
+                raise failed.cause from None
             except BaseException:
                 # Not durable: put the marks back (newer marks taken meanwhile win).
                 for key, value in pending.items():
@@ -372,9 +395,15 @@ class CacheStore:
 
     def commit_sync(self) -> None:
         """The same as `commit`, for shutdown paths outside trio."""
+        if self.sync_failure is not None:
+            raise CacheError(self.sync_failure)
         pending, self._pending = self._pending, {}
         self._touched = set()
-        self._sync_and_write(list(self._data_fds.values()), pending)
+        try:
+            self._sync_and_write(list(self._data_fds.values()), pending)
+        except _SyncFailed as failed:
+            self.sync_failure = str(failed.cause)
+            raise failed.cause from None
 
     def _sync_and_write(
         self, fds: list[int], pending: dict[tuple[str, int], tuple[int, bytes | None]]
@@ -383,7 +412,7 @@ class CacheStore:
             for fd in fds:
                 os.fdatasync(fd)
         except OSError as exc:
-            raise self._os_error(exc, "syncing the cache") from None
+            raise _SyncFailed(self._os_error(exc, "syncing the cache")) from None
         if not pending:
             return
         absent = [
