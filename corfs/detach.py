@@ -1,12 +1,13 @@
 """`corfs detach CACHE IMAGE DEST`: a fully local image written out as a standalone raw file,
-sparse where the image has zero chunks. Refuses an image that is not fully local."""
+sparse where the image has zero chunks. Refuses an image that is not fully local, and a cache
+that is mounted."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 
-from .errors import NotLocalError, UsageError
+from .errors import CacheLocked, NotLocalError, UsageError
 from .store import CacheStore, ChunkState
 
 
@@ -16,7 +17,14 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
         raise UsageError(f"{dest} already exists; choose a new file name")
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         raise UsageError(f"the directory of {dest} does not exist")
-    store = CacheStore.open(cache_dir, lock=False, create=False)
+    if not os.path.exists(os.path.join(cache_dir, "state.db")):
+        raise UsageError(f"{cache_dir} is not a corfs cache (no state.db)")
+    # The lock keeps a mount off the cache while we copy: a live mount's newest writes may
+    # not be committed yet, and the copy must not miss them.
+    try:
+        store = CacheStore.open(cache_dir, lock=True, create=False)
+    except CacheLocked:
+        raise CacheLocked(f"{cache_dir} is mounted: unmount it first, then detach") from None
     try:
         record = store.record_of(name)
         if record is None:

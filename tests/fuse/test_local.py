@@ -31,6 +31,10 @@ def test_streamed_image_survives_base_removal_and_detaches(tmp_dirs, tmp_path):
         assert "disk.raw" in m.log_text()  # "not in the base any more"
 
     dest = tmp_path / "detached.raw"
+    with tmp_dirs.mount("--no-stream") as m:  # a live mount may hold uncommitted writes
+        assert_one_line_error(run_corfs("detach", tmp_dirs.cache, "disk.raw", dest), "mounted")
+        assert not dest.exists()
+        m.stop()
     result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
     assert result.returncode == 0, result.stderr
     cmp = subprocess.run(
