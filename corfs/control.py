@@ -97,7 +97,10 @@ class Controller:
                 self._stream.resume(image)
             elif op == "forget":
                 target = self._images[image]
-                if any([target.forget_chunk(int(index)) for index in command["chunks"]]):
+                indexes = [int(index) for index in command["chunks"]]
+                if any(not 0 <= i < target.geometry.chunk_count for i in indexes):
+                    raise ValueError(f"chunk index out of range for {image}")
+                if any([target.forget_chunk(index) for index in indexes]):
                     forgotten.append(target.name)
             elif op == "bandwidth":
                 rate = int(command["rate"])

@@ -244,6 +244,13 @@ class CacheStore:
         try:
             with open(path, "wb") as f:
                 f.truncate(size)
+                os.fsync(f.fileno())
+            # The new name must survive a power cut before any chunk of it is recorded.
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
             raise self._os_error(exc, f"creating {path}") from None
         with self._db_lock:

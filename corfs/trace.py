@@ -49,10 +49,14 @@ def load_trace(text: str, source: str) -> dict[str, tuple[int, list[int]]]:
         doc = json.loads(text)
         if doc.get("version") != 1:
             raise ValueError(f"unknown version {doc.get('version')!r}")
-        return {
+        traces = {
             str(name): (int(entry["chunk_size"]), [int(i) for i in entry["chunks"]])
             for name, entry in doc["images"].items()
         }
+        for name, (chunk_size, _) in traces.items():
+            if chunk_size <= 0:
+                raise ValueError(f"chunk size {chunk_size} of {name}")
+        return traces
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"trace {source} is not a corfs trace: {exc}") from None
 

@@ -195,3 +195,30 @@ def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
     (report,) = scrub.verify_cache(cache)
     assert report.bad == count
     assert sorted(sent) == list(range(count))
+
+
+def test_forget_refuses_chunk_indexes_outside_the_image(rig_factory) -> None:
+    import json
+
+    from corfs.config import StreamConfig
+    from corfs.control import Controller
+    from corfs.errors import ControlError
+    from corfs.stream import StreamWorker
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            await image.read(3 * CS, 1)
+            controller = Controller(
+                [image],
+                StreamWorker([image], StreamConfig(enabled=False)),
+                cache=rig.cache_dir,
+                base="memory://",
+                mountpoint="/nowhere",
+            )
+            for bad in (-1, 4):
+                with pytest.raises(ControlError):
+                    controller.apply(json.dumps({"op": "forget", "image": "a", "chunks": [bad]}))
+            assert image.is_local(3)  # a negative index must not forget the last chunk
+
+    run(main)

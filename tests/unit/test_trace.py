@@ -73,3 +73,9 @@ def test_convert_to_smaller_chunks_covers_the_same_bytes() -> None:
     # Clipped to the image: the last chunks of the image are shorter than the trace's.
     assert convert_order([1], 1 << 20, 65536, 20) == list(range(16, 20))
     assert convert_order([0, 0], 8192, 4096, 100) == [0, 1]
+
+
+def test_trace_with_a_zero_chunk_size_is_a_usage_error() -> None:
+    text = '{"version": 1, "images": {"a": {"chunk_size": 0, "chunks": [1]}}}'
+    with pytest.raises(UsageError, match="not a corfs trace"):
+        load_trace(text, "t.json")
