@@ -5,7 +5,6 @@ bytes; wrong bytes are never returned."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -21,7 +20,7 @@ from corfs.errors import (
     TransientBaseError,
     UsageError,
 )
-from tests.servers import Nginx, make_tls
+from tests.servers import Nginx, free_port, make_tls
 
 FAST = BaseOptions(io_timeout=3.0)  # stall timeout 1 s: tight, yet safe on a busy machine
 MiB = 1 << 20
@@ -138,12 +137,6 @@ def test_keepalive_closed_by_server_is_resent_once(site) -> None:  # noqa: ANN00
 # ---- errors when opening ----
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("url", "error", "words"),
     [
@@ -161,7 +154,7 @@ def closed_port() -> int:
 def test_open_errors(nginx_server, url: str, error: type, words: str) -> None:  # noqa: ANN001
     (nginx_server.root / "denied").mkdir(exist_ok=True)
     (nginx_server.root / "denied" / "disk.raw").write_bytes(b"secret")
-    url = url.format(closed=closed_port(), nginx=nginx_server.url)
+    url = url.format(closed=free_port(), nginx=nginx_server.url)
 
     async def main() -> None:
         with pytest.raises(error) as info:

@@ -33,6 +33,7 @@ from tests.mounting import (
     run_corfs,
     sha256_file,
 )
+from tests.remote.resume import check_resume_after_kill9
 from tests.servers import Nginx, free_port, make_tls
 
 KIB = 1 << 10
@@ -172,28 +173,7 @@ def test_qemu_io_writes_and_reads(web: Web) -> None:
 def test_resume_after_kill9_fetches_no_chunk_twice(web: Web) -> None:
     size = 8 * MIB
     base = web.image("disk.raw", size, seed=9)
-    opts = ("--chunk-size", "256K")
-    with web.mount(None, *opts, "--bandwidth", "1M") as m:
-        wait_for(
-            lambda: image_status(live_status(m.mnt), "disk.raw")["local_bytes"] >= 2 * MIB,
-            what="a quarter of the image streamed",
-        )
-        time.sleep(1.5)  # past a commit (every second): some chunks are durably local
-        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "streaming"
-        m.kill9()
-    with web.mount(None, *opts, "--stream-paused") as m:
-        st = image_status(live_status(m.mnt), "disk.raw")
-        assert 0 < st["local_bytes"] < size, st
-        absent = size - st["local_bytes"]
-        assert run_corfs("stream", "resume", m.mnt).returncode == 0
-        wait_complete(m.mnt, "disk.raw")
-        fetched = live_status(m.mnt)["fetcher"]["bytes_fetched"]
-        assert 0 < fetched <= absent, (fetched, absent)
-        assert sha256_file(m.mnt / "disk.raw") == sha256_file(base)
-        m.stop()
-
-
-# ---- a base that changes while mounted ----------------------------------------------------
+    check_resume_after_kill9(web.mount, size, base, "--chunk-size", "256K")
 
 
 def test_base_replaced_midway_gives_estale_never_mixed_bytes(web: Web) -> None:

@@ -20,14 +20,12 @@ import pytest
 from tests.fuse.util import (
     assert_one_line_error,
     direct_read,
-    image_status,
-    live_status,
     snapshot,
     wait_complete,
-    wait_for,
 )
 from tests.mounting import CorfsMount, lazy_unmount, make_image, run_corfs, sha256_file
 from tests.remote.proxy import FaultProxy, _join_head
+from tests.remote.resume import check_resume_after_kill9
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 
 KIB = 1 << 10
@@ -114,36 +112,7 @@ def test_url_to_one_key_exposes_that_object(bucket: Bucket) -> None:
 def test_resume_after_kill9_fetches_no_chunk_twice(bucket: Bucket) -> None:
     size = 8 * MIB
     base = bucket.put("disk.raw", size, seed=26)
-    with bucket.mount(None, "--bandwidth", "1M") as m:
-        wait_for(
-            lambda: image_status(live_status(m.mnt), "disk.raw")["local_bytes"] >= 2 * MIB,
-            what="a quarter of the image streamed",
-        )
-        time.sleep(1.5)  # past a commit (every second)
-        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "streaming"
-        m.kill9()
-    with bucket.mount(None, "--stream-paused") as m:
-        st = image_status(live_status(m.mnt), "disk.raw")
-        assert 0 < st["local_bytes"] < size, st
-        absent = size - st["local_bytes"]
-        assert run_corfs("stream", "resume", m.mnt).returncode == 0
-        wait_complete(m.mnt, "disk.raw")
-        fetched = live_status(m.mnt)["fetcher"]["bytes_fetched"]
-        assert 0 < fetched <= absent, (fetched, absent)
-        assert sha256_file(m.mnt / "disk.raw") == sha256_file(base)
-        m.stop()
-
-
-# ---- errors at mount time -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory):  # noqa: ANN001
-    """moto that checks credentials: the fake ones are unknown to it."""
-    server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    server.start()
-    yield server
-    server.stop()
+    check_resume_after_kill9(bucket.mount, size, base)
 
 
 def _assert_mount_fails(url: str, endpoint: str, tmp: Path, *words: str) -> None:

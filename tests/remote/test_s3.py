@@ -4,7 +4,6 @@ the proxy in front of moto."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ from corfs.errors import (
     UsageError,
 )
 from tests.remote.proxy import FaultProxy
-from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto
+from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 
 MiB = 1 << 20
 
@@ -66,12 +65,6 @@ def test_listing_paginates_and_keeps_to_direct_children(moto_server) -> None:  #
     trio.run(main)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_open_errors(moto_server) -> None:  # noqa: ANN001
     ep = moto_server.endpoint
 
@@ -81,7 +74,7 @@ def test_open_errors(moto_server) -> None:  # noqa: ANN001
         with pytest.raises(BaseNotFound):
             await open_s3_base(f"s3://{TEST_BUCKET}/nothing/here.raw", options(ep))
         with pytest.raises(BaseUnavailable) as info:
-            await open_s3_base(f"s3://{TEST_BUCKET}/", options(f"http://127.0.0.1:{closed_port()}"))
+            await open_s3_base(f"s3://{TEST_BUCKET}/", options(f"http://127.0.0.1:{free_port()}"))
         assert "\n" not in str(info.value)
         with pytest.raises(UsageError):
             await open_s3_base("s3:///x", options(ep))
