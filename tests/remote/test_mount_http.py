@@ -176,6 +176,9 @@ def test_resume_after_kill9_fetches_no_chunk_twice(web: Web) -> None:
     check_resume_after_kill9(web.mount, size, base, "--chunk-size", "256K")
 
 
+# ---- a base that changes while mounted ----------------------------------------------------
+
+
 def test_base_replaced_midway_gives_estale_never_mixed_bytes(web: Web) -> None:
     base = web.image("disk.raw", seed=10)
     old = base.read_bytes()
