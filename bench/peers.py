@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from corfs import control
+
 from .harness import (
     MiB,
     corfs_argv,
@@ -167,6 +169,9 @@ class Mount:
     path: str  # the image as a file
     fetched_self: Callable[[], int] | None = None  # bytes fetched as the system reports them
     pid: int | None = None  # the daemon serving it, to kill if it stalls
+    # called as the measured work starts: corfs's stream, mounted paused, starts there, so
+    # it gets no head start while the bench settles and drops caches
+    start: Callable[[], None] = lambda: None
 
 
 def _wait_file(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -181,14 +186,18 @@ def _wait_file(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
 def mount_corfs(root: str, nginx: Nginx, uri: str, *, stream: bool = False) -> Iterator[Mount]:
     cache = fresh_dir(os.path.join(root, "cache-corfs"))
     mnt = os.path.join(root, "mnt-corfs")
-    argv = corfs_argv(nginx.url(uri.lstrip("/")), cache, mnt, *([] if stream else ["--no-stream"]))
+    mode = "--stream-paused" if stream else "--no-stream"
+    argv = corfs_argv(nginx.url(uri.lstrip("/")), cache, mnt, mode)
     with mounted(argv, mnt, os.path.join(root, "corfs.log")):
         name = os.path.basename(uri)
 
         def fetched() -> int:
             return int(corfs_status(mnt)["fetcher"]["bytes_fetched"])
 
-        yield Mount(os.path.join(mnt, name), fetched)
+        def resume() -> None:
+            control.send_command(mnt, {"op": "resume", "image": None})
+
+        yield Mount(os.path.join(mnt, name), fetched, start=resume if stream else lambda: None)
 
 
 @contextlib.contextmanager
@@ -405,11 +414,13 @@ def watched(work: Callable[[list[int]], dict], pid: int | None) -> dict:
     return outcome["result"]
 
 
-def sequential_read(path: str, progress: list[int]) -> dict:
-    """MB/s of reading `path` front to back in 1 MiB requests (as harness.read_sequential)."""
+def sequential_read(path: str, progress: list[int], begin: Callable[[], None]) -> dict:
+    """MB/s of reading `path` front to back in 1 MiB requests (as harness.read_sequential);
+    the clock starts before `begin()`."""
     fd = os.open(path, os.O_RDONLY)
     try:
         start = time.perf_counter()
+        begin()
         total = 0
         while chunk := os.read(fd, MiB):
             total += len(chunk)
@@ -468,7 +479,7 @@ def run_mount_workloads(name: str, root: str, nginx: Nginx, uri: str, reads: int
     size = os.path.getsize(os.path.join(nginx.root, uri.lstrip("/")))
     for key, work in (
         ("seq", sequential_read),
-        ("rand", lambda path, progress: random_reads(path, reads, progress)),
+        ("rand", lambda path, progress, _begin: random_reads(path, reads, progress)),
     ):
         if key == "rand" and name == "corfs+stream":
             continue
@@ -478,7 +489,7 @@ def run_mount_workloads(name: str, root: str, nginx: Nginx, uri: str, reads: int
                 mark = nginx.log_mark()
                 with MOUNTS[name](root, nginx, uri) as m:
                     drop_caches()
-                    figures = watched(lambda p, m=m, work=work: work(m.path, p), m.pid)
+                    figures = watched(lambda p, m=m, work=work: work(m.path, p, m.start), m.pid)
                     if m.fetched_self:
                         figures["fetched (self)"] = m.fetched_self()
                 fetched, requests = nginx.bytes_since(mark, uri)

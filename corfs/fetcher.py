@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from .base import BaseImage
-from .digest import chunk_digest, is_zero, zero_digest
+from .digest import Buffer, chunk_digest, is_zero, zero_digest
 from .errors import BaseCorrupt, BaseUnavailable, TransientBaseError
 from .geometry import ChunkGeometry, contiguous_runs
 
@@ -38,7 +38,7 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class FetchedChunk:
     index: int
-    data: bytes | memoryview | None  # None: all zeros (nothing to write)
+    data: Buffer | None  # None: all zeros (nothing to write)
     digest: bytes | None  # xxh3-128 of data; None for zeros
 
 
@@ -78,7 +78,7 @@ class Fetcher:
 
     async def read_with_retry(
         self, source: BaseImage, offset: int, length: int
-    ) -> bytes | bytearray:
+    ) -> Buffer:
         """Exactly `length` bytes of `source` at `offset`, retrying transient failures with
         exponential backoff and jitter until io_timeout has passed since the first try."""
         deadline = trio.current_time() + self.policy.io_timeout

@@ -2,7 +2,9 @@
 many readers, writers and stream workers wait), and serving reads and writes of byte ranges.
 
 Invariants:
-- A read of local chunks is one `pread` on the data file, inline on the trio thread.
+- A read of local chunks is one `pread` on the data file, inline on the trio thread; a read
+  within one chunk that a fill for client reads has just stored is a slice of the bytes the
+  fill wrote instead (fresh.py: no copy, and no disk read after an O_DIRECT write).
 - One fill per chunk: a chunk being filled is waited for, never fetched twice.
 - Base bytes are never written over a chunk that is already local: once its fetch is done, a
   fill stores only the chunks still absent, and while it stores them (a worker-thread pwrite,
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .base import BaseImage
-from .digest import chunk_digest
+from .digest import Buffer, chunk_digest
 from .errors import (
     BaseChanged,
     BaseNotFound,
@@ -34,6 +36,7 @@ from .errors import (
     ReadOnlyError,
 )
 from .fetcher import FetchedChunk, Fetcher
+from .fresh import FreshChunks
 from .geometry import ChunkGeometry, contiguous_runs
 from .store import CacheStore, ChunkState, ImageRecord
 
@@ -41,9 +44,12 @@ log = logging.getLogger(__name__)
 
 ABSENT = bytes([ChunkState.ABSENT])
 MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
-READ_AHEAD_MAX = 16  # chunks fetched ahead of a sequential reader
-_WRITE_LIMITER = trio.CapacityLimiter(2)  # threads writing fills into data files
+READ_AHEAD_MAX = 32  # chunks fetched ahead of a sequential reader
+# Threads writing fills into data files: O_DIRECT writes wait for the disk, so several overlap
+_WRITE_LIMITER = trio.CapacityLimiter(4)
 READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unblock) sooner
+# Bytes of fetched chunks kept for client reads (fresh.py): the read-ahead window and then some
+FRESH_BYTES_MIN = 32 << 20
 
 
 @dataclass
@@ -52,6 +58,7 @@ class _Fill:
 
     done: trio.Event = field(default_factory=trio.Event)
     error: CorfsError | None = None
+    for_readers: bool = False  # keep the stored bytes in `Image._fresh`: client reads want them
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Image:
         )
         self._fills: dict[int, _Fill] = {}
         self._storing: dict[int, trio.Event] = {}  # chunks a fill is writing right now
+        self._fresh = FreshChunks(max(FRESH_BYTES_MIN, 2 * READ_AHEAD_MAX * record.chunk_size))
         self._next_sequential = -1  # the chunk a sequential reader would miss next
         self._read_ahead = 0  # current read-ahead window, in chunks
         self._fd = store.data_fd(self.name)
@@ -169,6 +177,7 @@ class Image:
         )
 
     def _set_state(self, index: int, state: ChunkState, digest: bytes | None) -> None:
+        self._fresh.drop(index)  # whatever changes a chunk makes the bytes kept for it stale
         old = self._states[index]
         if old == ChunkState.ABSENT and state != ChunkState.ABSENT:
             self.local_chunks += 1
@@ -194,9 +203,12 @@ class Image:
 
     # ---- filling -------------------------------------------------------------------------
 
-    async def wait_local(self, indexes: Iterable[int], *, background: bool = False) -> None:
+    async def wait_local(
+        self, indexes: Iterable[int], *, background: bool = False, reading: bool = False
+    ) -> None:
         """Return once every chunk of `indexes` is local, filling the missing ones (sharing
-        fills already in flight). Raises the fill's error (EIO, ESTALE, ENOSPC ...)."""
+        fills already in flight). Raises the fill's error (EIO, ESTALE, ENOSPC ...).
+        `reading`: a client read waits, keep the stored bytes for it (`_fresh`)."""
         wanted = list(indexes)
         while True:
             missing = [i for i in wanted if self._states[i] == ChunkState.ABSENT]
@@ -206,17 +218,18 @@ class Image:
             self._start_fills([i for i in missing if i not in self._fills], limit)
             fills = {id(f): f for f in (self._fills[i] for i in missing if i in self._fills)}
             for fill in fills.values():
+                fill.for_readers |= reading
                 await fill.done.wait()
                 if fill.error is not None:
                     raise type(fill.error)(str(fill.error))
 
-    def _start_fills(self, indexes: list[int], limit: int) -> None:
+    def _start_fills(self, indexes: list[int], limit: int, *, for_readers: bool = False) -> None:
         """Start fills of `indexes` (none in flight yet), at most `limit` chunks per request."""
         limit = max(1, limit)
         for run in contiguous_runs(indexes):
             for start in range(run.start, run.stop, limit):
                 piece = range(start, min(start + limit, run.stop))
-                fill = _Fill()
+                fill = _Fill(for_readers=for_readers)
                 for index in piece:
                     self._fills[index] = fill
                 self._nursery.start_soon(self._fill, piece, fill)
@@ -230,7 +243,7 @@ class Image:
             chunks = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self._local_copy
             )
-            await self._store_fetched(chunks)
+            await self._store_fetched(chunks, keep=fill.for_readers)
             self.fills += 1
             self._clear_failures(run)
         except BaseChanged as exc:
@@ -252,8 +265,9 @@ class Image:
                     del self._fills[index]
             fill.done.set()
 
-    async def _store_fetched(self, chunks: list[FetchedChunk]) -> None:
-        """Write verified chunks to the data file, then mark them local (module invariants)."""
+    async def _store_fetched(self, chunks: list[FetchedChunk], *, keep: bool = False) -> None:
+        """Write verified chunks to the data file, then mark them local (module invariants);
+        `keep` their bytes in `_fresh` for client reads."""
         todo = [c for c in chunks if self._states[c.index] == ChunkState.ABSENT]
         storing = trio.Event()
         for chunk in todo:
@@ -263,6 +277,8 @@ class Image:
             for chunk in todo:
                 state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
                 self._set_state(chunk.index, state, chunk.digest)
+                if keep and chunk.data is not None:
+                    self._fresh.keep(chunk.index, chunk.data)
         finally:
             for chunk in todo:
                 del self._storing[chunk.index]
@@ -275,8 +291,16 @@ class Image:
             if chunk.data is None:
                 self.store.punch(self.name, start, self.geometry.chunk_length(chunk.index))
             else:
-                self.store.write_data(self.name, start, chunk.data)
-                self.store.start_writeback(self.name, start, len(chunk.data))
+                self.store.write_fill(self.name, start, chunk.data)
+
+    def _read_fresh(self, chunks: range, offset: int, length: int) -> Buffer | None:
+        """The bytes of a read within one kept chunk, as a slice (no copy), or None."""
+        if len(chunks) != 1 or (data := self._fresh.get(chunks.start)) is None:
+            return None
+        lo = offset - self.geometry.chunk_start(chunks.start)
+        if lo + length == len(data):
+            self._fresh.drop(chunks.start)  # read to its end: a sequential reader is done
+        return data[lo : lo + length]
 
     def _local_copy(self, digest: bytes) -> bytes | None:
         """Verified bytes of a committed clean chunk with this digest, from any image here."""
@@ -298,7 +322,7 @@ class Image:
 
     # ---- client I/O ----------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Buffer:
         length = self.geometry.clip(offset, length)
         if length <= 0:
             return b""
@@ -306,36 +330,46 @@ class Image:
         chunks = self.geometry.chunks_of(offset, length)
         if self.first_reads is not None:
             self.first_reads(chunks)
+        if not self.complete and self.source is not None:
+            self._read_ahead_after(chunks)
         if self._states.find(ABSENT, chunks.start, chunks.stop) >= 0:
             for listener in self.miss_listeners:
                 listener(chunks.stop - 1)
-            self._read_ahead_after(chunks)
             try:
-                await self.wait_local(chunks)
+                await self.wait_local(chunks, reading=True)
             except CacheFull:
                 log.warning("%s: cache disk full, serving a read without caching it", self.name)
                 return await self._read_uncached(offset, length)
+        if self._fresh and (fresh := self._read_fresh(chunks, offset, length)) is not None:
+            return fresh
         return os.pread(self._fd, length, offset)
 
     def _read_ahead_after(self, chunks: range) -> None:
-        """A reader whose miss starts where its last one ended is sequential: fetch the chunks
-        after it ahead of time, in a window that doubles up to READ_AHEAD_MAX; a random miss
-        resets the window, so random readers fetch no more than they read."""
+        """A reader whose read starts where its last one ended is sequential: fetch the chunks
+        after it ahead of time, in a window that doubles up to READ_AHEAD_MAX; a random read
+        resets the window, so random readers fetch no more than they read. Reads of local
+        chunks count too, so the window keeps moving while the reader is served from it.
+        New fetches go out READ_AHEAD_RUN chunks at a time (larger requests and writes cost
+        less per byte) unless the reader's next chunk is not on its way yet."""
         if chunks.start == self._next_sequential - 1 and chunks.stop == self._next_sequential:
-            return  # another miss in the same chunk (a concurrent reader, or the rest of it)
+            return  # another read in the same chunk (a concurrent reader, or the rest of it)
         if chunks.start == self._next_sequential:
             self._read_ahead = min(READ_AHEAD_MAX, max(2, self._read_ahead * 2))
         else:
             self._read_ahead = 0
         self._next_sequential = chunks.stop
-        if self._read_ahead and self.source is not None:
-            stop = min(self.geometry.chunk_count, chunks.stop + self._read_ahead)
-            ahead = [
-                i
-                for i in range(chunks.stop, stop)
-                if self._states[i] == ChunkState.ABSENT and i not in self._fills
-            ]
-            self._start_fills(ahead, READ_AHEAD_RUN)
+        if not self._read_ahead:
+            return
+        stop = min(self.geometry.chunk_count, chunks.stop + self._read_ahead)
+        ahead = [
+            i
+            for i in range(chunks.stop, stop)
+            if self._states[i] == ChunkState.ABSENT and i not in self._fills
+        ]
+        if len(ahead) >= READ_AHEAD_RUN or (ahead and ahead[0] == chunks.stop) or (
+            ahead and stop == self.geometry.chunk_count
+        ):
+            self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
 
     async def _read_uncached(self, offset: int, length: int) -> bytes:
         assert self.source is not None

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import trio
 
+from .buffers import ALIGNMENT, is_aligned
 from .errors import CacheError, CacheFull, CacheLocked, UsageError
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ class CacheStore:
         self._db_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._data_fds: dict[str, int] = {}
+        # O_DIRECT descriptors of the data files for fills (None: the file system refuses)
+        self._direct_fds: dict[str, int | None] = {}
+        self._direct_refused: set[str] = set()  # images whose direct writes got EINVAL
+        self._direct_lock = threading.Lock()  # fills open them from worker threads
         self._pending: dict[tuple[str, int], tuple[int, bytes | None]] = {}
         self._committing: dict[tuple[str, int], tuple[int, bytes | None]] = {}  # in a commit
         self._touched: set[str] = set()
@@ -214,6 +219,7 @@ class CacheStore:
         for fd in self._data_fds.values():
             os.close(fd)
         self._data_fds.clear()
+        self._close_direct()
         self._db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -266,6 +272,7 @@ class CacheStore:
         fd = self._data_fds.pop(name, None)
         if fd is not None:
             os.close(fd)
+        self._close_direct(name)
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
@@ -332,6 +339,52 @@ class CacheStore:
             raise self._os_error(exc, f"writing {name}") from None
         if written != len(data):
             raise CacheFull(f"short write to the data file of {name}")
+
+    def write_fill(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        """Write a filled chunk's verified base bytes (from a worker thread).
+
+        Aligned data (buffers.aligned_buffer) goes to disk with O_DIRECT: no copy into the page
+        cache (a fifth of the daemon's CPU in a cold read) and no dirty backlog for the next
+        commit's fdatasync, which still makes the new extents durable. Other data is written
+        through the page cache and its writeback started at once. The kernel drops any cached
+        pages of a range written directly, so later buffered reads see the new bytes."""
+        fd = self._direct_fd(name) if offset % ALIGNMENT == 0 and is_aligned(data) else None
+        if fd is not None:
+            try:
+                written = os.pwrite(fd, data, offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise self._os_error(exc, f"writing {name}") from None
+                log.info("%s: the cache's file system refuses O_DIRECT writes; buffered", name)
+                with self._direct_lock:
+                    self._direct_refused.add(name)  # the fd stays open: another fill may use it
+            else:
+                if written != len(data):
+                    raise CacheFull(f"short write to the data file of {name}")
+                return
+        self.write_data(name, offset, data)
+        self.start_writeback(name, offset, len(data))
+
+    def _direct_fd(self, name: str) -> int | None:
+        with self._direct_lock:
+            if name in self._direct_refused:
+                return None
+            if name not in self._direct_fds:
+                try:
+                    flags = os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+                    self._direct_fds[name] = os.open(self.data_path(name), flags)
+                except OSError:  # EINVAL: no O_DIRECT here; anything else shows on write_data
+                    self._direct_fds[name] = None
+            return self._direct_fds[name]
+
+    def _close_direct(self, name: str | None = None) -> None:
+        """Close one image's O_DIRECT descriptor (all of them with no name)."""
+        with self._direct_lock:
+            for key in [name] if name is not None else list(self._direct_fds):
+                fd = self._direct_fds.pop(key, None)
+                if fd is not None:
+                    os.close(fd)
+                self._direct_refused.discard(key)
 
     def start_writeback(self, name: str, offset: int, length: int) -> None:
         """Start writing a just-written range to disk, without waiting (sync_file_range WRITE).

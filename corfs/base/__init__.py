@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..digest import Buffer
 from ..errors import UsageError
 
 DIGEST_SIZE = 16  # xxh3-128
@@ -48,7 +49,11 @@ class BaseImage(Protocol):
     identity: str
     layout: ChunkLayout | None
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray: ...
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Exactly `length` bytes at `offset`; writable and page-aligned
+        (buffers.aligned_buffer) where the base can, so the store can write them with
+        O_DIRECT."""
+        ...
 
 
 class BaseStore(Protocol):

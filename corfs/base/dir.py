@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..buffers import aligned_buffer
 from ..errors import BaseChanged, BaseNotFound, TransientBaseError, UsageError
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,21 @@ class DirImage:
             self._fd = fd
         return self._fd
 
-    def _read_sync(self, offset: int, length: int) -> bytes:
+    def _read_sync(self, offset: int, length: int) -> memoryview:
         fd = self._open()
         # The identity check on each read catches an image rewritten in place (mtime moves).
         if _identity(os.fstat(fd)) != self.identity:
             raise BaseChanged(f"base image {self.path} changed since it was opened")
+        data = aligned_buffer(length)
         try:
-            data = os.pread(fd, length, offset)
+            got = os.preadv(fd, [data], offset)
         except OSError as exc:
             raise TransientBaseError(f"reading {self.path}: {exc.strerror}") from exc
-        if len(data) != length:
+        if got != length:
             raise BaseChanged(f"base image {self.path} is shorter than it was")
         return data
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> memoryview:
         # abandon_on_cancel: a read hung on a dead NAS must not outlive --io-timeout.
         return await trio.to_thread.run_sync(
             self._read_sync, offset, length, limiter=_READ_LIMITER, abandon_on_cancel=True

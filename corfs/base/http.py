@@ -33,6 +33,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 import trio
 
+from ..buffers import aligned_buffer
+from ..digest import Buffer
 from ..errors import (
     BaseChanged,
     BaseError,
@@ -83,7 +85,7 @@ class HttpImage:
     reader: HttpReader = field(repr=False)
     layout: None = None
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> Buffer:
         if length <= 0:
             return b""
         return await self.reader.read_range(self.url, self.validator, offset, length)
@@ -102,7 +104,7 @@ class HttpReader:
 
     async def read_range(
         self, url: str, validator: Validator, offset: int, length: int
-    ) -> bytes | bytearray:
+    ) -> Buffer:
         async with self.slots:
             if self.use_plain and url.startswith("http://"):
                 data = await self.plain.read_range(url, validator, offset, length)
@@ -112,7 +114,7 @@ class HttpReader:
 
     async def _read_httpx(
         self, url: str, validator: Validator, offset: int, length: int
-    ) -> bytearray:
+    ) -> memoryview:
         what = describe_url(url)
         end = offset + length - 1
         headers = {"Range": f"bytes={offset}-{end}", **validator.conditional_headers()}
@@ -146,11 +148,10 @@ class HttpReader:
         except (httpx.TransportError, httpx.StreamError) as exc:
             raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
 
-    async def _collect(self, resp: httpx.Response, skip: int, length: int, what: str) -> bytearray:
+    async def _collect(self, resp: httpx.Response, skip: int, length: int, what: str) -> memoryview:
         """Exactly `length` bytes after skipping `skip`; TransientBaseError if the body ends
         early. Stops reading (and drops the connection) once it has them."""
-        out = bytearray(length)
-        view = memoryview(out)
+        out = view = aligned_buffer(length)
         pos = -skip  # where the next piece starts, relative to the first wanted byte
         async for piece in resp.aiter_raw():
             start = max(0, -pos)

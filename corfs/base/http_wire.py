@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from ..buffers import aligned_buffer
 from ..errors import (
     BaseAccessDenied,
     BaseChanged,
@@ -166,7 +167,7 @@ class PlainReader:
 
     async def read_range(
         self, url: str, validator: Validator, offset: int, length: int
-    ) -> bytearray | None:
+    ) -> memoryview | None:
         parts = urlsplit(url)
         if parts.username or parts.password:
             return None
@@ -227,7 +228,7 @@ class PlainReader:
         offset: int,
         length: int,
         what: str,
-    ) -> tuple[bytearray | None, bool]:
+    ) -> tuple[memoryview | None, bool]:
         sock = conn.sock
         head = bytearray()
         with trio.CancelScope(deadline=trio.current_time() + self.stall) as scope:
@@ -278,8 +279,7 @@ class PlainReader:
                 raise BaseChanged(f"{what}: size changed on the server")
             if headers.get("content-length") != str(length):
                 raise TransientBaseError(f"{what}: answer has the wrong Content-Length")
-            out = bytearray(length)
-            view = memoryview(out)
+            out = view = aligned_buffer(length)
             body = head[cut + 4 :]
             have = len(body)
             if have > length:

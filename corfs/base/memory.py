@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..buffers import aligned_buffer
+from ..digest import Buffer
 from ..errors import BaseChanged, BaseError, BaseNotFound, TransientBaseError
 from . import ChunkLayout
 
@@ -44,7 +46,7 @@ class MemoryImage:
         self.data = bytearray(data)
         self.identity = identity
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Buffer:
         opened = self._opened_identity
         self.reads.append((offset, length))
         self.in_flight += 1
@@ -69,7 +71,9 @@ class MemoryImage:
             if f.short_next:
                 f.short_next -= 1
                 data = data[:-1]
-            return data
+            out = aligned_buffer(len(data))  # as the real bases answer (store.write_fill)
+            out[:] = data
+            return out
         finally:
             self.in_flight -= 1
 

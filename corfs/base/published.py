@@ -28,6 +28,7 @@ import trio
 import xxhash
 import zstandard
 
+from ..buffers import aligned_buffer
 from ..errors import BaseCorrupt, BaseNotFound
 from ..manifest import (
     INDEX_KEY,
@@ -72,7 +73,7 @@ class PublishedImage:
     manifest: Manifest = field(repr=False)
     store: BaseStore = field(repr=False)
 
-    async def _fetch(self, index: int, out: bytearray, at: int, limiter: trio.CapacityLimiter,
+    async def _fetch(self, index: int, out: memoryview, at: int, limiter: trio.CapacityLimiter,
                      ) -> None:
         digest = self.layout.digests[index]
         assert digest is not None
@@ -85,7 +86,7 @@ class PublishedImage:
         )
         out[at : at + expected] = data
 
-    async def _fetch_all(self, wanted: list[int], out: bytearray, start: int,
+    async def _fetch_all(self, wanted: list[int], out: memoryview, start: int,
                          limiter: trio.CapacityLimiter) -> None:
         """Fetch chunks concurrently; the first failure cancels the rest and is raised as
         itself (not an ExceptionGroup), as a single-chunk read would raise it."""
@@ -105,16 +106,16 @@ class PublishedImage:
         if failures:
             raise failures[0]
 
-    async def read(self, offset: int, length: int) -> bytearray:
+    async def read(self, offset: int, length: int) -> memoryview:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} at {offset} is outside {self.name} ({self.size})")
         if length == 0:
-            return bytearray()
+            return aligned_buffer(0)
         cs = self.layout.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs
         start = first * cs
         # Whole chunks land in `out` (zeros where chunks are zero); trim to the range after.
-        out = bytearray(min(self.size, (last + 1) * cs) - start)
+        out = aligned_buffer(min(self.size, (last + 1) * cs) - start)
         wanted = [i for i in range(first, last + 1) if self.layout.digests[i] is not None]
         limiter = trio.CapacityLimiter(_FETCHES_PER_READ)
         if len(wanted) == 1:

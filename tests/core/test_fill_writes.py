@@ -1,0 +1,114 @@
+"""How filled chunks reach the data file (store.write_fill): aligned bytes go around the page
+cache with O_DIRECT, anything else through it; stale cached pages never hide new bytes; a file
+system that refuses O_DIRECT still gets every byte; a full disk is CacheFull."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+import pytest
+
+from corfs.buffers import aligned_buffer
+from corfs.errors import CacheFull
+from corfs.store import CacheStore
+from tests.core.conftest import random_bytes
+
+BLOCK = 1 << 20  # one 1 MiB chunk
+
+
+def resident_pages(path: str, offset: int, length: int) -> int:
+    """How many pages of the range are in the page cache (mincore on a mapping)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, length, offset=offset) as mapping:
+            address = ctypes.c_char.from_buffer(mapping)
+            pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vector = (ctypes.c_ubyte * pages)()
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            rc = libc.mincore(ctypes.addressof(address), length, vector)
+            del address  # release the buffer export before the mapping closes
+            assert rc == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vector)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def store(tmp_path):  # noqa: ANN201
+    store = CacheStore.open(str(tmp_path / "cache"))
+    store.create_image("a", 4 * BLOCK, BLOCK, "v1", "test")
+    try:
+        direct = os.open(store.data_path("a"), os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        store.close()
+        pytest.skip("the file system under tmp_path refuses O_DIRECT")
+    os.close(direct)
+    yield store
+    store.close()
+
+
+def aligned_copy(data: bytes) -> memoryview:
+    buf = aligned_buffer(len(data))
+    buf[:] = data
+    return buf
+
+
+def read_back(store: CacheStore, offset: int, length: int) -> bytes:
+    return os.pread(store.data_fd("a"), length, offset)
+
+
+def test_aligned_fill_goes_around_the_page_cache(store) -> None:
+    data = random_bytes(BLOCK, seed=1)
+    os.posix_fadvise(store.data_fd("a"), 0, 0, os.POSIX_FADV_DONTNEED)
+    store.write_fill("a", BLOCK, aligned_copy(data))
+    assert resident_pages(store.data_path("a"), BLOCK, BLOCK) == 0  # nothing copied into it
+    assert read_back(store, BLOCK, BLOCK) == data
+    # Bytes that cannot go direct (read-only, as dedup's pread gives) go through the cache.
+    other = random_bytes(BLOCK, seed=2)
+    store.write_fill("a", 2 * BLOCK, other)
+    assert resident_pages(store.data_path("a"), 2 * BLOCK, BLOCK) > 0
+    assert read_back(store, 2 * BLOCK, BLOCK) == other
+
+
+def test_direct_fill_replaces_stale_cached_pages(store) -> None:
+    # A chunk that was local, got forgotten (verify found it bad) and is filled anew: its old
+    # bytes are still in the page cache when the new ones are written around it.
+    stale = random_bytes(BLOCK, seed=3)
+    store.write_data("a", 0, stale)
+    assert read_back(store, 0, BLOCK) == stale  # cached now
+    fresh = random_bytes(BLOCK, seed=4)
+    store.write_fill("a", 0, aligned_copy(fresh))
+    assert read_back(store, 0, BLOCK) == fresh
+
+
+def test_a_refused_direct_write_falls_back_to_the_page_cache(store, monkeypatch) -> None:
+    real_pwrite = os.pwrite
+    direct_fds: list[int] = []
+
+    def refuse_direct(fd: int, data, offset: int) -> int:  # noqa: ANN001
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_fds.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    first, second = random_bytes(BLOCK, seed=5), random_bytes(BLOCK, seed=6)
+    store.write_fill("a", 0, aligned_copy(first))
+    store.write_fill("a", BLOCK, aligned_copy(second))
+    assert len(direct_fds) == 1  # tried once; the image's fills are buffered from then on
+    assert read_back(store, 0, 2 * BLOCK) == first + second
+
+
+def test_a_full_disk_on_a_direct_write_is_cache_full(store, monkeypatch) -> None:
+    def no_space(fd: int, data, offset: int) -> int:  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    with pytest.raises(CacheFull) as info:
+        store.write_fill("a", 0, aligned_copy(random_bytes(BLOCK)))
+    assert info.value.errno == errno.ENOSPC

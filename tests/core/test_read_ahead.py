@@ -1,0 +1,63 @@
+"""Foreground read-ahead and the bytes kept for readers (fresh.py): a sequential reader keeps
+its window moving over chunks already local and fetches in READ_AHEAD_RUN-chunk requests; a
+random reader fetches only what it reads; kept bytes never outlive a change of their chunk."""
+
+from __future__ import annotations
+
+from corfs.image import READ_AHEAD_MAX, READ_AHEAD_RUN
+from tests.core.conftest import CS, chunk_reads, random_bytes, run_with_mock_clock, wait_until
+
+run = run_with_mock_clock
+CHUNKS = 4 * READ_AHEAD_MAX
+DATA = random_bytes(CHUNKS * CS, seed=7)
+
+
+def test_sequential_reader_fetches_ahead_in_whole_runs(rig_factory) -> None:
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            source.faults.delay = 0.01
+            for index in range(CHUNKS):
+                assert await image.read(index * CS, CS) == DATA[index * CS : (index + 1) * CS]
+            assert sorted(chunk_reads(source, CS)) == list(range(CHUNKS))  # each chunk once
+            # Nearly every request is a whole run: the window moved on while the reader was
+            # served from chunks fetched ahead, not only on its misses (which gave requests of
+            # one or two chunks as the reader caught up).
+            lengths = [length for _, length in source.reads]
+            whole = sum(n == READ_AHEAD_RUN * CS for n in lengths)
+            assert whole >= 0.8 * len(lengths) and len(lengths) <= CHUNKS // 3, lengths
+
+    run(main)
+
+
+def test_random_reader_fetches_only_what_it_reads(rig_factory) -> None:
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            order = [50, 3, 97, 20, 64, 11, 80, 41]
+            for index in order:
+                await image.read(index * CS + 100, 10)
+            await wait_until(lambda: not any(image.is_filling(i) for i in range(CHUNKS)))
+            assert chunk_reads(source, CS) == order
+
+    run(main)
+
+
+def test_kept_bytes_never_outlive_a_write_or_a_forget(rig_factory) -> None:
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            # A read that stops short of the chunk's end leaves its bytes kept.
+            assert await image.read(2 * CS, 100) == DATA[2 * CS : 2 * CS + 100]
+            await image.write(2 * CS + 10, b"new bytes")
+            expected = DATA[2 * CS : 2 * CS + 10] + b"new bytes" + DATA[2 * CS + 19 : 2 * CS + 100]
+            assert bytes(await image.read(2 * CS, 100)) == expected
+            # Forgotten (a scrub found it bad) and the base now differs: the next read must
+            # fetch it anew, not answer from bytes kept from before.
+            assert await image.read(5 * CS, 100) == DATA[5 * CS : 5 * CS + 100]
+            assert image.forget_chunk(5)
+            source.data[5 * CS : 6 * CS] = b"\xee" * CS
+            assert bytes(await image.read(5 * CS, 100)) == b"\xee" * 100
+            assert chunk_reads(source, CS).count(5) == 2
+
+    run(main)
