@@ -48,8 +48,7 @@ READ_AHEAD_MAX = 32  # chunks fetched ahead of a sequential reader
 # Threads writing fills into data files: O_DIRECT writes wait for the disk, so several overlap
 _WRITE_LIMITER = trio.CapacityLimiter(4)
 READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unblock) sooner
-# Bytes of fetched chunks kept for client reads (fresh.py): the read-ahead window and then some
-FRESH_BYTES_MIN = 32 << 20
+FRESH_BYTES = 64 << 20  # bytes of stored chunks kept for client reads (fresh.py)
 
 
 @dataclass
@@ -105,7 +104,7 @@ class Image:
         )
         self._fills: dict[int, _Fill] = {}
         self._storing: dict[int, trio.Event] = {}  # chunks a fill is writing right now
-        self._fresh = FreshChunks(max(FRESH_BYTES_MIN, 2 * READ_AHEAD_MAX * record.chunk_size))
+        self._fresh = FreshChunks(FRESH_BYTES)
         self._next_sequential = -1  # the chunk a sequential reader would miss next
         self._read_ahead = 0  # current read-ahead window, in chunks
         self._fd = store.data_fd(self.name)
