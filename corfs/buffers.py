@@ -32,6 +32,13 @@ def aligned_buffer(length: int) -> memoryview:
     return memoryview(raw)[pad : pad + length]
 
 
+def aligned_copy(data: bytes | bytearray | memoryview) -> memoryview:
+    """`data` in an aligned buffer: for bases whose client library hands out its own bytes."""
+    out = aligned_buffer(len(data))
+    out[:] = data
+    return out
+
+
 def address_of(buffer: bytearray | memoryview) -> int:
     """Where a writable buffer's first byte is in memory."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))

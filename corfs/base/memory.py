@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..buffers import aligned_buffer
+from ..buffers import aligned_copy
 from ..digest import Buffer
 from ..errors import BaseChanged, BaseError, BaseNotFound, TransientBaseError
 from . import ChunkLayout
@@ -71,9 +71,7 @@ class MemoryImage:
             if f.short_next:
                 f.short_next -= 1
                 data = data[:-1]
-            out = aligned_buffer(len(data))  # as the real bases answer (store.write_fill)
-            out[:] = data
-            return out
+            return aligned_copy(data)  # as the real bases answer (store.write_fill)
         finally:
             self.in_flight -= 1
 

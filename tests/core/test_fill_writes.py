@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from corfs.buffers import aligned_buffer
+from corfs.buffers import aligned_copy
 from corfs.errors import CacheFull
 from corfs.store import CacheStore
 from tests.core.conftest import random_bytes
@@ -50,12 +50,6 @@ def store(tmp_path):  # noqa: ANN201
     os.close(direct)
     yield store
     store.close()
-
-
-def aligned_copy(data: bytes) -> memoryview:
-    buf = aligned_buffer(len(data))
-    buf[:] = data
-    return buf
 
 
 def read_back(store: CacheStore, offset: int, length: int) -> bytes:
