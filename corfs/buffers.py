@@ -3,14 +3,16 @@ keep them cheap.
 
 Fetched bytes land in a page-aligned buffer so the store can write them to the data file with
 O_DIRECT (no copy into the page cache, no writeback backlog for a guest's flush to wait for;
-see store.write_fill). A buffer is an ordinary bytearray, freed by reference counting like any
-other object: an aligned view into it never outlives the bytes it shows.
+see store.write_fill). A buffer is memory from libc's aligned_alloc behind a memoryview: it is
+not zeroed (a bytearray's zeroing cost 6% of the daemon's CPU in a cold read), and it is freed
+when the last view of it goes, like any Python object.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,32 @@ _MMAP_THRESHOLD = 32 << 20  # glibc's own maximum for a dynamic threshold
 _TRIM_THRESHOLD = 64 << 20
 
 
+_libc = ctypes.CDLL(None)
+_libc.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.aligned_alloc.restype = ctypes.c_void_p
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
 def aligned_buffer(length: int) -> memoryview:
-    """A writable, zeroed buffer of `length` bytes whose first byte is ALIGNMENT-aligned."""
-    raw = bytearray(length + ALIGNMENT)
-    pad = -address_of(raw) % ALIGNMENT
-    return memoryview(raw)[pad : pad + length]
+    """A writable buffer of `length` bytes whose first byte is ALIGNMENT-aligned. Its bytes
+    are NOT initialized: the caller writes all of them (or uses aligned_zeros)."""
+    size = max(ALIGNMENT, -(-length // ALIGNMENT) * ALIGNMENT)  # C11: a multiple of it
+    address = _libc.aligned_alloc(ALIGNMENT, size)
+    if not address:
+        raise MemoryError(f"cannot allocate a {size}-byte buffer")
+    memory = (ctypes.c_ubyte * size).from_address(address)
+    # Views keep `memory` alive; it is freed with the last of them. Not at interpreter exit:
+    # a worker thread may still hold a view then, and the process's memory goes anyway.
+    weakref.finalize(memory, _libc.free, address).atexit = False
+    return memoryview(memory).cast("B")[:length]
+
+
+def aligned_zeros(length: int) -> memoryview:
+    """aligned_buffer, all zeros."""
+    buffer = aligned_buffer(length)
+    if length:
+        ctypes.memset(address_of(buffer), 0, length)
+    return buffer
 
 
 def aligned_copy(data: bytes | bytearray | memoryview) -> memoryview:

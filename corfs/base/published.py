@@ -28,7 +28,7 @@ import trio
 import xxhash
 import zstandard
 
-from ..buffers import aligned_buffer
+from ..buffers import aligned_zeros
 from ..errors import BaseCorrupt, BaseNotFound
 from ..manifest import (
     INDEX_KEY,
@@ -110,12 +110,12 @@ class PublishedImage:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} at {offset} is outside {self.name} ({self.size})")
         if length == 0:
-            return aligned_buffer(0)
+            return aligned_zeros(0)
         cs = self.layout.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs
         start = first * cs
         # Whole chunks land in `out` (zeros where chunks are zero); trim to the range after.
-        out = aligned_buffer(min(self.size, (last + 1) * cs) - start)
+        out = aligned_zeros(min(self.size, (last + 1) * cs) - start)
         wanted = [i for i in range(first, last + 1) if self.layout.digests[i] is not None]
         limiter = trio.CapacityLimiter(_FETCHES_PER_READ)
         if len(wanted) == 1:

@@ -1,22 +1,42 @@
-"""Fetch buffers: page-aligned, writable, zeroed, exactly as long as asked; and which buffers
-may be written with O_DIRECT."""
+"""Fetch buffers: page-aligned, writable, exactly as long as asked, zeroed when asked, freed
+with their last view; and which buffers may be written with O_DIRECT."""
 
 from __future__ import annotations
 
 import pytest
 
-from corfs.buffers import ALIGNMENT, address_of, aligned_buffer, is_aligned
+from corfs.buffers import ALIGNMENT, address_of, aligned_buffer, aligned_zeros, is_aligned
 
 
 @pytest.mark.parametrize("length", [0, 1, 4095, ALIGNMENT, 3 * ALIGNMENT + 17, 1 << 20])
-def test_aligned_buffer_is_aligned_zeroed_and_exact(length: int) -> None:
-    buf = aligned_buffer(length)
-    assert len(buf) == length and not buf.readonly
-    if length:
-        assert address_of(buf) % ALIGNMENT == 0
-        assert bytes(buf) == bytes(length)
-        buf[-1] = 7  # writable up to its last byte
-        assert buf[-1] == 7
+def test_aligned_buffers_are_aligned_exact_and_writable(length: int) -> None:
+    for buf in (aligned_buffer(length), aligned_zeros(length)):
+        assert len(buf) == length and not buf.readonly and buf.format == "B"
+        if length:
+            assert address_of(buf) % ALIGNMENT == 0
+            buf[-1] = 7  # writable up to its last byte
+            assert buf[-1] == 7
+            buf[:] = b"x" * length  # and takes bytes as a bytearray would
+    dirty = aligned_buffer(length)
+    dirty[:] = b"\xff" * length  # memory that held something: aligned_zeros must clear it
+    del dirty
+    assert bytes(aligned_zeros(length)) == bytes(length)
+
+
+def test_buffers_are_freed_with_their_last_view() -> None:
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = rss()
+    for _ in range(200):  # 800 MiB in all, if nothing were freed
+        buf = aligned_buffer(4 << 20)
+        piece = buf[ALIGNMENT : 2 * ALIGNMENT]
+        buf[:] = b"\x01" * len(buf)  # touch every page
+        del buf
+        assert piece[0] == 1  # the slice still holds the memory
+        del piece
+    assert rss() - before < 100 << 20
 
 
 def test_only_aligned_writable_whole_blocks_count_as_aligned() -> None:
