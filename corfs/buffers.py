@@ -1,49 +1,74 @@
-"""Buffers for chunk data on its way from the base to the cache, and the allocator settings that
-keep them cheap.
+"""Buffers for chunk data on its way from the base to the cache.
 
 Fetched bytes land in a page-aligned buffer so the store can write them to the data file with
 O_DIRECT (no copy into the page cache, no writeback backlog for a guest's flush to wait for;
-see store.write_fill). A buffer is memory from libc's aligned_alloc behind a memoryview: it is
-not zeroed (a bytearray's zeroing cost 6% of the daemon's CPU in a cold read), and it is freed
-when the last view of it goes, like any Python object.
+see store.write_fill). A buffer is an anonymous memory mapping behind a memoryview, released
+when the last view of it goes, like any Python object. Released mappings are kept for reuse
+(up to POOL_BYTES): a fresh one costs a page fault and the kernel's zeroing of every page on
+first touch, and a bytearray a memset of it all, together a sixth of the daemon's CPU in a cold
+read (perf). So a buffer's bytes are NOT initialized: its user writes all of them.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
+import mmap
+import threading
 import weakref
 
-log = logging.getLogger(__name__)
-
 ALIGNMENT = 4096  # O_DIRECT needs buffer, offset and length aligned; 4 KiB suits every device
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# glibc serves larger allocations with a fresh mmap and returns free heap above this to the
-# kernel: each multi-MiB fetch buffer then costs page faults and zeroing of fresh pages (10% of
-# the daemon's CPU in a cold read, by perf). Raised, freed buffers are reused from the heap.
-_MMAP_THRESHOLD = 32 << 20  # glibc's own maximum for a dynamic threshold
-_TRIM_THRESHOLD = 64 << 20
+POOL_BYTES = 64 << 20  # released mappings kept for reuse: the read-ahead window's worth
 
 
-_libc = ctypes.CDLL(None)
-_libc.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
-_libc.aligned_alloc.restype = ctypes.c_void_p
-_libc.free.argtypes = [ctypes.c_void_p]
+class _MappingPool:
+    """Released anonymous mappings by size. Buffers are released from whichever thread drops
+    the last view, hence the lock."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._free: dict[int, list[tuple[mmap.mmap, int]]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> tuple[mmap.mmap, int]:
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._bytes -= size
+                return free.pop()
+        mapping = mmap.mmap(-1, size)
+        probe = ctypes.c_char.from_buffer(mapping)
+        address = ctypes.addressof(probe)
+        del probe  # its buffer export would keep the mapping from ever closing
+        return mapping, address
+
+    def give_back(self, mapping: mmap.mmap, address: int) -> None:
+        size = len(mapping)
+        with self._lock:
+            if self._bytes + size <= self.limit_bytes:
+                self._free.setdefault(size, []).append((mapping, address))
+                self._bytes += size
+                return
+        mapping.close()
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._bytes
+
+
+_POOL = _MappingPool(POOL_BYTES)
 
 
 def aligned_buffer(length: int) -> memoryview:
-    """A writable buffer of `length` bytes whose first byte is ALIGNMENT-aligned. Its bytes
-    are NOT initialized: the caller writes all of them (or uses aligned_zeros)."""
-    size = max(ALIGNMENT, -(-length // ALIGNMENT) * ALIGNMENT)  # C11: a multiple of it
-    address = _libc.aligned_alloc(ALIGNMENT, size)
-    if not address:
-        raise MemoryError(f"cannot allocate a {size}-byte buffer")
+    """A writable buffer of `length` bytes whose first byte is page-aligned. Its bytes are NOT
+    initialized: the caller writes all of them (or uses aligned_zeros)."""
+    size = max(ALIGNMENT, -(-length // ALIGNMENT) * ALIGNMENT)
+    mapping, address = _POOL.take(size)
     memory = (ctypes.c_ubyte * size).from_address(address)
-    # Views keep `memory` alive; it is freed with the last of them. Not at interpreter exit:
-    # a worker thread may still hold a view then, and the process's memory goes anyway.
-    weakref.finalize(memory, _libc.free, address).atexit = False
+    # Views keep `memory` alive; the mapping goes back to the pool with the last of them (the
+    # finalizer holds it till then). Not at interpreter exit: a worker thread may still hold a
+    # view then, and the process's memory goes anyway.
+    weakref.finalize(memory, _POOL.give_back, mapping, address).atexit = False
     return memoryview(memory).cast("B")[:length]
 
 
@@ -75,18 +100,3 @@ def is_aligned(data: bytes | bytearray | memoryview) -> bool:
     if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
         return False
     return address_of(data) % ALIGNMENT == 0  # type: ignore[arg-type]
-
-
-def tune_allocator() -> None:
-    """Keep freed fetch buffers in the heap for reuse (see above). glibc only; a no-op
-    elsewhere."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    if not (
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    ):
-        log.debug("mallopt refused the buffer settings; fetch buffers come from mmap")

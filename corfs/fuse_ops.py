@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from .control import CONTROL_XATTR, STATUS_XATTR, Controller
+from .digest import Buffer
 from .errors import ControlError, CorfsError
 from .image import Image
 
@@ -164,7 +165,8 @@ class CorfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_translate_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:
+        # pyfuse3 takes any contiguous buffer: a slice of a fill's buffer goes out uncopied.
         return await self._image(fh).read(off, size)
 
     @_translate_errors

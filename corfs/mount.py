@@ -15,7 +15,6 @@ import pyfuse3
 import trio
 
 from .base import BaseImage, BaseStore, open_base
-from .buffers import tune_allocator
 from .config import MountConfig
 from .control import MOUNTPOINT_FILE, Controller
 from .errors import CorfsError, UsageError
@@ -55,7 +54,6 @@ def check_mountpoint(path: str) -> str:
 def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled. Raises CorfsError for bad input."""
     mountpoint = check_mountpoint(config.mountpoint)
-    tune_allocator()
     trio.run(_serve, config, mountpoint, on_ready)
 
 

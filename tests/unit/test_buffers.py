@@ -47,3 +47,11 @@ def test_only_aligned_writable_whole_blocks_count_as_aligned() -> None:
     assert not is_aligned(buf[: ALIGNMENT + 1])  # length not a whole block
     assert not is_aligned(bytes(ALIGNMENT))  # read-only: its address is not ours to know
     assert not is_aligned(memoryview(bytes(ALIGNMENT)))
+
+
+def test_released_buffers_are_reused_not_mapped_anew() -> None:
+    first = aligned_buffer(3 * ALIGNMENT)
+    where = address_of(first)
+    del first
+    again = aligned_buffer(3 * ALIGNMENT)  # same size: the released mapping, no page faults
+    assert address_of(again) == where
