@@ -242,7 +242,7 @@ class Image:
             chunks = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self._local_copy
             )
-            await self._store_fetched(chunks, keep=fill.for_readers)
+            await self._store_fetched(chunks, keep=fill.for_readers or self._ahead_of_reader(run))
             self.fills += 1
             self._clear_failures(run)
         except BaseChanged as exc:
@@ -291,6 +291,12 @@ class Image:
                 self.store.punch(self.name, start, self.geometry.chunk_length(chunk.index))
             else:
                 self.store.write_fill(self.name, start, chunk.data)
+
+    def _ahead_of_reader(self, run: range) -> bool:
+        """A sequential reader will soon read these chunks (a stream fill that landed in its
+        read-ahead window): worth keeping their bytes for it."""
+        start = self._next_sequential
+        return self._read_ahead > 0 and start <= run.start < start + 2 * READ_AHEAD_MAX
 
     def _read_fresh(self, chunks: range, offset: int, length: int) -> Buffer | None:
         """The bytes of a read within one kept chunk, as a slice (no copy), or None."""

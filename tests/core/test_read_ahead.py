@@ -4,6 +4,8 @@ random reader fetches only what it reads; kept bytes never outlive a change of t
 
 from __future__ import annotations
 
+import os
+
 from corfs.image import READ_AHEAD_MAX, READ_AHEAD_RUN
 from tests.core.conftest import CS, chunk_reads, random_bytes, run_with_mock_clock, wait_until
 
@@ -59,5 +61,29 @@ def test_kept_bytes_never_outlive_a_write_or_a_forget(rig_factory) -> None:
             source.data[5 * CS : 6 * CS] = b"\xee" * CS
             assert bytes(await image.read(5 * CS, 100)) == b"\xee" * 100
             assert chunk_reads(source, CS).count(5) == 2
+
+    run(main)
+
+
+def test_stream_fills_ahead_of_a_sequential_reader_are_kept_for_it(rig_factory) -> None:
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            image = rig.image("a")
+            for index in range(2):  # a sequential reader at chunk 2
+                await image.read(index * CS, CS)
+            await wait_until(lambda: not any(image.is_filling(i) for i in range(CHUNKS)))
+            far = CHUNKS - 2  # beyond its read-ahead window
+            # The stream fills chunks just ahead of it (and far away).
+            await image.wait_local(range(READ_AHEAD_MAX + 4, READ_AHEAD_MAX + 6), background=True)
+            await image.wait_local(range(far, far + 2), background=True)
+            # Junk behind corfs's back in the data file: a read served by a pread shows it.
+            junk = b"\x5a" * (2 * CS)
+            fd = os.open(rig.store.data_path("a"), os.O_WRONLY)
+            for first in (READ_AHEAD_MAX + 4, far):
+                os.pwrite(fd, junk, first * CS)
+            os.close(fd)
+            near = (READ_AHEAD_MAX + 4) * CS
+            assert bytes(await image.read(near, CS)) == DATA[near : near + CS]  # kept bytes
+            assert bytes(await image.read(far * CS, CS)) == junk[:CS]  # read from the file
 
     run(main)
