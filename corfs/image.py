@@ -7,11 +7,11 @@ Invariants:
   fill wrote instead (fresh.py: no copy, and no disk read after an O_DIRECT write).
 - One fill per chunk: a chunk being filled is waited for, never fetched twice.
 - Base bytes are never written over a chunk that is already local: once its fetch is done, a
-  fill stores only the chunks still absent, and while it stores them (a worker-thread pwrite,
-  a millisecond) client writes to those chunks wait; a client write `pwrite`s and marks its
-  chunks dirty in one step with no `await` between.
-- Fill data is written in a worker thread (pwrite releases the GIL), so the loop keeps
-  serving local reads while a fill lands.
+  fill stores only the chunks still absent, and while it stores them (an O_DIRECT pwrite in a
+  worker thread, a few milliseconds) client writes to those chunks wait; a client write
+  `pwrite`s and marks its chunks dirty in one step with no `await` between.
+- Fill data is written in worker threads (pwrite releases the GIL), so the loop keeps serving
+  local reads while a fill lands.
 - A write that covers a chunk only partly makes that chunk local first.
 """
 
