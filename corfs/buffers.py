@@ -22,13 +22,14 @@ POOL_BYTES = 64 << 20  # released mappings kept for reuse: the read-ahead window
 
 class _MappingPool:
     """Released anonymous mappings by size. Buffers are released from whichever thread drops
-    the last view, hence the lock."""
+    the last view, hence the lock; a reentrant one, because a garbage collection that an
+    allocation under the lock sets off can release a buffer (run its finalizer) right there."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self._free: dict[int, list[tuple[mmap.mmap, int]]] = {}
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def take(self, size: int) -> tuple[mmap.mmap, int]:
         with self._lock:
@@ -36,7 +37,7 @@ class _MappingPool:
             if free:
                 self._bytes -= size
                 return free.pop()
-        mapping = mmap.mmap(-1, size)
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         probe = ctypes.c_char.from_buffer(mapping)
         address = ctypes.addressof(probe)
         del probe  # its buffer export would keep the mapping from ever closing
@@ -44,9 +45,10 @@ class _MappingPool:
 
     def give_back(self, mapping: mmap.mmap, address: int) -> None:
         size = len(mapping)
+        entry = (mapping, address)
         with self._lock:
             if self._bytes + size <= self.limit_bytes:
-                self._free.setdefault(size, []).append((mapping, address))
+                self._free.setdefault(size, []).append(entry)
                 self._bytes += size
                 return
         mapping.close()

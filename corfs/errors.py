@@ -46,6 +46,10 @@ class CacheFull(CacheError):
     errno = errno.ENOSPC
 
 
+class ShortWrite(CacheFull):
+    """The data file took part of a write: some bytes changed, not all."""
+
+
 class ReadOnlyError(CorfsError):
     errno = errno.EROFS
 

@@ -53,7 +53,7 @@ class FetcherStatistics:
 
 
 # Looks a digest up in the local cache: verified bytes of a chunk already local, or None.
-LocalLookup = Callable[[bytes], bytes | None]
+LocalLookup = Callable[[bytes], Buffer | None]
 
 
 class Fetcher:

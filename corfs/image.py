@@ -10,6 +10,9 @@ Invariants:
   fill stores only the chunks still absent, and while it stores them (an O_DIRECT pwrite in a
   worker thread, a few milliseconds) client writes to those chunks wait; a client write
   `pwrite`s and marks its chunks dirty in one step with no `await` between.
+- A buffered write (a client's, or a fill's that cannot go direct) never overlaps a fill's
+  store within one store.FOLIO_SPAN-aligned span: one page-cache folio can cover both, and a
+  folio dirtied during a direct write would keep stale bytes of it (store.FOLIO_SPAN).
 - Fill data is written in worker threads (pwrite releases the GIL), so the loop keeps serving
   local reads while a fill lands.
 - A write that covers a chunk only partly makes that chunk local first.
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .base import BaseImage
+from .buffers import aligned_copy
 from .digest import Buffer, chunk_digest
 from .errors import (
     BaseChanged,
@@ -34,11 +38,12 @@ from .errors import (
     CorfsError,
     OutOfImageError,
     ReadOnlyError,
+    ShortWrite,
 )
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
 from .geometry import ChunkGeometry, contiguous_runs
-from .store import CacheStore, ChunkState, ImageRecord
+from .store import FOLIO_SPAN, CacheStore, ChunkState, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ class Image:
         )
         self._fills: dict[int, _Fill] = {}
         self._storing: dict[int, trio.Event] = {}  # chunks a fill is writing right now
+        self._storing_buffered: set[int] = set()  # ... through the page cache
         self._fresh = FreshChunks(FRESH_BYTES)
         self._next_sequential = -1  # the chunk a sequential reader would miss next
         self._read_ahead = 0  # current read-ahead window, in chunks
@@ -267,10 +273,21 @@ class Image:
     async def _store_fetched(self, chunks: list[FetchedChunk], *, keep: bool = False) -> None:
         """Write verified chunks to the data file, then mark them local (module invariants);
         `keep` their bytes in `_fresh` for client reads."""
+        if not chunks:
+            return
+        run = range(chunks[0].index, chunks[-1].index + 1)
+        buffered = {
+            c.index
+            for c in chunks
+            if not self.store.writes_direct(self.name, self.geometry.chunk_start(c.index), c.data)
+        }
+        # A buffered store waits for every store in its span, a direct one for buffered ones.
+        await self._wait_span_quiet(run, self._storing if buffered else self._storing_buffered)
         todo = [c for c in chunks if self._states[c.index] == ChunkState.ABSENT]
         storing = trio.Event()
         for chunk in todo:
             self._storing[chunk.index] = storing
+        self._storing_buffered.update(buffered)
         try:
             await trio.to_thread.run_sync(self._write_chunks, todo, limiter=_WRITE_LIMITER)
             for chunk in todo:
@@ -281,7 +298,19 @@ class Image:
         finally:
             for chunk in todo:
                 del self._storing[chunk.index]
+            self._storing_buffered.difference_update(buffered)
             storing.set()
+
+    def _span(self, chunks: range) -> range:
+        """The chunks that share a FOLIO_SPAN-aligned span with `chunks`."""
+        per = max(1, FOLIO_SPAN // self.geometry.chunk_size)
+        stop = min(self.geometry.chunk_count, -(-chunks.stop // per) * per)
+        return range(chunks.start // per * per, stop)
+
+    async def _wait_span_quiet(self, chunks: range, stores: Iterable[int]) -> None:
+        """Wait until no chunk in the span of `chunks` is in `stores` (chunks being stored)."""
+        while busy := [self._storing[i] for i in self._span(chunks) if i in stores]:
+            await busy[0].wait()
 
     def _write_chunks(self, chunks: list[FetchedChunk]) -> None:
         """Worker thread: touches the data file only, never the chunk state."""
@@ -307,7 +336,7 @@ class Image:
             self._fresh.drop(chunks.start)  # read to its end: a sequential reader is done
         return data[lo : lo + length]
 
-    def _local_copy(self, digest: bytes) -> bytes | None:
+    def _local_copy(self, digest: bytes) -> Buffer | None:
         """Verified bytes of a committed clean chunk with this digest, from any image here."""
         found = self.store.find_by_digest(digest)
         if found is None:
@@ -323,7 +352,8 @@ class Image:
             )
         except (OSError, CorfsError):
             return None
-        return data if chunk_digest(data) == digest else None
+        # Copied to an aligned buffer so that it, too, is stored with O_DIRECT (FOLIO_SPAN).
+        return aligned_copy(data) if chunk_digest(data) == digest else None
 
     # ---- client I/O ----------------------------------------------------------------------
 
@@ -335,7 +365,7 @@ class Image:
         chunks = self.geometry.chunks_of(offset, length)
         if self.first_reads is not None:
             self.first_reads(chunks)
-        if not self.complete and self.source is not None:
+        if not self.complete and self.source is not None and self.error is None:
             self._read_ahead_after(chunks)
         if self._states.find(ABSENT, chunks.start, chunks.stop) >= 0:
             for listener in self.miss_listeners:
@@ -406,18 +436,29 @@ class Image:
         while True:
             if any(self._states[i] == ChunkState.ABSENT for i in partial):
                 await self.wait_local(partial)
-            elif busy := [self._storing[i] for i in touched if i in self._storing]:
-                await busy[0].wait()  # a fill is storing base bytes there: let it finish first
+            elif any(i in self._storing for i in self._span(touched)):
+                # A fill is storing there (base bytes into these chunks, or a direct write that
+                # may share a page-cache folio with them): let it finish first.
+                await self._wait_span_quiet(touched, self._storing)
             else:
                 break
         # No await from here on: the write and the dirty marks are one atomic step.
-        self.store.write_data(self.name, offset, data)
         for index in touched:
-            if self._states[index] != ChunkState.DIRTY:
-                self._set_state(index, ChunkState.DIRTY, None)
+            self._fresh.drop(index)  # even if the write fails half-way
+        try:
+            self.store.write_data(self.name, offset, data)
+        except ShortWrite:
+            self._mark_dirty(touched)  # some bytes changed: no longer equal to the base
+            raise
+        self._mark_dirty(touched)
         self.store.touch(self.name)
         self.mtime_ns = time.time_ns()
         return len(data)
+
+    def _mark_dirty(self, chunks: range) -> None:
+        for index in chunks:
+            if self._states[index] != ChunkState.DIRTY:
+                self._set_state(index, ChunkState.DIRTY, None)
 
     async def fsync(self) -> None:
         await self.store.commit()

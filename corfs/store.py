@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import sqlite3
 import threading
@@ -34,11 +35,18 @@ from urllib.parse import quote
 import trio
 
 from .buffers import ALIGNMENT, is_aligned
-from .errors import CacheError, CacheFull, CacheLocked, UsageError
+from .errors import CacheError, CacheFull, CacheLocked, ShortWrite, UsageError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# The largest page-cache folio (x86-64 and arm64 with 4 KiB pages: a PMD, 2 MiB). A folio can
+# span chunks: a buffered write dirtying one while a neighbouring chunk is written with
+# O_DIRECT would keep stale bytes of that neighbour cached (the kernel cannot drop a dirty
+# folio after the direct write) and write them back later. Image never lets a buffered write
+# and a direct one overlap within one FOLIO_SPAN-aligned span (Image._wait_span_quiet).
+FOLIO_SPAN = 2 << 20
+_DIRECT_PAGE_SIZE = 4096  # O_DIRECT fills only where FOLIO_SPAN is known to bound a folio
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -133,8 +141,7 @@ class CacheStore:
         self._db_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._data_fds: dict[str, int] = {}
-        # O_DIRECT descriptors of the data files for fills (None: the file system refuses)
-        self._direct_fds: dict[str, int | None] = {}
+        self._direct_fds: dict[str, int] = {}  # O_DIRECT descriptors of data files, for fills
         self._direct_refused: set[str] = set()  # images whose direct writes got EINVAL
         self._direct_lock = threading.Lock()  # fills open them from worker threads
         self._pending: dict[tuple[str, int], tuple[int, bytes | None]] = {}
@@ -338,7 +345,7 @@ class CacheStore:
         except OSError as exc:
             raise self._os_error(exc, f"writing {name}") from None
         if written != len(data):
-            raise CacheFull(f"short write to the data file of {name}")
+            raise ShortWrite(f"short write to the data file of {name}")
 
     def write_fill(self, name: str, offset: int, data: bytes | memoryview) -> None:
         """Write a filled chunk's verified base bytes (from a worker thread).
@@ -348,7 +355,7 @@ class CacheStore:
         commit's fdatasync, which still makes the new extents durable. Other data is written
         through the page cache and its writeback started at once. The kernel drops any cached
         pages of a range written directly, so later buffered reads see the new bytes."""
-        fd = self._direct_fd(name) if offset % ALIGNMENT == 0 and is_aligned(data) else None
+        fd = self._direct_fd(name) if self.writes_direct(name, offset, data) else None
         if fd is not None:
             try:
                 written = os.pwrite(fd, data, offset)
@@ -365,6 +372,18 @@ class CacheStore:
         self.write_data(name, offset, data)
         self.start_writeback(name, offset, len(data))
 
+    def writes_direct(self, name: str, offset: int, data: bytes | memoryview | None) -> bool:
+        """Whether write_fill would write this with O_DIRECT (None: a punched zero chunk,
+        which dirties no page)."""
+        if data is None:
+            return True
+        return (
+            mmap.PAGESIZE == _DIRECT_PAGE_SIZE
+            and offset % ALIGNMENT == 0
+            and name not in self._direct_refused
+            and is_aligned(data)
+        )
+
     def _direct_fd(self, name: str) -> int | None:
         with self._direct_lock:
             if name in self._direct_refused:
@@ -373,8 +392,11 @@ class CacheStore:
                 try:
                     flags = os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
                     self._direct_fds[name] = os.open(self.data_path(name), flags)
-                except OSError:  # EINVAL: no O_DIRECT here; anything else shows on write_data
-                    self._direct_fds[name] = None
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        return None  # e.g. out of descriptors: buffered this time, retry later
+                    self._direct_refused.add(name)  # the file system has no O_DIRECT
+                    return None
             return self._direct_fds[name]
 
     def _close_direct(self, name: str | None = None) -> None:

@@ -1,6 +1,8 @@
 """How filled chunks reach the data file (store.write_fill): aligned bytes go around the page
 cache with O_DIRECT, anything else through it; stale cached pages never hide new bytes; a file
-system that refuses O_DIRECT still gets every byte; a full disk is CacheFull."""
+system that refuses O_DIRECT still gets every byte; a full disk is CacheFull. Through an
+Image: a client write never overlaps a store in its page-cache folio span, and a write the disk
+took only half of leaves its chunks dirty."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 
 import pytest
+import trio
 
 from corfs.buffers import aligned_copy
 from corfs.errors import CacheFull
-from corfs.store import CacheStore
-from tests.core.conftest import random_bytes
+from corfs.store import FOLIO_SPAN, CacheStore, ChunkState
+from tests.core.conftest import CS, random_bytes
 
 BLOCK = 1 << 20  # one 1 MiB chunk
 
@@ -106,3 +110,72 @@ def test_a_full_disk_on_a_direct_write_is_cache_full(store, monkeypatch) -> None
     with pytest.raises(CacheFull) as info:
         store.write_fill("a", 0, aligned_copy(random_bytes(BLOCK)))
     assert info.value.errno == errno.ENOSPC
+
+
+# ---- through an Image: buffered writes never overlap a direct store in one folio span ----
+
+SPAN_CHUNKS = FOLIO_SPAN // CS
+
+
+def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeypatch) -> None:
+    data = random_bytes((SPAN_CHUNKS + 8) * CS, seed=9)
+    release = threading.Event()
+    storing = threading.Event()
+    real_write_fill = CacheStore.write_fill
+
+    def slow_write_fill(self, name, offset, chunk):  # noqa: ANN001, ANN202
+        storing.set()
+        release.wait(10)
+        return real_write_fill(self, name, offset, chunk)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            monkeypatch.setattr(CacheStore, "write_fill", slow_write_fill)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.read, 4 * CS, 10)  # fills chunk 4: its store blocks
+                await trio.to_thread.run_sync(storing.wait, 10)
+                done: list[str] = []
+
+                async def write(name: str, index: int) -> None:
+                    await image.write(index * CS, bytes([index % 256]) * CS)  # whole chunks
+                    done.append(name)
+
+                nursery.start_soon(write, "same span", 1)
+                nursery.start_soon(write, "next span", SPAN_CHUNKS + 1)
+                with trio.fail_after(10):
+                    while "next span" not in done:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                assert done == ["next span"]  # chunk 1 shares a folio span with chunk 4
+                release.set()
+            assert sorted(done) == ["next span", "same span"]
+            assert image.state_of(4) == ChunkState.CLEAN
+            assert bytes(await image.read(CS, CS)) == bytes([1]) * CS
+            assert bytes(await image.read(4 * CS, CS)) == data[4 * CS : 5 * CS]
+
+    trio.run(main)
+
+
+def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, monkeypatch):  # noqa: ANN201
+    data = random_bytes(4 * CS, seed=10)
+
+    def half_write(fd: int, buf, offset: int) -> int:  # noqa: ANN001
+        return real_pwrite(fd, bytes(buf)[: len(buf) // 2], offset)
+
+    real_pwrite = os.pwrite
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            assert bytes(await image.read(CS, 100)) == data[CS : CS + 100]  # kept, not all read
+            monkeypatch.setattr(os, "pwrite", half_write)
+            with pytest.raises(CacheFull):
+                await image.write(CS, b"\xaa" * 200)
+            monkeypatch.undo()
+            # 100 bytes landed: the chunk is no longer the base's, and reads show the file.
+            assert image.state_of(1) == ChunkState.DIRTY
+            expected = b"\xaa" * 100 + data[CS + 100 : CS + 200]
+            assert bytes(await image.read(CS, 200)) == expected
+
+    trio.run(main)

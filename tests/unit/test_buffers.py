@@ -55,3 +55,29 @@ def test_released_buffers_are_reused_not_mapped_anew() -> None:
     del first
     again = aligned_buffer(3 * ALIGNMENT)  # same size: the released mapping, no page faults
     assert address_of(again) == where
+
+
+def test_a_buffer_freed_by_a_collection_inside_the_pool_does_not_deadlock() -> None:
+    # An allocation under the pool's lock can set off a garbage collection, which frees a
+    # buffer held in a reference cycle and runs its release in the same thread, lock held.
+    import gc
+    import threading
+
+    from corfs import buffers
+
+    class Cycle:
+        pass
+
+    finished = threading.Event()
+
+    def collect_inside_the_lock() -> None:
+        holder = Cycle()
+        holder.me = holder  # only the cycle collector frees it
+        holder.buffer = aligned_buffer(ALIGNMENT)
+        del holder
+        with buffers._POOL._lock:
+            gc.collect()  # what an allocation in give_back or take may do
+        finished.set()
+
+    threading.Thread(target=collect_inside_the_lock, daemon=True).start()
+    assert finished.wait(10), "the pool deadlocked on a buffer released during a collection"
