@@ -313,13 +313,21 @@ class Image:
             await busy[0].wait()
 
     def _write_chunks(self, chunks: list[FetchedChunk]) -> None:
-        """Worker thread: touches the data file only, never the chunk state."""
-        for chunk in chunks:
-            start = self.geometry.chunk_start(chunk.index)
+        """Worker thread: touches the data file only, never the chunk state. Adjacent chunks
+        with data go out in one write; zero chunks are punched."""
+        run: list[FetchedChunk] = []
+        for chunk in [*chunks, None]:
+            if run and (chunk is None or chunk.data is None or chunk.index != run[-1].index + 1):
+                pieces = [c.data for c in run if c.data is not None]
+                self.store.write_fill(self.name, self.geometry.chunk_start(run[0].index), pieces)
+                run = []
+            if chunk is None:
+                break
             if chunk.data is None:
+                start = self.geometry.chunk_start(chunk.index)
                 self.store.punch(self.name, start, self.geometry.chunk_length(chunk.index))
             else:
-                self.store.write_fill(self.name, start, chunk.data)
+                run.append(chunk)
 
     def _ahead_of_reader(self, run: range) -> bool:
         """A sequential reader will soon read these chunks (a stream fill that landed in its

