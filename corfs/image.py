@@ -63,6 +63,7 @@ class _Fill:
     done: trio.Event = field(default_factory=trio.Event)
     error: CorfsError | None = None
     for_readers: bool = False  # keep the stored bytes in `Image._fresh`: client reads want them
+    background: bool = False  # only the stream waits for it
 
 
 @dataclass(frozen=True)
@@ -220,21 +221,26 @@ class Image:
             if not missing:
                 return
             limit = len(missing) if background else MAX_FOREGROUND_RUN
-            self._start_fills([i for i in missing if i not in self._fills], limit)
+            self._start_fills(
+                [i for i in missing if i not in self._fills], limit, background=background
+            )
             fills = {id(f): f for f in (self._fills[i] for i in missing if i in self._fills)}
             for fill in fills.values():
                 fill.for_readers |= reading
+                fill.background &= background
                 await fill.done.wait()
                 if fill.error is not None:
                     raise type(fill.error)(str(fill.error))
 
-    def _start_fills(self, indexes: list[int], limit: int, *, for_readers: bool = False) -> None:
+    def _start_fills(
+        self, indexes: list[int], limit: int, *, for_readers: bool = False, background: bool = False
+    ) -> None:
         """Start fills of `indexes` (none in flight yet), at most `limit` chunks per request."""
         limit = max(1, limit)
         for run in contiguous_runs(indexes):
             for start in range(run.start, run.stop, limit):
                 piece = range(start, min(start + limit, run.stop))
-                fill = _Fill(for_readers=for_readers)
+                fill = _Fill(for_readers=for_readers, background=background)
                 for index in piece:
                     self._fills[index] = fill
                 self._nursery.start_soon(self._fill, piece, fill)
@@ -248,7 +254,8 @@ class Image:
             chunks = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self._local_copy
             )
-            await self._store_fetched(chunks, keep=fill.for_readers or self._ahead_of_reader(run))
+            keep = fill.for_readers or self._ahead_of_reader(run)
+            await self._store_fetched(chunks, keep=keep, background=fill.background)
             self.fills += 1
             self._clear_failures(run)
         except BaseChanged as exc:
@@ -270,7 +277,9 @@ class Image:
                     del self._fills[index]
             fill.done.set()
 
-    async def _store_fetched(self, chunks: list[FetchedChunk], *, keep: bool = False) -> None:
+    async def _store_fetched(
+        self, chunks: list[FetchedChunk], *, keep: bool = False, background: bool = False
+    ) -> None:
         """Write verified chunks to the data file, then mark them local (module invariants);
         `keep` their bytes in `_fresh` for client reads."""
         if not chunks:
@@ -289,7 +298,9 @@ class Image:
             self._storing[chunk.index] = storing
         self._storing_buffered.update(buffered)
         try:
-            await trio.to_thread.run_sync(self._write_chunks, todo, limiter=_WRITE_LIMITER)
+            await trio.to_thread.run_sync(
+                self._write_chunks, todo, not background, limiter=_WRITE_LIMITER
+            )
             for chunk in todo:
                 state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
                 self._set_state(chunk.index, state, chunk.digest)
@@ -312,12 +323,20 @@ class Image:
         while busy := [self._storing[i] for i in self._span(chunks) if i in stores]:
             await busy[0].wait()
 
-    def _write_chunks(self, chunks: list[FetchedChunk]) -> None:
-        """Worker thread: touches the data file only, never the chunk state. Adjacent chunks
-        with data go out in one write; zero chunks are punched."""
+    def _write_chunks(self, chunks: list[FetchedChunk], coalesce: bool) -> None:
+        """Worker thread: touches the data file only, never the chunk state. Zero chunks are
+        punched. With `coalesce` (a client waits), adjacent chunks go out in one write: 4 MiB
+        direct writes run at 2.0 GB/s here, 1 MiB ones at 1.4. Stream fills go chunk by chunk:
+        a guest's flush queues behind whatever they have at the disk (bench/flush_latency:
+        p50 3.8 ms behind 1 MiB writes, 11-17 ms behind 4 MiB ones)."""
         run: list[FetchedChunk] = []
         for chunk in [*chunks, None]:
-            if run and (chunk is None or chunk.data is None or chunk.index != run[-1].index + 1):
+            if run and (
+                chunk is None
+                or chunk.data is None
+                or chunk.index != run[-1].index + 1
+                or not coalesce
+            ):
                 pieces = [c.data for c in run if c.data is not None]
                 self.store.write_fill(self.name, self.geometry.chunk_start(run[0].index), pieces)
                 run = []

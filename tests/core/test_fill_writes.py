@@ -179,3 +179,27 @@ def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, 
             assert bytes(await image.read(CS, 200)) == expected
 
     trio.run(main)
+
+
+def test_a_waited_for_run_is_one_write_a_stream_run_one_per_chunk(rig_factory, monkeypatch):  # noqa: ANN201
+    data = random_bytes(16 * CS, seed=11)
+    writes: list[int] = []  # pieces per write_fill call
+    real_write_fill = CacheStore.write_fill
+
+    def counting(self, name, offset, pieces):  # noqa: ANN001, ANN202
+        writes.append(len(pieces))
+        return real_write_fill(self, name, offset, pieces)
+
+    monkeypatch.setattr(CacheStore, "write_fill", counting)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            assert bytes(await image.read(0, 4 * CS)) == data[: 4 * CS]  # a client waits
+            assert writes == [4]
+            writes.clear()
+            await image.wait_local(range(8, 12), background=True)  # the stream's run
+            assert writes == [1, 1, 1, 1]  # a guest's flush never queues behind 4 at once
+            assert bytes(await image.read(8 * CS, 4 * CS)) == data[8 * CS : 12 * CS]
+
+    trio.run(main)
