@@ -22,6 +22,7 @@ from .harness import (
     make_image,
     mounted,
     read_sequential,
+    settle_disk,
     wait_complete,
     workdir,
 )
@@ -59,7 +60,9 @@ def run(size_mib: int, chunk_size: str, passes: int) -> dict:
             cpu0 = daemon.cpu_seconds()
             note("corfs cold MB/s", read_sequential(path))
             note("corfs cold CPU s/GiB", (daemon.cpu_seconds() - cpu0) / (size_mib / 1024))
-        # Warm: every chunk local, all page caches dropped, a fresh daemon.
+        # Warm: every chunk local, all page caches dropped, a fresh daemon, the disk done with
+        # the cold phase's writes (as the passthrough found it).
+        settle_disk()
         with mounted(argv, mnt, os.path.join(root, "corfs.log")) as daemon:
             path = os.path.join(mnt, "disk.raw")
             drop_caches()
