@@ -296,6 +296,7 @@ class Image:
         storing = trio.Event()
         for chunk in todo:
             self._storing[chunk.index] = storing
+        buffered.intersection_update(c.index for c in todo)  # _storing_buffered ⊆ _storing
         self._storing_buffered.update(buffered)
         try:
             await trio.to_thread.run_sync(

@@ -18,6 +18,7 @@ import trio
 
 from corfs.buffers import aligned_copy
 from corfs.errors import CacheFull
+from corfs.image import Image
 from corfs.store import FOLIO_SPAN, CacheStore, ChunkState
 from tests.core.conftest import CS, random_bytes
 
@@ -201,5 +202,43 @@ def test_a_waited_for_run_is_one_write_a_stream_run_one_per_chunk(rig_factory, m
             await image.wait_local(range(8, 12), background=True)  # the stream's run
             assert writes == [1, 1, 1, 1]  # a guest's flush never queues behind 4 at once
             assert bytes(await image.read(8 * CS, 4 * CS)) == data[8 * CS : 12 * CS]
+
+    trio.run(main)
+
+
+def test_a_buffered_fill_of_a_chunk_written_meanwhile_leaves_nothing_behind(
+    rig_factory, monkeypatch
+) -> None:
+    # The last chunk is short, so it is stored through the page cache. A client overwrites it
+    # while its fetch is in flight, so the fill then stores nothing; a direct store in the same
+    # folio span meanwhile must neither wait on nor trip over a store that is not happening.
+    data = random_bytes(7 * CS + 100, seed=12)
+    empty_store = threading.Event()
+    go_on = threading.Event()
+    real_write_chunks = Image._write_chunks
+
+    def write_chunks(self, chunks, coalesce):  # noqa: ANN001, ANN202
+        if not chunks:  # the short chunk's fill, with nothing left to store: hold it here
+            empty_store.set()
+            go_on.wait(10)
+        return real_write_chunks(self, chunks, coalesce)
+
+    monkeypatch.setattr(Image, "_write_chunks", write_chunks)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            source.faults.delay = 0.2
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.wait_local, range(7, 8))
+                await trio.sleep(0.05)  # the fetch of chunk 7 is in flight
+                await image.write(7 * CS, b"w" * 100)  # the whole short chunk: no wait
+                await trio.to_thread.run_sync(empty_store.wait, 10)
+                source.faults.delay = 0
+                with trio.fail_after(5):  # chunk 5 shares the span: fetched, stored directly
+                    assert bytes(await image.read(5 * CS, CS)) == data[5 * CS : 6 * CS]
+                go_on.set()
+            assert image.state_of(7) == ChunkState.DIRTY
+            assert bytes(await image.read(7 * CS, 100)) == b"w" * 100
 
     trio.run(main)
