@@ -342,11 +342,21 @@ class CacheStore:
         return CacheError(f"{what}: {exc.strerror}")
 
     def write_data(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        self._write_all(self.data_fd(name), name, offset, [data])
+
+    def _write_all(
+        self, fd: int, name: str, offset: int, pieces: Sequence[Buffer], *, direct: bool = False
+    ) -> None:
+        """All of `pieces`, back to back from `offset`: CacheFull / CacheError on a failure,
+        ShortWrite if the file took only part. `direct`: EINVAL (no O_DIRECT for this write)
+        comes out as the OSError itself, for the caller to fall back."""
         try:
-            written = os.pwrite(self.data_fd(name), data, offset)
+            written = os.pwritev(fd, pieces, offset)
         except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise
             raise self._os_error(exc, f"writing {name}") from None
-        if written != len(data):
+        if written != sum(len(piece) for piece in pieces):
             raise ShortWrite(f"short write to the data file of {name}")
 
     def write_fill(self, name: str, offset: int, pieces: Sequence[Buffer]) -> None:
@@ -359,29 +369,18 @@ class CacheStore:
         next commit's fdatasync, which still makes the new extents durable. Other data is
         written through the page cache and its writeback started at once. The kernel drops any
         cached pages of a range written directly, so later buffered reads see the new bytes."""
-        length = sum(len(piece) for piece in pieces)
         direct = all(self.writes_direct(name, offset, piece) for piece in pieces)
         fd = self._direct_fd(name) if direct else None
         if fd is not None:
             try:
-                written = os.pwritev(fd, pieces, offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise self._os_error(exc, f"writing {name}") from None
+                self._write_all(fd, name, offset, pieces, direct=True)
+                return
+            except OSError:  # EINVAL only (see _write_all)
                 log.info("%s: the cache's file system refuses O_DIRECT writes; buffered", name)
                 with self._direct_lock:
                     self._direct_refused.add(name)  # the fd stays open: another fill may use it
-            else:
-                if written != length:
-                    raise ShortWrite(f"short write to the data file of {name}")
-                return
-        try:
-            written = os.pwritev(self.data_fd(name), pieces, offset)
-        except OSError as exc:
-            raise self._os_error(exc, f"writing {name}") from None
-        if written != length:
-            raise ShortWrite(f"short write to the data file of {name}")
-        self.start_writeback(name, offset, length)
+        self._write_all(self.data_fd(name), name, offset, pieces)
+        self.start_writeback(name, offset, sum(len(piece) for piece in pieces))
 
     def writes_direct(self, name: str, offset: int, data: bytes | memoryview | None) -> bool:
         """Whether write_fill would write this with O_DIRECT (None: a punched zero chunk,

@@ -161,8 +161,9 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
 def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, monkeypatch):  # noqa: ANN201
     data = random_bytes(4 * CS, seed=10)
 
-    def half_write(fd: int, buf, offset: int) -> int:  # noqa: ANN001
-        return real_pwrite(fd, bytes(buf)[: len(buf) // 2], offset)
+    def half_write(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+        whole = b"".join(bytes(piece) for piece in pieces)
+        return real_pwrite(fd, whole[: len(whole) // 2], offset)
 
     real_pwrite = os.pwrite
 
@@ -170,7 +171,7 @@ def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, 
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             assert bytes(await image.read(CS, 100)) == data[CS : CS + 100]  # kept, not all read
-            monkeypatch.setattr(os, "pwrite", half_write)
+            monkeypatch.setattr(os, "pwritev", half_write)
             with pytest.raises(CacheFull):
                 await image.write(CS, b"\xaa" * 200)
             monkeypatch.undo()

@@ -310,8 +310,7 @@ def test_cache_full_reads_uncached_and_writes_fail(rig_factory, monkeypatch) -> 
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             await image.read(0, CS)
-            monkeypatch.setattr(corfs.store.os, "pwrite", no_space)  # client writes
-            monkeypatch.setattr(corfs.store.os, "pwritev", no_space)  # fills
+            monkeypatch.setattr(corfs.store.os, "pwritev", no_space)  # client writes and fills
             # Served correctly (partly local, partly straight from the base), nothing cached.
             assert await image.read(CS // 2, 3 * CS) == data[CS // 2 : CS // 2 + 3 * CS]
             assert [image.is_local(i) for i in range(4)] == [True, False, False, False]
