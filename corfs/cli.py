@@ -14,6 +14,7 @@ from .base import BaseOptions
 from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
 from .errors import UsageError, leaf_error
 from .sizes import parse_size
+from .store import PRIVATE_UMASK
 
 log = logging.getLogger("corfs")
 
@@ -259,6 +260,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # CACHE, logs, a detached image: the user's alone (store.py)
     args = build_parser().parse_args(argv)
     _setup_logging(
         args.verbose,

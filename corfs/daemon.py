@@ -11,6 +11,7 @@ import sys
 from .config import MountConfig
 from .errors import leaf_error
 from .mount import run_mount
+from .store import PRIVATE_UMASK
 
 
 def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:
@@ -34,9 +35,10 @@ def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:
 
 def _child(config: MountConfig, log_file: str | None, ready_fd: int) -> int:
     os.setsid()
+    os.umask(PRIVATE_UMASK)  # whatever the daemon creates (CACHE, its log) is its owner's alone
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640) if log_file else devnull
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
     os.dup2(out, 1)
     os.dup2(out, 2)
     handler = logging.StreamHandler(sys.stderr)

@@ -1,6 +1,12 @@
 """`corfs detach CACHE IMAGE DEST`: a fully local image written out as a standalone raw file,
 sparse where the image has zero chunks. Refuses an image that is not fully local, and a cache
-that is mounted."""
+that is mounted.
+
+DEST is written under DEST.corfs-tmp, synced, then renamed into place. The temp file is created
+O_EXCL | O_NOFOLLOW relative to DEST's directory: whatever is already there (a symlink planted
+to make us write elsewhere, a leftover of a killed run) makes detach fail, never followed nor
+removed. DEST is 0600, like the cache it comes from: the guest's bytes are the user's alone
+until they choose otherwise (chmod, or the owner libvirt's QEMU needs)."""
 
 from __future__ import annotations
 
@@ -8,14 +14,17 @@ import contextlib
 import os
 
 from .errors import CacheLocked, NotLocalError, UsageError
-from .store import CacheStore, ChunkState
+from .store import CacheStore, ChunkState, ImageRecord, private_open
+
+TMP_SUFFIX = ".corfs-tmp"
 
 
 def detach_image(cache_dir: str, name: str, dest: str) -> int:
     """Copy IMAGE out of CACHE to DEST (written to a temp file, synced, then renamed)."""
-    if os.path.exists(dest):
+    if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists; choose a new file name")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
+    dest_dir, dest_name = os.path.split(os.path.abspath(dest))
+    if not os.path.isdir(dest_dir):
         raise UsageError(f"the directory of {dest} does not exist")
     if not os.path.exists(os.path.join(cache_dir, "state.db")):
         raise UsageError(f"{cache_dir} is not a corfs cache (no state.db)")
@@ -36,25 +45,55 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
                 f"{name} is not fully local ({missing} of {len(states)} chunks missing); "
                 "let the stream finish first (corfs status)"
             )
-        tmp = f"{dest}.corfs-tmp"
-        src = store.data_fd(name)
         try:
-            with open(tmp, "wb") as out:
-                for index, state in enumerate(states):
-                    if state == ChunkState.ZERO:
-                        continue  # leave a hole
-                    offset = index * record.chunk_size
-                    length = min(record.chunk_size, record.size - offset)
-                    out.seek(offset)
-                    out.write(os.pread(src, length, offset))
-                out.truncate(record.size)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
+            dir_fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise UsageError(f"writing {dest}: {exc.strerror}") from None
+            raise UsageError(f"cannot open the directory of {dest}: {exc.strerror}") from None
+        try:
+            _write_out(store, record, states, dir_fd, dest_name, dest)
+        finally:
+            os.close(dir_fd)
         return record.size
     finally:
         store.close()
+
+
+def _write_out(
+    store: CacheStore,
+    record: ImageRecord,
+    states: bytearray,
+    dir_fd: int,
+    dest_name: str,
+    dest: str,
+) -> None:
+    tmp_name = dest_name + TMP_SUFFIX
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = private_open(tmp_name, flags, dir_fd=dir_fd)
+    except FileExistsError:
+        raise UsageError(
+            f"{dest}{TMP_SUFFIX} is in the way (left by an interrupted detach?): "
+            "remove it and retry"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {dest}{TMP_SUFFIX}: {exc.strerror}") from None
+    src = store.data_fd(record.name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for index, state in enumerate(states):
+                if state == ChunkState.ZERO:
+                    continue  # leave a hole
+                offset = index * record.chunk_size
+                length = min(record.chunk_size, record.size - offset)
+                out.seek(offset)
+                out.write(os.pread(src, length, offset))
+            out.truncate(record.size)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, dest_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)  # the new name survives a power cut too
+    except OSError as exc:
+        # Only the name we created: unlink never follows a link, it removes the entry.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name, dir_fd=dir_fd)
+        raise UsageError(f"writing {dest}: {exc.strerror}") from None

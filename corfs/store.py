@@ -8,7 +8,13 @@ Layout of CACHE:
     data/<name>           sparse data file of the image's full size; a fully local image *is*
                           its raw file
     mountpoint            where the live mount is (for `corfs status CACHE`)
-    traces/<name>.trace   chunk order recorded with --record-trace
+    trace.json            chunk order recorded with --record-trace
+
+Privacy: CACHE holds the guest's bytes and the base's identity, so it is its owner's alone:
+the directory and every directory in it 0700, every file 0600 (state.db's -wal and -shm take
+state.db's mode from SQLite). Everything in CACHE is created through `private_open` /
+`ensure_private_dir`, whose modes do not depend on the caller's umask; a mount tightens a cache
+made looser before (`tighten_private`).
 
 Invariant: never mark before durable. Marks are collected in memory (`record`) and written by
 `commit()`, which first fdatasyncs every data file touched and only then commits the rows it
@@ -26,6 +32,7 @@ import logging
 import mmap
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -85,6 +92,63 @@ class ImageRecord:
     chunk_size: int
     identity: str
     base: str
+
+
+# ---- private files ---------------------------------------------------------------------------
+# The one place that decides the modes of what is in CACHE (see the module docstring).
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+_GROUP_OTHER = 0o077
+PRIVATE_UMASK = _GROUP_OTHER  # the CLI's and the daemon's: no file of theirs open to others
+
+
+def private_open(path: str, flags: int, *, dir_fd: int | None = None) -> int:
+    """os.open of a file in CACHE (or of a detached image); one it creates is 0600 whatever
+    the umask (a umask only takes bits away from the mode given)."""
+    return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE, dir_fd=dir_fd)
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create a directory of CACHE (0700 whatever the umask) unless it is there already."""
+    os.makedirs(path, mode=PRIVATE_DIR_MODE, exist_ok=True)
+
+
+def tighten_private(cache_dir: str) -> list[str]:
+    """Take group and other permissions off CACHE and everything in it (a cache made by an
+    older corfs, or copied with a loose umask); what changed, as "path 0644->0600" with paths
+    relative to CACHE. Symbolic links are left alone (their mode means nothing; never follow)."""
+    changed = []
+
+    def tighten(path: str) -> None:
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode) or not mode & _GROUP_OTHER:
+            return
+        try:
+            os.chmod(path, mode & ~_GROUP_OTHER)
+        except OSError as exc:  # another user's file in CACHE: refuse rather than expose it
+            raise UsageError(f"cannot make {path} private to its owner: {exc.strerror}") from None
+        kind = "/" if stat.S_ISDIR(st.st_mode) else ""
+        relative = os.path.relpath(path, cache_dir)
+        changed.append(f"{relative}{kind} {mode:04o}->{mode & ~_GROUP_OTHER:04o}")
+
+    tighten(cache_dir)
+    for top, dirs, files in os.walk(cache_dir):  # os.walk does not follow links to dirs
+        for name in dirs + files:
+            tighten(os.path.join(top, name))
+    return changed
+
+
+def _log_tightened(cache_dir: str, changed: list[str]) -> None:
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        log.warning(
+            "cache %s was open to other users; made it private to its owner: %s%s",
+            cache_dir,
+            ", ".join(changed[:5]),
+            more,
+        )
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -164,7 +228,7 @@ class CacheStore:
             if os.path.exists(cache_dir) or not create:
                 raise UsageError(f"cache {cache_dir} is not a directory")
             try:
-                os.makedirs(cache_dir, exist_ok=True)
+                ensure_private_dir(cache_dir)
             except OSError as exc:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
         if create and not os.access(cache_dir, os.W_OK | os.X_OK):
@@ -174,6 +238,10 @@ class CacheStore:
             raise UsageError(f"{cache_dir} is not a corfs cache (no state.db)")
         lock_fd = cls._take_lock(cache_dir) if lock else None
         try:
+            if create:
+                _log_tightened(cache_dir, tighten_private(cache_dir))
+                # SQLite would create it 0644 (less the umask); its -wal and -shm copy its mode.
+                os.close(private_open(db_path, os.O_RDWR | os.O_CREAT))
             db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -183,7 +251,7 @@ class CacheStore:
                 db.execute(
                     "INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
-                os.makedirs(os.path.join(cache_dir, "data"), exist_ok=True)
+                ensure_private_dir(os.path.join(cache_dir, "data"))
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -197,9 +265,7 @@ class CacheStore:
     @staticmethod
     def _take_lock(cache_dir: str) -> int:
         try:
-            fd = os.open(
-                os.path.join(cache_dir, "corfs.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            )
+            fd = private_open(os.path.join(cache_dir, "corfs.lock"), os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
         try:
@@ -257,7 +323,7 @@ class CacheStore:
     ) -> ImageRecord:
         path = self.data_path(name)
         try:
-            with open(path, "wb") as f:
+            with os.fdopen(private_open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
                 f.truncate(size)
                 os.fsync(f.fileno())
             # The new name must survive a power cut before any chunk of it is recorded.
@@ -533,9 +599,9 @@ class CacheStore:
 
     def write_small_file(self, relative: str, text: str) -> None:
         path = os.path.join(self.cache_dir, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ensure_private_dir(os.path.dirname(path))
         tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
+        with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
             f.write(text)
         os.replace(tmp, path)
 
