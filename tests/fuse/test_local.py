@@ -1,12 +1,17 @@
 """Issue 2, point 7: fully local means independent. A completely streamed image is served
 after its base is deleted; `corfs detach` writes it out equal to the original and refuses an
-image that is not fully local."""
+image that is not fully local. Issue 10, item 5: detach never follows a link planted at its
+temp name, and DEST is 0600."""
 
 from __future__ import annotations
 
 import os
+import random
+import stat
 import subprocess
+from pathlib import Path
 
+from corfs.store import CacheStore, ChunkState
 from tests.mounting import make_image, run_corfs, sha256_file
 
 from .util import MIB, assert_one_line_error, direct_read, image_status, status, wait_complete
@@ -60,3 +65,41 @@ def test_detach_refuses_image_not_fully_local(tmp_dirs, tmp_path):
     assert not list(tmp_path.glob("detached.raw*"))
     # and an image the cache does not have
     assert_one_line_error(run_corfs("detach", tmp_dirs.cache, "nope.raw", dest), "nope.raw")
+
+
+def fully_local_cache(cache: Path, name: str, data: bytes, chunk_size: int = 64 << 10) -> None:
+    """A cache holding all of `name` (dirty chunks), as a finished mount leaves it."""
+    store = CacheStore.open(str(cache))
+    try:
+        store.create_image(name, len(data), chunk_size, "identity", "base")
+        store.write_data(name, 0, data)
+        for index in range(-(-len(data) // chunk_size)):
+            store.record(name, index, ChunkState.DIRTY)
+        store.commit_sync()
+    finally:
+        store.close()
+
+
+def test_detach_never_follows_a_link_planted_at_its_temp_name(tmp_path):
+    data = random.Random(7).randbytes(3 * (64 << 10) + 5)
+    fully_local_cache(tmp_path / "cache", "disk.raw", data)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours to write")
+    dest = tmp_path / "out" / "detached.raw"
+    dest.parent.mkdir()
+    planted = Path(f"{dest}.corfs-tmp")
+    planted.symlink_to(victim)
+
+    result = run_corfs("detach", tmp_path / "cache", "disk.raw", dest)
+    assert_one_line_error(result, f"{dest}.corfs-tmp", "in the way")
+    assert victim.read_bytes() == b"not yours to write"
+    assert planted.is_symlink()  # not ours: neither followed nor removed
+    assert sorted(p.name for p in dest.parent.iterdir()) == [planted.name]
+
+    planted.unlink()
+    result = run_corfs("detach", tmp_path / "cache", "disk.raw", dest)
+    assert result.returncode == 0, result.stderr
+    assert dest.read_bytes() == data
+    # The guest's bytes stay the user's alone, as in the cache (see detach.py).
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]

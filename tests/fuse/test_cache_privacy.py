@@ -1,0 +1,158 @@
+"""Issue 10, item 1: the cache is its owner's alone. With `--allow-other --mode 600` another
+user cannot read MNT/disk.raw, so it must not read the same bytes in CACHE/data/ either, nor
+the base's identity in state.db. The other user here is `nobody` (uid 65534), run through
+`setpriv`; a world-readable file beside CACHE shows that nobody does reach that far."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corfs.store import CacheStore, ChunkState
+from tests.mounting import CorfsMount, make_image, sha256_file
+
+from .util import MIB
+
+NOBODY = 65534
+
+# Run as nobody with the system Python (stdlib only): "ok" or the errno name per attempt.
+_READER = """
+import errno, json, os, sys
+result = {}
+for kind, path in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        if kind == "list":
+            os.listdir(path)
+        else:
+            with open(path, "rb") as f:
+                f.read(1)
+        result[path] = "ok"
+    except OSError as exc:
+        result[path] = errno.errorcode.get(exc.errno, str(exc.errno))
+print(json.dumps(result))
+"""
+
+
+def as_nobody(lists: list[Path], reads: list[Path]) -> dict[str, str]:
+    """What user nobody gets from listing `lists` and reading `reads`: path -> "ok" / errno."""
+    args = [arg for p in lists for arg in ("list", str(p))]
+    args += [arg for p in reads for arg in ("read", str(p))]
+    result = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        + ["/usr/bin/python3", "-c", _READER, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's tmp dirs are 0700: nobody would be kept
+    out by them, not by corfs), with a world-readable control file in it."""
+    root = Path(tempfile.mkdtemp(prefix="corfs-privacy-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        control = root / "control.txt"
+        control.write_text("anyone may read this")
+        control.chmod(0o644)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def cache_entries(cache: Path) -> dict[str, int]:
+    """relative path -> permission bits of CACHE and everything in it."""
+    found = {".": stat.S_IMODE(cache.lstat().st_mode)}
+    for top, dirs, files in os.walk(cache):
+        for name in dirs + files:
+            path = Path(top) / name
+            found[str(path.relative_to(cache))] = stat.S_IMODE(path.lstat().st_mode)
+    return found
+
+
+def assert_private(cache: Path, shared: Path) -> None:
+    entries = cache_entries(cache)
+    loose = {path: f"{mode:04o}" for path, mode in entries.items() if mode & 0o077}
+    assert not loose, f"open to other users: {loose}"
+    data_files = sorted((cache / "data").iterdir())
+    assert data_files
+    got = as_nobody(
+        [cache, cache / "data"], [cache / "state.db", *data_files, shared / "control.txt"]
+    )
+    assert got.pop(str(shared / "control.txt")) == "ok"  # nobody does get this far
+    assert set(got.values()) == {"EACCES"}, got
+
+
+def test_new_cache_is_private_to_its_owner(tmp_path: Path, shared_dir: Path) -> None:
+    base, mnt, cache = tmp_path / "base", tmp_path / "mnt", shared_dir / "cache"
+    base.mkdir()
+    mnt.mkdir()
+    make_image(base / "disk.raw", 2 * MIB, seed=3)
+    opts = ("--allow-other", "--mode", "600", "--no-stream", "--record-trace")
+    with CorfsMount(base, cache, mnt, *opts, log_dir=tmp_path) as m:
+        assert sha256_file(m.mnt / "disk.raw") == sha256_file(base / "disk.raw")
+        entries = cache_entries(cache)
+        # every kind of file a live mount keeps in CACHE is there, and checked
+        for name in ("corfs.lock", "state.db", "state.db-wal", "state.db-shm", "mountpoint"):
+            assert name in entries, sorted(entries)
+        assert_private(cache, shared_dir)
+        m.stop()
+    assert "trace.json" in cache_entries(cache)
+    assert_private(cache, shared_dir)
+
+
+def test_old_world_readable_cache_is_tightened_at_mount(
+    tmp_path: Path, shared_dir: Path
+) -> None:
+    base, mnt, cache = tmp_path / "base", tmp_path / "mnt", shared_dir / "cache"
+    base.mkdir()
+    mnt.mkdir()
+    make_image(base / "disk.raw", 2 * MIB, seed=4)
+    with CorfsMount(base, cache, mnt, "--no-stream", log_dir=tmp_path) as m:
+        (m.mnt / "disk.raw").read_bytes()
+        m.stop()
+    # What an older corfs (or a copy with a loose umask) left: dirs 0755, files 0644.
+    for path in [cache, *cache.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    data_file = next((cache / "data").iterdir())
+    assert as_nobody([cache], [data_file]) == {str(cache): "ok", str(data_file): "ok"}
+
+    with CorfsMount(base, cache, mnt, "--no-stream", log_dir=tmp_path) as m:
+        assert_private(cache, shared_dir)
+        m.stop()
+        tightened = [line for line in m.log_text().splitlines() if "private to its owner" in line]
+    assert len(tightened) == 1, m.log_text()
+    assert "state.db 0644->0600" in tightened[0] and "data/ 0755->0700" in tightened[0]
+    assert sha256_file(base / "disk.raw") == sha256_file(data_file)  # nothing lost
+
+
+def test_library_caller_with_a_loose_umask_still_gets_a_private_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    old = os.umask(0)  # as loose as it gets: modes are the ones corfs asks for
+    try:
+        store = CacheStore.open(str(cache))
+        try:
+            store.create_image("disk.raw", 1 * MIB, 64 << 10, "id", "base")
+            store.write_data("disk.raw", 0, b"guest bytes")
+            store.record("disk.raw", 0, ChunkState.DIRTY)
+            store.commit_sync()
+            store.write_small_file("mountpoint", "/somewhere\n")
+            entries = cache_entries(cache)
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+    assert {"state.db-wal", "data/disk.raw", "corfs.lock", "mountpoint"} <= set(entries)
+    loose = {path: f"{mode:04o}" for path, mode in entries.items() if mode & 0o077}
+    assert not loose, f"open to other users: {loose}"
