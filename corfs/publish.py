@@ -8,9 +8,13 @@ Invariants:
 - No half-written object is ever visible: a directory DEST gets each object under a temp name
   in DEST/.corfs-tmp (not an image, not a chunk) and renamed into place; S3 PUTs are whole.
 - A manifest is visible only after every chunk it names is stored (and, for a directory,
-  synced to disk): a reader never meets a manifest whose chunks are missing.
-- Idempotent and resumable: an object that exists already is not written again (existence is
-  checked before compressing), nor is a manifest or index whose bytes are unchanged.
+  fsynced with the directory that names it): a reader never meets a manifest whose chunks are
+  missing, not even after a power cut.
+- Idempotent and resumable: an object that is there already is not written again, nor is a
+  manifest or index whose bytes are unchanged. In a directory an existing chunk object is
+  trusted only once it decompresses to bytes of its digest (a power cut can leave a renamed
+  object short); a damaged one is written again. On S3 one that exists is whole (see
+  publish_dest.py).
 - Chunks run in a thread pool: xxhash and zstd release the GIL on large buffers, and pread and
   the S3 client block; results are gathered on the calling thread, which alone updates counts
   and the progress bar.
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from .base.published import decompress_chunk
 from .digest import chunk_digest, is_zero
 from .errors import BaseCorrupt, CorfsError, UsageError
 from .manifest import (
@@ -45,7 +50,7 @@ from .manifest import (
     parse_index,
     render_index,
 )
-from .publish_dest import Destination, DirDestination, open_destination
+from .publish_dest import Destination, open_destination
 from .sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -152,7 +157,7 @@ class _Publisher:
         if not mine:
             return _ChunkResult(index, length, digest, 0, 0)
         key = chunk_key(digest)
-        if self.dest.exists(key):
+        if self.dest.holds(key, lambda packed: _is_chunk(packed, digest, length, key)):
             return _ChunkResult(index, length, digest, 0, 0)
         packed = self._compressor().compress(data)
         self.dest.put(key, packed)
@@ -226,13 +231,13 @@ class _Publisher:
     def _write_manifest(self, manifest: Manifest) -> bool:
         key = manifest_key(manifest.name)
         data = manifest.to_json()
+        # Chunks durable before the manifest that names them, even an unchanged one: a damaged
+        # chunk it names may just have been written again.
+        self.dest.sync()
         if self.dest.get(key) == data:
             return False
-        self.dest.sync()  # chunks durable before the manifest that names them
-        if isinstance(self.dest, DirDestination):
-            self.dest.put(key, data, durable=True)
-        else:
-            self.dest.put(key, data)
+        self.dest.put(key, data)
+        self.dest.sync()
         return True
 
     def update_index(self) -> None:
@@ -248,6 +253,15 @@ class _Publisher:
         data = render_index(entries)
         if data != old:
             self.dest.put(INDEX_KEY, data)
+
+
+def _is_chunk(packed: bytes, digest: bytes, length: int, key: str) -> bool:
+    """Whether stored object `packed` holds the chunk of this digest and length (the reader's
+    own check: base/published.py)."""
+    try:
+        return chunk_digest(decompress_chunk(packed, length, key)) == digest
+    except BaseCorrupt:
+        return False
 
 
 def _check_sources(images: list[str]) -> list[tuple[str, str]]:

@@ -1,17 +1,29 @@
 """Where `corfs publish` writes: a local directory or an S3 prefix, behind one small
-`Destination` protocol (exists / put / list). A directory gets each object under a temp name in
-DEST/.corfs-tmp and renamed into place, synced before the manifest that names it; S3 PUTs are
-whole. See publish.py for what is written."""
+`Destination` protocol (holds / put / get / list / sync). See publish.py for what is written.
+
+One rule per kind of destination:
+- A directory gets each object under a temp name in DEST/.corfs-tmp, fsynced, then renamed
+  into place; `sync` fsyncs every directory that got a new name since the last one. An object
+  already there is read and checked before it is trusted (a power cut between a rename and the
+  writeback can leave it short or garbage; reading a local file is cheap), and fsynced as if
+  it were new.
+- S3: a PUT is whole, and durable once it returns, so an object there is one a PUT stored
+  entirely; it is trusted as it is (checking it would download every chunk again).
+
+Modes: published objects are made to be served (by a web server, to other users' mounts), so
+they are 0644 and the directories corfs creates 0755 whatever the umask (the CLI's is 077, for
+the cache). Who may read them is up to DEST's own directory: an existing DEST keeps its mode.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .errors import CorfsError, UsageError
@@ -21,6 +33,9 @@ log = logging.getLogger(__name__)
 
 TMP_DIR = ".corfs-tmp"
 _STALE_TMP_SECONDS = 3600
+PUBLIC_FILE_MODE = 0o644
+PUBLIC_DIR_MODE = 0o755
+_TMP_DIR_MODE = 0o700  # half-written objects are nobody's business
 
 # ---- destinations --------------------------------------------------------------------------
 
@@ -28,7 +43,11 @@ _STALE_TMP_SECONDS = 3600
 class Destination(Protocol):
     description: str
 
-    def exists(self, key: str) -> bool: ...
+    def holds(self, key: str, intact: Callable[[bytes], bool]) -> bool:
+        """Whether a whole object is at `key`. Where reading it back is cheap, one for which
+        `intact(its bytes)` is true; a damaged one is logged and left for `put` to replace.
+        True counts as a `put` for `sync`."""
+        ...
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` at `key` whole: readers see the old object or the new, never a part."""
@@ -41,18 +60,29 @@ class Destination(Protocol):
         ...
 
     def sync(self) -> None:
-        """Make everything put so far durable before a manifest refers to it."""
+        """Make everything put (or found held) so far durable, before a manifest names it."""
         ...
 
 
-def _syncfs(fd: int) -> None:
+def _make_dirs(path: str, mode: int) -> None:
+    """mkdir -p: `path` gets `mode` and the parents it creates PUBLIC_DIR_MODE, whatever the
+    umask."""
+    if os.path.isdir(path):
+        return
+    _make_dirs(os.path.dirname(path), PUBLIC_DIR_MODE)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    os.sync()
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return  # another worker made it
+    os.chmod(path, mode)  # mkdir's mode went through the umask
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DirDestination:
@@ -60,6 +90,8 @@ class DirDestination:
         self.root = root
         self.description = root
         self._tmp = os.path.join(root, TMP_DIR)
+        self._unsynced_dirs: set[str] = set()  # directories that got a name since `sync`
+        self._dirs_lock = threading.Lock()  # puts run in worker threads
 
     @classmethod
     def open(cls, path: str) -> DirDestination:
@@ -67,7 +99,8 @@ class DirDestination:
         if os.path.exists(root) and not os.path.isdir(root):
             raise UsageError(f"destination {path} is not a directory")
         try:
-            os.makedirs(os.path.join(root, TMP_DIR), exist_ok=True)
+            _make_dirs(root, PUBLIC_DIR_MODE)
+            _make_dirs(os.path.join(root, TMP_DIR), _TMP_DIR_MODE)
             probe = os.path.join(root, TMP_DIR, f"probe-{uuid.uuid4().hex}")
             with open(probe, "wb"):
                 pass
@@ -90,34 +123,50 @@ class DirDestination:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
 
-    def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+    def _note_name(self, path: str) -> None:
+        """`path` got a name, perhaps in directories just made: `sync` fsyncs all of them."""
+        with self._dirs_lock:
+            parent = os.path.dirname(path)
+            while len(parent) >= len(self.root):
+                self._unsynced_dirs.add(parent)
+                parent = os.path.dirname(parent)
 
-    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
+    def holds(self, key: str, intact: Callable[[bytes], bool]) -> bool:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                if not intact(data):
+                    log.warning("%s is damaged (%d bytes): writing it again", path, len(data))
+                    return False
+                os.fsync(f.fileno())  # a killed run's, maybe never synced: as if it were new
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CorfsError(f"reading {path}: {exc.strerror}") from None
+        self._note_name(path)
+        return True
+
+    def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = os.path.join(self._tmp, f"{uuid.uuid4().hex}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
+                os.fchmod(fd, PUBLIC_FILE_MODE)  # os.open's mode went through the umask
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
+                os.fsync(fd)  # before the rename: the name never points at unwritten blocks
             finally:
                 os.close(fd)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _make_dirs(os.path.dirname(path), PUBLIC_DIR_MODE)
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise CorfsError(f"writing {path}: {exc.strerror}") from None
-        if durable:
-            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        self._note_name(path)
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -137,11 +186,15 @@ class DirDestination:
         return found
 
     def sync(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        with self._dirs_lock:
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
         try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
+            for path in sorted(dirs, reverse=True):  # deeper ones first, DEST itself last
+                _fsync_dir(path)
+        except OSError as exc:
+            with self._dirs_lock:
+                self._unsynced_dirs |= dirs
+            raise CorfsError(f"syncing {self.root}: {exc.strerror}") from None
 
 
 class S3Destination:
@@ -201,6 +254,10 @@ class S3Destination:
             raise UsageError("S3: no credentials (set AWS_* variables or --profile)") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise CorfsError(f"S3 {what}: {exc}") from None
+
+    def holds(self, key: str, intact: Callable[[bytes], bool]) -> bool:
+        # A PUT is whole (see the module docstring): no need, and no cheap way, to read it back.
+        return self.exists(key)
 
     def exists(self, key: str) -> bool:
         import botocore.exceptions

@@ -1,4 +1,6 @@
-"""`corfs publish` to a directory and to S3 (moto), read back through corfs.base.open_base."""
+"""`corfs publish` to a directory and to S3 (moto), read back through corfs.base.open_base.
+Issue 10, item 6: a damaged object already at DEST is written again, and every object and its
+directory are fsynced before the manifest that names them."""
 
 from __future__ import annotations
 
@@ -300,3 +302,93 @@ def test_published_dir_served_over_http(tmp_path: Path, nginx_server) -> None:  
     dest = nginx_server.root / f"published-{os.getpid()}-{time.monotonic_ns()}"
     publish(tmp_path / "src", images, str(dest))
     assert trio.run(read_all, f"{nginx_server.url}{dest.name}/") == images
+
+
+# ---- issue 10, item 6: existing objects are checked, and synced before the manifest --------
+
+
+def damage_one_object(dest: Path, how: str) -> Path:
+    """Damage the largest chunk object as a power cut could: cut short, or same size garbage."""
+    path = max((dest / "chunks").rglob("*.zst"), key=lambda p: p.stat().st_size)
+    packed = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(packed[: len(packed) // 2])
+    else:  # keep the zstd frame header (its content size) and the size; flip the payload
+        middle = len(packed) // 2
+        path.write_bytes(packed[:middle] + bytes(b ^ 0x5A for b in packed[middle:]))
+        assert path.stat().st_size == len(packed)
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt_same_size"])
+def test_damaged_existing_object_is_written_again(tmp_path: Path, how: str) -> None:
+    images = make_images(tmp_path / "src")
+    dest = tmp_path / "pub"
+    publish(tmp_path / "src", images, str(dest))
+    # The run that stored the objects lost power before its manifests were written.
+    for manifest in dest.glob("*.corfs.json"):
+        manifest.unlink()
+    damaged = damage_one_object(dest, how)
+
+    summaries = publish(tmp_path / "src", images, str(dest))
+    assert sum(s.chunks_uploaded for s in summaries) == 1
+    check_objects_valid(dest)
+    assert damaged.exists()
+    assert trio.run(read_all, str(dest)) == images
+
+
+def test_objects_and_their_directories_are_fsynced_before_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spy at the OS boundary: every fsync/fdatasync, as (path, inode) of its descriptor."""
+    images = make_images(tmp_path / "src")
+    del images["b.raw"], images["zeros.raw"], images["empty.raw"]
+    dest = tmp_path / "pub"
+    calls: list[tuple[str, int]] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd: int, real=real) -> None:  # noqa: ANN001
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
+            real(fd)
+
+        monkeypatch.setattr(os, name, spy)
+    publish_to([str(tmp_path / "src" / "a.raw")], DirDestination.open(str(dest)),
+               chunk_size=CS, jobs=2)
+    monkeypatch.undo()
+
+    def first(predicate, after: int = -1) -> int:  # noqa: ANN001
+        found = [i for i in range(after + 1, len(calls)) if predicate(calls[i])]
+        assert found, f"no such fsync after call {after}: {calls}"
+        return found[0]
+
+    manifest = dest / "a.raw.corfs.json"
+    manifest_synced = first(lambda c: c[1] == manifest.stat().st_ino)  # fsynced as a temp file
+    objects = list((dest / "chunks").rglob("*.zst"))
+    assert len(objects) == 6
+    for obj in objects:
+        synced = first(lambda c, obj=obj: c[1] == obj.stat().st_ino)
+        named = first(lambda c, obj=obj: c[0] == str(obj.parent), after=synced)
+        assert synced < named < manifest_synced, (obj, calls)
+    for directory in (dest / "chunks", dest):  # new names in them: the chunks' directories
+        assert first(lambda c, d=directory: c[0] == str(d)) < manifest_synced, calls
+    # and the manifest's own name is made durable after it was written
+    assert any(c[0] == str(dest) for c in calls[manifest_synced + 1 :]), calls
+
+
+def test_published_objects_stay_readable_under_a_private_umask(tmp_path: Path) -> None:
+    """The CLI runs with umask 077 (for the cache); what publish writes is made to be served
+    by a web server, so it keeps world-readable modes."""
+    images = make_images(tmp_path / "src")
+    dest = tmp_path / "pub"
+    old = os.umask(0o077)
+    try:
+        publish(tmp_path / "src", images, str(dest))
+    finally:
+        os.umask(old)
+    modes = {
+        str(p.relative_to(dest)): p.stat().st_mode & 0o777 for p in [dest, *dest.rglob("*")]
+    }
+    assert modes.pop(".corfs-tmp") == 0o700  # half-written objects are not served
+    expected = {path: 0o755 if (dest / path).is_dir() else 0o644 for path in modes}
+    assert modes == expected
