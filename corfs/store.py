@@ -260,6 +260,10 @@ class CacheStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
+        except UsageError:  # tighten_private could not make an entry private
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
         return cls(cache_dir, db, lock_fd)
 
     @staticmethod
