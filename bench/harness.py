@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from corfs.mountinfo import find_mount
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
 MiB = 1 << 20
@@ -69,8 +71,7 @@ def settle_disk(seconds: float = 5.0) -> None:
 
 
 def is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return find_mount(path) is not None
 
 
 @dataclass

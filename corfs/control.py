@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from .errors import ControlError, CorfsError, UsageError
 from .image import Image
+from .mountinfo import read_mounts
 from .stats import ImageStatus, MountStatus, eta_seconds, fill_ratio
 from .store import CacheStore, ChunkState
 from .stream import StreamWorker
@@ -215,21 +216,4 @@ def _read_text(path: str) -> str | None:
 
 def corfs_mounts() -> list[str]:
     """Mountpoints of the corfs mounts this machine has (from /proc/self/mountinfo)."""
-    mounts = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.readlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if " - " not in line:
-            continue
-        fstype = line.split(" - ", 1)[1].split()[0]
-        if fstype == "fuse.corfs":
-            mounts.append(_unescape(fields[4]))
-    return mounts
-
-
-def _unescape(field: str) -> str:
-    return bytes(field, "ascii").decode("unicode_escape").encode("latin-1").decode()
+    return [entry.mountpoint for entry in read_mounts() if entry.fstype == "fuse.corfs"]

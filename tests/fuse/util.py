@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from corfs.mountinfo import find_mount
 from tests.mounting import run_corfs
 
 KIB = 1 << 10
@@ -121,14 +122,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 
 def mount_options(mnt: str | os.PathLike[str]) -> tuple[set[str], set[str]]:
     """(per-mount options, superblock options) of the mount at `mnt` from mountinfo."""
-    target = os.fsencode(os.path.abspath(mnt))
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                sep = fields.index(b"-", 6)
-                return (
-                    set(fields[5].decode().split(",")),
-                    set(fields[sep + 3].decode().split(",")),
-                )
-    raise AssertionError(f"{mnt} is not in /proc/self/mountinfo")
+    entry = find_mount(os.path.abspath(mnt))
+    if entry is None:
+        raise AssertionError(f"{mnt} is not in /proc/self/mountinfo")
+    return set(entry.options), set(entry.super_options)
