@@ -235,6 +235,7 @@ async def _serve_with(
             base=base.description,
             mountpoint=mountpoint,
             fetcher_statistics=fetcher.statistics,
+            base_store=base,
         )
         operations = CorfsOperations(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
