@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from corfs.control import read_status
 from corfs.mountinfo import find_mount
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,7 @@ def corfs_argv(*args: str) -> list[str]:
 
 
 def corfs_status(mountpoint: str) -> dict:
-    return json.loads(os.getxattr(mountpoint, "user.corfs.status"))
+    return read_status(mountpoint)
 
 
 def wait_complete(mountpoint: str, timeout: float = 600) -> None:

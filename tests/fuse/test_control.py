@@ -260,3 +260,17 @@ def test_control_only_from_the_mounting_user_or_root_whoever_owns_the_root(
         assert result.returncode == 0, result.stderr
         assert image_status(live_status(m.mnt), NAME)["state"] == "paused"
         m.stop()
+
+
+def test_status_of_a_mounted_cache_whose_mount_cannot_be_read_says_why(
+    dirs: CorfsDirs,
+) -> None:
+    """The database of a mounted cache lags the live state: `corfs status CACHE` must not
+    pass it off as the status when the mount cannot be read (it did, silently)."""
+    with dirs.mount("--chunk-size", "64K", "--stream-paused") as m:
+        (dirs.cache / "mountpoint").write_text(str(dirs.base))  # not a corfs mount
+        result = run_corfs("status", dirs.cache, "--json")
+        assert_one_line_error(result, f"in use by the mount on {dirs.base}", "not a corfs mount")
+        (dirs.cache / "mountpoint").write_text(str(m.mnt))
+        assert json.loads(run_corfs("status", dirs.cache, "--json").stdout)["mounted"] is True
+        m.stop()
