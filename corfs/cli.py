@@ -207,12 +207,20 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     if args.op == "bandwidth":
         control.send_command(args.mountpoint, {"op": "bandwidth", "rate": args.rate})
         return 0
-    mounts = [args.mountpoint] if args.mountpoint else control.corfs_mounts()
+    if args.mountpoint:
+        control.send_command(args.mountpoint, {"op": args.op, "image": args.image})
+        return 0
+    mounts = control.corfs_mounts()
     if not mounts:
         raise UsageError("no corfs mount is running")
-    for mountpoint in mounts:
-        control.send_command(mountpoint, {"op": args.op, "image": args.image})
-    return 0
+    failed = None
+    for mountpoint in mounts:  # one that refuses (another user's) leaves the others done
+        try:
+            control.send_command(mountpoint, {"op": args.op, "image": args.image})
+        except CorfsError as exc:
+            print(f"corfs: {exc}", file=sys.stderr)
+            failed = exc
+    return 0 if failed is None else failed.exit_code
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -91,10 +91,6 @@ class Controller:
             fetcher=asdict(fetcher) if fetcher is not None else None,  # type: ignore[call-overload]
         )
 
-    def status_json(self) -> str:
-        """The whole status in one JSON text (may exceed what one xattr can carry)."""
-        return json.dumps(self.status().to_dict())
-
     def status_xattr(self, name: str) -> bytes | None:
         """The value of status xattr `name`: the first page (STATUS_XATTR) or the page of
         images from index N on (STATUS_XATTR.N); None if `name` is no status xattr."""
