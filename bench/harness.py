@@ -16,6 +16,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from corfs.control import read_status
+from corfs.mountinfo import find_mount
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
 MiB = 1 << 20
@@ -69,8 +72,7 @@ def settle_disk(seconds: float = 5.0) -> None:
 
 
 def is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return find_mount(path) is not None
 
 
 @dataclass
@@ -125,7 +127,7 @@ def corfs_argv(*args: str) -> list[str]:
 
 
 def corfs_status(mountpoint: str) -> dict:
-    return json.loads(os.getxattr(mountpoint, "user.corfs.status"))
+    return read_status(mountpoint)
 
 
 def wait_complete(mountpoint: str, timeout: float = 600) -> None:

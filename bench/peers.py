@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from corfs import control
+from corfs.mountinfo import find_mount
 
 from .harness import (
     MiB,
@@ -347,9 +348,9 @@ def mount_qemu(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
         with mounted_file(argv, export, os.path.join(root, "qsd.log")) as pid:
             # QEMU 7.2's curl driver stalled now and then under the kernel's concurrent
             # read-ahead requests (1 run in 3 here); with read-ahead off, 0 in 4.
-            with open("/proc/self/mountinfo") as f:
-                device = next(ln.split()[2] for ln in f if ln.split()[4] == export)
-            with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            entry = find_mount(export)
+            assert entry is not None, f"{export} is not mounted"
+            with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
                 f.write("0\n")
             yield Mount(export, pid=pid)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from . import control, detach, scrub
 from .base import BaseOptions
 from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
-from .errors import UsageError, leaf_error
+from .errors import CorfsError, UsageError, leaf_error
 from .sizes import parse_size
 from .store import PRIVATE_UMASK
 
@@ -208,12 +208,20 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     if args.op == "bandwidth":
         control.send_command(args.mountpoint, {"op": "bandwidth", "rate": args.rate})
         return 0
-    mounts = [args.mountpoint] if args.mountpoint else control.corfs_mounts()
+    if args.mountpoint:
+        control.send_command(args.mountpoint, {"op": args.op, "image": args.image})
+        return 0
+    mounts = control.corfs_mounts()
     if not mounts:
         raise UsageError("no corfs mount is running")
-    for mountpoint in mounts:
-        control.send_command(mountpoint, {"op": args.op, "image": args.image})
-    return 0
+    failed = None
+    for mountpoint in mounts:  # one that refuses (another user's) leaves the others done
+        try:
+            control.send_command(mountpoint, {"op": args.op, "image": args.image})
+        except CorfsError as exc:
+            print(f"corfs: {exc}", file=sys.stderr)
+            failed = exc
+    return 0 if failed is None else failed.exit_code
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -224,9 +232,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise UsageError("no corfs mount is running; name a cache dir to see its state")
     if args.watch:
         return watch_status(paths)
-    statuses = [control.status_of_path(path) for path in paths]
+    if args.path:
+        print_status([control.status_of_path(args.path)], as_json=args.json)
+        return 0
+    # Every mount of the machine: one that cannot be read (a dead daemon, another user's
+    # mount) is one line on stderr, the others are still shown.
+    statuses, failed = [], None
+    for path in paths:
+        try:
+            statuses.append(control.status_of_path(path))
+        except CorfsError as exc:
+            print(f"corfs: {exc}", file=sys.stderr)
+            failed = exc
     print_status(statuses, as_json=args.json)
-    return 0
+    return 0 if failed is None else failed.exit_code
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

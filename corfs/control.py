@@ -7,6 +7,13 @@ socket: they need no extra file or port, the kernel routes them to the right dae
 whatever path the user names, and they are refused for paths that are not a corfs mount.
 The server side is `Controller`; the client side is `read_status`/`send_command`, plus
 `offline_status` that reads a cache's database when nothing is mounted on it.
+
+Paging: the kernel refuses an xattr value above 64 KiB (E2BIG), about 340 images of status.
+So `user.corfs.status` holds the mount's summary and the images that fit in STATUS_PAGE_BYTES,
+with `image_count` and `images_next`: the index of the first image left out, or null; then
+`user.corfs.status.<N>` holds images from index N on, again with `images_next`. The image
+list of a mount never changes, so the pages always join up. `read_status` assembles them.
+Every page (the first included) stays under STATUS_PAGE_BYTES.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
-from .errors import ControlError, CorfsError, UsageError
+from .base import BaseStore
+from .errors import ControlError, CorfsError, ForgetRefused, UsageError
 from .image import Image
+from .mountinfo import read_mounts
+from .refetch import why_base_cannot_supply
 from .stats import ImageStatus, MountStatus, eta_seconds, fill_ratio
 from .store import CacheStore, ChunkState
 from .stream import StreamWorker
@@ -26,6 +36,7 @@ from .stream import StreamWorker
 STATUS_XATTR = "user.corfs.status"
 CONTROL_XATTR = "user.corfs.control"
 MOUNTPOINT_FILE = "mountpoint"
+STATUS_PAGE_BYTES = 60 << 10  # under the kernel's XATTR_SIZE_MAX (64 KiB), with room to spare
 
 
 class Controller:
@@ -38,11 +49,13 @@ class Controller:
         base: str,
         mountpoint: str,
         fetcher_statistics: Callable[[], object] | None = None,
+        base_store: BaseStore | None = None,
     ) -> None:
         self._images = {image.name: image for image in images}
         self._stream = stream
         self._cache, self._base, self._mountpoint = cache, base, mountpoint
         self._fetcher_statistics = fetcher_statistics
+        self._base_store = base_store  # asked before a forget: can it supply the chunk again?
 
     def status(self) -> MountStatus:
         images = []
@@ -78,10 +91,21 @@ class Controller:
             fetcher=asdict(fetcher) if fetcher is not None else None,  # type: ignore[call-overload]
         )
 
-    def status_json(self) -> str:
-        return json.dumps(self.status().to_dict())
+    def status_xattr(self, name: str) -> bytes | None:
+        """The value of status xattr `name`: the first page (STATUS_XATTR) or the page of
+        images from index N on (STATUS_XATTR.N); None if `name` is no status xattr."""
+        if name == STATUS_XATTR:
+            summary = self.status().to_dict()
+            images = summary.pop("images")
+            summary["image_count"] = len(images)
+            return _status_page(summary, images, 0)
+        prefix, _, start = name.rpartition(".")
+        if prefix != STATUS_XATTR or not start.isdigit():
+            return None
+        images = self.status().to_dict()["images"]
+        return _status_page({}, images, min(int(start), len(images)))
 
-    def apply(self, raw: bytes) -> list[str]:
+    async def apply(self, raw: bytes) -> list[str]:
         """Run one command: {"op": "pause"|"resume", "image": NAME|null},
         {"op": "forget", "image": NAME, "chunks": [INDEX, ...]} or
         {"op": "bandwidth", "rate": BYTES_PER_SECOND}. Returns the names of the images whose
@@ -100,6 +124,7 @@ class Controller:
                 indexes = [int(index) for index in command["chunks"]]
                 if any(not 0 <= i < target.geometry.chunk_count for i in indexes):
                     raise ValueError(f"chunk index out of range for {image}")
+                await self._check_refetchable(target)
                 if any([target.forget_chunk(index) for index in indexes]):
                     forgotten.append(target.name)
             elif op == "bandwidth":
@@ -115,24 +140,89 @@ class Controller:
             raise ControlError(f"bad control command: {exc}") from None
         return forgotten
 
+    async def _check_refetchable(self, image: Image) -> None:
+        """ForgetRefused unless the base can supply `image`'s chunks again now."""
+        why = image.error
+        if why is None:
+            source = self._base_store if image.source is not None else None
+            why = await why_base_cannot_supply(
+                source, image.name, image.record.identity, image.record.size
+            )
+        if why is not None:
+            raise ForgetRefused(f"not forgetting chunks of {image.name}: {why}")
+
+
+def _status_page(head: dict, images: list[dict], start: int) -> bytes:
+    """`head` plus images[start:] as far as they fit in STATUS_PAGE_BYTES (at least one, so
+    a reader always gets on), with `images_next`."""
+    page = dict(head, images=[], images_next=None)
+    used = len(json.dumps(page)) + 16  # room for the index in images_next
+    for index in range(start, len(images)):
+        text = json.dumps(images[index])  # ASCII (ensure_ascii): characters are bytes
+        if page["images"] and used + len(text) + 2 > STATUS_PAGE_BYTES:
+            page["images_next"] = index
+            break
+        page["images"].append(images[index])
+        used += len(text) + 2
+    return json.dumps(page).encode()
+
 
 # ---- client side -------------------------------------------------------------------------
 
 
 def read_status(mountpoint: str) -> dict:
-    """The live status of the corfs mount at `mountpoint`; ControlError if it is none."""
+    """The live status of the corfs mount at `mountpoint`, all its pages joined; ControlError
+    if it is none or cannot be read."""
+    status = _read_json(mountpoint, STATUS_XATTR)
+    images = status["images"]
+    next_index = status.pop("images_next", None)
+    while next_index is not None:
+        page = _read_json(mountpoint, f"{STATUS_XATTR}.{next_index}")
+        if not page["images"]:
+            break
+        images.extend(page["images"])
+        next_index = page["images_next"]
+    if len(images) != status.pop("image_count", len(images)):
+        raise ControlError(f"{mountpoint}: the status pages do not join up")
+    return status
+
+
+def _read_json(mountpoint: str, name: str) -> dict:
     try:
-        raw = os.getxattr(mountpoint, STATUS_XATTR)
+        raw = os.getxattr(mountpoint, name)
     except OSError as exc:
         raise _not_a_mount(mountpoint, exc) from None
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ControlError(f"{mountpoint}: unreadable status ({name})") from None
+
+
+def check_corfs_mount(mountpoint: str) -> None:
+    """ControlError (or UsageError) unless `mountpoint` is a live corfs mount. Cheap: it
+    asks for the names of the root's xattrs, not for the status."""
+    try:
+        names = os.listxattr(mountpoint)
+    except OSError as exc:
+        raise _not_a_mount(mountpoint, exc) from None
+    if CONTROL_XATTR not in names:
+        raise ControlError(f"{mountpoint} is not a corfs mount")
 
 
 def send_command(mountpoint: str, command: dict) -> None:
-    read_status(mountpoint)  # a clear error for a path that is not a corfs mount
+    check_corfs_mount(mountpoint)  # never set our xattr on an ordinary directory
     try:
         os.setxattr(mountpoint, CONTROL_XATTR, json.dumps(command).encode())
     except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise ControlError(
+                f"only the user who mounted {mountpoint} or root may control it"
+            ) from None
+        if exc.errno == errno.ESTALE and command.get("op") == "forget":
+            raise ForgetRefused(
+                f"{mountpoint} kept the chunks of {command['image']!r}: its base cannot "
+                "supply them again (gone or changed; the mount's log says which)"
+            ) from None
         if exc.errno == errno.EINVAL and command.get("image") is not None:
             raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
         raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
@@ -145,7 +235,9 @@ def _not_a_mount(path: str, exc: OSError) -> CorfsError:
         )
     if exc.errno == errno.ENOENT:
         return UsageError(f"{path} does not exist")
-    return ControlError(f"{path} is not a corfs mount")
+    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+        return ControlError(f"{path} is not a corfs mount")
+    return ControlError(f"{path}: cannot read its corfs status: {exc.strerror}")
 
 
 def offline_status(cache_dir: str) -> MountStatus:
@@ -199,8 +291,12 @@ def status_of_path(path: str) -> dict:
             if mountpoint:
                 try:
                     return read_status(mountpoint)
-                except CorfsError:
-                    pass
+                except CorfsError as exc:
+                    # Its database lags the live state: never pass it off as the status.
+                    raise ControlError(
+                        f"{path} is in use by the mount on {mountpoint}, whose status "
+                        f"cannot be read: {exc}"
+                    ) from None
         return offline_status(path).to_dict()
     return read_status(path)
 
@@ -215,21 +311,4 @@ def _read_text(path: str) -> str | None:
 
 def corfs_mounts() -> list[str]:
     """Mountpoints of the corfs mounts this machine has (from /proc/self/mountinfo)."""
-    mounts = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.readlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if " - " not in line:
-            continue
-        fstype = line.split(" - ", 1)[1].split()[0]
-        if fstype == "fuse.corfs":
-            mounts.append(_unescape(fields[4]))
-    return mounts
-
-
-def _unescape(field: str) -> str:
-    return bytes(field, "ascii").decode("unicode_escape").encode("latin-1").decode()
+    return [entry.mountpoint for entry in read_mounts() if entry.fstype == "fuse.corfs"]

@@ -10,6 +10,7 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
     ├── ControlError                EIO, exit 4      control of something that is no corfs mount
+    │   └── ForgetRefused           ESTALE, exit 4   a bad chunk kept: the base cannot supply it
     └── BaseError                   EIO, exit 5      BASE failed
         ├── BaseUnavailable         EIO, exit 5      timed out after retries / unreachable
         ├── BaseNotFound            ENOENT, exit 5
@@ -64,6 +65,13 @@ class NotLocalError(CorfsError):
 
 class ControlError(CorfsError):
     exit_code = 4
+
+
+class ForgetRefused(ControlError):
+    """A chunk that failed a scrub is kept: its base is gone or changed, so forgetting it
+    would lose the only copy of its bytes."""
+
+    errno = errno.ESTALE
 
 
 class BaseError(CorfsError):

@@ -1,11 +1,19 @@
 """The kernel-facing adapter: a flat directory of images, one short method per FUSE operation.
 CorfsError becomes FUSEError(errno) here and nowhere else; the mount root carries the control
-xattrs (see control.py)."""
+xattrs (see control.py).
+
+Invariants:
+- Every FUSE handler runs inside `_translate_errors` (TranslatedOperations wraps each one a
+  subclass defines): in pyfuse3 an exception other than FUSEError escaping a handler ends the
+  session loop, and so the mount, for every VM on it.
+- Control commands come only from the user who mounted (the daemon's uid) or root, whoever
+  owns the root directory (`--owner`): status stays readable by anyone who can reach it."""
 
 from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 import stat
@@ -18,7 +26,7 @@ import trio
 
 from .control import CONTROL_XATTR, STATUS_XATTR, Controller
 from .digest import Buffer
-from .errors import ControlError, CorfsError
+from .errors import ControlError, CorfsError, ForgetRefused
 from .image import Image
 
 log = logging.getLogger(__name__)
@@ -44,10 +52,31 @@ def _translate_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awai
             log.exception("internal error in %s", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    wrapper.translates_errors = True  # type: ignore[attr-defined]
     return wrapper
 
 
-class CorfsOperations(pyfuse3.Operations):
+def fuse_handler_names() -> list[str]:
+    """The request handlers pyfuse3.Operations declares (lookup, getattr, read, ...)."""
+    return [
+        name
+        for name, value in vars(pyfuse3.Operations).items()
+        if not name.startswith("_") and inspect.iscoroutinefunction(value)
+    ]
+
+
+class TranslatedOperations(pyfuse3.Operations):
+    """Every handler a subclass defines is wrapped in `_translate_errors` when the class is
+    made: a handler added later cannot forget it."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in fuse_handler_names():
+            if name in vars(cls):
+                setattr(cls, name, _translate_errors(vars(cls)[name]))
+
+
+class CorfsOperations(TranslatedOperations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
@@ -69,6 +98,7 @@ class CorfsOperations(pyfuse3.Operations):
         self._mode = mode
         self._statfs_path = statfs_path
         self._mount_time_ns = time.time_ns()
+        self._daemon_uid = os.getuid()  # with root, the only users who may send commands
 
     # ---- attributes ----------------------------------------------------------------------
 
@@ -116,7 +146,6 @@ class CorfsOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(inode)
 
-    @_translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001, ANN201 (pyfuse3 signature)
         if inode != ROOT_INODE:
             image = self._image(inode)
@@ -126,7 +155,6 @@ class CorfsOperations(pyfuse3.Operations):
                 image.mtime_ns = attr.st_mtime_ns
         return self._attributes(inode)
 
-    @_translate_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         vfs = os.statvfs(self._statfs_path)
         data = pyfuse3.StatvfsData()
@@ -164,16 +192,13 @@ class CorfsOperations(pyfuse3.Operations):
         # cache of it never goes stale.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @_translate_errors
     async def read(self, fh: int, off: int, size: int) -> Buffer:
         # pyfuse3 takes any contiguous buffer: a slice of a fill's buffer goes out uncopied.
         return await self._image(fh).read(off, size)
 
-    @_translate_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._image(fh).write(off, buf)
 
-    @_translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._image(fh).fsync()
 
@@ -188,20 +213,31 @@ class CorfsOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return list(_XATTRS) if inode == ROOT_INODE else []
 
-    @_translate_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and name == STATUS_XATTR.encode():
-            return self._controller.status_json().encode()
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        value = self._controller.status_xattr(os.fsdecode(name)) if inode == ROOT_INODE else None
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
-    @_translate_errors
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         if inode != ROOT_INODE or name != CONTROL_XATTR.encode():
             raise pyfuse3.FUSEError(errno.ENOTSUP)
+        # Not the root dir's owner: --owner hands the images (and so the root) to the VM's
+        # user, who must not pause, throttle or forget for everyone.
+        if ctx.uid not in (0, self._daemon_uid):
+            log.warning(
+                "control command from uid %d refused: only uid %d or root",
+                ctx.uid,
+                self._daemon_uid,
+            )
+            raise pyfuse3.FUSEError(errno.EPERM)
         try:
-            forgotten = self._controller.apply(value)
+            forgotten = await self._controller.apply(value)
+        except ForgetRefused as exc:
+            log.warning("%s", exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
         except ControlError as exc:
             log.warning("control command refused: %s", exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None

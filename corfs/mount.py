@@ -21,6 +21,7 @@ from .errors import CorfsError, UsageError
 from .fetcher import Fetcher, RetryPolicy
 from .fuse_ops import CorfsOperations
 from .image import Image
+from .mountinfo import find_mount
 from .store import CacheStore, ImageRecord
 from .stream import StreamWorker
 from .trace import TRACE_FILE, TraceRecorder, convert_order, load_trace
@@ -152,12 +153,8 @@ async def _stop_on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa
 def _read_ahead_file(mountpoint: str) -> str | None:
     """The mount's bdi read_ahead_kb, found through /proc/self/mountinfo: never by touching
     the mount itself, which would deadlock inside its own daemon."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint:
-                return f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
-    return None
+    entry = find_mount(mountpoint)
+    return None if entry is None else f"/sys/class/bdi/{entry.device}/read_ahead_kb"
 
 
 async def _raise_read_ahead(mountpoint: str, kib: int = 1024) -> None:
@@ -238,6 +235,7 @@ async def _serve_with(
             base=base.description,
             mountpoint=mountpoint,
             fetcher_statistics=fetcher.statistics,
+            base_store=base,
         )
         operations = CorfsOperations(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir

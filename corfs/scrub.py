@@ -1,7 +1,12 @@
 """`corfs verify CACHE [IMAGE]`: re-read clean local chunks, check them against their recorded
 digests (zero chunks must read as zeros) and mark bad ones absent so they are fetched again.
 An unmounted cache is locked and fixed directly; a mounted one is read alongside the running
-daemon, which is then told to forget the bad chunks (it only forgets chunks still clean)."""
+daemon, which is then told to forget the bad chunks (it only forgets chunks still clean).
+
+Invariant: a bad chunk is forgotten only while its base lists the image with the identity the
+cache recorded (refetch.py), asked at forget time: by the daemon for a mounted cache, here
+(opening the base the cache recorded) for an unmounted one. Otherwise the chunk is kept, its
+bytes possibly the only copy left, and reported bad with the reason."""
 
 from __future__ import annotations
 
@@ -9,14 +14,20 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+import trio
+
 from . import control
+from .base import BaseOptions, BaseStore, open_base
 from .digest import chunk_digest, is_zero
-from .errors import UsageError
+from .errors import CorfsError, ForgetRefused, UsageError
+from .refetch import why_base_cannot_supply
 from .store import CacheStore, ChunkState, ImageRecord
 
 # Chunks per forget command: the command is an xattr value, which the kernel refuses (E2BIG)
 # above 64 KiB; 4096 indexes of up to 10 digits fit with room for the image's name.
 FORGET_BATCH = 4096
+# An unmounted cache's base is opened just to list it: a dead one must not hold verify long.
+OFFLINE_BASE_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,7 @@ class ScrubReport:
     checked: int
     bad: int
     bad_chunks: list[int]
+    kept: str | None = None  # why the bad chunks were kept (their base cannot supply them)
 
 
 def _find_bad(store: CacheStore, record: ImageRecord) -> tuple[int, list[int]]:
@@ -44,7 +56,11 @@ def _find_bad(store: CacheStore, record: ImageRecord) -> tuple[int, list[int]]:
     return checked, bad
 
 
-def verify_cache(cache_dir: str, image: str | None = None) -> list[ScrubReport]:
+def verify_cache(
+    cache_dir: str, image: str | None = None, *, base: BaseStore | None = None
+) -> list[ScrubReport]:
+    """Scrub CACHE (or one image of it). `base`: the base of an unmounted cache, asked before
+    a bad chunk is forgotten; by default the one the cache recorded is opened."""
     mounted = CacheStore.is_locked(cache_dir)
     store = CacheStore.open(cache_dir, lock=not mounted, create=False)
     try:
@@ -54,24 +70,49 @@ def verify_cache(cache_dir: str, image: str | None = None) -> list[ScrubReport]:
         reports = []
         for record in records:
             checked, bad = _find_bad(store, record)
+            kept = None
             if bad:
-                _forget(store, record.name, bad, mounted)
-            reports.append(ScrubReport(record.name, checked, len(bad), bad))
+                try:
+                    _forget(store, record, bad, mounted, base)
+                except ForgetRefused as exc:
+                    kept = str(exc)
+            reports.append(ScrubReport(record.name, checked, len(bad), bad, kept))
         return reports
     finally:
         store.close()
 
 
-def _forget(store: CacheStore, name: str, chunks: list[int], mounted: bool) -> None:
+def _forget(
+    store: CacheStore, record: ImageRecord, chunks: list[int], mounted: bool, base: BaseStore | None
+) -> None:
     if mounted:
         mountpoint = (store.read_small_file(control.MOUNTPOINT_FILE) or "").strip()
         for start in range(0, len(chunks), FORGET_BATCH):
             batch = chunks[start : start + FORGET_BATCH]
-            control.send_command(mountpoint, {"op": "forget", "image": name, "chunks": batch})
-    else:
-        for index in chunks:
-            store.record(name, index, ChunkState.ABSENT)
-        store.commit_sync()
+            command = {"op": "forget", "image": record.name, "chunks": batch}
+            control.send_command(mountpoint, command)
+        return
+    why = trio.run(_why_not_refetchable, record, base)
+    if why is not None:
+        raise ForgetRefused(f"{record.name}: {why}")
+    for index in chunks:
+        store.record(record.name, index, ChunkState.ABSENT)
+    store.commit_sync()
+
+
+async def _why_not_refetchable(record: ImageRecord, base: BaseStore | None) -> str | None:
+    if base is not None:
+        return await why_base_cannot_supply(base, record.name, record.identity, record.size)
+    if not record.base:
+        return "the cache does not say which base it came from"
+    try:
+        opened = await open_base(record.base, BaseOptions(io_timeout=OFFLINE_BASE_TIMEOUT))
+    except CorfsError as exc:
+        return f"its base {record.base} cannot be opened: {exc}"
+    try:
+        return await why_base_cannot_supply(opened, record.name, record.identity, record.size)
+    finally:
+        await opened.aclose()
 
 
 def print_reports(reports: list[ScrubReport], *, as_json: bool) -> None:
@@ -79,5 +120,12 @@ def print_reports(reports: list[ScrubReport], *, as_json: bool) -> None:
         print(json.dumps({"images": [asdict(r) for r in reports]}))
         return
     for r in reports:
-        verdict = "ok" if not r.bad else f"{r.bad} bad, marked absent: {r.bad_chunks[:20]}"
+        if not r.bad:
+            verdict = "ok"
+        elif r.kept:
+            verdict = f"{r.bad} bad, kept (the base cannot supply them): {r.bad_chunks[:20]}"
+        else:
+            verdict = f"{r.bad} bad, marked absent: {r.bad_chunks[:20]}"
         print(f"{r.image}: {r.checked} local chunks checked, {verdict}")
+        if r.kept:
+            print(f"  {r.kept}")

@@ -17,8 +17,14 @@ def _eta(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _printable(name: str) -> str:
+    """A path or name as a terminal can show it: bytes that are not UTF-8 (surrogateescape'd
+    by os.fsdecode) become U+FFFD instead of failing the print."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def format_table(status: dict) -> str:
-    where = (
+    where = _printable(
         status.get("mountpoint") if status.get("mounted") else f"{status['cache']} (not mounted)"
     )
     lines = [f"{where}  base: {status.get('base') or '-'}"]
@@ -27,7 +33,7 @@ def format_table(status: dict) -> str:
     for image in status["images"]:
         rate = f"{format_size(image['rate_bps'])}/s" if image["rate_bps"] else "-"
         lines.append(
-            f"{image['name']:<24} {format_size(image['size']):>10} "
+            f"{_printable(image['name']):<24} {format_size(image['size']):>10} "
             f"{format_size(image['local_bytes']):>10} {image['fill_ratio'] * 100:6.1f}% "
             f"{image['state']:<10} {rate:>12} {_eta(image['eta_s']):>9}"
         )
@@ -39,6 +45,8 @@ def format_table(status: dict) -> str:
 def print_status(statuses: list[dict], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(statuses[0] if len(statuses) == 1 else {"mounts": statuses}))
+        return
+    if not statuses:
         return
     print("\n\n".join(format_table(s) for s in statuses))
 

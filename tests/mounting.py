@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -29,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from corfs.mountinfo import read_mounts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 MOUNT_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 CLI_TIMEOUT = 60.0
-
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
 class CorfsMountError(AssertionError):
@@ -56,24 +55,9 @@ def mount_path(path: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.realpath(parent), name) if name else p
 
 
-def _unescape(field: bytes) -> str:
-    """Undo the kernel's octal escapes in /proc/self/mountinfo (space, tab, newline, '\\')."""
-    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
-
-
 def mount_table() -> list[tuple[str, str]]:
     """(mountpoint, fstype) for every mount in this process's namespace, in table order."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        lines = f.read().splitlines()
-    table = []
-    for line in lines:
-        fields = line.split(b" ")
-        try:
-            sep = fields.index(b"-", 6)  # optional fields end with a lone "-"
-        except ValueError:
-            continue
-        table.append((_unescape(fields[4]), _unescape(fields[sep + 1])))
-    return table
+    return [(entry.mountpoint, entry.fstype) for entry in read_mounts()]
 
 
 def mount_fstype(path: str | os.PathLike[str]) -> str | None:

@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 
 from corfs import scrub
-from corfs.errors import ControlError, UsageError
+from corfs.base.memory import MemoryBase
+from corfs.config import StreamConfig
+from corfs.control import Controller
+from corfs.errors import ControlError, ForgetRefused, UsageError
 from corfs.store import CacheStore, ChunkState
+from corfs.stream import StreamWorker
 from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
 
 run = run_with_mock_clock
@@ -44,14 +48,17 @@ def test_verify_finds_bad_clean_and_zero_chunks_and_forgets_only_them(
     damage(path, 1 * CS + 100)  # clean chunk 1
     damage(path, 2 * CS + 5)  # zero chunk 2 (a hole now holding a byte)
 
-    (report,) = scrub.verify_cache(str(cache))
+    base = MemoryBase({"a": data})
+    base.images["a"].identity = "id-a"  # what the rig recorded: the base can refetch
+    (report,) = scrub.verify_cache(str(cache), base=base)
     assert (report.image, report.checked, report.bad, report.bad_chunks) == ("a", 5, 2, [1, 2])
+    assert report.kept is None
     rows = committed_states(cache, "a")
     assert sorted(rows) == [0, 3, 4]
     assert rows[0][0] == ChunkState.CLEAN
 
     # A second scrub checks what is left and finds nothing.
-    (again,) = scrub.verify_cache(str(cache), "a")
+    (again,) = scrub.verify_cache(str(cache), "a", base=base)
     assert (again.checked, again.bad) == (3, 0)
 
     async def refill() -> None:
@@ -197,28 +204,85 @@ def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
     assert sorted(sent) == list(range(count))
 
 
+def _controller(images, base=None) -> Controller:  # noqa: ANN001
+    return Controller(
+        images,
+        StreamWorker(images, StreamConfig(enabled=False)),
+        cache="/nowhere",
+        base="memory://",
+        mountpoint="/nowhere",
+        base_store=base,
+    )
+
+
+def _forget(controller: Controller, name: str, chunks: list[int]) -> list[str]:
+    command = json.dumps({"op": "forget", "image": name, "chunks": chunks}).encode()
+    return controller.apply(command)  # type: ignore[return-value]
+
+
 def test_forget_refuses_chunk_indexes_outside_the_image(rig_factory) -> None:
-    import json
-
-    from corfs.config import StreamConfig
-    from corfs.control import Controller
-    from corfs.errors import ControlError
-    from corfs.stream import StreamWorker
-
     async def main() -> None:
         async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
             image = rig.image("a")
             await image.read(3 * CS, 1)
-            controller = Controller(
-                [image],
-                StreamWorker([image], StreamConfig(enabled=False)),
-                cache=rig.cache_dir,
-                base="memory://",
-                mountpoint="/nowhere",
-            )
+            controller = _controller([image], rig.base)
             for bad in (-1, 4):
                 with pytest.raises(ControlError):
-                    controller.apply(json.dumps({"op": "forget", "image": "a", "chunks": [bad]}))
+                    await _forget(controller, "a", [bad])
             assert image.is_local(3)  # a negative index must not forget the last chunk
 
     run(main)
+
+
+def test_forget_asks_the_base_at_forget_time_and_keeps_what_it_cannot_supply(
+    rig_factory,
+) -> None:
+    """Forgetting a chunk whose base is gone or changed would destroy the only copy."""
+    data = random_bytes(4 * CS, seed=9)
+
+    async def main() -> None:
+        async with rig_factory({"a": data, "b": data}) as rig:
+            a, b = rig.image("a"), rig.image("b")
+            await a.read(0, len(data))
+            await b.read(0, len(data))
+            controller = _controller([a, b], rig.base)
+
+            rig.source("a").identity = "id-a-rewritten"  # changed in the base
+            del rig.base.images["b"]  # removed from the base
+            for name, image in (("a", a), ("b", b)):
+                with pytest.raises(ForgetRefused, match=f"not forgetting chunks of {name}"):
+                    await _forget(controller, name, [1])
+                assert image.is_local(1)
+
+            rig.source("a").identity = "id-a"  # as cached again: forget works as before
+            assert await _forget(controller, "a", [1]) == ["a"]
+            assert not a.is_local(1)
+
+            # Served without a source (the base did not list it at mount): nothing to ask.
+            orphan = _controller([b], base=None)
+            b.source = None
+            with pytest.raises(ForgetRefused, match="without its base"):
+                await _forget(orphan, "b", [2])
+            assert b.is_local(2)
+
+    run(main)
+
+
+def test_verify_of_an_unmounted_cache_keeps_bad_chunks_its_base_cannot_supply(
+    tmp_path: Path, rig_factory
+) -> None:
+    data = random_bytes(3 * CS, seed=4)
+    cache = tmp_path / "cache"
+
+    async def fill() -> None:
+        async with rig_factory({"a": data}, cache_dir=cache) as rig:
+            await rig.image("a").read(0, len(data))
+            await rig.store.commit()
+
+    run(fill)
+    damage(str(cache / "data" / "a"), CS + 7)
+    for base in (MemoryBase({}), None):  # the image is gone; the recorded base cannot open
+        (report,) = scrub.verify_cache(str(cache), base=base)
+        assert (report.bad, report.bad_chunks) == (1, [1])
+        assert report.kept is not None
+        assert sorted(committed_states(cache, "a")) == [0, 1, 2]

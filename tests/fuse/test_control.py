@@ -5,6 +5,8 @@ that are no corfs mount, and `corfs status` as a table, as JSON and with --watch
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 
 import pytest
@@ -17,7 +19,14 @@ from tests.fuse.util import (
     wait_complete,
     wait_for,
 )
-from tests.mounting import CorfsDirs, make_image, run_corfs, sha256_file
+from tests.mounting import (
+    CorfsDirs,
+    corfs_command,
+    corfs_env,
+    make_image,
+    run_corfs,
+    sha256_file,
+)
 
 NAME = "disk.raw"
 
@@ -204,3 +213,64 @@ def test_raising_the_bandwidth_takes_effect_at_once(dirs: CorfsDirs) -> None:
         wait_complete(m.mnt, NAME, 30)
         took = time.monotonic() - started
         assert took < 3.0, f"{took:.1f} s to stream 60 MiB after the limit was lifted"
+
+
+NOBODY = 65534
+
+
+def _as_nobody(*args: object) -> subprocess.CompletedProcess[str]:
+    """`corfs ARGS` as uid/gid 65534. The interpreter lives below /root (0700): the process
+    keeps CAP_DAC_READ_SEARCH (read and search only, no write) so it can load it; the mount
+    sees uid 65534 on every request."""
+    command = [
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+        *corfs_command(*args),
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env=corfs_env(), check=False
+    )
+
+
+def test_control_only_from_the_mounting_user_or_root_whoever_owns_the_root(
+    dirs: CorfsDirs,
+) -> None:
+    """--owner hands the images (and the root dir) to the VM's user: that user may read the
+    status but must not pause, throttle or forget for everyone (issue 10, point 3)."""
+    owner = f"{NOBODY}:{NOBODY}"
+    options = ("--allow-other", "--owner", owner, "--chunk-size", "64K", "--bandwidth", "2M")
+    with dirs.mount(*options) as m:
+        assert os.stat(m.mnt).st_uid == NOBODY
+        for args in (("stream", "pause", m.mnt), ("stream", "bandwidth", m.mnt, "0")):
+            result = _as_nobody(*args)
+            assert_one_line_error(result, "only the user who mounted", str(m.mnt), "or root")
+        assert image_status(live_status(m.mnt), NAME)["state"] != "paused"
+        assert live_status(m.mnt)["bandwidth_bps"] == 2 * MIB
+        assert m.log_text().count(f"control command from uid {NOBODY} refused") == 2
+
+        status = _as_nobody("status", m.mnt, "--json")
+        assert status.returncode == 0, status.stderr
+        assert image_status(json.loads(status.stdout), NAME)["size"] == 64 * MIB
+
+        result = run_corfs("stream", "pause", m.mnt)  # root still can
+        assert result.returncode == 0, result.stderr
+        assert image_status(live_status(m.mnt), NAME)["state"] == "paused"
+        m.stop()
+
+
+def test_status_of_a_mounted_cache_whose_mount_cannot_be_read_says_why(
+    dirs: CorfsDirs,
+) -> None:
+    """The database of a mounted cache lags the live state: `corfs status CACHE` must not
+    pass it off as the status when the mount cannot be read (it did, silently)."""
+    with dirs.mount("--chunk-size", "64K", "--stream-paused") as m:
+        (dirs.cache / "mountpoint").write_text(str(dirs.base))  # not a corfs mount
+        result = run_corfs("status", dirs.cache, "--json")
+        assert_one_line_error(result, f"in use by the mount on {dirs.base}", "not a corfs mount")
+        (dirs.cache / "mountpoint").write_text(str(m.mnt))
+        assert json.loads(run_corfs("status", dirs.cache, "--json").stdout)["mounted"] is True
+        m.stop()

@@ -4,10 +4,16 @@ mounted and after unmount."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
+from pathlib import Path
 
-from tests.mounting import make_image, run_corfs
+from corfs.control import STATUS_XATTR
+from corfs.mountinfo import find_mount
+from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
 
-from .util import KIB, MIB, direct_read
+from .util import KIB, MIB, direct_read, image_status, live_status, wait_for
 
 SIZES = {"a.raw": 4 * MIB, "b.raw": 3 * MIB + 17}
 
@@ -76,3 +82,72 @@ def test_status_complete(tmp_dirs):
     st = json.loads(_status(tmp_dirs.cache, "--json"))
     _check_schema(st, mounted=False, local=SIZES)
     assert {i["state"] for i in st["images"]} == {"complete"}
+
+
+def _timed(*args: object) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.monotonic()
+    result = run_corfs(*args)
+    return time.monotonic() - start, result
+
+
+def test_status_and_control_of_a_mount_with_1000_images(tmp_dirs):
+    """Issue 10, point 13: the status of ~340 images passed 64 KiB, the most one xattr value
+    can carry (E2BIG): status, every command and verify's forget broke. Now paged."""
+    names = [f"img-{i:04d}.raw" for i in range(1000)]
+    for name in names:
+        with open(tmp_dirs.base / name, "wb") as f:
+            f.truncate(MIB)  # sparse: nothing to write
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "64k", timeout=60) as m:
+        for _ in range(2):  # the first run pays for cold imports
+            seconds, result = _timed("status", m.mnt, "--json")
+        assert result.returncode == 0, result.stderr
+        st = json.loads(result.stdout)
+        assert [i["name"] for i in st["images"]] == names
+        assert {i["state"] for i in st["images"]} == {"paused"}
+        print(f"corfs status MNT --json, 1000 images: {seconds:.3f} s")
+        assert seconds < 5.0
+
+        for name in (STATUS_XATTR, f"{STATUS_XATTR}.{st_first_page(m.mnt)}"):
+            assert len(os.getxattr(m.mnt, name)) < 60 * KIB
+
+        result = run_corfs("stream", "resume", m.mnt, names[-1])
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: image_status(live_status(m.mnt), names[-1])["state"] == "complete")
+        result = run_corfs("stream", "bandwidth", m.mnt, "5M")
+        assert result.returncode == 0, result.stderr
+        assert live_status(m.mnt)["bandwidth_bps"] == 5 * MIB
+
+        cache = json.loads(_status(tmp_dirs.cache, "--json"))
+        assert cache["mounted"] is True and len(cache["images"]) == 1000
+        assert "streaming" not in _status(tmp_dirs.cache)
+        m.stop()
+
+
+def st_first_page(mnt) -> int:
+    """Where the first status page stopped: it must not hold all 1000 images."""
+    first = json.loads(os.getxattr(mnt, STATUS_XATTR))
+    assert first["image_count"] == 1000 and first["images_next"] is not None
+    assert len(first["images"]) == first["images_next"]
+    return first["images_next"]
+
+
+def test_status_of_every_mount_finds_one_whose_path_has_a_space_and_utf8(tmp_path):
+    """Issue 10, point 14: `corfs status` (no PATH) crashed on a non-ASCII mountpoint, and a
+    mountpoint with a space never got its read-ahead raised (mountinfo escapes it)."""
+    dirs = CorfsDirs.under(tmp_path)
+    mnt = tmp_path / "mnt with space é"
+    mnt.mkdir()
+    make_image(dirs.base / "a.raw", MIB, seed=3)
+    with CorfsMount(dirs.base, dirs.cache, mnt, "--no-stream", log_dir=dirs.logs) as m:
+        result = run_corfs("status", "--json")
+        assert "Traceback" not in result.stderr, result.stderr
+        st = json.loads(result.stdout)
+        mine = [s for s in st.get("mounts", [st]) if s["mountpoint"] == str(mnt)]
+        assert len(mine) == 1 and mine[0]["images"][0]["name"] == "a.raw"
+        assert str(mnt) in run_corfs("status").stdout
+
+        entry = find_mount(str(mnt))
+        assert entry is not None and entry.fstype == "fuse.corfs"
+        read_ahead = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+        wait_for(lambda: read_ahead.read_text().strip() == "1024", 5, "read-ahead 1024 KiB")
+        m.stop()

@@ -6,6 +6,8 @@ digests, mark bad ones absent so they are fetched again, and report (exit 1 if a
 - mounted image, without stopping it: verify reaches the daemon through the control xattr
   ("forget"); the chunk is absent in status, and a read, even a buffered one whose pages the
   kernel had cached (keep_cache), refetches it.
+- base image removed (issue 10, point 4): a bad chunk may be the only copy left; it is kept
+  and reported bad, mounted or not, and verify exits non-zero.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def test_verify_unmounted_cache_forgets_bad_chunks_and_a_mount_refetches(tmp_dir
     data = tmp_dirs.cache / "data" / "a.raw"
     assert verify(tmp_dirs.cache) == (
         0,
-        {"images": [{"image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": []}]},
+        {
+            "images": [
+                {"image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": [], "kept": None}
+            ]
+        },
     )
     damage(data, 7 * CHUNK + 100)
     damage(data, 3 * CHUNK + 9)  # a zero chunk (a hole) that now holds bytes
@@ -128,3 +134,57 @@ def test_verify_mounted_image_forgets_through_the_daemon_and_kernel_cache(tmp_di
         time.sleep(1.5)
         assert verify(tmp_dirs.cache, "a.raw")[0] == 0
         m.stop()
+
+
+def test_verify_keeps_bad_chunks_whose_base_image_is_gone(tmp_dirs) -> None:
+    size = 8 * CHUNK
+    want = make_image(tmp_dirs.base / "b.raw", size, seed=11, block_size=CHUNK).read_bytes()
+    data = tmp_dirs.cache / "data" / "b.raw"
+    with tmp_dirs.mount("--chunk-size", "64K") as m:
+        wait_complete(m.mnt, "b.raw")
+        m.stop()
+    (tmp_dirs.base / "b.raw").unlink()
+    damage(data, 5 * CHUNK + 3)
+    damaged = data.read_bytes()
+
+    code, report = verify(tmp_dirs.cache)
+    (image,) = report["images"]
+    assert code == 1
+    assert (image["bad"], image["bad_chunks"]) == (1, [5])
+    assert "not in the base" in image["kept"]
+    assert len(chunk_rows(tmp_dirs.cache, "b.raw")) == 8  # nothing forgotten
+    text = run_corfs("verify", tmp_dirs.cache)
+    assert text.returncode == 1 and "1 bad, kept (the base cannot supply them)" in text.stdout
+
+    # Mounted, served from the cache alone: the daemon refuses the forget itself.
+    with tmp_dirs.mount("--chunk-size", "64K", "--no-stream") as m:
+        code, report = verify(tmp_dirs.cache)
+        (image,) = report["images"]
+        assert code == 1 and image["bad_chunks"] == [5]
+        assert "cannot supply" in image["kept"]
+        st = image_status(live_status(m.mnt), "b.raw")
+        assert st["local_bytes"] == size
+        m.stop()
+    assert "not forgetting chunks of b.raw" in m.log_text()
+    assert data.read_bytes() == damaged
+    assert len(chunk_rows(tmp_dirs.cache, "b.raw")) == 8
+    assert want != damaged
+
+
+def test_verify_forgets_a_bad_chunk_while_the_dir_base_still_has_it(tmp_dirs) -> None:
+    size = 8 * CHUNK
+    want = make_image(tmp_dirs.base / "b.raw", size, seed=12, block_size=CHUNK).read_bytes()
+    data = tmp_dirs.cache / "data" / "b.raw"
+    with tmp_dirs.mount("--chunk-size", "64K") as m:
+        wait_complete(m.mnt, "b.raw")
+        time.sleep(1.5)  # committed: verify checks committed chunks
+        damage(data, 2 * CHUNK + 3)
+        code, report = verify(tmp_dirs.cache)
+        assert code == 1 and report["images"][0]["bad_chunks"] == [2]
+        assert report["images"][0]["kept"] is None
+        assert (m.mnt / "b.raw").read_bytes() == want
+        m.stop()
+    damage(data, 6 * CHUNK + 3)
+    code, report = verify(tmp_dirs.cache)
+    assert code == 1 and report["images"][0]["kept"] is None
+    assert 6 not in chunk_rows(tmp_dirs.cache, "b.raw")

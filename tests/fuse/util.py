@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from corfs.control import read_status
+from corfs.mountinfo import find_mount
 from tests.mounting import run_corfs
 
 KIB = 1 << 10
 MIB = 1 << 20
-STATUS_XATTR = "user.corfs.status"
 
 
 def status(path: str | os.PathLike[str]) -> dict:
@@ -27,8 +28,9 @@ def status(path: str | os.PathLike[str]) -> dict:
 
 
 def live_status(mnt: str | os.PathLike[str]) -> dict:
-    """The status JSON straight from the mount's xattr (what `corfs status` reads; faster)."""
-    return json.loads(os.getxattr(os.fspath(mnt), STATUS_XATTR))
+    """The status straight from the mount's xattrs, pages joined (what `corfs status` reads,
+    without starting a process)."""
+    return read_status(os.fspath(mnt))
 
 
 def image_status(st: dict, name: str) -> dict:
@@ -121,14 +123,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 
 def mount_options(mnt: str | os.PathLike[str]) -> tuple[set[str], set[str]]:
     """(per-mount options, superblock options) of the mount at `mnt` from mountinfo."""
-    target = os.fsencode(os.path.abspath(mnt))
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                sep = fields.index(b"-", 6)
-                return (
-                    set(fields[5].decode().split(",")),
-                    set(fields[sep + 3].decode().split(",")),
-                )
-    raise AssertionError(f"{mnt} is not in /proc/self/mountinfo")
+    entry = find_mount(os.path.abspath(mnt))
+    if entry is None:
+        raise AssertionError(f"{mnt} is not in /proc/self/mountinfo")
+    return set(entry.options), set(entry.super_options)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from corfs.mountinfo import find_mount
 from tests.mounting import (
     REPO_ROOT,
     CorfsDirs,
@@ -129,9 +130,8 @@ def test_fstab_line_mounts_reads_and_unmounts(
     status = run_corfs("status", dirs.mnt, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["images"][0]["chunk_size"] == 64 * 1024
-    with open("/proc/self/mountinfo") as f:
-        line = next(ln for ln in f if f" {dirs.mnt} " in ln)
-    assert "allow_other" in line
+    entry = find_mount(str(dirs.mnt))
+    assert entry is not None and "allow_other" in entry.super_options
 
     result = subprocess.run(["umount", str(dirs.mnt)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
