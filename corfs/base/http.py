@@ -46,6 +46,7 @@ from ..errors import (
     BaseChanged,
     BaseError,
     BaseNotFound,
+    BaseProtocolError,
     BaseUnavailable,
     TransientBaseError,
     UsageError,
@@ -224,6 +225,12 @@ class HttpBase:
             raise connect_error(exc, what) from None
         except httpx.TimeoutException as exc:
             raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
+        except httpx.RemoteProtocolError as exc:
+            if "disconnected" in str(exc):  # httpcore: closed before answering, worth a retry
+                raise TransientBaseError(f"{what}: connection closed before an answer") from None
+            # A head h11 refuses (a Content-Length that is no number...): this answer, not the
+            # connection, is bad; a BaseError of its own so a listing can leave the entry out.
+            raise BaseProtocolError(f"{what}: malformed answer ({str(exc)[:80]})") from None
         except httpx.TransportError as exc:
             raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
 
