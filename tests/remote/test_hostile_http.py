@@ -68,7 +68,7 @@ def test_absurd_image_size_is_a_protocol_error(hostile, size: str) -> None:  # n
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
 @pytest.mark.parametrize("content_range", ["bytes 0-0/" + "9" * 5000, "bytes " + "1" * 5000 +
-                                           "-0/1000", "bytes 5-0/1000"])
+                                           "-0/1000", f"bytes 0-0/{(1 << 50) + 1}"])
 def test_absurd_content_range_is_a_protocol_error(hostile, lean: bool, content_range: str) -> None:  # noqa: ANN001
     server = serve(hostile, image_route("1000", content_range))
 
