@@ -17,6 +17,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
         ├── BaseAccessDenied        EACCES, exit 5
         ├── BaseChanged             ESTALE, exit 5   the base image is not the one cached
         ├── BaseCorrupt             EIO, exit 5      digest mismatch, bad manifest, short body
+        │   └── BaseProtocolError   EIO, exit 5      an answer no sane server sends (absurd
+        │                                            sizes, unparseable numbers, oversized body)
         └── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
 """
 
@@ -96,6 +98,11 @@ class BaseChanged(BaseError):
 
 class BaseCorrupt(BaseError):
     pass
+
+
+class BaseProtocolError(BaseCorrupt):
+    """The base answered outside the protocol or our bounds: a size that does not parse or is
+    absurd, a body larger than its kind can be. Not retried as transient."""
 
 
 class TransientBaseError(BaseError):

@@ -127,11 +127,14 @@ def make_tls(tmp: Path) -> TlsFiles:
 @dataclass
 class Nginx:
     """nginx serving `root` with JSON autoindex, Range and keep-alive. Locations:
-    /denied/ answers 403; /auth/ needs `Authorization: Bearer x`."""
+    /denied/ answers 403; /auth/ needs `Authorization: Bearer x`; /gone-if-missing/ answers
+    403 for a file that is not there (an expired pre-signed URL); `locations` adds raw nginx
+    directives to the server block (e.g. `location = /a { return 302 URL; }`)."""
 
     root: Path
     workdir: Path
     tls: TlsFiles | None = None
+    locations: str = ""
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -178,6 +181,10 @@ http {{
       autoindex on;
       autoindex_format json;
     }}
+    location /gone-if-missing/ {{
+      if (!-f $request_filename) {{ return 403; }}
+    }}
+    {self.locations}
   }}
 }}
 """
@@ -204,19 +211,28 @@ http {{
 
 class LoggingNginx(Nginx):
     """Nginx with an access log, one line per request: `URI STATUS BYTES_SENT`, for tests and
-    benchmarks that count what a client fetched."""
+    benchmarks that count what a client fetched; and beside it the Authorization header of
+    each request (`authorizations()`), for tests that a credential never reached it."""
 
     @property
     def access_log(self) -> Path:
         return self.workdir / "access.log"
 
+    @property
+    def auth_log(self) -> Path:
+        return self.workdir / "auth.log"
+
     def config(self) -> str:
         fmt = "log_format corfs '$uri $status $body_bytes_sent';"
-        return (
-            super()
-            .config()
-            .replace("access_log off;", f"{fmt}\n  access_log {self.access_log} corfs;")
-        )
+        fmt += "\n  log_format corfs_auth '$http_authorization';"
+        logs = f"access_log {self.access_log} corfs;\n  access_log {self.auth_log} corfs_auth;"
+        return super().config().replace("access_log off;", f"{fmt}\n  {logs}")
+
+    def authorizations(self) -> list[str]:
+        """The Authorization header of each request logged so far ("" when there was none)."""
+        if not self.auth_log.exists():
+            return []
+        return [("" if v == "-" else v) for v in self.auth_log.read_text().splitlines()]
 
     def requests(self, prefix: str = "") -> list[tuple[str, int, int]]:
         """(uri, status, body bytes) of the requests logged so far for URIs under `prefix`."""

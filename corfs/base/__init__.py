@@ -8,7 +8,8 @@ Contract of every store (tests/stores runs one suite against each):
   the range inside the image) of *that identity*: if the image changed, it raises BaseChanged,
   never bytes of another version. Retryable failures raise TransientBaseError; the fetcher
   retries them, stores do not loop themselves.
-- `read_object(key)` reads a whole small object below the base (not listed as an image).
+- `read_object(key, max_bytes)` reads a whole small object below the base (not listed as an
+  image), never more than `max_bytes` of it.
 - BASE is read-only: no store writes to it, ever.
 """
 
@@ -61,9 +62,10 @@ class BaseStore(Protocol):
 
     async def list_images(self) -> list[BaseImage]: ...
 
-    async def read_object(self, key: str) -> bytes:
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
         """The whole object at `key`, a '/'-separated path relative to the base (published
-        chunk objects live at chunks/xx/<hex>.zst). BaseNotFound if there is none."""
+        chunk objects live at chunks/xx/<hex>.zst). BaseNotFound if there is none;
+        BaseProtocolError, having read no more than `max_bytes` + 1, if it is larger."""
         ...
 
     async def aclose(self) -> None: ...

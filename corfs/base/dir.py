@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 import trio
 
 from ..buffers import aligned_buffer
-from ..errors import BaseChanged, BaseNotFound, TransientBaseError, UsageError
+from ..errors import (
+    BaseChanged,
+    BaseNotFound,
+    BaseProtocolError,
+    TransientBaseError,
+    UsageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +119,7 @@ class DirBase:
         self._images = [img for e in entries if (img := self._entry_image(e)) is not None]
         return list(self._images)
 
-    async def read_object(self, key: str) -> bytes:
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
         path = os.path.realpath(os.path.join(self.root, key))
         if os.path.commonpath([path, self.root]) != self.root:
             raise BaseNotFound(f"{key} is outside the base")
@@ -121,7 +127,10 @@ class DirBase:
         def read() -> bytes:
             try:
                 with open(path, "rb") as f:
-                    return f.read()
+                    data = f.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise BaseProtocolError(f"{path} is larger than {max_bytes} bytes")
+                return data
             except FileNotFoundError:
                 raise BaseNotFound(f"{path} does not exist") from None
             except OSError as exc:

@@ -13,6 +13,12 @@ Invariants:
   keep-alive connection the server had already closed. Each request has a stall timeout, so a
   silent server becomes TransientBaseError.
 - Credentials (the auth header, URL user info) never appear in messages or logs.
+- Redirects, where the auth header goes and how much of a body is read are http_policy's
+  rules, on every request (listing, HEAD, httpx and lean reads): no https -> http, the header
+  only to its origin, capped bodies. A redirect target is not pinned for good: when it answers
+  403/404/410 (an expired pre-signed URL), the image's listed URL is resolved again, once.
+- Sizes from the server are parsed by http_policy.parse_byte_count: absurd or unparseable ones
+  raise BaseProtocolError for that image. Probing an image's size never reads its body.
 
 Plain http:// ranged reads go through a lean reader (`PlainReader`: hand-parsed headers,
 `recv_into` a preallocated buffer) because httpx costs one core at ~600 MB/s; anything it does
@@ -36,18 +42,22 @@ import trio
 from ..buffers import aligned_buffer
 from ..digest import Buffer
 from ..errors import (
+    BaseAccessDenied,
     BaseChanged,
     BaseError,
     BaseNotFound,
+    BaseProtocolError,
     BaseUnavailable,
     TransientBaseError,
     UsageError,
 )
 from . import BaseOptions, describe_url
+from .http_policy import AuthHeader, origin_of, parse_byte_count, read_body, send
 from .http_wire import PlainReader, Validator, connect_error, parse_content_range, status_error
 
 log = logging.getLogger(__name__)
 
+MAX_LISTING_BYTES = 16 << 20  # index.json or a JSON autoindex: ~150k entries
 
 
 def stall_timeout(options: BaseOptions) -> float:
@@ -56,8 +66,8 @@ def stall_timeout(options: BaseOptions) -> float:
     return max(0.5, min(options.io_timeout / 3, 20.0))
 
 
-def auth_header(options: BaseOptions) -> tuple[str, str] | None:
-    """The (name, value) of the header named by the env var in `options.auth_header_env`."""
+def auth_header(options: BaseOptions, base_url: str) -> AuthHeader | None:
+    """The header named by the env var in `options.auth_header_env`, for `base_url`'s origin."""
     if not options.auth_header_env:
         return None
     raw = os.environ.get(options.auth_header_env)
@@ -72,7 +82,7 @@ def auth_header(options: BaseOptions) -> tuple[str, str] | None:
     value = value.strip()
     if "\r" in value or "\n" in value:
         raise UsageError(f"environment variable {options.auth_header_env} holds a bad value")
-    return name, value
+    return AuthHeader(name, value, origin_of(base_url))
 
 
 @dataclass
@@ -80,69 +90,94 @@ class HttpImage:
     name: str
     size: int
     identity: str
-    url: str
+    url: str  # as listed; redirects are followed from here
     validator: Validator
     reader: HttpReader = field(repr=False)
+    target: str = ""  # where the last redirect from `url` led ("" = `url` itself)
     layout: None = None
 
     async def read(self, offset: int, length: int) -> Buffer:
         if length <= 0:
             return b""
-        return await self.reader.read_range(self.url, self.validator, offset, length)
+        target = self.target or self.url
+        try:
+            data, self.target = await self.reader.read_range(
+                target, self.validator, offset, length
+            )
+        except (BaseAccessDenied, BaseNotFound):
+            if target == self.url:
+                raise
+            # A redirect target (a pre-signed URL, a mirror) may expire or move: resolve the
+            # listed URL again, once; its answer is final.
+            log.info("%s: redirect target failed, resolving the image URL again", self.name)
+            data, self.target = await self.reader.read_range(
+                self.url, self.validator, offset, length
+            )
+        return data
 
 
 class HttpReader:
     """Ranged, validated reads over httpx, and the lean plain-http data path beside it."""
 
-    def __init__(self, client: httpx.AsyncClient, options: BaseOptions) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, options: BaseOptions, auth: AuthHeader | None
+    ) -> None:
         self.client = client
+        self.auth = auth
         self.stall = stall_timeout(options)
         self.slots = trio.Semaphore(max(1, options.max_connections))
-        self.plain = PlainReader(self.stall, auth_header(options))
+        self.plain = PlainReader(self.stall, auth)
         self.use_plain = True  # tests turn it off to drive the httpx path
         self._warned_no_range = False
 
     async def read_range(
         self, url: str, validator: Validator, offset: int, length: int
-    ) -> Buffer:
+    ) -> tuple[Buffer, str]:
+        """The bytes, and the URL that gave them (where redirects from `url` led)."""
         async with self.slots:
             if self.use_plain and url.startswith("http://"):
                 data = await self.plain.read_range(url, validator, offset, length)
                 if data is not None:
-                    return data
+                    return data, url
             return await self._read_httpx(url, validator, offset, length)
 
     async def _read_httpx(
         self, url: str, validator: Validator, offset: int, length: int
-    ) -> memoryview:
+    ) -> tuple[memoryview, str]:
         what = describe_url(url)
         end = offset + length - 1
         headers = {"Range": f"bytes={offset}-{end}", **validator.conditional_headers()}
         try:
-            async with self.client.stream("GET", url, headers=headers) as resp:
+            resp = await send(self.client, "GET", url, self.auth, headers)
+            try:
+                final = str(resp.url)
                 if resp.status_code == 206:
                     validator.check(resp.headers, what)
-                    got = parse_content_range(resp.headers.get("content-range"))
+                    got = parse_content_range(resp.headers.get("content-range"), what)
                     if got is None or got[:2] != (offset, end):
                         raise TransientBaseError(
                             f"{what}: answer has the wrong Content-Range for bytes {offset}-{end}"
                         )
                     if got[2] is not None and got[2] != validator.size:
                         raise BaseChanged(f"{what}: size changed on the server")
-                    return await self._collect(resp, 0, length, what)
+                    return await self._collect(resp, 0, length, what), final
                 if resp.status_code == 200:
                     validator.check(resp.headers, what)
                     if validator.etag and "etag" not in resp.headers:
                         # If-Range failed silently, or a proxy dropped it: no proof of version.
                         raise BaseChanged(f"{what}: full answer without the expected ETag")
                     declared = resp.headers.get("content-length")
-                    if declared is not None and int(declared) != validator.size:
+                    if declared is not None and (
+                        parse_byte_count(declared, what, "Content-Length") != validator.size
+                    ):
                         raise BaseChanged(f"{what}: size changed on the server")
                     if not self._warned_no_range:
                         self._warned_no_range = True
                         log.warning("%s ignores Range requests: reads will be slow", what)
-                    return await self._collect(resp, offset, length, what)
+                    return await self._collect(resp, offset, length, what), final
                 raise status_error(resp.status_code, what)
+            finally:
+                await resp.aclose()
         except httpx.TimeoutException as exc:
             raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
         except (httpx.TransportError, httpx.StreamError) as exc:
@@ -175,44 +210,73 @@ class HttpBase:
         self.description = describe_url(url)
         self.client = client
         self.options = options
-        self.reader = HttpReader(client, options)
+        self.auth = auth_header(options, url)
+        self.reader = HttpReader(client, options, self.auth)
         self.is_dir = urlsplit(url).path.endswith("/") or urlsplit(url).path == ""
         self.dir_url = url if self.is_dir else urljoin(url, ".")
 
-    async def _get(self, url: str, what: str, **kwargs: object) -> httpx.Response:
+    async def _request(
+        self, method: str, url: str, what: str, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """The streamed answer (the caller closes it), redirects followed by http_policy."""
         try:
-            return await self.client.get(url, **kwargs)  # type: ignore[arg-type]
+            return await send(self.client, method, url, self.auth, headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
             raise connect_error(exc, what) from None
         except httpx.TimeoutException as exc:
             raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
+        except httpx.RemoteProtocolError as exc:
+            if "disconnected" in str(exc):  # httpcore: closed before answering, worth a retry
+                raise TransientBaseError(f"{what}: connection closed before an answer") from None
+            # A head h11 refuses (a Content-Length that is no number...): this answer, not the
+            # connection, is bad; a BaseError of its own so a listing can leave the entry out.
+            raise BaseProtocolError(f"{what}: malformed answer ({str(exc)[:80]})") from None
         except httpx.TransportError as exc:
             raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
+
+    async def _fetch(
+        self, url: str, what: str, max_bytes: int, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """(status, body) of a GET; the body (at most `max_bytes`, within --io-timeout) only
+        for a 200 answer."""
+        resp = await self._request("GET", url, what, headers)
+        try:
+            if resp.status_code != 200:
+                return resp.status_code, b""
+            return 200, await read_body(resp, max_bytes, self.options.io_timeout, what)
+        except httpx.TimeoutException as exc:
+            raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
+        finally:
+            await resp.aclose()
+
+    async def _head_only(
+        self, method: str, url: str, what: str, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """The answer's status and headers only: its body is never read (a server that
+        ignores Range would send a whole image)."""
+        resp = await self._request(method, url, what, headers)
+        await resp.aclose()
+        return resp
 
     async def _validator(self, url: str) -> tuple[str, Validator]:
         """HEAD the image (falling back to a one-byte ranged GET) for its size and
         validator; returns the final URL after redirects."""
         what = describe_url(url)
-        try:
-            resp = await self.client.head(url)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise connect_error(exc, what) from None
-        except httpx.TimeoutException as exc:
-            raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
+        resp = await self._head_only("HEAD", url, what)
         size: int | None = None
         if resp.status_code == 200 and "content-length" in resp.headers:
-            size = int(resp.headers["content-length"])
+            size = parse_byte_count(resp.headers["content-length"], what, "Content-Length")
         elif resp.status_code in (200, 405, 501):
-            resp = await self._get(url, what, headers={"Range": "bytes=0-0"})
+            resp = await self._head_only("GET", url, what, {"Range": "bytes=0-0"})
             if resp.status_code == 206:
-                got = parse_content_range(resp.headers.get("content-range"))
+                got = parse_content_range(resp.headers.get("content-range"), what)
                 size = got[2] if got else None
             elif resp.status_code == 416:
                 size = 0  # an empty file: no byte 0 to ask for
-            elif resp.status_code == 200:
-                size = len(resp.content)
+            elif resp.status_code == 200 and "content-length" in resp.headers:
+                size = parse_byte_count(resp.headers["content-length"], what, "Content-Length")
         if resp.status_code not in (200, 206, 416):
             raise status_error(resp.status_code, what)
         if size is None:
@@ -232,27 +296,31 @@ class HttpBase:
             name=name,
             size=validator.size,
             identity=validator.identity,
-            url=final_url,
+            url=url,
             validator=validator,
+            target=final_url,
             reader=self.reader,
         )
 
     async def _list_names(self) -> list[str]:
         what = self.description
-        resp = await self._get(urljoin(self.dir_url, "index.json"), what)
-        if resp.status_code == 200:
+        status, body = await self._fetch(urljoin(self.dir_url, "index.json"), what,
+                                         MAX_LISTING_BYTES)
+        if status == 200:
             try:
-                doc = json.loads(resp.content)
+                doc = json.loads(body)
                 return [str(entry["name"]) for entry in doc["images"]]
             except (ValueError, KeyError, TypeError):
                 raise BaseError(f"{what}index.json is not a valid image index") from None
-        if resp.status_code not in (403, 404, 410):
-            raise status_error(resp.status_code, f"{what}index.json")
-        resp = await self._get(self.dir_url, what, headers={"Accept": "application/json"})
-        if resp.status_code != 200:
-            raise status_error(resp.status_code, what)
+        if status not in (403, 404, 410):
+            raise status_error(status, f"{what}index.json")
+        status, body = await self._fetch(
+            self.dir_url, what, MAX_LISTING_BYTES, {"Accept": "application/json"}
+        )
+        if status != 200:
+            raise status_error(status, what)
         try:
-            entries = json.loads(resp.content)
+            entries = json.loads(body)
             return [str(e["name"]) for e in entries if e.get("type") == "file"]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise BaseError(
@@ -277,20 +345,17 @@ class HttpBase:
                 nursery.start_soon(one, name)
         return [images[n] for n in sorted(images)]
 
-    async def read_object(self, key: str) -> bytes:
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
         parts = [p for p in key.split("/") if p]
         if not parts or any(p in (".", "..") for p in parts):
             raise BaseNotFound(f"{key} is outside the base")
         url = urljoin(self.dir_url, "/".join(quote(p) for p in parts))
         what = describe_url(url)
         async with self.reader.slots:
-            resp = await self._get(url, what)
-        if resp.status_code != 200:
-            raise status_error(resp.status_code, what)
-        declared = resp.headers.get("content-length")
-        if declared is not None and int(declared) != len(resp.content):
-            raise TransientBaseError(f"{what}: body ended early")
-        return resp.content
+            status, body = await self._fetch(url, what, max_bytes)
+        if status != 200:
+            raise status_error(status, what)
+        return body
 
     async def aclose(self) -> None:
         for conns in self.reader.plain.idle.values():
@@ -307,10 +372,8 @@ def make_client(options: BaseOptions) -> httpx.AsyncClient:
             verify.load_verify_locations(cafile=options.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"cannot load CA file {options.ca_file}: {exc}") from None
+    # No auth header here: http_policy adds it per request, only for its origin.
     headers = {"Accept-Encoding": "identity", "User-Agent": "corfs"}
-    auth = auth_header(options)
-    if auth:
-        headers[auth[0]] = auth[1]
     stall = stall_timeout(options)
     return httpx.AsyncClient(
         verify=verify,
@@ -320,7 +383,7 @@ def make_client(options: BaseOptions) -> httpx.AsyncClient:
             max_connections=options.max_connections + 2,
             max_keepalive_connections=options.max_connections + 2,
         ),
-        follow_redirects=True,
+        follow_redirects=False,  # http_policy.send follows them, under its rules
         trust_env=False,
     )
 
@@ -334,7 +397,12 @@ async def open_http_base(url: str, options: BaseOptions) -> HttpBase:
         raise UsageError(
             f"base URL {describe_url(url)!r} carries credentials: use --auth-header-env instead"
         )
-    base = HttpBase(url, make_client(options), options)
+    client = make_client(options)
+    try:
+        base = HttpBase(url, client, options)
+    except BaseException:
+        await client.aclose()
+        raise
     try:
         await base.list_images()
     except TransientBaseError as exc:

@@ -30,10 +30,11 @@ from ..errors import (
     TransientBaseError,
 )
 from . import describe_url
+from .http_policy import AuthHeader, parse_byte_count
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$")
 _DISCARD_BLOCK = 1 << 20
 
 def status_error(status: int, what: str) -> BaseError:
@@ -75,14 +76,20 @@ def connect_error(exc: BaseException, what: str) -> BaseUnavailable:
     return BaseUnavailable(f"{what}: cannot connect ({type(exc).__name__})")
 
 
-def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+def parse_content_range(value: str | None, what: str) -> tuple[int, int, int | None] | None:
+    """(first, last, total or None) of a Content-Range; None when there is none or it has
+    another shape, BaseProtocolError when a number is absurd (thousands of digits, beyond
+    MAX_IMAGE_SIZE). A range that merely differs from the one asked for is the caller's to
+    judge (a transient failure: the fetcher retries it)."""
     if value is None:
         return None
     m = _CONTENT_RANGE.match(value)
     if not m:
         return None
-    total = None if m.group(3) == "*" else int(m.group(3))
-    return int(m.group(1)), int(m.group(2)), total
+    first = parse_byte_count(m.group(1), what, "Content-Range")
+    last = parse_byte_count(m.group(2), what, "Content-Range")
+    total = None if m.group(3) == "*" else parse_byte_count(m.group(3), what, "Content-Range")
+    return first, last, total
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,13 @@ class PlainReader:
     """HTTP/1.1 ranged GETs on raw trio sockets, body received straight into the result
     buffer. It handles only the expected case (206, Content-Length, matching Content-Range,
     same validator); for anything else it returns None and the caller redoes the request
-    through httpx, which knows the rest of HTTP and maps errors. Error answers that need no
-    body are mapped here to save the round trip."""
+    through httpx, which knows the rest of HTTP and maps errors (a redirect too: httpx follows
+    it under http_policy's rules). Error answers that need no body are mapped here to save the
+    round trip. The auth header goes only to its own origin (http_policy.AuthHeader)."""
 
     HEAD_LIMIT = 64 * 1024
 
-    def __init__(self, stall: float, auth: tuple[str, str] | None) -> None:
+    def __init__(self, stall: float, auth: AuthHeader | None) -> None:
         self.stall = stall
         self.auth = auth
         self.idle: dict[tuple[str, int], list[PlainConn]] = {}
@@ -189,7 +197,7 @@ class PlainReader:
         ]
         lines += [f"{k}: {v}" for k, v in validator.conditional_headers().items()]
         if self.auth:
-            lines.append(f"{self.auth[0]}: {self.auth[1]}")
+            lines += [f"{k}: {v}" for k, v in self.auth.for_url(url).items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         what = describe_url(url)
 
@@ -269,7 +277,7 @@ class PlainReader:
             validator.check(headers, what)
             if "transfer-encoding" in headers or "content-encoding" in headers:
                 return None, False
-            got = parse_content_range(headers.get("content-range"))
+            got = parse_content_range(headers.get("content-range"), what)
             end = offset + length - 1
             if got is None or got[:2] != (offset, end):
                 raise TransientBaseError(

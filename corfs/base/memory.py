@@ -9,7 +9,7 @@ import trio
 
 from ..buffers import aligned_copy
 from ..digest import Buffer
-from ..errors import BaseChanged, BaseError, BaseNotFound, TransientBaseError
+from ..errors import BaseChanged, BaseError, BaseNotFound, BaseProtocolError, TransientBaseError
 from . import ChunkLayout
 
 
@@ -99,13 +99,16 @@ class MemoryBase:
             image._opened_identity = image.identity
         return list(self.images.values())
 
-    async def read_object(self, key: str) -> bytes:
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
         await trio.lowlevel.checkpoint()
         self.object_reads.append(key)
         try:
-            return self.objects[key]
+            data = self.objects[key]
         except KeyError:
             raise BaseNotFound(f"memory://{key} does not exist") from None
+        if len(data) > max_bytes:
+            raise BaseProtocolError(f"memory://{key} is larger than {max_bytes} bytes")
+        return data
 
     async def aclose(self) -> None:
         pass

@@ -12,6 +12,9 @@ Invariants:
 - Digests are not checked here: the fetcher checks every chunk against `layout` (so it can
   refetch once, then fail). A swapped or altered object that still decompresses yields bytes
   whose digest is wrong, never bytes passed off as right.
+- Bodies are capped before they are buffered: a manifest at MAX_MANIFEST_BYTES received (not
+  as listed), a chunk object at `max_packed_size` of its chunk (zstd's worst case), so a
+  hostile base cannot make the daemon buffer more than that.
 - Chunk objects are content-addressed, so an image stays readable under its identity even if
   its manifest is replaced later (as long as its chunks are kept).
 - Plain raw images pass through unchanged; a published image shadows a raw one of the same
@@ -44,6 +47,13 @@ log = logging.getLogger(__name__)
 
 _FETCHES_PER_READ = 8
 _DECOMPRESS_LIMITER = trio.CapacityLimiter(4)
+
+
+def max_packed_size(chunk_length: int) -> int:
+    """The largest zstd frame one chunk of `chunk_length` bytes can take: ZSTD_compressBound
+    plus room for frame headers and checksum (any compressor's, not only ours)."""
+    small_input_margin = ((128 << 10) - chunk_length) >> 11 if chunk_length < (128 << 10) else 0
+    return chunk_length + (chunk_length >> 8) + small_input_margin + 1024
 
 
 def decompress_chunk(packed: bytes, expected: int, what: str) -> bytes:
@@ -80,7 +90,7 @@ class PublishedImage:
         key = chunk_key(digest)
         expected = self.manifest.chunk_length(index)
         async with limiter:
-            packed = await self.store.read_object(key)
+            packed = await self.store.read_object(key, max_packed_size(expected))
         data = await trio.to_thread.run_sync(
             decompress_chunk, packed, expected, key, limiter=_DECOMPRESS_LIMITER
         )
@@ -146,7 +156,7 @@ class PublishedStore:
                         name, entry.size)
             return
         try:
-            data = await self.inner.read_object(entry.name)
+            data = await self.inner.read_object(entry.name, MAX_MANIFEST_BYTES)
             manifest = parse_manifest(data, name)
         except (BaseCorrupt, BaseNotFound) as exc:
             log.warning("leaving out published image %r of %s: %s", name, self.description, exc)
@@ -185,8 +195,8 @@ class PublishedStore:
         images: dict[str, BaseImage] = {**raw, **published}
         return [images[name] for name in sorted(images)]
 
-    async def read_object(self, key: str) -> bytes:
-        return await self.inner.read_object(key)
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
+        return await self.inner.read_object(key, max_bytes)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -14,6 +14,9 @@ botocore's: env, shared config / profile, instance role. Invariants:
 - botocore's own retries are off (the fetcher retries); connect/read timeouts derive from
   --io-timeout, so a silent endpoint becomes TransientBaseError.
 - Messages name the bucket and key, never credentials.
+- Sizes are checked (0..MAX_IMAGE_SIZE, else BaseProtocolError for that object), a GetObject
+  body is read to at most its cap + 1 bytes, and a listing has a deadline (--io-timeout) and a
+  cap on its entries: a hostile endpoint cannot make corfs buffer or wait without bound.
 """
 
 from __future__ import annotations
@@ -30,15 +33,19 @@ from ..errors import (
     BaseChanged,
     BaseError,
     BaseNotFound,
+    BaseProtocolError,
     BaseUnavailable,
     TransientBaseError,
     UsageError,
 )
 from . import BaseOptions
 from .http import stall_timeout
+from .http_policy import MAX_IMAGE_SIZE
 from .http_wire import parse_content_range
 
 log = logging.getLogger(__name__)
+
+MAX_LISTED_OBJECTS = 100_000  # below one prefix; ListObjects pages hold 1000 each
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _DENIED = {
@@ -100,9 +107,18 @@ def _client_error(exc: Exception, what: str) -> BaseError:
         return BaseUnavailable(f"{what}: TLS failure talking to the S3 endpoint")
     if isinstance(exc, bx.BotoCoreError):
         return TransientBaseError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, (ValueError, OverflowError)):  # botocore parsing an absurd answer
+        return BaseProtocolError(f"{what}: answer does not parse ({type(exc).__name__})")
     if isinstance(exc, OSError):
         return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
     raise exc
+
+
+def checked_size(value: object, what: str) -> int:
+    """An object size from the endpoint, if it is a plausible one."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_IMAGE_SIZE:
+        raise BaseProtocolError(f"{what}: size {str(value)[:24]!r} is not a plausible byte count")
+    return value
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -180,7 +196,7 @@ class S3Base:
                 etag = resp.get("ETag")
                 if etag and etag != image.etag:
                     raise BaseChanged(f"{what}: changed on the server (ETag moved)")
-                got = parse_content_range(resp.get("ContentRange"))
+                got = parse_content_range(resp.get("ContentRange"), what)
                 if got is None:
                     if offset != 0 or resp.get("ContentLength") != image.size:
                         raise TransientBaseError(f"{what}: answer without Content-Range")
@@ -201,26 +217,33 @@ class S3Base:
         # One memcpy (botocore gives bytes) buys a direct write past the page cache.
         return aligned_copy(data)
 
-    def _head_sync(self, key: str) -> tuple[int, str]:
+    def _head_sync(self, key: str) -> tuple[object, str]:
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise _client_error(exc, self._what(key)) from None
-        return int(resp["ContentLength"]), str(resp["ETag"])
+        return resp.get("ContentLength"), str(resp["ETag"])
 
-    def _list_sync(self, prefix: str) -> list[tuple[str, int, str]]:
-        """(key, size, etag) of the objects directly below `prefix` (Delimiter '/')."""
-        found: list[tuple[str, int, str]] = []
+    def _list_sync(self, prefix: str) -> list[tuple[str, object, str]]:
+        """(key, size as sent, etag) of the objects directly below `prefix` (Delimiter '/')."""
+        found: list[tuple[str, object, str]] = []
+        what = f"s3://{self.bucket}/{prefix}"
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
                 for obj in page.get("Contents", ()):
-                    found.append((obj["Key"], int(obj["Size"]), str(obj["ETag"])))
+                    found.append((str(obj["Key"]), obj.get("Size"), str(obj["ETag"])))
+                if len(found) > MAX_LISTED_OBJECTS:
+                    raise BaseProtocolError(f"{what}: more than {MAX_LISTED_OBJECTS} objects")
+        except BaseError:
+            raise
         except Exception as exc:
-            raise _client_error(exc, f"s3://{self.bucket}/{prefix}") from None
+            raise _client_error(exc, what) from None
         return found
 
-    def _image(self, key: str, size: int, etag: str) -> S3Image:
+    def _image(self, key: str, sent_size: object, etag: str) -> S3Image:
+        """BaseProtocolError (for this object only) if its size is absurd."""
+        size = checked_size(sent_size, self._what(key))
         return S3Image(
             name=key.rsplit("/", 1)[-1],
             size=size,
@@ -234,7 +257,13 @@ class S3Base:
         if not self.is_dir:
             size, etag = await self._run(self._head_sync, self.prefix)
             return [self._image(self.prefix, size, etag)]
-        objects = await self._run(self._list_sync, self.prefix)
+        # botocore's timeouts are per socket read: a trickling endpoint would never trip them.
+        with trio.move_on_after(self.options.io_timeout) as scope:
+            objects = await self._run(self._list_sync, self.prefix)
+        if scope.cancelled_caught:
+            raise TransientBaseError(
+                f"{self.description}: listing not received within {self.options.io_timeout:g}s"
+            )
         images = [
             self._image(key, size, etag)
             for key, size, etag in objects
@@ -242,7 +271,7 @@ class S3Base:
         ]
         return sorted(images, key=lambda i: i.name)
 
-    async def read_object(self, key: str) -> bytes:
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
         parts = [p for p in key.split("/") if p]
         if not parts or any(p in (".", "..") for p in parts):
             raise BaseNotFound(f"{key} is outside the base")
@@ -251,18 +280,27 @@ class S3Base:
             base = ""
         full = base + "/".join(parts)
 
+        what = self._what(full)
+
         def get() -> bytes:
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=full)
                 body = resp["Body"]
                 try:
-                    data = body.read()
+                    declared = resp.get("ContentLength")
+                    if declared is not None and checked_size(declared, what) > max_bytes:
+                        raise BaseProtocolError(f"{what}: {declared} bytes is over the cap")
+                    data = body.read(max_bytes + 1)  # the body is a stream: never all of it
                 finally:
                     body.close()
+            except BaseError:
+                raise
             except Exception as exc:
-                raise _client_error(exc, self._what(full)) from None
-            if len(data) != resp.get("ContentLength", len(data)):
-                raise TransientBaseError(f"{self._what(full)}: body ended early")
+                raise _client_error(exc, what) from None
+            if len(data) > max_bytes:
+                raise BaseProtocolError(f"{what}: body runs past the {max_bytes} byte cap")
+            if declared is not None and len(data) != declared:
+                raise TransientBaseError(f"{what}: body ended early")
             return data
 
         return await self._run(get)

@@ -81,7 +81,7 @@ def test_listing_reads_and_zero_chunks_are_not_fetched() -> None:
         with pytest.raises(ValueError):
             await pub.read(0, len(data) + 1)
 
-        assert await store.read_object(chunk_key(manifest.digests[0])) == inner.objects[
+        assert await store.read_object(chunk_key(manifest.digests[0]), 1 << 20) == inner.objects[
             chunk_key(manifest.digests[0])
         ]
         await store.aclose()
@@ -95,12 +95,12 @@ class SlowObjects(MemoryBase):
     in_flight = 0
     max_in_flight = 0
 
-    async def read_object(self, key: str) -> bytes:
+    async def read_object(self, key: str, max_bytes: int) -> bytes:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await trio.sleep(0.05)
-            return await super().read_object(key)
+            return await super().read_object(key, max_bytes)
         finally:
             self.in_flight -= 1
 

@@ -50,7 +50,7 @@ def test_listing_paginates_and_keeps_to_direct_children(moto_server) -> None:  #
             assert len(images) == 1105
             assert images[0].name == "img00000.raw" and images[-1].name == "img01104.raw"
             assert bytes(await images[1104].read(0, 4)) == b"1104"
-            assert await store.read_object("chunks/aa/x.zst") == b"deep"
+            assert await store.read_object("chunks/aa/x.zst", 100) == b"deep"
         finally:
             await store.aclose()
         # Without the trailing slash the prefix is still taken as a directory.

@@ -130,10 +130,10 @@ def test_read_object(backend) -> None:  # noqa: ANN001
         store, images = await opened(backend)
         try:
             assert list(images) == ["disk.raw"]
-            assert await store.read_object("chunks/ab/abcdef.zst") == b"compressed bytes"
-            assert await store.read_object("disk.raw") == b"d" * 10
+            assert await store.read_object("chunks/ab/abcdef.zst", 100) == b"compressed bytes"
+            assert await store.read_object("disk.raw", 100) == b"d" * 10
             with pytest.raises(BaseNotFound):
-                await store.read_object("chunks/ab/missing.zst")
+                await store.read_object("chunks/ab/missing.zst", 100)
         finally:
             await store.aclose()
 
@@ -166,7 +166,7 @@ def test_single_image_base(backend) -> None:  # noqa: ANN001
             images = await store.list_images()
             assert [(i.name, i.size) for i in images] == [("disk.raw", MiB + 5)]
             assert bytes(await images[0].read(MiB, 5)) == data[MiB:]
-            assert await store.read_object("other.raw") == b"other"
+            assert await store.read_object("other.raw", 100) == b"other"
         finally:
             await store.aclose()
 

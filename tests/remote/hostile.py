@@ -1,0 +1,107 @@
+"""A hostile HTTP/1.1 server for tests, threads on 127.0.0.1: each request is answered by a
+route function, which may send absurd headers, huge bodies (generated, never allocated) or
+trickle. It counts the body bytes it actually got into the socket, so a test can assert that a
+client stopped reading early."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+# A route: (method, path, request headers) -> (status, headers, body pieces), or None for 404.
+Answer = tuple[int, list[tuple[str, str]], Iterable[bytes]]
+Route = Callable[[str, str, dict[str, str]], Answer | None]
+
+MiB = 1 << 20
+
+
+def huge_body(total: int, piece: int = 64 << 10) -> Iterator[bytes]:
+    """`total` bytes in pieces, one buffer reused: serving 600 MiB costs 64 KiB."""
+    block = b"x" * piece
+    sent = 0
+    while sent < total:
+        n = min(piece, total - sent)
+        yield block if n == piece else block[:n]
+        sent += n
+
+
+def trickle(data: bytes, every: float) -> Iterator[bytes]:
+    for i in range(len(data)):
+        time.sleep(every)
+        yield data[i : i + 1]
+
+
+@dataclass
+class HostileServer:
+    route: Route
+    port: int = 0
+    body_bytes_sent: int = 0
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: socketserver.ThreadingTCPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> HostileServer:
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                outer._serve(self.request)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self.port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _serve(self, sock: socket.socket) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                cut = buf.index(b"\r\n\r\n")
+                lines = bytes(buf[:cut]).decode("latin-1").split("\r\n")
+                del buf[: cut + 4]
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    k, _, v = line.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                with self._lock:
+                    self.requests.append((method, path, headers))
+                answer = self.route(method, path, headers)
+                if answer is None:
+                    answer = (404, [("Content-Length", "0")], [])
+                status, rheaders, body = answer
+                head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in rheaders)
+                sock.sendall((head + "\r\n").encode("latin-1"))
+                if method == "HEAD":
+                    continue
+                for piece in body:
+                    sock.sendall(piece)
+                    with self._lock:
+                        self.body_bytes_sent += len(piece)
+                if not any(k.lower() == "content-length" for k, _ in rheaders):
+                    return  # a body delimited by the end of the connection
+        except OSError:
+            return
+        finally:
+            sock.close()

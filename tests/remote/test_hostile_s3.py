@@ -1,0 +1,101 @@
+"""A hostile S3 endpoint (tests/remote/hostile.py speaking just enough S3) cannot make the S3
+store buffer or wait without bound: a GetObject body is read to at most its cap + 1 bytes,
+absurd sizes are BaseProtocolError, a trickling listing ends at --io-timeout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from corfs.base import BaseOptions
+from corfs.base.s3 import open_s3_base
+from corfs.errors import BaseProtocolError, BaseUnavailable
+from tests.remote.hostile import HostileServer, MiB, Route, huge_body, trickle
+from tests.servers import FAKE_AWS_ENV
+
+HUGE = 600 * MiB
+SLACK = 8 * MiB
+LISTING = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>
+<Prefix>p/</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter>
+<IsTruncated>false</IsTruncated><Contents><Key>p/disk.raw</Key><Size>%s</Size>
+<ETag>"e"</ETag></Contents></ListBucketResult>"""
+
+
+@pytest.fixture
+def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[HostileServer]]:
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    servers: list[HostileServer] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def serve(servers: list[HostileServer], route: Route) -> BaseOptions:
+    server = HostileServer(route).start()
+    servers.append(server)
+    return BaseOptions(io_timeout=3.0, endpoint_url=server.url.rstrip("/"), region="us-east-1")
+
+
+def listing(size: bytes, chunk_body) -> Route:  # noqa: ANN001
+    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+        if "list-type=2" in path:
+            doc = LISTING % size
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        return chunk_body()
+
+    return route
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "close-delimited"])
+def test_huge_object_body_is_read_to_its_cap_only(endpoint, declared: bool) -> None:  # noqa: ANN001
+    length = [("Content-Length", str(HUGE))] if declared else []
+    options = serve(endpoint, listing(b"1000", lambda: (200, length, huge_body(HUGE))))
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            start = time.monotonic()
+            with pytest.raises(BaseProtocolError) as info:
+                await store.read_object("chunks/aa/x.zst", MiB)
+            assert "s3://b/p/chunks/aa/x.zst" in str(info.value)
+            assert time.monotonic() - start < 3
+        finally:
+            await store.aclose()
+        await trio.sleep(0.2)
+        assert endpoint[0].body_bytes_sent < MiB + SLACK
+
+    trio.run(main)
+
+
+def test_absurd_listed_size_is_a_protocol_error_naming_the_object(endpoint) -> None:  # noqa: ANN001
+    options = serve(endpoint, listing(str(1 << 60).encode(), lambda: None))
+
+    async def main() -> None:
+        with pytest.raises(BaseProtocolError) as info:
+            await open_s3_base("s3://b/p/", options)
+        assert "s3://b/p/disk.raw" in str(info.value)
+
+    trio.run(main)
+
+
+def test_trickling_listing_ends_at_io_timeout(endpoint) -> None:  # noqa: ANN001
+    doc = LISTING % b"1000"
+
+    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+        return 200, [("Content-Length", str(len(doc)))], trickle(doc, 0.2)
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        start = time.monotonic()
+        with pytest.raises(BaseUnavailable) as info:
+            await open_s3_base("s3://b/p/", options)
+        assert "within" in str(info.value)
+        assert time.monotonic() - start < options.io_timeout + 2
+
+    trio.run(main)
