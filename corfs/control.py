@@ -49,13 +49,15 @@ class Controller:
         base: str,
         mountpoint: str,
         fetcher_statistics: Callable[[], object] | None = None,
-        base_store: BaseStore | None = None,
+        current_base: Callable[[], BaseStore | None] = lambda: None,
     ) -> None:
         self._images = {image.name: image for image in images}
         self._stream = stream
         self._cache, self._base, self._mountpoint = cache, base, mountpoint
         self._fetcher_statistics = fetcher_statistics
-        self._base_store = base_store  # asked before a forget: can it supply the chunk again?
+        # Asked before a forget: can the base supply the chunk again? (A callable: a base that
+        # was down at mount comes up later.)
+        self._current_base = current_base
 
     def status(self) -> MountStatus:
         images = []
@@ -144,7 +146,7 @@ class Controller:
         """ForgetRefused unless the base can supply `image`'s chunks again now."""
         why = image.error
         if why is None:
-            source = self._base_store if image.source is not None else None
+            source = self._current_base() if image.source is not None else None
             why = await why_base_cannot_supply(
                 source, image.name, image.record.identity, image.record.size
             )

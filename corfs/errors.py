@@ -12,7 +12,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── ControlError                EIO, exit 4      control of something that is no corfs mount
     │   └── ForgetRefused           ESTALE, exit 4   a bad chunk kept: the base cannot supply it
     └── BaseError                   EIO, exit 5      BASE failed
-        ├── BaseUnavailable         EIO, exit 5      timed out after retries / unreachable
+        ├── BaseUnavailable         EIO, exit 5      timed out after retries / unusable
+        │   └── BaseUnreachable     EIO, exit 5      no answer (refused, DNS, timeout, 5xx)
         ├── BaseNotFound            ENOENT, exit 5
         ├── BaseAccessDenied        EACCES, exit 5
         ├── BaseChanged             ESTALE, exit 5   the base image is not the one cached
@@ -82,6 +83,12 @@ class BaseError(CorfsError):
 
 class BaseUnavailable(BaseError):
     pass
+
+
+class BaseUnreachable(BaseUnavailable):
+    """The base did not answer, or only with server failures: it may answer later. A mount
+    then serves what its cache holds and keeps trying (mount.py); anything else a base says
+    (403, 404, a bad certificate) needs the user and refuses the mount."""
 
 
 class BaseNotFound(BaseError):

@@ -123,6 +123,14 @@ class Image:
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
         self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
+        # What fills raise while `source` is None: the base lost the image (this), the base
+        # does not answer (BaseUnreachable, until attach_source), or it changed (BaseChanged).
+        self.missing_source: CorfsError = BaseNotFound("the base image is gone")
+
+    def attach_source(self, source: BaseImage) -> None:
+        """The base answers again with this image unchanged (mount.py checked its identity):
+        missing chunks fill from it from now on."""
+        self.source = source
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -248,9 +256,8 @@ class Image:
     async def _fill(self, run: range, fill: _Fill) -> None:
         try:
             if self.source is None:
-                raise BaseNotFound(
-                    f"{self.name}: chunk {run.start} is not local and the base image is gone"
-                )
+                missing = self.missing_source
+                raise type(missing)(f"{self.name}: chunk {run.start} is not local and {missing}")
             chunks = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self._local_copy
             )

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .base import image_name_problem
 from .digest import DIGEST_HEX_LENGTH, DIGEST_SIZE, digest_hex
 from .errors import BaseCorrupt
 
@@ -61,15 +62,12 @@ def image_name_of(key: str) -> str | None:
 
 
 def check_image_name(name: str) -> str | None:
-    """Why `name` cannot be a published image name, or None if it can."""
-    if not name or name in (".", ".."):
-        return "it is empty"
-    if "/" in name or "\0" in name:
-        return "it contains '/' or NUL"
+    """Why `name` cannot be a published image name, or None if it can: any image name
+    (base.image_name_problem), not hidden, not a name publish itself uses."""
+    if (problem := image_name_problem(name)) is not None:
+        return problem
     if name.startswith("."):
         return "it starts with '.'"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "it contains control characters"
     if name == INDEX_KEY or name.endswith(MANIFEST_SUFFIX):
         return f"{INDEX_KEY!r} and '*{MANIFEST_SUFFIX}' are reserved"
     return None

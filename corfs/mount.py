@@ -1,6 +1,15 @@
 """The composition root of a mount: checks the paths, opens BASE and CACHE, matches base images
 to their caches, builds images, stream, controller and FUSE operations, owns the one trio
-nursery, handles SIGINT/SIGTERM, and on the way out unmounts and commits every chunk state."""
+nursery, handles SIGINT/SIGTERM, and on the way out unmounts and commits every chunk state.
+
+A base that does not answer at mount (BaseUnreachable: refused, DNS, timeout, 5xx) does not
+stop a cache that holds images: they are served (local chunks as ever, missing ones EIO), and
+the base is tried again in the background (1 s doubling to 60 s). When it answers, its images
+are matched exactly as at mount (`_same_image`): unchanged ones get their source back, changed
+ones turn stale (ESTALE for missing chunks), never mixing versions. Anything else the base
+says (403, 404, a bad certificate, a bad URL) refuses the mount, cache or not: it needs the
+user. One bad image (its data file gone, its cache not creatable) is left out, not the mount.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +23,18 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .base import BaseImage, BaseStore, open_base
+from .base import BaseImage, BaseStore, describe_url, open_base
 from .config import MountConfig
 from .control import MOUNTPOINT_FILE, Controller
-from .errors import CorfsError, UsageError
+from .errors import (
+    BaseChanged,
+    BaseNotFound,
+    BaseUnreachable,
+    CorfsError,
+    TransientBaseError,
+    UsageError,
+    leaf_error,
+)
 from .fetcher import Fetcher, RetryPolicy
 from .fuse_ops import CorfsOperations
 from .image import Image
@@ -27,6 +44,9 @@ from .stream import StreamWorker
 from .trace import TRACE_FILE, TraceRecorder, convert_order, load_trace
 
 log = logging.getLogger(__name__)
+
+REOPEN_FIRST = 1.0  # seconds before trying a base that was down at mount again; doubles
+REOPEN_MAX = 60.0
 
 
 def check_mountpoint(path: str) -> str:
@@ -70,9 +90,7 @@ def _match_images(
         seen.add(source.name)
         chunk_size = source.layout.chunk_size if source.layout else config.chunk_size
         record = store.record_of(source.name)
-        if record is not None and (
-            record.identity != source.identity or record.size != source.size
-        ):
+        if record is not None and not _same_image(record, source):
             if not config.reset_stale:
                 log.error(
                     "refusing image %s: it changed in the base since it was cached "
@@ -84,9 +102,13 @@ def _match_images(
             store.drop_image(source.name)
             record = None
         if record is None:
-            record = store.create_image(
-                source.name, source.size, chunk_size, source.identity, base_name
-            )
+            try:
+                record = store.create_image(
+                    source.name, source.size, chunk_size, source.identity, base_name
+                )
+            except CorfsError as exc:
+                log.error("leaving out image %r: cannot create its cache: %s", source.name, exc)
+                continue
         elif record.chunk_size != chunk_size and source.layout is None:
             log.info("%s: keeping the cache's chunk size of %d", source.name, record.chunk_size)
         matched.append((record, source))
@@ -97,6 +119,100 @@ def _match_images(
             )
             matched.append((record, None))
     return matched
+
+
+def _same_image(record: ImageRecord, source: BaseImage) -> bool:
+    """Whether the base image is the version the cache holds chunks of."""
+    return record.identity == source.identity and record.size == source.size
+
+
+def _attach_sources(images: list[Image], sources: list[BaseImage]) -> None:
+    """The base answers again after it was down at mount: match its images to the ones served,
+    as `_match_images` did at mount (a live image cannot be discarded, so --reset-stale does
+    not apply: a changed image stays stale until remounted)."""
+    by_name = {source.name: source for source in sources}
+    for image in images:
+        source = by_name.get(image.name)
+        if source is None:
+            image.missing_source = BaseNotFound("the base image is gone")
+            log.warning(
+                "image %s is not in the base any more; serving it from the cache", image.name
+            )
+        elif not _same_image(image.record, source):
+            image.missing_source = BaseChanged("it changed in the base since it was cached")
+            image.error = "base image changed since it was cached: remount (--reset-stale)"
+            log.error(
+                "refusing the missing chunks of image %s: it changed in the base since it was "
+                "cached (remount with --reset-stale to discard its cache)",
+                image.name,
+            )
+        else:
+            image.attach_source(source)
+    new = sorted(set(by_name) - {image.name for image in images})
+    if new:
+        log.info("the base has %d images this mount does not serve (remount to see them): %s",
+                 len(new), ", ".join(map(repr, new)))
+
+
+class _BaseLink:
+    """The base of a mount, which may only come up after the mount (closed at unmount)."""
+
+    def __init__(self, config: MountConfig, store: BaseStore | None) -> None:
+        self.config = config
+        self.store = store
+        self.description = store.description if store else describe_url(config.base_url)
+
+    async def reopen_when_back(
+        self, images: list[Image], task_status=trio.TASK_STATUS_IGNORED  # noqa: ANN001
+    ) -> None:
+        """Try the base with backoff until it answers, then give the images their sources."""
+        task_status.started()
+        delay, last_refusal = REOPEN_FIRST, ""
+        while True:
+            await trio.sleep(delay)
+            delay = min(REOPEN_MAX, delay * 2)
+            try:
+                self.store, sources = await _open_and_list(self.config)
+            except Exception as exc:
+                if (still_down := _down_error(exc)) is not None:
+                    log.debug("base %s still does not answer: %s", self.description, still_down)
+                    continue
+                # It answers, but no (or a bug): say so once per reason, keep trying.
+                reason = str(leaf_error(exc) or repr(exc))
+                if reason != last_refusal:
+                    last_refusal = reason
+                    log.warning("base %s refuses: %s (retrying)", self.description, reason)
+                continue
+            log.info("base %s answers again: missing chunks are fetched from it", self.description)
+            _attach_sources(images, sources)
+            return
+
+    async def aclose(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
+
+
+def _down_error(exc: BaseException) -> CorfsError | None:
+    """The error if `exc` says the base does not answer (possibly grouped by a nursery: every
+    listing request failing so), else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_down_error(inner) for inner in exc.exceptions]
+        return found[0] if found and all(found) else None
+    return exc if isinstance(exc, (BaseUnreachable, TransientBaseError)) else None
+
+
+async def _open_and_list(config: MountConfig) -> tuple[BaseStore, list[BaseImage]]:
+    base = await open_base(config.base_url, config.base)
+    try:
+        return base, await base.list_images()
+    except BaseException:
+        await base.aclose()
+        raise
+
+
+def _is_cache(cache_dir: str) -> bool:
+    """Whether CACHE was initialised already (checked without creating it)."""
+    return os.path.exists(os.path.join(cache_dir, "state.db"))
 
 
 def _load_traces(
@@ -190,52 +306,82 @@ def _fuse_options(config: MountConfig) -> set[str]:
 
 
 async def _serve(config: MountConfig, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
-    base: BaseStore = await open_base(config.base_url, config.base)
+    down: CorfsError | None = None
     try:
-        sources = await base.list_images()
+        base, sources = await _open_and_list(config)
+    except Exception as exc:
+        down = _down_error(exc)
+        if down is None:
+            raise
+        if not _is_cache(config.cache_dir):
+            raise BaseUnreachable(str(down)) from None  # nothing cached to serve
+        base, sources = None, []
+    link = _BaseLink(config, base)
+    try:
         store = CacheStore.open(config.cache_dir)
         try:
-            await _serve_with(config, mountpoint, on_ready, base, sources, store)
+            if down is not None and not store.records():
+                raise BaseUnreachable(str(down))
+            await _serve_with(config, mountpoint, on_ready, link, sources, store, down)
         finally:
             with contextlib.suppress(CorfsError):
                 store.commit_sync()
             store.remove_small_file(MOUNTPOINT_FILE)
             store.close()
     finally:
-        await base.aclose()
+        await link.aclose()
+
+
+def _build_images(
+    config: MountConfig,
+    store: CacheStore,
+    fetcher: Fetcher,
+    matched: list[tuple[ImageRecord, BaseImage | None]],
+    nursery: trio.Nursery,
+) -> list[Image]:
+    images = []
+    for record, source in matched:
+        try:
+            image = Image(record, store, fetcher, source, nursery, read_only=config.read_only)
+            image.mtime_ns = os.fstat(store.data_fd(record.name)).st_mtime_ns
+        except (CorfsError, OSError) as exc:
+            log.error("leaving out image %r: %s", record.name, exc)
+            continue
+        images.append(image)
+    return images
 
 
 async def _serve_with(
     config: MountConfig,
     mountpoint: str,
     on_ready: Callable[[], None] | None,
-    base: BaseStore,
+    link: _BaseLink,
     sources: list[BaseImage],
     store: CacheStore,
+    down: CorfsError | None,
 ) -> None:
-    matched = _match_images(store, sources, config, base.description)
+    matched = _match_images(store, sources, config, link.description) if down is None else [
+        (record, None) for record in store.records()
+    ]
     fetcher = Fetcher(RetryPolicy(io_timeout=config.base.io_timeout))
     owner = config.owner or (os.getuid(), os.getgid())
     recorder = TraceRecorder() if config.stream.record_trace else None
     async with trio.open_nursery() as nursery:
-        images = []
-        for record, source in matched:
-            mtime = os.stat(store.data_path(record.name)).st_mtime_ns
-            image = Image(
-                record, store, fetcher, source, nursery, read_only=config.read_only, mtime_ns=mtime
-            )
+        images = _build_images(config, store, fetcher, matched, nursery)
+        for image in images:
             if recorder is not None:
                 image.first_reads = recorder.hook_for(image.name, image.geometry.chunk_size)
-            images.append(image)
+            if down is not None:
+                image.missing_source = BaseUnreachable("the base does not answer")
         stream = StreamWorker(images, config.stream, _load_traces(config, store, images))
         controller = Controller(
             images,
             stream,
             cache=store.cache_dir,
-            base=base.description,
+            base=link.description,
             mountpoint=mountpoint,
             fetcher_statistics=fetcher.statistics,
-            base_store=base,
+            current_base=lambda: link.store,
         )
         operations = CorfsOperations(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
@@ -247,7 +393,14 @@ async def _serve_with(
             await nursery.start(_commit_forever, store, config.commit_interval)
             await nursery.start(stream.run)
             await nursery.start(_stop_on_signal)
-            log.info("mounted %s on %s (%d images)", base.description, mountpoint, len(images))
+            if down is not None:
+                log.warning(
+                    "base %s does not answer (%s): serving the %d cached images, chunks not "
+                    "local fail with EIO until it does (trying it again in the background)",
+                    link.description, down, len(images),
+                )
+                await nursery.start(link.reopen_when_back, images)
+            log.info("mounted %s on %s (%d images)", link.description, mountpoint, len(images))
             if on_ready is not None:
                 on_ready()
             await pyfuse3.main()

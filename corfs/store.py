@@ -6,7 +6,7 @@ Layout of CACHE:
     state.db              images(name, size, chunk_size, identity, ...) and chunks(image, idx,
                           state, digest); a chunk that has no row is absent
     data/<name>           sparse data file of the image's full size; a fully local image *is*
-                          its raw file
+                          its raw file (<name>: data_file_name, within NAME_MAX)
     mountpoint            where the live mount is (for `corfs status CACHE`)
     trace.json            chunk order recorded with --record-trace
 
@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import mmap
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -188,8 +190,22 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         _punch_hole(fd, offset, length)
 
 
+_NAME_MAX = 255  # bytes in a file name on every file system a cache is likely to live on
+_LONG_NAME_KEEP = 200  # characters of the quoted name kept before the digest
+
+
 def data_file_name(image: str) -> str:
-    return quote(image, safe="") or "%00"
+    """The data file's name: the image name %-quoted (readable, and what every cache before
+    long names used: old caches keep their files), or for a name whose quoted form exceeds
+    NAME_MAX (a 200-byte UTF-8 name quotes to 600) a prefix of it plus "%~" and a SHA-256 of
+    the name. "%~" never occurs in quoted output, so the two forms cannot collide; the digest
+    is cryptographic because a hostile base could otherwise craft two names sharing a file."""
+    quoted = quote(image, safe="") or "%00"
+    if len(quoted) <= _NAME_MAX:
+        return quoted
+    prefix = re.sub(r"%[0-9A-F]?$", "", quoted[:_LONG_NAME_KEEP])  # no cut escape
+    digest = hashlib.sha256(image.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"{prefix}%~{digest}"
 
 
 class _SyncFailed(Exception):

@@ -198,6 +198,8 @@ class StreamWorker:
             stream = streams[(self._rotation + step) % len(streams)]
             if stream.paused or stream.fatal or stream.retry_at > now or stream.image.complete:
                 continue
+            if stream.image.source is None:  # nothing to fetch from until mount.py attaches one
+                continue
             run = self._next_run(stream)
             if run is not None:
                 self._rotation = (self._rotation + step + 1) % len(streams)

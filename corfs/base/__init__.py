@@ -2,8 +2,11 @@
 `BaseImage`; it never knows whether bytes came from a directory, HTTP or S3.
 
 Contract of every store (tests/stores runs one suite against each):
-- `list_images()` returns the images of the base, each with a name (no '/'), its size and an
-  `identity` string that changes whenever the image's content may have changed.
+- `list_images()` returns the images of the base, each with a valid name and size
+  (`entry_problem`: every store checks its entries with it) and an `identity` string that
+  changes whenever the image's content may have changed. One bad entry (a bad name or size, a
+  listed image that answers 404, a size that does not parse) is left out with one warning
+  naming it (`valid_entry`, `skip_bad_entry`); the rest of the listing serves.
 - `BaseImage.read(offset, length)` returns exactly `length` bytes at `offset` (the caller keeps
   the range inside the image) of *that identity*: if the image changed, it raises BaseChanged,
   never bytes of another version. Retryable failures raise TransientBaseError; the fetcher
@@ -15,13 +18,86 @@ Contract of every store (tests/stores runs one suite against each):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..digest import Buffer
-from ..errors import UsageError
+from ..errors import BaseError, BaseUnreachable, TransientBaseError, UsageError
+
+log = logging.getLogger(__name__)
 
 DIGEST_SIZE = 16  # xxh3-128
+MAX_NAME_BYTES = 255  # an image is a FUSE directory entry: NAME_MAX
+# Chunk state costs a byte per chunk in memory: 64 MiB at 1 MiB chunks. Larger than any disk
+# image we expect, small enough that a hostile size cannot exhaust memory or the cache's file
+# system's file size limit (ext4: 16 TiB) aborts more than that one image.
+MAX_IMAGE_SIZE = 64 << 40
+
+
+def image_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an image name, or None if it can. An image name is a file name in
+    MNT and a TEXT key in state.db: non-empty, not '.' or '..', no '/', valid UTF-8 (no
+    surrogate escapes of undecodable bytes), at most MAX_NAME_BYTES bytes in UTF-8, and no
+    control characters (C0, DEL, C1: they would garble terminals and log lines)."""
+    if not name or name in (".", ".."):
+        return "it is empty, '.' or '..'"
+    if "/" in name or "\0" in name:
+        return "it contains '/' or NUL"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if len(encoded) > MAX_NAME_BYTES:
+        return f"it is {len(encoded)} bytes long (at most {MAX_NAME_BYTES})"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return "it contains control characters"
+    return None
+
+
+def entry_problem(name: str, size: int | None = None) -> str | None:
+    """Why a listed entry cannot be an image (its name, or its size when known), or None."""
+    problem = image_name_problem(name)
+    if problem is None and size is not None and not 0 <= size <= MAX_IMAGE_SIZE:
+        problem = f"its size {size} is outside 0..{MAX_IMAGE_SIZE}"
+    return problem
+
+
+# Set while open_base lists only to check that the base answers: its caller lists again at
+# once, and that listing gives the warnings (each bad entry is named once, not twice).
+_CHECK_LISTING = contextvars.ContextVar("corfs_check_listing", default=False)
+
+
+def leave_out(base: str, name: str, why: object) -> None:
+    """The one warning for an entry left out of a listing. %r escapes control characters
+    and undecodable bytes, so the line stays one printable line."""
+    if not _CHECK_LISTING.get():
+        log.warning("%s: leaving out image %r: %s", base, name, why)
+
+
+def valid_entry(base: str, name: str, size: int | None = None) -> bool:
+    """True if the entry can be an image; otherwise warns once naming it."""
+    problem = entry_problem(name, size)
+    if problem is not None:
+        leave_out(base, name, problem)
+    return problem is None
+
+
+@contextlib.contextmanager
+def skip_bad_entry(base: str, name: str) -> Iterator[None]:
+    """Around the work of listing one entry: an error of that entry alone (404, 403, a size
+    that does not parse) leaves it out with one warning. A base that does not answer at all
+    (BaseUnreachable, TransientBaseError) fails the whole listing: leaving entries out then
+    would make a flaky base look like one whose images are gone."""
+    try:
+        yield
+    except (BaseUnreachable, TransientBaseError):
+        raise
+    except BaseError as exc:
+        leave_out(base, name, exc)
 
 
 @dataclass(frozen=True)
@@ -88,11 +164,19 @@ async def open_base(url: str, options: BaseOptions = BaseOptions()) -> BaseStore
     if url.startswith(("http://", "https://")):
         from .http import open_http_base
 
-        store: BaseStore = await open_http_base(url, options)
+        token = _CHECK_LISTING.set(True)
+        try:
+            store: BaseStore = await open_http_base(url, options)
+        finally:
+            _CHECK_LISTING.reset(token)
     elif url.startswith("s3://"):
         from .s3 import open_s3_base
 
-        store = await open_s3_base(url, options)
+        token = _CHECK_LISTING.set(True)
+        try:
+            store = await open_s3_base(url, options)
+        finally:
+            _CHECK_LISTING.reset(token)
     elif "://" in url:
         raise UsageError(
             f"unsupported base {describe_url(url)!r}: use a directory, http(s):// or s3://"

@@ -1,6 +1,7 @@
 """A local directory of raw images as a base. Only regular files directly in the directory
 are images; symlinks are followed only when they stay inside BASE, devices and fifos are
-never exposed. Reads run in worker threads because a cold read from a NAS can block."""
+never exposed, and neither are names or sizes `entry_problem` refuses. Reads run in worker
+threads because a cold read from a NAS can block."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
+from . import valid_entry
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class DirBase:
         if not stat.S_ISREG(st.st_mode):
             if not stat.S_ISDIR(st.st_mode):
                 log.warning("not exposing %s: not a regular file", entry.path)
+            return None
+        if not valid_entry(self.description, entry.name, st.st_size):
             return None
         return DirImage(name=entry.name, size=st.st_size, identity=_identity(st), path=path)
 

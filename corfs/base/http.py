@@ -48,10 +48,11 @@ from ..errors import (
     BaseNotFound,
     BaseProtocolError,
     BaseUnavailable,
+    BaseUnreachable,
     TransientBaseError,
     UsageError,
 )
-from . import BaseOptions, describe_url
+from . import BaseOptions, describe_url, skip_bad_entry, valid_entry
 from .http_policy import AuthHeader, origin_of, parse_byte_count, read_body, send
 from .http_wire import PlainReader, Validator, connect_error, parse_content_range, status_error
 
@@ -332,13 +333,16 @@ class HttpBase:
         if not self.is_dir:
             name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
             return [await self._image(name, self.url)]
-        names = [n for n in await self._list_names() if n and "/" not in n and n not in (".", "..")]
+        names = [n for n in await self._list_names() if valid_entry(self.description, n)]
         images: dict[str, HttpImage] = {}
         limiter = trio.CapacityLimiter(max(1, self.options.max_connections))
 
         async def one(name: str) -> None:
             async with limiter:
-                images[name] = await self._image(name, urljoin(self.dir_url, quote(name)))
+                with skip_bad_entry(self.description, name):
+                    image = await self._image(name, urljoin(self.dir_url, quote(name)))
+                    if valid_entry(self.description, name, image.size):
+                        images[name] = image
 
         async with trio.open_nursery() as nursery:
             for name in names:
@@ -407,7 +411,7 @@ async def open_http_base(url: str, options: BaseOptions) -> HttpBase:
         await base.list_images()
     except TransientBaseError as exc:
         await base.aclose()
-        raise BaseUnavailable(str(exc)) from None
+        raise BaseUnreachable(str(exc)) from None
     except BaseException:
         await base.aclose()
         raise

@@ -23,12 +23,11 @@ import httpx
 import trio
 
 from ..errors import BaseProtocolError, BaseUnavailable, TransientBaseError
-from . import describe_url
+from . import MAX_IMAGE_SIZE, describe_url
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: a size beyond it is a broken or hostile server, not an image
-_BYTE_COUNT = re.compile(r"[0-9]{1,16}")  # MAX_IMAGE_SIZE has 16 digits
+_BYTE_COUNT = re.compile(r"[0-9]{1,16}")  # no 4000-digit int before the MAX_IMAGE_SIZE check
 
 Origin = tuple[str, str, int]
 

@@ -27,6 +27,7 @@ from ..errors import (
     BaseError,
     BaseNotFound,
     BaseUnavailable,
+    BaseUnreachable,
     TransientBaseError,
 )
 from . import describe_url
@@ -62,9 +63,9 @@ def connect_error(exc: BaseException, what: str) -> BaseUnavailable:
         if e.__cause__ or e.__context__:
             todo.append(e.__cause__ or e.__context__)  # type: ignore[arg-type]
     if any(isinstance(c, socket.gaierror) for c in chain) or "name resolution" in str(exc).lower():
-        return BaseUnavailable(f"{what}: cannot resolve host name")
+        return BaseUnreachable(f"{what}: cannot resolve host name")
     if any(isinstance(c, ConnectionRefusedError) for c in chain) or "refused" in str(exc):
-        return BaseUnavailable(f"{what}: connection refused")
+        return BaseUnreachable(f"{what}: connection refused")
     if any(isinstance(c, ssl.SSLCertVerificationError) for c in chain) or (
         "CERTIFICATE_VERIFY_FAILED" in str(exc)
     ):
@@ -72,8 +73,8 @@ def connect_error(exc: BaseException, what: str) -> BaseUnavailable:
             f"{what}: TLS certificate verification failed (use --ca-file for a private CA)"
         )
     if isinstance(exc, httpx.TimeoutException):
-        return BaseUnavailable(f"{what}: timed out connecting")
-    return BaseUnavailable(f"{what}: cannot connect ({type(exc).__name__})")
+        return BaseUnreachable(f"{what}: timed out connecting")
+    return BaseUnreachable(f"{what}: cannot connect ({type(exc).__name__})")
 
 
 def parse_content_range(value: str | None, what: str) -> tuple[int, int, int | None] | None:

@@ -19,6 +19,8 @@ Invariants:
   its manifest is replaced later (as long as its chunks are kept).
 - Plain raw images pass through unchanged; a published image shadows a raw one of the same
   name. A manifest that does not parse leaves its image out with one warning; others serve.
+  Every image listed, raw or published, passes `valid_entry` (name and size), whatever store
+  is wrapped.
 - `index.json` (publish's listing for HTTP bases) is metadata, never an image.
 """
 
@@ -32,7 +34,7 @@ import xxhash
 import zstandard
 
 from ..buffers import aligned_zeros
-from ..errors import BaseCorrupt, BaseNotFound
+from ..errors import BaseCorrupt
 from ..manifest import (
     INDEX_KEY,
     MAX_MANIFEST_BYTES,
@@ -41,7 +43,7 @@ from ..manifest import (
     image_name_of,
     parse_manifest,
 )
-from . import BaseImage, BaseStore, ChunkLayout
+from . import BaseImage, BaseStore, ChunkLayout, skip_bad_entry, valid_entry
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +157,11 @@ class PublishedStore:
             log.warning("leaving out published image %r: manifest of %d bytes is too large",
                         name, entry.size)
             return
-        try:
+        manifest = None
+        with skip_bad_entry(self.description, name):
             data = await self.inner.read_object(entry.name, MAX_MANIFEST_BYTES)
             manifest = parse_manifest(data, name)
-        except (BaseCorrupt, BaseNotFound) as exc:
-            log.warning("leaving out published image %r of %s: %s", name, self.description, exc)
+        if manifest is None or not valid_entry(self.description, name, manifest.size):
             return
         image = PublishedImage(
             name=name,
@@ -179,8 +181,9 @@ class PublishedStore:
         for entry in entries:
             name = image_name_of(entry.name)
             if name is not None:
-                manifests.append((entry, name))
-            elif entry.name != INDEX_KEY:
+                if valid_entry(self.description, name):
+                    manifests.append((entry, name))
+            elif entry.name != INDEX_KEY and valid_entry(self.description, entry.name, entry.size):
                 raw[entry.name] = entry
         published: dict[str, PublishedImage] = {}
         async with trio.open_nursery() as nursery:

@@ -35,12 +35,12 @@ from ..errors import (
     BaseNotFound,
     BaseProtocolError,
     BaseUnavailable,
+    BaseUnreachable,
     TransientBaseError,
     UsageError,
 )
-from . import BaseOptions
+from . import MAX_IMAGE_SIZE, BaseOptions, valid_entry
 from .http import stall_timeout
-from .http_policy import MAX_IMAGE_SIZE
 from .http_wire import parse_content_range
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,9 @@ class S3Base:
         images = [
             self._image(key, size, etag)
             for key, size, etag in objects
-            if key != self.prefix and not key.endswith("/")
+            if key != self.prefix
+            and not key.endswith("/")
+            and valid_entry(self.description, key.rsplit("/", 1)[-1], size)
         ]
         return sorted(images, key=lambda i: i.name)
 
@@ -332,7 +334,7 @@ async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
             raise
     except TransientBaseError as exc:
         await store.aclose()
-        raise BaseUnavailable(str(exc)) from None
+        raise BaseUnreachable(str(exc)) from None
     except BaseException:
         await store.aclose()
         raise

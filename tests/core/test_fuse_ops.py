@@ -25,7 +25,7 @@ def _operations(rig) -> CorfsOperations:  # noqa: ANN001
         cache=str(rig.cache_dir),
         base="memory://",
         mountpoint="/nowhere",
-        base_store=rig.base,
+        current_base=lambda: rig.base,
     )
     return CorfsOperations(
         images, controller, owner=(0, 0), mode=0o644, statfs_path=str(rig.cache_dir)

@@ -211,7 +211,7 @@ def _controller(images, base=None) -> Controller:  # noqa: ANN001
         cache="/nowhere",
         base="memory://",
         mountpoint="/nowhere",
-        base_store=base,
+        current_base=lambda: base,
     )
 
 

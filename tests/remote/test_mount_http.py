@@ -299,8 +299,11 @@ def test_mount_error_is_one_line_and_leaves_cache_alone(
     mnt.mkdir()
     fresh = tmp_path / "new-cache"
     before = snapshot(used_cache)
+    # A base that does not answer (DNS, refused) with a cache that holds images serves the
+    # cache instead (tests/remote/test_base_down.py); with a fresh cache it refuses.
+    unreachable = words in ("resolve", "refused")
     try:
-        for cache in (fresh, used_cache):
+        for cache in (fresh,) if unreachable else (fresh, used_cache):
             started = time.monotonic()
             result = run_corfs("mount", url, cache, mnt, "--io-timeout", "5", timeout=30)
             assert time.monotonic() - started < 15

@@ -1,0 +1,72 @@
+"""Issue 10, item 7 (directory bases): one bad base entry fails only itself. The mount comes
+up, serves the good images and leaves each bad one out with one warning naming it (escaped,
+one printable line). The HTTP and S3 cases are in tests/remote/test_bad_entries_remote.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.mounting import make_image, run_corfs, sha256_file
+
+from .util import MIB
+
+LONG_NAME = "é" * 100  # 200 bytes of UTF-8: a fine file name, but quoted it is 600 bytes
+
+
+def test_long_utf8_name_is_served(tmp_dirs) -> None:  # noqa: ANN001
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=1)
+    long_digest = sha256_file(make_image(tmp_dirs.base / LONG_NAME, MIB + 17, seed=2))
+    with tmp_dirs.mount("--chunk-size", "64K", "--no-stream") as m:
+        assert sorted(os.listdir(m.mnt)) == sorted(["good.raw", LONG_NAME])
+        assert sha256_file(m.mnt / LONG_NAME) == long_digest
+        assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
+        m.stop()
+    names = os.listdir(tmp_dirs.cache / "data")
+    assert all(len(n.encode()) <= 255 for n in names)
+    assert "good.raw" in names  # short names keep their quoted data file (old caches work)
+    # A remount finds the long name's chunks again: nothing to fetch, base gone or not.
+    os.unlink(tmp_dirs.base / LONG_NAME)
+    with tmp_dirs.mount("--no-stream") as m:
+        assert sha256_file(m.mnt / LONG_NAME) == long_digest
+        m.stop()
+
+
+def _publish(src_dir, dest, name: str) -> None:  # noqa: ANN001
+    src = make_image(src_dir / name, MIB, seed=3)
+    result = run_corfs("publish", src, dest, "--chunk-size", "64K", "--no-progress")
+    assert result.returncode == 0, result.stderr
+
+
+def test_manifests_naming_dot_and_dotdot_are_left_out(tmp_dirs, tmp_path) -> None:  # noqa: ANN001
+    (tmp_path / "src").mkdir()
+    _publish(tmp_path / "src", tmp_dirs.base, "pub.raw")
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=4)
+    doc = json.loads((tmp_dirs.base / "pub.raw.corfs.json").read_text())
+    for bad in (".", ".."):  # manifests that parse, for images named "." and ".."
+        (tmp_dirs.base / f"{bad}.corfs.json").write_text(json.dumps({**doc, "name": bad}))
+    with tmp_dirs.mount("--no-stream") as m:
+        assert sorted(os.listdir(m.mnt)) == ["good.raw", "pub.raw"]
+        assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
+        assert sha256_file(m.mnt / "pub.raw") == sha256_file(tmp_path / "src" / "pub.raw")
+        m.stop()
+    log = m.log_text()
+    for bad in (".", ".."):
+        lines = [line for line in log.splitlines() if f"leaving out image {bad!r}" in line]
+        assert len(lines) == 1, log
+
+
+def test_control_characters_and_bad_utf8_are_left_out_with_an_escaped_warning(
+    tmp_dirs,  # noqa: ANN001
+) -> None:
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=5)
+    make_image(tmp_dirs.base / "evil\x1b[2Jname.raw", MIB, seed=6)
+    make_image(tmp_dirs.base / os.fsdecode(b"latin1-\xe9.raw"), MIB, seed=7)
+    with tmp_dirs.mount("--no-stream") as m:
+        assert os.listdir(m.mnt) == ["good.raw"]
+        assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
+        m.stop()
+    log = m.log_text()
+    assert "\x1b" not in log
+    assert log.count("leaving out image 'evil\\x1b[2Jname.raw'") == 1, log
+    assert log.count("leaving out image 'latin1-\\udce9.raw': it is not valid UTF-8") == 1, log

@@ -1,0 +1,84 @@
+"""Issue 10, item 7 (HTTP and S3 bases): one bad listed entry fails only itself. An image that
+index.json lists but the server answers 404 for, one whose HEAD declares an absurd
+Content-Length, an S3 key `prefix/..`: the mount comes up, serves the good image and leaves the
+bad one out with one warning naming it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+from tests.mounting import CorfsMount, make_image, sha256_file
+from tests.remote.proxy import FaultProxy
+from tests.servers import TEST_BUCKET
+
+MIB = 1 << 20
+HUGE = "99999999999999999999"
+_serial = itertools.count()
+
+
+class HostileHeadProxy(FaultProxy):
+    """Relays to nginx, but answers HEAD of huge.raw with Content-Length HUGE."""
+
+    def _answer(self, client, first, headers, body, fault):  # noqa: ANN001, ANN202
+        if first.startswith("HEAD ") and first.split()[1].endswith("/huge.raw"):
+            client.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {HUGE}\r\n\r\n".encode())
+            return True
+        return super()._answer(client, first, headers, body, fault)
+
+
+def _warnings_naming(log: str, name: str) -> list[str]:
+    return [line for line in log.splitlines() if f"leaving out image {name!r}" in line]
+
+
+def test_http_listed_image_that_404s_or_declares_a_huge_size_is_left_out(
+    nginx_server,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    sub = f"bad{next(_serial)}-{os.getpid()}/"
+    root = nginx_server.root / sub
+    root.mkdir(parents=True)
+    good = make_image(root / "good.raw", MIB, seed=31)
+    make_image(root / "huge.raw", MIB, seed=32)
+    # A stale index.json (as a publish to a shared directory can leave): gone.raw is listed,
+    # and answers 404.
+    names = ["good.raw", "gone.raw", "huge.raw"]
+    (root / "index.json").write_text(json.dumps({"images": [{"name": n} for n in names]}))
+    proxy = HostileHeadProxy(upstream_port=nginx_server.port).start()
+    mnt, cache, logs = tmp_path / "mnt", tmp_path / "cache", tmp_path / "logs"
+    mnt.mkdir()
+    logs.mkdir()
+    try:
+        with CorfsMount(proxy.url + sub, cache, mnt, "--no-stream", log_dir=logs) as m:
+            assert os.listdir(mnt) == ["good.raw"]
+            assert sha256_file(mnt / "good.raw") == sha256_file(good)
+            m.stop()
+    finally:
+        proxy.stop()
+    log = m.log_text()
+    assert len(_warnings_naming(log, "gone.raw")) == 1, log
+    assert len(_warnings_naming(log, "huge.raw")) == 1, log
+    assert "Traceback" not in log
+
+
+def test_s3_key_dotdot_is_left_out(moto_server, tmp_path: Path) -> None:  # noqa: ANN001
+    prefix = f"bad{next(_serial)}-{os.getpid()}/"
+    client = moto_server.client()
+    good = make_image(tmp_path / "good.raw", MIB, seed=33)
+    client.put_object(Bucket=TEST_BUCKET, Key=prefix + "good.raw", Body=good.read_bytes())
+    client.put_object(Bucket=TEST_BUCKET, Key=prefix + "..", Body=b"x" * 4096)
+    listed = client.list_objects_v2(Bucket=TEST_BUCKET, Prefix=prefix)["Contents"]
+    assert prefix + ".." in [o["Key"] for o in listed]  # the hostile key really is there
+    mnt, cache, logs = tmp_path / "mnt", tmp_path / "cache", tmp_path / "logs"
+    mnt.mkdir()
+    logs.mkdir()
+    url = f"s3://{TEST_BUCKET}/{prefix}"
+    options = ("--endpoint-url", moto_server.endpoint, "--no-stream")
+    with CorfsMount(url, cache, mnt, *options, log_dir=logs) as m:
+        assert os.listdir(mnt) == ["good.raw"]
+        assert sha256_file(mnt / "good.raw") == sha256_file(good)
+        m.stop()
+    log = m.log_text()
+    assert len(_warnings_naming(log, "..")) == 1, log
