@@ -9,7 +9,8 @@ Failures retry by themselves and never stall the rest: a chunk that failed is de
 own, with a delay that doubles per failure (CHUNK_FIRST_BACKOFF up to CHUNK_MAX_BACKOFF), and
 the stream goes on with the chunks after it; when due it is retried alone (so a failure of a
 whole run shows which of its chunks is at fault). A failure of a whole fill (base down, cache
-full) also backs the image's stream off as a whole. Errors and failing chunks show in status.
+full), or of each chunk of a run, also backs the image's stream off as a whole. Errors and
+failing chunks show in status.
 """
 
 from __future__ import annotations
@@ -285,6 +286,10 @@ class StreamWorker:
             elif image.is_local(index):
                 stream.deferred.pop(index, None)
         error = outcome.whole_fill_error
+        if error is None and len(run) > 1 and len(outcome.failed) == len(run):
+            # Each chunk of a run failed on its own (chunk objects gone, say): the base is
+            # broken as a whole more likely than not, so do not sweep the image at full speed.
+            error = next(iter(outcome.failed.values()))
         if isinstance(error, BaseChanged):
             stream.fatal = True
             stream.error = str(error)

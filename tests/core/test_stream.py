@@ -350,6 +350,27 @@ def test_a_run_that_fails_as_a_whole_does_not_stall_the_stream(rig_factory) -> N
     run(main)
 
 
+def test_a_run_whose_every_chunk_fails_backs_the_stream_off(rig_factory) -> None:
+    """Every published chunk is bad (as if the chunk objects were gone): each fails on its own,
+    but a run failing chunk by chunk backs the whole stream off, it does not sweep the image."""
+
+    async def main() -> None:
+        async with rig_factory({"p": DATA}, published=True) as rig:
+            source = rig.source("p")
+            source.faults.corrupt_at = {i * CS for i in range(N)}
+            stream = StreamWorker([rig.image("p")], StreamConfig(workers=1, run_chunks=4))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await trio.sleep(100)
+                nursery.cancel_scope.cancel()
+            # Runs after 0, 1, 2, 4, 8, 16, 30, 30 s: about 8, not all 16 at once and again.
+            runs = sum(1 for _, length in source.reads if length > CS)
+            assert 6 <= runs <= 10, runs
+            assert len(rig.image("p").failing_chunks) == 4 * runs
+
+    run(main)
+
+
 def test_base_changed_stops_the_stream_with_an_error(rig_factory) -> None:
     async def main() -> None:
         async with rig_factory({"a": DATA}) as rig:
