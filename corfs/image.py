@@ -136,7 +136,10 @@ class Image:
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): the image serves no more fills
         # chunk -> why its last fill failed, until a fill of it succeeds (shown in status)
-        self._fill_failures: dict[int, str] = {}
+        # chunk -> (why, group): group numbers the whole fill that failed (0: the chunk failed
+        # on its own), so that a chunk filling heals the others that failed with it
+        self._fill_failures: dict[int, tuple[str, int]] = {}
+        self._failed_fills = 0
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
         self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
@@ -160,20 +163,20 @@ class Image:
         """Why the latest failed fill of a chunk still not filled failed, or None."""
         if not self._fill_failures:
             return None
-        return next(reversed(self._fill_failures.values()))
+        return next(reversed(self._fill_failures.values()))[0]
 
     @property
     def failing_chunks(self) -> list[int]:
         """The chunks whose latest fill failed and that are still not local, in order."""
         return sorted(self._fill_failures)
 
-    def _clear_failures(self, filled: Iterable[int]) -> None:
-        """These chunks filled: forget their failures, and the same failure recorded for the
-        other chunks of the run that failed with them (read-ahead neighbours never re-read)."""
-        healed = {self._fill_failures.pop(i) for i in filled if i in self._fill_failures}
-        if healed:
+    def _clear_failures(self, index: int) -> None:
+        """Chunk `index` is local now: forget its failure, and those of the other chunks of a
+        whole fill that failed with it (read-ahead neighbours never re-read)."""
+        _, group = self._fill_failures.pop(index)
+        if group:
             self._fill_failures = {
-                i: why for i, why in self._fill_failures.items() if why not in healed
+                i: failure for i, failure in self._fill_failures.items() if failure[1] != group
             }
 
     def is_local(self, index: int) -> bool:
@@ -219,8 +222,8 @@ class Image:
         elif old == ChunkState.DIRTY and state != ChunkState.DIRTY:
             self.dirty_chunks -= 1
         self._states[index] = state
-        if state != ChunkState.ABSENT:
-            self._fill_failures.pop(index, None)  # e.g. written whole by a client
+        if state != ChunkState.ABSENT and index in self._fill_failures:
+            self._clear_failures(index)  # filled, or written whole by a client
         self.store.record(self.name, index, state, digest)
 
     def forget_chunk(self, index: int) -> bool:
@@ -305,19 +308,19 @@ class Image:
             fill.chunk_errors = dict(fetched.failed)
             for index, exc in fetched.failed.items():
                 self.fill_errors += 1
-                self._fill_failures[index] = str(exc)
+                self._fill_failures[index] = (str(exc), 0)
                 log.error("filling %s chunk %d: %s", self.name, index, exc)
             keep = fill.for_readers or self._ahead_of_reader(run)
             await self._store_fetched(fetched.chunks, keep=keep, background=fill.background)
             self.fills += 1
-            self._clear_failures(chunk.index for chunk in fetched.chunks)
         except BaseChanged as exc:
             self.error = f"base image changed: {exc}"
             fill.error = exc
             log.error("%s", exc)
         except CorfsError as exc:
             self.fill_errors += 1
-            self._fill_failures.update(dict.fromkeys(run, str(exc)))
+            self._failed_fills += 1
+            self._fill_failures.update(dict.fromkeys(run, (str(exc), self._failed_fills)))
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon

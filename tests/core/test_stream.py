@@ -343,6 +343,7 @@ def test_a_run_that_fails_as_a_whole_does_not_stall_the_stream(rig_factory) -> N
             async with trio.open_nursery() as nursery:
                 await nursery.start(stream.run)
                 await wait_until(lambda: image.local_chunks == N - 1, timeout=300)
+                await trio.sleep(30)  # chunk 5 retried alone (its neighbours' filling healed it)
                 nursery.cancel_scope.cancel()
             assert [i for i in range(N) if not image.is_local(i)] == [5]
             assert image.failing_chunks == [5] and "1 s" in (image.fill_error or "")
