@@ -29,7 +29,7 @@ from .errors import ControlError, CorfsError, ForgetRefused, UsageError
 from .image import Image
 from .mountinfo import read_mounts
 from .refetch import why_base_cannot_supply
-from .stats import ImageStatus, MountStatus, eta_seconds, fill_ratio
+from .stats import MAX_LISTED_CHUNKS, ImageStatus, MountStatus, eta_seconds, fill_ratio
 from .store import CacheStore, ChunkState
 from .stream import StreamWorker
 
@@ -80,6 +80,8 @@ class Controller:
                     if stream.state == "streaming"
                     else (0.0 if stream.state == "complete" else None),
                     error=stream.error or image.fill_error or image.store.sync_failure,
+                    failing_chunks=len(failing := image.failing_chunks),
+                    failing_chunk_indexes=tuple(failing[:MAX_LISTED_CHUNKS]),
                 )
             )
         fetcher = self._fetcher_statistics() if self._fetcher_statistics else None

@@ -4,7 +4,13 @@ chunks copied from the local cache when the same digest is already there (dedup)
 
 Invariants:
 - Only bytes that passed every check leave this module. A published chunk whose digest does not
-  match is fetched once more, then the fetch fails with BaseCorrupt (EIO); it is never returned.
+  match is fetched once more, then it fails with BaseCorrupt (EIO); it is never returned.
+- One bad chunk fails only itself. A published chunk is its own object, so what goes wrong with
+  it (wrong digest, an object that is missing, denied or not a right-sized zstd frame) is that
+  chunk's failure: a run read that fails so is split, each chunk is fetched alone once more,
+  and the others of the run are returned. Failures of the base as a whole (no answer within
+  io_timeout, the image changed) and every failure of a raw image (one object, no digests)
+  are raised for the whole run.
 - Every wait on the base is bounded: after io_timeout the caller gets BaseUnavailable (EIO).
 """
 
@@ -19,13 +25,23 @@ import trio
 
 from .base import BaseImage
 from .digest import Buffer, chunk_digest, is_zero, zero_digest
-from .errors import BaseCorrupt, BaseUnavailable, TransientBaseError
+from .errors import (
+    BaseAccessDenied,
+    BaseCorrupt,
+    BaseError,
+    BaseNotFound,
+    BaseUnavailable,
+    CorfsError,
+    TransientBaseError,
+)
 from .geometry import ChunkGeometry, contiguous_runs
 
 log = logging.getLogger(__name__)
 
 
 FINAL_TRY_MARGIN = 0.05  # seconds left for a last try before io_timeout
+# What a published chunk's own object can do wrong (see the invariants).
+CHUNK_ERRORS = (BaseCorrupt, BaseNotFound, BaseAccessDenied)
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,15 @@ class FetchedChunk:
     index: int
     data: Buffer | None  # None: all zeros (nothing to write)
     digest: bytes | None  # xxh3-128 of data; None for zeros
+
+
+@dataclass(frozen=True)
+class FetchedRun:
+    """The outcome of fetching some chunks: the verified ones in index order, and why each other
+    one failed on its own (failures of the whole fetch are raised instead)."""
+
+    chunks: list[FetchedChunk]
+    failed: dict[int, BaseError]
 
 
 @dataclass(frozen=True)
@@ -126,13 +151,15 @@ class Fetcher:
         geometry: ChunkGeometry,
         indexes: range,
         local_lookup: LocalLookup | None = None,
-    ) -> list[FetchedChunk]:
+    ) -> FetchedRun:
         """Verified contents of the contiguous chunks `indexes`: one base request for each run
-        of chunks that are neither known zeros nor found locally by digest."""
+        of chunks that are neither known zeros nor found locally by digest. A chunk that fails
+        on its own is in `failed`; the others come back (module invariants)."""
         layout = source.layout
         if layout is None:
-            return await self._fetch_raw(source, geometry, indexes)
+            return FetchedRun(await self._fetch_raw(source, geometry, indexes), {})
         results: dict[int, FetchedChunk] = {}
+        failed: dict[int, BaseError] = {}
         to_fetch: list[int] = []
         for index in indexes:
             expected = layout.digests[index]
@@ -146,9 +173,8 @@ class Fetcher:
             else:
                 to_fetch.append(index)
         for run in contiguous_runs(to_fetch):
-            for chunk in await self._fetch_published_run(source, geometry, run):
-                results[chunk.index] = chunk
-        return [results[i] for i in indexes]
+            await self._fetch_published_run(source, geometry, run, results, failed)
+        return FetchedRun([results[i] for i in indexes if i in results], failed)
 
     async def _fetch_raw(
         self, source: BaseImage, geometry: ChunkGeometry, run: range
@@ -172,50 +198,88 @@ class Fetcher:
         return chunks
 
     async def _fetch_published_run(
-        self, source: BaseImage, geometry: ChunkGeometry, run: range
-    ) -> list[FetchedChunk]:
+        self,
+        source: BaseImage,
+        geometry: ChunkGeometry,
+        run: range,
+        results: dict[int, FetchedChunk],
+        failed: dict[int, BaseError],
+    ) -> None:
+        """Fetch `run` into `results`, each chunk that fails on its own into `failed`."""
         assert source.layout is not None
         digests = source.layout.digests
         try:
             chunks = await self._fetch_raw(source, geometry, run)
-        except BaseCorrupt as exc:
-            # An object that is not even a right-sized zstd frame (truncated, garbage) failed
-            # its check as surely as one with the wrong digest: every chunk of the run gets its
-            # one more fetch.
-            self.digest_mismatches += 1
+        except CHUNK_ERRORS as exc:
+            # One chunk's object is bad (truncated, garbage, missing): which one, its own fetch
+            # tells. A corrupt answer counts as a failed check: it gets its one more fetch.
+            if isinstance(exc, BaseCorrupt):
+                self.digest_mismatches += 1
+            elif len(run) == 1:
+                self.failures += 1
+                failed[run.start] = exc
+                return
             log.warning(
-                "%s: %s; fetching chunks %d-%d again", source.name, exc, run.start, run.stop - 1
+                "%s: %s; fetching chunks %d-%d one by one", source.name, exc, run.start, run[-1]
             )
-            return [await self._fetch_second_time(source, geometry, i, digests[i]) for i in run]
-        verified = []
+            await self._fetch_each_alone(source, geometry, list(run), results, failed)
+            return
+        again = []
         for chunk in chunks:
-            expected = digests[chunk.index]
-            if chunk.digest != expected:
-                chunk = await self._refetch_once(source, geometry, chunk.index, expected)
-            verified.append(chunk)
-        return verified
+            if chunk.digest == digests[chunk.index]:
+                results[chunk.index] = chunk
+            else:
+                self.digest_mismatches += 1
+                log.warning(
+                    "%s: chunk %d failed its digest check, fetching it again",
+                    source.name,
+                    chunk.index,
+                )
+                again.append(chunk.index)
+        await self._fetch_each_alone(source, geometry, again, results, failed)
 
-    async def _refetch_once(
-        self, source: BaseImage, geometry: ChunkGeometry, index: int, expected: bytes | None
-    ) -> FetchedChunk:
-        self.digest_mismatches += 1
-        log.warning("%s: chunk %d failed its digest check, fetching it again", source.name, index)
-        return await self._fetch_second_time(source, geometry, index, expected)
+    async def _fetch_each_alone(
+        self,
+        source: BaseImage,
+        geometry: ChunkGeometry,
+        indexes: list[int],
+        results: dict[int, FetchedChunk],
+        failed: dict[int, BaseError],
+    ) -> None:
+        """One more fetch of each chunk of `indexes`, concurrently and each on its own: into
+        `results` if it is right now, else into `failed`; a failure of the whole base is
+        raised once they all ended."""
+        whole_base: list[CorfsError] = []
+
+        async def fetch_alone(index: int) -> None:
+            try:
+                results[index] = await self._fetch_second_time(
+                    source, geometry, index, source.layout.digests[index]  # type: ignore[union-attr]
+                )
+            except CHUNK_ERRORS as exc:
+                self.failures += 1
+                failed[index] = exc
+            except CorfsError as exc:
+                whole_base.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for index in indexes:
+                nursery.start_soon(fetch_alone, index)
+        if whole_base:
+            raise whole_base[0]
 
     async def _fetch_second_time(
         self, source: BaseImage, geometry: ChunkGeometry, index: int, expected: bytes | None
     ) -> FetchedChunk:
-        """The last try of a chunk whose first fetch failed its check: right or BaseCorrupt."""
+        """The last try of a chunk whose first fetch failed: right, or that chunk's error."""
         try:
             (chunk,) = await self._fetch_raw(source, geometry, range(index, index + 1))
         except BaseCorrupt as exc:
             self.digest_mismatches += 1
-            self.failures += 1
             raise BaseCorrupt(
                 f"{source.name}: chunk {index} failed its check twice: {exc}"
             ) from None
         if chunk.digest != expected:
             self.digest_mismatches += 1
-            self.failures += 1
             raise BaseCorrupt(f"{source.name}: chunk {index} failed its digest check twice")
         return chunk

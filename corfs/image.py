@@ -16,6 +16,9 @@ Invariants:
 - Fill data is written in worker threads (pwrite releases the GIL), so the loop keeps serving
   local reads while a fill lands.
 - A write that covers a chunk only partly makes that chunk local first.
+- One bad chunk fails only itself: a fill stores every chunk the fetcher verified even when
+  another chunk of its run failed on its own; only waiters for the failed chunk get the error.
+  Failing chunks (and why) are kept until they fill, for status.
 """
 
 from __future__ import annotations
@@ -61,9 +64,22 @@ class _Fill:
     """A fill in flight: everyone who needs one of its chunks waits on `done`."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    error: CorfsError | None = None
+    error: CorfsError | None = None  # the whole fill failed (base down, cache full ...)
+    chunk_errors: dict[int, CorfsError] = field(default_factory=dict)  # ... or these chunks
     for_readers: bool = False  # keep the stored bytes in `Image._fresh`: client reads want them
     background: bool = False  # only the stream waits for it
+
+    def error_of(self, index: int) -> CorfsError | None:
+        return self.chunk_errors.get(index) or self.error
+
+
+@dataclass(frozen=True)
+class FillOutcome:
+    """What one pass of fills left undone: chunk -> why it is still absent, and the failure of
+    a whole fill among them if there was one (not attributable to one chunk)."""
+
+    failed: dict[int, CorfsError]
+    whole_fill_error: CorfsError | None
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class ImageStatistics:
     local_bytes: int
     fills: int
     fill_errors: int
+    failing_chunks: int
     error: str | None
 
 
@@ -119,7 +136,10 @@ class Image:
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): the image serves no more fills
         # chunk -> why its last fill failed, until a fill of it succeeds (shown in status)
-        self._fill_failures: dict[int, str] = {}
+        # chunk -> (why, group): group numbers the whole fill that failed (0: the chunk failed
+        # on its own), so that a chunk filling heals the others that failed with it
+        self._fill_failures: dict[int, tuple[str, int]] = {}
+        self._failed_fills = 0
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
         self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
@@ -151,15 +171,20 @@ class Image:
         """Why the latest failed fill of a chunk still not filled failed, or None."""
         if not self._fill_failures:
             return None
-        return next(reversed(self._fill_failures.values()))
+        return next(reversed(self._fill_failures.values()))[0]
 
-    def _clear_failures(self, run: range) -> None:
-        """These chunks filled: forget their failures, and the same failure recorded for the
-        other chunks of the run that failed with them (read-ahead neighbours never re-read)."""
-        healed = {self._fill_failures.pop(i) for i in run if i in self._fill_failures}
-        if healed:
+    @property
+    def failing_chunks(self) -> list[int]:
+        """The chunks whose latest fill failed and that are still not local, in order."""
+        return sorted(self._fill_failures)
+
+    def _clear_failures(self, index: int) -> None:
+        """Chunk `index` is local now: forget its failure, and those of the other chunks of a
+        whole fill that failed with it (read-ahead neighbours never re-read)."""
+        _, group = self._fill_failures.pop(index)
+        if group:
             self._fill_failures = {
-                i: why for i, why in self._fill_failures.items() if why not in healed
+                i: failure for i, failure in self._fill_failures.items() if failure[1] != group
             }
 
     def is_local(self, index: int) -> bool:
@@ -187,6 +212,7 @@ class Image:
             self._local_bytes,
             self.fills,
             self.fill_errors,
+            len(self._fill_failures),
             self.error,
         )
 
@@ -204,6 +230,8 @@ class Image:
         elif old == ChunkState.DIRTY and state != ChunkState.DIRTY:
             self.dirty_chunks -= 1
         self._states[index] = state
+        if state != ChunkState.ABSENT and index in self._fill_failures:
+            self._clear_failures(index)  # filled, or written whole by a client
         self.store.record(self.name, index, state, digest)
 
     def forget_chunk(self, index: int) -> bool:
@@ -224,21 +252,44 @@ class Image:
         fills already in flight). Raises the fill's error (EIO, ESTALE, ENOSPC ...).
         `reading`: a client read waits, keep the stored bytes for it (`_fresh`)."""
         wanted = list(indexes)
-        while True:
-            missing = [i for i in wanted if self._states[i] == ChunkState.ABSENT]
-            if not missing:
-                return
-            limit = len(missing) if background else MAX_FOREGROUND_RUN
-            self._start_fills(
-                [i for i in missing if i not in self._fills], limit, background=background
+        while missing := [i for i in wanted if self._states[i] == ChunkState.ABSENT]:
+            outcome = await self._fill_once(
+                missing, background=background, reading=reading, first_error=True
             )
-            fills = {id(f): f for f in (self._fills[i] for i in missing if i in self._fills)}
-            for fill in fills.values():
-                fill.for_readers |= reading
-                fill.background &= background
-                await fill.done.wait()
-                if fill.error is not None:
-                    raise type(fill.error)(str(fill.error))
+            for error in outcome.failed.values():
+                raise type(error)(str(error))
+
+    async def fill_each(self, indexes: Iterable[int]) -> FillOutcome:
+        """The stream's fill: one pass over the absent chunks of `indexes` in the background,
+        reporting what failed chunk by chunk instead of raising."""
+        missing = [i for i in indexes if self._states[i] == ChunkState.ABSENT]
+        return await self._fill_once(missing, background=True, reading=False, first_error=False)
+
+    async def _fill_once(
+        self, missing: list[int], *, background: bool, reading: bool, first_error: bool
+    ) -> FillOutcome:
+        """Start fills of the `missing` chunks not in flight yet and wait for every fill they
+        are in (with `first_error`, only until one of them fails)."""
+        limit = len(missing) if background else MAX_FOREGROUND_RUN
+        self._start_fills(
+            [i for i in missing if i not in self._fills], limit, background=background
+        )
+        owners = {i: self._fills[i] for i in missing if i in self._fills}
+        fills = list({id(f): f for f in owners.values()}.values())
+        for fill in fills:
+            fill.for_readers |= reading
+            fill.background &= background
+        failed: dict[int, CorfsError] = {}
+        whole_fill_error = None
+        for fill in fills:
+            await fill.done.wait()
+            for index, owner in owners.items():
+                if owner is fill and (error := fill.error_of(index)) is not None:
+                    failed[index] = error
+            whole_fill_error = whole_fill_error or fill.error
+            if failed and first_error:
+                break
+        return FillOutcome(failed, whole_fill_error)
 
     def _start_fills(
         self, indexes: list[int], limit: int, *, for_readers: bool = False, background: bool = False
@@ -258,20 +309,25 @@ class Image:
             if self.source is None:
                 missing = self.missing_source
                 raise type(missing)(f"{self.name}: chunk {run.start} is not local and {missing}")
-            chunks = await self.fetcher.fetch_chunks(
+            fetched = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self._local_copy
             )
+            fill.chunk_errors = dict(fetched.failed)
+            for index, exc in fetched.failed.items():
+                self.fill_errors += 1
+                self._fill_failures[index] = (str(exc), 0)
+                log.error("filling %s chunk %d: %s", self.name, index, exc)
             keep = fill.for_readers or self._ahead_of_reader(run)
-            await self._store_fetched(chunks, keep=keep, background=fill.background)
+            await self._store_fetched(fetched.chunks, keep=keep, background=fill.background)
             self.fills += 1
-            self._clear_failures(run)
         except BaseChanged as exc:
             self.error = f"base image changed: {exc}"
             fill.error = exc
             log.error("%s", exc)
         except CorfsError as exc:
             self.fill_errors += 1
-            self._fill_failures.update(dict.fromkeys(run, str(exc)))
+            self._failed_fills += 1
+            self._fill_failures.update(dict.fromkeys(run, (str(exc), self._failed_fills)))
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
@@ -449,10 +505,12 @@ class Image:
             if self.is_local(index):
                 data = os.pread(self._fd, self.geometry.chunk_length(index), start)
             else:
-                (chunk,) = await self.fetcher.fetch_chunks(
+                fetched = await self.fetcher.fetch_chunks(
                     self.source, self.geometry, range(index, index + 1)
                 )
-                data = chunk.data or bytes(self.geometry.chunk_length(index))
+                for error in fetched.failed.values():
+                    raise error
+                data = fetched.chunks[0].data or bytes(self.geometry.chunk_length(index))
             lo = max(offset, start) - start
             hi = min(offset + length, start + len(data)) - start
             parts.append(data[lo:hi])

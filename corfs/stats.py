@@ -7,6 +7,7 @@ import collections
 from dataclasses import asdict, dataclass, field
 
 STATUS_SCHEMA_VERSION = 1
+MAX_LISTED_CHUNKS = 32  # chunk indexes listed in a status (a dead base can fail thousands)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,9 @@ class ImageStatus:
     state: str  # streaming | paused | complete | idle | error | offline
     rate_bps: float
     eta_s: float | None
-    error: str | None
+    error: str | None  # the latest failure still standing (a failing chunk's, the stream's ...)
+    failing_chunks: int = 0  # chunks whose latest fill failed, still not local
+    failing_chunk_indexes: tuple[int, ...] = ()  # the first MAX_LISTED_CHUNKS of them
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ def format_table(status: dict) -> str:
             f"{format_size(image['local_bytes']):>10} {image['fill_ratio'] * 100:6.1f}% "
             f"{image['state']:<10} {rate:>12} {_eta(image['eta_s']):>9}"
         )
+        if image.get("failing_chunks"):
+            listed = image["failing_chunk_indexes"]
+            more = ", ..." if image["failing_chunks"] > len(listed) else ""
+            indexes = ", ".join(str(index) for index in listed)
+            lines.append(f"  failing chunks: {image['failing_chunks']} ({indexes}{more})")
         if image.get("error"):
             lines.append(f"  error: {image['error']}")
     return "\n".join(lines)

@@ -21,6 +21,12 @@ Invariant: never mark before durable. Marks are collected in memory (`record`) a
 snapshotted before syncing. So after a crash, every row says the truth about bytes on disk.
 State is mutated only on the trio thread; `commit` swaps the pending map out there, and only
 the fdatasync and the SQL run in a worker thread.
+
+The trio thread never waits for a commit: a commit holds `_db_lock` across its SQL, whose WAL
+fsync (synchronous=FULL) can take as long as the disk likes. What the mount asks while it
+serves (image records, dedup lookups) comes from memory: the records are read at open and
+kept by create_image/drop_image, the digests are a DigestIndex kept by `record`. SQL on the
+trio thread is left to mount setup and offline tools, before any commit runs.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import trio
 
 from .buffers import ALIGNMENT, is_aligned
 from .digest import Buffer
+from .digest_index import DigestIndex
 from .errors import CacheError, CacheFull, CacheLocked, ShortWrite, UsageError
 
 log = logging.getLogger(__name__)
@@ -227,11 +234,25 @@ class CacheStore:
         self._direct_refused: set[str] = set()  # images whose direct writes got EINVAL
         self._direct_lock = threading.Lock()  # fills open them from worker threads
         self._pending: dict[tuple[str, int], tuple[int, bytes | None]] = {}
-        self._committing: dict[tuple[str, int], tuple[int, bytes | None]] = {}  # in a commit
         self._touched: set[str] = set()
         self._commit_lock = trio.Lock()
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         self.commits = 0
+        # Read once here (no commit can run yet), then kept in memory: see the module docstring.
+        try:
+            self._records = {
+                row[0]: ImageRecord(*row)
+                for row in db.execute("SELECT name, size, chunk_size, identity, base FROM images")
+            }
+            self._digest_index = DigestIndex(
+                db.execute(
+                    "SELECT image, idx, digest FROM chunks WHERE state = ? AND digest IS NOT NULL",
+                    (ChunkState.CLEAN,),
+                )
+            )
+        except sqlite3.Error as exc:
+            self.close()
+            raise CacheError(f"cache database in {cache_dir} is unusable: {exc}") from None
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -327,16 +348,11 @@ class CacheStore:
             return self._db.execute(sql, args).fetchall()
 
     def records(self) -> list[ImageRecord]:
-        rows = self._query(
-            "SELECT name, size, chunk_size, identity, base FROM images ORDER BY name"
-        )
-        return [ImageRecord(*row) for row in rows]
+        return [self._records[name] for name in sorted(self._records)]
 
     def record_of(self, name: str) -> ImageRecord | None:
-        rows = self._query(
-            "SELECT name, size, chunk_size, identity, base FROM images WHERE name = ?", (name,)
-        )
-        return ImageRecord(*rows[0]) if rows else None
+        """From memory: no lock, no SQL (Image's dedup asks on the trio thread)."""
+        return self._records.get(name)
 
     def create_image(
         self, name: str, size: int, chunk_size: int, identity: str, base: str
@@ -360,7 +376,9 @@ class CacheStore:
                 "INSERT OR REPLACE INTO images VALUES(?, ?, ?, ?, ?, ?)",
                 (name, size, chunk_size, identity, base, time.time()),
             )
-        return ImageRecord(name, size, chunk_size, identity, base)
+        self._digest_index.drop_image(name)
+        record = self._records[name] = ImageRecord(name, size, chunk_size, identity, base)
+        return record
 
     def drop_image(self, name: str) -> None:
         """Forget an image's cache (for --reset-stale): rows first, then the data file."""
@@ -373,6 +391,8 @@ class CacheStore:
             self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
             self._db.execute("DELETE FROM images WHERE name = ?", (name,))
             self._db.execute("COMMIT")
+        self._records.pop(name, None)
+        self._digest_index.drop_image(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_path(name))
 
@@ -395,16 +415,9 @@ class CacheStore:
     def find_by_digest(self, digest: bytes) -> tuple[str, int] | None:
         """A clean chunk with these bytes in any image of this cache (for dedup): committed, or
         written and marked but not committed yet (so dedup works within the commit interval).
-        Callers check the bytes they read against the digest, so a stale answer is harmless."""
-        for marks in (self._pending, self._committing):
-            for (name, idx), (state, found) in marks.items():
-                if found == digest and state == ChunkState.CLEAN:
-                    return name, idx
-        rows = self._query(
-            "SELECT image, idx FROM chunks WHERE digest = ? AND state = ? LIMIT 1",
-            (digest, ChunkState.CLEAN),
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
+        O(1) from memory, no lock: it never waits for a commit (digest_index.py). Callers check
+        the bytes they read against the digest, so a stale answer is harmless."""
+        return self._digest_index.find(digest)
 
     # ---- data files ----------------------------------------------------------------------
 
@@ -527,6 +540,7 @@ class CacheStore:
         bytes to the data file (the commit syncs that file before the row is written)."""
         self._pending[(name, idx)] = (int(state), digest)
         self._touched.add(name)
+        self._digest_index.set(name, idx, digest if state == ChunkState.CLEAN else None)
 
     def touch(self, name: str) -> None:
         """The data file of `name` changed: the next commit must sync it."""
@@ -552,7 +566,6 @@ class CacheStore:
             fds = [self._data_fds[name] for name in touched if name in self._data_fds]
             if not pending and not fds:
                 return
-            self._committing = pending
             try:
                 await trio.to_thread.run_sync(self._sync_and_write, fds, pending)
             except _SyncFailed as failed:
@@ -568,8 +581,6 @@ class CacheStore:
                     self._pending.setdefault(key, value)
                 self._touched |= touched
                 raise
-            finally:
-                self._committing = {}
 
     def commit_sync(self) -> None:
         """The same as `commit`, for shutdown paths outside trio."""

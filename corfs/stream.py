@@ -5,7 +5,12 @@ Order per image: read-ahead after foreground misses first, then the recorded tra
 sequential. Foreground first: stream fills never block a client (clients start their own fills
 at once and share the stream's in-flight ones), and before each fill the worker waits for a
 short lull in client I/O, so local reads keep their latency while the stream runs unlimited.
-Failures back off per image and retry by themselves; the error shows in status meanwhile.
+Failures retry by themselves and never stall the rest: a chunk that failed is deferred on its
+own, with a delay that doubles per failure (CHUNK_FIRST_BACKOFF up to CHUNK_MAX_BACKOFF), and
+the stream goes on with the chunks after it; when due it is retried alone (so a failure of a
+whole run shows which of its chunks is at fault). A failure of a whole fill (base down, cache
+full), or of each chunk of a run, also backs the image's stream off as a whole. Errors and
+failing chunks show in status.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import StreamConfig
-from .errors import BaseChanged, CorfsError
-from .image import Image
+from .errors import BaseChanged
+from .image import FillOutcome, Image
 from .stats import RateMeter
 
 log = logging.getLogger(__name__)
@@ -27,7 +32,9 @@ log = logging.getLogger(__name__)
 READ_AHEAD_CHUNKS = 8
 LULL = 0.005  # seconds without client I/O before a stream fill starts
 MAX_LULL_WAIT = 0.1  # ... but never wait longer than this
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 30.0  # of an image's stream after a whole fill failed
+CHUNK_FIRST_BACKOFF = 2.0  # of one chunk that failed ...
+CHUNK_MAX_BACKOFF = 300.0  # ... doubling per failure up to this
 
 
 class BandwidthLimiter:
@@ -57,6 +64,14 @@ class BandwidthLimiter:
 
 
 @dataclass
+class _Deferred:
+    """A chunk whose fill failed: not before `retry_at`, and then alone."""
+
+    failures: int
+    retry_at: float
+
+
+@dataclass
 class _ImageStream:
     image: Image
     paused: bool = False
@@ -65,6 +80,7 @@ class _ImageStream:
     # to retry (bounded: a long-paused stream must not collect hints forever), then the trace.
     urgent: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=256))
     traced: collections.deque[int] = field(default_factory=collections.deque)
+    deferred: dict[int, _Deferred] = field(default_factory=dict)  # chunks whose fill failed
     failures: int = 0
     retry_at: float = 0.0
     error: str | None = None
@@ -117,6 +133,8 @@ class StreamWorker:
         for stream in self._select(name):
             stream.paused = False
             stream.retry_at = 0.0
+            for deferred in stream.deferred.values():
+                deferred.retry_at = 0.0
         self._wake()
 
     def set_bandwidth(self, rate: int) -> None:
@@ -162,34 +180,56 @@ class StreamWorker:
     def _next_run(self, stream: _ImageStream) -> range | None:
         image = stream.image
         count = image.geometry.chunk_count
+        now = trio.current_time()
         while stream.urgent or stream.traced:
             index = (stream.urgent or stream.traced).popleft()
-            if 0 <= index < count and not image.is_local(index) and not image.is_filling(index):
-                return self._extend(image, index, self.config.run_chunks)
+            if 0 <= index < count and self._wanted(stream, index, now):
+                return self._run_from(stream, index)
         # Sequential from the cursor to the end, then the chunks before it (skipped earlier
-        # because a client was filling them, or failed).
+        # because a client was filling them, or failed: the back of the queue).
         for begin, end in ((stream.cursor, count), (0, stream.cursor)):
             index = image.next_missing(begin)
             while index is not None and index < end:
-                if not image.is_filling(index):
-                    run = self._extend(image, index, self.config.run_chunks)
+                if self._wanted(stream, index, now):
+                    run = self._run_from(stream, index)
                     stream.cursor = run.stop
                     return run
                 index = image.next_missing(index + 1)
         return None
 
     @staticmethod
-    def _extend(image: Image, first: int, limit: int) -> range:
+    def _wanted(stream: _ImageStream, index: int, now: float) -> bool:
+        """Whether the stream should fill chunk `index` now."""
+        image = stream.image
+        if image.is_local(index) or image.is_filling(index):
+            return False
+        deferred = stream.deferred.get(index)
+        return deferred is None or deferred.retry_at <= now
+
+    def _run_from(self, stream: _ImageStream, first: int) -> range:
+        """The run to fill from `first`: a chunk that failed before goes alone, others take
+        their absent neighbours up to run_chunks (never one that failed)."""
+        if first in stream.deferred:
+            return range(first, first + 1)
+        image = stream.image
         stop = first + 1
         count = image.geometry.chunk_count
         while (
             stop < count
-            and stop - first < limit
+            and stop - first < self.config.run_chunks
             and not image.is_local(stop)
             and not image.is_filling(stop)
+            and stop not in stream.deferred
         ):
             stop += 1
         return range(first, stop)
+
+    @staticmethod
+    def _defer(stream: _ImageStream, index: int, now: float) -> None:
+        deferred = stream.deferred.get(index)
+        failures = deferred.failures + 1 if deferred else 1
+        delay = min(CHUNK_MAX_BACKOFF, CHUNK_FIRST_BACKOFF * 2.0 ** min(failures - 1, 16))
+        stream.deferred[index] = _Deferred(failures, now + delay)
 
     def _pick(self) -> tuple[_ImageStream, range] | None:
         now = trio.current_time()
@@ -234,23 +274,38 @@ class StreamWorker:
                 # it, to be picked first on resume, rather than fill after the pause.
                 stream.urgent.appendleft(run.start)
                 continue
-            try:
-                await image.wait_local(run, background=True)
-            except BaseChanged as exc:
-                stream.fatal = True
-                stream.error = str(exc)
-            except CorfsError as exc:
-                stream.failures += 1
-                backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
-                stream.retry_at = trio.current_time() + backoff
-                stream.error = str(exc)
-                stream.urgent.appendleft(run.start)
-                log.warning("stream of %s: %s (retrying in %.0f s)", image.name, exc, backoff)
-            else:
-                if stream.failures:
-                    log.info("stream of %s: base is back, going on", image.name)
-                stream.failures = 0
-                stream.error = None
+            outcome = await image.fill_each(run)
+            self._account(stream, run, outcome)
+
+    def _account(self, stream: _ImageStream, run: range, outcome: FillOutcome) -> None:
+        """After a stream fill of `run`: defer its chunks that failed, back the whole stream
+        off if the whole fill failed, and go on as usual otherwise."""
+        image = stream.image
+        now = trio.current_time()
+        for index in run:
+            if index in outcome.failed:
+                self._defer(stream, index, now)
+            elif image.is_local(index):
+                stream.deferred.pop(index, None)
+        error = outcome.whole_fill_error
+        if error is None and len(run) > 1 and len(outcome.failed) == len(run):
+            # Each chunk of a run failed on its own (chunk objects gone, say): the base is
+            # broken as a whole more likely than not, so do not sweep the image at full speed.
+            error = next(iter(outcome.failed.values()))
+        if isinstance(error, BaseChanged):
+            stream.fatal = True
+            stream.error = str(error)
+        elif error is not None:
+            stream.failures += 1
+            backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
+            stream.retry_at = now + backoff
+            stream.error = str(error)
+            log.warning("stream of %s: %s (retrying in %.0f s)", image.name, error, backoff)
+        elif len(outcome.failed) < len(run):  # something filled: the base answers
+            if stream.failures:
+                log.info("stream of %s: base is back, going on", image.name)
+            stream.failures = 0
+            stream.error = None
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -23,6 +23,7 @@ class Faults:
     stall: bool = False  # never answer (until the caller gives up)
     corrupt_next: int = 0  # flip a byte in this many answers
     short_next: int = 0  # return one byte less this many times
+    corrupt_at: set[int] = field(default_factory=set)  # flip these bytes in every answer
 
 
 @dataclass
@@ -68,6 +69,11 @@ class MemoryImage:
             if f.corrupt_next:
                 f.corrupt_next -= 1
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
+            if hit := [at - offset for at in f.corrupt_at if offset <= at < offset + len(data)]:
+                damaged = bytearray(data)
+                for at in hit:
+                    damaged[at] ^= 0x55
+                data = bytes(damaged)
             if f.short_next:
                 f.short_next -= 1
                 data = data[:-1]

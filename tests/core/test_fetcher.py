@@ -142,10 +142,11 @@ def test_raw_fetch_splits_runs_and_finds_zeros() -> None:
 
     async def main() -> None:
         source = source_of(data)
-        chunks = await Fetcher(POLICY).fetch_chunks(
+        fetched = await Fetcher(POLICY).fetch_chunks(
             source, ChunkGeometry(len(data), CS), range(0, 3)
         )
-        assert source.reads == [(0, len(data))]
+        chunks = fetched.chunks
+        assert source.reads == [(0, len(data))] and fetched.failed == {}
         assert [c.index for c in chunks] == [0, 1, 2]
         assert chunks[0].data == data[:CS]
         assert chunks[1].data is None and chunks[1].digest is None
@@ -203,27 +204,79 @@ def test_corrupt_twice_is_base_corrupt_and_never_stored(rig_factory) -> None:
     run(main)
 
 
-def test_corrupt_chunk_in_a_run_keeps_the_whole_run_out(rig_factory) -> None:
-    """A run of chunks where one is corrupt (both times): none of the run is stored."""
-    data = random_bytes(4 * CS)
+def test_corrupt_chunk_in_a_run_fails_only_itself(rig_factory) -> None:
+    """A run of chunks 1-4 where chunk 2 is corrupt (every time): the readers sharing the run
+    get right bytes for 1, 3 and 4, which become local; chunk 2 gives EIO and stays out."""
+    data = random_bytes(5 * CS)  # no chunk after the run: no read-ahead to account for
 
     async def main() -> None:
         async with rig_factory({"p": data}, published=True) as rig:
             image = rig.image("p")
             source = rig.source("p")
-            real_read = source.read
+            source.faults.corrupt_at = {2 * CS + 7}
+            source.faults.delay = 0.1  # so that every reader joins the one run fill
+            results: dict[int, bytes | int] = {}
 
-            async def bad_chunk_two(offset: int, length: int) -> bytes:
-                answer = bytearray(await real_read(offset, length))
-                if offset <= 2 * CS < offset + length:
-                    answer[2 * CS - offset] ^= 0x55
-                return bytes(answer)
+            async def read_chunks(first: int, count: int) -> None:
+                try:
+                    results[first] = await image.read(first * CS, count * CS)
+                except BaseCorrupt as exc:
+                    results[first] = exc.errno
 
-            source.read = bad_chunk_two  # type: ignore[method-assign]
-            with pytest.raises(BaseCorrupt):
-                await image.read(0, 4 * CS)
-            assert image.local_chunks == 0 and rig.store.pending_count == 0
-            assert os.pread(rig.store.data_fd("p"), 4 * CS, 0) == bytes(4 * CS)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_chunks, 1, 4)  # starts the fill of run 1-4
+                await trio.testing.wait_all_tasks_blocked()
+                assert all(image.is_filling(i) for i in range(1, 5))
+                for index in (3, 4, 2):
+                    nursery.start_soon(read_chunks, index, 1)
+            assert results == {
+                1: errno.EIO,
+                2: errno.EIO,
+                3: data[3 * CS : 4 * CS],
+                4: data[4 * CS : 5 * CS],
+            }
+            assert chunk_reads(source, CS) == [1, 2, 3, 4, 2]  # the run, then 2 once more
+            assert [image.is_local(i) for i in range(5)] == [False, True, False, True, True]
+            assert await image.read(CS, CS) == data[CS : 2 * CS]  # local now: no base read
+            assert len(source.reads) == 2
+            assert image.failing_chunks == [2]
+            assert "chunk 2 failed its digest check twice" in (image.fill_error or "")
+            await rig.store.commit()
+            assert sorted(committed_states(rig.cache_dir, "p")) == [1, 3, 4]
+            assert os.pread(rig.store.data_fd("p"), CS, 2 * CS) == bytes(CS)
+            with pytest.raises(BaseCorrupt):  # still bad: fetched again, failed again
+                await image.read(2 * CS, 1)
+            source.faults.corrupt_at.clear()  # the base is repaired
+            assert await image.read(2 * CS, CS) == data[2 * CS : 3 * CS]
+            assert image.failing_chunks == [] and image.fill_error is None
+
+    run(main)
+
+
+def test_missing_chunk_object_fails_only_its_chunk() -> None:
+    """A published chunk whose object is gone (BaseNotFound): the other chunks of the run come
+    back, that one is reported failed, and the whole fetch does not raise."""
+    data = random_bytes(4 * CS)
+
+    async def main() -> None:
+        source = source_of(data, published=True)
+        real_read = source.read
+
+        async def object_of_chunk_one_gone(offset: int, length: int) -> bytes:
+            if offset <= CS < offset + length:
+                await trio.lowlevel.checkpoint()
+                raise BaseNotFound("memory://chunks/xx/yy.zst does not exist")
+            return await real_read(offset, length)
+
+        source.read = object_of_chunk_one_gone  # type: ignore[method-assign]
+        fetched = await Fetcher(POLICY).fetch_chunks(
+            source, ChunkGeometry(len(data), CS), range(0, 4)
+        )
+        assert [c.index for c in fetched.chunks] == [0, 2, 3]
+        assert [bytes(c.data) for c in fetched.chunks] == [
+            data[i * CS : (i + 1) * CS] for i in (0, 2, 3)
+        ]
+        assert list(fetched.failed) == [1] and fetched.failed[1].errno == errno.ENOENT
 
     run(main)
 

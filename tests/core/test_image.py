@@ -386,3 +386,35 @@ def test_fill_error_is_reported_and_chunk_stays_absent(rig_factory) -> None:
             assert await image.read(0, 10) == data[:10]
 
     run(main)
+
+
+def test_a_filled_chunk_heals_only_the_failures_of_its_own_fill(rig_factory) -> None:
+    """Chunks 4-7 fail as one fill; chunk 5 then fails again alone (same message). Chunk 4
+    filling clears 6 and 7 (they failed with it) but not 5, whose latest failure is its own."""
+    from corfs.errors import BaseAccessDenied
+
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            source = rig.source("a")
+            real_read = source.read
+
+            async def denied_at_five(offset: int, length: int) -> bytes:
+                if offset <= 5 * CS < offset + length:
+                    await trio.lowlevel.checkpoint()
+                    raise BaseAccessDenied("a: access denied")
+                return await real_read(offset, length)
+
+            source.read = denied_at_five  # type: ignore[method-assign]
+            with pytest.raises(BaseAccessDenied):
+                await image.read(4 * CS, 4 * CS)
+            assert image.failing_chunks == [4, 5, 6, 7]
+            with pytest.raises(BaseAccessDenied):
+                await image.read(5 * CS, 1)
+            assert await image.read(4 * CS, CS) == data[4 * CS : 5 * CS]
+            assert image.failing_chunks == [5]
+            assert image.fill_error == "a: access denied"
+
+    run(main)

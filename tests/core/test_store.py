@@ -1,10 +1,12 @@
 """The chunk store: never mark before durable (rows only after fdatasync, failed commits keep
-their marks), zero chunks stay holes, the lock, records and data files."""
+their marks), zero chunks stay holes, the lock, records and data files, the digest index, and
+the trio thread never waiting for a commit."""
 
 from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 
 import pytest
 import trio
@@ -215,3 +217,70 @@ def test_marking_absent_deletes_the_row(tmp_path) -> None:
         assert store.load_states(rec)[0] == bytearray(4)
     finally:
         store.close()
+
+
+def test_digest_index_follows_marks_and_survives_a_reopen(tmp_path) -> None:
+    d, e = b"d" * 16, b"e" * 16
+    store = CacheStore.open(str(tmp_path / "c"))
+    try:
+        store.create_image("a", 4 * CS, CS, "v1", "memory://")
+        store.create_image("b", 4 * CS, CS, "v1", "memory://")
+        store.record("a", 0, ChunkState.CLEAN, d)
+        store.record("b", 1, ChunkState.CLEAN, e)
+        assert store.find_by_digest(d) == ("a", 0)
+        store.record("a", 0, ChunkState.DIRTY)  # written through the mount: other bytes now
+        assert store.find_by_digest(d) is None
+        store.record("a", 2, ChunkState.CLEAN, d)
+        store.record("a", 2, ChunkState.ABSENT)  # forgotten (failed a scrub)
+        assert store.find_by_digest(d) is None
+        store.record("a", 3, ChunkState.CLEAN, d)
+        assert store.find_by_digest(d) == ("a", 3)
+        store.commit_sync()
+    finally:
+        store.close()
+    store = CacheStore.open(str(tmp_path / "c"))
+    try:
+        assert store.find_by_digest(d) == ("a", 3) and store.find_by_digest(e) == ("b", 1)
+        store.create_image("a", 4 * CS, CS, "v2", "memory://")  # a new version: rows gone
+        assert store.find_by_digest(d) is None
+        store.drop_image("b")
+        assert store.find_by_digest(e) is None
+    finally:
+        store.close()
+
+
+def test_the_trio_thread_never_waits_for_a_commit(rig_factory) -> None:
+    """A commit stuck in its SQL holds the store's database lock (as a slow WAL fsync would;
+    here another connection holds the write lock, so BEGIN IMMEDIATE waits out busy_timeout,
+    5 s). Meanwhile a dedup lookup, a dedup fill and a local read all complete."""
+    shared = random_bytes(CS, seed=42)
+    a = shared + random_bytes(CS, seed=1)
+    b = random_bytes(CS, seed=2) + shared
+
+    async def main() -> None:
+        async with rig_factory({"a": a, "b": b}, published=True) as rig:
+            store = rig.store
+            await rig.image("a").read(0, 2 * CS)
+            await store.commit()
+            await rig.image("b").read(0, 1)  # a mark for the commit to write
+            blocker = sqlite3.connect(os.path.join(store.cache_dir, "state.db"))
+            blocker.isolation_level = None
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(store.commit)
+                    with trio.fail_after(5):
+                        while not store._db_lock.locked():  # the commit is in its SQL
+                            await trio.sleep(0.001)
+                    with trio.fail_after(2):
+                        assert store.find_by_digest(chunk_digest(shared)) == ("a", 0)
+                        assert await rig.image("b").read(CS, CS) == shared  # copied from a
+                        assert await rig.image("a").read(CS, 100) == a[CS : CS + 100]
+                    assert rig.fetcher.dedup_hits == 1
+                    assert store._db_lock.locked(), "the commit was not held meanwhile"
+                    blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()
+            assert sorted(committed_states(rig.cache_dir, "b")) == [0]
+
+    trio.run(main)

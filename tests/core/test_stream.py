@@ -288,6 +288,90 @@ def test_failed_chunks_are_never_recorded_local(rig_factory) -> None:
     run(main)
 
 
+def test_stream_completes_everything_but_a_chunk_that_keeps_failing(rig_factory) -> None:
+    """Published chunk 2 is corrupt for good: the rest of its run (fetched with it) and of the
+    image streams to completion; chunk 2 is retried alone with a growing delay and shows in
+    status with its error."""
+    from corfs.control import Controller
+
+    async def main() -> None:
+        async with rig_factory({"p": DATA}, published=True) as rig:
+            image = rig.image("p")
+            source = rig.source("p")
+            source.faults.corrupt_at = {2 * CS + 7}
+            stream = StreamWorker([image], StreamConfig(workers=1, run_chunks=4))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await wait_until(lambda: image.local_chunks == N - 1, timeout=60)
+                await trio.sleep(300)
+                nursery.cancel_scope.cancel()
+            assert not image.is_local(2) and image.local_chunks == N - 1
+            assert await image.read(0, 2 * CS) == DATA[: 2 * CS]
+            assert await image.read(3 * CS, (N - 3) * CS) == DATA[3 * CS :]
+            # Retried alone, two fetches a try, after 2, 4, 8 ... 128 s: 7 tries in 254 s.
+            tries = (chunk_reads(source, CS).count(2) - 2) // 2
+            assert tries == 7, tries
+            status = Controller(
+                [image], stream, cache=str(rig.cache_dir), base="memory://", mountpoint="/mnt"
+            ).status().to_dict()["images"][0]
+            assert status["failing_chunks"] == 1 and status["failing_chunk_indexes"] == (2,)
+            assert "chunk 2 failed its digest check twice" in status["error"]
+            assert status["state"] == "streaming"
+
+    run(main)
+
+
+def test_a_run_that_fails_as_a_whole_does_not_stall_the_stream(rig_factory) -> None:
+    """Every read touching raw chunk 5 fails until io_timeout (not attributable to one chunk by
+    the fetcher): the stream backs off that run, streams the rest, retries its chunks alone,
+    and so ends with everything but chunk 5."""
+
+    async def main() -> None:
+        async with rig_factory({"a": DATA}, policy=RetryPolicy(io_timeout=1.0)) as rig:
+            image = rig.image("a")
+            source = rig.source("a")
+            real_read = source.read
+
+            async def broken_at_five(offset: int, length: int) -> bytes:
+                if offset <= 5 * CS < offset + length:
+                    await trio.lowlevel.checkpoint()
+                    raise TransientBaseError("connection reset")
+                return await real_read(offset, length)
+
+            source.read = broken_at_five  # type: ignore[method-assign]
+            stream = StreamWorker([image], StreamConfig(workers=2, run_chunks=4))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await wait_until(lambda: image.local_chunks == N - 1, timeout=300)
+                await trio.sleep(30)  # chunk 5 retried alone (its neighbours' filling healed it)
+                nursery.cancel_scope.cancel()
+            assert [i for i in range(N) if not image.is_local(i)] == [5]
+            assert image.failing_chunks == [5] and "1 s" in (image.fill_error or "")
+
+    run(main)
+
+
+def test_a_run_whose_every_chunk_fails_backs_the_stream_off(rig_factory) -> None:
+    """Every published chunk is bad (as if the chunk objects were gone): each fails on its own,
+    but a run failing chunk by chunk backs the whole stream off, it does not sweep the image."""
+
+    async def main() -> None:
+        async with rig_factory({"p": DATA}, published=True) as rig:
+            source = rig.source("p")
+            source.faults.corrupt_at = {i * CS for i in range(N)}
+            stream = StreamWorker([rig.image("p")], StreamConfig(workers=1, run_chunks=4))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await trio.sleep(100)
+                nursery.cancel_scope.cancel()
+            # Runs after 0, 1, 2, 4, 8, 16, 30, 30 s: about 8, not all 16 at once and again.
+            runs = sum(1 for _, length in source.reads if length > CS)
+            assert 6 <= runs <= 10, runs
+            assert len(rig.image("p").failing_chunks) == 4 * runs
+
+    run(main)
+
+
 def test_base_changed_stops_the_stream_with_an_error(rig_factory) -> None:
     async def main() -> None:
         async with rig_factory({"a": DATA}) as rig:
