@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from corfs.base import BaseOptions
+from corfs.base import BaseOptions, open_base
 from corfs.base.s3 import open_s3_base
 from corfs.errors import BaseProtocolError, BaseUnavailable
 from tests.remote.hostile import HostileServer, MiB, Route, huge_body, trickle
@@ -72,15 +72,19 @@ def test_huge_object_body_is_read_to_its_cap_only(endpoint, declared: bool) -> N
     trio.run(main)
 
 
-def test_absurd_listed_size_is_a_protocol_error_naming_the_object(endpoint) -> None:  # noqa: ANN001
+def test_absurd_listed_size_leaves_out_only_that_object_naming_it(endpoint, caplog) -> None:  # noqa: ANN001
     options = serve(endpoint, listing(str(1 << 60).encode(), lambda: None))
 
     async def main() -> None:
-        with pytest.raises(BaseProtocolError) as info:
-            await open_s3_base("s3://b/p/", options)
-        assert "s3://b/p/disk.raw" in str(info.value)
+        store = await open_base("s3://b/p/", options)  # as a mount does: one warning
+        try:
+            assert await store.list_images() == []
+        finally:
+            await store.aclose()
 
     trio.run(main)
+    left_out = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
+    assert len(left_out) == 1 and "'disk.raw'" in left_out[0] and str(1 << 60) in left_out[0]
 
 
 def test_trickling_listing_ends_at_io_timeout(endpoint) -> None:  # noqa: ANN001
