@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..digest import Buffer
-from ..errors import BaseError, BaseUnreachable, TransientBaseError, UsageError
+from ..errors import BaseError, BaseUnreachable, CorfsError, TransientBaseError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,29 @@ def skip_bad_entry(base: str, name: str) -> Iterator[None]:
         raise
     except BaseError as exc:
         leave_out(base, name, exc)
+
+
+@contextlib.contextmanager
+def one_error_per_listing() -> Iterator[None]:
+    """Around a nursery of per-entry tasks: trio groups their errors, but every caller of a
+    listing (mount, forget, verify, open_*_base) catches BaseError. A group of CorfsErrors
+    becomes one of them, the most telling: one that is not transient if there is one (a
+    base that refuses says more than one that did not answer in time)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if not leaves or not all(isinstance(e, CorfsError) for e in leaves):
+            raise
+        lasting = [e for e in leaves if not isinstance(e, (TransientBaseError, BaseUnreachable))]
+        raise (lasting or leaves)[0] from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
-from . import BaseOptions, describe_url, skip_bad_entry, valid_entry
+from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
 from .http_policy import AuthHeader, origin_of, parse_byte_count, read_body, send
 from .http_wire import PlainReader, Validator, connect_error, parse_content_range, status_error
 
@@ -344,9 +344,10 @@ class HttpBase:
                     if valid_entry(self.description, name, image.size):
                         images[name] = image
 
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(one, name)
+        with one_error_per_listing():
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(one, name)
         return [images[n] for n in sorted(images)]
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:

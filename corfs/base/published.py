@@ -43,7 +43,14 @@ from ..manifest import (
     image_name_of,
     parse_manifest,
 )
-from . import BaseImage, BaseStore, ChunkLayout, skip_bad_entry, valid_entry
+from . import (
+    BaseImage,
+    BaseStore,
+    ChunkLayout,
+    one_error_per_listing,
+    skip_bad_entry,
+    valid_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +193,10 @@ class PublishedStore:
             elif entry.name != INDEX_KEY and valid_entry(self.description, entry.name, entry.size):
                 raw[entry.name] = entry
         published: dict[str, PublishedImage] = {}
-        async with trio.open_nursery() as nursery:
-            for entry, name in manifests:
-                nursery.start_soon(self._load, entry, name, published)
+        with one_error_per_listing():
+            async with trio.open_nursery() as nursery:
+                for entry, name in manifests:
+                    nursery.start_soon(self._load, entry, name, published)
         live = {entry.name for entry, _ in manifests}
         self._cache = {k: v for k, v in self._cache.items() if k in live}
         for name in published:

@@ -14,8 +14,9 @@ import xxhash
 
 from corfs.base import BaseOptions, open_base
 from corfs.base.http import MAX_LISTING_BYTES, open_http_base
-from corfs.errors import BaseError, BaseProtocolError, BaseUnavailable
+from corfs.errors import BaseError, BaseProtocolError, BaseUnavailable, TransientBaseError
 from corfs.manifest import MAX_MANIFEST_BYTES, Manifest, chunk_key
+from corfs.refetch import why_base_cannot_supply
 from tests.remote.hostile import HostileServer, MiB, Route, huge_body, trickle
 
 FAST = BaseOptions(io_timeout=3.0)
@@ -225,5 +226,37 @@ def test_manifest_larger_than_listed_is_capped_on_bytes_received(hostile) -> Non
             await store.aclose()
         await trio.sleep(0.2)
         assert server.body_bytes_sent < MAX_MANIFEST_BYTES + SLACK
+
+    trio.run(main)
+
+
+def test_a_listing_whose_entries_fail_raises_one_base_error_not_a_group(hostile) -> None:  # noqa: ANN001
+    """Per-entry requests run in a nursery; what they raise reaches callers as one BaseError
+    (forget's refetch check, verify and open catch BaseError: a group got past all three)."""
+    heads = {"fail": False}
+
+    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+        if path == "/index.json":
+            body = b'{"images": [{"name": "a.raw", "size": 10}, {"name": "b.raw", "size": 10}]}'
+            return 200, [("Content-Length", str(len(body)))], [body]
+        if path in ("/a.raw", "/b.raw") and method == "HEAD":
+            if heads["fail"]:
+                return 503, [("Content-Length", "0")], []
+            return 200, [("Content-Length", "10"), ("ETag", '"e"')], []
+        return None
+
+    server = serve(hostile, route)
+
+    async def main() -> None:
+        store = await open_http_base(server.url, BaseOptions(io_timeout=1.0))
+        try:
+            assert [i.name for i in await store.list_images()] == ["a.raw", "b.raw"]
+            heads["fail"] = True
+            with pytest.raises(TransientBaseError):
+                await store.list_images()
+            why = await why_base_cannot_supply(store, "a.raw", "size=10;etag=\"e\"", 10)
+            assert why is not None and "cannot be listed" in why
+        finally:
+            await store.aclose()
 
     trio.run(main)
