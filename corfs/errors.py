@@ -20,7 +20,9 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
         ├── BaseCorrupt             EIO, exit 5      digest mismatch, bad manifest, short body
         │   └── BaseProtocolError   EIO, exit 5      an answer no sane server sends (absurd
         │                                            sizes, unparseable numbers, oversized body)
-        └── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
+        ├── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
+        └── ChunkUnavailable        EIO, exit 5      a read's chunk: its base object or image
+                                                     is gone or forbidden (never ENOENT/EACCES)
 """
 
 from __future__ import annotations
@@ -114,6 +116,19 @@ class BaseProtocolError(BaseCorrupt):
 
 class TransientBaseError(BaseError):
     """A failure that may go away: the fetcher retries it until --io-timeout."""
+
+
+class ChunkUnavailable(BaseError):
+    """A chunk a client needs cannot be filled because the base lacks or forbids it. A
+    read(2) answering ENOENT or EACCES would tell QEMU the image file is gone or forbidden;
+    it is the disk's data that is missing: EIO."""
+
+
+def chunk_error(error: CorfsError) -> CorfsError:
+    """The error a client read or write gets for a chunk whose fill failed with `error`."""
+    if isinstance(error, (BaseNotFound, BaseAccessDenied)):
+        return ChunkUnavailable(str(error))
+    return type(error)(str(error))
 
 
 def leaf_error(exc: BaseException) -> CorfsError | None:

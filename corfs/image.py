@@ -42,6 +42,7 @@ from .errors import (
     OutOfImageError,
     ReadOnlyError,
     ShortWrite,
+    chunk_error,
 )
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
@@ -257,7 +258,7 @@ class Image:
                 missing, background=background, reading=reading, first_error=True
             )
             for error in outcome.failed.values():
-                raise type(error)(str(error))
+                raise chunk_error(error)
 
     async def fill_each(self, indexes: Iterable[int]) -> FillOutcome:
         """The stream's fill: one pass over the absent chunks of `indexes` in the background,
@@ -509,7 +510,7 @@ class Image:
                     self.source, self.geometry, range(index, index + 1)
                 )
                 for error in fetched.failed.values():
-                    raise error
+                    raise chunk_error(error)
                 data = fetched.chunks[0].data or bytes(self.geometry.chunk_length(index))
             lo = max(offset, start) - start
             hi = min(offset + length, start + len(data)) - start

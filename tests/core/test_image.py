@@ -12,7 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-from corfs.errors import BaseChanged, BaseNotFound, CacheFull, CorfsError, ReadOnlyError
+from corfs.errors import (
+    BaseChanged,
+    CacheFull,
+    ChunkUnavailable,
+    CorfsError,
+    ReadOnlyError,
+)
 from corfs.image import Image
 from corfs.store import ChunkState
 from tests.core.conftest import (
@@ -341,8 +347,9 @@ def test_base_gone_serves_local_chunks_and_fails_missing(tmp_path, rig_factory) 
             await rig.store.commit()
             orphan = Image(image.record, rig.store, rig.fetcher, None, rig.nursery)
             assert await orphan.read(0, 2 * CS) == data[: 2 * CS]
-            with pytest.raises(BaseNotFound):
+            with pytest.raises(ChunkUnavailable, match="the base image is gone") as info:
                 await orphan.read(3 * CS, 1)
+            assert info.value.errno == errno.EIO  # a disk read, not "no such file"
 
     run(main)
 
@@ -408,10 +415,10 @@ def test_a_filled_chunk_heals_only_the_failures_of_its_own_fill(rig_factory) -> 
                 return await real_read(offset, length)
 
             source.read = denied_at_five  # type: ignore[method-assign]
-            with pytest.raises(BaseAccessDenied):
+            with pytest.raises(ChunkUnavailable, match="access denied"):  # EIO, not EACCES
                 await image.read(4 * CS, 4 * CS)
             assert image.failing_chunks == [4, 5, 6, 7]
-            with pytest.raises(BaseAccessDenied):
+            with pytest.raises(ChunkUnavailable):
                 await image.read(5 * CS, 1)
             assert await image.read(4 * CS, CS) == data[4 * CS : 5 * CS]
             assert image.failing_chunks == [5]

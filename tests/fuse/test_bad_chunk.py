@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import zstandard
 
 from tests.fuse.test_published_mount import CHUNK, object_path, published_image
@@ -25,13 +26,20 @@ def dd_direct(path: str, chunk: int) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def test_a_corrupt_chunk_fails_only_itself(tmp_dirs) -> None:
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [("corrupt", f"chunk {BAD} failed its digest check"), ("missing", "does not exist")],
+)
+def test_a_bad_chunk_fails_only_itself(tmp_dirs, damage: str, reason: str) -> None:
     assert CHUNK == 64 << 10
     p = published_image(tmp_dirs, size=CHUNKS * CHUNK, zero=())
-    data = bytearray(p.want[BAD * CHUNK : (BAD + 1) * CHUNK])
-    data[100] ^= 0x01  # a right-sized zstd frame with one wrong byte: fails its digest
-    compressed = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(data))
-    object_path(tmp_dirs.base, p.digests[BAD]).write_bytes(compressed)
+    if damage == "corrupt":
+        data = bytearray(p.want[BAD * CHUNK : (BAD + 1) * CHUNK])
+        data[100] ^= 0x01  # a right-sized zstd frame with one wrong byte: fails its digest
+        compressed = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(data))
+        object_path(tmp_dirs.base, p.digests[BAD]).write_bytes(compressed)
+    else:  # a disk read gets EIO, never ENOENT ("the image file is gone") from the object
+        object_path(tmp_dirs.base, p.digests[BAD]).unlink()
     with tmp_dirs.mount() as m:  # streaming, runs of 4 chunks: 4-7 holds the bad one
         image = m.mnt / "a.raw"
         st = wait_for(
@@ -42,7 +50,7 @@ def test_a_corrupt_chunk_fails_only_itself(tmp_dirs) -> None:
             "every chunk but the bad one to stream",
         )
         assert st["failing_chunks"] == 1 and st["failing_chunk_indexes"] == [BAD]
-        assert f"chunk {BAD} failed its digest check" in st["error"]
+        assert reason in st["error"]
         assert st["state"] == "streaming"  # it keeps retrying chunk 5, later
         for neighbour in (BAD - 1, BAD + 1):
             result = dd_direct(str(image), neighbour)
