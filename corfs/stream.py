@@ -304,6 +304,9 @@ class StreamWorker:
         elif len(outcome.failed) < len(run):  # something filled: the base answers
             if stream.failures:
                 log.info("stream of %s: base is back, going on", image.name)
+                # What failed while it was down failed with it, not by itself: fetch it again
+                # now and in runs, rather than chunk by chunk minutes later.
+                stream.deferred.clear()
             stream.failures = 0
             stream.error = None
 
