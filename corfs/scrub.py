@@ -105,6 +105,11 @@ async def _why_not_refetchable(record: ImageRecord, base: BaseStore | None) -> s
         return await why_base_cannot_supply(base, record.name, record.identity, record.size)
     if not record.base:
         return "the cache does not say which base it came from"
+    if "://" in record.base:
+        # Offline there are none of the mount's base options (auth header, CA, S3 endpoint,
+        # profile): without them a request could carry credentials to the wrong place
+        # (botocore's default endpoint is AWS). A mount has them: verify through it.
+        return f"its base {record.base} is remote: mount CACHE and verify again to refetch them"
     try:
         opened = await open_base(record.base, BaseOptions(io_timeout=OFFLINE_BASE_TIMEOUT))
     except CorfsError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -15,10 +16,12 @@ from corfs import scrub
 from corfs.base.memory import MemoryBase
 from corfs.config import StreamConfig
 from corfs.control import Controller
+from corfs.digest import chunk_digest
 from corfs.errors import ControlError, ForgetRefused, UsageError
 from corfs.store import CacheStore, ChunkState
 from corfs.stream import StreamWorker
 from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
+from tests.remote.hostile import HostileServer
 
 run = run_with_mock_clock
 
@@ -286,3 +289,25 @@ def test_verify_of_an_unmounted_cache_keeps_bad_chunks_its_base_cannot_supply(
         assert (report.bad, report.bad_chunks) == (1, [1])
         assert report.kept is not None
         assert sorted(committed_states(cache, "a")) == [0, 1, 2]
+
+
+def test_verify_of_an_unmounted_cache_never_contacts_a_remote_base(tmp_path: Path) -> None:
+    """Offline, the mount's base options (auth header, CA, S3 endpoint) are unknown: opening
+    the recorded URL without them could send credentials elsewhere. The base is not asked, the
+    bad chunk is kept and the report says to verify through a mount."""
+    server = HostileServer(lambda method, path, headers: None).start()
+    try:
+        cache = tmp_path / "cache"
+        store = CacheStore.open(str(cache))
+        store.create_image("a", CS, CS, "size=4096;etag=\"e\"", server.url)
+        store.write_data("a", 0, random_bytes(CS, seed=5))
+        store.record("a", 0, ChunkState.CLEAN, chunk_digest(random_bytes(CS, seed=6)))
+        store.commit_sync()
+        store.close()
+        (report,) = scrub.verify_cache(str(cache))
+        assert (report.bad, report.bad_chunks) == (1, [0])
+        assert report.kept is not None and "remote" in report.kept
+        assert server.requests == []
+        assert committed_states(cache, "a") == {0: (ChunkState.CLEAN, ANY)}
+    finally:
+        server.stop()
