@@ -39,7 +39,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
-from . import MAX_IMAGE_SIZE, BaseOptions, valid_entry
+from . import MAX_IMAGE_SIZE, BaseOptions, skip_bad_entry, valid_entry
 from .http import stall_timeout
 from .http_wire import parse_content_range
 
@@ -232,7 +232,7 @@ class S3Base:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
                 for obj in page.get("Contents", ()):
-                    found.append((str(obj["Key"]), obj.get("Size"), str(obj["ETag"])))
+                    found.append((str(obj["Key"]), obj.get("Size"), str(obj.get("ETag", ""))))
                 if len(found) > MAX_LISTED_OBJECTS:
                     raise BaseProtocolError(f"{what}: more than {MAX_LISTED_OBJECTS} objects")
         except BaseError:
@@ -264,13 +264,13 @@ class S3Base:
             raise TransientBaseError(
                 f"{self.description}: listing not received within {self.options.io_timeout:g}s"
             )
-        images = [
-            self._image(key, size, etag)
-            for key, size, etag in objects
-            if key != self.prefix
-            and not key.endswith("/")
-            and valid_entry(self.description, key.rsplit("/", 1)[-1], size)
-        ]
+        images = []
+        for key, size, etag in objects:
+            name = key.rsplit("/", 1)[-1]
+            if key == self.prefix or key.endswith("/") or not valid_entry(self.description, name):
+                continue
+            with skip_bad_entry(self.description, name):  # a size absent or absurd: this one
+                images.append(self._image(key, size, etag))
         return sorted(images, key=lambda i: i.name)
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:

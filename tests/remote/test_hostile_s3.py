@@ -103,3 +103,33 @@ def test_trickling_listing_ends_at_io_timeout(endpoint) -> None:  # noqa: ANN001
         assert time.monotonic() - start < options.io_timeout + 2
 
     trio.run(main)
+
+
+def test_an_object_listed_without_a_size_leaves_out_only_itself(endpoint, caplog) -> None:  # noqa: ANN001
+    doc = (
+        b'<?xml version="1.0" encoding="UTF-8"?>'
+        b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>'
+        b"<Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>"
+        b"<Delimiter>/</Delimiter><IsTruncated>false</IsTruncated>"
+        b'<Contents><Key>p/nosize.raw</Key><ETag>"e"</ETag></Contents>'
+        b'<Contents><Key>p/good.raw</Key><Size>4096</Size><ETag>"f"</ETag></Contents>'
+        b"</ListBucketResult>"
+    )
+
+    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        return None
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_base("s3://b/p/", options)
+        try:
+            assert [image.name for image in await store.list_images()] == ["good.raw"]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    left_out = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
+    assert len(left_out) == 1 and "'nosize.raw'" in left_out[0]
