@@ -173,7 +173,10 @@ class StreamWorker:
             state = "paused"
         else:
             state = "streaming"
-        return ImageStreamStatistics(state, stream.meter.rate(), stream.error or image.error)
+        error = stream.error or image.error
+        if error is None and image.source is None and not image.complete:
+            error = f"not fetching: {image.missing_source}"  # the base is down, or lost it
+        return ImageStreamStatistics(state, stream.meter.rate(), error)
 
     # ---- work ----------------------------------------------------------------------------
 

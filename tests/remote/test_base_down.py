@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 
-from tests.fuse.util import direct_read, wait_complete, wait_for
+from tests.fuse.util import direct_read, image_status, live_status, wait_complete, wait_for
 from tests.mounting import CorfsMount, make_image, sha256_file
 from tests.servers import Nginx
 
@@ -79,12 +79,16 @@ def test_cache_is_served_while_the_base_is_down_and_the_stream_resumes(site: Sit
         assert sha256_file(m.mnt / "full.raw") == sha256_file(site.full)
         assert direct_read(m.mnt / "part.raw", CHUNK, 4096) == data[CHUNK : CHUNK + 4096]
         assert _read_errno(m.mnt / "part.raw", missing) == errno.EIO
+        status = live_status(m.mnt)
+        assert "does not answer" in image_status(status, "part.raw")["error"]
+        assert image_status(status, "full.raw")["error"] is None
         site.restart_nginx()
         wait_for(lambda: _read_errno(m.mnt / "part.raw", missing) == 0, timeout=15,
                  what="the missing chunk to read once the base is back")
         assert direct_read(m.mnt / "part.raw", missing, 4096) == data[missing : missing + 4096]
         wait_complete(m.mnt, "part.raw", timeout=20)
         assert sha256_file(m.mnt / "part.raw") == sha256_file(site.part)
+        assert image_status(live_status(m.mnt), "part.raw")["error"] is None
         m.stop()
     log = m.log_text()
     assert log.count("does not answer (") == 1, log  # the mount's warning (reads log apart)
