@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 RUFF := $(VENV)/bin/ruff
-LINT_PATHS = $(wildcard corfs tests bench)
+LINT_PATHS = $(wildcard corfs tests bench scripts)
 PYTEST_ARGS ?=
 # Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only.
 BENCH_PACKAGES := httpdirfs rclone nbdkit libnbd-bin
@@ -16,7 +16,7 @@ NO_TESTS_MSG := corfs: pytest exit code 5: no tests were run
 RUN_PYTEST = $(PYTEST) -q $(1) $(PYTEST_ARGS) || { rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "$(NO_TESTS_MSG)" >&2; fi; exit $$rc; }
 
-.PHONY: all setup test check lint demo bench clean
+.PHONY: all setup test check lint demo bench mutants clean
 
 all: check
 
@@ -32,6 +32,9 @@ check: setup
 
 lint: setup
 	$(RUFF) check $(LINT_PATHS)
+
+mutants: setup
+	$(PY) scripts/mutants.py $(MUTANTS)
 
 demo: setup
 	contrib/demo.sh

@@ -539,13 +539,15 @@ class Image:
         # No await from here on: the write and the dirty marks are one atomic step.
         for index in touched:
             self._fresh.drop(index)  # even if the write fails half-way
+        # The next commit syncs the data file even when every chunk was dirty already (no new
+        # mark): an fsync must never succeed with this write in the page cache only.
+        self.store.touch(self.name)
         try:
             self.store.write_data(self.name, offset, data)
         except ShortWrite:
             self._mark_dirty(touched)  # some bytes changed: no longer equal to the base
             raise
         self._mark_dirty(touched)
-        self.store.touch(self.name)
         self.mtime_ns = time.time_ns()
         return len(data)
 

@@ -43,7 +43,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from urllib.parse import quote
@@ -215,6 +215,18 @@ def data_file_name(image: str) -> str:
     return f"{prefix}%~{digest}"
 
 
+_Marks = dict[tuple[str, int], tuple[int, bytes | None]]  # (image, chunk) -> (state, digest)
+
+
+@dataclass
+class _Batch:
+    """One commit's work: sync these data files, then write these marks."""
+
+    touched: set[str]  # images whose data files changed
+    fds: list[int]  # their open data files
+    pending: _Marks
+
+
 class _SyncFailed(Exception):
     """fdatasync of a data file failed: the bytes behind pending marks may not be on disk."""
 
@@ -233,7 +245,7 @@ class CacheStore:
         self._direct_fds: dict[str, int] = {}  # O_DIRECT descriptors of data files, for fills
         self._direct_refused: set[str] = set()  # images whose direct writes got EINVAL
         self._direct_lock = threading.Lock()  # fills open them from worker threads
-        self._pending: dict[tuple[str, int], tuple[int, bytes | None]] = {}
+        self._pending: _Marks = {}
         self._touched: set[str] = set()
         self._commit_lock = trio.Lock()
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
@@ -556,49 +568,56 @@ class CacheStore:
         A failed fdatasync stops all further commits (CacheError from then on): Linux reports a
         writeback error once and then marks the pages clean, so a retry could "succeed" with
         the bytes never on disk and record chunks local that are not. What was committed
-        before stays true; a restart of the mount starts from there."""
+        before stays true; a restart of the mount starts from there. Any other failure (the
+        SQL step) puts the marks back for the next commit."""
         async with self._commit_lock:
-            if self.sync_failure is not None:
-                raise CacheError(self.sync_failure)
-            # No await between these lines and the swap: what we sync is what we snapshot.
-            pending, self._pending = self._pending, {}
-            touched, self._touched = self._touched, set()
-            fds = [self._data_fds[name] for name in touched if name in self._data_fds]
-            if not pending and not fds:
-                return
-            try:
-                await trio.to_thread.run_sync(self._sync_and_write, fds, pending)
-            except _SyncFailed as failed:
-                self.sync_failure = (
-                    f"the cache disk failed to sync ({failed.cause}): nothing more is recorded "
-                    "as local; restart the mount"
-                )
-                log.error("%s", self.sync_failure)
-                raise failed.cause from None
-            except BaseException:
-                # Not durable: put the marks back (newer marks taken meanwhile win).
-                for key, value in pending.items():
-                    self._pending.setdefault(key, value)
-                self._touched |= touched
-                raise
+            # No await between the snapshot and the thread: what we sync is what we snapshot.
+            batch = self._take_batch()
+            if batch is not None:
+                with self._keeping_marks_on_failure(batch):
+                    await trio.to_thread.run_sync(self._sync_and_write, batch)
 
     def commit_sync(self) -> None:
-        """The same as `commit`, for shutdown paths outside trio."""
+        """The same as `commit`, for shutdown and scrub paths outside trio."""
+        batch = self._take_batch()
+        if batch is not None:
+            with self._keeping_marks_on_failure(batch):
+                self._sync_and_write(batch)
+
+    def _take_batch(self) -> _Batch | None:
+        """The data files to sync and the marks to write, taken out of the queue (None when
+        there is nothing to commit). CacheError once a sync has failed."""
         if self.sync_failure is not None:
             raise CacheError(self.sync_failure)
         pending, self._pending = self._pending, {}
-        self._touched = set()
-        try:
-            self._sync_and_write(list(self._data_fds.values()), pending)
-        except _SyncFailed as failed:
-            self.sync_failure = str(failed.cause)
-            raise failed.cause from None
+        touched, self._touched = self._touched, set()
+        fds = [self._data_fds[name] for name in touched if name in self._data_fds]
+        batch = _Batch(touched, fds, pending)
+        return batch if batch.pending or batch.fds else None
 
-    def _sync_and_write(
-        self, fds: list[int], pending: dict[tuple[str, int], tuple[int, bytes | None]]
-    ) -> None:
+    @contextlib.contextmanager
+    def _keeping_marks_on_failure(self, batch: _Batch) -> Iterator[None]:
         try:
-            for fd in fds:
+            yield
+        except _SyncFailed as failed:
+            self.sync_failure = (
+                f"the cache disk failed to sync ({failed.cause}): nothing more is recorded "
+                "as local; restart the mount"
+            )
+            log.error("%s", self.sync_failure)
+            raise failed.cause from None
+        except BaseException:
+            # Not durable: put the marks back (newer marks taken meanwhile win), and the
+            # files, so the next commit syncs them again.
+            for key, value in batch.pending.items():
+                self._pending.setdefault(key, value)
+            self._touched |= batch.touched
+            raise
+
+    def _sync_and_write(self, batch: _Batch) -> None:
+        pending = batch.pending
+        try:
+            for fd in batch.fds:
                 os.fdatasync(fd)
         except OSError as exc:
             raise _SyncFailed(self._os_error(exc, "syncing the cache")) from None

@@ -243,3 +243,98 @@ def test_a_buffered_fill_of_a_chunk_written_meanwhile_leaves_nothing_behind(
             assert bytes(await image.read(7 * CS, 100)) == b"w" * 100
 
     trio.run(main)
+
+
+# ---- two fills in one folio span: a buffered store never overlaps any other store there ----
+
+
+def direct_io_works(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "second_waits"),
+    [
+        (7, 5, True),  # buffered (the short last chunk) first: a direct store waits for it
+        (5, 7, True),  # direct first: the buffered store waits for it
+        (5, 4, False),  # two direct stores do not serialise (O_DIRECT keeps no folio)
+    ],
+    ids=["direct-after-buffered", "buffered-after-direct", "direct-beside-direct"],
+)
+def test_fills_in_one_folio_span(rig_factory, monkeypatch, first, second, second_waits) -> None:
+    data = random_bytes(7 * CS + 100, seed=13)  # chunks 0-7 in one span, chunk 7 short
+    assert SPAN_CHUNKS >= 8
+    started: list[int] = []
+    direct: dict[int, bool] = {}
+    first_started, release_first = threading.Event(), threading.Event()
+    real_write_chunks = Image._write_chunks
+
+    def write_chunks(self, chunks, coalesce):  # noqa: ANN001, ANN202
+        for c in chunks:
+            direct[c.index] = self.store.writes_direct("a", c.index * CS, c.data)
+        started.extend(c.index for c in chunks)
+        if [c.index for c in chunks] == [first]:
+            first_started.set()
+            release_first.wait(10)
+        return real_write_chunks(self, chunks, coalesce)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            if not direct_io_works(rig.store.data_path("a")):
+                pytest.skip("the file system under tmp_path refuses O_DIRECT")
+            image = rig.image("a")
+            monkeypatch.setattr(Image, "_write_chunks", write_chunks)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.wait_local, range(first, first + 1))
+                await trio.to_thread.run_sync(first_started.wait, 10)
+                nursery.start_soon(image.wait_local, range(second, second + 1))
+                with trio.move_on_after(0.3):
+                    while second not in started:
+                        await trio.sleep(0.005)
+                assert (second not in started) == second_waits, started
+                release_first.set()
+            assert started == [first, second]
+            assert direct == {index: index != 7 for index in (first, second)}
+            for index in (first, second):
+                start = index * CS
+                assert bytes(await image.read(start, CS)) == data[start : start + CS]
+                assert rig.data_file("a")[start : start + CS] == data[start : start + CS]
+
+    trio.run(main)
+
+
+def test_a_reader_arriving_while_a_fill_stores_never_sees_zeros(rig_factory, monkeypatch) -> None:
+    """The fill's bytes are on their way to the data file (the store is slow): a second reader
+    of that chunk must wait for them or get them from the fill, never read the hole."""
+    data = random_bytes(8 * CS, seed=14)
+    storing, release = threading.Event(), threading.Event()
+    real_write_chunks = Image._write_chunks
+
+    def slow_write_chunks(self, chunks, coalesce):  # noqa: ANN001, ANN202
+        storing.set()
+        release.wait(10)
+        return real_write_chunks(self, chunks, coalesce)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            monkeypatch.setattr(Image, "_write_chunks", slow_write_chunks)
+            got: dict[str, bytes] = {}
+
+            async def read(who: str) -> None:
+                got[who] = bytes(await image.read(3 * CS, CS))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "first")
+                await trio.to_thread.run_sync(storing.wait, 10)
+                nursery.start_soon(read, "second")
+                await trio.sleep(0.1)
+                release.set()
+            assert got == {"first": data[3 * CS : 4 * CS], "second": data[3 * CS : 4 * CS]}
+            assert rig.source("a").reads.count((3 * CS, CS)) <= 1
+
+    trio.run(main)

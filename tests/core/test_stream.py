@@ -180,6 +180,36 @@ def test_pause_and_resume_one_image_and_all(rig_factory) -> None:
     run(main)
 
 
+def test_a_pause_stops_base_reads_within_seconds_even_for_runs_waiting_their_turn(
+    rig_factory,
+) -> None:
+    """At 1 chunk/s each worker's next run waits seconds for its bandwidth turn. A pause then
+    stops the base reads at once (what is in flight lands): no run picked before the pause is
+    fetched after it, and nothing is read while paused, asserted on the base's reads."""
+
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            stream = StreamWorker([image], StreamConfig(bandwidth=CS, run_chunks=4, workers=2))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await wait_until(lambda: len(source.reads) >= 2)
+                await trio.sleep(0.5)  # both workers now wait for their next turn
+                stream.pause()
+                await trio.sleep(0.1)  # anything in flight lands
+                reads = len(source.reads)
+                await trio.sleep(30)  # 30 turns' worth of bandwidth
+                assert len(source.reads) == reads, "the stream read the base while paused"
+                assert stream.statistics("a").state == "paused"
+                stream.set_bandwidth(0)
+                stream.resume()
+                await wait_until(lambda: image.complete)
+                nursery.cancel_scope.cancel()
+            assert sorted(chunk_reads(source, CS)) == list(range(N))
+
+    run(main)
+
+
 def test_start_paused(rig_factory) -> None:
     async def main() -> None:
         async with rig_factory({"a": DATA}) as rig:

@@ -14,7 +14,13 @@ import xxhash
 
 from corfs.base import BaseOptions, open_base
 from corfs.base.http import MAX_LISTING_BYTES, open_http_base
-from corfs.errors import BaseError, BaseProtocolError, BaseUnavailable, TransientBaseError
+from corfs.errors import (
+    BaseChanged,
+    BaseError,
+    BaseProtocolError,
+    BaseUnavailable,
+    TransientBaseError,
+)
 from corfs.manifest import MAX_MANIFEST_BYTES, Manifest, chunk_key
 from corfs.refetch import why_base_cannot_supply
 from tests.remote.hostile import HostileServer, MiB, Route, huge_body, trickle
@@ -256,6 +262,45 @@ def test_a_listing_whose_entries_fail_raises_one_base_error_not_a_group(hostile)
                 await store.list_images()
             why = await why_base_cannot_supply(store, "a.raw", "size=10;etag=\"e\"", 10)
             assert why is not None and "cannot be listed" in why
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def plain_file_route(content: bytearray) -> Route:
+    """/disk.raw served from `content` as it is at each request, with real ranges and neither
+    ETag nor Last-Modified: the size is the only thing that can tell versions apart."""
+
+    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+        if path != "/disk.raw":
+            return None
+        data = bytes(content)
+        if method == "HEAD":
+            return 200, [("Content-Length", str(len(data)))], []
+        first, _, last = headers["range"].removeprefix("bytes=").partition("-")
+        start, end = int(first), min(int(last), len(data) - 1)
+        piece = data[start : end + 1]
+        return 206, [("Content-Range", f"bytes {start}-{end}/{len(data)}"),
+                     ("Content-Length", str(len(piece)))], [piece]
+
+    return route
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+def test_a_growing_file_without_validators_is_base_changed(hostile, lean: bool) -> None:  # noqa: ANN001
+    content = bytearray(b"a" * 8192)
+    server = serve(hostile, plain_file_route(content))
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            (image,) = await store.list_images()
+            store.reader.use_plain = lean
+            assert bytes(await image.read(4096, 4096)) == b"a" * 4096
+            content[4096:] = b"b" * 8192  # rewritten and grown: same range, other bytes
+            with pytest.raises(BaseChanged):
+                await image.read(4096, 4096)
         finally:
             await store.aclose()
 

@@ -1,0 +1,180 @@
+"""fsync through the mount never reports success for data it did not sync, and a commit that
+fails keeps every mark it did not write. `kill -9` tests cannot see these (the page cache
+survives the daemon; a power cut does not), so they are checked here, at the store: which
+fds were fdatasynced, in what order against the rows, and which rows a fresh process sees
+after a commit whose SQL failed for real (a trigger in state.db makes the INSERT abort)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from corfs.digest import chunk_digest
+from corfs.errors import CacheError
+from corfs.store import CacheStore, ChunkState
+from tests.core.conftest import CS, committed_states, random_bytes
+
+
+@contextlib.contextmanager
+def failing_inserts(store: CacheStore) -> Iterator[None]:
+    """Every INSERT into the chunk table aborts with an SQLite error while this is open: a
+    real failure of the commit's SQL step after its fdatasync succeeded (another connection
+    adds the trigger, as any writer of state.db could)."""
+    db = sqlite3.connect(os.path.join(store.cache_dir, "state.db"))
+    try:
+        db.execute(
+            "CREATE TRIGGER corfs_test_fail BEFORE INSERT ON chunks "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )
+        db.commit()
+        yield
+    finally:
+        db.execute("DROP TRIGGER IF EXISTS corfs_test_fail")
+        db.commit()
+        db.close()
+
+
+def spy_fdatasync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The inode of every file fdatasynced from now on."""
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    return synced
+
+
+def test_every_fsync_after_a_write_syncs_the_data_file(rig_factory, monkeypatch) -> None:
+    """A second write to a chunk that is dirty already records no new mark: the fsync after it
+    must still sync the data file (the write's bytes are in the page cache only)."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            data_inode = os.stat(rig.store.data_path("a")).st_ino
+            synced = spy_fdatasync(monkeypatch)
+            await image.write(CS, b"1" * CS)
+            await image.fsync()
+            assert synced == [data_inode]
+            synced.clear()
+            await image.write(CS + 100, b"2" * 100)  # the same chunk, dirty already
+            assert rig.store.pending_count == 0  # no new mark: only the sync can save it
+            await image.fsync()
+            assert synced == [data_inode], "fsync reported success without syncing the write"
+            synced.clear()
+            await image.fsync()  # nothing written since: nothing to sync
+            assert synced == []
+
+    trio.run(main)
+
+
+def test_a_failed_sql_commit_keeps_its_marks_for_the_next(rig_factory) -> None:
+    """The fdatasync succeeded, the SQL failed: the fsync fails (EIO to the client), and the
+    marks it did not write are written by the next commit. Dropping them would let the next
+    fsync succeed while a restart refetches the written chunk from the base."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            await image.write(2 * CS, b"w" * CS)
+            with failing_inserts(rig.store), pytest.raises(CacheError, match="injected"):
+                await image.fsync()
+            assert committed_states(rig.cache_dir, "a") == {}
+            await image.fsync()
+            assert committed_states(rig.cache_dir, "a") == {2: (ChunkState.DIRTY, None)}
+
+    trio.run(main)
+
+
+def test_a_failed_shutdown_commit_keeps_its_marks_too(rig_factory) -> None:
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            await rig.image("a").write(0, b"w" * CS)
+            with failing_inserts(rig.store), pytest.raises(CacheError, match="injected"):
+                rig.store.commit_sync()
+            rig.store.commit_sync()
+            assert committed_states(rig.cache_dir, "a") == {0: (ChunkState.DIRTY, None)}
+
+    trio.run(main)
+
+
+def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
+    rig_factory, monkeypatch
+) -> None:
+    """Chunk 1 is read (CLEAN, pending); a commit starts; while it is in its thread the client
+    overwrites chunk 1 (DIRTY, pending anew); the commit's SQL fails and its CLEAN mark goes
+    back. The newer DIRTY mark must stay: CLEAN would let a restart refetch the chunk from the
+    base over the client's write."""
+    data = random_bytes(4 * CS)
+    in_commit, written = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def sync_after_the_write(fd: int) -> None:
+        in_commit.set()
+        written.wait(10)
+        real(fd)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(CS, 10)
+            with failing_inserts(rig.store):
+                monkeypatch.setattr(os, "fdatasync", sync_after_the_write)
+                async with trio.open_nursery() as nursery:
+
+                    async def failing_commit() -> None:
+                        with pytest.raises(CacheError, match="injected"):
+                            await rig.store.commit()
+
+                    nursery.start_soon(failing_commit)
+                    await trio.to_thread.run_sync(in_commit.wait, 10)
+                    await image.write(CS, b"w" * CS)
+                    written.set()
+                monkeypatch.setattr(os, "fdatasync", real)
+            await rig.store.commit()
+            assert committed_states(rig.cache_dir, "a") == {1: (ChunkState.DIRTY, None)}
+            assert bytes(await image.read(CS, CS)) == b"w" * CS
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("path", ["periodic", "shutdown"])
+def test_data_files_are_synced_before_the_rows_on_every_commit_path(
+    rig_factory, monkeypatch, path: str
+) -> None:
+    """When the data file is synced, the row saying its chunk is local must not be in
+    state.db yet: `commit` (periodic, fsync) and `commit_sync` (unmount, verify) alike."""
+    data = random_bytes(2 * CS)
+    events: list[str] = []
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            await rig.image("a").read(0, CS)
+            real = os.fdatasync
+
+            def spy(fd: int) -> None:
+                rows = committed_states(rig.cache_dir, "a")
+                events.append("sync" if rows == {} else "sync after the rows")
+                real(fd)
+
+            monkeypatch.setattr(os, "fdatasync", spy)
+            if path == "periodic":
+                await rig.store.commit()
+            else:
+                rig.store.commit_sync()
+            monkeypatch.setattr(os, "fdatasync", real)
+            rows = committed_states(rig.cache_dir, "a")
+            assert rows == {0: (ChunkState.CLEAN, chunk_digest(data[:CS]))}
+            events.append("rows")
+
+    trio.run(main)
+    assert events == ["sync", "rows"]
