@@ -109,7 +109,7 @@ def run_tests(mutant: Mutant, tree: Path) -> tuple[str, float, str]:
     tail = "\n".join(output.strip().splitlines()[-3:])
     if done.returncode == 0:
         verdict = "SURVIVED"
-    elif "Timeout" in output and "+++++" in output:  # pytest-timeout's banner
+    elif "from pytest-timeout" in output or "+ Timeout +" in output:
         verdict = "HUNG"
     else:
         verdict = "killed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,31 @@ __all__ = [
 ]
 
 
+# A test in virtual time that runs this long in real time has a task that never waits (a busy
+# loop): virtual time cannot advance past it, so the test would otherwise hang until
+# pytest-timeout. The slowest of them takes ~8 s.
+REAL_TIME_LIMIT_S = 30.0
+
+
 def run_with_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
     """Run `main` in virtual time that jumps whenever every task waits. The threshold lets
     worker threads (fills write data files in threads) finish before the clock jumps past
-    them; with 0 a thread's few milliseconds would count as idle time."""
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.005))
+    them; with 0 a thread's few milliseconds would count as idle time. Fails (rather than
+    hangs) if a task spins: see REAL_TIME_LIMIT_S."""
+
+    async def guarded() -> None:
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+            timer = threading.Timer(REAL_TIME_LIMIT_S, token.run_sync_soon, (scope.cancel,))
+            timer.start()
+            try:
+                await main()
+            finally:
+                timer.cancel()
+        if scope.cancelled_caught:
+            pytest.fail(
+                f"over {REAL_TIME_LIMIT_S:g} s of real time in virtual time: a task never waits "
+                "(a busy loop keeps the mock clock from advancing)"
+            )
+
+    trio.run(guarded, clock=trio.testing.MockClock(autojump_threshold=0.005))
