@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import control, detach, scrub
+from . import control, scrub
 from .base import BaseOptions
 from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
 from .errors import CorfsError, UsageError, leaf_error
@@ -54,6 +54,13 @@ def _add_mount(sub: _WithCommon) -> None:
         "--reset-stale",
         action="store_true",
         help="discard the cache of an image that changed in BASE instead of refusing it",
+    )
+    p.add_argument(
+        "--forget-detached",
+        metavar="IMAGE",
+        action="append",
+        default=[],
+        help="serve IMAGE from BASE again although it was handed over to QEMU (detach --qmp)",
     )
     p.add_argument("--allow-other", action="store_true", help="let other users (libvirt's QEMU) in")
     p.add_argument("--owner", type=_owner, help="UID:GID of the exposed images")
@@ -132,10 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_status(sub)
     _add_stream(sub)
-    p = sub.add_parser("detach", help="write a fully local image out as a standalone raw file")
-    p.add_argument("cache", metavar="CACHE")
+    p = sub.add_parser(
+        "detach",
+        help="a fully local image as a standalone raw file: copied out of an unmounted cache, "
+        "or handed over live to the QEMU using it (--qmp/--virsh)",
+    )
+    p.add_argument("cache", metavar="PATH", help="CACHE, or a mountpoint for a live handoff")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("dest", metavar="DEST", help="new file; live: on CACHE's file system")
+    live = p.add_mutually_exclusive_group()
+    live.add_argument("--qmp", metavar="SOCKET", help="the QMP socket of the QEMU using IMAGE")
+    live.add_argument("--virsh", metavar="DOMAIN", help="the libvirt domain using IMAGE")
+    p.add_argument("--wait", action="store_true", help="wait until IMAGE is fully local")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds for --wait and for QEMU to answer (600)")
     p = sub.add_parser("verify", help="check local chunks against their digests")
     p.add_argument("cache", metavar="CACHE")
     p.add_argument("image", metavar="IMAGE", nargs="?")
@@ -171,6 +188,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         chunk_size=args.chunk_size,
         read_only=args.read_only,
         reset_stale=args.reset_stale,
+        forget_detached=tuple(args.forget_detached),
         allow_other=args.allow_other,
         owner=args.owner,
         mode=args.mode,
@@ -255,8 +273,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_detach(args: argparse.Namespace) -> int:
-    written = detach.detach_image(args.cache, args.image, args.dest)
-    print(f"{args.image}: wrote {written} bytes to {args.dest}")
+    from .detach_cli import run_detach
+    from .handoff import Via
+
+    via = Via(qmp=args.qmp, virsh=args.virsh) if args.qmp or args.virsh else None
+    print(run_detach(args.cache, args.image, args.dest, via, wait=args.wait,
+                     timeout=args.timeout))
     return 0
 
 

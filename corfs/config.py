@@ -28,6 +28,7 @@ class MountConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     read_only: bool = False
     reset_stale: bool = False
+    forget_detached: tuple[str, ...] = ()  # images handed over to QEMU to serve from BASE again
     allow_other: bool = False
     owner: tuple[int, int] | None = None  # uid, gid of the exposed files
     mode: int = 0o644

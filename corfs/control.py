@@ -25,12 +25,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from .base import BaseStore
-from .errors import ControlError, CorfsError, ForgetRefused, UsageError
+from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
+from .handoff import Via, hand_over
 from .image import Image
 from .mountinfo import read_mounts
 from .refetch import why_base_cannot_supply
-from .stats import MAX_LISTED_CHUNKS, ImageStatus, MountStatus, eta_seconds, fill_ratio
-from .store import CacheStore, ChunkState
+from .stats import (
+    MAX_LISTED_CHUNKS,
+    ImageStatus,
+    MountStatus,
+    detached_status,
+    eta_seconds,
+    fill_ratio,
+)
+from .store import CacheStore, ChunkState, HandoffRecord
 from .stream import StreamWorker
 
 STATUS_XATTR = "user.corfs.status"
@@ -50,8 +58,11 @@ class Controller:
         mountpoint: str,
         fetcher_statistics: Callable[[], object] | None = None,
         current_base: Callable[[], BaseStore | None] = lambda: None,
+        handed_over_before: Sequence[HandoffRecord] = (),
     ) -> None:
         self._images = {image.name: image for image in images}
+        self._handed_over_before = list(handed_over_before)  # by earlier mounts: not served
+        self._handoff_errors: dict[str, str] = {}
         self._stream = stream
         self._cache, self._base, self._mountpoint = cache, base, mountpoint
         self._fetcher_statistics = fetcher_statistics
@@ -60,8 +71,11 @@ class Controller:
         self._current_base = current_base
 
     def status(self) -> MountStatus:
-        images = []
+        images = [detached_status(h.name, h.size, h.dest) for h in self._handed_over_before]
         for image in self._images.values():
+            if image.handed_over_to is not None:
+                images.append(detached_status(image.name, image.size, image.handed_over_to))
+                continue
             stream = self._stream.statistics(image.name)
             dirty = image.dirty_chunks * image.geometry.chunk_size
             remaining = image.size - image.local_bytes
@@ -82,8 +96,10 @@ class Controller:
                     error=stream.error or image.fill_error or image.store.sync_failure,
                     failing_chunks=len(failing := image.failing_chunks),
                     failing_chunk_indexes=tuple(failing[:MAX_LISTED_CHUNKS]),
+                    handoff_error=self._handoff_errors.get(image.name),
                 )
             )
+        images.sort(key=lambda status: status.name)
         fetcher = self._fetcher_statistics() if self._fetcher_statistics else None
         return MountStatus(
             mounted=True,
@@ -131,6 +147,8 @@ class Controller:
                 await self._check_refetchable(target)
                 if any([target.forget_chunk(index) for index in indexes]):
                     forgotten.append(target.name)
+            elif op == "handoff":
+                await self._hand_over(self._images[image], command)
             elif op == "bandwidth":
                 rate = int(command["rate"])
                 if rate < 0:
@@ -143,6 +161,20 @@ class Controller:
         except (ValueError, TypeError, AttributeError) as exc:
             raise ControlError(f"bad control command: {exc}") from None
         return forgotten
+
+    async def _hand_over(self, image: Image, command: dict) -> None:
+        """{"op": "handoff", "image": NAME, "dest": PATH, "qmp": SOCKET | "virsh": DOMAIN,
+        "timeout": SECONDS}: handoff.py. Its error stays in the image's status
+        (`handoff_error`) for the CLI, which gets only an errno through setxattr."""
+        via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
+        qemu_path = os.path.join(self._mountpoint, image.name)
+        try:
+            await hand_over(image, image.store, qemu_path, str(command["dest"]), via,
+                            float(command.get("timeout", 60.0)))
+        except CorfsError as exc:
+            self._handoff_errors[image.name] = str(exc)  # fuse_ops logs it
+            raise
+        self._handoff_errors.pop(image.name, None)
 
     async def _check_refetchable(self, image: Image) -> None:
         """ForgetRefused unless the base can supply `image`'s chunks again now."""
@@ -229,6 +261,10 @@ def send_command(mountpoint: str, command: dict) -> None:
             ) from None
         if exc.errno == errno.EINVAL and command.get("image") is not None:
             raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
+        if command.get("op") == "handoff":  # the daemon's reason is in the image's status
+            image = next((i for i in read_status(mountpoint)["images"]
+                          if i["name"] == command["image"]), {})
+            raise HandoffFailed(image.get("handoff_error") or exc.strerror) from None
         raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
 
 
@@ -271,6 +307,10 @@ def offline_status(cache_dir: str) -> MountStatus:
                     error=None,
                 )
             )
+        images += [
+            detached_status(h.name, h.size, h.dest) for h in store.handoffs() if h.done
+        ]
+        images.sort(key=lambda status: status.name)
         return MountStatus(
             mounted=False,
             mountpoint=None,
@@ -290,19 +330,24 @@ def status_of_path(path: str) -> dict:
     except OSError as exc:
         raise _not_a_mount(path, exc) from None
     if os.path.exists(os.path.join(path, "state.db")):
-        if CacheStore.is_locked(path):
-            mountpoint = (_read_text(os.path.join(path, MOUNTPOINT_FILE)) or "").strip()
-            if mountpoint:
-                try:
-                    return read_status(mountpoint)
-                except CorfsError as exc:
-                    # Its database lags the live state: never pass it off as the status.
-                    raise ControlError(
-                        f"{path} is in use by the mount on {mountpoint}, whose status "
-                        f"cannot be read: {exc}"
-                    ) from None
+        if mountpoint := mountpoint_of_cache(path):
+            try:
+                return read_status(mountpoint)
+            except CorfsError as exc:
+                # Its database lags the live state: never pass it off as the status.
+                raise ControlError(
+                    f"{path} is in use by the mount on {mountpoint}, whose status "
+                    f"cannot be read: {exc}"
+                ) from None
         return offline_status(path).to_dict()
     return read_status(path)
+
+
+def mountpoint_of_cache(cache_dir: str) -> str | None:
+    """Where CACHE is mounted, or None if it is not (its lock is free)."""
+    if not CacheStore.is_locked(cache_dir):
+        return None
+    return (_read_text(os.path.join(cache_dir, MOUNTPOINT_FILE)) or "").strip() or None
 
 
 def _read_text(path: str) -> str | None:

@@ -7,6 +7,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     │   ├── CacheLocked             EBUSY, exit 3    another mount holds CACHE
     │   └── CacheFull               ENOSPC, exit 3
     ├── ReadOnlyError               EROFS, exit 1
+    ├── ImageHandedOver             ESTALE, exit 1   its data file is QEMU's now (detach --qmp)
+    ├── HandoffFailed               EIO, exit 1      a live handoff failed and was rolled back
     ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
     ├── ControlError                EIO, exit 4      control of something that is no corfs mount
@@ -58,6 +60,16 @@ class ShortWrite(CacheFull):
 
 class ReadOnlyError(CorfsError):
     errno = errno.EROFS
+
+
+class ImageHandedOver(CorfsError):
+    """A live handoff made the image's data file DEST: this mount no longer serves it."""
+
+    errno = errno.ESTALE
+
+
+class HandoffFailed(CorfsError):
+    """A live handoff to QEMU failed at some step; everything done was undone."""
 
 
 class OutOfImageError(CorfsError):

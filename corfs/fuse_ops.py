@@ -26,7 +26,7 @@ import trio
 
 from .control import CONTROL_XATTR, STATUS_XATTR, Controller
 from .digest import Buffer
-from .errors import ControlError, CorfsError, ForgetRefused
+from .errors import ControlError, CorfsError, ForgetRefused, ImageHandedOver
 from .image import Image
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,23 @@ class CorfsOperations(TranslatedOperations):
         self._statfs_path = statfs_path
         self._mount_time_ns = time.time_ns()
         self._daemon_uid = os.getuid()  # with root, the only users who may send commands
+        self._unlisted: set[int] = set()  # images handed over whose names the kernel dropped
 
     # ---- attributes ----------------------------------------------------------------------
 
     def _image(self, inode: int) -> Image:
         try:
-            return self._by_inode[inode]
+            image = self._by_inode[inode]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if image.handed_over_to is not None:  # ESTALE, and a log line naming DEST
+            raise ImageHandedOver(f"{image.name} was handed over to QEMU as "
+                                  f"{image.handed_over_to}: corfs no longer serves it")
+        return image
+
+    def _listed(self, inode: int) -> bool:
+        """Whether the root lists this image (one handed over to QEMU is absent)."""
+        return self._by_inode[inode].handed_over_to is None
 
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -139,7 +148,7 @@ class CorfsOperations(TranslatedOperations):
         if name in (b".", b".."):
             return self._attributes(ROOT_INODE)
         inode = self._by_name.get(name)
-        if inode is None:
+        if inode is None or not self._listed(inode):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attributes(inode)
 
@@ -174,6 +183,8 @@ class CorfsOperations(TranslatedOperations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = sorted(self._by_name.items())
         for position, (name, inode) in enumerate(entries[start_id:], start=start_id):
+            if not self._listed(inode):
+                continue
             if not pyfuse3.readdir_reply(token, name, self._attributes(inode), position + 1):
                 break
 
@@ -243,6 +254,10 @@ class CorfsOperations(TranslatedOperations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         for name in forgotten:
             await self._drop_cached_pages(self._by_name[os.fsencode(name)])
+        for name, inode in self._by_name.items():
+            if not self._listed(inode) and inode not in self._unlisted:
+                self._unlisted.add(inode)  # handed over to QEMU: the kernel forgets its name
+                pyfuse3.invalidate_entry_async(ROOT_INODE, name)
 
     async def _drop_cached_pages(self, inode: int) -> None:
         """Chunks of this image were forgotten (a scrub found them bad): with keep_cache the

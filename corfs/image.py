@@ -39,6 +39,7 @@ from .errors import (
     BaseNotFound,
     CacheFull,
     CorfsError,
+    ImageHandedOver,
     OutOfImageError,
     ReadOnlyError,
     ShortWrite,
@@ -147,6 +148,8 @@ class Image:
         # What fills raise while `source` is None: the base lost the image (this), the base
         # does not answer (BaseUnreachable, until attach_source), or it changed (BaseChanged).
         self.missing_source: CorfsError = BaseNotFound("the base image is gone")
+        # Set once a live handoff made the data file DEST (handoff.py): no I/O here any more.
+        self.handed_over_to: str | None = None
 
     def attach_source(self, source: BaseImage) -> None:
         """The base answers again with this image unchanged (mount.py checked its identity):
@@ -449,7 +452,15 @@ class Image:
 
     # ---- client I/O ----------------------------------------------------------------------
 
+    def _check_served(self) -> None:
+        if self.handed_over_to is not None:
+            raise ImageHandedOver(
+                f"{self.name} was handed over to QEMU as {self.handed_over_to}: "
+                "corfs no longer serves it"
+            )
+
     async def read(self, offset: int, length: int) -> Buffer:
+        self._check_served()
         length = self.geometry.clip(offset, length)
         if length <= 0:
             return b""
@@ -518,6 +529,7 @@ class Image:
         return b"".join(parts)
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
+        self._check_served()
         if self.read_only:
             raise ReadOnlyError(f"{self.name} is mounted read-only")
         if offset + len(data) > self.size:
@@ -557,4 +569,5 @@ class Image:
                 self._set_state(index, ChunkState.DIRTY, None)
 
     async def fsync(self) -> None:
+        self._check_served()
         await self.store.commit()

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .fetcher import Fetcher, RetryPolicy
 from .fuse_ops import CorfsOperations
+from .handoff import settle_handoffs
 from .image import Image
 from .mountinfo import find_mount
 from .store import CacheStore, ImageRecord
@@ -79,15 +80,28 @@ def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -
 
 
 def _match_images(
-    store: CacheStore, sources: list[BaseImage], config: MountConfig, base_name: str
+    store: CacheStore,
+    sources: list[BaseImage],
+    config: MountConfig,
+    base_name: str,
+    handed_over: dict[str, str],
 ) -> list[tuple[ImageRecord, BaseImage | None]]:
     """Pair each base image with its cache record, creating new ones; refuse (or with
     --reset-stale, discard) a cache whose base image changed; keep cached images the base no
-    longer has (a fully local image works without its base)."""
+    longer has (a fully local image works without its base). An image handed over to QEMU
+    (`handed_over`: name -> DEST) is never served: its writes live in DEST, and a VM restarted
+    on MNT/IMAGE must not boot a fresh copy of the base."""
     matched: list[tuple[ImageRecord, BaseImage | None]] = []
     seen = set()
     for source in sources:
         seen.add(source.name)
+        if source.name in handed_over:
+            log.warning(
+                "not serving image %s: it was handed over to QEMU as %s (mount with "
+                "--forget-detached %s to serve it from the base again)",
+                source.name, handed_over[source.name], source.name,
+            )
+            continue
         chunk_size = source.layout.chunk_size if source.layout else config.chunk_size
         record = store.record_of(source.name)
         if record is not None and not _same_image(record, source):
@@ -119,6 +133,19 @@ def _match_images(
             )
             matched.append((record, None))
     return matched
+
+
+def _settle_handoffs(store: CacheStore, config: MountConfig) -> dict[str, str]:
+    """Settle handoffs a killed daemon left under way (handoff.py), then drop the ones the
+    user asked to forget; returns {image: DEST} of those still handed over."""
+    handed_over = settle_handoffs(store)
+    for name in config.forget_detached:
+        if name not in handed_over:
+            raise UsageError(f"--forget-detached {name}: {name} was not handed over to QEMU")
+        store.end_handoff(name)
+        log.warning("serving %s from the base again (its handoff to %s is forgotten)",
+                    name, handed_over.pop(name))
+    return handed_over
 
 
 def _same_image(record: ImageRecord, source: BaseImage) -> bool:
@@ -360,9 +387,12 @@ async def _serve_with(
     store: CacheStore,
     down: CorfsError | None,
 ) -> None:
-    matched = _match_images(store, sources, config, link.description) if down is None else [
-        (record, None) for record in store.records()
-    ]
+    handed_over = _settle_handoffs(store, config)
+    matched = (
+        _match_images(store, sources, config, link.description, handed_over)
+        if down is None
+        else [(record, None) for record in store.records()]
+    )
     fetcher = Fetcher(RetryPolicy(io_timeout=config.base.io_timeout))
     owner = config.owner or (os.getuid(), os.getgid())
     recorder = TraceRecorder() if config.stream.record_trace else None
@@ -382,6 +412,7 @@ async def _serve_with(
             mountpoint=mountpoint,
             fetcher_statistics=fetcher.statistics,
             current_base=lambda: link.store,
+            handed_over_before=[h for h in store.handoffs() if h.done],
         )
         operations = CorfsOperations(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir

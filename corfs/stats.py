@@ -18,12 +18,22 @@ class ImageStatus:
     local_bytes: int
     dirty_bytes: int
     fill_ratio: float
-    state: str  # streaming | paused | complete | idle | error | offline
+    state: str  # streaming | paused | complete | idle | error | offline | detached
     rate_bps: float
     eta_s: float | None
     error: str | None  # the latest failure still standing (a failing chunk's, the stream's ...)
     failing_chunks: int = 0  # chunks whose latest fill failed, still not local
     failing_chunk_indexes: tuple[int, ...] = ()  # the first MAX_LISTED_CHUNKS of them
+    detached_to: str | None = None  # handed over to QEMU live: its data file is this now
+    handoff_error: str | None = None  # why the latest live handoff failed (rolled back)
+
+
+def detached_status(name: str, size: int, dest: str) -> ImageStatus:
+    """An image handed over to QEMU live: no longer served, its data lives on as `dest`."""
+    return ImageStatus(
+        name=name, size=size, chunk_size=0, local_bytes=size, dirty_bytes=0, fill_ratio=1.0,
+        state="detached", rate_bps=0.0, eta_s=0.0, error=None, detached_to=dest,
+    )
 
 
 @dataclass(frozen=True)

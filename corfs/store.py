@@ -7,6 +7,9 @@ Layout of CACHE:
                           state, digest); a chunk that has no row is absent
     data/<name>           sparse data file of the image's full size; a fully local image *is*
                           its raw file (<name>: data_file_name, within NAME_MAX)
+                          handoffs(name, dest, ...): images handed over to QEMU live
+                          (`corfs detach --qmp/--virsh`): under way (a journal for
+                          recovery, handoff.py) or done (never served again)
     mountpoint            where the live mount is (for `corfs status CACHE`)
     trace.json            chunk order recorded with --record-trace
 
@@ -84,6 +87,15 @@ CREATE TABLE IF NOT EXISTS chunks(
     PRIMARY KEY(image, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_digest ON chunks(digest) WHERE digest IS NOT NULL;
+CREATE TABLE IF NOT EXISTS handoffs(
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    dest TEXT NOT NULL,
+    via TEXT NOT NULL,
+    qemu_path TEXT NOT NULL,
+    done INTEGER NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 
@@ -92,6 +104,19 @@ class ChunkState(IntEnum):
     CLEAN = 1  # equal to base; digest recorded
     ZERO = 2  # equal to base and all zeros: a hole in the data file
     DIRTY = 3  # written through the mount; no longer equal to base
+
+
+@dataclass(frozen=True)
+class HandoffRecord:
+    """An image handed over (done) or being handed over (not done) to a running QEMU."""
+
+    name: str
+    size: int
+    dest: str  # the data file's new name, which QEMU opens
+    via: str  # how to reach that QEMU (handoff.Via as JSON)
+    qemu_path: str  # the file QEMU had open: MNT/IMAGE
+    done: bool
+    at: float
 
 
 @dataclass(frozen=True)
@@ -392,21 +417,84 @@ class CacheStore:
         record = self._records[name] = ImageRecord(name, size, chunk_size, identity, base)
         return record
 
-    def drop_image(self, name: str) -> None:
-        """Forget an image's cache (for --reset-stale): rows first, then the data file."""
+    def drop_image(self, name: str, *, handed_over: bool = False) -> None:
+        """Forget an image's cache (for --reset-stale): rows first, then the data file. With
+        `handed_over`, the same SQL transaction marks its handoff done (the commit point of a
+        live handoff: handoff.py); the data file then lives on under the handoff's DEST."""
         fd = self._data_fds.pop(name, None)
         if fd is not None:
             os.close(fd)
         self._close_direct(name)
+        for key in [key for key in self._pending if key[0] == name]:
+            del self._pending[key]  # a later commit must not bring rows of it back
+        self._touched.discard(name)
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
-            self._db.execute("DELETE FROM images WHERE name = ?", (name,))
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
+                self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+                if handed_over:
+                    self._db.execute("UPDATE handoffs SET done = 1 WHERE name = ?", (name,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise CacheError(f"forgetting {name} in the cache database: {exc}") from None
         self._records.pop(name, None)
         self._digest_index.drop_image(name)
+        self.remove_data_file(name)
+
+    def remove_data_file(self, name: str) -> None:
+        """Unlink an image's data file name and make that durable (its inode may live on as
+        a handoff's DEST)."""
+        path = self.data_path(name)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.data_path(name))
+            os.unlink(path)
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    # ---- live handoffs (handoff.py) ---------------------------------------------------------
+
+    def handoffs(self) -> list[HandoffRecord]:
+        try:
+            rows = self._query(
+                "SELECT name, size, dest, via, qemu_path, done, at FROM handoffs ORDER BY name"
+            )
+        except sqlite3.OperationalError:  # a cache made before handoffs, opened read-only
+            return []
+        return [HandoffRecord(*row[:5], bool(row[5]), row[6]) for row in rows]
+
+    def begin_handoff(self, record: HandoffRecord) -> None:
+        """Journal a handoff before its first step (durable: synchronous=FULL)."""
+        self._execute_durably(
+            "INSERT INTO handoffs VALUES(?, ?, ?, ?, ?, 0, ?)",
+            (record.name, record.size, record.dest, record.via, record.qemu_path, record.at),
+        )
+
+    def end_handoff(self, name: str) -> None:
+        """Drop a handoff's row: an aborted one (rolled back), or a done one the user wants
+        served from the base again (`corfs mount --forget-detached`)."""
+        self._execute_durably("DELETE FROM handoffs WHERE name = ?", (name,))
+
+    def mark_dirty(self, name: str) -> None:
+        """Every clean chunk of `name` becomes dirty: its data file may hold bytes written by
+        QEMU outside corfs (a handoff rolled back after a crash), so neither verify nor a
+        refetch may ever take the base's bytes for it."""
+        self._execute_durably(
+            "UPDATE chunks SET state = ?, digest = NULL WHERE image = ? AND state = ?",
+            (ChunkState.DIRTY, name, ChunkState.CLEAN),
+        )
+        self._digest_index.drop_image(name)
+
+    def _execute_durably(self, sql: str, args: tuple) -> None:
+        with self._db_lock:
+            try:
+                self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise CacheError(f"cache database: {exc}") from None
 
     def load_states(self, record: ImageRecord) -> tuple[bytearray, int]:
         """Per-chunk states of an image (one byte each) and its count of dirty chunks."""

@@ -1,0 +1,92 @@
+"""`corfs detach PATH IMAGE DEST [--qmp SOCKET | --virsh DOMAIN] [--wait] [--timeout S]`:
+which detach applies, and the client side of the live one.
+
+- PATH not mounted: detach.py copies the image out (--qmp/--virsh refused: no QEMU runs on it).
+- PATH mounted (a mountpoint, or a cache dir whose mount is live): only live, with --qmp or
+  --virsh: the daemon hands the image over (handoff.py). Everything that can be checked here
+  is checked first, for a clear line with nothing changed; the daemon checks again."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from . import control, detach
+from .errors import CacheLocked, NotLocalError, UsageError
+from .handoff import Via, check_dest
+from .store import data_file_name
+
+WAIT_POLL_S = 0.5
+
+
+def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
+               timeout: float) -> str:
+    """Detach IMAGE as the case demands; returns the line to print."""
+    mountpoint = _live_mountpoint(path)
+    if mountpoint is None:
+        if via is not None:
+            raise UsageError(
+                f"{path} is not mounted: no QEMU can be using it live (without --qmp/--virsh, "
+                "detach copies the image out of the cache)"
+            )
+        written = detach.detach_image(path, image, dest)
+        return f"{image}: wrote {written} bytes to {dest}"
+    if via is None:
+        raise CacheLocked(
+            f"{path} is mounted on {mountpoint}: unmount it first to copy {image} out, or hand "
+            f"it over live to the QEMU using it with --qmp SOCKET or --virsh DOMAIN"
+        )
+    status = _image_status(mountpoint, image)
+    if status["state"] == "detached":
+        raise UsageError(f"{image} was handed over to {status['detached_to']} already")
+    if status["fill_ratio"] < 1.0:
+        if not wait:
+            raise NotLocalError(
+                f"{image} is {status['fill_ratio']:.1%} local: only a fully local image can be "
+                "handed over (add --wait to wait for the stream)"
+            )
+        _wait_complete(mountpoint, image, timeout)
+    cache = control.read_status(mountpoint)["cache"]
+    dest = os.path.abspath(dest)
+    check_dest(os.path.join(cache, "data", data_file_name(image)), dest)
+    control.send_command(
+        mountpoint,
+        {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh,
+         "timeout": timeout},
+    )
+    return f"{image}: handed over to {via.describe()}; its data file is now {dest}"
+
+
+def _live_mountpoint(path: str) -> str | None:
+    """The mountpoint if PATH is a live corfs mount or a cache dir mounted now, else None."""
+    if os.path.exists(os.path.join(path, "state.db")):
+        return control.mountpoint_of_cache(path)
+    control.check_corfs_mount(path)  # not a cache: it must be a mount (else a clear error)
+    return path
+
+
+def _image_status(mountpoint: str, image: str) -> dict:
+    for entry in control.read_status(mountpoint)["images"]:
+        if entry["name"] == image:
+            return entry
+    raise UsageError(f"{mountpoint} has no image {image!r}")
+
+
+def _wait_complete(mountpoint: str, image: str, timeout: float) -> None:
+    """Until IMAGE is fully local; progress on a terminal, quiet otherwise."""
+    deadline = time.monotonic() + timeout
+    show = sys.stderr.isatty()
+    while (status := _image_status(mountpoint, image))["fill_ratio"] < 1.0:
+        if status["state"] == "error":
+            raise NotLocalError(f"{image} cannot be completed: {status['error']}")
+        if time.monotonic() > deadline:
+            raise NotLocalError(
+                f"{image} is still {status['fill_ratio']:.1%} local after {timeout:g} s"
+            )
+        if show:
+            print(f"\r{image}: {status['fill_ratio']:.1%} local, waiting", end="",
+                  file=sys.stderr, flush=True)
+        time.sleep(WAIT_POLL_S)
+    if show:
+        print(file=sys.stderr)
