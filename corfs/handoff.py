@@ -43,6 +43,9 @@ from .store import CacheStore, HandoffRecord
 log = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT = 10.0  # asking a QEMU at mount whether a handoff cut short had switched it
+# The crash tests (tests/handoff) kill -9 the daemon between two steps: set to a step's name,
+# the daemon logs "handoff stalled at STEP" there and waits forever.
+STALL_ENV = "CORFS_TEST_HANDOFF_STALL_AT"
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,14 @@ async def hand_over(
         HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
     )
     try:
+        await _stall_for_tests("journaled")
         await trio.to_thread.run_sync(_link, data_path, dest)
         try:
+            await _stall_for_tests("linked")
             switched = await trio.to_thread.run_sync(
                 _switch_qemu, via, qemu_path, dest, timeout, store.data_fd(name)
             )
+            await _stall_for_tests("switched")
         except BaseException:
             _unlink_our_link(data_path, dest)
             raise
@@ -130,6 +136,12 @@ async def hand_over(
     log.info("handed %s over to %s: %d QEMU node(s) now use %s", name, via.describe(),
              switched, dest)
     return switched
+
+
+async def _stall_for_tests(step: str) -> None:
+    if os.environ.get(STALL_ENV) == step:
+        log.warning("handoff stalled at %s", step)
+        await trio.sleep_forever()
 
 
 def _link(data_path: str, dest: str) -> None:
