@@ -1,0 +1,81 @@
+"""A QEMU with a QMP socket for the handoff tests: `-machine none` (no guest: block nodes and
+`qemu-io` through the human monitor are all the tests need), started with the -drive/-blockdev
+arguments under test and always killed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+START_TIMEOUT_S = 20.0
+
+
+class Qemu:
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.socket = str(workdir / "qmp.sock")
+        self.log = workdir / "qemu.log"
+        self.args = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                     "-qmp", f"unix:{self.socket},server=on,wait=off", *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+
+    def __enter__(self) -> Qemu:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"QEMU did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+        self._qmp = QEMUMonitorProtocol(self.socket)
+        self._qmp.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def qmp(self, name: str, **arguments: object) -> object:
+        reply = self._qmp.cmd_raw(name, arguments or None)  # type: ignore[union-attr]
+        if "error" in reply:
+            raise AssertionError(f"QMP {name}: {reply['error']}")
+        return reply["return"]
+
+    def hmp(self, command: str) -> str:
+        out = self.qmp("human-monitor-command", **{"command-line": command})
+        assert isinstance(out, str)
+        return out
+
+    def qemu_io(self, device: str, command: str) -> str:
+        out = self.hmp(f'qemu-io {device} "{command}"')
+        assert "error" not in out.lower() and "fail" not in out.lower(), out
+        return out
+
+    def file_nodes(self) -> dict[str, str]:
+        """{node name: filename} of every `file` node."""
+        nodes = self.qmp("query-named-block-nodes", flat=True)
+        return {n["node-name"]: n["file"] for n in nodes if n["drv"] == "file"}  # type: ignore[index, union-attr]
+
+    def open_files(self) -> list[str]:
+        """The files QEMU holds open (from /proc: what it really uses, not what it says)."""
+        assert self.proc is not None
+        fd_dir = f"/proc/{self.proc.pid}/fd"
+        out = []
+        for fd in os.listdir(fd_dir):
+            try:
+                out.append(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                continue
+        return out
+
+
+def dump(value: object) -> str:
+    return json.dumps(value, indent=1)

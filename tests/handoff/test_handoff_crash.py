@@ -1,0 +1,73 @@
+"""Issue 11, point 5: `kill -9` of the daemon at any step of a live handoff leaves the old
+state or the new one, never both or neither. The daemon is stopped at a step (handoff.STALL_ENV)
+and killed there; the next mount settles the handoff before serving: before QEMU switched, the
+old state (DEST gone, the image served, QEMU still on MNT/IMAGE); after, the new one (QEMU on
+DEST, the image not served, recorded detached)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from corfs.handoff import STALL_ENV
+from tests.fuse.util import image_status, live_status, wait_for
+from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image
+
+from .qemu import Qemu
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("step", "new_state"), [("journaled", False), ("linked", False), ("switched", True)]
+)
+def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
+    tmp_dirs: CorfsDirs, tmp_path: Path, step: str, new_state: bool
+) -> None:
+    base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=7)
+    dest = tmp_path / "vm.raw"
+    image = tmp_dirs.mnt / "disk.raw"
+    with Qemu(tmp_path) as qemu:
+        with tmp_dirs.mount(env={STALL_ENV: step}) as m:
+            wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                     30, "the stream to complete")
+            qemu.qmp("blockdev-add", driver="file", filename=str(image), **{"node-name": "f0"})
+            qemu.qmp("blockdev-add", driver="raw", file="f0", **{"node-name": "d0"})
+            qemu.qemu_io("d0", "write -P 0x5c 1M 64k")
+            cli = subprocess.Popen(
+                corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
+                env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            try:
+                wait_for(lambda: f"handoff stalled at {step}" in m.log_text(), 30,
+                         f"the daemon to stall at {step}")
+                m.kill9()  # also lazily unmounts the dead mount
+            finally:
+                cli.kill()
+                cli.wait(10)
+        on_dest = [f for f in qemu.file_nodes().values() if f == str(dest)]
+        assert bool(on_dest) == new_state
+        with tmp_dirs.mount() as m:
+            listed = "disk.raw" in os.listdir(m.mnt)
+            status = image_status(live_status(m.mnt), "disk.raw")
+            if new_state:
+                assert not listed and status["state"] == "detached"
+                assert status["detached_to"] == str(dest)
+                assert not (tmp_dirs.cache / "data" / "disk.raw").exists()
+                assert str(image) not in qemu.file_nodes().values()
+                qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
+                qemu.qemu_io("d0", "flush")
+                want = bytearray(base.read_bytes())
+                want[MIB : MIB + 65536] = b"\x5c" * 65536
+                want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
+                assert dest.read_bytes() == bytes(want)
+            else:
+                assert listed and status["state"] == "complete"
+                assert not dest.exists()
+                want = bytearray(base.read_bytes())
+                want[MIB : MIB + 65536] = b"\x5c" * 65536
+                assert image.read_bytes() == bytes(want)  # the write through the old mount
+            m.stop()

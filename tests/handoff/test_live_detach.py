@@ -1,0 +1,205 @@
+"""Issue 11: `corfs detach MNT IMAGE DEST --qmp SOCKET` hands a fully streamed image over to
+the running QEMU: no copy (DEST is the data file's inode), every node of QEMU on MNT/IMAGE now
+on DEST with its options, writes before and after the switch all in DEST, the mount can go
+while QEMU runs, the image is never served again (this mount or the next) until
+--forget-detached, and bad input changes nothing. Real corfs mounts, real QEMU (-machine none,
+I/O through `qemu-io` in the human monitor)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.fuse.util import assert_one_line_error, image_status, live_status, snapshot
+from tests.mounting import CorfsDirs, make_image, run_corfs
+
+from .qemu import Qemu
+
+MIB = 1 << 20
+SIZE = 8 * MIB
+WRITES_BEFORE = [(0xA1, 0), (0xA2, 3 * MIB + 4096)]  # (pattern, offset) of 64 KiB writes
+WRITES_AFTER = [(0xB1, 64 * 1024), (0xB2, 5 * MIB)]
+
+
+def expected(base: Path, writes: list[tuple[int, int]]) -> bytes:
+    data = bytearray(base.read_bytes())
+    for pattern, offset in writes:
+        data[offset : offset + 65536] = bytes([pattern]) * 65536
+    return bytes(data)
+
+
+def write_all(qemu: Qemu, device: str, writes: list[tuple[int, int]]) -> None:
+    for pattern, offset in writes:
+        qemu.qemu_io(device, f"write -P {pattern:#x} {offset} 64k")
+        qemu.qemu_io(device, f"read -P {pattern:#x} {offset} 64k")
+
+
+def detach(dirs: CorfsDirs, dest: Path, qemu: Qemu, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_corfs("detach", dirs.mnt, "disk.raw", dest, "--qmp", qemu.socket, *extra,
+                     timeout=120)
+
+
+@pytest.fixture
+def base_image(tmp_dirs: CorfsDirs) -> Path:
+    return make_image(tmp_dirs.base / "disk.raw", SIZE, seed=111, zero_blocks=(6,))
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_a_drive_is_handed_over_with_writes_before_and_after(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path, cache: str
+) -> None:
+    dest = tmp_path / "vm.raw"
+    # A slow stream: --wait has to wait for it while QEMU already writes through the mount.
+    with tmp_dirs.mount("--bandwidth", "4M", "--chunk-size", "256K") as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw,cache={cache}"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        assert image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] < 1.0
+        before = {n: f for n, f in qemu.file_nodes().items()}
+        result = detach(tmp_dirs, dest, qemu, "--wait")
+        assert result.returncode == 0, result.stderr + m.log_tail()
+        nodes = qemu.file_nodes()
+        assert list(nodes.values()) == [str(dest)], (before, nodes)
+        assert not [f for f in qemu.open_files() if f.startswith(str(m.mnt))]
+        write_all(qemu, "drv0", WRITES_AFTER)
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["state"] == "detached" and status["detached_to"] == str(dest)
+        assert "disk.raw" not in os.listdir(m.mnt)
+        assert not (tmp_dirs.cache / "data" / "disk.raw").exists()  # DEST is the only name
+        m.stop()  # the mount goes while QEMU runs on
+        qemu.qemu_io("drv0", "flush")
+        write_all(qemu, "drv0", [(0xC1, 7 * MIB)])
+        qemu.qemu_io("drv0", "flush")
+        assert dest.read_bytes() == expected(base_image, WRITES_BEFORE + WRITES_AFTER +
+                                             [(0xC1, 7 * MIB)])
+    assert os.stat(dest).st_mode & 0o777 == 0o600
+
+
+def test_blockdev_nodes_keep_their_options_and_a_qcow2_overlay_follows(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "vm.raw"
+    overlay = tmp_path / "overlay.qcow2"
+    with tmp_dirs.mount() as m:
+        image = m.mnt / "disk.raw"
+        made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", image,
+                               overlay], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        with Qemu(
+            tmp_path,
+            "-blockdev", f"driver=file,filename={image},node-name=f0,cache.direct=on,"
+            "cache.no-flush=off,aio=threads,discard=unmap,detect-zeroes=unmap",
+            "-blockdev", "driver=raw,file=f0,node-name=d0,discard=unmap",
+            "-blockdev", f"driver=qcow2,file.driver=file,file.filename={overlay},node-name=ov",
+        ) as qemu:
+            info = {n["node-name"]: n for n in qemu.qmp("query-named-block-nodes", flat=True)}
+            old = info["f0"]
+            write_all(qemu, "d0", WRITES_BEFORE)
+            write_all(qemu, "ov", [(0xD1, 2 * MIB)])
+            result = run_corfs("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket,
+                               "--wait", timeout=120)
+            assert result.returncode == 0, result.stderr + m.log_tail()
+            files = qemu.file_nodes()
+            assert str(image) not in files.values(), files
+            assert str(dest) in files.values(), files
+            new = next(n for n in qemu.qmp("query-named-block-nodes", flat=True)
+                       if n["drv"] == "file" and n["file"] == str(dest))
+            for key in ("cache", "detect_zeroes", "ro"):
+                assert new[key] == old[key], (key, old[key], new[key])
+            write_all(qemu, "d0", WRITES_AFTER)
+            assert "fail" not in qemu.qemu_io("ov", "read -P 0xd1 2M 64k")
+            m.stop()
+            qemu.qemu_io("d0", "flush")
+            assert dest.read_bytes() == expected(base_image, WRITES_BEFORE + WRITES_AFTER)
+
+
+def test_the_image_is_not_served_again_until_forget_detached(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        assert detach(tmp_dirs, dest, qemu, "--wait").returncode == 0
+        m.stop()
+    with tmp_dirs.mount() as m:
+        assert "disk.raw" not in os.listdir(m.mnt)  # a VM restarted on it fails to open it
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["state"] == "detached" and status["detached_to"] == str(dest)
+        m.stop()
+    assert f"handed over to QEMU as {dest}" in m.log_text()
+    offline = run_corfs("status", tmp_dirs.cache, "--json")
+    assert '"detached_to"' in offline.stdout and str(dest) in offline.stdout
+    with tmp_dirs.mount("--forget-detached", "disk.raw") as m:
+        assert (m.mnt / "disk.raw").read_bytes() == base_image.read_bytes()  # fresh, from BASE
+        m.stop()
+    assert dest.read_bytes() == expected(base_image, WRITES_BEFORE)  # DEST untouched
+
+
+def test_bad_input_is_one_line_and_changes_nothing(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "vm.raw"
+    not_qmp = tmp_path / "not-qmp.sock"
+    with tmp_dirs.mount("--stream-paused") as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        result = detach(tmp_dirs, dest, qemu)  # incomplete, no --wait
+        assert_one_line_error(result, "local", "--wait")
+        run_corfs("stream", "resume", m.mnt, check=True)
+        run_corfs("status", m.mnt, "--watch", check=True, timeout=60)
+        cases = {
+            "no QEMU there": ["--qmp", str(tmp_path / "nothing.sock")],
+            "not QMP": ["--qmp", str(not_qmp)],
+        }
+        import socket
+
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(not_qmp))
+        listener.listen()
+        try:
+            for what, args in cases.items():
+                result = run_corfs("detach", m.mnt, "disk.raw", dest, *args, timeout=60)
+                assert result.returncode != 0, what
+                assert len(result.stderr.strip().splitlines()) == 1, (what, result.stderr)
+        finally:
+            listener.close()
+        dest.write_bytes(b"x")
+        assert_one_line_error(detach(tmp_dirs, dest, qemu), "exists")
+        dest.unlink()
+        other_fs = Path("/dev/shm") / f"corfs-test-{os.getpid()}.raw"
+        if os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+            assert_one_line_error(detach(tmp_dirs, other_fs, qemu), "file system")
+        assert not other_fs.exists()
+        before = snapshot(tmp_dirs.cache)
+        assert_one_line_error(
+            run_corfs("detach", m.mnt, "disk.raw", dest, timeout=60), "--qmp"
+        )  # mounted, no live option: refused, naming the live way
+        assert snapshot(tmp_dirs.cache) == before
+        assert not dest.exists()
+        assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+        write_all(qemu, "drv0", WRITES_AFTER)  # still served by the mount
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        m.stop()
+
+
+def test_no_qemu_node_on_the_image_changes_nothing(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "vm.raw"
+    other = make_image(tmp_path / "other.raw", MIB, seed=3)
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={other},if=none,id=drv0,format=raw"
+    ) as qemu:
+        result = detach(tmp_dirs, dest, qemu, "--wait")
+        assert_one_line_error(result, str(m.mnt / "disk.raw"))
+        assert not dest.exists()
+        assert (tmp_dirs.cache / "data" / "disk.raw").exists()
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        assert (m.mnt / "disk.raw").read_bytes() == base_image.read_bytes()
+        m.stop()
