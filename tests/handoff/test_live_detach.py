@@ -37,7 +37,9 @@ def write_all(qemu: Qemu, device: str, writes: list[tuple[int, int]]) -> None:
         qemu.qemu_io(device, f"read -P {pattern:#x} {offset} 64k")
 
 
-def detach(dirs: CorfsDirs, dest: Path, qemu: Qemu, *extra: str) -> subprocess.CompletedProcess[str]:
+def detach(
+    dirs: CorfsDirs, dest: Path, qemu: Qemu, *extra: str
+) -> subprocess.CompletedProcess[str]:
     return run_corfs("detach", dirs.mnt, "disk.raw", dest, "--qmp", qemu.socket, *extra,
                      timeout=120)
 
