@@ -346,6 +346,13 @@ def plan_switch(
         for node in on_old
         for edge in graph.parents.get(node.name, [])
     ]
+    if any(isinstance(s, Mirror) for s in steps) and len(steps) > 1:
+        # A mirror's target refuses to share reads of its inode: with any other node on OLD
+        # or NEW it fails, and undoing it would too.
+        raise NoNodesOnPath(
+            f"{old} is open by a -drive without a node name beside other nodes; corfs can "
+            "switch that only alone: give the drive a name (-drive ...,node-name=NAME)"
+        )
     prefix = "corfs"
     while any(name.startswith(prefix) for name in graph.nodes):
         prefix += "x"
@@ -359,6 +366,24 @@ def plan_switch(
 
 def _reopen(monitor: Monitor, step: Reopen, child: str) -> None:
     monitor.command("blockdev-reopen", {"options": [{**step.parent_options, step.edge: child}]})
+
+
+def _mirror_onto(
+    monitor: Monitor, source: str, child: NewChild, filename: str, prefix: str, done: list[str]
+) -> str:
+    """Swap `source` for new nodes on `filename` built after `child`; return the new root."""
+    writable = NewChild(
+        {**child.file_options, "read-only": False},
+        {**(child.raw_options or {}), "read-only": False},
+    )
+    target = writable.add(monitor, filename, prefix, done)
+    _mirror(monitor, source, target, f"{prefix}-job")
+    if child.file_options.get("read-only"):
+        # A mirror needs a writable target. At completion QEMU reopens the raw node read-only
+        # by itself; the file node under it is ours to reopen.
+        options = {"driver": "file", "node-name": f"{prefix}-f", "filename": filename}
+        monitor.command("blockdev-reopen", {"options": [{**options, **child.file_options}]})
+    return target
 
 
 def _mirror(monitor: Monitor, source: str, target: str, job: str) -> None:
@@ -403,55 +428,57 @@ def switch(monitor: Monitor, plan: SwitchPlan) -> None:
     """Carry out `plan`, all or nothing."""
     added: list[str] = []
     new_files: dict[str, str] = {}  # old file node -> its new one: parents that shared one still do
-    undo: list[tuple[str, object]] = []  # (kind, data) in the order done
+    undo: list[Reopen] = []  # in the order done
+    deleted: list[str] = []
     step_name = "start"
     try:
         for i, step in enumerate(plan.steps):
-            step_name = f"add nodes on {plan.new}"
-            child = step.child.add(
-                monitor, plan.new, f"{plan.prefix}{i}", added, new_files.get(step.old_file)
-            )
-            new_files.setdefault(step.old_file, f"{plan.prefix}{i}-f")
+            prefix = f"{plan.prefix}{i}"
             if isinstance(step, Reopen):
+                step_name = f"add nodes on {plan.new}"
+                child = step.child.add(
+                    monitor, plan.new, prefix, added, new_files.get(step.old_file)
+                )
+                new_files.setdefault(step.old_file, f"{prefix}-f")
                 step_name = f"blockdev-reopen {step.parent} with {step.edge}={child}"
                 _reopen(monitor, step, child)
-                undo.append(("reopen", step))
+                undo.append(step)
             else:
-                step_name = f"blockdev-mirror {step.source} onto {child}"
-                _mirror(monitor, step.source, child, f"{plan.prefix}-job{i}")
-                undo.append(("mirror", (i, child, step)))
+                step_name = f"blockdev-mirror {step.source} onto nodes on {plan.new}"
+                _mirror_onto(monitor, step.source, step.child, plan.new, prefix, added)
+                # alone in its plan (see plan_switch): nothing after it can fail
             log.info("switched: %s", step_name)
         left = {n.name for n in read_graph(monitor).nodes.values()}
         for name in plan.old_file_nodes:
             if name in left:  # -blockdev nodes are the monitor's to delete; implicit ones went
                 step_name = f"blockdev-del {name}"
                 monitor.command("blockdev-del", {"node-name": name})
+                deleted.append(name)
     except QmpError as e:
         log.warning("switch %s -> %s failed at %s: %s; undoing", plan.old, plan.new, step_name, e)
-        _undo(monitor, plan, undo, added)
+        _undo(monitor, plan, undo, added, deleted)
         raise SwitchFailed(f"{step_name}: {e}") from None
 
 
 def _undo(
-    monitor: Monitor, plan: SwitchPlan, undo: list[tuple[str, object]], added: list[str]
+    monitor: Monitor, plan: SwitchPlan, undo: list[Reopen], added: list[str], deleted: list[str]
 ) -> None:
     """Put QEMU back on OLD; log (never raise) what cannot be undone."""
-    for kind, data in reversed(undo):
+    for name in deleted:  # back under its own name, for the reopens below to find
+        options = next(s.child.file_options for s in undo if s.old_file == name)
+        node = {"driver": "file", "node-name": name, "filename": plan.old, **options}
         try:
-            if kind == "reopen":
-                step = data  # type: ignore[assignment]
-                assert isinstance(step, Reopen)
-                existing = read_graph(monitor).nodes
-                old_child = step.old_child
-                if old_child not in existing:  # an implicit node, freed by the reopen
-                    old_child = step.child.add(monitor, plan.old, f"{plan.prefix}u{len(added)}", [])
-                _reopen(monitor, step, old_child)
-            else:
-                i, child, step = data  # type: ignore[misc]
-                back = step.child.add(monitor, plan.old, f"{plan.prefix}u{i}", [])
-                _mirror(monitor, child, back, f"{plan.prefix}-undo{i}")
+            monitor.command("blockdev-add", node)
         except QmpError as e:
-            log.error("undo of %s on %s failed: %s", kind, plan.old, e)
+            log.error("cannot add node %s back on %s: %s", name, plan.old, e)
+    for i, step in reversed(list(enumerate(undo))):
+        try:
+            old_child = step.old_child
+            if old_child not in read_graph(monitor).nodes:  # an implicit node the reopen freed
+                old_child = step.child.add(monitor, plan.old, f"{plan.prefix}u{i}", [])
+            _reopen(monitor, step, old_child)
+        except QmpError as e:
+            log.error("undo of the reopen of %s on %s failed: %s", step.parent, plan.old, e)
     existing = read_graph(monitor).nodes
     for name in reversed(added):
         if name in existing:
