@@ -25,6 +25,9 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
         ├── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
         └── ChunkUnavailable        EIO, exit 5      a read's chunk: its base object or image
                                                      is gone or forbidden (never ENOENT/EACCES)
+    QmpError (under CorfsError)     EIO, exit 1      QEMU's monitor unreachable or refusing
+        ├── NoNodesOnPath           EIO, exit 1      QEMU has no block node on the path
+        └── SwitchFailed            EIO, exit 1      a live switch failed (and was undone)
 """
 
 from __future__ import annotations
@@ -149,3 +152,15 @@ def leaf_error(exc: BaseException) -> CorfsError | None:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc if isinstance(exc, CorfsError) else None
+
+
+class QmpError(CorfsError):
+    """QEMU's monitor could not be reached or refused a command; the message is QEMU's."""
+
+
+class NoNodesOnPath(QmpError):
+    """QEMU has no block node on the path to switch."""
+
+
+class SwitchFailed(QmpError):
+    """A live switch failed at a named step; what was done has been undone."""
