@@ -173,7 +173,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, timeout: float, data_fd: i
         except BaseException:
             switch(monitor, plan_switch(monitor, dest, qemu_path))
             raise
-        return len(plan.nodes)
+        return len(plan.old_file_nodes)
     finally:
         with contextlib.suppress(Exception):
             monitor.close()
