@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--virsh", metavar="DOMAIN", help="the libvirt domain using IMAGE")
     p.add_argument("--wait", action="store_true", help="wait until IMAGE is fully local")
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds for --wait and for QEMU to answer (600)")
+                   help="seconds --wait waits at most (600)")
     p = sub.add_parser("verify", help="check local chunks against their digests")
     p.add_argument("cache", metavar="CACHE")
     p.add_argument("image", metavar="IMAGE", nargs="?")

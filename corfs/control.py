@@ -164,13 +164,12 @@ class Controller:
 
     async def _hand_over(self, image: Image, command: dict) -> None:
         """{"op": "handoff", "image": NAME, "dest": PATH, "qmp": SOCKET | "virsh": DOMAIN,
-        "timeout": SECONDS}: handoff.py. Its error stays in the image's status
+        }: handoff.py. Its error stays in the image's status
         (`handoff_error`) for the CLI, which gets only an errno through setxattr."""
         via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
         qemu_path = os.path.join(self._mountpoint, image.name)
         try:
-            await hand_over(image, image.store, qemu_path, str(command["dest"]), via,
-                            float(command.get("timeout", 60.0)))
+            await hand_over(image, image.store, qemu_path, str(command["dest"]), via)
         except CorfsError as exc:
             self._handoff_errors[image.name] = str(exc)  # fuse_ops logs it
             raise

@@ -52,8 +52,7 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
     check_dest(os.path.join(cache, "data", data_file_name(image)), dest)
     control.send_command(
         mountpoint,
-        {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh,
-         "timeout": timeout},
+        {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh},
     )
     return f"{image}: handed over to {via.describe()}; its data file is now {dest}"
 

@@ -42,6 +42,9 @@ from .store import CacheStore, HandoffRecord
 
 log = logging.getLogger(__name__)
 
+# QEMU answers each monitor command within this (a reopen drains in-flight I/O first). QEMU
+# serves one client per QMP socket: while another holds it, connecting waits this long too.
+QMP_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 10.0  # asking a QEMU at mount whether a handoff cut short had switched it
 # The crash tests (tests/handoff) kill -9 the daemon between two steps: set to a step's name,
 # the daemon logs "handoff stalled at STEP" there and waits forever.
@@ -70,7 +73,7 @@ class Via:
     def describe(self) -> str:
         return f"QMP socket {self.qmp}" if self.qmp else f"libvirt domain {self.virsh}"
 
-    def connect(self, timeout: float):  # noqa: ANN201 - a qmp_switch.Monitor
+    def connect(self, timeout: float = QMP_TIMEOUT):  # noqa: ANN201 - a qmp_switch.Monitor
         if self.qmp is not None:
             from .qmp_switch import connect_socket
 
@@ -97,7 +100,7 @@ def check_dest(data_path: str, dest: str) -> None:
 
 
 async def hand_over(
-    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, timeout: float
+    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via
 ) -> int:
     """Steps 1-6 of the module docstring; returns how many QEMU nodes were switched. Any
     failure undoes what was done and raises (the image is served as before)."""
@@ -122,7 +125,7 @@ async def hand_over(
         try:
             await _stall_for_tests("linked")
             switched = await trio.to_thread.run_sync(
-                _switch_qemu, via, qemu_path, dest, timeout, store.data_fd(name)
+                _switch_qemu, via, qemu_path, dest, store.data_fd(name)
             )
             await _stall_for_tests("switched")
         except BaseException:
@@ -154,13 +157,13 @@ def _link(data_path: str, dest: str) -> None:
     _fsync_dir(os.path.dirname(dest))
 
 
-def _switch_qemu(via: Via, qemu_path: str, dest: str, timeout: float, data_fd: int) -> int:
+def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int) -> int:
     """Worker thread: re-point every node of QEMU on `qemu_path` to `dest`, then sync what the
     reopen drained. With --virsh, the domain's persistent definition follows; if that fails,
     QEMU is switched back."""
     from .qmp_switch import plan_switch, switch
 
-    monitor = via.connect(timeout)
+    monitor = via.connect()
     try:
         plan = plan_switch(monitor, qemu_path, dest)
         switch(monitor, plan)

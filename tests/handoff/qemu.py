@@ -17,10 +17,12 @@ START_TIMEOUT_S = 20.0
 
 class Qemu:
     def __init__(self, workdir: Path, *args: str) -> None:
-        self.socket = str(workdir / "qmp.sock")
+        self.socket = str(workdir / "qmp.sock")  # for corfs
+        self._test_socket = str(workdir / "qmp-test.sock")  # QEMU serves one client per socket
         self.log = workdir / "qemu.log"
         self.args = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                     "-qmp", f"unix:{self.socket},server=on,wait=off", *args]
+                     "-qmp", f"unix:{self.socket},server=on,wait=off",
+                     "-qmp", f"unix:{self._test_socket},server=on,wait=off", *args]
         self.proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
 
@@ -28,11 +30,11 @@ class Qemu:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not os.path.exists(self.socket):
+        while not (os.path.exists(self.socket) and os.path.exists(self._test_socket)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"QEMU did not start: {self.log.read_text()}")
             time.sleep(0.05)
-        self._qmp = QEMUMonitorProtocol(self.socket)
+        self._qmp = QEMUMonitorProtocol(self._test_socket)
         self._qmp.connect()
         return self
 
