@@ -314,7 +314,7 @@ def offline_status(cache_dir: str) -> MountStatus:
             mounted=False,
             mountpoint=None,
             cache=os.path.abspath(cache_dir),
-            base=images and store.records()[0].base or None,
+            base=records[0].base if (records := store.records()) else None,
             bandwidth_bps=0,
             images=images,
         )
