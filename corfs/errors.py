@@ -9,6 +9,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── ReadOnlyError               EROFS, exit 1
     ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
+    ├── QmpError                    EIO, exit 1      QEMU's monitor refused a command or could
+    │                                                not be reached (QMP socket, or libvirt)
     ├── ControlError                EIO, exit 4      control of something that is no corfs mount
     │   └── ForgetRefused           ESTALE, exit 4   a bad chunk kept: the base cannot supply it
     └── BaseError                   EIO, exit 5      BASE failed
@@ -66,6 +68,10 @@ class OutOfImageError(CorfsError):
 
 class NotLocalError(CorfsError):
     pass
+
+
+class QmpError(CorfsError):
+    """QEMU's monitor refused a command or could not be reached"""
 
 
 class ControlError(CorfsError):
