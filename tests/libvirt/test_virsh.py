@@ -195,3 +195,29 @@ def test_repoint_of_a_transient_domain_is_skipped(
     repoint_persistent_disk(name, str(old), str(tmp_path / "new.raw"))
     assert f"domain {name} is transient" in caplog.text
     assert disk_sources(libvirt.virsh("dumpxml", "--domain", name)) == [str(old)]
+
+
+def test_repoint_keeps_secrets_and_qemu_namespace(
+    libvirt: Libvirt, define_domain: DefineDomain, tmp_path: Path
+):
+    """A plain `dumpxml` leaves out the VNC password: redefining from it would drop it."""
+    old = raw_file(tmp_path / "old.raw")
+    name = unique_name()
+    xml = domain_xml(name, old).replace(
+        "<domain type='qemu'>",
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+    )
+    xml = xml.replace(
+        "</devices>",
+        "<graphics type='vnc' port='-1' passwd='s3cretvn'/></devices>"
+        "<qemu:commandline><qemu:env name='CORFS_TEST' value='1'/></qemu:commandline>",
+    )
+    define_domain(name, xml)
+    new = tmp_path / "new.raw"
+    secret_xml = ("dumpxml", "--inactive", "--security-info", "--domain", name)
+    before = libvirt.virsh(*secret_xml)
+    assert "s3cretvn" in before and "<qemu:env name='CORFS_TEST'" in before
+
+    repoint_persistent_disk(name, str(old), str(new))
+
+    assert libvirt.virsh(*secret_xml) == before.replace(str(old), str(new))
