@@ -9,8 +9,6 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── ReadOnlyError               EROFS, exit 1
     ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
-    ├── QmpError                    EIO, exit 1      QEMU's monitor refused a command or could
-    │                                                not be reached (QMP socket, or libvirt)
     ├── ControlError                EIO, exit 4      control of something that is no corfs mount
     │   └── ForgetRefused           ESTALE, exit 4   a bad chunk kept: the base cannot supply it
     └── BaseError                   EIO, exit 5      BASE failed
@@ -25,6 +23,7 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
         ├── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
         └── ChunkUnavailable        EIO, exit 5      a read's chunk: its base object or image
                                                      is gone or forbidden (never ENOENT/EACCES)
+    QmpError (under CorfsError)     EIO, exit 1      QEMU's monitor unreachable or refusing
 """
 
 from __future__ import annotations
@@ -68,10 +67,6 @@ class OutOfImageError(CorfsError):
 
 class NotLocalError(CorfsError):
     pass
-
-
-class QmpError(CorfsError):
-    """QEMU's monitor refused a command or could not be reached"""
 
 
 class ControlError(CorfsError):
@@ -143,3 +138,7 @@ def leaf_error(exc: BaseException) -> CorfsError | None:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc if isinstance(exc, CorfsError) else None
+
+
+class QmpError(CorfsError):
+    """QEMU's monitor could not be reached or refused a command; the message is QEMU's."""
