@@ -16,8 +16,10 @@ def libvirt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirt]:
     try:
         with running_libvirt(tmp_path_factory.mktemp("libvirtd")) as daemon:
             yield daemon
+        return
     except LibvirtUnavailable as error:
-        pytest.fail(str(error), pytrace=False)
+        reason = str(error)
+    pytest.fail(reason, pytrace=False)  # outside the except: the reason alone, no chain
 
 
 @pytest.fixture
