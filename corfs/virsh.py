@@ -44,13 +44,19 @@ class _Outcome:
 
 
 def _run_virsh(
-    uri: str, args: Sequence[str], *, timeout: float, stdin: str | None = None
+    uri: str,
+    args: Sequence[str],
+    *,
+    timeout: float,
+    stdin: str | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> _Outcome:
     argv = ["virsh", "-q", "-c", uri, *args]
     try:
         done = subprocess.run(
             argv,
             input=stdin,
+            pass_fds=pass_fds,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -81,11 +87,17 @@ def domain_exists(domain: str, *, uri: str = LIBVIRT_URI) -> bool:
 
 
 def _domain_call(
-    domain: str, uri: str, args: Sequence[str], *, timeout: float, stdin: str | None = None
+    domain: str,
+    uri: str,
+    args: Sequence[str],
+    *,
+    timeout: float,
+    stdin: str | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> str:
     """stdout of a virsh command about `domain`; a failure becomes the one error that says
     why: libvirt down, no such domain, or what virsh said."""
-    outcome = _run_virsh(uri, args, timeout=timeout, stdin=stdin)
+    outcome = _run_virsh(uri, args, timeout=timeout, stdin=stdin, pass_fds=pass_fds)
     if outcome.ok:
         return outcome.stdout
     if not domain_exists(domain, uri=uri):
@@ -106,16 +118,25 @@ class VirshMonitor:
         self.uri = uri
         self.timeout = timeout
 
-    def command(self, name: str, arguments: dict | None = None) -> object:
+    def command(
+        self, name: str, arguments: dict | None = None, *, pass_fds: Sequence[int] = ()
+    ) -> object:
+        """QEMU's "return" for one QMP command. `pass_fds` go to QEMU along with it (e.g. for
+        `add-fd`): QEMU under libvirt runs as its own user and may not open a file corfs
+        can."""
         request: dict[str, object] = {"execute": name}
         if arguments is not None:
             request["arguments"] = arguments
+        args = ["qemu-monitor-command", "--domain", self.domain]
+        if pass_fds:
+            args += ["--pass-fds", ",".join(str(fd) for fd in pass_fds)]
         log.debug("virsh %s: QMP %s", self.domain, name)
         stdout = _domain_call(
             self.domain,
             self.uri,
-            ["qemu-monitor-command", "--domain", self.domain, "--cmd", json.dumps(request)],
+            [*args, "--cmd", json.dumps(request)],
             timeout=self.timeout,
+            pass_fds=pass_fds,
         )
         try:
             reply = json.loads(stdout)

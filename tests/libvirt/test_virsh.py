@@ -9,6 +9,7 @@ would be visible to it; none is needed here."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -221,3 +222,25 @@ def test_repoint_keeps_secrets_and_qemu_namespace(
     repoint_persistent_disk(name, str(old), str(new))
 
     assert libvirt.virsh(*secret_xml) == before.replace(str(old), str(new))
+
+
+def test_a_file_descriptor_reaches_qemu(
+    running_domain: tuple[str, Path], libvirt: Libvirt, tmp_path: Path
+):
+    """corfs opens NEW itself and hands QEMU the descriptor (add-fd), as libvirt's QEMU may
+    run as a user that could not open NEW."""
+    name, _ = running_domain
+    libvirt.virsh("start", "--domain", name)
+    new = raw_file(tmp_path / "new.raw")
+    monitor = VirshMonitor(name)
+    fd = os.open(new, os.O_RDWR)
+    try:
+        added = monitor.command("add-fd", {"fdset-id": 7}, pass_fds=[fd])
+    finally:
+        os.close(fd)
+    assert added["fdset-id"] == 7  # type: ignore[index]
+    monitor.command(
+        "blockdev-add", {"driver": "file", "node-name": "via-fd", "filename": "/dev/fdset/7"}
+    )
+    nodes = monitor.command("query-named-block-nodes", {"flat": True})
+    assert {n["node-name"]: n["file"] for n in nodes}["via-fd"] == "/dev/fdset/7"  # type: ignore
