@@ -20,6 +20,7 @@ APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config
   qemu-utils qemu-system-x86
   nginx-light fio attr busybox-static e2fsprogs cpio curl
+  libvirt-daemon-system libvirt-clients
 )
 
 log() { echo "setup: $*" >&2; }
