@@ -258,12 +258,14 @@ def send_command(mountpoint: str, command: dict) -> None:
                 f"{mountpoint} kept the chunks of {command['image']!r}: its base cannot "
                 "supply them again (gone or changed; the mount's log says which)"
             ) from None
-        if exc.errno == errno.EINVAL and command.get("image") is not None:
-            raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
         if command.get("op") == "handoff":  # the daemon's reason is in the image's status
             image = next((i for i in read_status(mountpoint)["images"]
-                          if i["name"] == command["image"]), {})
+                          if i["name"] == command["image"]), None)
+            if image is None:
+                raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
             raise HandoffFailed(image.get("handoff_error") or exc.strerror) from None
+        if exc.errno == errno.EINVAL and command.get("image") is not None:
+            raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
         raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
 
 
