@@ -38,6 +38,7 @@ import trio
 
 from .errors import CorfsError, NotLocalError, UsageError
 from .image import Image
+from .qemu_cmdline import qemu_pid_for_socket, started_options
 from .store import CacheStore, HandoffRecord
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ class Via:
     def from_json(cls, text: str) -> Via:
         data = json.loads(text)
         return cls(qmp=data.get("qmp"), virsh=data.get("virsh"))
+
+    def qemu_pid(self) -> int | None:
+        """The QEMU process, to read the options it was started with (qemu_cmdline.py)."""
+        if self.qmp is not None:
+            return qemu_pid_for_socket(self.qmp)
+        try:
+            with open(f"/run/libvirt/qemu/{self.virsh}.pid") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
 
     def describe(self) -> str:
         return f"QMP socket {self.qmp}" if self.qmp else f"libvirt domain {self.virsh}"
@@ -163,9 +174,10 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int) -> int:
     QEMU is switched back."""
     from .qmp_switch import plan_switch, switch
 
+    started = started_options(via.qemu_pid(), qemu_path)
     monitor = via.connect()
     try:
-        plan = plan_switch(monitor, qemu_path, dest)
+        plan = plan_switch(monitor, qemu_path, dest, started=started)
         switch(monitor, plan)
         try:
             os.fdatasync(data_fd)
@@ -174,6 +186,8 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int) -> int:
 
                 repoint_persistent_disk(via.virsh, qemu_path, dest)
         except BaseException:
+            # Back with QEMU's defaults for what QMP does not report: only a definition that
+            # cannot be rewritten gets here, after a switch that worked.
             switch(monitor, plan_switch(monitor, dest, qemu_path))
             raise
         return len(plan.old_file_nodes)

@@ -6,7 +6,8 @@ What QEMU 7.2 tells and does (tried here):
   `cache` (direct, no-flush) and `detect_zeroes`; `x-debug-query-block-graph` gives the parent
   edges (which node is whose `file` or `backing`). Nothing in 7.2 reports `discard`, `aio`,
   `locking`, `auto-read-only` or `force-share`: the caller passes those it knows (libvirt's
-  XML) as `node_options` / `file_options`, else QEMU's defaults apply to the nodes we make.
+  command line: qemu_cmdline.py) as `started`, per old file node, else QEMU's defaults apply
+  to the nodes we make.
   `detect-zeroes: unmap` implies `discard: unmap` (QEMU refuses the one without the other).
 - `blockdev-reopen` resets every option it is not given, so the parent gets back all of the
   above plus references to its other children. It drains in-flight I/O first.
@@ -272,6 +273,17 @@ def _parent_options(graph: Graph, parent: Node, edge: str, extra: Mapping[str, o
     return {"driver": parent.driver, "node-name": parent.name, **parent.options, **extra, **others}
 
 
+def _started_for(
+    node: Node, started: Mapping[str | None, tuple[Mapping, Mapping]]
+) -> tuple[Mapping, Mapping]:
+    node_options, file_options = started.get(node.name) or (
+        started.get(None) if _is_auto(node.name) else None
+    ) or ({}, {})
+    if file_options.get("aio") == "native" and not node.options.get("cache", {}).get("direct"):
+        file_options = {k: v for k, v in file_options.items() if k != "aio"}  # QEMU refuses it
+    return node_options, file_options
+
+
 def _is_auto(name: str) -> bool:
     return name.startswith("#")  # QEMU's generated names; a user's must start with a letter
 
@@ -331,18 +343,18 @@ def plan_switch(
     old: str,
     new: str,
     *,
-    node_options: Mapping[str, object] | None = None,
-    file_options: Mapping[str, object] | None = None,
+    started: Mapping[str | None, tuple[Mapping, Mapping]] | None = None,
 ) -> SwitchPlan:
-    """The steps that move every node on `old` to `new`. `node_options` (e.g. discard) go to
-    every node made or reopened, `file_options` (e.g. aio) to the new file nodes: QEMU 7.2
-    does not report them, so only the caller can keep them."""
+    """The steps that move every node on `old` to `new`. `started` maps an old file node's
+    name (None: any auto-named one, i.e. a -drive's) to the options QEMU 7.2 does not report
+    that it was started with: (for every node made or reopened over it, e.g. discard; for its
+    new file node, e.g. aio). Only the caller can know them."""
     graph = read_graph(monitor)
     on_old = _file_nodes_on(graph, old)
     if not on_old:
         raise NoNodesOnPath(f"QEMU has no block node on {old}")
     steps = [
-        _step_for(graph, node, edge, node_options or {}, file_options or {})
+        _step_for(graph, node, edge, *_started_for(node, started or {}))
         for node in on_old
         for edge in graph.parents.get(node.name, [])
     ]
