@@ -93,7 +93,7 @@ def test_blockdev_nodes_keep_their_options_and_a_qcow2_overlay_follows(
         with Qemu(
             tmp_path,
             "-blockdev", f"driver=file,filename={image},node-name=f0,cache.direct=on,"
-            "cache.no-flush=off,aio=native,discard=unmap,detect-zeroes=unmap",
+            "cache.no-flush=off,aio=native,discard=unmap,detect-zeroes=on",
             "-blockdev", "driver=raw,file=f0,node-name=d0,discard=unmap",
             "-blockdev", f"driver=qcow2,file.driver=file,file.filename={overlay},node-name=ov",
         ) as qemu:
