@@ -172,20 +172,24 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int) -> int:
     """Worker thread: re-point every node of QEMU on `qemu_path` to `dest`, then sync what the
     reopen drained. With --virsh, the domain's persistent definition follows; if that fails,
     QEMU is switched back."""
-    from .qmp_switch import plan_switch, switch
+    from .qmp_switch import plan_switch, rename_backing, switch
 
     started = started_options(via.qemu_pid(), qemu_path)
     monitor = via.connect()
     try:
         plan = plan_switch(monitor, qemu_path, dest, started=started)
         switch(monitor, plan)
+        renamed: list[str] = []
         try:
+            renamed = rename_backing(monitor, qemu_path, dest)  # qcow2 overlays' headers
             os.fdatasync(data_fd)
             if via.virsh is not None:
                 from .virsh import repoint_persistent_disk
 
                 repoint_persistent_disk(via.virsh, qemu_path, dest)
         except BaseException:
+            if renamed:
+                rename_backing(monitor, dest, qemu_path)
             # Back with QEMU's defaults for what QMP does not report: only a definition that
             # cannot be rewritten gets here, after a switch that worked.
             switch(monitor, plan_switch(monitor, dest, qemu_path))

@@ -180,6 +180,38 @@ def nodes_on(monitor: Monitor, path: str) -> list[str]:
     return [n.name for n in _file_nodes_on(read_graph(monitor), path)]
 
 
+def rename_backing(monitor: Monitor, old: str, new: str) -> list[str]:
+    """Overlays whose image header names `old` as their backing file name `new` from now on
+    (change-backing-file), so that a restart opens NEW rather than the mount. Returns the
+    overlays changed; a read-only one cannot be written and keeps its header (logged)."""
+    graph = read_graph(monitor)
+    changed = []
+    for info in monitor.command("query-named-block-nodes", {"flat": True}):  # type: ignore[union-attr]
+        backing = info.get("image", {}).get("backing-filename")  # the header's (not the node's)
+        if not backing or not _same_path(backing, old):
+            continue
+        name = info["node-name"]
+        if info["ro"]:
+            log.warning("overlay %s is read-only: its header still names %s as its backing "
+                        "file (a restart would open that)", name, old)
+            continue
+        monitor.command(
+            "change-backing-file",
+            {"device": _root_of(graph, name), "image-node-name": name, "backing-file": new},
+        )
+        changed.append(name)
+    return changed
+
+
+def _root_of(graph: Graph, name: str) -> str:
+    """The root node (or named BlockBackend) above `name`, as change-backing-file wants it."""
+    while True:
+        ups = [e for e in graph.parents.get(name, []) if e.parent_type == "block-driver"]
+        if not ups:
+            return name
+        name = ups[0].parent
+
+
 # ---- the plan --------------------------------------------------------------------------
 
 

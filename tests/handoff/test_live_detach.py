@@ -7,6 +7,7 @@ I/O through `qemu-io` in the human monitor)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -113,6 +114,9 @@ def test_blockdev_nodes_keep_their_options_and_a_qcow2_overlay_follows(
                 assert new[key] == old[key], (key, old[key], new[key])
             write_all(qemu, "d0", WRITES_AFTER)
             assert "fail" not in qemu.qemu_io("ov", "read -P 0xd1 2M 64k")
+            info = subprocess.run(["qemu-img", "info", "-U", "--output=json", overlay],
+                                  capture_output=True, text=True)
+            assert json.loads(info.stdout)["backing-filename"] == str(dest)  # a restart: DEST
             # discard=unmap, which QMP does not report, came from QEMU's command line: a
             # discard through the new nodes punches a hole in DEST (ignored by default).
             qemu.qemu_io("d0", "discard 7M 1M")
