@@ -83,7 +83,8 @@ def test_a_booted_guest_does_checksummed_io_across_the_handoff_and_reboots_from_
         )  # fmt: skip
         try:
             more_rounds(vm, 2)  # the guest writes through the mount while detach waits
-            assert detach.poll() is None, f"detach did not wait for the stream: {detach.stderr}"
+            if detach.poll() is not None:
+                pytest.fail(f"detach did not wait for the stream: {detach.communicate()}")
             run_corfs("stream", "bandwidth", dirs.mnt, "0", check=True)
             out, err = detach.communicate(timeout=DETACH_S)
         finally:
@@ -135,6 +136,7 @@ def test_a_booted_guest_does_checksummed_io_across_the_handoff_and_reboots_from_
     assert (again.boot_counter, again.prev_write, again.write) == (2, "ok", "ok"), (
         again.marker_line
     )
+    assert not GUEST_ERROR_RE.findall(again.console_text), again.console_text[-3000:]
     check = LOOPCHECK_RE.search(again.console_text)
     assert check is not None, again.console_text[-3000:]
     assert check.groups() == (str(len(verdicts)), str(len(verdicts))), check.group(0)
