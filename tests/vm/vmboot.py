@@ -56,7 +56,9 @@ def qemu_command(
     cache: str = "writeback",
     fmt: str = "raw",
     memory_mib: int = 512,
+    append: str = "",
 ) -> list[str]:
+    """``append``: more kernel command-line words (e.g. the guest's ``corfs.loop=N``)."""
     drive = f"file={disk_path},format={fmt},if=virtio,cache={cache}"
     # fmt: off
     return [
@@ -69,7 +71,7 @@ def qemu_command(
         "-no-reboot",
         "-kernel", str(artifacts.kernel),
         "-initrd", str(artifacts.initrd),
-        "-append", artifacts.append_line(),
+        "-append", f"{artifacts.append_line()} {append}".rstrip(),
         "-drive", drive,
     ]
     # fmt: on
@@ -121,7 +123,7 @@ def boot(
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(KILL_WAIT)
         reader.join(5)
-        text = _console(chunks)
+        text = console_text(chunks)
         raise BootError(f"VM did not power off within {timeout:.0f}s", text) from None
     finally:
         if proc.poll() is None:
@@ -130,11 +132,19 @@ def boot(
                 proc.wait(KILL_WAIT)
     reader.join(5)
     seconds = time.monotonic() - start
-    text = _console(chunks)
+    return parse_result(
+        console_text(chunks), proc.returncode, seconds, marker_at[0] if marker_at else None
+    )
+
+
+def parse_result(
+    text: str, returncode: int | None, seconds: float, marker_seconds: float | None = None
+) -> BootResult:
+    """The :class:`BootResult` of a finished boot's console ``text``; BootError if no marker."""
     match = MARKER_RE.search(text)
     if match is None:
         failure = FAIL_RE.search(text)
-        why = failure.group(0) if failure else f"qemu exit status {proc.returncode}"
+        why = failure.group(0) if failure else f"qemu exit status {returncode}"
         raise BootError(f"no CORFS-MARKER line ({why})", text)
     log.info("boot: %s in %.1fs", match.group(0), seconds)
     return BootResult(
@@ -145,9 +155,9 @@ def boot(
         write=match.group("write"),
         seconds=seconds,
         console_text=text,
-        marker_seconds=marker_at[0] if marker_at else None,
+        marker_seconds=marker_seconds,
     )
 
 
-def _console(chunks: list[bytes]) -> str:
+def console_text(chunks: list[bytes]) -> str:
     return b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
