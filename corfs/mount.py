@@ -284,10 +284,14 @@ async def _commit_forever(
             log.error("committing chunk state failed (will retry): %s", exc)
 
 
-async def _stop_on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+async def _stop_on_signal(
+    session_over: trio.Event, task_status=trio.TASK_STATUS_IGNORED  # noqa: ANN001
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
+            if session_over.is_set():  # unmounted already (fusermount3 -u): closing down
+                return  # terminate() on a closed session would crash the daemon
             log.info("%s received: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
@@ -396,48 +400,57 @@ async def _serve_with(
     fetcher = Fetcher(RetryPolicy(io_timeout=config.base.io_timeout))
     owner = config.owner or (os.getuid(), os.getgid())
     recorder = TraceRecorder() if config.stream.record_trace else None
-    async with trio.open_nursery() as nursery:
-        images = _build_images(config, store, fetcher, matched, nursery)
-        for image in images:
-            if recorder is not None:
-                image.first_reads = recorder.hook_for(image.name, image.geometry.chunk_size)
-            if down is not None:
-                image.missing_source = BaseUnreachable("the base does not answer")
-        stream = StreamWorker(images, config.stream, _load_traces(config, store, images))
-        controller = Controller(
-            images,
-            stream,
-            cache=store.cache_dir,
-            base=link.description,
-            mountpoint=mountpoint,
-            fetcher_statistics=fetcher.statistics,
-            current_base=lambda: link.store,
-            handed_over_before=[h for h in store.handoffs() if h.done],
-        )
-        operations = CorfsOperations(
-            images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
-        )
-        pyfuse3.init(operations, mountpoint, _fuse_options(config))
-        nursery.start_soon(_raise_read_ahead, mountpoint)
-        try:
-            store.write_small_file(MOUNTPOINT_FILE, mountpoint)
-            await nursery.start(_commit_forever, store, config.commit_interval)
-            await nursery.start(stream.run)
-            await nursery.start(_stop_on_signal)
-            if down is not None:
-                log.warning(
-                    "base %s does not answer (%s): serving the %d cached images, chunks not "
-                    "local fail with EIO until it does (trying it again in the background)",
-                    link.description, down, len(images),
-                )
-                await nursery.start(link.reopen_when_back, images)
-            log.info("mounted %s on %s (%d images)", link.description, mountpoint, len(images))
-            if on_ready is not None:
-                on_ready()
-            await pyfuse3.main()
-        finally:
-            nursery.cancel_scope.cancel()
-            pyfuse3.close(unmount=True)
-            if recorder is not None:
-                store.write_small_file(TRACE_FILE, recorder.to_json())
-            log.info("unmounted %s", mountpoint)
+    session_over = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            images = _build_images(config, store, fetcher, matched, nursery)
+            for image in images:
+                if recorder is not None:
+                    image.first_reads = recorder.hook_for(image.name, image.geometry.chunk_size)
+                if down is not None:
+                    image.missing_source = BaseUnreachable("the base does not answer")
+            stream = StreamWorker(images, config.stream, _load_traces(config, store, images))
+            controller = Controller(
+                images,
+                stream,
+                cache=store.cache_dir,
+                base=link.description,
+                mountpoint=mountpoint,
+                fetcher_statistics=fetcher.statistics,
+                current_base=lambda: link.store,
+                handed_over_before=[h for h in store.handoffs() if h.done],
+            )
+            operations = CorfsOperations(
+                images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
+            )
+            pyfuse3.init(operations, mountpoint, _fuse_options(config))
+            nursery.start_soon(_raise_read_ahead, mountpoint)
+            try:
+                store.write_small_file(MOUNTPOINT_FILE, mountpoint)
+                await nursery.start(_commit_forever, store, config.commit_interval)
+                await nursery.start(stream.run)
+                await nursery.start(_stop_on_signal, session_over)
+                if down is not None:
+                    log.warning(
+                        "base %s does not answer (%s): serving the %d cached images, chunks not "
+                        "local fail with EIO until it does (trying it again in the background)",
+                        link.description, down, len(images),
+                    )
+                    await nursery.start(link.reopen_when_back, images)
+                log.info("mounted %s on %s (%d images)", link.description, mountpoint, len(images))
+                if on_ready is not None:
+                    on_ready()
+                await pyfuse3.main()
+            finally:
+                session_over.set()
+                nursery.cancel_scope.cancel()
+                pyfuse3.close(unmount=True)
+                if recorder is not None:
+                    store.write_small_file(TRACE_FILE, recorder.to_json())
+                log.info("unmounted %s", mountpoint)
+    finally:
+        # Shutting down: the final commit and close follow, and must not be cut short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+

@@ -124,3 +124,14 @@ def test_allow_other(tmp_dirs):
         _, super_options = mount_options(m.mnt)
         assert "allow_other" not in super_options, super_options
         m.stop()
+
+
+def test_a_signal_right_after_fusermount_still_ends_cleanly(tmp_dirs):
+    """SIGTERM arriving while corfs closes down after `fusermount3 -u` (a service manager
+    stopping a unit whose mount just went): exit 0, never a crash (terminate() on the closed
+    session segfaulted) nor death by the signal (the handler was gone)."""
+    make_image(tmp_dirs.base / "disk.raw", MIB, seed=5)
+    for _ in range(3):
+        with tmp_dirs.mount() as m:
+            subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True)
+            m.stop()
