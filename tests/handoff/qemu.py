@@ -15,14 +15,24 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 START_TIMEOUT_S = 20.0
 
 
+NOBODY = 65534
+
+
 class Qemu:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, as_nobody: bool = False) -> None:
+        if as_nobody:  # as libvirt's QEMU user would: it can create its sockets here only
+            workdir = workdir / "qemu-nobody"
+            workdir.mkdir(mode=0o777, exist_ok=True)
+            workdir.chmod(0o777)
         self.socket = str(workdir / "qmp.sock")  # for corfs
         self._test_socket = str(workdir / "qmp-test.sock")  # QEMU serves one client per socket
         self.log = workdir / "qemu.log"
         self.args = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
                      "-qmp", f"unix:{self.socket},server=on,wait=off",
                      "-qmp", f"unix:{self._test_socket},server=on,wait=off", *args]
+        if as_nobody:
+            self.args = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                         *self.args]
         self.proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,34 @@ def test_no_qemu_node_on_the_image_changes_nothing(
         assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
         assert (m.mnt / "disk.raw").read_bytes() == base_image.read_bytes()
         m.stop()
+
+
+def test_qemu_refusing_the_new_file_rolls_everything_back() -> None:
+    """QEMU runs as another user (as libvirt's does) and cannot open DEST (0600, the mounting
+    user's): its blockdev-add fails, and all is as before: one line naming QEMU's reason, no
+    DEST, QEMU on the mount and writing through it, the image served and complete."""
+    root = Path(tempfile.mkdtemp(prefix="corfs-handoff-", dir="/tmp"))  # others may traverse
+    try:
+        root.chmod(0o755)
+        dirs = CorfsDirs.under(root)
+        base_image = make_image(dirs.base / "disk.raw", SIZE, seed=112)
+        dest = root / "vm.raw"
+        with dirs.mount("--allow-other", "--mode", "666") as m, Qemu(
+            root, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw",
+            as_nobody=True,
+        ) as qemu:
+            write_all(qemu, "drv0", WRITES_BEFORE)
+            result = detach(dirs, dest, qemu, "--wait")
+            assert_one_line_error(result, "Permission denied")
+            assert not dest.exists()
+            assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+            write_all(qemu, "drv0", WRITES_AFTER)
+            status = image_status(live_status(m.mnt), "disk.raw")
+            assert status["state"] == "complete"
+            assert "Permission denied" in status["handoff_error"]
+            qemu.qemu_io("drv0", "flush")
+            want = expected(base_image, WRITES_BEFORE + WRITES_AFTER)
+            assert (m.mnt / "disk.raw").read_bytes() == want
+            m.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
