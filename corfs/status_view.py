@@ -42,6 +42,10 @@ def format_table(status: dict) -> str:
             more = ", ..." if image["failing_chunks"] > len(listed) else ""
             indexes = ", ".join(str(index) for index in listed)
             lines.append(f"  failing chunks: {image['failing_chunks']} ({indexes}{more})")
+        if image.get("detached_to"):
+            lines.append(f"  handed over to QEMU: {_printable(image['detached_to'])}")
+        if image.get("handoff_error"):
+            lines.append(f"  last handoff failed: {image['handoff_error']}")
         if image.get("error"):
             lines.append(f"  error: {image['error']}")
     return "\n".join(lines)

@@ -152,6 +152,8 @@ def test_the_image_is_not_served_again_until_forget_detached(
     assert f"handed over to QEMU as {dest}" in m.log_text()
     offline = run_corfs("status", tmp_dirs.cache, "--json")
     assert '"detached_to"' in offline.stdout and str(dest) in offline.stdout
+    table = run_corfs("status", tmp_dirs.cache)
+    assert "detached" in table.stdout and f"handed over to QEMU: {dest}" in table.stdout
     with tmp_dirs.mount("--forget-detached", "disk.raw") as m:
         assert (m.mnt / "disk.raw").read_bytes() == base_image.read_bytes()  # fresh, from BASE
         m.stop()
