@@ -166,9 +166,9 @@ class Controller:
         """{"op": "handoff", "image": NAME, "dest": PATH, "qmp": SOCKET | "virsh": DOMAIN,
         }: handoff.py. Its error stays in the image's status
         (`handoff_error`) for the CLI, which gets only an errno through setxattr."""
-        via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
         qemu_path = os.path.join(self._mountpoint, image.name)
         try:
+            via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
             await hand_over(image, image.store, qemu_path, str(command["dest"]), via)
         except CorfsError as exc:
             self._handoff_errors[image.name] = str(exc)  # fuse_ops logs it

@@ -14,6 +14,7 @@ import contextlib
 import os
 
 from .errors import CacheLocked, NotLocalError, UsageError
+from .handoff import unsettled
 from .store import CacheStore, ChunkState, ImageRecord, private_open
 
 TMP_SUFFIX = ".corfs-tmp"
@@ -38,6 +39,8 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
         record = store.record_of(name)
         if record is None:
             raise UsageError(f"{cache_dir} has no image {name!r}")
+        if why := unsettled(store, name):
+            raise UsageError(why)
         states, _ = store.load_states(record)
         missing = states.count(bytes([ChunkState.ABSENT]))
         if missing:

@@ -245,19 +245,34 @@ class CorfsOperations(TranslatedOperations):
             )
             raise pyfuse3.FUSEError(errno.EPERM)
         try:
-            forgotten = await self._controller.apply(value)
-        except ForgetRefused as exc:
-            log.warning("%s", exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except ControlError as exc:
-            log.warning("control command refused: %s", exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            forgotten = await self._apply_command(value)
+        except BaseException:
+            await self._drop_stale_pages()
+            raise
+        await self._drop_stale_pages()
         for name in forgotten:
             await self._drop_cached_pages(self._by_name[os.fsencode(name)])
         for name, inode in self._by_name.items():
             if not self._listed(inode) and inode not in self._unlisted:
                 self._unlisted.add(inode)  # handed over to QEMU: the kernel forgets its name
                 pyfuse3.invalidate_entry_async(ROOT_INODE, name)
+
+    async def _apply_command(self, value: bytes) -> list[str]:
+        try:
+            return await self._controller.apply(value)
+        except ForgetRefused as exc:
+            log.warning("%s", exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except ControlError as exc:
+            log.warning("control command refused: %s", exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+    async def _drop_stale_pages(self) -> None:
+        """Images a rolled-back handoff let QEMU write directly: their cached pages go."""
+        for inode, image in self._by_inode.items():
+            if image.pages_stale:
+                image.pages_stale = False
+                await self._drop_cached_pages(inode)
 
     async def _drop_cached_pages(self, inode: int) -> None:
         """Chunks of this image were forgotten (a scrub found them bad): with keep_cache the

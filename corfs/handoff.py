@@ -20,10 +20,14 @@ After it corfs never writes that file again, and no later mount serves IMAGE (a 
 that name is left out, naming DEST) until `corfs mount --forget-detached IMAGE`.
 
 Crash safety: a daemon killed between 3 and 6 leaves a journal row; the next mount settles it
-before serving (`settle_handoffs`): if the QEMU answers and has a node on DEST, the handoff is
-finished (the new state); otherwise it is undone (the old state: DEST unlinked if it is still
-our link, and the image's chunks marked dirty, since a QEMU that was switched may have written
-to the shared inode before it went away)."""
+before serving (`settle_handoffs`; offline commands refuse the image meanwhile): undone (the
+old state: DEST unlinked, the image's chunks marked dirty since a QEMU that was switched may
+have written to the shared inode, a --virsh definition pointed back) only when DEST was never
+linked or the QEMU answers with no node on DEST; otherwise, QEMU on DEST or not answering,
+finished (the new state): DEST is never unlinked under a QEMU that may run on it. A failure
+while the daemon lives follows the same rule: a rollback that cannot get QEMU off DEST
+finishes the handoff instead, and one that did marks the chunks dirty and drops the
+kernel's cached pages (QEMU may have written to the inode meanwhile)."""
 
 from __future__ import annotations
 
@@ -94,8 +98,16 @@ class Via:
         return VirshMonitor(self.virsh)
 
 
-def check_dest(data_path: str, dest: str) -> None:
-    """UsageError (one line, nothing changed) unless DEST can become the data file's name."""
+def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None:
+    """UsageError (one line, nothing changed) unless DEST can become the data file's name:
+    an absolute path, not existing, beside CACHE (a hard link cannot cross file systems), not
+    inside CACHE (the store owns its names) nor in the mount (whose daemon this may be)."""
+    if not os.path.isabs(dest):
+        raise UsageError(f"DEST {dest} must be an absolute path")
+    cache_dir = os.path.dirname(os.path.dirname(data_path))
+    for inside in (cache_dir, mountpoint):
+        if inside and os.path.normpath(dest).startswith(os.path.normpath(inside) + os.sep):
+            raise UsageError(f"DEST {dest} must not be inside {inside}")
     if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists; choose a new file name")
     dest_dir = os.path.dirname(os.path.abspath(dest))
@@ -124,32 +136,49 @@ async def hand_over(
             "wait for the stream (--wait)"
         )
     data_path = store.data_path(name)
-    dest = os.path.abspath(dest)
-    check_dest(data_path, dest)
+    # Off the trio thread: a DEST on a hung file system must not stall the mount's I/O.
+    await trio.to_thread.run_sync(check_dest, data_path, dest, os.path.dirname(qemu_path))
     await store.commit()
-    store.begin_handoff(
-        HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
-    )
+    record = HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
+    await trio.to_thread.run_sync(store.begin_handoff, record)
+    attempt = _Attempt()
     try:
         await _stall_for_tests("journaled")
         await trio.to_thread.run_sync(_link, data_path, dest)
         try:
             await _stall_for_tests("linked")
             switched = await trio.to_thread.run_sync(
-                _switch_qemu, via, qemu_path, dest, store.data_fd(name)
+                _switch_qemu, via, qemu_path, dest, store.data_fd(name), attempt
             )
             await _stall_for_tests("switched")
+        except _StillOnDest as still:
+            log.error("%s: finishing the handoff to %s instead", still, dest)
+            switched = -1
         except BaseException:
             _unlink_our_link(data_path, dest)
             raise
     except BaseException:
-        store.end_handoff(name)
+        if attempt.switch_started:  # QEMU may have written to the shared inode meanwhile
+            image.mark_written_outside()
+        await trio.to_thread.run_sync(store.end_handoff, name)
         raise
-    store.drop_image(name, handed_over=True)  # the commit point
-    image.handed_over_to = dest
-    log.info("handed %s over to %s: %d QEMU node(s) now use %s", name, via.describe(),
-             switched, dest)
+    image.handed_over_to = dest  # not served from here on, even if the commit below fails
+    await store.drop_handed_over(name)  # the commit point
+    log.info("handed %s over to %s: QEMU now uses %s (%s)", name, via.describe(), dest,
+             f"{switched} node(s)" if switched >= 0 else "after a failed rollback")
     return switched
+
+
+@dataclass
+class _Attempt:
+    """What a handoff got to, for its rollback."""
+
+    switch_started: bool = False
+
+
+class _StillOnDest(CorfsError):
+    """A step after the switch failed and QEMU could not be switched back: it runs on DEST,
+    so the handoff is finished rather than DEST unlinked under it."""
 
 
 async def _stall_for_tests(step: str) -> None:
@@ -168,31 +197,39 @@ def _link(data_path: str, dest: str) -> None:
     _fsync_dir(os.path.dirname(dest))
 
 
-def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int) -> int:
+def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _Attempt) -> int:
     """Worker thread: re-point every node of QEMU on `qemu_path` to `dest`, then sync what the
     reopen drained. With --virsh, the domain's persistent definition follows; if that fails,
-    QEMU is switched back."""
-    from .qmp_switch import plan_switch, rename_backing, switch
+    QEMU is switched back. _StillOnDest if it cannot be."""
+    from .qmp_switch import nodes_on, plan_switch, rename_backing, switch
 
     started = started_options(via.qemu_pid(), qemu_path)
     monitor = via.connect()
     try:
         plan = plan_switch(monitor, qemu_path, dest, started=started)
-        switch(monitor, plan)
+        attempt.switch_started = True
+        try:
+            switch(monitor, plan)  # all or nothing itself
+        except BaseException:
+            _fail_closed(monitor, dest, nodes_on)
+            raise
         renamed: list[str] = []
         try:
-            renamed = rename_backing(monitor, qemu_path, dest)  # qcow2 overlays' headers
+            rename_backing(monitor, qemu_path, dest, renamed)  # qcow2 overlays' headers
             os.fdatasync(data_fd)
             if via.virsh is not None:
                 from .virsh import repoint_persistent_disk
 
                 repoint_persistent_disk(via.virsh, qemu_path, dest)
         except BaseException:
-            if renamed:
-                rename_backing(monitor, dest, qemu_path)
-            # Back with QEMU's defaults for what QMP does not report: only a definition that
-            # cannot be rewritten gets here, after a switch that worked.
-            switch(monitor, plan_switch(monitor, dest, qemu_path))
+            try:
+                rename_backing(monitor, dest, qemu_path, [], only=renamed)
+                # Back with QEMU's defaults for what QMP does not report: only a definition
+                # that cannot be rewritten gets here, after a switch that worked.
+                switch(monitor, plan_switch(monitor, dest, qemu_path))
+            except Exception as exc:
+                log.error("switching QEMU back to %s failed: %s", qemu_path, exc)
+            _fail_closed(monitor, dest, nodes_on)
             raise
         return len(plan.old_file_nodes)
     finally:
@@ -200,15 +237,20 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int) -> int:
             monitor.close()
 
 
+def _fail_closed(monitor, dest: str, nodes_on) -> None:  # noqa: ANN001
+    """After a failed switch or rollback: if QEMU still has a node on DEST, DEST must stay."""
+    try:
+        left = nodes_on(monitor, dest)
+    except CorfsError as exc:
+        raise _StillOnDest(f"cannot tell whether QEMU still uses {dest} ({exc})") from None
+    if left:
+        raise _StillOnDest(f"QEMU still has node(s) {', '.join(left)} on {dest}")
+
+
 def _unlink_our_link(data_path: str, dest: str) -> None:
     """Remove DEST only if it is still the data file's second name (never a file someone
     else put there meanwhile)."""
-    try:
-        ours = os.stat(data_path)
-        there = os.lstat(dest)
-    except FileNotFoundError:
-        return
-    if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+    if _is_our_link(data_path, dest):
         os.unlink(dest)
         _fsync_dir(os.path.dirname(dest))
 
@@ -219,6 +261,16 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unsettled(store: CacheStore, name: str) -> str | None:
+    """Why an offline command must leave `name` alone: a handoff of it was cut short and only
+    a mount settles it (it may have to ask the QEMU)."""
+    for handoff in store.handoffs():
+        if handoff.name == name and not handoff.done:
+            return (f"a live handoff of {name} to {handoff.dest} was cut short: mount the "
+                    "cache once to settle it")
+    return None
 
 
 def settle_handoffs(store: CacheStore) -> dict[str, str]:
@@ -235,37 +287,67 @@ def settle_handoffs(store: CacheStore) -> dict[str, str]:
 
 
 def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
-    """True if the handoff cut short is finished now, False if it was undone."""
+    """True if the handoff cut short is finished now, False if it was undone. Undone only
+    when that QEMU answers and has no node on DEST, or DEST was never linked; a QEMU that does
+    not answer may be running on DEST, so DEST stays and the handoff is finished."""
     via = Via.from_json(handoff.via)
-    try:
-        from .qmp_switch import nodes_on, plan_switch, switch
-
-        monitor = via.connect(SETTLE_TIMEOUT)
+    linked = _is_our_link(store.data_path(handoff.name), handoff.dest)
+    answered = False
+    on_dest: list[str] = []
+    if linked:
         try:
-            on_dest = nodes_on(monitor, handoff.dest)
-            if on_dest:
-                with contextlib.suppress(CorfsError):  # nodes left on the dead mount, if any
-                    switch(monitor, plan_switch(monitor, handoff.qemu_path, handoff.dest))
-        finally:
-            with contextlib.suppress(Exception):
-                monitor.close()
-    except CorfsError as exc:
-        log.warning("handoff of %s to %s was cut short and %s does not answer (%s): undoing it",
-                    handoff.name, handoff.dest, via.describe(), exc)
-        on_dest = []
-    if on_dest:
+            on_dest = _finish_qemu_side(via, handoff)
+            answered = True
+        except CorfsError as exc:
+            log.warning("handoff of %s to %s was cut short and %s does not answer (%s)",
+                        handoff.name, handoff.dest, via.describe(), exc)
+    if linked and (on_dest or not answered):
         if via.virsh is not None:
             from .virsh import repoint_persistent_disk
 
             with contextlib.suppress(CorfsError):
                 repoint_persistent_disk(via.virsh, handoff.qemu_path, handoff.dest)
         store.drop_image(handoff.name, handed_over=True)
-        log.warning("handoff of %s was cut short after QEMU switched to %s: finished it",
-                    handoff.name, handoff.dest)
+        log.warning("handoff of %s to %s was cut short %s: finished it (not served here any "
+                    "more)", handoff.name, handoff.dest,
+                    "after QEMU switched" if on_dest else "and QEMU's state is unknown")
         return True
-    _unlink_our_link(store.data_path(handoff.name), handoff.dest)
-    store.mark_dirty(handoff.name)  # QEMU may have written to the shared inode: see module doc
+    if via.virsh is not None:  # its definition may name DEST already
+        from .virsh import repoint_persistent_disk
+
+        with contextlib.suppress(CorfsError):
+            repoint_persistent_disk(via.virsh, handoff.dest, handoff.qemu_path)
+    if linked:  # QEMU may have had the shared inode open: see the module docstring
+        _unlink_our_link(store.data_path(handoff.name), handoff.dest)
+        store.mark_dirty(handoff.name)
     store.end_handoff(handoff.name)
     log.warning("handoff of %s to %s was cut short before QEMU switched: undone, %s is "
                 "served from the cache as before", handoff.name, handoff.dest, handoff.name)
     return False
+
+
+def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:
+    """The QEMU's nodes on DEST; if it has any, move what is left on the old path there too
+    and name DEST in overlay headers. CorfsError if QEMU cannot be asked."""
+    from .qmp_switch import nodes_on, plan_switch, rename_backing, switch
+
+    monitor = via.connect(SETTLE_TIMEOUT)
+    try:
+        on_dest = nodes_on(monitor, handoff.dest)
+        if on_dest:
+            with contextlib.suppress(CorfsError):  # nodes left on the dead mount, if any
+                switch(monitor, plan_switch(monitor, handoff.qemu_path, handoff.dest))
+            with contextlib.suppress(CorfsError):
+                rename_backing(monitor, handoff.qemu_path, handoff.dest, [])
+        return on_dest
+    finally:
+        with contextlib.suppress(Exception):
+            monitor.close()
+
+
+def _is_our_link(data_path: str, dest: str) -> bool:
+    try:
+        ours, there = os.stat(data_path), os.lstat(dest)
+    except FileNotFoundError:
+        return False
+    return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)

@@ -150,6 +150,7 @@ class Image:
         self.missing_source: CorfsError = BaseNotFound("the base image is gone")
         # Set once a live handoff made the data file DEST (handoff.py): no I/O here any more.
         self.handed_over_to: str | None = None
+        self.pages_stale = False  # the kernel's page cache of it may be stale (see above)
 
     def attach_source(self, source: BaseImage) -> None:
         """The base answers again with this image unchanged (mount.py checked its identity):
@@ -451,6 +452,17 @@ class Image:
         return aligned_copy(data) if chunk_digest(data) == digest else None
 
     # ---- client I/O ----------------------------------------------------------------------
+
+    def mark_written_outside(self) -> None:
+        """QEMU may have written to the data file directly (a live handoff rolled back after
+        its switch began): every local chunk becomes dirty (never refetched, verified or
+        deduplicated from), and the kernel's cached pages of the image must go
+        (`pages_stale`, dropped by fuse_ops)."""
+        for index in range(self.geometry.chunk_count):
+            if self._states[index] != ChunkState.ABSENT:
+                self._set_state(index, ChunkState.DIRTY, None)
+        self.store.touch(self.name)
+        self.pages_stale = True
 
     def _check_served(self) -> None:
         if self.handed_over_to is not None:

@@ -29,13 +29,19 @@ def qemu_pid_for_socket(socket_path: str) -> int | None:
         except OSError:
             continue
         if argv and b"qemu" in os.path.basename(argv[0]) and any(
-            socket_path.encode() in arg for arg in argv
+            _names_socket(os.fsdecode(arg), socket_path) for arg in argv
         ):
             found.append(int(entry))
     return found[0] if len(found) == 1 else None
 
 
 Started = dict[str | None, tuple[dict, dict]]  # qmp_switch.plan_switch's `started`
+
+
+def _names_socket(arg: str, socket_path: str) -> bool:
+    """Whether a -qmp / -chardev argument is that unix socket (`unix:PATH[,...]`, `path=PATH`)."""
+    items = _UNESCAPED_COMMA.split(arg)
+    return f"unix:{socket_path}" in items[:1] or f"path={socket_path}" in items
 
 
 def started_options(pid: int | None, path: str) -> Started:

@@ -180,17 +180,19 @@ def nodes_on(monitor: Monitor, path: str) -> list[str]:
     return [n.name for n in _file_nodes_on(read_graph(monitor), path)]
 
 
-def rename_backing(monitor: Monitor, old: str, new: str) -> list[str]:
+def rename_backing(
+    monitor: Monitor, old: str, new: str, changed: list[str], only: list[str] | None = None
+) -> None:
     """Overlays whose image header names `old` as their backing file name `new` from now on
-    (change-backing-file), so that a restart opens NEW rather than the mount. Returns the
-    overlays changed; a read-only one cannot be written and keeps its header (logged)."""
+    (change-backing-file), so that a restart opens NEW rather than the mount; each is added
+    to `changed` as soon as it is (for an undo after a failure half-way). `only`: just these.
+    A read-only overlay cannot be written and keeps its header (logged)."""
     graph = read_graph(monitor)
-    changed = []
     for info in monitor.command("query-named-block-nodes", {"flat": True}):  # type: ignore[union-attr]
         backing = info.get("image", {}).get("backing-filename")  # the header's (not the node's)
-        if not backing or not _same_path(backing, old):
-            continue
         name = info["node-name"]
+        if not backing or not _same_path(backing, old) or (only is not None and name not in only):
+            continue
         if info["ro"]:
             log.warning("overlay %s is read-only: its header still names %s as its backing "
                         "file (a restart would open that)", name, old)
@@ -200,7 +202,6 @@ def rename_backing(monitor: Monitor, old: str, new: str) -> list[str]:
             {"device": _root_of(graph, name), "image-node-name": name, "backing-file": new},
         )
         changed.append(name)
-    return changed
 
 
 def _root_of(graph: Graph, name: str) -> str:

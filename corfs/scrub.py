@@ -20,6 +20,7 @@ from . import control
 from .base import BaseOptions, BaseStore, open_base
 from .digest import chunk_digest, is_zero
 from .errors import CorfsError, ForgetRefused, UsageError
+from .handoff import unsettled
 from .refetch import why_base_cannot_supply
 from .store import CacheStore, ChunkState, ImageRecord
 
@@ -70,8 +71,8 @@ def verify_cache(
         reports = []
         for record in records:
             checked, bad = _find_bad(store, record)
-            kept = None
-            if bad:
+            kept = None if mounted or not bad else unsettled(store, record.name)
+            if bad and kept is None:
                 try:
                     _forget(store, record, bad, mounted, base)
                 except ForgetRefused as exc:

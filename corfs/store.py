@@ -467,6 +467,12 @@ class CacheStore:
             return []
         return [HandoffRecord(*row[:5], bool(row[5]), row[6]) for row in rows]
 
+    async def drop_handed_over(self, name: str) -> None:
+        """The commit point of a live handoff: drop_image(handed_over=True) while no commit
+        runs (one in a worker thread may hold this image's descriptor)."""
+        async with self._commit_lock:
+            self.drop_image(name, handed_over=True)
+
     def begin_handoff(self, record: HandoffRecord) -> None:
         """Journal a handoff before its first step (durable: synchronous=FULL)."""
         self._execute_durably(
@@ -480,12 +486,12 @@ class CacheStore:
         self._execute_durably("DELETE FROM handoffs WHERE name = ?", (name,))
 
     def mark_dirty(self, name: str) -> None:
-        """Every clean chunk of `name` becomes dirty: its data file may hold bytes written by
-        QEMU outside corfs (a handoff rolled back after a crash), so neither verify nor a
-        refetch may ever take the base's bytes for it."""
+        """Every clean or zero chunk of `name` becomes dirty: its data file may hold bytes
+        written by QEMU outside corfs (a handoff rolled back after a crash), so neither verify
+        nor a refetch may ever take the base's bytes for it."""
         self._execute_durably(
-            "UPDATE chunks SET state = ?, digest = NULL WHERE image = ? AND state = ?",
-            (ChunkState.DIRTY, name, ChunkState.CLEAN),
+            "UPDATE chunks SET state = ?, digest = NULL WHERE image = ? AND state IN (?, ?)",
+            (ChunkState.DIRTY, name, ChunkState.CLEAN, ChunkState.ZERO),
         )
         self._digest_index.drop_image(name)
 

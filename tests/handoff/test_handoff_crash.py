@@ -14,7 +14,7 @@ import pytest
 
 from corfs.handoff import STALL_ENV
 from tests.fuse.util import image_status, live_status, wait_for
-from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image
+from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image, run_corfs
 
 from .qemu import Qemu
 
@@ -22,10 +22,16 @@ MIB = 1 << 20
 
 
 @pytest.mark.parametrize(
-    ("step", "new_state"), [("journaled", False), ("linked", False), ("switched", True)]
+    ("step", "qemu_answers", "new_state"),
+    [
+        ("journaled", True, False),
+        ("linked", True, False),  # QEMU says it has no node on DEST: undone
+        ("linked", False, True),  # QEMU cannot say: DEST stays (it might run on it), finished
+        ("switched", True, True),
+    ],
 )
 def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
-    tmp_dirs: CorfsDirs, tmp_path: Path, step: str, new_state: bool
+    tmp_dirs: CorfsDirs, tmp_path: Path, step: str, qemu_answers: bool, new_state: bool
 ) -> None:
     base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=7)
     dest = tmp_path / "vm.raw"
@@ -49,7 +55,12 @@ def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
                 cli.kill()
                 cli.wait(10)
         on_dest = [f for f in qemu.file_nodes().values() if f == str(dest)]
-        assert bool(on_dest) == new_state
+        assert bool(on_dest) == (step == "switched")
+        # Until a mount settles it, offline commands leave the image alone.
+        refused = run_corfs("detach", tmp_dirs.cache, "disk.raw", tmp_path / "copy.raw")
+        assert refused.returncode != 0 and "cut short" in refused.stderr
+        if not qemu_answers:
+            os.rename(qemu.socket, qemu.socket + ".gone")  # corfs cannot reach it
         with tmp_dirs.mount() as m:
             listed = "disk.raw" in os.listdir(m.mnt)
             status = image_status(live_status(m.mnt), "disk.raw")
@@ -57,16 +68,24 @@ def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
                 assert not listed and status["state"] == "detached"
                 assert status["detached_to"] == str(dest)
                 assert not (tmp_dirs.cache / "data" / "disk.raw").exists()
+            if step == "switched":
                 assert str(image) not in qemu.file_nodes().values()
-                qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
+                qemu.qemu_io("d0", "write -P 0x6d 2M 64k")  # QEMU runs on DEST
                 qemu.qemu_io("d0", "flush")
                 want = bytearray(base.read_bytes())
                 want[MIB : MIB + 65536] = b"\x5c" * 65536
                 want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
                 assert dest.read_bytes() == bytes(want)
+            elif new_state:  # finished without QEMU's word: DEST holds everything written
+                want = bytearray(base.read_bytes())
+                want[MIB : MIB + 65536] = b"\x5c" * 65536
+                assert dest.read_bytes() == bytes(want)
             else:
                 assert listed and status["state"] == "complete"
                 assert not dest.exists()
+                # DEST existed: no chunk may be taken for the base's any more; else only the
+                # chunk written through the mount is dirty.
+                assert status["dirty_bytes"] == (4 * MIB if step == "linked" else MIB)
                 want = bytearray(base.read_bytes())
                 want[MIB : MIB + 65536] = b"\x5c" * 65536
                 assert image.read_bytes() == bytes(want)  # the write through the old mount

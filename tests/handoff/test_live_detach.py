@@ -248,6 +248,9 @@ def test_qemu_refusing_the_new_file_rolls_everything_back() -> None:
             status = image_status(live_status(m.mnt), "disk.raw")
             assert status["state"] == "complete"
             assert "Permission denied" in status["handoff_error"]
+            # The switch had begun: QEMU may have written to the inode, so no chunk may be
+            # taken for the base's any more (verify, refetch, dedup).
+            assert status["dirty_bytes"] == SIZE
             qemu.qemu_io("drv0", "flush")
             want = expected(base_image, WRITES_BEFORE + WRITES_AFTER)
             assert (m.mnt / "disk.raw").read_bytes() == want

@@ -28,3 +28,12 @@ def test_blockdev_keyval_and_json_file_and_format_nodes() -> None:
 
 def test_nothing_known_for_a_file_not_on_the_command_line() -> None:
     assert options_for(["qemu", "-machine", "none"], P) == {}
+
+
+def test_a_socket_is_named_exactly() -> None:
+    from corfs.qemu_cmdline import _names_socket
+
+    assert _names_socket("unix:/run/a.qmp,server=on,wait=off", "/run/a.qmp")
+    assert _names_socket("socket,id=m,path=/run/a.qmp,server=on", "/run/a.qmp")
+    assert not _names_socket("unix:/run/a.qmp2,server=on", "/run/a.qmp")
+    assert not _names_socket("file=/run/a.qmp.raw,if=none", "/run/a.qmp")
