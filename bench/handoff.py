@@ -20,6 +20,7 @@ are measured before every run. No network is involved, so no curl limits apply.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from bench.harness import (
     disk_direct_mbps,
     drop_caches,
     fio,
+    fresh_dir,
     machine,
     make_image,
     mounted,
@@ -141,6 +144,28 @@ class Paths:
         shutil.rmtree(self.cache, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def running_qemu(directory: Path, *args: str) -> Iterator[Qemu]:
+    """A QEMU (tests/handoff/qemu.py) in a fresh dir (a stale QMP socket would be connected to
+    before QEMU listens), killed even when it fails to start."""
+    qemu = Qemu(Path(fresh_dir(str(directory))), *args)
+    try:
+        yield qemu.__enter__()
+    finally:
+        qemu.__exit__(None, None, None)
+
+
+def after_handoff_graph(qemu: Qemu) -> dict:
+    """What QEMU's I/O goes through: a raw node on a file node on DEST and no block job left
+    (the handoff of a -drive may run a mirror: it must be completed, not measured)."""
+    nodes = qemu.qmp("query-named-block-nodes", flat=True)
+    return {
+        "files": list(qemu.file_nodes().values()),
+        "drivers": sorted(n["drv"] for n in nodes),  # type: ignore[index, union-attr]
+        "jobs": qemu.qmp("query-block-jobs"),
+    }
+
+
 def measure_run(run_no: int, base: Path, paths: Paths, size: int, seconds: float) -> dict:
     results: dict[str, dict[str, dict]] = {t: {} for t in TARGETS}
     mnt, dest = paths.mnt, paths.dest
@@ -150,8 +175,8 @@ def measure_run(run_no: int, base: Path, paths: Paths, size: int, seconds: float
         wait_complete(str(mnt))
         settle_disk()
         image = str(mnt / IMAGE)
-        with Qemu(paths.work, "-drive",
-                  f"file={image},if=none,id=drv0,format=raw,cache=none") as qemu:
+        with running_qemu(paths.work / "qemu", "-drive",
+                          f"file={image},if=none,id=drv0,format=raw,cache=none") as qemu:
             for job in JOBS:
                 results["before"][job.label] = measure(job, image, size, seconds)
             started = time.monotonic()
@@ -163,9 +188,9 @@ def measure_run(run_no: int, base: Path, paths: Paths, size: int, seconds: float
             if done.returncode != 0:
                 raise RuntimeError(f"corfs detach failed: {done.stderr.strip()}")
             handoff_s = time.monotonic() - started
-            nodes = list(qemu.file_nodes().values())
-            if nodes != [str(dest)]:
-                raise RuntimeError(f"after the handoff QEMU's file nodes are {nodes}")
+            graph = after_handoff_graph(qemu)
+            if graph != {"files": [str(dest)], "drivers": ["file", "raw"], "jobs": []}:
+                raise RuntimeError(f"after the handoff QEMU has {graph}")
             settle_disk()
             # Alternate which goes first so a drift of the disk during the run favours neither.
             for n, job in enumerate(JOBS):
