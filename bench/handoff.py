@@ -8,7 +8,8 @@ Each run: a fresh cache is filled from a dir base (`corfs mount`, stream to comp
 - before: fio and `qemu-img bench` on `MNT/IMAGE` (through FUSE and corfs), QEMU holding it;
 - `corfs detach MNT IMAGE DEST --qmp SOCKET` (checked: QEMU's only file node is DEST after);
 - after: the same on DEST, QEMU still running on it, each job alternated with the same job on
-  the plain file (a fresh copy of the base on the same file system), the baseline.
+  the plain file in short slices (A B B A A B): the baseline, a fresh copy of the base on the
+  same file system written with 1 MiB O_DIRECT, as corfs writes its data file.
 fio: 4 KiB random read and random write, 1 MiB sequential read, O_DIRECT, libaio, QD1 and QD16,
 time-based, over the whole image. `qemu-img bench`: 4 KiB reads and writes, -t none -i native,
 QD1 and QD16, requests 1 MiB + 4 KiB apart (it has no random mode; this spreads them over the
@@ -256,8 +257,9 @@ def report(runs: list[dict], size: int, seconds: float) -> str:
     handoffs = [r["handoff_s"] for r in runs]
     lines = [
         f"machine: {machine()}",
-        f"{len(runs)} run(s), image {size // MiB} MiB, {seconds:g} s per job (+1 s fio ramp); "
-        "medians" + (" (a single run)" if len(runs) == 1 else ""),
+        f"{len(runs)} run(s), image {size // MiB} MiB; before: {seconds:g} s per job (+1 s fio "
+        f"ramp); after and plain: {SLICES} alternating slices of {seconds / SLICES:g} s each "
+        "(+0.5 s fio ramp); medians" + (" (a single run)" if len(runs) == 1 else ""),
         f"day's limits: disk 1 MiB O_DIRECT write {med(write):.0f} MB/s, read {med(read):.0f} "
         f"MB/s (per run: {per_run}); "
         "no network involved (curl limits n/a); "
