@@ -152,28 +152,59 @@ def read_sequential(path: str, block: int = MiB) -> float:
         os.close(fd)
 
 
-def fio_randread(path: str, seconds: int = 8, size: int | None = None) -> dict:
-    """4 KiB O_DIRECT random reads: IOPS and p99 latency in microseconds."""
+def fio(path: str, rw: str, bs: str, *, iodepth: int = 1, seconds: float = 8,
+        size: int | None = None, ioengine: str = "libaio", ramp_s: float = 0) -> dict:
+    """One O_DIRECT fio job on `path` (time-based): IOPS, MB/s and p99 completion latency (us)
+    of its reads or writes, whichever `rw` does."""
     argv = [
         "fio",
-        "--name=rr",
+        "--name=job",
         f"--filename={path}",
-        "--rw=randread",
-        "--bs=4k",
+        f"--rw={rw}",
+        f"--bs={bs}",
         "--direct=1",
-        "--ioengine=psync",
+        f"--ioengine={ioengine}",
+        f"--iodepth={iodepth}",
         "--numjobs=1",
-        f"--runtime={seconds}",
+        f"--runtime={round(seconds * 1000)}ms",
+        f"--ramp_time={round(ramp_s * 1000)}ms",
         "--time_based",
         "--output-format=json",
-        "--readonly",
     ]
+    if "write" not in rw:
+        argv.append("--readonly")
     if size:
         argv.append(f"--size={size}")
     out = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
-    read = out["jobs"][0]["read"]
-    p99 = read["clat_ns"]["percentile"]["99.000000"] / 1000
-    return {"iops": read["iops"], "p99_us": p99}
+    side = out["jobs"][0]["write" if "write" in rw else "read"]
+    p99 = side["clat_ns"]["percentile"]["99.000000"] / 1000
+    return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6, "p99_us": p99}
+
+
+def fio_randread(path: str, seconds: int = 8, size: int | None = None) -> dict:
+    """4 KiB O_DIRECT random reads, one at a time: IOPS and p99 latency in microseconds."""
+    result = fio(path, "randread", "4k", seconds=seconds, size=size, ioengine="psync")
+    return {"iops": result["iops"], "p99_us": result["p99_us"]}
+
+
+def disk_direct_mbps(directory: str, size: int = 512 * MiB) -> dict:
+    """The day's disk limits under `directory`: MB/s of `dd` writing then reading `size` in
+    1 MiB O_DIRECT blocks (the file is removed afterwards)."""
+    path = os.path.join(directory, ".disk-probe")
+    count = str(size // MiB)
+    try:
+        start = time.perf_counter()
+        subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}",
+                        "oflag=direct", "conv=fsync", "status=none"], check=True)
+        write_s = time.perf_counter() - start
+        start = time.perf_counter()
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct",
+                        "status=none"], check=True)
+        read_s = time.perf_counter() - start
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return {"write_mbps": size / write_s / 1e6, "read_mbps": size / read_s / 1e6}
 
 
 def machine() -> str:
