@@ -15,7 +15,7 @@ import time
 from . import control, detach
 from .errors import CacheLocked, NotLocalError, UsageError
 from .handoff import Via, check_dest
-from .store import data_file_name
+from .store import data_path_in
 
 WAIT_POLL_S = 0.5
 
@@ -49,7 +49,7 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
         _wait_complete(mountpoint, image, timeout)
     cache = control.read_status(mountpoint)["cache"]
     dest = os.path.abspath(dest)
-    check_dest(os.path.join(cache, "data", data_file_name(image)), dest)
+    check_dest(data_path_in(cache, image), dest, mountpoint)
     control.send_command(
         mountpoint,
         {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh},

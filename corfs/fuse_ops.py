@@ -26,7 +26,7 @@ import trio
 
 from .control import CONTROL_XATTR, STATUS_XATTR, Controller
 from .digest import Buffer
-from .errors import ControlError, CorfsError, ForgetRefused, ImageHandedOver
+from .errors import ControlError, CorfsError, ForgetRefused
 from .image import Image
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ class CorfsOperations(TranslatedOperations):
             image = self._by_inode[inode]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        if image.handed_over_to is not None:  # ESTALE, and a log line naming DEST
-            raise ImageHandedOver(f"{image.name} was handed over to QEMU as "
-                                  f"{image.handed_over_to}: corfs no longer serves it")
+        image.check_served()  # handed over to QEMU: ESTALE, and a log line naming DEST
         return image
 
     def _listed(self, inode: int) -> bool:

@@ -43,7 +43,7 @@ import trio
 from .errors import CorfsError, NotLocalError, UsageError
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options
-from .store import CacheStore, HandoffRecord
+from .store import CacheStore, HandoffRecord, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _link(data_path: str, dest: str) -> None:
         raise UsageError(f"{dest} already exists; choose a new file name") from None
     except OSError as exc:
         raise UsageError(f"cannot create {dest}: {exc.strerror}") from None
-    _fsync_dir(os.path.dirname(dest))
+    fsync_dir(os.path.dirname(dest))
 
 
 def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _Attempt) -> int:
@@ -252,15 +252,7 @@ def _unlink_our_link(data_path: str, dest: str) -> None:
     else put there meanwhile)."""
     if _is_our_link(data_path, dest):
         os.unlink(dest)
-        _fsync_dir(os.path.dirname(dest))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(os.path.dirname(dest))
 
 
 def unsettled(store: CacheStore, name: str) -> str | None:

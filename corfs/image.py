@@ -464,7 +464,7 @@ class Image:
         self.store.touch(self.name)
         self.pages_stale = True
 
-    def _check_served(self) -> None:
+    def check_served(self) -> None:
         if self.handed_over_to is not None:
             raise ImageHandedOver(
                 f"{self.name} was handed over to QEMU as {self.handed_over_to}: "
@@ -472,7 +472,7 @@ class Image:
             )
 
     async def read(self, offset: int, length: int) -> Buffer:
-        self._check_served()
+        self.check_served()
         length = self.geometry.clip(offset, length)
         if length <= 0:
             return b""
@@ -541,7 +541,7 @@ class Image:
         return b"".join(parts)
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
-        self._check_served()
+        self.check_served()
         if self.read_only:
             raise ReadOnlyError(f"{self.name} is mounted read-only")
         if offset + len(data) > self.size:
@@ -581,5 +581,5 @@ class Image:
                 self._set_state(index, ChunkState.DIRTY, None)
 
     async def fsync(self) -> None:
-        self._check_served()
+        self.check_served()
         await self.store.commit()

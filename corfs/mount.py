@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pyfuse3
 import trio
@@ -285,16 +285,17 @@ async def _commit_forever(
 
 
 async def _stop_on_signal(
-    session_over: trio.Event, task_status=trio.TASK_STATUS_IGNORED  # noqa: ANN001
+    signals: AsyncIterator[int],
+    session_over: trio.Event,
+    task_status=trio.TASK_STATUS_IGNORED,  # noqa: ANN001
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            if session_over.is_set():  # unmounted already (fusermount3 -u): closing down
-                return  # terminate() on a closed session would crash the daemon
-            log.info("%s received: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+    task_status.started()
+    async for signum in signals:
+        if session_over.is_set():  # unmounted already (fusermount3 -u): closing down
+            return  # terminate() on a closed session would crash the daemon
+        log.info("%s received: unmounting", signal.Signals(signum).name)
+        pyfuse3.terminate()
+        return
 
 
 def _read_ahead_file(mountpoint: str) -> str | None:
@@ -348,19 +349,27 @@ async def _serve(config: MountConfig, mountpoint: str, on_ready: Callable[[], No
             raise BaseUnreachable(str(down)) from None  # nothing cached to serve
         base, sources = None, []
     link = _BaseLink(config, base)
-    try:
-        store = CacheStore.open(config.cache_dir)
+    # SIGINT and SIGTERM are ours from here to the end, not only while serving: one that
+    # arrives while the session closes (after fusermount3 -u) must neither crash the daemon
+    # nor kill it before the final commit. The receiver puts back the handlers it found when
+    # it closes: ignoring, for a signal that comes after it, while the process exits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
-            if down is not None and not store.records():
-                raise BaseUnreachable(str(down))
-            await _serve_with(config, mountpoint, on_ready, link, sources, store, down)
+            store = CacheStore.open(config.cache_dir)
+            try:
+                if down is not None and not store.records():
+                    raise BaseUnreachable(str(down))
+                await _serve_with(config, mountpoint, on_ready, link, sources, store, down,
+                                  signals)
+            finally:
+                with contextlib.suppress(CorfsError):
+                    store.commit_sync()
+                store.remove_small_file(MOUNTPOINT_FILE)
+                store.close()
         finally:
-            with contextlib.suppress(CorfsError):
-                store.commit_sync()
-            store.remove_small_file(MOUNTPOINT_FILE)
-            store.close()
-    finally:
-        await link.aclose()
+            await link.aclose()
 
 
 def _build_images(
@@ -390,6 +399,7 @@ async def _serve_with(
     sources: list[BaseImage],
     store: CacheStore,
     down: CorfsError | None,
+    signals: AsyncIterator[int],
 ) -> None:
     handed_over = _settle_handoffs(store, config)
     matched = (
@@ -401,56 +411,51 @@ async def _serve_with(
     owner = config.owner or (os.getuid(), os.getgid())
     recorder = TraceRecorder() if config.stream.record_trace else None
     session_over = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            images = _build_images(config, store, fetcher, matched, nursery)
-            for image in images:
-                if recorder is not None:
-                    image.first_reads = recorder.hook_for(image.name, image.geometry.chunk_size)
-                if down is not None:
-                    image.missing_source = BaseUnreachable("the base does not answer")
-            stream = StreamWorker(images, config.stream, _load_traces(config, store, images))
-            controller = Controller(
-                images,
-                stream,
-                cache=store.cache_dir,
-                base=link.description,
-                mountpoint=mountpoint,
-                fetcher_statistics=fetcher.statistics,
-                current_base=lambda: link.store,
-                handed_over_before=[h for h in store.handoffs() if h.done],
-            )
-            operations = CorfsOperations(
-                images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
-            )
-            pyfuse3.init(operations, mountpoint, _fuse_options(config))
-            nursery.start_soon(_raise_read_ahead, mountpoint)
-            try:
-                store.write_small_file(MOUNTPOINT_FILE, mountpoint)
-                await nursery.start(_commit_forever, store, config.commit_interval)
-                await nursery.start(stream.run)
-                await nursery.start(_stop_on_signal, session_over)
-                if down is not None:
-                    log.warning(
-                        "base %s does not answer (%s): serving the %d cached images, chunks not "
-                        "local fail with EIO until it does (trying it again in the background)",
-                        link.description, down, len(images),
-                    )
-                    await nursery.start(link.reopen_when_back, images)
-                log.info("mounted %s on %s (%d images)", link.description, mountpoint, len(images))
-                if on_ready is not None:
-                    on_ready()
-                await pyfuse3.main()
-            finally:
-                session_over.set()
-                nursery.cancel_scope.cancel()
-                pyfuse3.close(unmount=True)
-                if recorder is not None:
-                    store.write_small_file(TRACE_FILE, recorder.to_json())
-                log.info("unmounted %s", mountpoint)
-    finally:
-        # Shutting down: the final commit and close follow, and must not be cut short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    async with trio.open_nursery() as nursery:
+        images = _build_images(config, store, fetcher, matched, nursery)
+        for image in images:
+            if recorder is not None:
+                image.first_reads = recorder.hook_for(image.name, image.geometry.chunk_size)
+            if down is not None:
+                image.missing_source = BaseUnreachable("the base does not answer")
+        stream = StreamWorker(images, config.stream, _load_traces(config, store, images))
+        controller = Controller(
+            images,
+            stream,
+            cache=store.cache_dir,
+            base=link.description,
+            mountpoint=mountpoint,
+            fetcher_statistics=fetcher.statistics,
+            current_base=lambda: link.store,
+            handed_over_before=[h for h in store.handoffs() if h.done],
+        )
+        operations = CorfsOperations(
+            images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
+        )
+        pyfuse3.init(operations, mountpoint, _fuse_options(config))
+        nursery.start_soon(_raise_read_ahead, mountpoint)
+        try:
+            store.write_small_file(MOUNTPOINT_FILE, mountpoint)
+            await nursery.start(_commit_forever, store, config.commit_interval)
+            await nursery.start(stream.run)
+            await nursery.start(_stop_on_signal, signals, session_over)
+            if down is not None:
+                log.warning(
+                    "base %s does not answer (%s): serving the %d cached images, chunks not "
+                    "local fail with EIO until it does (trying it again in the background)",
+                    link.description, down, len(images),
+                )
+                await nursery.start(link.reopen_when_back, images)
+            log.info("mounted %s on %s (%d images)", link.description, mountpoint, len(images))
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main()
+        finally:
+            session_over.set()
+            nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            if recorder is not None:
+                store.write_small_file(TRACE_FILE, recorder.to_json())
+            log.info("unmounted %s", mountpoint)
 
 

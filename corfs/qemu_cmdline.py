@@ -10,6 +10,8 @@ import logging
 import os
 import re
 
+from .qmp_switch import same_path
+
 log = logging.getLogger(__name__)
 
 FILE_KEYS = ("aio", "locking")  # options of the `file` node
@@ -104,4 +106,4 @@ def _pick(options: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
 
 
 def _same(a: object, b: str) -> bool:
-    return isinstance(a, str) and os.path.normpath(a) == os.path.normpath(b)
+    return isinstance(a, str) and same_path(a, b)

@@ -166,13 +166,13 @@ def read_graph(monitor: Monitor) -> Graph:
     return Graph(nodes, parents, children)
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     # A string comparison only: resolving a path on the mount from inside its daemon deadlocks.
     return os.path.normpath(a) == os.path.normpath(b)
 
 
 def _file_nodes_on(graph: Graph, path: str) -> list[Node]:
-    return [n for n in graph.nodes.values() if n.driver == "file" and _same_path(n.filename, path)]
+    return [n for n in graph.nodes.values() if n.driver == "file" and same_path(n.filename, path)]
 
 
 def nodes_on(monitor: Monitor, path: str) -> list[str]:
@@ -191,7 +191,7 @@ def rename_backing(
     for info in monitor.command("query-named-block-nodes", {"flat": True}):  # type: ignore[union-attr]
         backing = info.get("image", {}).get("backing-filename")  # the header's (not the node's)
         name = info["node-name"]
-        if not backing or not _same_path(backing, old) or (only is not None and name not in only):
+        if not backing or not same_path(backing, old) or (only is not None and name not in only):
             continue
         if info["ro"]:
             log.warning("overlay %s is read-only: its header still names %s as its backing "

@@ -252,6 +252,20 @@ class _Batch:
     pending: _Marks
 
 
+def fsync_dir(path: str) -> None:
+    """Make the names in directory `path` (created, renamed, unlinked) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def data_path_in(cache_dir: str, name: str) -> str:
+    """Where CACHE keeps image `name`'s data file (the one place that says)."""
+    return os.path.join(cache_dir, "data", data_file_name(name))
+
+
 class _SyncFailed(Exception):
     """fdatasync of a data file failed: the bytes behind pending marks may not be on disk."""
 
@@ -400,11 +414,7 @@ class CacheStore:
                 f.truncate(size)
                 os.fsync(f.fileno())
             # The new name must survive a power cut before any chunk of it is recorded.
-            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise self._os_error(exc, f"creating {path}") from None
         with self._db_lock:
@@ -450,11 +460,7 @@ class CacheStore:
         path = self.data_path(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(os.path.dirname(path))
 
     # ---- live handoffs (handoff.py) ---------------------------------------------------------
 
@@ -528,7 +534,7 @@ class CacheStore:
     # ---- data files ----------------------------------------------------------------------
 
     def data_path(self, name: str) -> str:
-        return os.path.join(self.cache_dir, "data", data_file_name(name))
+        return data_path_in(self.cache_dir, name)
 
     def data_fd(self, name: str) -> int:
         fd = self._data_fds.get(name)

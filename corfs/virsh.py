@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import QmpError, UsageError
+from .qmp_switch import same_path
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +205,9 @@ def repoint_disk_sources(domain_xml: str, old_path: str, new_path: str) -> tuple
         if prefix and not re.fullmatch(r"ns\d+", prefix):
             ET.register_namespace(prefix, uri)
     root = ET.fromstring(domain_xml)
-    wanted = os.path.normpath(old_path)
     changed = 0
     for source in _disk_file_sources(root):
-        if os.path.normpath(source.get("file", "")) == wanted:
+        if same_path(source.get("file", ""), old_path):
             source.set("file", new_path)
             changed += 1
     return ET.tostring(root, encoding="unicode"), changed
