@@ -40,31 +40,6 @@ def test_read_marks_are_not_committed_until_commit(tmp_path, rig_factory) -> Non
     trio.run(main)
 
 
-def test_commit_syncs_data_before_writing_rows(tmp_path, rig_factory, monkeypatch) -> None:
-    """Order inside a commit: every fdatasync happens before the row is written."""
-    data = random_bytes(2 * CS)
-    events: list[str] = []
-
-    async def main() -> None:
-        async with rig_factory({"a": data}) as rig:
-            await rig.image("a").read(0, CS)
-            real_fdatasync = os.fdatasync
-            cache_dir = rig.cache_dir
-
-            def spy(fd: int) -> None:
-                # When the data file is synced, the row must not be visible yet.
-                events.append("sync" if committed_states(cache_dir, "a") == {} else "late-sync")
-                real_fdatasync(fd)
-
-            monkeypatch.setattr(os, "fdatasync", spy)
-            await rig.store.commit()
-            monkeypatch.setattr(os, "fdatasync", real_fdatasync)
-            events.append("rows" if 0 in committed_states(cache_dir, "a") else "no-rows")
-
-    trio.run(main)
-    assert events == ["sync", "rows"]
-
-
 def test_failed_fdatasync_stops_recording(tmp_path, rig_factory, monkeypatch) -> None:
     """Linux reports a writeback error once and then calls the pages clean: a retried
     fdatasync could succeed without the bytes on disk. So after one failure nothing more is
