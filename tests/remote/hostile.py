@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from tests.remote.loopback import start_loopback_server
+
 # A route: (method, path, request headers) -> (status, headers, body pieces), or None for 404.
 Answer = tuple[int, list[tuple[str, str]], Iterable[bytes]]
 Route = Callable[[str, str, dict[str, str]], Answer | None]
@@ -49,18 +51,8 @@ class HostileServer:
         return f"http://127.0.0.1:{self.port}/"
 
     def start(self) -> HostileServer:
-        outer = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                outer._serve(self.request)
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self._server = server
-        self.port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self._server = start_loopback_server(self._serve)
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:

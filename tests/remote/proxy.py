@@ -25,6 +25,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tests.remote.loopback import start_loopback_server
+
 
 def _read_head(sock: socket.socket, buf: bytearray) -> bytes | None:
     while b"\r\n\r\n" not in buf:
@@ -81,18 +83,8 @@ class FaultProxy:
         return fault
 
     def start(self) -> FaultProxy:
-        proxy = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                proxy._serve(self.request)
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self._server = server
-        self.port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self._server = start_loopback_server(self._serve)
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
