@@ -75,7 +75,11 @@ def store_fill(store: CacheStore, offset: int, pieces: list[Buffer]) -> None:
     first = offset // BLOCK
     chunks = [Piece(first + i, data) for i, data in enumerate(pieces)]
     data_file = store.data_file("a")
-    trio.run(lambda: data_file.store(chunks, wanted=lambda i: True, stored=lambda stored: None, coalesce=True))
+
+    async def store_all() -> None:
+        await data_file.store(chunks, wanted=lambda i: True, stored=lambda _: None, coalesce=True)
+
+    trio.run(store_all)
 
 
 def test_aligned_fill_goes_around_the_page_cache(store) -> None:
