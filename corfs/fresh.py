@@ -2,7 +2,7 @@
 
 A sequential reader's chunks arrive through read-ahead fills: serving the reader from the fill's
 own buffer (a slice, no copy) spares a pread of bytes that are not in the page cache (fills are
-written with O_DIRECT, store.write_fill), so a disk read, and the copy out of it.
+written with O_DIRECT, datafile.py), so a disk read, and the copy out of it.
 
 Invariant (kept by Image): an entry holds exactly the base bytes of a chunk whose state has not
 changed since they were verified; every state change of a chunk drops its entry first.

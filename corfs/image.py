@@ -7,15 +7,13 @@ Invariants:
   fill wrote instead (fresh.py: no copy, and no disk read after an O_DIRECT write).
 - One fill per chunk: a chunk being filled is waited for, never fetched twice.
 - Base bytes are never written over a chunk that is already local: once its fetch is done, a
-  fill stores only the chunks still absent, and while it stores them (an O_DIRECT pwrite in a
-  worker thread, a few milliseconds) client writes to those chunks wait; a client write
-  `pwrite`s and marks its chunks dirty in one step with no `await` between.
-- A buffered write (a client's, or a fill's that cannot go direct) never overlaps a fill's
-  store within one store.FOLIO_SPAN-aligned span: one page-cache folio can cover both, and a
-  folio dirtied during a direct write would keep stale bytes of it (store.FOLIO_SPAN).
-- Fill data is written in worker threads (pwrite releases the GIL), so the loop keeps serving
-  local reads while a fill lands.
+  fill stores only the chunks still absent (DataFile.store asks, with no await before it
+  registers them), and while it stores them client writes in their folio span wait
+  (datafile.py's folio-span rule); a client write `pwrite`s and marks its chunks dirty in one
+  step with no `await` between.
 - A write that covers a chunk only partly makes that chunk local first.
+- Once the base changed under an image (`error`), it starts no more fills: local chunks are
+  served, missing ones fail with ESTALE.
 - One bad chunk fails only itself: a fill stores every chunk the fetcher verified even when
   another chunk of its run failed on its own; only waiters for the failed chunk get the error.
   Failing chunks (and why) are kept until they fill, for status.
@@ -24,7 +22,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,8 +29,9 @@ from dataclasses import dataclass, field
 import trio
 
 from .base import BaseImage
-from .buffers import aligned_copy
-from .digest import Buffer, chunk_digest
+from .chunk_table import ChunkTable
+from .datafile import DataFile
+from .digest import Buffer
 from .errors import (
     BaseChanged,
     BaseNotFound,
@@ -48,16 +46,12 @@ from .errors import (
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
 from .geometry import ChunkGeometry, contiguous_runs
-from .store import FOLIO_SPAN, CacheStore, ChunkState, ImageRecord
+from .read_ahead import READ_AHEAD_RUN, ReadAhead
+from .store import CacheStore, ChunkState, ImageRecord
 
 log = logging.getLogger(__name__)
 
-ABSENT = bytes([ChunkState.ABSENT])
 MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
-READ_AHEAD_MAX = 32  # chunks fetched ahead of a sequential reader
-# Threads writing fills into data files: O_DIRECT writes wait for the disk, so several overlap
-_WRITE_LIMITER = trio.CapacityLimiter(4)
-READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unblock) sooner
 FRESH_BYTES = 64 << 20  # bytes of stored chunks kept for client reads (fresh.py)
 
 
@@ -73,6 +67,13 @@ class _Fill:
 
     def error_of(self, index: int) -> CorfsError | None:
         return self.chunk_errors.get(index) or self.error
+
+    def share(self, *, reading: bool, background: bool) -> None:
+        """Another waiter joins: a client read wants the bytes kept, and a client makes the
+        fill a foreground one. Call before the first await after starting or joining: the fill
+        reads these flags once its fetch is done."""
+        self.for_readers |= reading
+        self.background &= background
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class ImageStatistics:
 
 
 class Image:
+    """`fill_nursery` is the mount's: a fill outlives the request that started it. Other
+    readers, writers and the stream share it, a read-ahead fill has no waiter at all, and a
+    client request that is interrupted (its task cancelled) must not cancel the fill the others
+    wait on. `first_reads` is told of every client read (the trace recorder, trace.py)."""
+
     def __init__(
         self,
         record: ImageRecord,
@@ -110,6 +116,7 @@ class Image:
         *,
         read_only: bool = False,
         mtime_ns: int = 0,
+        first_reads: Callable[[range], None] | None = None,
     ) -> None:
         self.name = record.name
         self.record = record
@@ -120,31 +127,21 @@ class Image:
         self.read_only = read_only
         self.mtime_ns = mtime_ns
         self._nursery = fill_nursery
-        self._states, self.dirty_chunks = store.load_states(record)
-        self.local_chunks = self.geometry.chunk_count - self._states.count(ABSENT)
-        self._local_bytes = sum(
-            self.geometry.chunk_length(i)
-            for i in range(self.geometry.chunk_count)
-            if self._states[i]
-        )
+        self._chunks = ChunkTable(self.geometry, store.load_states(record)[0])
         self._fills: dict[int, _Fill] = {}
-        self._storing: dict[int, trio.Event] = {}  # chunks a fill is writing right now
-        self._storing_buffered: set[int] = set()  # ... through the page cache
         self._fresh = FreshChunks(FRESH_BYTES)
-        self._next_sequential = -1  # the chunk a sequential reader would miss next
-        self._read_ahead = 0  # current read-ahead window, in chunks
-        self._fd = store.data_fd(self.name)
+        self.read_ahead = ReadAhead(self.geometry.chunk_count)
+        self.data: DataFile = store.data_file(self.name)
         self.fills = 0
         self.fill_errors = 0
-        self.error: str | None = None  # fatal (base changed): the image serves no more fills
+        self.error: str | None = None  # fatal (base changed): no more fills (see invariants)
         # chunk -> why its last fill failed, until a fill of it succeeds (shown in status)
         # chunk -> (why, group): group numbers the whole fill that failed (0: the chunk failed
         # on its own), so that a chunk filling heals the others that failed with it
         self._fill_failures: dict[int, tuple[str, int]] = {}
         self._failed_fills = 0
         self.last_foreground = 0.0  # trio clock of the last client read or write
-        self.miss_listeners: list[Callable[[int], None]] = []  # told of foreground misses
-        self.first_reads: Callable[[range], None] | None = None  # trace recorder hook
+        self._first_reads = first_reads
         # What fills raise while `source` is None: the base lost the image (this), the base
         # does not answer (BaseUnreachable, until attach_source), or it changed (BaseChanged).
         self.missing_source: CorfsError = BaseNotFound("the base image is gone")
@@ -165,11 +162,19 @@ class Image:
 
     @property
     def complete(self) -> bool:
-        return self.local_chunks == self.geometry.chunk_count
+        return self._chunks.complete
+
+    @property
+    def local_chunks(self) -> int:
+        return self._chunks.local_chunks
+
+    @property
+    def dirty_chunks(self) -> int:
+        return self._chunks.dirty_chunks
 
     @property
     def local_bytes(self) -> int:
-        return self._local_bytes
+        return self._chunks.local_bytes
 
     @property
     def fill_error(self) -> str | None:
@@ -193,15 +198,14 @@ class Image:
             }
 
     def is_local(self, index: int) -> bool:
-        return self._states[index] != ChunkState.ABSENT
+        return not self._chunks.is_absent(index)
 
     def state_of(self, index: int) -> ChunkState:
-        return ChunkState(self._states[index])
+        return self._chunks.state_of(index)
 
     def next_missing(self, start: int) -> int | None:
         """The first absent chunk at or after `start`, or None."""
-        found = self._states.find(ABSENT, start)
-        return None if found < 0 else found
+        return self._chunks.next_absent(start)
 
     def is_filling(self, index: int) -> bool:
         return index in self._fills
@@ -214,7 +218,7 @@ class Image:
             self.geometry.chunk_count,
             self.local_chunks,
             self.dirty_chunks,
-            self._local_bytes,
+            self.local_bytes,
             self.fills,
             self.fill_errors,
             len(self._fill_failures),
@@ -223,18 +227,7 @@ class Image:
 
     def _set_state(self, index: int, state: ChunkState, digest: bytes | None) -> None:
         self._fresh.drop(index)  # whatever changes a chunk makes the bytes kept for it stale
-        old = self._states[index]
-        if old == ChunkState.ABSENT and state != ChunkState.ABSENT:
-            self.local_chunks += 1
-            self._local_bytes += self.geometry.chunk_length(index)
-        elif old != ChunkState.ABSENT and state == ChunkState.ABSENT:
-            self.local_chunks -= 1
-            self._local_bytes -= self.geometry.chunk_length(index)
-        if state == ChunkState.DIRTY and old != ChunkState.DIRTY:
-            self.dirty_chunks += 1
-        elif old == ChunkState.DIRTY and state != ChunkState.DIRTY:
-            self.dirty_chunks -= 1
-        self._states[index] = state
+        self._chunks.set(index, state)
         if state != ChunkState.ABSENT and index in self._fill_failures:
             self._clear_failures(index)  # filled, or written whole by a client
         self.store.record(self.name, index, state, digest)
@@ -243,7 +236,7 @@ class Image:
         """Mark a clean chunk absent again (it failed a scrub): it will be fetched anew. True
         if it was forgotten: the caller must then drop the kernel's cached pages of the image,
         which may hold the bad bytes (see fuse_ops)."""
-        if self._states[index] in (ChunkState.CLEAN, ChunkState.ZERO) and index not in self._fills:
+        if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO) and index not in self._fills:
             self._set_state(index, ChunkState.ABSENT, None)
             return True
         return False
@@ -257,7 +250,7 @@ class Image:
         fills already in flight). Raises the fill's error (EIO, ESTALE, ENOSPC ...).
         `reading`: a client read waits, keep the stored bytes for it (`_fresh`)."""
         wanted = list(indexes)
-        while missing := [i for i in wanted if self._states[i] == ChunkState.ABSENT]:
+        while missing := [i for i in wanted if self._chunks.is_absent(i)]:
             outcome = await self._fill_once(
                 missing, background=background, reading=reading, first_error=True
             )
@@ -267,7 +260,7 @@ class Image:
     async def fill_each(self, indexes: Iterable[int]) -> FillOutcome:
         """The stream's fill: one pass over the absent chunks of `indexes` in the background,
         reporting what failed chunk by chunk instead of raising."""
-        missing = [i for i in indexes if self._states[i] == ChunkState.ABSENT]
+        missing = [i for i in indexes if self._chunks.is_absent(i)]
         return await self._fill_once(missing, background=True, reading=False, first_error=False)
 
     async def _fill_once(
@@ -281,9 +274,8 @@ class Image:
         )
         owners = {i: self._fills[i] for i in missing if i in self._fills}
         fills = list({id(f): f for f in owners.values()}.values())
-        for fill in fills:
-            fill.for_readers |= reading
-            fill.background &= background
+        for fill in fills:  # new and shared alike, before the first await (_Fill.share)
+            fill.share(reading=reading, background=background)
         failed: dict[int, CorfsError] = {}
         whole_fill_error = None
         for fill in fills:
@@ -311,22 +303,25 @@ class Image:
 
     async def _fill(self, run: range, fill: _Fill) -> None:
         try:
+            if self.error is not None:
+                raise BaseChanged(f"{self.name}: chunk {run.start} is not local and {self.error}")
             if self.source is None:
                 missing = self.missing_source
                 raise type(missing)(f"{self.name}: chunk {run.start} is not local and {missing}")
             fetched = await self.fetcher.fetch_chunks(
-                self.source, self.geometry, run, self._local_copy
+                self.source, self.geometry, run, self.store.read_by_digest
             )
             fill.chunk_errors = dict(fetched.failed)
             for index, exc in fetched.failed.items():
                 self.fill_errors += 1
                 self._fill_failures[index] = (str(exc), 0)
                 log.error("filling %s chunk %d: %s", self.name, index, exc)
-            keep = fill.for_readers or self._ahead_of_reader(run)
+            keep = fill.for_readers or self.read_ahead.ahead_of_reader(run)
             await self._store_fetched(fetched.chunks, keep=keep, background=fill.background)
             self.fills += 1
         except BaseChanged as exc:
-            self.error = f"base image changed: {exc}"
+            if self.error is None:
+                self.error = f"base image changed: {exc}"
             fill.error = exc
             log.error("%s", exc)
         except CorfsError as exc:
@@ -350,78 +345,18 @@ class Image:
     ) -> None:
         """Write verified chunks to the data file, then mark them local (module invariants);
         `keep` their bytes in `_fresh` for client reads."""
-        if not chunks:
-            return
-        run = range(chunks[0].index, chunks[-1].index + 1)
-        buffered = {
-            c.index
-            for c in chunks
-            if not self.store.writes_direct(self.name, self.geometry.chunk_start(c.index), c.data)
-        }
-        # A buffered store waits for every store in its span, a direct one for buffered ones.
-        await self._wait_span_quiet(run, self._storing if buffered else self._storing_buffered)
-        todo = [c for c in chunks if self._states[c.index] == ChunkState.ABSENT]
-        storing = trio.Event()
-        for chunk in todo:
-            self._storing[chunk.index] = storing
-        buffered.intersection_update(c.index for c in todo)  # _storing_buffered ⊆ _storing
-        self._storing_buffered.update(buffered)
-        try:
-            await trio.to_thread.run_sync(
-                self._write_chunks, todo, not background, limiter=_WRITE_LIMITER
-            )
-            for chunk in todo:
+
+        def mark_stored(stored: list[FetchedChunk]) -> None:
+            for chunk in stored:
                 state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
                 self._set_state(chunk.index, state, chunk.digest)
                 if keep and chunk.data is not None:
                     self._fresh.keep(chunk.index, chunk.data)
-        finally:
-            for chunk in todo:
-                del self._storing[chunk.index]
-            self._storing_buffered.difference_update(buffered)
-            storing.set()
 
-    def _span(self, chunks: range) -> range:
-        """The chunks that share a FOLIO_SPAN-aligned span with `chunks`."""
-        per = max(1, FOLIO_SPAN // self.geometry.chunk_size)
-        stop = min(self.geometry.chunk_count, -(-chunks.stop // per) * per)
-        return range(chunks.start // per * per, stop)
-
-    async def _wait_span_quiet(self, chunks: range, stores: Iterable[int]) -> None:
-        """Wait until no chunk in the span of `chunks` is in `stores` (chunks being stored)."""
-        while busy := [self._storing[i] for i in self._span(chunks) if i in stores]:
-            await busy[0].wait()
-
-    def _write_chunks(self, chunks: list[FetchedChunk], coalesce: bool) -> None:
-        """Worker thread: touches the data file only, never the chunk state. Zero chunks are
-        punched. With `coalesce` (a client waits), adjacent chunks go out in one write: 4 MiB
-        direct writes run at 2.0 GB/s here, 1 MiB ones at 1.4. Stream fills go chunk by chunk:
-        a guest's flush queues behind whatever they have at the disk (bench/flush_latency:
-        p50 3.8 ms behind 1 MiB writes, 11-17 ms behind 4 MiB ones)."""
-        run: list[FetchedChunk] = []
-        for chunk in [*chunks, None]:
-            if run and (
-                chunk is None
-                or chunk.data is None
-                or chunk.index != run[-1].index + 1
-                or not coalesce
-            ):
-                pieces = [c.data for c in run if c.data is not None]
-                self.store.write_fill(self.name, self.geometry.chunk_start(run[0].index), pieces)
-                run = []
-            if chunk is None:
-                break
-            if chunk.data is None:
-                start = self.geometry.chunk_start(chunk.index)
-                self.store.punch(self.name, start, self.geometry.chunk_length(chunk.index))
-            else:
-                run.append(chunk)
-
-    def _ahead_of_reader(self, run: range) -> bool:
-        """A sequential reader will soon read these chunks (a stream fill that landed in its
-        read-ahead window): worth keeping their bytes for it."""
-        start = self._next_sequential
-        return self._read_ahead > 0 and start <= run.start < start + 2 * READ_AHEAD_MAX
+        if chunks:
+            await self.data.store(
+                chunks, wanted=self._chunks.is_absent, stored=mark_stored, coalesce=not background
+            )
 
     def _read_fresh(self, chunks: range, offset: int, length: int) -> Buffer | None:
         """The bytes of a read within one kept chunk, as a slice (no copy), or None."""
@@ -432,25 +367,6 @@ class Image:
             self._fresh.drop(chunks.start)  # read to its end: a sequential reader is done
         return data[lo : lo + length]
 
-    def _local_copy(self, digest: bytes) -> Buffer | None:
-        """Verified bytes of a committed clean chunk with this digest, from any image here."""
-        found = self.store.find_by_digest(digest)
-        if found is None:
-            return None
-        name, index = found
-        record = self.store.record_of(name)
-        if record is None:
-            return None
-        geometry = ChunkGeometry(record.size, record.chunk_size)
-        try:
-            data = os.pread(
-                self.store.data_fd(name), geometry.chunk_length(index), geometry.chunk_start(index)
-            )
-        except (OSError, CorfsError):
-            return None
-        # Copied to an aligned buffer so that it, too, is stored with O_DIRECT (FOLIO_SPAN).
-        return aligned_copy(data) if chunk_digest(data) == digest else None
-
     # ---- client I/O ----------------------------------------------------------------------
 
     def mark_written_outside(self) -> None:
@@ -459,7 +375,7 @@ class Image:
         deduplicated from), and the kernel's cached pages of the image must go
         (`pages_stale`, dropped by fuse_ops)."""
         for index in range(self.geometry.chunk_count):
-            if self._states[index] != ChunkState.ABSENT:
+            if self.is_local(index):
                 self._set_state(index, ChunkState.DIRTY, None)
         self.store.touch(self.name)
         self.pages_stale = True
@@ -478,13 +394,14 @@ class Image:
             return b""
         self.last_foreground = trio.current_time()
         chunks = self.geometry.chunks_of(offset, length)
-        if self.first_reads is not None:
-            self.first_reads(chunks)
+        if self._first_reads is not None:
+            self._first_reads(chunks)
         if not self.complete and self.source is not None and self.error is None:
-            self._read_ahead_after(chunks)
-        if self._states.find(ABSENT, chunks.start, chunks.stop) >= 0:
-            for listener in self.miss_listeners:
-                listener(chunks.stop - 1)
+            ahead = self.read_ahead.after_read(chunks, self._fetchable)
+            if ahead:
+                self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
+        if self._chunks.any_absent(chunks):
+            self.read_ahead.after_miss(chunks)
             try:
                 await self.wait_local(chunks, reading=True)
             except CacheFull:
@@ -492,34 +409,10 @@ class Image:
                 return await self._read_uncached(offset, length)
         if self._fresh and (fresh := self._read_fresh(chunks, offset, length)) is not None:
             return fresh
-        return os.pread(self._fd, length, offset)
+        return self.data.read(offset, length)
 
-    def _read_ahead_after(self, chunks: range) -> None:
-        """A reader whose read starts where its last one ended is sequential: fetch the chunks
-        after it ahead of time, in a window that doubles up to READ_AHEAD_MAX; a random read
-        resets the window, so random readers fetch no more than they read. Reads of local
-        chunks count too, so the window keeps moving while the reader is served from it.
-        New fetches go out READ_AHEAD_RUN chunks at a time (larger requests and writes cost
-        less per byte) unless the reader's next chunk is not on its way yet."""
-        if chunks.start == self._next_sequential - 1 and chunks.stop == self._next_sequential:
-            return  # another read in the same chunk (a concurrent reader, or the rest of it)
-        if chunks.start == self._next_sequential:
-            self._read_ahead = min(READ_AHEAD_MAX, max(2, self._read_ahead * 2))
-        else:
-            self._read_ahead = 0
-        self._next_sequential = chunks.stop
-        if not self._read_ahead:
-            return
-        stop = min(self.geometry.chunk_count, chunks.stop + self._read_ahead)
-        ahead = [
-            i
-            for i in range(chunks.stop, stop)
-            if self._states[i] == ChunkState.ABSENT and i not in self._fills
-        ]
-        if len(ahead) >= READ_AHEAD_RUN or (ahead and ahead[0] == chunks.stop) or (
-            ahead and stop == self.geometry.chunk_count
-        ):
-            self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
+    def _fetchable(self, index: int) -> bool:
+        return self._chunks.is_absent(index) and index not in self._fills
 
     async def _read_uncached(self, offset: int, length: int) -> bytes:
         assert self.source is not None
@@ -527,7 +420,7 @@ class Image:
         for index in self.geometry.chunks_of(offset, length):
             start = self.geometry.chunk_start(index)
             if self.is_local(index):
-                data = os.pread(self._fd, self.geometry.chunk_length(index), start)
+                data = self.data.read(start, self.geometry.chunk_length(index))
             else:
                 fetched = await self.fetcher.fetch_chunks(
                     self.source, self.geometry, range(index, index + 1)
@@ -552,12 +445,12 @@ class Image:
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
         while True:
-            if any(self._states[i] == ChunkState.ABSENT for i in partial):
+            if any(self._chunks.is_absent(i) for i in partial):
                 await self.wait_local(partial)
-            elif any(i in self._storing for i in self._span(touched)):
+            elif self.data.storing_in_span(touched):
                 # A fill is storing there (base bytes into these chunks, or a direct write that
                 # may share a page-cache folio with them): let it finish first.
-                await self._wait_span_quiet(touched, self._storing)
+                await self.data.wait_span_quiet(touched)
             else:
                 break
         # No await from here on: the write and the dirty marks are one atomic step.
@@ -567,7 +460,7 @@ class Image:
         # mark): an fsync must never succeed with this write in the page cache only.
         self.store.touch(self.name)
         try:
-            self.store.write_data(self.name, offset, data)
+            self.data.write(offset, data)
         except ShortWrite:
             self._mark_dirty(touched)  # some bytes changed: no longer equal to the base
             raise
@@ -577,7 +470,7 @@ class Image:
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:
-            if self._states[index] != ChunkState.DIRTY:
+            if self.state_of(index) != ChunkState.DIRTY:
                 self._set_state(index, ChunkState.DIRTY, None)
 
     async def fsync(self) -> None:

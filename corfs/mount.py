@@ -378,11 +378,16 @@ def _build_images(
     fetcher: Fetcher,
     matched: list[tuple[ImageRecord, BaseImage | None]],
     nursery: trio.Nursery,
+    recorder: TraceRecorder | None,
 ) -> list[Image]:
     images = []
     for record, source in matched:
         try:
-            image = Image(record, store, fetcher, source, nursery, read_only=config.read_only)
+            first_reads = recorder.hook_for(record.name, record.chunk_size) if recorder else None
+            image = Image(
+                record, store, fetcher, source, nursery,
+                read_only=config.read_only, first_reads=first_reads,
+            )
             image.mtime_ns = os.fstat(store.data_fd(record.name)).st_mtime_ns
         except (CorfsError, OSError) as exc:
             log.error("leaving out image %r: %s", record.name, exc)
@@ -412,10 +417,8 @@ async def _serve_with(
     recorder = TraceRecorder() if config.stream.record_trace else None
     session_over = trio.Event()
     async with trio.open_nursery() as nursery:
-        images = _build_images(config, store, fetcher, matched, nursery)
+        images = _build_images(config, store, fetcher, matched, nursery, recorder)
         for image in images:
-            if recorder is not None:
-                image.first_reads = recorder.hook_for(image.name, image.geometry.chunk_size)
             if down is not None:
                 image.missing_source = BaseUnreachable("the base does not answer")
         stream = StreamWorker(images, config.stream, _load_traces(config, store, images))

@@ -19,6 +19,9 @@ state.db's mode from SQLite). Everything in CACHE is created through `private_op
 `ensure_private_dir`, whose modes do not depend on the caller's umask; a mount tightens a cache
 made looser before (`tighten_private`).
 
+Data files are DataFiles (datafile.py: descriptors, how bytes reach them, stores in flight), one
+per image, opened here on first use (`data_file`) so that `commit` can sync those touched.
+
 Invariant: never mark before durable. Marks are collected in memory (`record`) and written by
 `commit()`, which first fdatasyncs every data file touched and only then commits the rows it
 snapshotted before syncing. So after a crash, every row says the truth about bytes on disk.
@@ -35,40 +38,32 @@ trio thread is left to mount setup and offline tools, before any commit runs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import re
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from urllib.parse import quote
 
 import trio
 
-from .buffers import ALIGNMENT, is_aligned
-from .digest import Buffer
+from .buffers import aligned_copy
+from .datafile import DataFile, cache_os_error
+from .digest import Buffer, chunk_digest
 from .digest_index import DigestIndex
-from .errors import CacheError, CacheFull, CacheLocked, ShortWrite, UsageError
+from .errors import CacheError, CacheFull, CacheLocked, UsageError
+from .geometry import ChunkGeometry
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# The largest page-cache folio (x86-64 and arm64 with 4 KiB pages: a PMD, 2 MiB). A folio can
-# span chunks: a buffered write dirtying one while a neighbouring chunk is written with
-# O_DIRECT would keep stale bytes of that neighbour cached (the kernel cannot drop a dirty
-# folio after the direct write) and write them back later. Image never lets a buffered write
-# and a direct one overlap within one FOLIO_SPAN-aligned span (Image._wait_span_quiet).
-FOLIO_SPAN = 2 << 20
-_DIRECT_PAGE_SIZE = 4096  # O_DIRECT fills only where FOLIO_SPAN is known to bound a folio
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS images(
@@ -185,43 +180,6 @@ def _log_tightened(cache_dir: str, changed: list[str]) -> None:
         )
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if libc.fallocate(fd, falloc_fl_keep_size | falloc_fl_punch_hole, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise OSError(err, os.strerror(err))
-        os.pwrite(fd, bytes(length), offset)  # no hole support: write the zeros instead
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = None  # libc's, looked up on first use; False where there is none
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    global _sync_file_range
-    if _sync_file_range is None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        func = getattr(libc, "sync_file_range", None)
-        if func is not None:
-            func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-        _sync_file_range = func or False
-    if _sync_file_range and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros without allocating space."""
-    if length > 0:
-        _punch_hole(fd, offset, length)
-
-
 _NAME_MAX = 255  # bytes in a file name on every file system a cache is likely to live on
 _LONG_NAME_KEEP = 200  # characters of the quoted name kept before the digest
 
@@ -280,10 +238,7 @@ class CacheStore:
         self._db = db
         self._db_lock = threading.Lock()
         self._lock_fd = lock_fd
-        self._data_fds: dict[str, int] = {}
-        self._direct_fds: dict[str, int] = {}  # O_DIRECT descriptors of data files, for fills
-        self._direct_refused: set[str] = set()  # images whose direct writes got EINVAL
-        self._direct_lock = threading.Lock()  # fills open them from worker threads
+        self._data_files: dict[str, DataFile] = {}  # opened on first use, closed by drop/close
         self._pending: _Marks = {}
         self._touched: set[str] = set()
         self._commit_lock = trio.Lock()
@@ -383,10 +338,9 @@ class CacheStore:
             os.close(fd)
 
     def close(self) -> None:
-        for fd in self._data_fds.values():
-            os.close(fd)
-        self._data_fds.clear()
-        self._close_direct()
+        for data_file in self._data_files.values():
+            data_file.close()
+        self._data_files.clear()
         self._db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -416,7 +370,7 @@ class CacheStore:
             # The new name must survive a power cut before any chunk of it is recorded.
             fsync_dir(os.path.dirname(path))
         except OSError as exc:
-            raise self._os_error(exc, f"creating {path}") from None
+            raise cache_os_error(exc, f"creating {path}") from None
         with self._db_lock:
             self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
             self._db.execute(
@@ -431,10 +385,9 @@ class CacheStore:
         """Forget an image's cache (for --reset-stale): rows first, then the data file. With
         `handed_over`, the same SQL transaction marks its handoff done (the commit point of a
         live handoff: handoff.py); the data file then lives on under the handoff's DEST."""
-        fd = self._data_fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)
-        self._close_direct(name)
+        data_file = self._data_files.pop(name, None)
+        if data_file is not None:
+            data_file.close()
         for key in [key for key in self._pending if key[0] == name]:
             del self._pending[key]  # a later commit must not bring rows of it back
         self._touched.discard(name)
@@ -536,114 +489,45 @@ class CacheStore:
     def data_path(self, name: str) -> str:
         return data_path_in(self.cache_dir, name)
 
-    def data_fd(self, name: str) -> int:
-        fd = self._data_fds.get(name)
-        if fd is None:
-            try:
-                fd = os.open(self.data_path(name), os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise CacheError(f"data file of {name} is missing from the cache") from None
-            self._data_fds[name] = fd
-        return fd
+    def data_file(self, name: str) -> DataFile:
+        """Image `name`'s data file, opened on first use (the one place data files are opened
+        for a mount; `commit` syncs the descriptors of those touched)."""
+        data_file = self._data_files.get(name)
+        if data_file is None:
+            record = self._records.get(name)
+            if record is None:
+                raise CacheError(f"{name} is not in the cache")
+            geometry = ChunkGeometry(record.size, record.chunk_size)
+            data_file = DataFile(self.data_path(name), name, geometry)
+            self._data_files[name] = data_file
+        return data_file
 
-    @staticmethod
-    def _os_error(exc: OSError, what: str) -> Exception:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return CacheFull(f"cache disk full while {what}")
-        return CacheError(f"{what}: {exc.strerror}")
+    def data_fd(self, name: str) -> int:
+        return self.data_file(name).fd
 
     def write_data(self, name: str, offset: int, data: bytes | memoryview) -> None:
-        self._write_all(self.data_fd(name), name, offset, [data])
+        """A buffered write outside a mount's Image (offline tools, tests)."""
+        self.data_file(name).write(offset, data)
 
-    def _write_all(
-        self, fd: int, name: str, offset: int, pieces: Sequence[Buffer], *, direct: bool = False
-    ) -> None:
-        """All of `pieces`, back to back from `offset`: CacheFull / CacheError on a failure,
-        ShortWrite if the file took only part. `direct`: EINVAL (no O_DIRECT for this write)
-        comes out as the OSError itself, for the caller to fall back."""
+    def read_by_digest(self, digest: bytes) -> Buffer | None:
+        """Verified bytes of a clean chunk with this digest, from any image here (dedup), in an
+        aligned buffer so that they, too, are stored with O_DIRECT; None if there is none or
+        its bytes no longer match."""
+        found = self.find_by_digest(digest)
+        if found is None:
+            return None
+        name, index = found
+        record = self._records.get(name)
+        if record is None:
+            return None
+        geometry = ChunkGeometry(record.size, record.chunk_size)
         try:
-            written = os.pwritev(fd, pieces, offset)
-        except OSError as exc:
-            if direct and exc.errno == errno.EINVAL:
-                raise
-            raise self._os_error(exc, f"writing {name}") from None
-        if written != sum(len(piece) for piece in pieces):
-            raise ShortWrite(f"short write to the data file of {name}")
-
-    def write_fill(self, name: str, offset: int, pieces: Sequence[Buffer]) -> None:
-        """Write the verified base bytes of adjacent filled chunks, `pieces` back to back from
-        `offset`, in one call (from a worker thread).
-
-        Aligned data (buffers.aligned_buffer) goes to disk with O_DIRECT, one pwritev for the
-        run (4 MiB direct writes run at 2.0 GB/s here, 1 MiB ones at 1.4): no copy into the
-        page cache (a fifth of the daemon's CPU in a cold read) and no dirty backlog for the
-        next commit's fdatasync, which still makes the new extents durable. Other data is
-        written through the page cache and its writeback started at once. The kernel drops any
-        cached pages of a range written directly, so later buffered reads see the new bytes."""
-        direct = all(self.writes_direct(name, offset, piece) for piece in pieces)
-        fd = self._direct_fd(name) if direct else None
-        if fd is not None:
-            try:
-                self._write_all(fd, name, offset, pieces, direct=True)
-                return
-            except OSError:  # EINVAL only (see _write_all)
-                log.info("%s: the cache's file system refuses O_DIRECT writes; buffered", name)
-                with self._direct_lock:
-                    self._direct_refused.add(name)  # the fd stays open: another fill may use it
-        self._write_all(self.data_fd(name), name, offset, pieces)
-        self.start_writeback(name, offset, sum(len(piece) for piece in pieces))
-
-    def writes_direct(self, name: str, offset: int, data: bytes | memoryview | None) -> bool:
-        """Whether write_fill would write this with O_DIRECT (None: a punched zero chunk,
-        which dirties no page)."""
-        if data is None:
-            return True
-        return (
-            mmap.PAGESIZE == _DIRECT_PAGE_SIZE
-            and offset % ALIGNMENT == 0
-            and name not in self._direct_refused
-            and is_aligned(data)
-        )
-
-    def _direct_fd(self, name: str) -> int | None:
-        with self._direct_lock:
-            if name in self._direct_refused:
-                return None
-            if name not in self._direct_fds:
-                try:
-                    flags = os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
-                    self._direct_fds[name] = os.open(self.data_path(name), flags)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        return None  # e.g. out of descriptors: buffered this time, retry later
-                    self._direct_refused.add(name)  # the file system has no O_DIRECT
-                    return None
-            return self._direct_fds[name]
-
-    def _close_direct(self, name: str | None = None) -> None:
-        """Close one image's O_DIRECT descriptor (all of them with no name)."""
-        with self._direct_lock:
-            for key in [name] if name is not None else list(self._direct_fds):
-                fd = self._direct_fds.pop(key, None)
-                if fd is not None:
-                    os.close(fd)
-                self._direct_refused.discard(key)
-
-    def start_writeback(self, name: str, offset: int, length: int) -> None:
-        """Start writing a just-written range to disk, without waiting (sync_file_range WRITE).
-
-        Why: a commit's fdatasync (a guest's flush) otherwise has to write back everything the
-        stream stored since the last commit; started early, little is left by then
-        (bench/flush_latency.py). It may wait for the device queue: call it off the trio
-        thread. Best effort: a write error still surfaces at the fdatasync.
-        """
-        _start_writeback(self.data_fd(name), offset, length)
-
-    def punch(self, name: str, offset: int, length: int) -> None:
-        try:
-            punch_hole(self.data_fd(name), offset, length)
-        except OSError as exc:
-            raise self._os_error(exc, f"punching {name}") from None
+            data = self.data_file(name).read(
+                geometry.chunk_start(index), geometry.chunk_length(index)
+            )
+        except (OSError, CacheError):
+            return None
+        return aligned_copy(data) if chunk_digest(data) == digest else None
 
     # ---- durable marks -------------------------------------------------------------------
 
@@ -691,7 +575,7 @@ class CacheStore:
             raise CacheError(self.sync_failure)
         pending, self._pending = self._pending, {}
         touched, self._touched = self._touched, set()
-        fds = [self._data_fds[name] for name in touched if name in self._data_fds]
+        fds = [self._data_files[name].fd for name in touched if name in self._data_files]
         batch = _Batch(touched, fds, pending)
         return batch if batch.pending or batch.fds else None
 
@@ -720,7 +604,7 @@ class CacheStore:
             for fd in batch.fds:
                 os.fdatasync(fd)
         except OSError as exc:
-            raise _SyncFailed(self._os_error(exc, "syncing the cache")) from None
+            raise _SyncFailed(cache_os_error(exc, "syncing the cache")) from None
         if not pending:
             return
         absent = [

@@ -1,10 +1,13 @@
 """The background filler (image streaming, like QEMU's block-stream): copies every chunk that is
 not yet local, until each image is fully local.
 
-Order per image: read-ahead after foreground misses first, then the recorded trace, then
-sequential. Foreground first: stream fills never block a client (clients start their own fills
-at once and share the stream's in-flight ones), and before each fill the worker waits for a
-short lull in client I/O, so local reads keep their latency while the stream runs unlimited.
+Order per image: the chunks the image's read-ahead policy hints after foreground misses first
+(read_ahead.py: the one owner of read-ahead; hints are taken when a worker next picks, and a
+sleeping worker has nothing a hint would add: it sleeps only when every absent chunk is being
+filled or waits out a failure), then the recorded trace, then sequential.
+Foreground first: stream fills never block a client (clients start their own fills at once
+and share the stream's in-flight ones), and before each fill the worker waits for a short
+lull in client I/O, so local reads keep their latency while the stream runs unlimited.
 Failures retry by themselves and never stall the rest: a chunk that failed is deferred on its
 own, with a delay that doubles per failure (CHUNK_FIRST_BACKOFF up to CHUNK_MAX_BACKOFF), and
 the stream goes on with the chunks after it; when due it is retried alone (so a failure of a
@@ -29,7 +32,6 @@ from .stats import RateMeter
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_CHUNKS = 8
 LULL = 0.005  # seconds without client I/O before a stream fill starts
 MAX_LULL_WAIT = 0.1  # ... but never wait longer than this
 MAX_BACKOFF = 30.0  # of an image's stream after a whole fill failed
@@ -76,8 +78,7 @@ class _ImageStream:
     image: Image
     paused: bool = False
     cursor: int = 0
-    # Chunks to fill before the sequential order: read-ahead after foreground misses and runs
-    # to retry (bounded: a long-paused stream must not collect hints forever), then the trace.
+    # Chunks to fill before anything else: runs dropped when a pause caught them (bounded).
     urgent: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=256))
     traced: collections.deque[int] = field(default_factory=collections.deque)
     deferred: dict[int, _Deferred] = field(default_factory=dict)  # chunks whose fill failed
@@ -108,13 +109,13 @@ class StreamWorker:
         self._streams = {
             image.name: _ImageStream(image, paused=config.start_paused) for image in images
         }
-        self._wakeup = trio.Event()
+        # One per sleeping worker: a wake-up wakes them all (one shared event, replaced by each
+        # worker before it slept, woke only the last to sleep).
+        self._wakeups: set[trio.Event] = set()
         self._rotation = 0
         for name, order in (traces or {}).items():
             if name in self._streams:
                 self._streams[name].traced.extend(order)
-        for stream in self._streams.values():
-            stream.image.miss_listeners.append(self._read_ahead_hook(stream))
 
     # ---- control -------------------------------------------------------------------------
 
@@ -142,16 +143,17 @@ class StreamWorker:
         self._wake()
 
     def _wake(self) -> None:
-        self._wakeup.set()
+        for wakeup in self._wakeups:
+            wakeup.set()
 
-    def _read_ahead_hook(self, stream: _ImageStream):  # noqa: ANN202 - closure for Image
-        def on_miss(last_chunk: int) -> None:
-            count = stream.image.geometry.chunk_count
-            ahead = range(last_chunk + 1, min(count, last_chunk + 1 + READ_AHEAD_CHUNKS))
-            stream.urgent.extendleft(reversed(ahead))
-            self._wake()
-
-        return on_miss
+    async def _sleep_until_woken(self, timeout: float) -> None:
+        wakeup = trio.Event()
+        self._wakeups.add(wakeup)
+        try:
+            with trio.move_on_after(timeout):
+                await wakeup.wait()
+        finally:
+            self._wakeups.discard(wakeup)
 
     # ---- status --------------------------------------------------------------------------
 
@@ -184,8 +186,7 @@ class StreamWorker:
         image = stream.image
         count = image.geometry.chunk_count
         now = trio.current_time()
-        while stream.urgent or stream.traced:
-            index = (stream.urgent or stream.traced).popleft()
+        while (index := self._next_hinted(stream)) is not None:
             if 0 <= index < count and self._wanted(stream, index, now):
                 return self._run_from(stream, index)
         # Sequential from the cursor to the end, then the chunks before it (skipped earlier
@@ -199,6 +200,15 @@ class StreamWorker:
                     return run
                 index = image.next_missing(index + 1)
         return None
+
+    @staticmethod
+    def _next_hinted(stream: _ImageStream) -> int | None:
+        """The next chunk to try before the sequential order, or None."""
+        if stream.urgent:
+            return stream.urgent.popleft()
+        if (hint := stream.image.read_ahead.take_hint()) is not None:
+            return hint
+        return stream.traced.popleft() if stream.traced else None
 
     @staticmethod
     def _wanted(stream: _ImageStream, index: int, now: float) -> bool:
@@ -263,9 +273,7 @@ class StreamWorker:
         while True:
             picked = self._pick()
             if picked is None:
-                self._wakeup = trio.Event()
-                with trio.move_on_after(1.0):
-                    await self._wakeup.wait()
+                await self._sleep_until_woken(1.0)
                 continue
             stream, run = picked
             image = stream.image

@@ -1,8 +1,9 @@
-"""How filled chunks reach the data file (store.write_fill): aligned bytes go around the page
+"""How filled chunks reach the data file (DataFile.store): aligned bytes go around the page
 cache with O_DIRECT, anything else through it; stale cached pages never hide new bytes; a file
-system that refuses O_DIRECT still gets every byte; a full disk is CacheFull. Through an
-Image: a client write never overlaps a store in its page-cache folio span, and a write the disk
-took only half of leaves its chunks dirty."""
+system that refuses O_DIRECT still gets every byte, and the fallback waits its turn as a
+buffered store; a full disk is CacheFull. Through an Image: a client write never overlaps a
+store in its page-cache folio span, and a write the disk took only half of leaves its chunks
+dirty."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import fcntl
 import mmap
 import os
 import threading
+from dataclasses import dataclass
 
 import pytest
 import trio
 
 from corfs.buffers import aligned_copy
+from corfs.datafile import FOLIO_SPAN, DataFile, Way
+from corfs.digest import Buffer
 from corfs.errors import CacheFull
-from corfs.image import Image
-from corfs.store import FOLIO_SPAN, CacheStore, ChunkState
+from corfs.store import CacheStore, ChunkState
 from tests.core.conftest import CS, random_bytes
 
 BLOCK = 1 << 20  # one 1 MiB chunk
@@ -61,15 +64,33 @@ def read_back(store: CacheStore, offset: int, length: int) -> bytes:
     return os.pread(store.data_fd("a"), length, offset)
 
 
+@dataclass(frozen=True)
+class Piece:
+    index: int
+    data: Buffer | None
+
+
+def store_fill(store: CacheStore, offset: int, pieces: list[Buffer]) -> None:
+    """Store adjacent chunks from `offset` as a fill a client waits for would."""
+    first = offset // BLOCK
+    chunks = [Piece(first + i, data) for i, data in enumerate(pieces)]
+    data_file = store.data_file("a")
+
+    async def store_all() -> None:
+        await data_file.store(chunks, wanted=lambda i: True, stored=lambda _: None, coalesce=True)
+
+    trio.run(store_all)
+
+
 def test_aligned_fill_goes_around_the_page_cache(store) -> None:
     data = random_bytes(BLOCK, seed=1)
     os.posix_fadvise(store.data_fd("a"), 0, 0, os.POSIX_FADV_DONTNEED)
-    store.write_fill("a", BLOCK, [aligned_copy(data)])
+    store_fill(store, BLOCK, [aligned_copy(data)])
     assert resident_pages(store.data_path("a"), BLOCK, BLOCK) == 0  # nothing copied into it
     assert read_back(store, BLOCK, BLOCK) == data
     # Bytes that cannot go direct (read-only, as dedup's pread gives) go through the cache.
     other = random_bytes(BLOCK, seed=2)
-    store.write_fill("a", 2 * BLOCK, [other])
+    store_fill(store, 2 * BLOCK, [other])
     assert resident_pages(store.data_path("a"), 2 * BLOCK, BLOCK) > 0
     assert read_back(store, 2 * BLOCK, BLOCK) == other
 
@@ -81,7 +102,7 @@ def test_direct_fill_replaces_stale_cached_pages(store) -> None:
     store.write_data("a", 0, stale)
     assert read_back(store, 0, BLOCK) == stale  # cached now
     fresh = random_bytes(BLOCK, seed=4)
-    store.write_fill("a", 0, [aligned_copy(fresh)])
+    store_fill(store, 0, [aligned_copy(fresh)])
     assert read_back(store, 0, BLOCK) == fresh
 
 
@@ -97,9 +118,10 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(store, monkeypatch)
 
     monkeypatch.setattr(os, "pwritev", refuse_direct)
     first, second = random_bytes(BLOCK, seed=5), random_bytes(BLOCK, seed=6)
-    store.write_fill("a", 0, [aligned_copy(first)])
-    store.write_fill("a", BLOCK, [aligned_copy(second)])
+    store_fill(store, 0, [aligned_copy(first)])
+    store_fill(store, BLOCK, [aligned_copy(second)])
     assert len(direct_fds) == 1  # tried once; the image's fills are buffered from then on
+    assert store.data_file("a").refused == {Way.DIRECT}
     assert read_back(store, 0, 2 * BLOCK) == first + second
 
 
@@ -109,7 +131,7 @@ def test_a_full_disk_on_a_direct_write_is_cache_full(store, monkeypatch) -> None
 
     monkeypatch.setattr(os, "pwritev", no_space)
     with pytest.raises(CacheFull) as info:
-        store.write_fill("a", 0, [aligned_copy(random_bytes(BLOCK))])
+        store_fill(store, 0, [aligned_copy(random_bytes(BLOCK))])
     assert info.value.errno == errno.ENOSPC
 
 
@@ -122,17 +144,17 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
     data = random_bytes((SPAN_CHUNKS + 8) * CS, seed=9)
     release = threading.Event()
     storing = threading.Event()
-    real_write_fill = CacheStore.write_fill
+    real_write_run = DataFile._write_run
 
-    def slow_write_fill(self, name, offset, pieces):  # noqa: ANN001, ANN202
+    def slow_write_run(self, way, offset, pieces):  # noqa: ANN001, ANN202
         storing.set()
         release.wait(10)
-        return real_write_fill(self, name, offset, pieces)
+        return real_write_run(self, way, offset, pieces)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
-            monkeypatch.setattr(CacheStore, "write_fill", slow_write_fill)
+            monkeypatch.setattr(DataFile, "_write_run", slow_write_run)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(image.read, 4 * CS, 10)  # fills chunk 4: its store blocks
                 await trio.to_thread.run_sync(storing.wait, 10)
@@ -185,14 +207,14 @@ def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, 
 
 def test_a_waited_for_run_is_one_write_a_stream_run_one_per_chunk(rig_factory, monkeypatch):  # noqa: ANN201
     data = random_bytes(16 * CS, seed=11)
-    writes: list[int] = []  # pieces per write_fill call
-    real_write_fill = CacheStore.write_fill
+    writes: list[int] = []  # pieces per write
+    real_write_run = DataFile._write_run
 
-    def counting(self, name, offset, pieces):  # noqa: ANN001, ANN202
+    def counting(self, way, offset, pieces):  # noqa: ANN001, ANN202
         writes.append(len(pieces))
-        return real_write_fill(self, name, offset, pieces)
+        return real_write_run(self, way, offset, pieces)
 
-    monkeypatch.setattr(CacheStore, "write_fill", counting)
+    monkeypatch.setattr(DataFile, "_write_run", counting)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
@@ -216,15 +238,15 @@ def test_a_buffered_fill_of_a_chunk_written_meanwhile_leaves_nothing_behind(
     data = random_bytes(7 * CS + 100, seed=12)
     empty_store = threading.Event()
     go_on = threading.Event()
-    real_write_chunks = Image._write_chunks
+    real_write_chunks = DataFile._write_chunks
 
-    def write_chunks(self, chunks, coalesce):  # noqa: ANN001, ANN202
+    def write_chunks(self, chunks, ways, coalesce):  # noqa: ANN001, ANN202
         if not chunks:  # the short chunk's fill, with nothing left to store: hold it here
             empty_store.set()
             go_on.wait(10)
-        return real_write_chunks(self, chunks, coalesce)
+        return real_write_chunks(self, chunks, ways, coalesce)
 
-    monkeypatch.setattr(Image, "_write_chunks", write_chunks)
+    monkeypatch.setattr(DataFile, "_write_chunks", write_chunks)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
@@ -271,23 +293,23 @@ def test_fills_in_one_folio_span(rig_factory, monkeypatch, first, second, second
     started: list[int] = []
     direct: dict[int, bool] = {}
     first_started, release_first = threading.Event(), threading.Event()
-    real_write_chunks = Image._write_chunks
+    real_write_chunks = DataFile._write_chunks
 
-    def write_chunks(self, chunks, coalesce):  # noqa: ANN001, ANN202
+    def write_chunks(self, chunks, ways, coalesce):  # noqa: ANN001, ANN202
         for c in chunks:
-            direct[c.index] = self.store.writes_direct("a", c.index * CS, c.data)
+            direct[c.index] = ways[c.index] is Way.DIRECT
         started.extend(c.index for c in chunks)
         if [c.index for c in chunks] == [first]:
             first_started.set()
             release_first.wait(10)
-        return real_write_chunks(self, chunks, coalesce)
+        return real_write_chunks(self, chunks, ways, coalesce)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
             if not direct_io_works(rig.store.data_path("a")):
                 pytest.skip("the file system under tmp_path refuses O_DIRECT")
             image = rig.image("a")
-            monkeypatch.setattr(Image, "_write_chunks", write_chunks)
+            monkeypatch.setattr(DataFile, "_write_chunks", write_chunks)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(image.wait_local, range(first, first + 1))
                 await trio.to_thread.run_sync(first_started.wait, 10)
@@ -312,17 +334,17 @@ def test_a_reader_arriving_while_a_fill_stores_never_sees_zeros(rig_factory, mon
     of that chunk must wait for them or get them from the fill, never read the hole."""
     data = random_bytes(8 * CS, seed=14)
     storing, release = threading.Event(), threading.Event()
-    real_write_chunks = Image._write_chunks
+    real_write_chunks = DataFile._write_chunks
 
-    def slow_write_chunks(self, chunks, coalesce):  # noqa: ANN001, ANN202
+    def slow_write_chunks(self, chunks, ways, coalesce):  # noqa: ANN001, ANN202
         storing.set()
         release.wait(10)
-        return real_write_chunks(self, chunks, coalesce)
+        return real_write_chunks(self, chunks, ways, coalesce)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
-            monkeypatch.setattr(Image, "_write_chunks", slow_write_chunks)
+            monkeypatch.setattr(DataFile, "_write_chunks", slow_write_chunks)
             got: dict[str, bytes] = {}
 
             async def read(who: str) -> None:
@@ -336,5 +358,46 @@ def test_a_reader_arriving_while_a_fill_stores_never_sees_zeros(rig_factory, mon
                 release.set()
             assert got == {"first": data[3 * CS : 4 * CS], "second": data[3 * CS : 4 * CS]}
             assert rig.source("a").reads.count((3 * CS, CS)) <= 1
+
+    trio.run(main)
+
+
+def test_a_refused_direct_store_falls_back_as_a_buffered_one(rig_factory, monkeypatch) -> None:
+    """A direct store the file system refuses (EINVAL) is written through the page cache: that
+    fallback waits, like any buffered store, for a direct store in flight in its folio span."""
+    data = random_bytes(8 * CS, seed=15)
+    real_pwritev = os.pwritev
+    events: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def pwritev(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        if direct and offset == 5 * CS:
+            events.append("5 direct")
+            holding.set()
+            release.wait(10)
+            events.append("5 done")
+        elif direct and offset == 4 * CS:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        elif offset == 4 * CS:
+            events.append("4 buffered")
+        return real_pwritev(fd, pieces, offset)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            if not direct_io_works(rig.store.data_path("a")):
+                pytest.skip("the file system under tmp_path refuses O_DIRECT")
+            image = rig.image("a")
+            monkeypatch.setattr(os, "pwritev", pwritev)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.wait_local, range(5, 6))
+                await trio.to_thread.run_sync(holding.wait, 10)
+                nursery.start_soon(image.wait_local, range(4, 5))
+                await trio.sleep(0.3)
+                release.set()
+            assert events == ["5 direct", "5 done", "4 buffered"]
+            for index in (4, 5):
+                start = index * CS
+                assert rig.data_file("a")[start : start + CS] == data[start : start + CS]
 
     trio.run(main)

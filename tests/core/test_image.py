@@ -300,6 +300,11 @@ def test_base_changed_fails_reads_with_estale(rig_factory) -> None:
             assert not image.is_local(1)
             # Local chunks keep being served.
             assert await image.read(0, CS) == data[:CS]
+            # ... and the changed base is asked nothing more: the image starts no more fills.
+            asked = len(rig.source("a").reads)
+            with pytest.raises(BaseChanged):
+                await image.read(5 * CS, 10)
+            assert len(rig.source("a").reads) == asked
 
     run(main)
 

@@ -473,3 +473,24 @@ def test_rate_meter_sampling(rig_factory) -> None:
                 nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_wake_up_wakes_every_sleeping_worker(rig_factory) -> None:
+    """Two workers asleep (the stream paused): a resume starts both at once, not one now and
+    the other when its one-second nap ends."""
+
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            source = rig.source("a")
+            source.faults.delay = 10.0
+            config = StreamConfig(workers=2, run_chunks=1, start_paused=True)
+            stream = StreamWorker([rig.image("a")], config)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await trio.sleep(0.5)  # both asleep, half-way through a nap
+                stream.resume()
+                await trio.sleep(0.1)
+                assert source.in_flight == 2
+                nursery.cancel_scope.cancel()
+
+    run(main)
