@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+    except BaseException as exc:  # the one place errors become exit codes
         error = leaf_error(exc)
         if error is None:
             raise

@@ -54,7 +54,7 @@ def _child(config: MountConfig, log_file: str | None, ready_fd: int) -> int:
     try:
         run_mount(config, ready)
         return 0
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
+    except BaseException as exc:  # reported to the parent, then exit
         error = leaf_error(exc)
         code, message = (error.exit_code, str(error)) if error else (1, f"internal error: {exc!r}")
         logging.getLogger(__name__).error("%s", message)

@@ -153,7 +153,7 @@ class CorfsOperations(TranslatedOperations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(inode)
 
-    async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001, ANN201 (pyfuse3 signature)
+    async def setattr(self, inode, attr, fields, fh, ctx):  # pyfuse3 signature
         if inode != ROOT_INODE:
             image = self._image(inode)
             if fields.update_size and attr.st_size != image.size:

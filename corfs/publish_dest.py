@@ -198,7 +198,7 @@ class DirDestination:
 
 
 class S3Destination:
-    def __init__(self, client, bucket: str, prefix: str, description: str) -> None:  # noqa: ANN001
+    def __init__(self, client, bucket: str, prefix: str, description: str) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix

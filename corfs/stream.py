@@ -144,7 +144,7 @@ class StreamWorker:
     def _wake(self) -> None:
         self._wakeup.set()
 
-    def _read_ahead_hook(self, stream: _ImageStream):  # noqa: ANN202 - closure for Image
+    def _read_ahead_hook(self, stream: _ImageStream):  # closure for Image
         def on_miss(last_chunk: int) -> None:
             count = stream.image.geometry.chunk_count
             ahead = range(last_chunk + 1, min(count, last_chunk + 1 + READ_AHEAD_CHUNKS))

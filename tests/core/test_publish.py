@@ -348,7 +348,7 @@ def test_objects_and_their_directories_are_fsynced_before_the_manifest(
     for name in ("fsync", "fdatasync"):
         real = getattr(os, name)
 
-        def spy(fd: int, real=real) -> None:  # noqa: ANN001
+        def spy(fd: int, real=real) -> None:
             calls.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
             real(fd)
 
@@ -357,7 +357,7 @@ def test_objects_and_their_directories_are_fsynced_before_the_manifest(
                chunk_size=CS, jobs=2)
     monkeypatch.undo()
 
-    def first(predicate, after: int = -1) -> int:  # noqa: ANN001
+    def first(predicate, after: int = -1) -> int:
         found = [i for i in range(after + 1, len(calls)) if predicate(calls[i])]
         assert found, f"no such fsync after call {after}: {calls}"
         return found[0]
