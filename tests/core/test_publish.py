@@ -19,7 +19,7 @@ import trio
 import zstandard
 
 from corfs.base import BaseOptions, open_base
-from corfs.digest import chunk_digest, to_hex
+from corfs.digest import chunk_digest, digest_hex
 from corfs.errors import CorfsError, UsageError
 from corfs.manifest import chunk_key, parse_index
 from corfs.publish import (
@@ -278,7 +278,7 @@ def test_publish_to_s3(tmp_path: Path, moto_server) -> None:  # noqa: F811
     digest = chunk_digest(images["a.raw"][:CS])
     body = client.get_object(Bucket=TEST_BUCKET, Key=f"published/v1/{chunk_key(digest)}")
     assert zstandard.ZstdDecompressor().decompress(body["Body"].read()) == images["a.raw"][:CS]
-    assert to_hex(digest) in client.get_object(
+    assert digest_hex(digest) in client.get_object(
         Bucket=TEST_BUCKET, Key="published/v1/a.raw.corfs.json")["Body"].read().decode()
 
     again = publish(tmp_path / "src", images, url, endpoint_url=moto_server.endpoint,
