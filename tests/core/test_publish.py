@@ -23,13 +23,13 @@ from corfs.digest import chunk_digest, digest_hex
 from corfs.errors import CorfsError, UsageError
 from corfs.manifest import chunk_key, parse_index
 from corfs.publish import (
+    DirDestination,
     PublishSummary,
     add_publish_arguments,
     format_summary,
     publish_to,
     run_publish,
 )
-from corfs.publish_dest import DirDestination
 from tests.servers import TEST_BUCKET, moto_server, nginx_server  # noqa: F401  (fixtures)
 
 CS = 64 << 10

@@ -1,5 +1,5 @@
 """Where `corfs publish` writes: a local directory or an S3 prefix, behind one small
-`Destination` protocol (holds / put / get / list / sync). See publish.py for what is written.
+`Destination` protocol (holds / put / get / list / sync). See publisher.py for what is written.
 
 One rule per kind of destination:
 - A directory gets each object under a temp name in DEST/.corfs-tmp, fsynced, then renamed
@@ -26,8 +26,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from .errors import CorfsError, UsageError
-from .manifest import image_name_of
+from ..errors import CorfsError, UsageError
+from ..manifest import image_name_of
 
 log = logging.getLogger(__name__)
 
