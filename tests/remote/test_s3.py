@@ -12,7 +12,7 @@ import trio
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from corfs.base import BaseOptions
-from corfs.base.s3 import _client_error, open_s3_base
+from corfs.base.s3 import open_s3_base
 from corfs.errors import (
     BaseAccessDenied,
     BaseChanged,
@@ -21,6 +21,7 @@ from corfs.errors import (
     TransientBaseError,
     UsageError,
 )
+from corfs.s3_errors import s3_error
 from tests.remote.proxy import FaultProxy
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 
@@ -204,4 +205,4 @@ def _err(code: str, status: int) -> ClientError:
     ],
 )
 def test_error_mapping(exc: Exception, error: type) -> None:
-    assert type(_client_error(exc, "s3://b/k")) is error
+    assert type(s3_error(exc, "s3://b/k")) is error
