@@ -31,6 +31,7 @@ from typing import Protocol
 from ..errors import BaseNotFound, CorfsError, UsageError
 from ..manifest import image_name_of
 from ..s3_errors import s3_error
+from ..store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,6 @@ def _make_dirs(path: str, mode: int) -> None:
     except FileExistsError:
         return  # another worker made it
     os.chmod(path, mode)  # mkdir's mode went through the umask
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirDestination:
@@ -193,7 +186,7 @@ class DirDestination:
             dirs, self._unsynced_dirs = self._unsynced_dirs, set()
         try:
             for path in sorted(dirs, reverse=True):  # deeper ones first, DEST itself last
-                _fsync_dir(path)
+                fsync_dir(path)
         except OSError as exc:
             with self._dirs_lock:
                 self._unsynced_dirs |= dirs
