@@ -31,25 +31,25 @@ class Passthrough(pyfuse3.Operations):
         attr.attr_timeout = attr.entry_timeout = 1.0
         return attr
 
-    async def getattr(self, inode, ctx=None):  # noqa: ANN001, ANN201
+    async def getattr(self, inode, ctx=None):
         return self._attr(inode)
 
-    async def lookup(self, parent_inode, name, ctx=None):  # noqa: ANN001, ANN201
+    async def lookup(self, parent_inode, name, ctx=None):
         if name != self.name:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(INODE)
 
-    async def opendir(self, inode, ctx):  # noqa: ANN001, ANN201
+    async def opendir(self, inode, ctx):
         return inode
 
-    async def readdir(self, fh, start_id, token):  # noqa: ANN001, ANN201
+    async def readdir(self, fh, start_id, token):
         if start_id == 0:
             pyfuse3.readdir_reply(token, self.name, self._attr(INODE), 1)
 
-    async def open(self, inode, flags, ctx):  # noqa: ANN001, ANN201
+    async def open(self, inode, flags, ctx):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh, off, size):  # noqa: ANN001, ANN201
+    async def read(self, fh, off, size):
         return os.pread(self.fd, size, off)
 
 

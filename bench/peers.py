@@ -396,7 +396,7 @@ def watched(work: Callable[[list[int]], dict], pid: int | None) -> dict:
     def run() -> None:
         try:
             outcome["result"] = work(progress)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except BaseException as e:  # handed to the caller
             outcome["error"] = e
 
     thread = threading.Thread(target=run, daemon=True)
@@ -509,7 +509,7 @@ def run_mount_workloads(name: str, root: str, nginx: Nginx, uri: str, reads: int
             except Stalled as e:
                 result[f"{key} stalls"] = result.get(f"{key} stalls", []) + [str(e)]
                 result[f"{key} error"] = f"stalled {attempt}× ({e})"
-            except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+            except Exception as e:  # a failing peer is reported, not fatal
                 result[f"{key} error"] = f"{type(e).__name__}: {e}"
                 break
     return result
@@ -807,7 +807,7 @@ def main() -> None:
                 continue
             try:
                 stream[label] = fn(root, nginx, stream_uri, size)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 stream[label] = {"error": f"{type(e).__name__}: {e}"}
             print(f"{label}: {json.dumps(stream[label])}", flush=True)
             shutil.rmtree(os.path.join(root, f"cache-{name}"), ignore_errors=True)

@@ -53,10 +53,6 @@ class _MappingPool:
                 return
         mapping.close()
 
-    @property
-    def kept_bytes(self) -> int:
-        return self._bytes
-
 
 _POOL = _MappingPool(POOL_BYTES)
 

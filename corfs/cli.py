@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from . import control, scrub
 from .base import BaseOptions
 from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
-from .errors import CorfsError, UsageError, leaf_error
+from .errors import CorfsError, UsageError, error_line, leaf_error
 from .sizes import parse_size
 from .store import PRIVATE_UMASK
 
@@ -237,7 +237,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         try:
             control.send_command(mountpoint, {"op": args.op, "image": args.image})
         except CorfsError as exc:
-            print(f"corfs: {exc}", file=sys.stderr)
+            print(error_line(exc), file=sys.stderr)
             failed = exc
     return 0 if failed is None else failed.exit_code
 
@@ -260,7 +260,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         try:
             statuses.append(control.status_of_path(path))
         except CorfsError as exc:
-            print(f"corfs: {exc}", file=sys.stderr)
+            print(error_line(exc), file=sys.stderr)
             failed = exc
     print_status(statuses, as_json=args.json)
     return 0 if failed is None else failed.exit_code
@@ -311,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+    except BaseException as exc:  # the one place errors become exit codes
         error = leaf_error(exc)
         if error is None:
             raise
-        print(f"corfs: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return error.exit_code

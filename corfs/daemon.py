@@ -9,7 +9,7 @@ import os
 import sys
 
 from .config import MountConfig
-from .errors import leaf_error
+from .errors import CorfsError, error_line, leaf_error
 from .mount import run_mount
 from .store import PRIVATE_UMASK
 
@@ -23,11 +23,11 @@ def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:
             answer = pipe.read().decode(errors="replace")
         if answer.startswith("ok"):
             return 0
-        code, _, message = answer.partition(" ")
-        if not message:
+        code, _, line = answer.partition(" ")
+        if not line:
             os.waitpid(pid, 0)
-            message = "the mount daemon died before it was ready"
-        print(f"corfs: {message.strip()}", file=sys.stderr)
+            line = error_line(CorfsError("the mount daemon died before it was ready"))
+        print(line.strip(), file=sys.stderr)
         return int(code) if code.isdigit() else 1
     os.close(read_end)
     os._exit(_child(config, log_file, write_end))
@@ -54,10 +54,13 @@ def _child(config: MountConfig, log_file: str | None, ready_fd: int) -> int:
     try:
         run_mount(config, ready)
         return 0
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
+    except BaseException as exc:  # reported to the parent, then exit
         error = leaf_error(exc)
-        code, message = (error.exit_code, str(error)) if error else (1, f"internal error: {exc!r}")
-        logging.getLogger(__name__).error("%s", message)
+        if error is None:  # a bug: its traceback goes to the log, as the CLI's to stderr
+            logging.getLogger(__name__).exception("internal error")
+            error = CorfsError(f"internal error: {exc!r}")
+        line = error_line(error)
+        logging.getLogger(__name__).error("%s", line)
         with contextlib.suppress(OSError):  # already reported ready: the log has it
-            os.write(ready_fd, f"{code} {message}\n".encode())
-        return code
+            os.write(ready_fd, f"{error.exit_code} {line}\n".encode())
+        return error.exit_code

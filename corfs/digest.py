@@ -44,18 +44,3 @@ def digest_hex(digest: bytes) -> str:
     """32 lowercase hex characters."""
     return digest.hex()
 
-
-def digest_from_hex(text: str) -> bytes:
-    """The digest spelled by `text` (32 hex characters); ValueError otherwise."""
-    if len(text) != DIGEST_HEX_LENGTH:
-        raise ValueError(f"digest {text[:40]!r} is not {DIGEST_HEX_LENGTH} hex characters")
-    return bytes.fromhex(text)
-
-
-# Short names, used by the store and the fetcher.
-to_hex = digest_hex
-from_hex = digest_from_hex
-
-
-def chunk_digest_hex(data: Buffer) -> str:
-    return xxhash.xxh3_128_hexdigest(data)

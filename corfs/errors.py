@@ -11,7 +11,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── HandoffFailed               EIO, exit 1      a live handoff failed and was rolled back
     ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
-    ├── ControlError                EIO, exit 4      control of something that is no corfs mount
+    ├── ControlError                EINVAL, exit 4   a control command refused, or aimed at
+    │   │                                            something that is no corfs mount
     │   └── ForgetRefused           ESTALE, exit 4   a bad chunk kept: the base cannot supply it
     └── BaseError                   EIO, exit 5      BASE failed
         ├── BaseUnavailable         EIO, exit 5      timed out after retries / unusable
@@ -84,6 +85,7 @@ class NotLocalError(CorfsError):
 
 
 class ControlError(CorfsError):
+    errno = errno.EINVAL  # the control file refuses the command written to it
     exit_code = 4
 
 
@@ -152,6 +154,13 @@ def leaf_error(exc: BaseException) -> CorfsError | None:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc if isinstance(exc, CorfsError) else None
+
+
+def error_line(error: CorfsError) -> str:
+    """The one line a user reads for `error`: the CLI prints it on stderr; the mount daemon
+    logs it and hands it to the command waiting for it, which prints it the same way. Line
+    breaks in a message from elsewhere (a path, a server, QEMU) become spaces."""
+    return "corfs: " + " ".join(str(error).splitlines())
 
 
 class QmpError(CorfsError):

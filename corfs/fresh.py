@@ -26,9 +26,6 @@ class FreshChunks:
     def __len__(self) -> int:
         return len(self._chunks)
 
-    def __contains__(self, index: int) -> bool:
-        return index in self._chunks
-
     def get(self, index: int) -> Buffer | None:
         return self._chunks.get(index)
 

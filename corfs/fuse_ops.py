@@ -26,7 +26,7 @@ import trio
 
 from .control import CONTROL_XATTR, STATUS_XATTR, Controller
 from .digest import Buffer
-from .errors import ControlError, CorfsError, ForgetRefused
+from .errors import ControlError, CorfsError
 from .image import Image
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class CorfsOperations(TranslatedOperations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(inode)
 
-    async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001, ANN201 (pyfuse3 signature)
+    async def setattr(self, inode, attr, fields, fh, ctx):  # pyfuse3 signature
         if inode != ROOT_INODE:
             image = self._image(inode)
             if fields.update_size and attr.st_size != image.size:
@@ -258,12 +258,9 @@ class CorfsOperations(TranslatedOperations):
     async def _apply_command(self, value: bytes) -> list[str]:
         try:
             return await self._controller.apply(value)
-        except ForgetRefused as exc:
-            log.warning("%s", exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except ControlError as exc:
+        except ControlError as exc:  # EINVAL; ESTALE for a forget the base cannot back
             log.warning("control command refused: %s", exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise pyfuse3.FUSEError(exc.errno) from None
 
     async def _drop_stale_pages(self) -> None:
         """Images a rolled-back handoff let QEMU write directly: their cached pages go."""

@@ -88,7 +88,7 @@ class Via:
     def describe(self) -> str:
         return f"QMP socket {self.qmp}" if self.qmp else f"libvirt domain {self.virsh}"
 
-    def connect(self, timeout: float = QMP_TIMEOUT):  # noqa: ANN201 - a qmp_switch.Monitor
+    def connect(self, timeout: float = QMP_TIMEOUT):  # a qmp_switch.Monitor
         if self.qmp is not None:
             from .qmp_switch import connect_socket
 
@@ -237,7 +237,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
             monitor.close()
 
 
-def _fail_closed(monitor, dest: str, nodes_on) -> None:  # noqa: ANN001
+def _fail_closed(monitor, dest: str, nodes_on) -> None:
     """After a failed switch or rollback: if QEMU still has a node on DEST, DEST must stay."""
     try:
         left = nodes_on(monitor, dest)

@@ -1,6 +1,6 @@
 """The published-image format: manifest, chunk object keys and the base index.
 
-Layout of a published base (written by corfs/publish.py, read by corfs/base/published.py):
+Layout of a published base (written by corfs/publish/, read by corfs/base/published.py):
 
     <name>.corfs.json                 manifest of image <name> (written last)
     chunks/<hex[:2]>/<hex>.zst        one zstd frame per distinct non-zero chunk; <hex> is the

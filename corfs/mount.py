@@ -190,7 +190,7 @@ class _BaseLink:
         self.description = store.description if store else describe_url(config.base_url)
 
     async def reopen_when_back(
-        self, images: list[Image], task_status=trio.TASK_STATUS_IGNORED  # noqa: ANN001
+        self, images: list[Image], task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
         """Try the base with backoff until it answers, then give the images their sources."""
         task_status.started()
@@ -272,7 +272,7 @@ def _load_traces(
 
 async def _commit_forever(
     store: CacheStore, interval: float, task_status=trio.TASK_STATUS_IGNORED
-) -> None:  # noqa: ANN001
+) -> None:
     task_status.started()
     while True:
         await trio.sleep(interval)
@@ -287,7 +287,7 @@ async def _commit_forever(
 async def _stop_on_signal(
     signals: AsyncIterator[int],
     session_over: trio.Event,
-    task_status=trio.TASK_STATUS_IGNORED,  # noqa: ANN001
+    task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
     async for signum in signals:

@@ -22,7 +22,7 @@ class TraceRecorder:
     def __init__(self) -> None:
         self._orders: dict[str, tuple[int, list[int], set[int]]] = {}
 
-    def hook_for(self, name: str, chunk_size: int):  # noqa: ANN201 - a closure for Image.first_reads
+    def hook_for(self, name: str, chunk_size: int):  # a closure for Image.first_reads
         order: list[int] = []
         seen: set[int] = set()
         self._orders[name] = (chunk_size, order, seen)

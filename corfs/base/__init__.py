@@ -30,7 +30,6 @@ from ..errors import BaseError, BaseUnreachable, CorfsError, TransientBaseError,
 
 log = logging.getLogger(__name__)
 
-DIGEST_SIZE = 16  # xxh3-128
 MAX_NAME_BYTES = 255  # an image is a FUSE directory entry: NAME_MAX
 # Chunk state costs a byte per chunk in memory: 64 MiB at 1 MiB chunks. Larger than any disk
 # image we expect, small enough that a hostile size cannot exhaust memory or the cache's file

@@ -46,7 +46,6 @@ from ..errors import (
     BaseChanged,
     BaseError,
     BaseNotFound,
-    BaseProtocolError,
     BaseUnavailable,
     BaseUnreachable,
     TransientBaseError,
@@ -54,7 +53,13 @@ from ..errors import (
 )
 from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
 from .http_policy import AuthHeader, origin_of, parse_byte_count, read_body, send
-from .http_wire import PlainReader, Validator, connect_error, parse_content_range, status_error
+from .http_wire import (
+    PlainReader,
+    Validator,
+    httpx_errors,
+    parse_content_range,
+    status_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +153,7 @@ class HttpReader:
         what = describe_url(url)
         end = offset + length - 1
         headers = {"Range": f"bytes={offset}-{end}", **validator.conditional_headers()}
-        try:
+        with httpx_errors(what):
             resp = await send(self.client, "GET", url, self.auth, headers)
             try:
                 final = str(resp.url)
@@ -179,10 +184,6 @@ class HttpReader:
                 raise status_error(resp.status_code, what)
             finally:
                 await resp.aclose()
-        except httpx.TimeoutException as exc:
-            raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
 
     async def _collect(self, resp: httpx.Response, skip: int, length: int, what: str) -> memoryview:
         """Exactly `length` bytes after skipping `skip`; TransientBaseError if the body ends
@@ -220,20 +221,8 @@ class HttpBase:
         self, method: str, url: str, what: str, headers: dict[str, str] | None = None
     ) -> httpx.Response:
         """The streamed answer (the caller closes it), redirects followed by http_policy."""
-        try:
+        with httpx_errors(what, opening=True):
             return await send(self.client, method, url, self.auth, headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
-            raise connect_error(exc, what) from None
-        except httpx.TimeoutException as exc:
-            raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
-        except httpx.RemoteProtocolError as exc:
-            if "disconnected" in str(exc):  # httpcore: closed before answering, worth a retry
-                raise TransientBaseError(f"{what}: connection closed before an answer") from None
-            # A head h11 refuses (a Content-Length that is no number...): this answer, not the
-            # connection, is bad; a BaseError of its own so a listing can leave the entry out.
-            raise BaseProtocolError(f"{what}: malformed answer ({str(exc)[:80]})") from None
-        except httpx.TransportError as exc:
-            raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
 
     async def _fetch(
         self, url: str, what: str, max_bytes: int, headers: dict[str, str] | None = None
@@ -244,11 +233,8 @@ class HttpBase:
         try:
             if resp.status_code != 200:
                 return resp.status_code, b""
-            return 200, await read_body(resp, max_bytes, self.options.io_timeout, what)
-        except httpx.TimeoutException as exc:
-            raise TransientBaseError(f"{what}: timed out ({type(exc).__name__})") from None
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            raise TransientBaseError(f"{what}: connection failed ({type(exc).__name__})") from None
+            with httpx_errors(what):
+                return 200, await read_body(resp, max_bytes, self.options.io_timeout, what)
         finally:
             await resp.aclose()
 

@@ -10,10 +10,12 @@ httpx path in http.py, so both apply the same checks (see the invariants there).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,6 +28,7 @@ from ..errors import (
     BaseChanged,
     BaseError,
     BaseNotFound,
+    BaseProtocolError,
     BaseUnavailable,
     BaseUnreachable,
     TransientBaseError,
@@ -75,6 +78,42 @@ def connect_error(exc: BaseException, what: str) -> BaseUnavailable:
     if isinstance(exc, httpx.TimeoutException):
         return BaseUnreachable(f"{what}: timed out connecting")
     return BaseUnreachable(f"{what}: cannot connect ({type(exc).__name__})")
+
+
+@contextlib.contextmanager
+def httpx_errors(what: str, *, opening: bool = False) -> Iterator[None]:
+    """httpx's exceptions inside the block as the error tree: the one mapper for every httpx
+    request of an HTTP base. A failure on the wire (timeout, reset, a body cut short) is
+    TransientBaseError: the fetcher retries it within --io-timeout. With `opening` (sending a
+    request and reading its head, for a listing, a probe or a small object) two answers say
+    more: a server that cannot be reached says why (connect_error: BaseUnreachable or a bad
+    certificate), and a head h11 refuses is BaseProtocolError of this answer, so a listing can
+    leave the entry out."""
+    try:
+        yield
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        error = _httpx_error(exc, what, opening)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _httpx_error(exc: Exception, what: str, opening: bool) -> BaseError | None:
+    if opening and isinstance(
+        exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
+    ):
+        return connect_error(exc, what)
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientBaseError(f"{what}: timed out ({type(exc).__name__})")
+    if opening and isinstance(exc, httpx.RemoteProtocolError):
+        if "disconnected" in str(exc):  # httpcore: closed before answering, worth a retry
+            return TransientBaseError(f"{what}: connection closed before an answer")
+        # A head h11 refuses (a Content-Length that is no number...): this answer, not the
+        # connection, is bad.
+        return BaseProtocolError(f"{what}: malformed answer ({str(exc)[:80]})")
+    if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
+        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
+    return None  # not an answer of the wire (too many redirects...): the caller's to handle
 
 
 def parse_content_range(value: str | None, what: str) -> tuple[int, int, int | None] | None:

@@ -1,4 +1,4 @@
-"""Published images (written by corfs/publish.py, format in corfs/manifest.py) as base images.
+"""Published images (written by corfs/publish/, format in corfs/manifest.py) as base images.
 
 `with_published_images(store)` wraps any BaseStore. In its listing each `<name>.corfs.json`
 becomes image `<name>`: its size and `layout` come from the manifest, its `identity` is

@@ -13,7 +13,8 @@ botocore's: env, shared config / profile, instance role. Invariants:
   BaseChanged, never bytes of another version.
 - botocore's own retries are off (the fetcher retries); connect/read timeouts derive from
   --io-timeout, so a silent endpoint becomes TransientBaseError.
-- Messages name the bucket and key, never credentials.
+- Messages name the bucket and key, never credentials. botocore's exceptions become the error
+  tree in s3_errors.py, the one mapper (publishing to S3 uses it too).
 - Sizes are checked (0..MAX_IMAGE_SIZE, else BaseProtocolError for that object), a GetObject
   body is read to at most its cap + 1 bytes, and a listing has a deadline (--io-timeout) and a
   cap on its entries: a hostile endpoint cannot make corfs buffer or wait without bound.
@@ -29,16 +30,15 @@ import trio
 
 from ..buffers import aligned_copy
 from ..errors import (
-    BaseAccessDenied,
     BaseChanged,
     BaseError,
     BaseNotFound,
     BaseProtocolError,
-    BaseUnavailable,
     BaseUnreachable,
     TransientBaseError,
     UsageError,
 )
+from ..s3_errors import s3_error
 from . import MAX_IMAGE_SIZE, BaseOptions, skip_bad_entry, valid_entry
 from .http import stall_timeout
 from .http_wire import parse_content_range
@@ -46,73 +46,6 @@ from .http_wire import parse_content_range
 log = logging.getLogger(__name__)
 
 MAX_LISTED_OBJECTS = 100_000  # below one prefix; ListObjects pages hold 1000 each
-
-_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-_DENIED = {
-    "403",
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AllAccessDisabled",
-    "AccountProblem",
-}
-_CHANGED = {"412", "PreconditionFailed", "InvalidRange", "416"}
-_TRANSIENT = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
-    "502",
-    "504",
-    "429",
-}
-
-
-def _client_error(exc: Exception, what: str) -> BaseError:
-    """Map a botocore exception to the error tree."""
-    from botocore import exceptions as bx
-
-    if isinstance(exc, bx.ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _NOT_FOUND or status == 404:
-            return BaseNotFound(f"{what}: not found ({code or status})")
-        if code in _DENIED or status in (401, 403):
-            return BaseAccessDenied(f"{what}: access denied ({code or status})")
-        if code in _CHANGED or status in (412, 416):
-            return BaseChanged(f"{what}: changed on the server ({code or status})")
-        if code in _TRANSIENT or status >= 500 or status == 429:
-            return TransientBaseError(f"{what}: server busy or failing ({code or status})")
-        return BaseUnavailable(f"{what}: S3 error {code or status}")
-    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-        return BaseAccessDenied(f"{what}: no S3 credentials found (env, profile or instance role)")
-    if isinstance(exc, bx.ProfileNotFound):
-        return UsageError(f"{what}: {exc}")
-    if isinstance(exc, bx.EndpointConnectionError):
-        return TransientBaseError(f"{what}: cannot connect to the S3 endpoint")
-    if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
-        return TransientBaseError(f"{what}: timed out ({type(exc).__name__})")
-    if isinstance(exc, (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ConnectionError)):
-        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
-    if isinstance(exc, bx.SSLError):
-        return BaseUnavailable(f"{what}: TLS failure talking to the S3 endpoint")
-    if isinstance(exc, bx.BotoCoreError):
-        return TransientBaseError(f"{what}: {type(exc).__name__}")
-    if isinstance(exc, (ValueError, OverflowError)):  # botocore parsing an absurd answer
-        return BaseProtocolError(f"{what}: answer does not parse ({type(exc).__name__})")
-    if isinstance(exc, OSError):
-        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
-    raise exc
-
 
 def checked_size(value: object, what: str) -> int:
     """An object size from the endpoint, if it is a plausible one."""
@@ -160,7 +93,7 @@ class S3Base:
         try:
             session = boto3.session.Session(profile_name=options.profile)
         except Exception as exc:  # botocore.exceptions.ProfileNotFound and friends
-            raise _client_error(exc, self.description) from None
+            raise s3_error(exc, self.description) from None
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=stall,
@@ -211,7 +144,7 @@ class S3Base:
         except BaseError:
             raise
         except Exception as exc:
-            raise _client_error(exc, what) from None
+            raise s3_error(exc, what) from None
         if len(data) != length:
             raise TransientBaseError(f"{what}: body of {len(data)} bytes, expected {length}")
         # One memcpy (botocore gives bytes) buys a direct write past the page cache.
@@ -221,7 +154,7 @@ class S3Base:
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
-            raise _client_error(exc, self._what(key)) from None
+            raise s3_error(exc, self._what(key)) from None
         return resp.get("ContentLength"), str(resp["ETag"])
 
     def _list_sync(self, prefix: str) -> list[tuple[str, object, str]]:
@@ -238,7 +171,7 @@ class S3Base:
         except BaseError:
             raise
         except Exception as exc:
-            raise _client_error(exc, what) from None
+            raise s3_error(exc, what) from None
         return found
 
     def _image(self, key: str, sent_size: object, etag: str) -> S3Image:
@@ -298,7 +231,7 @@ class S3Base:
             except BaseError:
                 raise
             except Exception as exc:
-                raise _client_error(exc, what) from None
+                raise s3_error(exc, what) from None
             if len(data) > max_bytes:
                 raise BaseProtocolError(f"{what}: body runs past the {max_bytes} byte cap")
             if declared is not None and len(data) != declared:

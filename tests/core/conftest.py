@@ -93,7 +93,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 600.0) -> N
 
 
 @pytest.fixture
-def rig_factory(tmp_path: Path):  # noqa: ANN201
+def rig_factory(tmp_path: Path):
     @contextlib.asynccontextmanager
     async def open_rig(
         images: dict[str, bytes],

@@ -47,7 +47,7 @@ def resident_pages(path: str, offset: int, length: int) -> int:
 
 
 @pytest.fixture
-def store(tmp_path):  # noqa: ANN201
+def store(tmp_path):
     store = CacheStore.open(str(tmp_path / "cache"))
     store.create_image("a", 4 * BLOCK, BLOCK, "v1", "test")
     try:
@@ -110,7 +110,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(store, monkeypatch)
     real_pwritev = os.pwritev
     direct_fds: list[int] = []
 
-    def refuse_direct(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+    def refuse_direct(fd: int, pieces, offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             direct_fds.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -126,7 +126,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(store, monkeypatch)
 
 
 def test_a_full_disk_on_a_direct_write_is_cache_full(store, monkeypatch) -> None:
-    def no_space(fd: int, data, offset: int) -> int:  # noqa: ANN001
+    def no_space(fd: int, data, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwritev", no_space)
@@ -146,7 +146,7 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
     storing = threading.Event()
     real_write_run = DataFile._write_run
 
-    def slow_write_run(self, way, offset, pieces):  # noqa: ANN001, ANN202
+    def slow_write_run(self, way, offset, pieces):
         storing.set()
         release.wait(10)
         return real_write_run(self, way, offset, pieces)
@@ -180,10 +180,10 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
     trio.run(main)
 
 
-def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, monkeypatch):  # noqa: ANN201
+def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, monkeypatch):
     data = random_bytes(4 * CS, seed=10)
 
-    def half_write(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+    def half_write(fd: int, pieces, offset: int) -> int:
         whole = b"".join(bytes(piece) for piece in pieces)
         return real_pwrite(fd, whole[: len(whole) // 2], offset)
 
@@ -205,12 +205,12 @@ def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, 
     trio.run(main)
 
 
-def test_a_waited_for_run_is_one_write_a_stream_run_one_per_chunk(rig_factory, monkeypatch):  # noqa: ANN201
+def test_a_waited_for_run_is_one_write_a_stream_run_one_per_chunk(rig_factory, monkeypatch):
     data = random_bytes(16 * CS, seed=11)
     writes: list[int] = []  # pieces per write
     real_write_run = DataFile._write_run
 
-    def counting(self, way, offset, pieces):  # noqa: ANN001, ANN202
+    def counting(self, way, offset, pieces):
         writes.append(len(pieces))
         return real_write_run(self, way, offset, pieces)
 
@@ -240,7 +240,7 @@ def test_a_buffered_fill_of_a_chunk_written_meanwhile_leaves_nothing_behind(
     go_on = threading.Event()
     real_write_chunks = DataFile._write_chunks
 
-    def write_chunks(self, chunks, ways, coalesce):  # noqa: ANN001, ANN202
+    def write_chunks(self, chunks, ways, coalesce):
         if not chunks:  # the short chunk's fill, with nothing left to store: hold it here
             empty_store.set()
             go_on.wait(10)
@@ -295,7 +295,7 @@ def test_fills_in_one_folio_span(rig_factory, monkeypatch, first, second, second
     first_started, release_first = threading.Event(), threading.Event()
     real_write_chunks = DataFile._write_chunks
 
-    def write_chunks(self, chunks, ways, coalesce):  # noqa: ANN001, ANN202
+    def write_chunks(self, chunks, ways, coalesce):
         for c in chunks:
             direct[c.index] = ways[c.index] is Way.DIRECT
         started.extend(c.index for c in chunks)
@@ -336,7 +336,7 @@ def test_a_reader_arriving_while_a_fill_stores_never_sees_zeros(rig_factory, mon
     storing, release = threading.Event(), threading.Event()
     real_write_chunks = DataFile._write_chunks
 
-    def slow_write_chunks(self, chunks, ways, coalesce):  # noqa: ANN001, ANN202
+    def slow_write_chunks(self, chunks, ways, coalesce):
         storing.set()
         release.wait(10)
         return real_write_chunks(self, chunks, ways, coalesce)
@@ -370,7 +370,7 @@ def test_a_refused_direct_store_falls_back_as_a_buffered_one(rig_factory, monkey
     events: list[str] = []
     holding, release = threading.Event(), threading.Event()
 
-    def pwritev(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+    def pwritev(fd: int, pieces, offset: int) -> int:
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
         if direct and offset == 5 * CS:
             events.append("5 direct")

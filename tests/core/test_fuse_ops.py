@@ -17,7 +17,7 @@ from corfs.stream import StreamWorker
 from tests.core.conftest import CS, random_bytes, run_with_mock_clock
 
 
-def _operations(rig) -> CorfsOperations:  # noqa: ANN001
+def _operations(rig) -> CorfsOperations:
     images = list(rig.images.values())
     controller = Controller(
         images,
@@ -43,7 +43,7 @@ def test_every_handler_the_class_defines_is_translated() -> None:
 
 def test_a_handler_added_by_a_subclass_is_translated_too() -> None:
     class More(CorfsOperations):
-        async def access(self, inode, mode, ctx):  # noqa: ANN001, ANN202
+        async def access(self, inode, mode, ctx):
             raise KeyError("a bug")
 
     assert More.access.translates_errors  # type: ignore[attr-defined]
@@ -61,7 +61,7 @@ def test_a_bug_inside_a_handler_becomes_eio_and_the_next_request_is_served(
             fh = (await ops.open(inode, os.O_RDONLY, None)).fh
             assert await ops.read(fh, 0, 10) == data[:10]
 
-            def broken(self, inode):  # noqa: ANN001, ANN202
+            def broken(self, inode):
                 raise RuntimeError("injected bug in _attributes")
 
             monkeypatch.setattr(CorfsOperations, "_attributes", broken)

@@ -19,17 +19,17 @@ import trio
 import zstandard
 
 from corfs.base import BaseOptions, open_base
-from corfs.digest import chunk_digest, to_hex
+from corfs.digest import chunk_digest, digest_hex
 from corfs.errors import CorfsError, UsageError
 from corfs.manifest import chunk_key, parse_index
 from corfs.publish import (
+    DirDestination,
     PublishSummary,
     add_publish_arguments,
     format_summary,
     publish_to,
     run_publish,
 )
-from corfs.publish_dest import DirDestination
 from tests.servers import TEST_BUCKET, moto_server, nginx_server  # noqa: F401  (fixtures)
 
 CS = 64 << 10
@@ -278,7 +278,7 @@ def test_publish_to_s3(tmp_path: Path, moto_server) -> None:  # noqa: F811
     digest = chunk_digest(images["a.raw"][:CS])
     body = client.get_object(Bucket=TEST_BUCKET, Key=f"published/v1/{chunk_key(digest)}")
     assert zstandard.ZstdDecompressor().decompress(body["Body"].read()) == images["a.raw"][:CS]
-    assert to_hex(digest) in client.get_object(
+    assert digest_hex(digest) in client.get_object(
         Bucket=TEST_BUCKET, Key="published/v1/a.raw.corfs.json")["Body"].read().decode()
 
     again = publish(tmp_path / "src", images, url, endpoint_url=moto_server.endpoint,
@@ -348,7 +348,7 @@ def test_objects_and_their_directories_are_fsynced_before_the_manifest(
     for name in ("fsync", "fdatasync"):
         real = getattr(os, name)
 
-        def spy(fd: int, real=real) -> None:  # noqa: ANN001
+        def spy(fd: int, real=real) -> None:
             calls.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
             real(fd)
 
@@ -357,7 +357,7 @@ def test_objects_and_their_directories_are_fsynced_before_the_manifest(
                chunk_size=CS, jobs=2)
     monkeypatch.undo()
 
-    def first(predicate, after: int = -1) -> int:  # noqa: ANN001
+    def first(predicate, after: int = -1) -> int:
         found = [i for i in range(after + 1, len(calls)) if predicate(calls[i])]
         assert found, f"no such fsync after call {after}: {calls}"
         return found[0]

@@ -51,7 +51,7 @@ def sample(seed: int = 0) -> bytes:
     return rnd(CS) + bytes(2 * CS) + rnd(3 * CS) + rnd(100) if seed == 0 else rnd(5 * CS + 7)
 
 
-async def images_of(store) -> dict[str, BaseImage]:  # noqa: ANN001
+async def images_of(store) -> dict[str, BaseImage]:
     return {i.name: i for i in await store.list_images()}
 
 
@@ -170,7 +170,7 @@ def test_manifest_listed_but_gone_is_left_out(caplog: pytest.LogCaptureFixture) 
     assert "'gone.raw'" in caplog.text
 
 
-def damaged_read(damage) -> bytes | BaseCorrupt:  # noqa: ANN001
+def damaged_read(damage) -> bytes | BaseCorrupt:
     """Publish, damage the object of chunk 0 with `damage(objects, key, chunk)`, read chunk 0:
     returns the bytes read, or the BaseCorrupt raised."""
 
@@ -235,7 +235,7 @@ def _empty(objects: dict, key: str, chunk: bytes, other: str) -> None:
     [_flip, _truncate, _swap, _bomb, _bomb_without_size, _short, _long, _not_zstd, _empty],
     ids=lambda f: f.__name__.strip("_"),
 )
-def test_damaged_chunk_object_is_never_a_right_looking_answer(damage) -> None:  # noqa: ANN001
+def test_damaged_chunk_object_is_never_a_right_looking_answer(damage) -> None:
     result = damaged_read(damage)
     if damage in (_bomb, _bomb_without_size, _short, _long, _truncate, _not_zstd, _empty):
         assert isinstance(result, BaseCorrupt), result

@@ -207,7 +207,7 @@ def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
     assert sorted(sent) == list(range(count))
 
 
-def _controller(images, base=None) -> Controller:  # noqa: ANN001
+def _controller(images, base=None) -> Controller:
     return Controller(
         images,
         StreamWorker(images, StreamConfig(enabled=False)),

@@ -14,7 +14,7 @@ from .util import MIB
 LONG_NAME = "é" * 100  # 200 bytes of UTF-8: a fine file name, but quoted it is 600 bytes
 
 
-def test_long_utf8_name_is_served(tmp_dirs) -> None:  # noqa: ANN001
+def test_long_utf8_name_is_served(tmp_dirs) -> None:
     good = make_image(tmp_dirs.base / "good.raw", MIB, seed=1)
     long_digest = sha256_file(make_image(tmp_dirs.base / LONG_NAME, MIB + 17, seed=2))
     with tmp_dirs.mount("--chunk-size", "64K", "--no-stream") as m:
@@ -32,13 +32,13 @@ def test_long_utf8_name_is_served(tmp_dirs) -> None:  # noqa: ANN001
         m.stop()
 
 
-def _publish(src_dir, dest, name: str) -> None:  # noqa: ANN001
+def _publish(src_dir, dest, name: str) -> None:
     src = make_image(src_dir / name, MIB, seed=3)
     result = run_corfs("publish", src, dest, "--chunk-size", "64K", "--no-progress")
     assert result.returncode == 0, result.stderr
 
 
-def test_manifests_naming_dot_and_dotdot_are_left_out(tmp_dirs, tmp_path) -> None:  # noqa: ANN001
+def test_manifests_naming_dot_and_dotdot_are_left_out(tmp_dirs, tmp_path) -> None:
     (tmp_path / "src").mkdir()
     _publish(tmp_path / "src", tmp_dirs.base, "pub.raw")
     good = make_image(tmp_dirs.base / "good.raw", MIB, seed=4)
@@ -57,7 +57,7 @@ def test_manifests_naming_dot_and_dotdot_are_left_out(tmp_dirs, tmp_path) -> Non
 
 
 def test_control_characters_and_bad_utf8_are_left_out_with_an_escaped_warning(
-    tmp_dirs,  # noqa: ANN001
+    tmp_dirs,
 ) -> None:
     good = make_image(tmp_dirs.base / "good.raw", MIB, seed=5)
     make_image(tmp_dirs.base / "evil\x1b[2Jname.raw", MIB, seed=6)

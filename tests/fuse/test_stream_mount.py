@@ -90,7 +90,7 @@ def test_readers_share_the_fills_the_stream_has_in_flight(tmp_dirs: CorfsDirs) -
                 offsets = [(start + i * block) % size for i in range(size // block)]
                 for offset in offsets:
                     assert len(direct_read(file, offset, block)) == block
-            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            except BaseException as exc:  # reported by the test thread
                 errors.append(exc)
 
         readers = [threading.Thread(target=read_all, args=(i * 16 * MIB,)) for i in range(4)]

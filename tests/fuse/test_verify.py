@@ -44,7 +44,7 @@ def damage(path: Path, offset: int, length: int = 16) -> None:
         os.close(fd)
 
 
-def publish_into(tmp_dirs) -> bytes:  # noqa: ANN001
+def publish_into(tmp_dirs) -> bytes:
     src = tmp_dirs.base.parent / "src"
     src.mkdir()
     image = make_image(src / "a.raw", COUNT * CHUNK, seed=7, zero_blocks=ZERO, block_size=CHUNK)

@@ -15,7 +15,7 @@ _serial = itertools.count()
 class Site:
     """A fresh directory on the shared nginx holding disk.raw, and a fault proxy before it."""
 
-    def __init__(self, nginx, proxy: FaultProxy, sub: str) -> None:  # noqa: ANN001
+    def __init__(self, nginx, proxy: FaultProxy, sub: str) -> None:
         self.nginx = nginx
         self.proxy = proxy
         self.sub = sub
@@ -31,7 +31,7 @@ class Site:
 
 
 @pytest.fixture
-def site(nginx_server):  # noqa: ANN001, F811
+def site(nginx_server):  # noqa: F811
     proxy = FaultProxy(upstream_port=nginx_server.port).start()
     yield Site(nginx_server, proxy, f"r{next(_serial)}-{os.getpid()}/")
     proxy.stop()

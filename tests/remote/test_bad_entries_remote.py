@@ -22,7 +22,7 @@ _serial = itertools.count()
 class HostileHeadProxy(FaultProxy):
     """Relays to nginx, but answers HEAD of huge.raw with Content-Length HUGE."""
 
-    def _answer(self, client, first, headers, body, fault):  # noqa: ANN001, ANN202
+    def _answer(self, client, first, headers, body, fault):
         if first.startswith("HEAD ") and first.split()[1].endswith("/huge.raw"):
             client.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {HUGE}\r\n\r\n".encode())
             return True
@@ -34,7 +34,7 @@ def _warnings_naming(log: str, name: str) -> list[str]:
 
 
 def test_http_listed_image_that_404s_or_declares_a_huge_size_is_left_out(
-    nginx_server,  # noqa: ANN001
+    nginx_server,
     tmp_path: Path,
 ) -> None:
     sub = f"bad{next(_serial)}-{os.getpid()}/"
@@ -63,7 +63,7 @@ def test_http_listed_image_that_404s_or_declares_a_huge_size_is_left_out(
     assert "Traceback" not in log
 
 
-def test_s3_key_dotdot_is_left_out(moto_server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_s3_key_dotdot_is_left_out(moto_server, tmp_path: Path) -> None:
     prefix = f"bad{next(_serial)}-{os.getpid()}/"
     client = moto_server.client()
     good = make_image(tmp_path / "good.raw", MIB, seed=33)

@@ -46,7 +46,7 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path):  # noqa: ANN201
+def site(tmp_path: Path):
     s = Site(tmp_path)
     yield s
     s.nginx.stop()

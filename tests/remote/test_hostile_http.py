@@ -48,7 +48,7 @@ def image_route(size_header: str, content_range: str | None = None) -> Route:
     """/disk.raw whose HEAD says Content-Length `size_header` and whose ranged GETs answer 206
     with `content_range` (one byte of body)."""
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if path != "/disk.raw":
             return None
         if method == "HEAD":
@@ -61,7 +61,7 @@ def image_route(size_header: str, content_range: str | None = None) -> Route:
 
 @pytest.mark.parametrize("size", ["99999999999999999999", "9" * 5000, "12abc", "-5",
                                   str((1 << 50) + 1)])
-def test_absurd_image_size_is_a_protocol_error(hostile, size: str) -> None:  # noqa: ANN001
+def test_absurd_image_size_is_a_protocol_error(hostile, size: str) -> None:
     server = serve(hostile, image_route(size))
 
     async def main() -> None:
@@ -76,7 +76,7 @@ def test_absurd_image_size_is_a_protocol_error(hostile, size: str) -> None:  # n
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
 @pytest.mark.parametrize("content_range", ["bytes 0-0/" + "9" * 5000, "bytes " + "1" * 5000 +
                                            "-0/1000", f"bytes 0-0/{(1 << 50) + 1}"])
-def test_absurd_content_range_is_a_protocol_error(hostile, lean: bool, content_range: str) -> None:  # noqa: ANN001
+def test_absurd_content_range_is_a_protocol_error(hostile, lean: bool, content_range: str) -> None:
     server = serve(hostile, image_route("1000", content_range))
 
     async def main() -> None:
@@ -92,11 +92,11 @@ def test_absurd_content_range_is_a_protocol_error(hostile, lean: bool, content_r
     trio.run(main)
 
 
-def test_size_probe_never_downloads_the_image(hostile) -> None:  # noqa: ANN001
+def test_size_probe_never_downloads_the_image(hostile) -> None:
     """HEAD refused, and the one-byte GET answered with the whole (huge) image: the size
     comes from Content-Length and the body is left unread."""
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if path != "/disk.raw":
             return None
         if method == "HEAD":
@@ -121,8 +121,8 @@ def test_size_probe_never_downloads_the_image(hostile) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "close-delimited"])
-def test_huge_listing_is_cut_off_at_its_cap(hostile, declared: bool) -> None:  # noqa: ANN001
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+def test_huge_listing_is_cut_off_at_its_cap(hostile, declared: bool) -> None:
+    def route(method: str, path: str, headers: dict[str, str]):
         if path == "/index.json":
             length = [("Content-Length", str(HUGE))] if declared else []
             return 200, length, huge_body(HUGE)
@@ -140,12 +140,12 @@ def test_huge_listing_is_cut_off_at_its_cap(hostile, declared: bool) -> None:  #
     trio.run(main)
 
 
-def test_trickling_listing_fails_within_io_timeout(hostile) -> None:  # noqa: ANN001
+def test_trickling_listing_fails_within_io_timeout(hostile) -> None:
     """One byte every 0.3 s never trips the per-read stall timeout (1 s here); the listing's
     deadline (--io-timeout, 3 s) ends it."""
     body = b'{"images": []}' + b" " * 100
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if path == "/index.json":
             return 200, [("Content-Length", str(len(body)))], trickle(body, 0.3)
         return None
@@ -162,12 +162,12 @@ def test_trickling_listing_fails_within_io_timeout(hostile) -> None:  # noqa: AN
     trio.run(main)
 
 
-def published_route(manifest: bytes, manifest_body, chunk_body) -> Route:  # noqa: ANN001
+def published_route(manifest: bytes, manifest_body, chunk_body) -> Route:
     """A published base: index.json listing disk.raw.corfs.json (listed and HEAD-sized as the
     real manifest), whose GET answers `manifest_body()`, and every chunk object
     `chunk_body()`."""
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if path == "/index.json":
             doc = b'{"images": [{"name": "disk.raw.corfs.json", "size": %d}]}' % len(manifest)
             return 200, [("Content-Length", str(len(doc)))], [doc]
@@ -187,7 +187,7 @@ def one_chunk_manifest() -> Manifest:
     return Manifest(name="disk.raw", size=MiB, chunk_size=MiB, digests=(digest,))
 
 
-def test_huge_chunk_object_is_cut_off_at_the_compressed_bound(hostile) -> None:  # noqa: ANN001
+def test_huge_chunk_object_is_cut_off_at_the_compressed_bound(hostile) -> None:
     manifest = one_chunk_manifest()
     data = manifest.to_json()
     server = serve(hostile, published_route(
@@ -214,7 +214,7 @@ def test_huge_chunk_object_is_cut_off_at_the_compressed_bound(hostile) -> None: 
     trio.run(main)
 
 
-def test_manifest_larger_than_listed_is_capped_on_bytes_received(hostile) -> None:  # noqa: ANN001
+def test_manifest_larger_than_listed_is_capped_on_bytes_received(hostile) -> None:
     """Listed and HEAD-sized small, served huge: the image is left out after at most
     MAX_MANIFEST_BYTES, and the base still opens."""
     data = one_chunk_manifest().to_json()
@@ -236,12 +236,12 @@ def test_manifest_larger_than_listed_is_capped_on_bytes_received(hostile) -> Non
     trio.run(main)
 
 
-def test_a_listing_whose_entries_fail_raises_one_base_error_not_a_group(hostile) -> None:  # noqa: ANN001
+def test_a_listing_whose_entries_fail_raises_one_base_error_not_a_group(hostile) -> None:
     """Per-entry requests run in a nursery; what they raise reaches callers as one BaseError
     (forget's refetch check, verify and open catch BaseError: a group got past all three)."""
     heads = {"fail": False}
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if path == "/index.json":
             body = b'{"images": [{"name": "a.raw", "size": 10}, {"name": "b.raw", "size": 10}]}'
             return 200, [("Content-Length", str(len(body)))], [body]
@@ -272,7 +272,7 @@ def plain_file_route(content: bytearray) -> Route:
     """/disk.raw served from `content` as it is at each request, with real ranges and neither
     ETag nor Last-Modified: the size is the only thing that can tell versions apart."""
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if path != "/disk.raw":
             return None
         data = bytes(content)
@@ -288,7 +288,7 @@ def plain_file_route(content: bytearray) -> Route:
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_a_growing_file_without_validators_is_base_changed(hostile, lean: bool) -> None:  # noqa: ANN001
+def test_a_growing_file_without_validators_is_base_changed(hostile, lean: bool) -> None:
     content = bytearray(b"a" * 8192)
     server = serve(hostile, plain_file_route(content))
 

@@ -41,8 +41,8 @@ def serve(servers: list[HostileServer], route: Route) -> BaseOptions:
     return BaseOptions(io_timeout=3.0, endpoint_url=server.url.rstrip("/"), region="us-east-1")
 
 
-def listing(size: bytes, chunk_body) -> Route:  # noqa: ANN001
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+def listing(size: bytes, chunk_body) -> Route:
+    def route(method: str, path: str, headers: dict[str, str]):
         if "list-type=2" in path:
             doc = LISTING % size
             return 200, [("Content-Length", str(len(doc)))], [doc]
@@ -52,7 +52,7 @@ def listing(size: bytes, chunk_body) -> Route:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "close-delimited"])
-def test_huge_object_body_is_read_to_its_cap_only(endpoint, declared: bool) -> None:  # noqa: ANN001
+def test_huge_object_body_is_read_to_its_cap_only(endpoint, declared: bool) -> None:
     length = [("Content-Length", str(HUGE))] if declared else []
     options = serve(endpoint, listing(b"1000", lambda: (200, length, huge_body(HUGE))))
 
@@ -72,7 +72,7 @@ def test_huge_object_body_is_read_to_its_cap_only(endpoint, declared: bool) -> N
     trio.run(main)
 
 
-def test_absurd_listed_size_leaves_out_only_that_object_naming_it(endpoint, caplog) -> None:  # noqa: ANN001
+def test_absurd_listed_size_leaves_out_only_that_object_naming_it(endpoint, caplog) -> None:
     options = serve(endpoint, listing(str(1 << 60).encode(), lambda: None))
 
     async def main() -> None:
@@ -87,10 +87,10 @@ def test_absurd_listed_size_leaves_out_only_that_object_naming_it(endpoint, capl
     assert len(left_out) == 1 and "'disk.raw'" in left_out[0] and str(1 << 60) in left_out[0]
 
 
-def test_trickling_listing_ends_at_io_timeout(endpoint) -> None:  # noqa: ANN001
+def test_trickling_listing_ends_at_io_timeout(endpoint) -> None:
     doc = LISTING % b"1000"
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         return 200, [("Content-Length", str(len(doc)))], trickle(doc, 0.2)
 
     options = serve(endpoint, route)
@@ -105,7 +105,7 @@ def test_trickling_listing_ends_at_io_timeout(endpoint) -> None:  # noqa: ANN001
     trio.run(main)
 
 
-def test_an_object_listed_without_a_size_leaves_out_only_itself(endpoint, caplog) -> None:  # noqa: ANN001
+def test_an_object_listed_without_a_size_leaves_out_only_itself(endpoint, caplog) -> None:
     doc = (
         b'<?xml version="1.0" encoding="UTF-8"?>'
         b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>'
@@ -116,7 +116,7 @@ def test_an_object_listed_without_a_size_leaves_out_only_itself(endpoint, caplog
         b"</ListBucketResult>"
     )
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         if "list-type=2" in path:
             return 200, [("Content-Length", str(len(doc)))], [doc]
         return None

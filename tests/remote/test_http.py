@@ -27,14 +27,14 @@ MiB = 1 << 20
 RANGES = [(0, 4096), (MiB - 7, MiB + 14), (3 * MiB, 333), (12345, 1)]
 
 
-async def open_site(site, lean: bool) -> tuple[HttpBase, object]:  # noqa: ANN001
+async def open_site(site, lean: bool) -> tuple[HttpBase, object]:
     store = await open_http_base(site.url, FAST)
     store.reader.use_plain = lean
     (image,) = await store.list_images()
     return store, image
 
 
-async def check_reads(image, data: bytes) -> None:  # noqa: ANN001
+async def check_reads(image, data: bytes) -> None:
     for offset, length in RANGES:
         assert bytes(await image.read(offset, length)) == data[offset : offset + length]
 
@@ -57,7 +57,7 @@ ERROR_FAULTS = [
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
 @pytest.mark.parametrize(("fault", "error"), ERROR_FAULTS, ids=[f for f, _ in ERROR_FAULTS])
-def test_fault_gives_error_then_recovers(site, lean: bool, fault: str, error: type) -> None:  # noqa: ANN001
+def test_fault_gives_error_then_recovers(site, lean: bool, fault: str, error: type) -> None:
     async def main() -> None:
         store, image = await open_site(site, lean)
         try:
@@ -76,7 +76,7 @@ def test_fault_gives_error_then_recovers(site, lean: bool, fault: str, error: ty
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_server_ignoring_range_gives_right_bytes(site, lean: bool) -> None:  # noqa: ANN001
+def test_server_ignoring_range_gives_right_bytes(site, lean: bool) -> None:
     async def main() -> None:
         store, image = await open_site(site, lean)
         try:
@@ -92,7 +92,7 @@ def test_server_ignoring_range_gives_right_bytes(site, lean: bool) -> None:  # n
     trio.run(main)
 
 
-def test_server_ignoring_range_after_change_is_base_changed(site) -> None:  # noqa: ANN001
+def test_server_ignoring_range_after_change_is_base_changed(site) -> None:
     async def main() -> None:
         store, image = await open_site(site, lean=False)
         try:
@@ -109,7 +109,7 @@ def test_server_ignoring_range_after_change_is_base_changed(site) -> None:  # no
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_slow_answer_within_stall_timeout_is_fine(site, lean: bool) -> None:  # noqa: ANN001
+def test_slow_answer_within_stall_timeout_is_fine(site, lean: bool) -> None:
     async def main() -> None:
         store, image = await open_site(site, lean)
         try:
@@ -121,7 +121,7 @@ def test_slow_answer_within_stall_timeout_is_fine(site, lean: bool) -> None:  # 
     trio.run(main)
 
 
-def test_keepalive_closed_by_server_is_resent_once(site) -> None:  # noqa: ANN001
+def test_keepalive_closed_by_server_is_resent_once(site) -> None:
     async def main() -> None:
         store, image = await open_site(site, lean=True)
         try:
@@ -151,7 +151,7 @@ def test_keepalive_closed_by_server_is_resent_once(site) -> None:  # noqa: ANN00
         ("ftp://127.0.0.1/", UsageError, "unsupported"),
     ],
 )
-def test_open_errors(nginx_server, url: str, error: type, words: str) -> None:  # noqa: ANN001
+def test_open_errors(nginx_server, url: str, error: type, words: str) -> None:
     (nginx_server.root / "denied").mkdir(exist_ok=True)
     (nginx_server.root / "denied" / "disk.raw").write_bytes(b"secret")
     url = url.format(closed=free_port(), nginx=nginx_server.url)
@@ -168,7 +168,7 @@ def test_open_errors(nginx_server, url: str, error: type, words: str) -> None:  
     trio.run(main)
 
 
-def test_credentials_in_url_are_refused_without_echo(nginx_server) -> None:  # noqa: ANN001
+def test_credentials_in_url_are_refused_without_echo(nginx_server) -> None:
     url = nginx_server.url.replace("http://", "http://user:hunter2@")
 
     async def main() -> None:
@@ -179,7 +179,7 @@ def test_credentials_in_url_are_refused_without_echo(nginx_server) -> None:  # n
     trio.run(main)
 
 
-def test_auth_header_from_env(nginx_server, monkeypatch) -> None:  # noqa: ANN001
+def test_auth_header_from_env(nginx_server, monkeypatch) -> None:
     (nginx_server.root / "auth").mkdir(exist_ok=True)
     data = os.urandom(300_000)
     (nginx_server.root / "auth" / "disk.raw").write_bytes(data)
@@ -215,7 +215,7 @@ def test_auth_header_from_env(nginx_server, monkeypatch) -> None:  # noqa: ANN00
 
 
 @pytest.fixture(scope="module")
-def tls_nginx(tmp_path_factory):  # noqa: ANN001
+def tls_nginx(tmp_path_factory):
     base = tmp_path_factory.mktemp("tls")
     tls = make_tls(base / "pki")
     server = Nginx(root=base / "root", workdir=base / "work", tls=tls).start()
@@ -224,7 +224,7 @@ def tls_nginx(tmp_path_factory):  # noqa: ANN001
     server.stop()
 
 
-def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:  # noqa: ANN001
+def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:
     async def main() -> None:
         with pytest.raises(BaseUnavailable) as info:
             await open_base(tls_nginx.url, FAST)
@@ -243,7 +243,7 @@ def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:  # noq
     trio.run(main)
 
 
-def test_index_json_preferred_over_autoindex(nginx_server) -> None:  # noqa: ANN001
+def test_index_json_preferred_over_autoindex(nginx_server) -> None:
     d = nginx_server.root / "indexed"
     d.mkdir(exist_ok=True)
     (d / "a.raw").write_bytes(b"a" * 10)
@@ -260,7 +260,7 @@ def test_index_json_preferred_over_autoindex(nginx_server) -> None:  # noqa: ANN
     trio.run(main)
 
 
-def test_listing_that_is_not_json_is_a_clear_error(nginx_server) -> None:  # noqa: ANN001
+def test_listing_that_is_not_json_is_a_clear_error(nginx_server) -> None:
     d = nginx_server.root / "htmlindex"
     d.mkdir(exist_ok=True)
     (d / "index.html").write_text("<html>hello</html>")

@@ -34,7 +34,7 @@ class ProxiedSite:
     """disk.raw in a fresh directory on nginx (below /auth/ with `auth`), reached through a
     fault proxy; local cache, mnt and log dirs."""
 
-    def __init__(self, nginx, tmp: Path, *, auth: bool = False, size: int = 3 * MIB + 333):  # noqa: ANN001
+    def __init__(self, nginx, tmp: Path, *, auth: bool = False, size: int = 3 * MIB + 333):
         self.sub = f"{'auth/' if auth else ''}f{next(_serial)}-{os.getpid()}/"
         root = nginx.root / self.sub
         root.mkdir(parents=True)
@@ -77,14 +77,14 @@ class ProxiedSite:
 
 
 @pytest.fixture
-def proxied(nginx_server, tmp_path: Path):  # noqa: ANN001
+def proxied(nginx_server, tmp_path: Path):
     site = ProxiedSite(nginx_server, tmp_path)
     yield site
     site.proxy.stop()
 
 
 @pytest.fixture
-def proxied_auth(nginx_server, tmp_path: Path):  # noqa: ANN001
+def proxied_auth(nginx_server, tmp_path: Path):
     site = ProxiedSite(nginx_server, tmp_path, auth=True)
     yield site
     site.proxy.stop()

@@ -76,7 +76,7 @@ class Web:
 
 
 @pytest.fixture
-def web(nginx_server, tmp_path: Path) -> Web:  # noqa: ANN001
+def web(nginx_server, tmp_path: Path) -> Web:
     return Web(nginx_server, tmp_path)
 
 
@@ -216,7 +216,7 @@ def test_base_replaced_midway_gives_estale_never_mixed_bytes(web: Web) -> None:
 # ---- auth header, TLS ---------------------------------------------------------------------
 
 
-def test_auth_header_from_env_not_in_argv_nor_log(nginx_server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_auth_header_from_env_not_in_argv_nor_log(nginx_server, tmp_path: Path) -> None:
     web = Web(nginx_server, tmp_path, under="auth/")
     base = web.image("disk.raw", 2 * MIB, seed=12)
     # Without the header nginx answers 403: a one-line error, and no cache made.
@@ -240,7 +240,7 @@ def test_auth_header_from_env_not_in_argv_nor_log(nginx_server, tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def tls_nginx(tmp_path_factory):  # noqa: ANN001
+def tls_nginx(tmp_path_factory):
     base = tmp_path_factory.mktemp("tls-mount")
     tls = make_tls(base / "pki")
     server = Nginx(root=base / "root", workdir=base / "work", tls=tls).start()
@@ -248,7 +248,7 @@ def tls_nginx(tmp_path_factory):  # noqa: ANN001
     server.stop()
 
 
-def test_https_with_ca_file(tls_nginx, tmp_path: Path) -> None:  # noqa: ANN001
+def test_https_with_ca_file(tls_nginx, tmp_path: Path) -> None:
     web = Web(tls_nginx, tmp_path)
     base = web.image("disk.raw", 2 * MIB, seed=13)
     assert web.url.startswith("https://")
@@ -267,7 +267,7 @@ def test_https_with_ca_file(tls_nginx, tmp_path: Path) -> None:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def used_cache(nginx_server, tmp_path_factory) -> Path:  # noqa: ANN001
+def used_cache(nginx_server, tmp_path_factory) -> Path:
     """A cache that has served a mount (partly filled), to prove failed mounts leave it be."""
     web = Web(nginx_server, tmp_path_factory.mktemp("used-cache"))
     web.image("disk.raw", MIB, seed=14)
@@ -288,7 +288,7 @@ MOUNT_ERRORS = [
 
 @pytest.mark.parametrize(("url", "words"), MOUNT_ERRORS, ids=[w for _, w in MOUNT_ERRORS])
 def test_mount_error_is_one_line_and_leaves_cache_alone(
-    nginx_server,  # noqa: ANN001
+    nginx_server,
     used_cache: Path,
     tmp_path: Path,
     url: str,

@@ -72,7 +72,7 @@ class Bucket:
 
 
 @pytest.fixture
-def bucket(moto_server, tmp_path: Path) -> Bucket:  # noqa: ANN001
+def bucket(moto_server, tmp_path: Path) -> Bucket:
     return Bucket(moto_server, tmp_path)
 
 
@@ -119,7 +119,7 @@ def test_resume_after_kill9_fetches_no_chunk_twice(bucket: Bucket) -> None:
 
 
 @pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory):  # noqa: ANN001
+def moto_with_auth(tmp_path_factory):
     """moto that checks credentials: the fake ones are unknown to it."""
     server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     server.start()
@@ -157,17 +157,17 @@ def _assert_mount_fails(url: str, endpoint: str, tmp: Path, *words: str) -> None
     assert snapshot(used) == before
 
 
-def test_wrong_credentials_fail_the_mount_in_one_line(moto_with_auth, tmp_path: Path) -> None:  # noqa: ANN001
+def test_wrong_credentials_fail_the_mount_in_one_line(moto_with_auth, tmp_path: Path) -> None:
     _assert_mount_fails(
         f"s3://{TEST_BUCKET}/x/", moto_with_auth.endpoint, tmp_path, "access denied"
     )
 
 
-def test_missing_bucket_fails_the_mount_in_one_line(moto_server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_missing_bucket_fails_the_mount_in_one_line(moto_server, tmp_path: Path) -> None:
     _assert_mount_fails("s3://no-such-bucket/x/", moto_server.endpoint, tmp_path, "not found")
 
 
-def test_closed_endpoint_fails_the_mount_in_one_line(moto_server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_closed_endpoint_fails_the_mount_in_one_line(moto_server, tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     _assert_mount_fails(f"s3://{TEST_BUCKET}/x/", endpoint, tmp_path, "cannot connect")
 
@@ -180,7 +180,7 @@ class DripProxy(FaultProxy):
     0.2 s. Each recv gets data well within botocore's read timeout, so only --io-timeout can
     end the call."""
 
-    def _answer(self, client, first, headers, body, fault):  # noqa: ANN001, ANN202
+    def _answer(self, client, first, headers, body, fault):
         if fault != "drip":
             return super()._answer(client, first, headers, body, fault)
         hop = {"connection", "keep-alive", "proxy-connection"}
@@ -216,7 +216,7 @@ def _timed_read(path: Path, offset: int, length: int, limit: float) -> tuple[flo
         pool.shutdown(wait=False)
 
 
-def test_trickling_body_is_abandoned_at_io_timeout(moto_server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_trickling_body_is_abandoned_at_io_timeout(moto_server, tmp_path: Path) -> None:
     proxy = DripProxy(upstream_port=moto_server.port).start()
     try:
         bucket = Bucket(moto_server, tmp_path, endpoint=proxy.url.rstrip("/"))

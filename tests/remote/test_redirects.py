@@ -76,7 +76,7 @@ def token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CORFS_TEST_REDIRECT_AUTH", f"Authorization: {TOKEN}")
 
 
-def test_https_to_http_is_refused_and_the_plain_server_sees_nothing(servers, token) -> None:  # noqa: ANN001
+def test_https_to_http_is_refused_and_the_plain_server_sees_nothing(servers, token) -> None:
     before = len(servers.plain.authorizations())
 
     async def main() -> None:
@@ -88,7 +88,7 @@ def test_https_to_http_is_refused_and_the_plain_server_sees_nothing(servers, tok
     assert servers.plain.authorizations()[before:] == []
 
 
-def test_same_origin_redirect_keeps_the_header(servers, token) -> None:  # noqa: ANN001
+def test_same_origin_redirect_keeps_the_header(servers, token) -> None:
     async def main() -> None:
         store = await open_base(servers.tls_front.url + "same/disk.raw", servers.options())
         try:
@@ -102,7 +102,7 @@ def test_same_origin_redirect_keeps_the_header(servers, token) -> None:  # noqa:
 
 @pytest.mark.parametrize("front", ["tls_front", "plain_front"])
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_cross_origin_redirect_works_without_the_header(servers, token, front: str,  # noqa: ANN001
+def test_cross_origin_redirect_works_without_the_header(servers, token, front: str,
                                                         lean: bool) -> None:
     """https -> https (another port) and http -> http: the target gets no Authorization, on
     the HEAD, the listing and every ranged read (lean reader included)."""
@@ -126,7 +126,7 @@ def test_cross_origin_redirect_works_without_the_header(servers, token, front: s
     assert all(TOKEN not in value for value in seen)
 
 
-def test_redirect_loop_is_bounded(servers, token) -> None:  # noqa: ANN001
+def test_redirect_loop_is_bounded(servers, token) -> None:
     async def main() -> None:
         with pytest.raises(BaseUnavailable) as info:
             await open_base(servers.tls_front.url + "loop/disk.raw", servers.options())
@@ -136,7 +136,7 @@ def test_redirect_loop_is_bounded(servers, token) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_expired_redirect_target_is_resolved_again(servers, lean: bool) -> None:  # noqa: ANN001
+def test_expired_redirect_target_is_resolved_again(servers, lean: bool) -> None:
     """A redirector points at /gone-if-missing/<generation>/disk.raw on nginx; the generation
     moves on (the old URL answers 403, like an expired pre-signed URL) and reads go on."""
     root = servers.plain.root / "gone-if-missing"
@@ -144,7 +144,7 @@ def test_expired_redirect_target_is_resolved_again(servers, lean: bool) -> None:
     (root / gen["name"]).mkdir(parents=True)
     (root / gen["name"] / "disk.raw").write_bytes(DATA)
 
-    def route(method: str, path: str, headers: dict[str, str]):  # noqa: ANN202
+    def route(method: str, path: str, headers: dict[str, str]):
         location = f"{servers.plain.url}gone-if-missing/{gen['name']}/disk.raw"
         return 302, [("Location", location), ("Content-Length", "0")], []
 

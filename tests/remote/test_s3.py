@@ -12,7 +12,7 @@ import trio
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from corfs.base import BaseOptions
-from corfs.base.s3 import _client_error, open_s3_base
+from corfs.base.s3 import open_s3_base
 from corfs.errors import (
     BaseAccessDenied,
     BaseChanged,
@@ -21,6 +21,7 @@ from corfs.errors import (
     TransientBaseError,
     UsageError,
 )
+from corfs.s3_errors import s3_error
 from tests.remote.proxy import FaultProxy
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 
@@ -31,7 +32,7 @@ def options(endpoint: str, **kw: object) -> BaseOptions:
     return BaseOptions(io_timeout=3.0, endpoint_url=endpoint, region="us-east-1", **kw)  # type: ignore[arg-type]
 
 
-def test_listing_paginates_and_keeps_to_direct_children(moto_server) -> None:  # noqa: ANN001
+def test_listing_paginates_and_keeps_to_direct_children(moto_server) -> None:
     client = moto_server.client()
     prefix = f"many-{os.getpid()}/"
 
@@ -65,7 +66,7 @@ def test_listing_paginates_and_keeps_to_direct_children(moto_server) -> None:  #
     trio.run(main)
 
 
-def test_open_errors(moto_server) -> None:  # noqa: ANN001
+def test_open_errors(moto_server) -> None:
     ep = moto_server.endpoint
 
     async def main() -> None:
@@ -85,14 +86,14 @@ def test_open_errors(moto_server) -> None:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory):  # noqa: ANN001
+def moto_with_auth(tmp_path_factory):
     server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     server.start()
     yield server
     server.stop()
 
 
-def test_wrong_credentials_are_access_denied_without_echo(moto_with_auth) -> None:  # noqa: ANN001
+def test_wrong_credentials_are_access_denied_without_echo(moto_with_auth) -> None:
     async def main() -> None:
         with pytest.raises(BaseAccessDenied) as info:
             await open_s3_base(f"s3://{TEST_BUCKET}/", options(moto_with_auth.endpoint))
@@ -104,7 +105,7 @@ def test_wrong_credentials_are_access_denied_without_echo(moto_with_auth) -> Non
     trio.run(main)
 
 
-def test_missing_credentials_are_access_denied(moto_server, monkeypatch) -> None:  # noqa: ANN001
+def test_missing_credentials_are_access_denied(moto_server, monkeypatch) -> None:
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(k)
 
@@ -117,7 +118,7 @@ def test_missing_credentials_are_access_denied(moto_server, monkeypatch) -> None
 
 
 @pytest.fixture
-def s3_site(moto_server):  # noqa: ANN001
+def s3_site(moto_server):
     proxy = FaultProxy(upstream_port=moto_server.port).start()
     prefix = f"faults-{time.monotonic_ns()}/"
     data = os.urandom(2 * MiB + 77)
@@ -140,7 +141,7 @@ FAULTS = [
 
 
 @pytest.mark.parametrize(("fault", "error"), FAULTS, ids=[f for f, _ in FAULTS])
-def test_fault_gives_error_then_recovers(s3_site, fault: str, error: type) -> None:  # noqa: ANN001
+def test_fault_gives_error_then_recovers(s3_site, fault: str, error: type) -> None:
     proxy, prefix, data = s3_site
 
     async def main() -> None:
@@ -161,7 +162,7 @@ def test_fault_gives_error_then_recovers(s3_site, fault: str, error: type) -> No
     trio.run(main)
 
 
-def test_server_ignoring_range_never_gives_wrong_bytes(s3_site) -> None:  # noqa: ANN001
+def test_server_ignoring_range_never_gives_wrong_bytes(s3_site) -> None:
     proxy, prefix, data = s3_site
 
     async def main() -> None:
@@ -204,4 +205,4 @@ def _err(code: str, status: int) -> ClientError:
     ],
 )
 def test_error_mapping(exc: Exception, error: type) -> None:
-    assert type(_client_error(exc, "s3://b/k")) is error
+    assert type(s3_error(exc, "s3://b/k")) is error

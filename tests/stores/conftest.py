@@ -84,7 +84,7 @@ class S3Backend:
     kind = "s3"
     missing_error = (BaseNotFound,)
 
-    def __init__(self, moto, prefix: str) -> None:  # noqa: ANN001
+    def __init__(self, moto, prefix: str) -> None:
         self.client = moto.client()
         self.prefix = prefix
         self.url = f"s3://{TEST_BUCKET}/{prefix}"

@@ -14,7 +14,7 @@ from corfs.errors import BaseChanged, BaseNotFound
 MiB = 1 << 20
 
 
-def run(fn, *args):  # noqa: ANN001, ANN201
+def run(fn, *args):
     return trio.run(fn, *args)
 
 
@@ -22,12 +22,12 @@ def pattern(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-async def opened(backend) -> tuple[BaseStore, dict[str, BaseImage]]:  # noqa: ANN001
+async def opened(backend) -> tuple[BaseStore, dict[str, BaseImage]]:
     store = await open_base(backend.url, backend.options)
     return store, {img.name: img for img in await store.list_images()}
 
 
-def test_lists_direct_children_with_sizes(backend) -> None:  # noqa: ANN001
+def test_lists_direct_children_with_sizes(backend) -> None:
     backend.put("a.raw", pattern(3 * MiB + 123, 1))
     backend.put("empty.raw", b"")
     backend.put("one.img", b"x")
@@ -48,7 +48,7 @@ def test_lists_direct_children_with_sizes(backend) -> None:  # noqa: ANN001
     run(main)
 
 
-def test_identity_stable_then_changes_on_replace(backend) -> None:  # noqa: ANN001
+def test_identity_stable_then_changes_on_replace(backend) -> None:
     backend.put("a.raw", pattern(MiB, 1))
     backend.put("b.raw", pattern(1000, 2))
 
@@ -72,7 +72,7 @@ def test_identity_stable_then_changes_on_replace(backend) -> None:  # noqa: ANN0
     run(main)
 
 
-def test_reads_equal_the_file(backend) -> None:  # noqa: ANN001
+def test_reads_equal_the_file(backend) -> None:
     size = 4 * MiB + 4096 + 17  # a short last chunk at any power-of-two chunk size
     data = pattern(size, 7)
     backend.put("disk.raw", data)
@@ -96,7 +96,7 @@ def test_reads_equal_the_file(backend) -> None:  # noqa: ANN001
     run(main)
 
 
-def test_concurrent_reads(backend) -> None:  # noqa: ANN001
+def test_concurrent_reads(backend) -> None:
     size = 8 * MiB
     data = pattern(size, 11)
     backend.put("disk.raw", data)
@@ -122,7 +122,7 @@ def test_concurrent_reads(backend) -> None:  # noqa: ANN001
     run(main)
 
 
-def test_read_object(backend) -> None:  # noqa: ANN001
+def test_read_object(backend) -> None:
     backend.put("disk.raw", b"d" * 10)
     backend.put_object("chunks/ab/abcdef.zst", b"compressed bytes")
 
@@ -140,7 +140,7 @@ def test_read_object(backend) -> None:  # noqa: ANN001
     run(main)
 
 
-def test_missing_base(backend) -> None:  # noqa: ANN001
+def test_missing_base(backend) -> None:
     async def main() -> None:
         with pytest.raises(backend.missing_error):
             await open_base(backend.missing_url(), backend.options)
@@ -152,7 +152,7 @@ def test_missing_base(backend) -> None:  # noqa: ANN001
     run(main)
 
 
-def test_single_image_base(backend) -> None:  # noqa: ANN001
+def test_single_image_base(backend) -> None:
     data = pattern(MiB + 5, 13)
     backend.put("disk.raw", data)
     backend.put("other.raw", b"other")
@@ -173,7 +173,7 @@ def test_single_image_base(backend) -> None:  # noqa: ANN001
     run(main)
 
 
-def test_removed_image_is_not_found(backend) -> None:  # noqa: ANN001
+def test_removed_image_is_not_found(backend) -> None:
     backend.put("disk.raw", pattern(1000, 1))
 
     async def main() -> None:
@@ -189,7 +189,7 @@ def test_removed_image_is_not_found(backend) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("new_size", [MiB, MiB // 2, 2 * MiB])
-def test_changed_image_raises_base_changed(backend, new_size: int) -> None:  # noqa: ANN001
+def test_changed_image_raises_base_changed(backend, new_size: int) -> None:
     old = pattern(MiB, 21)
     backend.put("disk.raw", old)
 

@@ -9,7 +9,7 @@ import trio.testing
 from corfs.stream import BandwidthLimiter
 
 
-def run(main) -> None:  # noqa: ANN001
+def run(main) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 

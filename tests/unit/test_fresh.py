@@ -11,7 +11,7 @@ def test_oldest_entries_go_once_the_byte_limit_is_passed() -> None:
     for index in range(5):
         fresh.keep(index, bytes([index]) * 100)
     assert len(fresh) == 3
-    assert [i for i in range(5) if i in fresh] == [2, 3, 4]
+    assert [i for i in range(5) if fresh.get(i) is not None] == [2, 3, 4]
     assert fresh.get(4) == bytes([4]) * 100 and fresh.get(0) is None
 
 
@@ -24,6 +24,6 @@ def test_replacing_and_dropping_keep_the_byte_count_right() -> None:
     fresh.drop(1)
     fresh.drop(1)  # dropping an absent entry is harmless
     fresh.keep(3, b"d" * 100)
-    assert [i for i in (1, 2, 3) if i in fresh] == [2, 3]
+    assert [i for i in (1, 2, 3) if fresh.get(i) is not None] == [2, 3]
     fresh.keep(4, b"e" * 150)  # over the limit: the oldest go until it fits
-    assert [i for i in (2, 3, 4) if i in fresh] == [4]
+    assert [i for i in (2, 3, 4) if fresh.get(i) is not None] == [4]

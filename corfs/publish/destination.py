@@ -1,5 +1,5 @@
 """Where `corfs publish` writes: a local directory or an S3 prefix, behind one small
-`Destination` protocol (holds / put / get / list / sync). See publish.py for what is written.
+`Destination` protocol (holds / put / get / list / sync). See publisher.py for what is written.
 
 One rule per kind of destination:
 - A directory gets each object under a temp name in DEST/.corfs-tmp, fsynced, then renamed
@@ -9,6 +9,8 @@ One rule per kind of destination:
   it were new.
 - S3: a PUT is whole, and durable once it returns, so an object there is one a PUT stored
   entirely; it is trusted as it is (checking it would download every chunk again).
+  Its answers become errors by s3_errors.py, the mapper base reads use: a 403 is
+  BaseAccessDenied here as there.
 
 Modes: published objects are made to be served (by a web server, to other users' mounts), so
 they are 0644 and the directories corfs creates 0755 whatever the umask (the CLI's is 077, for
@@ -26,8 +28,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from .errors import CorfsError, UsageError
-from .manifest import image_name_of
+from ..errors import BaseNotFound, CorfsError, UsageError
+from ..manifest import image_name_of
+from ..s3_errors import s3_error
+from ..store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +79,6 @@ def _make_dirs(path: str, mode: int) -> None:
     except FileExistsError:
         return  # another worker made it
     os.chmod(path, mode)  # mkdir's mode went through the umask
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirDestination:
@@ -190,7 +186,7 @@ class DirDestination:
             dirs, self._unsynced_dirs = self._unsynced_dirs, set()
         try:
             for path in sorted(dirs, reverse=True):  # deeper ones first, DEST itself last
-                _fsync_dir(path)
+                fsync_dir(path)
         except OSError as exc:
             with self._dirs_lock:
                 self._unsynced_dirs |= dirs
@@ -198,7 +194,7 @@ class DirDestination:
 
 
 class S3Destination:
-    def __init__(self, client, bucket: str, prefix: str, description: str) -> None:  # noqa: ANN001
+    def __init__(self, client, bucket: str, prefix: str, description: str) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix
@@ -216,7 +212,6 @@ class S3Destination:
     ) -> S3Destination:
         import boto3
         import botocore.config
-        import botocore.exceptions
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
@@ -227,51 +222,40 @@ class S3Destination:
             max_pool_connections=max(10, connections),
             retries={"max_attempts": 5, "mode": "standard"},
         )
+        description = f"s3://{bucket}/{prefix}"
         try:
             session = boto3.Session(profile_name=profile, region_name=region)
             client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        except botocore.exceptions.BotoCoreError as exc:
-            raise UsageError(f"cannot use S3 destination {url}: {exc}") from None
-        dest = cls(client, bucket, prefix, f"s3://{bucket}/{prefix}")
-        with dest._errors(f"bucket {bucket}"):
-            client.head_bucket(Bucket=bucket)
+        except Exception as exc:  # botocore.exceptions.ProfileNotFound and friends
+            raise s3_error(exc, description) from None
+        dest = cls(client, bucket, prefix, description)
+        try:
+            with dest._errors(""):
+                client.head_bucket(Bucket=bucket)
+        except BaseNotFound:  # the command line named it: publish does not create buckets
+            raise UsageError(f"S3 bucket {bucket} does not exist ({description})") from None
         return dest
 
     @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        import botocore.exceptions
-
+    def _errors(self, key: str) -> Iterator[None]:
+        """S3's answers about `key` as the error tree, by the one mapper (s3_errors.py)."""
         try:
             yield
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "?")
-            if code in ("404", "NoSuchBucket"):
-                raise UsageError(f"S3 {what} does not exist ({self.description})") from None
-            if code in ("403", "AccessDenied"):
-                raise UsageError(f"S3 {what}: access denied ({self.description})") from None
-            raise CorfsError(f"S3 {what}: {code} ({self.description})") from None
-        except botocore.exceptions.NoCredentialsError:
-            raise UsageError("S3: no credentials (set AWS_* variables or --profile)") from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise CorfsError(f"S3 {what}: {exc}") from None
+        except CorfsError:
+            raise
+        except Exception as exc:
+            raise s3_error(exc, self.description + key) from None
 
     def holds(self, key: str, intact: Callable[[bytes], bool]) -> bool:
         # A PUT is whole (see the module docstring): no need, and no cheap way, to read it back.
         return self.exists(key)
 
     def exists(self, key: str) -> bool:
-        import botocore.exceptions
-
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
             with self._errors(key):
-                raise
-        except botocore.exceptions.BotoCoreError:
-            with self._errors(key):
-                raise
+                self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except BaseNotFound:
+            return False
         return True
 
     def put(self, key: str, data: bytes) -> None:
@@ -286,7 +270,7 @@ class S3Destination:
 
     def list_manifests(self) -> dict[str, int]:
         found = {}
-        with self._errors("listing"):
+        with self._errors(""):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
             )

@@ -14,7 +14,7 @@ Invariants:
   manifest or index whose bytes are unchanged. In a directory an existing chunk object is
   trusted only once it decompresses to bytes of its digest (a power cut can leave a renamed
   object short); a damaged one is written again. On S3 one that exists is whole (see
-  publish_dest.py).
+  destination.py).
 - Chunks run in a thread pool: xxhash and zstd release the GIL on large buffers, and pread and
   the S3 client block; results are gathered on the calling thread, which alone updates counts
   and the progress bar.
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import zstandard
 
-from .base.published import decompress_chunk
-from .digest import chunk_digest, is_zero
-from .errors import BaseCorrupt, CorfsError, UsageError
-from .manifest import (
+from ..base.published import decompress_chunk
+from ..digest import chunk_digest, is_zero
+from ..errors import BaseCorrupt, CorfsError, UsageError
+from ..manifest import (
     INDEX_KEY,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
@@ -50,8 +50,8 @@ from .manifest import (
     parse_index,
     render_index,
 )
-from .publish_dest import Destination, open_destination
-from .sizes import format_size, parse_size
+from ..sizes import format_size, parse_size
+from .destination import Destination, open_destination
 
 log = logging.getLogger(__name__)
 

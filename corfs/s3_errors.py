@@ -1,0 +1,95 @@
+"""botocore exceptions -> the error tree (errors.py): the one mapper for every S3 call, a base
+read (base/s3.py) or a publish (publish/destination.py).
+
+What an answer means does not depend on who asked:
+- 403 (and 401, and the codes of bad or expired credentials) is an auth/permission failure of
+  that bucket or key: BaseAccessDenied (EACCES, exit 5). Not a usage error: the command line
+  may be right and the credentials or the bucket policy wrong. A publish destination is a
+  base-to-be (what it holds is served as a base), so its refusals are the same class.
+- 404 / NoSuchKey / NoSuchBucket: BaseNotFound; a caller for which absence is an answer (does
+  this object exist?) decides that itself.
+- 412 / 416: BaseChanged (a conditional read lost its object); 5xx, 429 and throttling:
+  TransientBaseError, as are connection failures and timeouts (the caller's retry policy
+  applies). No credentials at all is BaseAccessDenied too; an unknown profile is a UsageError.
+Messages name the bucket and key (`what`), never credentials.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BaseAccessDenied,
+    BaseChanged,
+    BaseNotFound,
+    BaseProtocolError,
+    BaseUnavailable,
+    CorfsError,
+    TransientBaseError,
+    UsageError,
+)
+
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_DENIED = {
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+_CHANGED = {"412", "PreconditionFailed", "InvalidRange", "416"}
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+    "429",
+}
+
+
+def s3_error(exc: Exception, what: str) -> CorfsError:
+    """The error for botocore's `exc` on `what` (s3://bucket/key); any other exception that is
+    not an OSError or a parse failure is re-raised (a bug, not an answer of S3)."""
+    from botocore import exceptions as bx  # boto3 is optional: imported with its first use
+
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _NOT_FOUND or status == 404:
+            return BaseNotFound(f"{what}: not found ({code or status})")
+        if code in _DENIED or status in (401, 403):
+            return BaseAccessDenied(f"{what}: access denied ({code or status})")
+        if code in _CHANGED or status in (412, 416):
+            return BaseChanged(f"{what}: changed on the server ({code or status})")
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return TransientBaseError(f"{what}: server busy or failing ({code or status})")
+        return BaseUnavailable(f"{what}: S3 error {code or status}")
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return BaseAccessDenied(f"{what}: no S3 credentials found (env, profile or instance role)")
+    if isinstance(exc, bx.ProfileNotFound):
+        return UsageError(f"{what}: {exc}")
+    if isinstance(exc, bx.EndpointConnectionError):
+        return TransientBaseError(f"{what}: cannot connect to the S3 endpoint")
+    if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
+        return TransientBaseError(f"{what}: timed out ({type(exc).__name__})")
+    if isinstance(exc, (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ConnectionError)):
+        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
+    if isinstance(exc, bx.SSLError):
+        return BaseUnavailable(f"{what}: TLS failure talking to the S3 endpoint")
+    if isinstance(exc, bx.BotoCoreError):
+        return TransientBaseError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, (ValueError, OverflowError)):  # botocore parsing an absurd answer
+        return BaseProtocolError(f"{what}: answer does not parse ({type(exc).__name__})")
+    if isinstance(exc, OSError):
+        return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
+    raise exc
