@@ -68,8 +68,8 @@ def test_status_json_keys_and_values(rig_factory, monkeypatch) -> None:
             images = list(rig.images.values())
             stream = StreamWorker(images, StreamConfig(enabled=False, bandwidth=7000))
             controller = Controller(
-                images, stream, cache=str(rig.cache_dir), base="memory://", mountpoint="/mnt",
-                fetcher_statistics=rig.fetcher.statistics,
+                images, stream, store=rig.store, base="memory://", mountpoint="/mnt",
+                fetcher=rig.fetcher,
                 handed_over_before=[
                     HandoffRecord("gone", 3 * CS, "/vm/gone.raw", "{}", "/mnt/gone", True, 0.0)
                 ],
