@@ -1,9 +1,10 @@
 """The client side of run-time control: what `corfs status`, `corfs stream` and the helpers of
 detach and verify use to reach a mount, or to read a cache that nothing has mounted.
 
-Invariant: this module does not import the data path (image, fetcher, stream, the data-file
-side of the store) nor trio: `corfs status` stays a quick read (tests/unit/test_control_client
-checks it). The daemon's side is control.py's `Controller`.
+Invariant: this module imports none of the data path (image, fetcher, stream, the data files,
+the bases) nor trio: `corfs status` stays a quick read (tests/unit/test_control_client lists
+the modules). It reads a cache through store.py, whose chunk-state side is light. The daemon's
+side is control.py's `Controller`.
 
 How a command reaches the daemon: through extended attributes on the mount's root directory.
 `getxattr(MNT, "user.corfs.status")` returns the status JSON; `setxattr(MNT,
