@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from corfs.control import read_status
+from corfs.control_client import read_status
 from corfs.mountinfo import find_mount
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

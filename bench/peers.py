@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from corfs import control
+from corfs import control_client
 from corfs.mountinfo import find_mount
 
 from .harness import (
@@ -196,7 +196,7 @@ def mount_corfs(root: str, nginx: Nginx, uri: str, *, stream: bool = False) -> I
             return int(corfs_status(mnt)["fetcher"]["bytes_fetched"])
 
         def resume() -> None:
-            control.send_command(mnt, {"op": "resume", "image": None})
+            control_client.send_command(mnt, {"op": "resume", "image": None})
 
         yield Mount(os.path.join(mnt, name), fetched, start=resume if stream else lambda: None)
 

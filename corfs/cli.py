@@ -7,14 +7,14 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from . import control, scrub
-from .base import BaseOptions
+from . import control_client
 from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
 from .errors import CorfsError, UsageError, error_line, leaf_error
 from .sizes import parse_size
-from .store import PRIVATE_UMASK
+from .store import PRIVATE_UMASK, TRACE_FILE
 
 log = logging.getLogger("corfs")
 
@@ -74,7 +74,7 @@ def _add_mount(sub: _WithCommon) -> None:
     p.add_argument(
         "--record-trace",
         action="store_true",
-        help="record the order of first reads into CACHE/trace.json",
+        help=f"record the order of first reads into CACHE/{TRACE_FILE}",
     )
     p.add_argument(
         "--io-timeout",
@@ -118,6 +118,27 @@ def _add_stream(sub: _WithCommon) -> None:
     q.add_argument("rate", metavar="RATE", type=_size, help="e.g. 50M; 0 = unlimited")
 
 
+class _ArgumentsWhenParsed(argparse.ArgumentParser):
+    """A subcommand parser that may get its arguments only when it parses (when its command
+    was chosen): `add_arguments` of a command whose module is heavy (publish's loads trio and
+    zstd) must not slow down the others (`corfs status`: tests/unit/test_control_client)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            add(self)
+        return super().parse_known_args(*args, **kwargs)
+
+
 class _WithCommon:
     """Adds the common options to every subcommand parser."""
 
@@ -131,11 +152,13 @@ class _WithCommon:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corfs", description="copy-on-read FUSE for VM images")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_ArgumentsWhenParsed
+    )
     # -v also after the subcommand (corfs mount ... -v); SUPPRESS keeps the top-level value.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
-    sub = _WithCommon(sub, common)
+    sub = _WithCommon(commands, common)
     _add_mount(sub)
     _add_status(sub)
     _add_stream(sub)
@@ -157,11 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache", metavar="CACHE")
     p.add_argument("image", metavar="IMAGE", nargs="?")
     p.add_argument("--json", action="store_true")
-    from .publish import add_publish_arguments
-
-    p = sub.add_parser("publish", help="write images in chunked, zstd, content-addressed form")
-    add_publish_arguments(p)
+    sub.add_parser(
+        "publish",
+        help="write images in chunked, zstd, content-addressed form",
+        add_arguments=_add_publish_arguments,
+    )
     return parser
+
+
+def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    from .publish import add_publish_arguments  # heavy: see _ArgumentsWhenParsed
+
+    add_publish_arguments(parser)
 
 
 def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
@@ -175,6 +205,8 @@ def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
 
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:
+    from .base import BaseOptions
+
     if args.chunk_size < 4096 or args.chunk_size & (args.chunk_size - 1):
         raise UsageError(
             f"--chunk-size must be a power of two of at least 4k, not {args.chunk_size}"
@@ -224,18 +256,18 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
 def _cmd_stream(args: argparse.Namespace) -> int:
     if args.op == "bandwidth":
-        control.send_command(args.mountpoint, {"op": "bandwidth", "rate": args.rate})
+        control_client.send_command(args.mountpoint, {"op": "bandwidth", "rate": args.rate})
         return 0
     if args.mountpoint:
-        control.send_command(args.mountpoint, {"op": args.op, "image": args.image})
+        control_client.send_command(args.mountpoint, {"op": args.op, "image": args.image})
         return 0
-    mounts = control.corfs_mounts()
+    mounts = control_client.corfs_mounts()
     if not mounts:
         raise UsageError("no corfs mount is running")
     failed = None
     for mountpoint in mounts:  # one that refuses (another user's) leaves the others done
         try:
-            control.send_command(mountpoint, {"op": args.op, "image": args.image})
+            control_client.send_command(mountpoint, {"op": args.op, "image": args.image})
         except CorfsError as exc:
             print(error_line(exc), file=sys.stderr)
             failed = exc
@@ -245,20 +277,20 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .status_view import print_status, watch_status
 
-    paths = [args.path] if args.path else control.corfs_mounts()
+    paths = [args.path] if args.path else control_client.corfs_mounts()
     if not paths:
         raise UsageError("no corfs mount is running; name a cache dir to see its state")
     if args.watch:
         return watch_status(paths)
     if args.path:
-        print_status([control.status_of_path(args.path)], as_json=args.json)
+        print_status([control_client.status_of_path(args.path)], as_json=args.json)
         return 0
     # Every mount of the machine: one that cannot be read (a dead daemon, another user's
     # mount) is one line on stderr, the others are still shown.
     statuses, failed = [], None
     for path in paths:
         try:
-            statuses.append(control.status_of_path(path))
+            statuses.append(control_client.status_of_path(path))
         except CorfsError as exc:
             print(error_line(exc), file=sys.stderr)
             failed = exc
@@ -267,6 +299,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from . import scrub
+
     reports = scrub.verify_cache(args.cache, args.image)
     scrub.print_reports(reports, as_json=args.json)
     return 0 if all(r.bad == 0 for r in reports) else 1

@@ -1,34 +1,27 @@
-"""Run-time control and status of a mount.
+"""The daemon's side of run-time control: `Controller` serves a mount's status and runs the
+commands sent to it (pause, resume, bandwidth, forget, handoff). The transport (extended
+attributes on the mount's root) and the paging of the status are described in
+control_client.py, the side the CLI uses.
 
-How a command reaches the daemon: through extended attributes on the mount's root directory.
-`getxattr(MNT, "user.corfs.status")` returns the status JSON; `setxattr(MNT,
-"user.corfs.control", '{"op": "pause", "image": null}')` runs a command. Why xattrs and not a
-socket: they need no extra file or port, the kernel routes them to the right daemon for
-whatever path the user names, and they are refused for paths that are not a corfs mount.
-The server side is `Controller`; the client side is `read_status`/`send_command`, plus
-`offline_status` that reads a cache's database when nothing is mounted on it.
-
-Paging: the kernel refuses an xattr value above 64 KiB (E2BIG), about 340 images of status.
-So `user.corfs.status` holds the mount's summary and the images that fit in STATUS_PAGE_BYTES,
-with `image_count` and `images_next`: the index of the first image left out, or null; then
-`user.corfs.status.<N>` holds images from index N on, again with `images_next`. The image
-list of a mount never changes, so the pages always join up. `read_status` assembles them.
-Every page (the first included) stays under STATUS_PAGE_BYTES.
+The status is each component's `statistics()` (image, stream, store, fetcher) serialised; the
+Controller reaches into no component's fields. Every status page (the first included) stays
+under STATUS_PAGE_BYTES.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from .base import BaseStore
-from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
+from .control_client import STATUS_XATTR
+from .errors import ControlError, CorfsError, ForgetRefused
+from .geometry import ChunkGeometry
 from .handoff import Via, hand_over
-from .image import Image
-from .mountinfo import read_mounts
+from .image import Image, ImageStatistics
 from .refetch import why_base_cannot_supply
 from .stats import (
     MAX_LISTED_CHUNKS,
@@ -38,12 +31,12 @@ from .stats import (
     eta_seconds,
     fill_ratio,
 )
-from .store import CacheStore, ChunkState, HandoffRecord
-from .stream import StreamWorker
+from .store import CacheStore, HandoffRecord
+from .stream import ImageStreamStatistics, StreamWorker
 
-STATUS_XATTR = "user.corfs.status"
-CONTROL_XATTR = "user.corfs.control"
-MOUNTPOINT_FILE = "mountpoint"
+if TYPE_CHECKING:
+    from .fetcher import Fetcher
+
 STATUS_PAGE_BYTES = 60 << 10  # under the kernel's XATTR_SIZE_MAX (64 KiB), with room to spare
 
 
@@ -53,10 +46,10 @@ class Controller:
         images: Sequence[Image],
         stream: StreamWorker,
         *,
-        cache: str,
+        store: CacheStore,
         base: str,
         mountpoint: str,
-        fetcher_statistics: Callable[[], object] | None = None,
+        fetcher: Fetcher | None = None,
         current_base: Callable[[], BaseStore | None] = lambda: None,
         handed_over_before: Sequence[HandoffRecord] = (),
     ) -> None:
@@ -64,51 +57,58 @@ class Controller:
         self._handed_over_before = list(handed_over_before)  # by earlier mounts: not served
         self._handoff_errors: dict[str, str] = {}
         self._stream = stream
-        self._cache, self._base, self._mountpoint = cache, base, mountpoint
-        self._fetcher_statistics = fetcher_statistics
+        self._store = store
+        self._fetcher = fetcher
+        self._base, self._mountpoint = base, mountpoint
         # Asked before a forget: can the base supply the chunk again? (A callable: a base that
         # was down at mount comes up later.)
         self._current_base = current_base
 
     def status(self) -> MountStatus:
         images = [detached_status(h.name, h.size, h.dest) for h in self._handed_over_before]
+        sync_failure = self._store.statistics().sync_failure
         for image in self._images.values():
-            if image.handed_over_to is not None:
-                images.append(detached_status(image.name, image.size, image.handed_over_to))
+            stats = image.statistics()
+            if stats.handed_over_to is not None:
+                images.append(detached_status(stats.name, stats.size, stats.handed_over_to))
                 continue
-            stream = self._stream.statistics(image.name)
-            dirty = image.dirty_chunks * image.geometry.chunk_size
-            remaining = image.size - image.local_bytes
-            rate = stream.rate_bps
-            images.append(
-                ImageStatus(
-                    name=image.name,
-                    size=image.size,
-                    chunk_size=image.geometry.chunk_size,
-                    local_bytes=image.local_bytes,
-                    dirty_bytes=min(dirty, image.size),
-                    fill_ratio=fill_ratio(image.local_bytes, image.size),
-                    state=stream.state,
-                    rate_bps=rate,
-                    eta_s=eta_seconds(remaining, rate)
-                    if stream.state == "streaming"
-                    else (0.0 if stream.state == "complete" else None),
-                    error=stream.error or image.fill_error or image.store.sync_failure,
-                    failing_chunks=len(failing := image.failing_chunks),
-                    failing_chunk_indexes=tuple(failing[:MAX_LISTED_CHUNKS]),
-                    handoff_error=self._handoff_errors.get(image.name),
-                )
-            )
+            stream = self._stream.statistics(stats.name)
+            images.append(self._image_status(stats, stream, sync_failure))
         images.sort(key=lambda status: status.name)
-        fetcher = self._fetcher_statistics() if self._fetcher_statistics else None
+        fetcher = self._fetcher.statistics() if self._fetcher is not None else None
         return MountStatus(
             mounted=True,
             mountpoint=self._mountpoint,
-            cache=self._cache,
+            cache=self._store.cache_dir,
             base=self._base,
-            bandwidth_bps=self._stream.limiter.rate,
+            bandwidth_bps=self._stream.worker_statistics().bandwidth_bps,
             images=images,
-            fetcher=asdict(fetcher) if fetcher is not None else None,  # type: ignore[call-overload]
+            fetcher=asdict(fetcher) if fetcher is not None else None,
+        )
+
+    def _image_status(
+        self, image: ImageStatistics, stream: ImageStreamStatistics, sync_failure: str | None
+    ) -> ImageStatus:
+        remaining = image.size - image.local_bytes
+        dirty = ChunkGeometry(image.size, image.chunk_size).most_bytes_of(image.dirty_chunks)
+        if stream.state == "streaming":
+            eta = eta_seconds(remaining, stream.rate_bps)
+        else:
+            eta = 0.0 if stream.state == "complete" else None
+        return ImageStatus(
+            name=image.name,
+            size=image.size,
+            chunk_size=image.chunk_size,
+            local_bytes=image.local_bytes,
+            dirty_bytes=dirty,
+            fill_ratio=fill_ratio(image.local_bytes, image.size),
+            state=stream.state,
+            rate_bps=stream.rate_bps,
+            eta_s=eta,
+            error=stream.error or image.fill_error or sync_failure,
+            failing_chunks=image.failing_chunks,
+            failing_chunk_indexes=image.failing_chunk_indexes[:MAX_LISTED_CHUNKS],
+            handoff_error=self._handoff_errors.get(image.name),
         )
 
     def status_xattr(self, name: str) -> bytes | None:
@@ -200,165 +200,3 @@ def _status_page(head: dict, images: list[dict], start: int) -> bytes:
         page["images"].append(images[index])
         used += len(text) + 2
     return json.dumps(page).encode()
-
-
-# ---- client side -------------------------------------------------------------------------
-
-
-def read_status(mountpoint: str) -> dict:
-    """The live status of the corfs mount at `mountpoint`, all its pages joined; ControlError
-    if it is none or cannot be read."""
-    status = _read_json(mountpoint, STATUS_XATTR)
-    images = status["images"]
-    next_index = status.pop("images_next", None)
-    while next_index is not None:
-        page = _read_json(mountpoint, f"{STATUS_XATTR}.{next_index}")
-        if not page["images"]:
-            break
-        images.extend(page["images"])
-        next_index = page["images_next"]
-    if len(images) != status.pop("image_count", len(images)):
-        raise ControlError(f"{mountpoint}: the status pages do not join up")
-    return status
-
-
-def _read_json(mountpoint: str, name: str) -> dict:
-    try:
-        raw = os.getxattr(mountpoint, name)
-    except OSError as exc:
-        raise _not_a_mount(mountpoint, exc) from None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ControlError(f"{mountpoint}: unreadable status ({name})") from None
-
-
-def check_corfs_mount(mountpoint: str) -> None:
-    """ControlError (or UsageError) unless `mountpoint` is a live corfs mount. Cheap: it
-    asks for the names of the root's xattrs, not for the status."""
-    try:
-        names = os.listxattr(mountpoint)
-    except OSError as exc:
-        raise _not_a_mount(mountpoint, exc) from None
-    if CONTROL_XATTR not in names:
-        raise ControlError(f"{mountpoint} is not a corfs mount")
-
-
-def send_command(mountpoint: str, command: dict) -> None:
-    check_corfs_mount(mountpoint)  # never set our xattr on an ordinary directory
-    try:
-        os.setxattr(mountpoint, CONTROL_XATTR, json.dumps(command).encode())
-    except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise ControlError(
-                f"only the user who mounted {mountpoint} or root may control it"
-            ) from None
-        if exc.errno == errno.ESTALE and command.get("op") == "forget":
-            raise ForgetRefused(
-                f"{mountpoint} kept the chunks of {command['image']!r}: its base cannot "
-                "supply them again (gone or changed; the mount's log says which)"
-            ) from None
-        if command.get("op") == "handoff":  # the daemon's reason is in the image's status
-            image = next((i for i in read_status(mountpoint)["images"]
-                          if i["name"] == command["image"]), None)
-            if image is None:
-                raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
-            raise HandoffFailed(image.get("handoff_error") or exc.strerror) from None
-        if exc.errno == errno.EINVAL and command.get("image") is not None:
-            raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
-        raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
-
-
-def _not_a_mount(path: str, exc: OSError) -> CorfsError:
-    if exc.errno == errno.ENOTCONN:
-        return ControlError(
-            f"{path}: the corfs daemon is gone (ENOTCONN); clear it with: fusermount3 -u -z {path}"
-        )
-    if exc.errno == errno.ENOENT:
-        return UsageError(f"{path} does not exist")
-    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-        return ControlError(f"{path} is not a corfs mount")
-    return ControlError(f"{path}: cannot read its corfs status: {exc.strerror}")
-
-
-def offline_status(cache_dir: str) -> MountStatus:
-    """Status from CACHE's database alone (nothing mounted, or a mount we cannot reach)."""
-    store = CacheStore.open(cache_dir, lock=False, create=False)
-    try:
-        images = []
-        for record in store.records():
-            states, dirty = store.load_states(record)
-            local = sum(
-                min(record.chunk_size, record.size - i * record.chunk_size)
-                for i, state in enumerate(states)
-                if state != ChunkState.ABSENT
-            )
-            ratio = fill_ratio(local, record.size)
-            images.append(
-                ImageStatus(
-                    name=record.name,
-                    size=record.size,
-                    chunk_size=record.chunk_size,
-                    local_bytes=local,
-                    dirty_bytes=min(dirty * record.chunk_size, record.size),
-                    fill_ratio=ratio,
-                    state="complete" if ratio >= 1.0 else "offline",
-                    rate_bps=0.0,
-                    eta_s=0.0 if ratio >= 1.0 else None,
-                    error=None,
-                )
-            )
-        images += [
-            detached_status(h.name, h.size, h.dest) for h in store.handoffs() if h.done
-        ]
-        images.sort(key=lambda status: status.name)
-        return MountStatus(
-            mounted=False,
-            mountpoint=None,
-            cache=os.path.abspath(cache_dir),
-            base=records[0].base if (records := store.records()) else None,
-            bandwidth_bps=0,
-            images=images,
-        )
-    finally:
-        store.close()
-
-
-def status_of_path(path: str) -> dict:
-    """Status for PATH, a mountpoint or a cache dir, mounted or not."""
-    try:
-        os.stat(path)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
-    except OSError as exc:
-        raise _not_a_mount(path, exc) from None
-    if os.path.exists(os.path.join(path, "state.db")):
-        if mountpoint := mountpoint_of_cache(path):
-            try:
-                return read_status(mountpoint)
-            except CorfsError as exc:
-                # Its database lags the live state: never pass it off as the status.
-                raise ControlError(
-                    f"{path} is in use by the mount on {mountpoint}, whose status "
-                    f"cannot be read: {exc}"
-                ) from None
-        return offline_status(path).to_dict()
-    return read_status(path)
-
-
-def mountpoint_of_cache(cache_dir: str) -> str | None:
-    """Where CACHE is mounted, or None if it is not (its lock is free)."""
-    if not CacheStore.is_locked(cache_dir):
-        return None
-    return (_read_text(os.path.join(cache_dir, MOUNTPOINT_FILE)) or "").strip() or None
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def corfs_mounts() -> list[str]:
-    """Mountpoints of the corfs mounts this machine has (from /proc/self/mountinfo)."""
-    return [entry.mountpoint for entry in read_mounts() if entry.fstype == "fuse.corfs"]

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import trio
 
 from .buffers import ALIGNMENT, is_aligned
-from .errors import CacheError, CacheFull, ShortWrite
+from .errors import CacheError, ShortWrite, cache_os_error
 
 if TYPE_CHECKING:  # only the type: the arithmetic is the caller's object's
     from .geometry import ChunkGeometry
@@ -81,13 +81,6 @@ class ChunkBytes(Protocol):
 
 
 C = TypeVar("C", bound=ChunkBytes)
-
-
-def cache_os_error(exc: OSError, what: str) -> CacheError:
-    """The error a failed file operation in CACHE becomes: CacheFull for a full disk."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CacheFull(f"cache disk full while {what}")
-    return CacheError(f"{what}: {exc.strerror}")
 
 
 class _Refused(Exception):

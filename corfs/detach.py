@@ -15,7 +15,7 @@ import os
 
 from .errors import CacheLocked, NotLocalError, UsageError
 from .handoff import unsettled
-from .store import CacheStore, ChunkState, ImageRecord, private_open
+from .store import STATE_DB, CacheStore, ChunkState, ImageRecord, is_cache_dir, private_open
 
 TMP_SUFFIX = ".corfs-tmp"
 
@@ -27,8 +27,8 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
     dest_dir, dest_name = os.path.split(os.path.abspath(dest))
     if not os.path.isdir(dest_dir):
         raise UsageError(f"the directory of {dest} does not exist")
-    if not os.path.exists(os.path.join(cache_dir, "state.db")):
-        raise UsageError(f"{cache_dir} is not a corfs cache (no state.db)")
+    if not is_cache_dir(cache_dir):
+        raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
     # The lock keeps a mount off the cache while we copy: a live mount's newest writes may
     # not be committed yet, and the copy must not miss them.
     try:
@@ -81,15 +81,15 @@ def _write_out(
     except OSError as exc:
         raise UsageError(f"cannot create {dest}{TMP_SUFFIX}: {exc.strerror}") from None
     src = store.data_fd(record.name)
+    geometry = record.geometry
     try:
         with os.fdopen(fd, "wb") as out:
             for index, state in enumerate(states):
                 if state == ChunkState.ZERO:
                     continue  # leave a hole
-                offset = index * record.chunk_size
-                length = min(record.chunk_size, record.size - offset)
+                offset = geometry.chunk_start(index)
                 out.seek(offset)
-                out.write(os.pread(src, length, offset))
+                out.write(os.pread(src, geometry.chunk_length(index), offset))
             out.truncate(record.size)
             out.flush()
             os.fsync(out.fileno())

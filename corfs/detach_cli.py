@@ -12,10 +12,10 @@ import os
 import sys
 import time
 
-from . import control, detach
+from . import control_client, detach
 from .errors import CacheLocked, NotLocalError, UsageError
 from .handoff import Via, check_dest
-from .store import data_path_in
+from .store import data_path_in, is_cache_dir
 
 WAIT_POLL_S = 0.5
 
@@ -47,10 +47,10 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
                 "handed over (add --wait to wait for the stream)"
             )
         _wait_complete(mountpoint, image, timeout)
-    cache = control.read_status(mountpoint)["cache"]
+    cache = control_client.read_status(mountpoint)["cache"]
     dest = os.path.abspath(dest)
     check_dest(data_path_in(cache, image), dest, mountpoint)
-    control.send_command(
+    control_client.send_command(
         mountpoint,
         {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh},
     )
@@ -59,14 +59,14 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
 
 def _live_mountpoint(path: str) -> str | None:
     """The mountpoint if PATH is a live corfs mount or a cache dir mounted now, else None."""
-    if os.path.exists(os.path.join(path, "state.db")):
-        return control.mountpoint_of_cache(path)
-    control.check_corfs_mount(path)  # not a cache: it must be a mount (else a clear error)
+    if is_cache_dir(path):
+        return control_client.mountpoint_of_cache(path)
+    control_client.check_corfs_mount(path)  # not a cache: it must be a mount (else a clear error)
     return path
 
 
 def _image_status(mountpoint: str, image: str) -> dict:
-    for entry in control.read_status(mountpoint)["images"]:
+    for entry in control_client.read_status(mountpoint)["images"]:
         if entry["name"] == image:
             return entry
     raise UsageError(f"{mountpoint} has no image {image!r}")

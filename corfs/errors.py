@@ -173,3 +173,10 @@ class NoNodesOnPath(QmpError):
 
 class SwitchFailed(QmpError):
     """A live switch failed at a named step; what was done has been undone."""
+
+
+def cache_os_error(exc: OSError, what: str) -> CacheError:
+    """The error a failed file operation in CACHE becomes: CacheFull for a full disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheFull(f"cache disk full while {what}")
+    return CacheError(f"{what}: {exc.strerror}")

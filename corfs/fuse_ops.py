@@ -1,6 +1,6 @@
 """The kernel-facing adapter: a flat directory of images, one short method per FUSE operation.
 CorfsError becomes FUSEError(errno) here and nowhere else; the mount root carries the control
-xattrs (see control.py).
+xattrs (see control_client.py).
 
 Invariants:
 - Every FUSE handler runs inside `_translate_errors` (TranslatedOperations wraps each one a
@@ -24,7 +24,8 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from .control import CONTROL_XATTR, STATUS_XATTR, Controller
+from .control import Controller
+from .control_client import CONTROL_XATTR, STATUS_XATTR
 from .digest import Buffer
 from .errors import ControlError, CorfsError
 from .image import Image

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -27,6 +28,15 @@ class ChunkGeometry:
         """Bytes of chunk `index` inside the image (the last chunk may be short)."""
         start = index * self.chunk_size
         return max(0, min(self.chunk_size, self.image_size - start))
+
+    def length_of_chunks(self, indexes: Iterable[int]) -> int:
+        """Bytes of these chunks inside the image (say, the local ones)."""
+        return sum(self.chunk_length(index) for index in indexes)
+
+    def most_bytes_of(self, count: int) -> int:
+        """The most bytes `count` chunks can hold, when which chunks is not known: `count`
+        whole chunks, capped at the image size (the dirty bytes of a status)."""
+        return min(count * self.chunk_size, self.image_size)
 
     def clip(self, offset: int, length: int) -> int:
         """Length of [offset, offset+length) that lies inside the image."""

@@ -98,6 +98,9 @@ class ImageStatistics:
     fill_errors: int
     failing_chunks: int
     error: str | None
+    fill_error: str | None = None  # why the latest failed fill of a chunk still absent failed
+    failing_chunk_indexes: tuple[int, ...] = ()  # those chunks, in order
+    handed_over_to: str | None = None  # the data file's name after a live handoff
 
 
 class Image:
@@ -223,6 +226,9 @@ class Image:
             self.fill_errors,
             len(self._fill_failures),
             self.error,
+            fill_error=self.fill_error,
+            failing_chunk_indexes=tuple(self.failing_chunks),
+            handed_over_to=self.handed_over_to,
         )
 
     def _set_state(self, index: int, state: ChunkState, digest: bytes | None) -> None:

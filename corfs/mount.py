@@ -25,7 +25,7 @@ import trio
 
 from .base import BaseImage, BaseStore, describe_url, open_base
 from .config import MountConfig
-from .control import MOUNTPOINT_FILE, Controller
+from .control import Controller
 from .errors import (
     BaseChanged,
     BaseNotFound,
@@ -40,9 +40,9 @@ from .fuse_ops import CorfsOperations
 from .handoff import settle_handoffs
 from .image import Image
 from .mountinfo import find_mount
-from .store import CacheStore, ImageRecord
+from .store import MOUNTPOINT_FILE, TRACE_FILE, CacheStore, ImageRecord, is_cache_dir
 from .stream import StreamWorker
-from .trace import TRACE_FILE, TraceRecorder, convert_order, load_trace
+from .trace import TraceRecorder, convert_order, load_trace
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,6 @@ async def _open_and_list(config: MountConfig) -> tuple[BaseStore, list[BaseImage
         raise
 
 
-def _is_cache(cache_dir: str) -> bool:
-    """Whether CACHE was initialised already (checked without creating it)."""
-    return os.path.exists(os.path.join(cache_dir, "state.db"))
-
-
 def _load_traces(
     config: MountConfig, store: CacheStore, images: list[Image]
 ) -> dict[str, list[int]]:
@@ -345,7 +340,7 @@ async def _serve(config: MountConfig, mountpoint: str, on_ready: Callable[[], No
         down = _down_error(exc)
         if down is None:
             raise
-        if not _is_cache(config.cache_dir):
+        if not is_cache_dir(config.cache_dir):
             raise BaseUnreachable(str(down)) from None  # nothing cached to serve
         base, sources = None, []
     link = _BaseLink(config, base)
@@ -425,10 +420,10 @@ async def _serve_with(
         controller = Controller(
             images,
             stream,
-            cache=store.cache_dir,
+            store=store,
             base=link.description,
             mountpoint=mountpoint,
-            fetcher_statistics=fetcher.statistics,
+            fetcher=fetcher,
             current_base=lambda: link.store,
             handed_over_before=[h for h in store.handoffs() if h.done],
         )

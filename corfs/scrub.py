@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 
 import trio
 
-from . import control
+from . import control_client
 from .base import BaseOptions, BaseStore, open_base
 from .digest import chunk_digest, is_zero
 from .errors import CorfsError, ForgetRefused, UsageError
 from .handoff import unsettled
 from .refetch import why_base_cannot_supply
-from .store import CacheStore, ChunkState, ImageRecord
+from .store import CacheStore, ChunkState, ImageRecord, recorded_mountpoint
 
 # Chunks per forget command: the command is an xattr value, which the kernel refuses (E2BIG)
 # above 64 KiB; 4096 indexes of up to 10 digits fit with room for the image's name.
@@ -44,12 +44,12 @@ def _find_bad(store: CacheStore, record: ImageRecord) -> tuple[int, list[int]]:
     states, _ = store.load_states(record)
     digests = store.digests_of(record.name)
     fd = store.data_fd(record.name)
+    geometry = record.geometry
     checked, bad = 0, []
     for index, state in enumerate(states):
         if state not in (ChunkState.CLEAN, ChunkState.ZERO):
             continue
-        offset = index * record.chunk_size
-        data = os.pread(fd, min(record.chunk_size, record.size - offset), offset)
+        data = os.pread(fd, geometry.chunk_length(index), geometry.chunk_start(index))
         checked += 1
         ok = is_zero(data) if state == ChunkState.ZERO else chunk_digest(data) == digests.get(index)
         if not ok:
@@ -87,11 +87,11 @@ def _forget(
     store: CacheStore, record: ImageRecord, chunks: list[int], mounted: bool, base: BaseStore | None
 ) -> None:
     if mounted:
-        mountpoint = (store.read_small_file(control.MOUNTPOINT_FILE) or "").strip()
+        mountpoint = recorded_mountpoint(store.cache_dir) or ""
         for start in range(0, len(chunks), FORGET_BATCH):
             batch = chunks[start : start + FORGET_BATCH]
             command = {"op": "forget", "image": record.name, "chunks": batch}
-            control.send_command(mountpoint, command)
+            control_client.send_command(mountpoint, command)
         return
     why = trio.run(_why_not_refetchable, record, base)
     if why is not None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from . import control
-from .errors import CorfsError
+from . import control_client
 from .sizes import format_size
 
 
@@ -85,7 +84,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
             while True:
                 done = True
                 for path in paths:
-                    status = control.status_of_path(path)
+                    status = control_client.status_of_path(path)
                     for image in status["images"]:
                         key = f"{path}:{image['name']}"
                         if key not in tasks:
@@ -101,5 +100,3 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                 time.sleep(interval)
     except KeyboardInterrupt:
         return 130
-    except CorfsError:
-        raise

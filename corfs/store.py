@@ -1,7 +1,7 @@
 """The local chunk store in CACHE: one sparse data file per image plus the chunk state of every
 image in one SQLite database (WAL).
 
-Layout of CACHE:
+Layout of CACHE (its names: the constants below, named nowhere else):
     corfs.lock            flock: one mount (or offline writer) at a time
     state.db              images(name, size, chunk_size, identity, ...) and chunks(image, idx,
                           state, digest); a chunk that has no row is absent
@@ -50,18 +50,45 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import trio
-
 from .buffers import aligned_copy
-from .datafile import DataFile, cache_os_error
 from .digest import Buffer, chunk_digest
 from .digest_index import DigestIndex
-from .errors import CacheError, CacheFull, CacheLocked, UsageError
+from .errors import CacheError, CacheFull, CacheLocked, UsageError, cache_os_error
 from .geometry import ChunkGeometry
 
+if TYPE_CHECKING:  # imported where used: offline readers (`corfs status CACHE`) never load them
+    import trio
+
+    from .datafile import DataFile
+
 log = logging.getLogger(__name__)
+
+# ---- the layout of CACHE: the one place that names its files (see the module docstring) ----
+LOCK_FILE = "corfs.lock"
+STATE_DB = "state.db"
+DATA_DIR = "data"
+MOUNTPOINT_FILE = "mountpoint"
+TRACE_FILE = "trace.json"
+
+
+def is_cache_dir(path: str) -> bool:
+    """Whether PATH is a corfs cache already initialised (checked without creating anything)."""
+    return os.path.exists(os.path.join(path, STATE_DB))
+
+
+def recorded_mountpoint(cache_dir: str) -> str | None:
+    """Where the mount of CACHE said it is (MOUNTPOINT_FILE), or None; whether that mount
+    still runs is for the lock to say (CacheStore.is_locked)."""
+    try:
+        with open(os.path.join(cache_dir, MOUNTPOINT_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -121,6 +148,17 @@ class ImageRecord:
     chunk_size: int
     identity: str
     base: str
+
+    @property
+    def geometry(self) -> ChunkGeometry:
+        return ChunkGeometry(self.size, self.chunk_size)
+
+
+@dataclass(frozen=True)
+class StoreStatistics:
+    commits: int
+    pending_marks: int
+    sync_failure: str | None  # set once a data sync failed: nothing more is recorded
 
 
 # ---- private files ---------------------------------------------------------------------------
@@ -221,7 +259,7 @@ def fsync_dir(path: str) -> None:
 
 def data_path_in(cache_dir: str, name: str) -> str:
     """Where CACHE keeps image `name`'s data file (the one place that says)."""
-    return os.path.join(cache_dir, "data", data_file_name(name))
+    return os.path.join(cache_dir, DATA_DIR, data_file_name(name))
 
 
 class _SyncFailed(Exception):
@@ -241,7 +279,6 @@ class CacheStore:
         self._data_files: dict[str, DataFile] = {}  # opened on first use, closed by drop/close
         self._pending: _Marks = {}
         self._touched: set[str] = set()
-        self._commit_lock = trio.Lock()
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
@@ -276,9 +313,9 @@ class CacheStore:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
         if create and not os.access(cache_dir, os.W_OK | os.X_OK):
             raise UsageError(f"cache {cache_dir} is not writable")
-        db_path = os.path.join(cache_dir, "state.db")
+        db_path = os.path.join(cache_dir, STATE_DB)
         if not create and not os.path.exists(db_path):
-            raise UsageError(f"{cache_dir} is not a corfs cache (no state.db)")
+            raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
         lock_fd = cls._take_lock(cache_dir) if lock else None
         try:
             if create:
@@ -294,7 +331,7 @@ class CacheStore:
                 db.execute(
                     "INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
-                ensure_private_dir(os.path.join(cache_dir, "data"))
+                ensure_private_dir(os.path.join(cache_dir, DATA_DIR))
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -312,7 +349,7 @@ class CacheStore:
     @staticmethod
     def _take_lock(cache_dir: str) -> int:
         try:
-            fd = private_open(os.path.join(cache_dir, "corfs.lock"), os.O_RDWR | os.O_CREAT)
+            fd = private_open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
         try:
@@ -326,7 +363,7 @@ class CacheStore:
     def is_locked(cache_dir: str) -> bool:
         """True when a live process holds CACHE's lock (a mount is running on it)."""
         try:
-            fd = os.open(os.path.join(cache_dir, "corfs.lock"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
@@ -463,7 +500,7 @@ class CacheStore:
 
     def load_states(self, record: ImageRecord) -> tuple[bytearray, int]:
         """Per-chunk states of an image (one byte each) and its count of dirty chunks."""
-        count = -(-record.size // record.chunk_size)
+        count = record.geometry.chunk_count
         states = bytearray(count)
         rows = self._query("SELECT idx, state FROM chunks WHERE image = ?", (record.name,))
         for idx, state in rows:
@@ -497,8 +534,9 @@ class CacheStore:
             record = self._records.get(name)
             if record is None:
                 raise CacheError(f"{name} is not in the cache")
-            geometry = ChunkGeometry(record.size, record.chunk_size)
-            data_file = DataFile(self.data_path(name), name, geometry)
+            from .datafile import DataFile  # the data path: offline readers never load it
+
+            data_file = DataFile(self.data_path(name), name, record.geometry)
             self._data_files[name] = data_file
         return data_file
 
@@ -520,7 +558,7 @@ class CacheStore:
         record = self._records.get(name)
         if record is None:
             return None
-        geometry = ChunkGeometry(record.size, record.chunk_size)
+        geometry = record.geometry
         try:
             data = self.data_file(name).read(
                 geometry.chunk_start(index), geometry.chunk_length(index)
@@ -554,6 +592,8 @@ class CacheStore:
         the bytes never on disk and record chunks local that are not. What was committed
         before stays true; a restart of the mount starts from there. Any other failure (the
         SQL step) puts the marks back for the next commit."""
+        import trio  # see the top
+
         async with self._commit_lock:
             # No await between the snapshot and the thread: what we sync is what we snapshot.
             batch = self._take_batch()
@@ -649,3 +689,13 @@ class CacheStore:
     def remove_small_file(self, relative: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.cache_dir, relative))
+
+    @cached_property
+    def _commit_lock(self) -> trio.Lock:
+        """Made on first use (by the trio thread): see the import of trio at the top."""
+        import trio
+
+        return trio.Lock()
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(self.commits, len(self._pending), self.sync_failure)

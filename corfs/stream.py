@@ -333,3 +333,12 @@ class StreamWorker:
         while True:
             self.sample_rates()
             await trio.sleep(1.0)
+
+    def worker_statistics(self) -> StreamWorkerStatistics:
+        """What holds for every image (statistics(name) is one image's)."""
+        return StreamWorkerStatistics(self.limiter.rate)
+
+
+@dataclass(frozen=True)
+class StreamWorkerStatistics:
+    bandwidth_bps: int  # the limit, 0: none

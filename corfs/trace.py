@@ -13,8 +13,6 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
-TRACE_FILE = "trace.json"
-
 
 class TraceRecorder:
     """Collects first reads per image; cheap enough to sit on the read path when enabled."""

@@ -11,7 +11,8 @@ import pyfuse3
 import pytest
 
 from corfs.config import StreamConfig
-from corfs.control import STATUS_XATTR, Controller
+from corfs.control import Controller
+from corfs.control_client import STATUS_XATTR
 from corfs.fuse_ops import ROOT_INODE, CorfsOperations, fuse_handler_names
 from corfs.stream import StreamWorker
 from tests.core.conftest import CS, random_bytes, run_with_mock_clock
@@ -22,7 +23,7 @@ def _operations(rig) -> CorfsOperations:
     controller = Controller(
         images,
         StreamWorker(images, StreamConfig(enabled=False)),
-        cache=str(rig.cache_dir),
+        store=rig.store,
         base="memory://",
         mountpoint="/nowhere",
         current_base=lambda: rig.base,

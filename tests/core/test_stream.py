@@ -348,7 +348,7 @@ def test_stream_completes_everything_but_a_chunk_that_keeps_failing(rig_factory)
             tries = (chunk_reads(source, CS).count(2) - 2) // 2
             assert tries == 7, tries
             status = Controller(
-                [image], stream, cache=str(rig.cache_dir), base="memory://", mountpoint="/mnt"
+                [image], stream, store=rig.store, base="memory://", mountpoint="/mnt"
             ).status().to_dict()["images"][0]
             assert status["failing_chunks"] == 1 and status["failing_chunk_indexes"] == (2,)
             assert "chunk 2 failed its digest check twice" in status["error"]

@@ -201,7 +201,7 @@ def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
         sent.extend(command["chunks"])
 
     monkeypatch.setattr(CacheStore, "is_locked", staticmethod(lambda cache_dir: True))
-    monkeypatch.setattr(scrub.control, "send_command", send_command)
+    monkeypatch.setattr(scrub.control_client, "send_command", send_command)
     (report,) = scrub.verify_cache(cache)
     assert report.bad == count
     assert sorted(sent) == list(range(count))
@@ -211,7 +211,7 @@ def _controller(images, base=None) -> Controller:
     return Controller(
         images,
         StreamWorker(images, StreamConfig(enabled=False)),
-        cache="/nowhere",
+        store=images[0].store,
         base="memory://",
         mountpoint="/nowhere",
         current_base=lambda: base,

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from corfs.store import MOUNTPOINT_FILE, data_path_in
 from tests.fuse.util import (
     MIB,
     assert_one_line_error,
@@ -112,7 +113,7 @@ def test_bandwidth_at_mount_and_changed_live(dirs: CorfsDirs) -> None:
         result = run_corfs("stream", "bandwidth", m.mnt, "0")  # unlimited
         assert result.returncode == 0, result.stderr
         wait_complete(m.mnt, NAME, 30)
-    assert sha256_file(dirs.cache / "data" / NAME) == sha256_file(dirs.base / NAME)
+    assert sha256_file(data_path_in(str(dirs.cache), NAME)) == sha256_file(dirs.base / NAME)
 
 
 @pytest.mark.parametrize(
@@ -268,9 +269,9 @@ def test_status_of_a_mounted_cache_whose_mount_cannot_be_read_says_why(
     """The database of a mounted cache lags the live state: `corfs status CACHE` must not
     pass it off as the status when the mount cannot be read (it did, silently)."""
     with dirs.mount("--chunk-size", "64K", "--stream-paused") as m:
-        (dirs.cache / "mountpoint").write_text(str(dirs.base))  # not a corfs mount
+        (dirs.cache / MOUNTPOINT_FILE).write_text(str(dirs.base))  # not a corfs mount
         result = run_corfs("status", dirs.cache, "--json")
         assert_one_line_error(result, f"in use by the mount on {dirs.base}", "not a corfs mount")
-        (dirs.cache / "mountpoint").write_text(str(m.mnt))
+        (dirs.cache / MOUNTPOINT_FILE).write_text(str(m.mnt))
         assert json.loads(run_corfs("status", dirs.cache, "--json").stdout)["mounted"] is True
         m.stop()

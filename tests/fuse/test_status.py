@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from corfs.control import STATUS_XATTR
+from corfs.control_client import STATUS_XATTR
 from corfs.mountinfo import find_mount
 from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from corfs.control import read_status
+from corfs.control_client import read_status
 from corfs.mountinfo import find_mount
 from tests.mounting import run_corfs
 

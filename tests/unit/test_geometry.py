@@ -80,3 +80,11 @@ def test_against_brute_force() -> None:
         assert sum(g.chunk_length(i) for i in range(g.chunk_count)) == size
         partial = [i for i in touched if sum(1 for b in inside if b // cs == i) < g.chunk_length(i)]
         assert g.partly_covered(offset, length) == partial, (size, cs, offset, length)
+
+
+def test_bytes_of_chunks_count_the_short_last_chunk_once() -> None:
+    g = ChunkGeometry(3 * CS + 5, CS)
+    assert g.length_of_chunks([0, 3]) == CS + 5
+    assert g.length_of_chunks([]) == 0
+    assert g.most_bytes_of(2) == 2 * CS
+    assert g.most_bytes_of(4) == 3 * CS + 5  # never more than the image

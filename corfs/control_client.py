@@ -1,0 +1,185 @@
+"""The client side of run-time control: what `corfs status`, `corfs stream` and the helpers of
+detach and verify use to reach a mount, or to read a cache that nothing has mounted.
+
+Invariant: this module imports none of the data path (image, fetcher, stream, the data files,
+the bases) nor trio: `corfs status` stays a quick read (tests/unit/test_control_client lists
+the modules). It reads a cache through store.py, whose chunk-state side is light. The daemon's
+side is control.py's `Controller`.
+
+How a command reaches the daemon: through extended attributes on the mount's root directory.
+`getxattr(MNT, "user.corfs.status")` returns the status JSON; `setxattr(MNT,
+"user.corfs.control", '{"op": "pause", "image": null}')` runs a command. Why xattrs and not a
+socket: they need no extra file or port, the kernel routes them to the right daemon for
+whatever path the user names, and they are refused for paths that are not a corfs mount.
+
+Paging: the kernel refuses an xattr value above 64 KiB (E2BIG), about 340 images of status.
+So `user.corfs.status` holds the mount's summary and the images that fit in one page (the
+daemon's STATUS_PAGE_BYTES), with `image_count` and `images_next`: the index of the first image
+left out, or null; then `user.corfs.status.<N>` holds images from index N on, again with
+`images_next`. The image list of a mount never changes, so the pages always join up.
+`read_status` assembles them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
+from .mountinfo import read_mounts
+from .stats import ImageStatus, MountStatus, detached_status, fill_ratio
+from .store import CacheStore, ChunkState, is_cache_dir, recorded_mountpoint
+
+STATUS_XATTR = "user.corfs.status"
+CONTROL_XATTR = "user.corfs.control"
+
+
+def read_status(mountpoint: str) -> dict:
+    """The live status of the corfs mount at `mountpoint`, all its pages joined; ControlError
+    if it is none or cannot be read."""
+    status = _read_json(mountpoint, STATUS_XATTR)
+    images = status["images"]
+    next_index = status.pop("images_next", None)
+    while next_index is not None:
+        page = _read_json(mountpoint, f"{STATUS_XATTR}.{next_index}")
+        if not page["images"]:
+            break
+        images.extend(page["images"])
+        next_index = page["images_next"]
+    if len(images) != status.pop("image_count", len(images)):
+        raise ControlError(f"{mountpoint}: the status pages do not join up")
+    return status
+
+
+def _read_json(mountpoint: str, name: str) -> dict:
+    try:
+        raw = os.getxattr(mountpoint, name)
+    except OSError as exc:
+        raise _not_a_mount(mountpoint, exc) from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ControlError(f"{mountpoint}: unreadable status ({name})") from None
+
+
+def check_corfs_mount(mountpoint: str) -> None:
+    """ControlError (or UsageError) unless `mountpoint` is a live corfs mount. Cheap: it
+    asks for the names of the root's xattrs, not for the status."""
+    try:
+        names = os.listxattr(mountpoint)
+    except OSError as exc:
+        raise _not_a_mount(mountpoint, exc) from None
+    if CONTROL_XATTR not in names:
+        raise ControlError(f"{mountpoint} is not a corfs mount")
+
+
+def send_command(mountpoint: str, command: dict) -> None:
+    check_corfs_mount(mountpoint)  # never set our xattr on an ordinary directory
+    try:
+        os.setxattr(mountpoint, CONTROL_XATTR, json.dumps(command).encode())
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise ControlError(
+                f"only the user who mounted {mountpoint} or root may control it"
+            ) from None
+        if exc.errno == errno.ESTALE and command.get("op") == "forget":
+            raise ForgetRefused(
+                f"{mountpoint} kept the chunks of {command['image']!r}: its base cannot "
+                "supply them again (gone or changed; the mount's log says which)"
+            ) from None
+        if command.get("op") == "handoff":  # the daemon's reason is in the image's status
+            image = next((i for i in read_status(mountpoint)["images"]
+                          if i["name"] == command["image"]), None)
+            if image is None:
+                raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
+            raise HandoffFailed(image.get("handoff_error") or exc.strerror) from None
+        if exc.errno == errno.EINVAL and command.get("image") is not None:
+            raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
+        raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
+
+
+def _not_a_mount(path: str, exc: OSError) -> CorfsError:
+    if exc.errno == errno.ENOTCONN:
+        return ControlError(
+            f"{path}: the corfs daemon is gone (ENOTCONN); clear it with: fusermount3 -u -z {path}"
+        )
+    if exc.errno == errno.ENOENT:
+        return UsageError(f"{path} does not exist")
+    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+        return ControlError(f"{path} is not a corfs mount")
+    return ControlError(f"{path}: cannot read its corfs status: {exc.strerror}")
+
+
+def offline_status(cache_dir: str) -> MountStatus:
+    """Status from CACHE's database alone (nothing mounted, or a mount we cannot reach)."""
+    store = CacheStore.open(cache_dir, lock=False, create=False)
+    try:
+        images = []
+        for record in store.records():
+            geometry = record.geometry
+            states, dirty = store.load_states(record)
+            local = geometry.length_of_chunks(
+                i for i, state in enumerate(states) if state != ChunkState.ABSENT
+            )
+            ratio = fill_ratio(local, record.size)
+            images.append(
+                ImageStatus(
+                    name=record.name,
+                    size=record.size,
+                    chunk_size=record.chunk_size,
+                    local_bytes=local,
+                    dirty_bytes=geometry.most_bytes_of(dirty),
+                    fill_ratio=ratio,
+                    state="complete" if ratio >= 1.0 else "offline",
+                    rate_bps=0.0,
+                    eta_s=0.0 if ratio >= 1.0 else None,
+                    error=None,
+                )
+            )
+        images += [
+            detached_status(h.name, h.size, h.dest) for h in store.handoffs() if h.done
+        ]
+        images.sort(key=lambda status: status.name)
+        return MountStatus(
+            mounted=False,
+            mountpoint=None,
+            cache=os.path.abspath(cache_dir),
+            base=records[0].base if (records := store.records()) else None,
+            bandwidth_bps=0,
+            images=images,
+        )
+    finally:
+        store.close()
+
+
+def status_of_path(path: str) -> dict:
+    """Status for PATH, a mountpoint or a cache dir, mounted or not."""
+    try:
+        os.stat(path)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
+    except OSError as exc:
+        raise _not_a_mount(path, exc) from None
+    if is_cache_dir(path):
+        if mountpoint := mountpoint_of_cache(path):
+            try:
+                return read_status(mountpoint)
+            except CorfsError as exc:
+                # Its database lags the live state: never pass it off as the status.
+                raise ControlError(
+                    f"{path} is in use by the mount on {mountpoint}, whose status "
+                    f"cannot be read: {exc}"
+                ) from None
+        return offline_status(path).to_dict()
+    return read_status(path)
+
+
+def mountpoint_of_cache(cache_dir: str) -> str | None:
+    """Where CACHE is mounted, or None if it is not (its lock is free)."""
+    if not CacheStore.is_locked(cache_dir):
+        return None
+    return recorded_mountpoint(cache_dir)
+
+
+def corfs_mounts() -> list[str]:
+    """Mountpoints of the corfs mounts this machine has (from /proc/self/mountinfo)."""
+    return [entry.mountpoint for entry in read_mounts() if entry.fstype == "fuse.corfs"]
