@@ -123,7 +123,7 @@ class Image:
     ) -> None:
         self.name = record.name
         self.record = record
-        self.geometry = ChunkGeometry(record.size, record.chunk_size)
+        self.geometry = record.geometry
         self.store = store
         self.fetcher = fetcher
         self.source = source
