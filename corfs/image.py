@@ -45,7 +45,7 @@ from .errors import (
 )
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
-from .geometry import ChunkGeometry, contiguous_runs
+from .geometry import contiguous_runs
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
 from .store import CacheStore, ChunkState, ImageRecord
 
