@@ -461,7 +461,10 @@ class CacheStore:
             )
         except sqlite3.OperationalError:  # a cache made before handoffs, opened read-only
             return []
-        return [HandoffRecord(*row[:5], bool(row[5]), row[6]) for row in rows]
+        return [
+            HandoffRecord(name, size, dest, via, qemu_path, bool(done), at)
+            for name, size, dest, via, qemu_path, done, at in rows
+        ]
 
     async def drop_handed_over(self, name: str) -> None:
         """The commit point of a live handoff: drop_image(handed_over=True) while no commit

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -158,7 +158,7 @@ class BaseImage(Protocol):
 class BaseStore(Protocol):
     description: str  # safe for logs: no credentials
 
-    async def list_images(self) -> list[BaseImage]: ...
+    async def list_images(self) -> Sequence[BaseImage]: ...
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:
         """The whole object at `key`, a '/'-separated path relative to the base (published

@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -181,7 +182,7 @@ class PublishedStore:
         self._cache[entry.name] = (entry.identity, image)
         out[name] = image
 
-    async def list_images(self) -> list[BaseImage]:
+    async def list_images(self) -> Sequence[BaseImage]:
         entries = await self.inner.list_images()
         raw: dict[str, BaseImage] = {}
         manifests: list[tuple[BaseImage, str]] = []
@@ -203,7 +204,8 @@ class PublishedStore:
             if name in raw:
                 log.info("%s: published image %r shadows the raw file of that name",
                          self.description, name)
-        images: dict[str, BaseImage] = {**raw, **published}
+        images: dict[str, BaseImage] = {**raw}
+        images.update(published)
         return [images[name] for name in sorted(images)]
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:
