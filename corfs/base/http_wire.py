@@ -317,7 +317,7 @@ class PlainReader:
         }
         if self.auth:
             headers.update(self.auth.for_url(url))
-        return await self.get_range(url, headers, validator, offset, length, map_all=True)
+        return await self.get_range(url, headers, validator, offset, length, http_rules=True)
 
     async def get_range(
         self,
@@ -327,12 +327,14 @@ class PlainReader:
         offset: int,
         length: int,
         *,
-        map_all: bool,
+        http_rules: bool,
     ) -> memoryview | None:
         """GET `url` with `headers` (they hold the Range for offset/length) over a pooled
         connection, into a fresh aligned buffer; None for an answer to hand back to the full
-        client. Error statuses are mapped here (status_error), all of them if `map_all`, else
-        only those whose meaning does not depend on the body (404, 410, 412, 416, 429, 5xx)."""
+        client. With `http_rules` every error status is mapped here (status_error) and a 200 of
+        the same version marks the server as one that ignores Range; with S3's, only statuses
+        whose meaning does not depend on the error body (404, 410, 412, 416, 429, 5xx) are
+        mapped and a 200 for part of an object is a transient failure (s3.py's rule)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         host = parts.hostname or ""
@@ -360,8 +362,9 @@ class PlainReader:
             except (OSError, trio.TooSlowError) as exc:
                 raise TransientBaseError(f"{what}: cannot connect ({type(exc).__name__})") from None
             try:
-                result = await self._exchange(conn, request, validator, offset, length, what,
-                                              map_all)
+                result = await self._exchange(
+                    conn, request, validator, offset, length, what, http_rules
+                )
             except _StaleConnection:
                 conn.close()
                 if reused:
@@ -391,7 +394,7 @@ class PlainReader:
         offset: int,
         length: int,
         what: str,
-        map_all: bool,
+        http_rules: bool,
     ) -> tuple[memoryview | None, bool]:
         head = bytearray()
         with trio.CancelScope(deadline=trio.current_time() + self.stall) as scope:
@@ -423,10 +426,14 @@ class PlainReader:
                 return None, False
             if status != 206:
                 if status in (404, 410, 412, 416, 429) or status >= 500 or (
-                    map_all and status in (401, 403)
+                    http_rules and status in (401, 403)
                 ):
                     raise status_error(status, what)
-                if status == 200:
+                if status == 200 and not http_rules:
+                    validator.check(headers, what)
+                    if (offset, length) != (0, validator.size):
+                        raise TransientBaseError(f"{what}: answer without Content-Range")
+                elif status == 200:
                     validator.check(headers, what)  # If-Range failed: another version
                     if validator.etag and headers.get("etag") == validator.etag:
                         self.bypass.add(conn.key)  # same version, whole body: ignores Range
