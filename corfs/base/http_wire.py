@@ -88,6 +88,8 @@ def connect_error(exc: BaseException, what: str) -> BaseUnavailable:
         return BaseUnreachable(f"{what}: cannot resolve host name")
     if any(isinstance(c, ConnectionRefusedError) for c in chain) or "refused" in str(exc):
         return BaseUnreachable(f"{what}: connection refused")
+    if any(m in str(c).lower() for c in chain for m in ("hostname mismatch", "address mismatch")):
+        return BaseUnavailable(f"{what}: TLS certificate is not valid for this host name")
     if any(isinstance(c, ssl.SSLCertVerificationError) for c in chain) or (
         "CERTIFICATE_VERIFY_FAILED" in str(exc)
     ):
