@@ -107,7 +107,7 @@ class S3Wire:
 
     async def read(self, bucket: str, image: S3Image, offset: int, length: int) -> Any:
         """The bytes, or None: redo the read through botocore."""
-        if self.credentials is None:
+        if self.credentials is None or not image.etag:
             return None
         if image.key not in self.targets:
             try:

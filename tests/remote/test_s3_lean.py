@@ -179,3 +179,24 @@ def test_denied_read_is_access_denied(signed: SignedS3, as_user) -> None:  # noq
     trio.run(main)
     for secret in (signed.lister.secret, signed.lister.key_id):
         assert secret not in Path(signed.front.workdir / "error.log").read_text()
+
+
+def test_object_with_a_content_encoding_is_read_as_stored(signed: SignedS3, as_user) -> None:  # noqa: ANN001
+    """S3 never transforms an object: a Content-Encoding in its metadata is no reason to hand
+    the read back to botocore (which would read it raw anyway, slower)."""
+    signed.client().put_object(  # type: ignore[attr-defined]
+        Bucket=BUCKET, Key="encoded/disk.raw", Body=DATA, ContentEncoding="gzip"
+    )
+    as_user(signed.reader)
+    options = BaseOptions(io_timeout=5.0, endpoint_url=signed.moto.endpoint, region="us-east-1")
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{BUCKET}/encoded/", options)
+        try:
+            (image,) = await store.list_images()
+            assert bytes(await image.read(10, MiB)) == DATA[10 : MiB + 10]
+            assert store.wire.reader.stats.answered == 1
+        finally:
+            await store.aclose()
+
+    trio.run(main)
