@@ -11,10 +11,11 @@ both apply the same checks (see the invariants there).
 
 TLS: `tls_context` builds the one ssl.SSLContext of a base (system CAs plus --ca-file,
 certificate and hostname verification on); httpx and the lean reader both use it, and the lean
-reader sends the URL's host as SNI / the name to verify, as httpx does. The TLS connection is
-a non-blocking ssl.SSLSocket driven from the trio thread (`TlsConn`): OpenSSL reads the socket
-and decrypts straight into the result buffer with the GIL released, no extra copy (a MemoryBIO
-costs two copies; trio.SSLStream copies too).
+reader sends the URL's host as SNI / the name to verify, as httpx does. `TlsConn` runs OpenSSL
+over memory buffers on the trio socket and decrypts straight into the result buffer; measured
+here against a non-blocking ssl.SSLSocket (about as fast, more CPU per byte: OpenSSL reads each
+record in two syscalls) and a blocking socket in a worker thread (slower: a thread hop per
+request), both far ahead of httpx (~5x).
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from .http_policy import AuthHeader, parse_byte_count
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$")
-_YIELD_BYTES = 1 << 20  # a TLS connection that always has data still lets other tasks run
-
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The one TLS context of a base: the system's CAs plus `ca_file`, certificates and host
@@ -182,66 +181,72 @@ class PlainConn:
 
 
 class TlsConn:
-    """A keep-alive TLS connection: a non-blocking ssl.SSLSocket whose operations run on the
-    trio thread and wait for the socket through trio when OpenSSL wants more."""
+    """A keep-alive TLS connection: OpenSSL over memory buffers (ssl.SSLObject + MemoryBIO) on
+    a trio socket. The socket is read in large pieces (one recv per ~16 records; an SSLSocket
+    makes OpenSSL read each record's header and body separately) and records are decrypted
+    straight into the caller's buffer."""
 
-    def __init__(self, tls: ssl.SSLSocket, key: ConnKey) -> None:
+    RECV_BYTES = 256 * 1024
+
+    def __init__(
+        self, sock: trio.socket.SocketType, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO, key: ConnKey,
+    ) -> None:
+        self.sock = sock
         self.tls = tls
+        self.incoming = incoming
+        self.outgoing = outgoing
         self.key = key
-        self._unyielded = 0
 
     @classmethod
     async def handshake(
         cls, sock: trio.socket.SocketType, context: ssl.SSLContext, host: str, key: ConnKey
     ) -> TlsConn:
-        """TLS over the connected `sock` (taken over), verified for `host` (also the SNI)."""
-        raw = socket.socket(sock.family, sock.type, fileno=sock.detach())
-        raw.setblocking(False)
-        try:
-            tls = context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
-        except BaseException:
-            raw.close()
-            raise
-        conn = cls(tls, key)
-        try:
-            await conn._drive(tls.do_handshake)
-        except BaseException:
-            conn.close()
-            raise
+        """TLS over the connected `sock`, verified for `host` (also the SNI)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+        conn = cls(sock, tls, incoming, outgoing, key)
+        await conn._drive(tls.do_handshake)
         return conn
+
+    async def _flush(self) -> None:
+        if self.outgoing.pending:
+            data = memoryview(self.outgoing.read())
+            while data:
+                data = data[await self.sock.send(data) :]
 
     async def _drive(self, op, *args):  # noqa: ANN001, ANN002, ANN202
         while True:
             try:
-                return op(*args)
+                result = op(*args)
             except ssl.SSLWantReadError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_readable(self.tls)
-            except ssl.SSLWantWriteError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_writable(self.tls)
+                await self._flush()
+                data = await self.sock.recv(self.RECV_BYTES)
+                if data:
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+                continue
+            await self._flush()
+            return result
 
     async def send_all(self, data: bytes) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(data)
-        while view:
-            view = view[await self._drive(self.tls.send, view) :]
+        await self._drive(self.tls.write, data)
 
     async def recv(self, size: int) -> bytes:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return await self._drive(self.tls.recv, size)
+        try:
+            return await self._drive(self.tls.read, size)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""  # closed, with or without close_notify: the caller tells which matters
 
     async def recv_into(self, view: memoryview) -> int:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        n = await self._drive(self.tls.recv_into, view)
-        self._unyielded += n
-        if self._unyielded >= _YIELD_BYTES:  # OpenSSL had it all buffered: let others run
-            self._unyielded = 0
-            await trio.lowlevel.checkpoint()
-        return n
+        try:
+            return await self._drive(self.tls.read, len(view), view)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
 
     def close(self) -> None:
-        self.tls.close()
+        self.sock.close()
 
 
 Conn = PlainConn | TlsConn
@@ -300,7 +305,7 @@ class PlainReader:
                         raise ssl.SSLError("no TLS context")
                     return await TlsConn.handshake(sock, self.tls, host, key)
         except BaseException:
-            sock.close()  # after a handshake started the socket is detached: a no-op
+            sock.close()
             raise
         return PlainConn(sock, key)
 
