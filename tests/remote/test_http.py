@@ -297,6 +297,30 @@ def test_lean_tls_verifies_the_certificate_and_the_host_name(tls_nginx, tmp_path
         server.stop()
 
 
+def test_lean_tls_resends_once_on_a_connection_the_server_closed(tls_nginx, tmp_path) -> None:  # noqa: ANN001
+    """nginx closes an idle TLS keep-alive connection after 1 s: the next read finds the pooled
+    connection dead and is resent on a fresh one, still by the lean reader."""
+    server = Nginx(root=tls_nginx.root, workdir=tmp_path / "work", tls=tls_nginx.tls,
+                   locations="keepalive_timeout 1s;").start()
+    options = BaseOptions(io_timeout=3.0, ca_file=str(tls_nginx.tls.ca_cert))
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", options)
+        try:
+            (image,) = await store.list_images()
+            assert bytes(await image.read(10, 10)) == b"0123456789"
+            await trio.sleep(1.5)
+            assert bytes(await image.read(20, 10)) == b"0123456789"
+            assert store.reader.plain.stats == LeanStatistics(answered=2, handed_back=0)
+        finally:
+            await store.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        server.stop()
+
+
 def test_index_json_preferred_over_autoindex(nginx_server) -> None:  # noqa: ANN001
     d = nginx_server.root / "indexed"
     d.mkdir(exist_ok=True)
