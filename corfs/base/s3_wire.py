@@ -6,8 +6,9 @@ Invariants:
 - botocore decides where a GetObject goes: the first read of an object runs the client's own
   GetObject and stops it at `before-send` (`_Captured`), keeping the URL (endpoint, addressing
   style) and the region and service of its SigV4 scope. Each read is then signed by botocore's
-  S3SigV4Auth with the session's credentials (botocore refreshes them when they expire), in a
-  worker thread since a refresh may go to the network. Only requests the client signs with
+  S3SigV4Auth with the session's credentials (botocore refreshes them when they expire): on
+  the trio thread (~90 us) while they are far from expiry, in a worker thread when botocore
+  may refresh them (that may go to the network). Only requests the client signs with
   plain SigV4 (AWS4-HMAC-SHA256) are taken over; anything else (anonymous, SigV4a, S3 Express)
   stays with botocore.
 - The signed headers go only to that URL: the lean reader follows no redirect.
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SIGV4 = "AWS4-HMAC-SHA256 "
+# Sign in a thread this long before credentials expire: botocore refreshes them from 15 min
+# before (its advisory timeout), and a refresh must not block the trio thread.
+_REFRESH_MARGIN_S = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -122,15 +126,23 @@ class S3Wire:
             return None
         async with self.limiter:
             try:
-                headers = await trio.to_thread.run_sync(
-                    self._sign_sync, target, offset, length, image.etag
-                )
+                if self._may_refresh():
+                    headers = await trio.to_thread.run_sync(
+                        self._sign_sync, target, offset, length, image.etag
+                    )
+                else:
+                    headers = self._sign_sync(target, offset, length, image.etag)
             except Exception:  # no credentials now, a failed refresh: botocore reports it
                 return None
             validator = Validator(size=image.size, etag=image.etag, last_modified=None)
             return await self.reader.get_range(
                 target.url, headers, validator, offset, length, http_rules=False
             )
+
+    def _may_refresh(self) -> bool:
+        """Whether getting the credentials may refresh them (static ones never do)."""
+        refresh_needed = getattr(self.credentials, "refresh_needed", None)
+        return refresh_needed is not None and refresh_needed(refresh_in=_REFRESH_MARGIN_S)
 
     def close(self) -> None:
         self.reader.close_idle()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
@@ -190,3 +192,34 @@ def test_object_with_a_content_encoding_is_read_as_stored(signed: SignedS3, as_u
         assert store.wire.reader.stats.answered == 1
 
     _with_image("encoded/", _options(signed), check)
+
+
+def test_expiring_credentials_are_refreshed_by_botocore(signed: SignedS3, as_user) -> None:  # noqa: ANN001
+    """Credentials 5 min from expiry (an instance role's, say): botocore refreshes them before
+    signing (in a worker thread); the refreshed ones sign the lean read."""
+    from botocore.credentials import RefreshableCredentials
+
+    _put(signed, "refresh/disk.raw", DATA)
+    as_user(signed.reader)
+    refreshed = []
+
+    def metadata(key: Key, minutes: int) -> dict[str, str]:
+        expiry = datetime.now(UTC) + timedelta(minutes=minutes)
+        return {"access_key": key.key_id, "secret_key": key.secret, "token": "",
+                "expiry_time": expiry.isoformat()}
+
+    def refresh() -> dict[str, str]:
+        refreshed.append(threading.current_thread() is threading.main_thread())
+        return metadata(signed.reader, 120)
+
+    async def check(store, image) -> None:  # noqa: ANN001
+        stale = Key(signed.lister.key_id, "expired")  # would be refused if it signed
+        store.wire.credentials = RefreshableCredentials.create_from_metadata(
+            metadata(stale, 5), refresh, "test")
+        assert store.wire._may_refresh()
+        assert bytes(await image.read(5, 1000)) == DATA[5:1005]
+        assert refreshed == [False]  # once, not on the trio thread
+        assert not store.wire._may_refresh()
+        assert store.wire.reader.stats.answered == 1
+
+    _with_image("refresh/", _options(signed), check)
