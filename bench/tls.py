@@ -8,8 +8,9 @@ S3, at /bench-bucket/img/disk.raw (the same file, so the same ETag) with a stub
 ListObjectsV2 answer for the bucket: it stands in for an S3 endpoint (it does not check
 signatures; tests/remote/test_s3_lean.py checks them against moto). corfs mounts with a fresh
 cache and `--no-stream`, so the figure is the read path alone; the page cache is dropped before
-every run. Prints medians of --runs and the ratio to curl, with the day's limits beside
-(curl to /dev/null, curl to a file + sync, the cache disk's O_DIRECT write speed)."""
+every run, and the jobs are interleaved round by round. Prints medians of --runs and the ratio
+to curl, with the day's limits beside (curl to /dev/null, curl to a file + sync, the cache
+disk's O_DIRECT write speed)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .harness import (
     make_image,
     mounted,
     read_sequential,
+    settle_disk,
     workdir,
 )
 
@@ -61,9 +63,21 @@ def s3_listing(key: str, size: int, etag: str) -> str:
     return f"location = /{BUCKET} {{ default_type application/xml; return 200 '{doc}'; }}"
 
 
-def median_mbps(runs: int, once: Callable[[], float]) -> tuple[float, list[float]]:
-    figures = [once() for _ in range(runs)]
-    return statistics.median(figures), figures
+Results = dict[str, tuple[float, list[float]]]
+
+
+def medians(runs: int, jobs: dict[str, Callable[[], float]]) -> Results:
+    """Median MB/s of each job over `runs` rounds, the jobs interleaved (one of each per round,
+    the order rotating) so a slow minute of the shared machine or its disk hits all of them;
+    the disk settles before each run (a run's cache writes, or curl's file, still being
+    written back slow the next one)."""
+    figures: dict[str, list[float]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for round_ in range(runs):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            settle_disk()
+            figures[name].append(jobs[name]())
+    return {name: (statistics.median(f), f) for name, f in figures.items()}
 
 
 def curl_mbps(url: str, ca: Path, size: int, out: str) -> float:
@@ -149,20 +163,18 @@ def main() -> None:
         url = nginx.url + "img/disk.raw"
         ca = ["--ca-file", str(tls.ca_cert)]
         s3 = [*ca, "--endpoint-url", nginx.url.rstrip("/"), "--region", "us-east-1"]
-        results: dict[str, tuple[float, list[float]]] = {}
-        results["curl -o /dev/null"] = median_mbps(
-            args.runs, lambda: curl_mbps(url, tls.ca_cert, size, "/dev/null"))
         out = str(root / "curl.out")
-        results["curl -o FILE && sync"] = median_mbps(
-            args.runs, lambda: curl_mbps(url, tls.ca_cert, size, out))
-        os.remove(out)
-        results["corfs https://"] = median_mbps(
-            args.runs, lambda: corfs_mbps(root, nginx.url + "img/", *ca))
-        results["corfs s3:// over https"] = median_mbps(
-            args.runs, lambda: corfs_mbps(root, f"s3://{BUCKET}/{PREFIX}", *s3))
+        jobs: dict[str, Callable[[], float]] = {
+            "curl -o /dev/null": lambda: curl_mbps(url, tls.ca_cert, size, "/dev/null"),
+            "curl -o FILE && sync": lambda: curl_mbps(url, tls.ca_cert, size, out),
+            "corfs https://": lambda: corfs_mbps(root, nginx.url + "img/", *ca),
+            "corfs s3:// over https": lambda: corfs_mbps(root, f"s3://{BUCKET}/{PREFIX}", *s3),
+        }
         if nbdkit_available():
-            results["nbdkit curl (cache filter)"] = median_mbps(
-                args.runs, lambda: nbdkit_mbps(root, url, tls.ca_cert))
+            jobs["nbdkit curl (cache filter)"] = lambda: nbdkit_mbps(root, url, tls.ca_cert)
+        results = medians(args.runs, jobs)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out)
         disk = disk_direct_mbps(str(root))
     finally:
         nginx.stop()
