@@ -3,7 +3,7 @@
 `PlainReader` does ranged GETs for http:// and https:// bases (and the S3 store's signed
 GetObjects, s3_wire.py) on pooled keep-alive connections, with hand-parsed headers and the body
 received straight into a preallocated buffer: httpx costs a core at ~600 MB/s over plain http
-and tops out near 80 MB/s over TLS; this a fraction of that per byte. It handles only the
+and over TLS used ~3.3 CPU s/GB against this reader's ~0.75 (5x the speed). It handles only the
 expected answer (206 with the exact Content-Range and length, or an error status); anything
 else returns None and the caller redoes the request through httpx (or botocore).
 `Validator` and the status/Content-Range helpers are shared with the httpx path in http.py, so
