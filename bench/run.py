@@ -1,13 +1,13 @@
 """`make bench`: run the benchmarks one after the other (each prints its own ratios).
 
-    python -m bench.run [NAME...]     names: reads stream chunk_size published boot peers"""
+    python -m bench.run [NAME...]     names: reads stream chunk_size published boot peers tls"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-ALL = ["reads", "stream", "chunk_size", "published", "boot", "peers"]
+ALL = ["reads", "stream", "chunk_size", "published", "boot", "peers", "tls"]
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ botocore's: env, shared config / profile, instance role. Invariants:
 - Sizes are checked (0..MAX_IMAGE_SIZE, else BaseProtocolError for that object), a GetObject
   body is read to at most its cap + 1 bytes, and a listing has a deadline (--io-timeout) and a
   cap on its entries: a hostile endpoint cannot make corfs buffer or wait without bound.
+Ranged reads of image bytes go through s3_wire.py (botocore signs, the lean HTTP reader sends
+and receives); an answer it does not expect is redone here through botocore.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..s3_errors import s3_error
 from . import MAX_IMAGE_SIZE, BaseOptions, skip_bad_entry, valid_entry
 from .http import stall_timeout
 from .http_wire import parse_content_range
+from .s3_wire import S3Wire
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ class S3Image:
     async def read(self, offset: int, length: int) -> memoryview:
         if length <= 0:
             return memoryview(b"")
+        data = await self.store.wire.read(self.store.bucket, self, offset, length)
+        if data is not None:
+            return data
         return await self.store._run(self.store._read_sync, self, offset, length)
 
 
@@ -107,6 +113,9 @@ class S3Base:
             region_name=options.region,
             config=config,
             verify=options.ca_file if options.ca_file else None,
+        )
+        self.wire = S3Wire(
+            self.client, session.get_credentials(), options.ca_file, stall, self.limiter
         )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -241,6 +250,7 @@ class S3Base:
         return await self._run(get)
 
     async def aclose(self) -> None:
+        self.wire.close()
         # Not under the limiter: abandoned calls may still hold its slots.
         await trio.to_thread.run_sync(self.client.close, abandon_on_cancel=True)
 

@@ -5,6 +5,7 @@ bytes; wrong bytes are never returned."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import trio
 
 from corfs.base import BaseOptions, open_base
 from corfs.base.http import HttpBase, open_http_base
+from corfs.base.http_wire import LeanStatistics, PlainReader, Validator, tls_context
 from corfs.errors import (
     BaseAccessDenied,
     BaseChanged,
@@ -20,7 +22,7 @@ from corfs.errors import (
     TransientBaseError,
     UsageError,
 )
-from tests.servers import Nginx, free_port, make_tls
+from tests.servers import Nginx, TlsFiles, free_port, make_tls
 
 FAST = BaseOptions(io_timeout=3.0)  # stall timeout 1 s: tight, yet safe on a busy machine
 MiB = 1 << 20
@@ -235,12 +237,88 @@ def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:
             (image,) = await store.list_images()
             assert image.size == 1_000_000
             assert bytes(await image.read(999_990, 10)) == b"0123456789"
+            data = b"0123456789" * 100_000
+            assert bytes(await image.read(3, 700_000)) == data[3:700_003]
+            # Both reads over TLS by the lean reader, on one pooled connection.
+            assert image.reader.plain.stats == LeanStatistics(answered=2, handed_back=0)
+            assert [len(c) for c in image.reader.plain.idle.values()] == [1]
         finally:
             await store.aclose()
         with pytest.raises(UsageError):
             await open_base(tls_nginx.url, BaseOptions(ca_file="/nonexistent/ca.pem"))
 
     trio.run(main)
+
+
+def _lean_read(url: str, ca_file: str | None) -> bytes:
+    reader = PlainReader(1.0, None, tls_context(ca_file))
+
+    async def main() -> bytes:
+        try:
+            data = await reader.read_range(url, Validator(1_000_000, None, None), 0, 10)
+            assert data is not None
+            return bytes(data)
+        finally:
+            reader.close_idle()
+
+    return trio.run(main)
+
+
+def test_lean_tls_verifies_the_certificate_and_the_host_name(tls_nginx, tmp_path) -> None:
+    """The lean reader alone (no httpx listing before it): an unknown CA and a certificate for
+    another name are refused in one clear line; with --ca-file's CA the bytes come."""
+    url = tls_nginx.url + "disk.raw"
+    assert _lean_read(url, str(tls_nginx.tls.ca_cert)) == b"0123456789"
+    with pytest.raises(BaseUnavailable) as info:
+        _lean_read(url, None)
+    assert "certificate verification failed" in str(info.value)
+    assert "\n" not in str(info.value)
+    pki = tls_nginx.tls.ca_cert.parent
+    other = TlsFiles(tls_nginx.tls.ca_cert, tmp_path / "other.pem", tmp_path / "other.key")
+    for args in (
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=elsewhere.example",
+         "-keyout", str(other.key), "-out", str(tmp_path / "other.csr")],
+        ["x509", "-req", "-in", str(tmp_path / "other.csr"), "-CA", str(pki / "ca.pem"),
+         "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "2",
+         "-extfile", str(tmp_path / "ext.cnf"), "-out", str(other.cert)],
+    ):
+        (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:elsewhere.example\n")
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    server = Nginx(root=tls_nginx.root, workdir=tmp_path / "work", tls=other).start()
+    try:
+        with pytest.raises(BaseUnavailable) as info:
+            _lean_read(server.url + "disk.raw", str(tls_nginx.tls.ca_cert))
+        assert "not valid for this host name" in str(info.value)
+        options = BaseOptions(io_timeout=3.0, ca_file=str(tls_nginx.tls.ca_cert))
+        with pytest.raises(BaseUnavailable) as info:  # httpx, listing: the same line
+            trio.run(open_base, server.url, options)
+        assert "not valid for this host name" in str(info.value)
+    finally:
+        server.stop()
+
+
+def test_lean_tls_resends_once_on_a_connection_the_server_closed(tls_nginx, tmp_path) -> None:
+    """nginx closes an idle TLS keep-alive connection after 1 s: the next read finds the pooled
+    connection dead and is resent on a fresh one, still by the lean reader."""
+    server = Nginx(root=tls_nginx.root, workdir=tmp_path / "work", tls=tls_nginx.tls,
+                   locations="keepalive_timeout 1s;").start()
+    options = BaseOptions(io_timeout=3.0, ca_file=str(tls_nginx.tls.ca_cert))
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", options)
+        try:
+            (image,) = await store.list_images()
+            assert bytes(await image.read(10, 10)) == b"0123456789"
+            await trio.sleep(1.5)
+            assert bytes(await image.read(20, 10)) == b"0123456789"
+            assert store.reader.plain.stats == LeanStatistics(answered=2, handed_back=0)
+        finally:
+            await store.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        server.stop()
 
 
 def test_index_json_preferred_over_autoindex(nginx_server) -> None:

@@ -90,10 +90,11 @@ def test_https_to_http_is_refused_and_the_plain_server_sees_nothing(servers, tok
 
 def test_same_origin_redirect_keeps_the_header(servers, token) -> None:
     async def main() -> None:
-        store = await open_base(servers.tls_front.url + "same/disk.raw", servers.options())
+        store = await open_http_base(servers.tls_front.url + "same/disk.raw", servers.options())
         try:
             (image,) = await store.list_images()
             assert bytes(await image.read(1000, 5000)) == DATA[1000:6000]
+            assert store.reader.plain.stats.answered == 1  # over TLS by the lean reader
         finally:
             await store.aclose()
 
@@ -117,6 +118,7 @@ def test_cross_origin_redirect_works_without_the_header(servers, token, front: s
             (image,) = await store.list_images()
             for offset in (0, 100_000, 299_000):
                 assert bytes(await image.read(offset, 1000)) == DATA[offset : offset + 1000]
+            assert store.reader.plain.stats.answered == (3 if lean else 0)
         finally:
             await store.aclose()
 
