@@ -20,7 +20,7 @@ from corfs.buffers import aligned_copy
 from corfs.errors import CacheFull
 from corfs.image import Image
 from corfs.store import FOLIO_SPAN, CacheStore, ChunkState
-from tests.core.conftest import CS, random_bytes
+from tests.core.rig import CS, random_bytes
 
 BLOCK = 1 << 20  # one 1 MiB chunk
 
