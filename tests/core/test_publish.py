@@ -30,7 +30,7 @@ from corfs.publish import (
     run_publish,
 )
 from corfs.publish_dest import DirDestination
-from tests.servers import TEST_BUCKET, moto_server, nginx_server  # noqa: F401  (fixtures)
+from tests.servers import TEST_BUCKET
 
 CS = 64 << 10
 

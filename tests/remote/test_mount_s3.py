@@ -24,7 +24,7 @@ from tests.fuse.util import (
     wait_complete,
 )
 from tests.mounting import CorfsMount, lazy_unmount, make_image, run_corfs, sha256_file
-from tests.remote.proxy import FaultProxy, _join_head
+from tests.proxy import FaultProxy, _join_head
 from tests.remote.resume import check_resume_after_kill9
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 

@@ -21,7 +21,7 @@ from corfs.errors import (
     TransientBaseError,
     UsageError,
 )
-from tests.remote.proxy import FaultProxy
+from tests.proxy import FaultProxy
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 
 MiB = 1 << 20
