@@ -94,3 +94,12 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def moto_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    """moto that checks credentials: the fake ones are unknown to it."""
+    server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    server.start()
+    yield server
+    server.stop()

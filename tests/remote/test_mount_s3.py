@@ -118,15 +118,6 @@ def test_resume_after_kill9_fetches_no_chunk_twice(bucket: Bucket) -> None:
 # ---- errors at mount time -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory):  # noqa: ANN001
-    """moto that checks credentials: the fake ones are unknown to it."""
-    server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    server.start()
-    yield server
-    server.stop()
-
-
 def _assert_mount_fails(url: str, endpoint: str, tmp: Path, *words: str) -> None:
     mnt, fresh, used = tmp / "mnt-e", tmp / "new-cache", tmp / "used-cache"
     mnt.mkdir()
