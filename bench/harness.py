@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from corfs.control_client import read_status
-from corfs.mountinfo import find_mount
+from tests.mounting import CorfsMountError, lazy_unmount, wait_fuse_mounted
+from tests.servers import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
@@ -71,10 +71,6 @@ def settle_disk(seconds: float = 5.0) -> None:
     time.sleep(seconds)
 
 
-def is_mounted(path: str) -> bool:
-    return find_mount(path) is not None
-
-
 @dataclass
 class Daemon:
     proc: subprocess.Popen
@@ -96,29 +92,23 @@ class Daemon:
 
 @contextlib.contextmanager
 def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> Iterator[Daemon]:
-    """Run a FUSE daemon in the foreground; yield once mounted; always unmount and reap it."""
-    os.makedirs(mountpoint, exist_ok=True)
+    """Run a FUSE daemon in the foreground; yield once mounted; always unmount and reap it.
+    The mountpoint is made a directory unless it exists (qemu-storage-daemon mounts on a file)."""
+    if not os.path.exists(mountpoint):
+        os.makedirs(mountpoint)
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed in the finally below
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mountpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[:4]} did not mount (see {log_path})")
-            time.sleep(0.05)
+        try:
+            wait_fuse_mounted(mountpoint, proc, 30, name=argv[0])
+        except CorfsMountError as e:
+            raise RuntimeError(f"{argv[:4]}: {e} (see {log_path})") from None
         time.sleep(0.2)  # let the daemon finish its start-up (corfs raises the read-ahead)
         yield Daemon(proc, mountpoint)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+        stop_process(proc, timeout=30)
+        lazy_unmount(mountpoint)
         log.close()
 
 

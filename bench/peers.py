@@ -33,9 +33,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from corfs import control_client
 from corfs.mountinfo import find_mount
+from tests.mounting import lazy_unmount
+from tests.servers import Nginx, stop_process
 
 from .harness import (
     MiB,
@@ -43,7 +46,6 @@ from .harness import (
     corfs_status,
     drop_caches,
     fresh_dir,
-    is_mounted,
     machine,
     make_image,
     mounted,
@@ -51,115 +53,14 @@ from .harness import (
     workdir,
 )
 
-NGINX = "/usr/sbin/nginx"
 PEERS = ["corfs", "corfs+stream", "httpdirfs", "rclone", "nbdkit", "qemu"]
 
 
-# ---- nginx on loopback with its own access log -------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_pid(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@dataclass
-class Nginx:
-    """Serves `root` (HTML autoindex for httpdirfs and rclone, Range, keep-alive) and logs
-    each request's method, URI, status and body bytes sent to `access_log`."""
-
-    root: str
-    work: str
-    port: int = 0
-    proc: subprocess.Popen | None = None
-
-    @property
-    def access_log(self) -> str:
-        return os.path.join(self.work, "access.log")
-
-    def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
-
-    def start(self) -> Nginx:
-        fresh_dir(self.work)
-        self.port = free_port()
-        w = self.work
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = os.path.join(w, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""
-daemon off;
-master_process on;
-worker_processes 2;
-{user}
-pid {w}/nginx.pid;
-error_log {w}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  log_format bench '$request_method $uri $status $body_bytes_sent';
-  access_log {self.access_log} bench;
-  client_body_temp_path {w}/client_body;
-  proxy_temp_path {w}/proxy;
-  fastcgi_temp_path {w}/fastcgi;
-  uwsgi_temp_path {w}/uwsgi;
-  scgi_temp_path {w}/scgi;
-  default_type application/octet-stream;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_timeout 75s;
-  keepalive_requests 100000;
-  server {{
-    listen 127.0.0.1:{self.port};
-    root {self.root};
-    location / {{ autoindex on; }}
-  }}
-}}
-""")
-        self.proc = subprocess.Popen(
-            [NGINX, "-e", os.path.join(w, "error.log"), "-p", w, "-c", conf],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nginx did not start") from None
-                time.sleep(0.05)
-
-    def log_mark(self) -> int:
-        return os.path.getsize(self.access_log) if os.path.exists(self.access_log) else 0
-
-    def bytes_since(self, mark: int, uri: str) -> tuple[int, int]:
-        """(body bytes sent, requests) for GETs of `uri` logged after `mark`."""
-        time.sleep(0.3)  # a request logs when it ends; closed connections end just after
-        total = requests = 0
-        with open(self.access_log, "rb") as f:
-            f.seek(mark)
-            for line in f.read().decode().splitlines():
-                parts = line.split()
-                if len(parts) == 4 and parts[0] == "GET" and parts[1] == uri:
-                    total += int(parts[3])
-                    requests += 1
-        return total, requests
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc)
+def fetched_since(nginx: Nginx, mark: int, uri: str) -> tuple[int, int]:
+    """(body bytes sent, requests) for GETs of `uri` that nginx logged after `mark`."""
+    time.sleep(0.3)  # a request logs when it ends; closed connections end just after
+    requests, sent = nginx.sent(uri, since=mark, method="GET")
+    return sent, requests
 
 
 # ---- each system as a mount that yields the image's path ---------------------------------
@@ -188,7 +89,7 @@ def mount_corfs(root: str, nginx: Nginx, uri: str, *, stream: bool = False) -> I
     cache = fresh_dir(os.path.join(root, "cache-corfs"))
     mnt = os.path.join(root, "mnt-corfs")
     mode = "--stream-paused" if stream else "--no-stream"
-    argv = corfs_argv(nginx.url(uri.lstrip("/")), cache, mnt, mode)
+    argv = corfs_argv(nginx.url + uri.lstrip("/"), cache, mnt, mode)
     with mounted(argv, mnt, os.path.join(root, "corfs.log")):
         name = os.path.basename(uri)
 
@@ -213,7 +114,7 @@ def mount_httpdirfs(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
         "--cache",
         "--cache-location",
         cache,
-        nginx.url(directory),
+        nginx.url + directory,
         mnt,
     ]
     with mounted(argv, mnt, os.path.join(root, "httpdirfs.log")) as daemon:
@@ -240,7 +141,7 @@ def mount_rclone(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
         ":http:",
         mnt,
         "--http-url",
-        nginx.url(directory),
+        nginx.url + directory,
         "--vfs-cache-mode",
         "full",
         "--cache-dir",
@@ -270,7 +171,7 @@ def mount_nbdkit(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
             sock,
             "--filter=cache",
             "curl",
-            f"url={nginx.url(uri.lstrip('/'))}",
+            f"url={nginx.url + uri.lstrip('/')}",
             "cache-on-read=true",
         ],
         stdout=log,
@@ -282,26 +183,7 @@ def mount_nbdkit(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
         with mounted(["nbdfuse", mnt, "--unix", sock], mnt, os.path.join(root, "nbdfuse.log")):
             yield Mount(os.path.join(mnt, "nbd"))
     finally:
-        stop_pid(server)
-        log.close()
-
-
-@contextlib.contextmanager
-def mounted_file(argv: list[str], mountpoint: str, log_path: str) -> Iterator[int]:
-    """Like harness.mounted, for a daemon that mounts over a regular file (qsd's FUSE export)."""
-    log = open(log_path, "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mountpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not mount (see {log_path})")
-            time.sleep(0.05)
-        yield proc.pid
-    finally:
-        stop_pid(proc, timeout=30)
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+        stop_process(server, timeout=20)
         log.close()
 
 
@@ -319,7 +201,7 @@ def qemu_overlay(root: str, nginx: Nginx, uri: str, size: int) -> Iterator[str]:
             "-F",
             "raw",
             "-b",
-            nginx.url(uri.lstrip("/")),
+            nginx.url + uri.lstrip("/"),
             overlay,
             str(size),
         ],
@@ -345,14 +227,14 @@ def mount_qemu(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
             "--export",
             f"type=fuse,id=e,node-name=cor,mountpoint={export},writable=off",
         ]
-        with mounted_file(argv, export, os.path.join(root, "qsd.log")) as pid:
+        with mounted(argv, export, os.path.join(root, "qsd.log")) as daemon:
             # QEMU 7.2's curl driver stalled now and then under the kernel's concurrent
             # read-ahead requests (1 run in 3 here); with read-ahead off, 0 in 4.
             entry = find_mount(export)
             assert entry is not None, f"{export} is not mounted"
             with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
                 f.write("0\n")
-            yield Mount(export, pid=pid)
+            yield Mount(export, pid=daemon.proc.pid)
 
 
 MOUNTS = {
@@ -493,7 +375,7 @@ def run_mount_workloads(name: str, root: str, nginx: Nginx, uri: str, reads: int
                     figures = watched(lambda p, m=m, work=work: work(m.path, p, m.start), m.pid)
                     if m.fetched_self:
                         figures["fetched (self)"] = m.fetched_self()
-                fetched, requests = nginx.bytes_since(mark, uri)
+                fetched, requests = fetched_since(nginx, mark, uri)
                 figures.update(fetched=fetched, requests=requests)
                 figures["amplification"] = fetched / (size if key == "seq" else reads * 4096)
                 if "fetched (self)" in figures:
@@ -576,7 +458,7 @@ def stream_corfs(root: str, nginx: Nginx, uri: str, size: int) -> dict:
     mnt = os.path.join(root, "mnt-corfs")
     drop_caches()
     mark = nginx.log_mark()
-    argv = corfs_argv(nginx.url(uri.lstrip("/")), cache, mnt)
+    argv = corfs_argv(nginx.url + uri.lstrip("/"), cache, mnt)
     with mounted(argv, mnt, os.path.join(root, "corfs-stream.log")):
         start = time.perf_counter()
         wait_complete(mnt, timeout=1800)
@@ -586,7 +468,7 @@ def stream_corfs(root: str, nginx: Nginx, uri: str, size: int) -> dict:
         os.close(fd)
         seconds = time.perf_counter() - start
         fetched_self = int(corfs_status(mnt)["fetcher"]["bytes_fetched"])
-    fetched, requests = nginx.bytes_since(mark, uri)
+    fetched, requests = fetched_since(nginx, mark, uri)
     return {
         "seconds": seconds,
         "fetched": fetched,
@@ -638,9 +520,9 @@ def stream_qemu(root: str, nginx: Nginx, uri: str, size: int) -> dict:
             os.close(fd)
             seconds = time.perf_counter() - start
         finally:
-            stop_pid(proc)
+            stop_process(proc, timeout=20)
             log.close()
-        fetched, requests = nginx.bytes_since(mark, uri)
+        fetched, requests = fetched_since(nginx, mark, uri)
         return {
             "seconds": seconds,
             "fetched": fetched,
@@ -783,18 +665,22 @@ def main() -> None:
         "stream MiB": args.stream_mib,
     }
     print(f"machine: {meta['machine']}\nload: {meta['load start']}", flush=True)
-    nginx = Nginx(www, os.path.join(root, "nginx")).start()
+    # HTML listings: httpdirfs and rclone read those, not JSON.
+    nginx = Nginx(
+        Path(www), Path(fresh_dir(os.path.join(root, "nginx"))), autoindex="html", log_requests=True
+    ).start()
     try:
         curl: dict = {}
         seq_size = args.seq_mib * MiB
-        curl["seq MB/s"] = seq_size / curl_seconds(nginx.url(seq_uri[1:]), "/dev/null", False) / 1e6
+        seq_seconds = curl_seconds(nginx.url + seq_uri[1:], "/dev/null", False)
+        curl["seq MB/s"] = seq_size / seq_seconds / 1e6
         print(f"curl -o /dev/null: {curl['seq MB/s']:.0f} MB/s", flush=True)
         mounts = {}
         for name in only:
             mounts[name] = run_mount_workloads(name, root, nginx, seq_uri, args.random_reads)
             print(f"{name}: {json.dumps(mounts[name], default=str)}", flush=True)
         out = os.path.join(root, "curl-copy.raw")
-        curl["stream s"] = curl_seconds(nginx.url(stream_uri[1:]), out, True)
+        curl["stream s"] = curl_seconds(nginx.url + stream_uri[1:], out, True)
         os.unlink(out)
         print(f"curl -o FILE && sync: {curl['stream s']:.2f} s", flush=True)
         stream: dict = {}
@@ -815,8 +701,7 @@ def main() -> None:
         nginx.stop()
         for name in PEERS:
             with contextlib.suppress(OSError):
-                if is_mounted(mnt := os.path.join(root, f"mnt-{name}")):
-                    subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+                lazy_unmount(os.path.join(root, f"mnt-{name}"))
     meta["load end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report = markdown(meta, curl, mounts, stream, args.random_reads)
     print(report)

@@ -37,7 +37,7 @@ from bench.harness import (
     workdir,
 )
 from bench.rootfs import build
-from tests.servers import LoggingNginx
+from tests.servers import Nginx
 
 MB = 1e6
 
@@ -92,7 +92,7 @@ class StreamRun:
     cache_allocated: int
 
 
-def stream(form: str, url: str, web: LoggingNginx, prefix: str, root: str) -> StreamRun:
+def stream(form: str, url: str, web: Nginx, prefix: str, root: str) -> StreamRun:
     cache = fresh_dir(os.path.join(root, f"cache-{form}"))
     mnt = os.path.join(root, f"mnt-{form}")
     os.makedirs(mnt, exist_ok=True)
@@ -148,7 +148,9 @@ def main() -> None:
     os.makedirs(os.path.join(www, "raw"))
     os.symlink(image, os.path.join(www, "raw", os.path.basename(image)))
     os.symlink(os.path.join(root, "pub-j2"), os.path.join(www, "pub"))
-    web = LoggingNginx(root=Path(www), workdir=Path(fresh_dir(os.path.join(root, "nginx"))))
+    web = Nginx(
+        root=Path(www), workdir=Path(fresh_dir(os.path.join(root, "nginx"))), log_requests=True
+    )
     web.start()
     results: list[StreamRun] = []
     try:

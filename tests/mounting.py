@@ -2,6 +2,7 @@
 
 `CorfsMount` runs `python -m corfs mount BASE CACHE MNT ...` in a subprocess (foreground,
 stderr to a log file) and waits for MNT to show up as a FUSE mount in /proc/self/mountinfo.
+`wait_fuse_mounted` is that wait, the one the benchmarks use for every FUSE daemon too.
 
 Invariant: leaving a `CorfsMount` block never leaves a mount or a daemon behind, whether the
 test passed, failed or was interrupted: a lazy `fusermount3 -u -z` clears even a mount whose
@@ -91,6 +92,33 @@ def fuse_mounts_below(root: str | os.PathLike[str]) -> list[str]:
         and (mp == top or mp.startswith(top.rstrip("/") + "/"))
     }
     return sorted(found, key=lambda mp: mp.count("/"), reverse=True)
+
+
+def wait_fuse_mounted(
+    path: str | os.PathLike[str],
+    proc: subprocess.Popen[bytes],
+    timeout: float = MOUNT_TIMEOUT,
+    *,
+    launcher: bool = False,
+    name: str = "the daemon",
+) -> None:
+    """Wait until a FUSE file system is mounted at `path` by `proc` (named `name` in errors).
+
+    Raises CorfsMountError if `proc` exits first or `timeout` passes. With `launcher`, `proc`
+    exits 0 once the mount is ready (`--daemon`): the wait is for that exit too.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if is_fuse_mounted(path) and (not launcher or rc is not None):
+            break
+        if rc is not None and not (launcher and rc == 0):
+            raise CorfsMountError(f"{name} exited with code {rc} before {path} was mounted")
+        if time.monotonic() > deadline:
+            raise CorfsMountError(f"{path} was not mounted within {timeout:.0f} s")
+        time.sleep(0.02)
+    if launcher and rc != 0:
+        raise CorfsMountError(f"{name} exited with code {rc}")
 
 
 def lazy_unmount(path: str | os.PathLike[str]) -> bool:
@@ -232,19 +260,12 @@ class CorfsMount:
 
     def _wait_mounted(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + self.timeout
-        while True:
-            rc = self.proc.poll()
-            if is_fuse_mounted(self.mnt) and (not self.daemon or rc is not None):
-                break
-            if rc is not None and not (self.daemon and rc == 0):
-                self._fail(f"corfs mount exited with code {rc} before {self.mnt} was mounted")
-            if time.monotonic() > deadline:
-                self._fail(f"{self.mnt} was not mounted within {self.timeout:.0f} s")
-            time.sleep(0.02)
+        name = "corfs mount --daemon" if self.daemon else "corfs mount"
+        try:
+            wait_fuse_mounted(self.mnt, self.proc, self.timeout, launcher=self.daemon, name=name)
+        except CorfsMountError as e:
+            self._fail(str(e))
         if self.daemon:
-            if self.proc.returncode != 0:
-                self._fail(f"corfs mount --daemon exited with code {self.proc.returncode}")
             self._daemon_pid = _find_daemon_pid(self.mnt)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:

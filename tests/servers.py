@@ -1,6 +1,7 @@
-"""Real servers for the store tests, on 127.0.0.1 with free ports: nginx (Debian's binary, our
-own config in a temp dir) and moto's S3 server in a subprocess. Each is stopped by its PID.
-Also a throwaway CA + server certificate made with openssl, for the TLS tests."""
+"""Real servers for the tests and the benchmarks, on 127.0.0.1 with free ports: nginx (Debian's
+binary, our own config in a temp dir) and moto's S3 server in a subprocess. Each is stopped by
+its PID. Also a throwaway CA + server certificate made with openssl, for the TLS tests.
+The pytest fixtures that share one of each per session are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
+from typing import Literal
 
 NGINX = "/usr/sbin/nginx"
 
@@ -28,6 +28,7 @@ FAKE_AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/corfs-test-aws-credentials",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+TEST_BUCKET = "corfs-test"  # made by the moto_server fixture (tests/conftest.py)
 
 
 def free_port() -> int:
@@ -52,11 +53,12 @@ def wait_port(
     raise RuntimeError(f"server on port {port} did not start")
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if `proc` is still there after `timeout`; reaped either way."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -126,21 +128,36 @@ def make_tls(tmp: Path) -> TlsFiles:
 
 @dataclass
 class Nginx:
-    """nginx serving `root` with JSON autoindex, Range and keep-alive. Locations:
+    """nginx serving `root` with an autoindex, Range and keep-alive. Locations:
     /denied/ answers 403; /auth/ needs `Authorization: Bearer x`; /gone-if-missing/ answers
     403 for a file that is not there (an expired pre-signed URL); `locations` adds raw nginx
-    directives to the server block (e.g. `location = /a { return 302 URL; }`)."""
+    directives to the server block (e.g. `location = /a { return 302 URL; }`).
+
+    `autoindex` is the listing's format: "json" is what corfs reads, "html" what httpdirfs and
+    rclone read. With `log_requests` each request is logged (`requests()`, `sent()`, for tests
+    and benchmarks that count what a client fetched) and, beside it, its Authorization header
+    (`authorizations()`, for tests that a credential never reached this server)."""
 
     root: Path
     workdir: Path
     tls: TlsFiles | None = None
     locations: str = ""
+    autoindex: Literal["json", "html"] = "json"
+    log_requests: bool = False
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/"
+
+    @property
+    def access_log(self) -> Path:
+        return self.workdir / "access.log"
+
+    @property
+    def auth_log(self) -> Path:
+        return self.workdir / "auth.log"
 
     def config(self) -> str:
         w = self.workdir
@@ -150,6 +167,15 @@ class Nginx:
         if self.tls:
             listen += " ssl"
             ssl = f"ssl_certificate {self.tls.cert};\n    ssl_certificate_key {self.tls.key};"
+        logs = "access_log off;"
+        if self.log_requests:
+            logs = (
+                "log_format corfs '$request_method $uri $status $body_bytes_sent';\n"
+                "  log_format corfs_auth '$http_authorization';\n"
+                f"  access_log {self.access_log} corfs;\n"
+                f"  access_log {self.auth_log} corfs_auth;"
+            )
+        autoindex = f"autoindex on; autoindex_format {self.autoindex};"
         return f"""
 daemon off;
 master_process on;
@@ -159,7 +185,7 @@ pid {w}/nginx.pid;
 error_log {w}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-  access_log off;
+  {logs}
   client_body_temp_path {w}/client_body;
   proxy_temp_path {w}/proxy;
   fastcgi_temp_path {w}/fastcgi;
@@ -174,12 +200,11 @@ http {{
     {listen};
     {ssl}
     root {self.root};
-    location / {{ autoindex on; autoindex_format json; }}
+    location / {{ {autoindex} }}
     location /denied/ {{ deny all; }}
     location /auth/ {{
       if ($http_authorization != "Bearer x") {{ return 403; }}
-      autoindex on;
-      autoindex_format json;
+      {autoindex}
     }}
     location /gone-if-missing/ {{
       if (!-f $request_filename) {{ return 403; }}
@@ -208,47 +233,39 @@ http {{
         if self.proc is not None:
             stop_process(self.proc)
 
+    # ---- the logs (with log_requests) ----
 
-class LoggingNginx(Nginx):
-    """Nginx with an access log, one line per request: `URI STATUS BYTES_SENT`, for tests and
-    benchmarks that count what a client fetched; and beside it the Authorization header of
-    each request (`authorizations()`), for tests that a credential never reached it."""
+    def log_mark(self) -> int:
+        """Where the access log ends now: `requests(since=mark)` then sees only later ones."""
+        return self.access_log.stat().st_size if self.access_log.exists() else 0
 
-    @property
-    def access_log(self) -> Path:
-        return self.workdir / "access.log"
+    def requests(
+        self, prefix: str = "", *, since: int = 0, method: str | None = None
+    ) -> list[tuple[str, int, int]]:
+        """(uri, status, body bytes) of the requests logged so far (after the mark `since`)
+        for URIs under `prefix`, of any method or only `method`."""
+        if not self.access_log.exists():
+            return []
+        with open(self.access_log, "rb") as f:
+            f.seek(since)
+            lines = f.read().decode().splitlines()
+        out = []
+        for line in lines:
+            verb, uri, status, sent = line.split()
+            if uri.startswith(prefix) and method in (None, verb):
+                out.append((uri, int(status), int(sent)))
+        return out
 
-    @property
-    def auth_log(self) -> Path:
-        return self.workdir / "auth.log"
-
-    def config(self) -> str:
-        fmt = "log_format corfs '$uri $status $body_bytes_sent';"
-        fmt += "\n  log_format corfs_auth '$http_authorization';"
-        logs = f"access_log {self.access_log} corfs;\n  access_log {self.auth_log} corfs_auth;"
-        return super().config().replace("access_log off;", f"{fmt}\n  {logs}")
+    def sent(self, prefix: str, *, since: int = 0, method: str | None = None) -> tuple[int, int]:
+        """(requests, body bytes) logged so far for URIs under `prefix` (as `requests()`)."""
+        logged = self.requests(prefix, since=since, method=method)
+        return len(logged), sum(sent for _, _, sent in logged)
 
     def authorizations(self) -> list[str]:
         """The Authorization header of each request logged so far ("" when there was none)."""
         if not self.auth_log.exists():
             return []
         return [("" if v == "-" else v) for v in self.auth_log.read_text().splitlines()]
-
-    def requests(self, prefix: str = "") -> list[tuple[str, int, int]]:
-        """(uri, status, body bytes) of the requests logged so far for URIs under `prefix`."""
-        if not self.access_log.exists():
-            return []
-        out = []
-        for line in self.access_log.read_text().splitlines():
-            uri, status, sent = line.split()
-            if uri.startswith(prefix):
-                out.append((uri, int(status), int(sent)))
-        return out
-
-    def sent(self, prefix: str) -> tuple[int, int]:
-        """(requests, body bytes) logged so far for URIs under `prefix`."""
-        logged = self.requests(prefix)
-        return len(logged), sum(sent for _, _, sent in logged)
 
 
 @dataclass
@@ -304,33 +321,3 @@ class Moto:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
-
-
-# ---- pytest fixtures, imported by tests/stores/conftest.py and tests/remote/conftest.py ----
-
-TEST_BUCKET = "corfs-test"
-
-
-@pytest.fixture(scope="session")
-def nginx_server(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("nginx")
-    server = Nginx(root=base / "root", workdir=base / "work").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory):
-    """moto with the fake credentials in os.environ (the store under test uses botocore's
-    standard chain) and the bucket TEST_BUCKET."""
-    saved = {k: os.environ.get(k) for k in FAKE_AWS_ENV}
-    os.environ.update(FAKE_AWS_ENV)
-    server = Moto(workdir=tmp_path_factory.mktemp("moto")).start()
-    server.client().create_bucket(Bucket=TEST_BUCKET)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

@@ -15,7 +15,7 @@ from corfs.control import Controller
 from corfs.errors import CorfsError
 from corfs.store import HandoffRecord
 from corfs.stream import StreamWorker
-from tests.core.conftest import CS, random_bytes, run_with_mock_clock
+from tests.core.rig import CS, random_bytes, run_with_mock_clock
 
 A = random_bytes(5 * CS + 17, seed=1)
 B = random_bytes(2 * CS, seed=2)

@@ -18,7 +18,7 @@ import trio
 from corfs.digest import chunk_digest
 from corfs.errors import CacheError
 from corfs.store import CacheStore, ChunkState
-from tests.core.conftest import CS, committed_states, random_bytes
+from tests.core.rig import CS, committed_states, random_bytes
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from corfs.errors import BaseCorrupt, BaseNotFound, BaseUnavailable
 from corfs.fetcher import Fetcher, RetryPolicy
 from corfs.geometry import ChunkGeometry, contiguous_runs
 from corfs.store import ChunkState
-from tests.core.conftest import (
+from tests.core.rig import (
     CS,
     chunk_reads,
     committed_states,

@@ -23,7 +23,7 @@ from corfs.datafile import FOLIO_SPAN, DataFile, Way
 from corfs.digest import Buffer
 from corfs.errors import CacheFull
 from corfs.store import CacheStore, ChunkState
-from tests.core.conftest import CS, random_bytes
+from tests.core.rig import CS, random_bytes
 
 BLOCK = 1 << 20  # one 1 MiB chunk
 

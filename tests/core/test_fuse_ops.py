@@ -15,7 +15,7 @@ from corfs.control import Controller
 from corfs.control_client import STATUS_XATTR
 from corfs.fuse_ops import ROOT_INODE, CorfsOperations, fuse_handler_names
 from corfs.stream import StreamWorker
-from tests.core.conftest import CS, random_bytes, run_with_mock_clock
+from tests.core.rig import CS, random_bytes, run_with_mock_clock
 
 
 def _operations(rig) -> CorfsOperations:

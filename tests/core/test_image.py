@@ -21,7 +21,7 @@ from corfs.errors import (
 )
 from corfs.image import Image
 from corfs.store import ChunkState
-from tests.core.conftest import (
+from tests.core.rig import (
     CS,
     chunk_reads,
     committed_states,

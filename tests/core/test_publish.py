@@ -30,7 +30,7 @@ from corfs.publish import (
     publish_to,
     run_publish,
 )
-from tests.servers import TEST_BUCKET, moto_server, nginx_server  # noqa: F401  (fixtures)
+from tests.servers import TEST_BUCKET
 
 CS = 64 << 10
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from corfs.read_ahead import READ_AHEAD_MAX, READ_AHEAD_RUN
-from tests.core.conftest import CS, chunk_reads, random_bytes, run_with_mock_clock, wait_until
+from tests.core.rig import CS, chunk_reads, random_bytes, run_with_mock_clock, wait_until
 
 run = run_with_mock_clock
 CHUNKS = 4 * READ_AHEAD_MAX

@@ -14,7 +14,7 @@ import trio
 from corfs.digest import chunk_digest
 from corfs.errors import CacheError, CacheLocked, UsageError
 from corfs.store import CacheStore, ChunkState
-from tests.core.conftest import CS, committed_states, random_bytes, st_allocated
+from tests.core.rig import CS, committed_states, random_bytes, st_allocated
 
 
 def test_read_marks_are_not_committed_until_commit(tmp_path, rig_factory) -> None:

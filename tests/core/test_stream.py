@@ -13,7 +13,7 @@ from corfs.errors import TransientBaseError
 from corfs.fetcher import RetryPolicy
 from corfs.store import ChunkState
 from corfs.stream import MAX_BACKOFF, StreamWorker
-from tests.core.conftest import (
+from tests.core.rig import (
     CS,
     chunk_reads,
     committed_states,

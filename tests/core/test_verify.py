@@ -20,8 +20,8 @@ from corfs.digest import chunk_digest
 from corfs.errors import ControlError, ForgetRefused, UsageError
 from corfs.store import CacheStore, ChunkState
 from corfs.stream import StreamWorker
-from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
-from tests.remote.hostile import HostileServer
+from tests.core.rig import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
+from tests.hostile import HostileServer
 
 run = run_with_mock_clock
 

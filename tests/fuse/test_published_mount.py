@@ -35,7 +35,7 @@ from tests.fuse.util import (
     wait_for,
 )
 from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs, sha256_file
-from tests.servers import LoggingNginx
+from tests.servers import Nginx
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
@@ -83,7 +83,7 @@ def allocated(path: Path) -> int:
 
 @pytest.fixture
 def web(tmp_path: Path):
-    server = LoggingNginx(root=tmp_path / "www", workdir=tmp_path / "nginx").start()
+    server = Nginx(root=tmp_path / "www", workdir=tmp_path / "nginx", log_requests=True).start()
     try:
         yield server
     finally:
@@ -180,7 +180,7 @@ def test_damaged_chunk_object_is_eio_never_stored_and_fixing_it_heals(tmp_dirs, 
 # ---- 2. zeros ------------------------------------------------------------------------------
 
 
-def test_zero_chunks_are_never_fetched_nor_stored(tmp_path: Path, web: LoggingNginx) -> None:
+def test_zero_chunks_are_never_fetched_nor_stored(tmp_path: Path, web: Nginx) -> None:
     zero = tuple(range(4, 40)) + (60, 61)
     src = make_image(tmp_path / "a.raw", 64 * CHUNK, seed=21, zero_blocks=zero, block_size=CHUNK)
     dest = web.root / "pub"
@@ -225,7 +225,7 @@ def _two_images(tmp_path: Path) -> tuple[Path, Path, set[int]]:
 
 @pytest.mark.parametrize("wait_commit", [True, False], ids=["committed", "uncommitted"])
 def test_identical_chunks_stored_once_and_fetched_once_per_host(
-    tmp_path: Path, web: LoggingNginx, wait_commit: bool
+    tmp_path: Path, web: Nginx, wait_commit: bool
 ) -> None:
     a, b, differ = _two_images(tmp_path)
     dest = web.root / "pub"

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from tests.mounting import CorfsMount, make_image, sha256_file
-from tests.remote.proxy import FaultProxy
+from tests.proxy import FaultProxy
 from tests.servers import TEST_BUCKET
 
 MIB = 1 << 20

@@ -21,7 +21,7 @@ import pytest
 from corfs.base import describe_url
 from tests.fuse.util import direct_read, image_status, live_status, wait_complete
 from tests.mounting import CorfsMount, run_corfs, sha256_file
-from tests.remote.proxy import FaultProxy
+from tests.proxy import FaultProxy
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -24,7 +24,7 @@ from tests.fuse.util import (
     wait_complete,
 )
 from tests.mounting import CorfsMount, lazy_unmount, make_image, run_corfs, sha256_file
-from tests.remote.proxy import FaultProxy, _join_head
+from tests.proxy import FaultProxy, _join_head
 from tests.remote.resume import check_resume_after_kill9
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
 
@@ -116,15 +116,6 @@ def test_resume_after_kill9_fetches_no_chunk_twice(bucket: Bucket) -> None:
 
 
 # ---- errors at mount time -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory):
-    """moto that checks credentials: the fake ones are unknown to it."""
-    server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    server.start()
-    yield server
-    server.stop()
 
 
 def _assert_mount_fails(url: str, endpoint: str, tmp: Path, *words: str) -> None:

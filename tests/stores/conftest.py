@@ -1,11 +1,15 @@
-"""Backends for the store contract suite: the same test runs against each `BaseStore`.
-To add one (the published adapter), write a class with the `Backend` shape below and add its
-name to BACKENDS and a branch to the `backend` fixture."""
+"""Fixtures of the store tests (a BaseStore without a mount). Backends for the contract suite:
+the same test runs against each `BaseStore`. To add one (the published adapter), write a class
+with the `Backend` shape below and add its name to BACKENDS and a branch to the `backend`
+fixture. `site`: a fault proxy in front of the session's nginx, for the HTTP store's tests.
+nginx_server and moto_server are tests/conftest.py's."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -13,7 +17,8 @@ import pytest
 
 from corfs.base import BaseOptions
 from corfs.errors import BaseError, BaseNotFound, UsageError
-from tests.servers import TEST_BUCKET, moto_server, nginx_server  # noqa: F401
+from tests.proxy import FaultProxy
+from tests.servers import TEST_BUCKET, Nginx
 
 BACKENDS = ["dir", "http", "s3"]
 
@@ -117,3 +122,28 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "s3":
         return S3Backend(request.getfixturevalue("moto_server"), sub)
     raise AssertionError(request.param)
+
+
+class Site:
+    """A fresh directory on the shared nginx holding disk.raw, and a fault proxy before it."""
+
+    def __init__(self, nginx: Nginx, proxy: FaultProxy, sub: str) -> None:
+        self.nginx = nginx
+        self.proxy = proxy
+        self.sub = sub
+        self.root = nginx.root / sub
+        self.root.mkdir(parents=True)
+        self.data = random.Random(sub).randbytes(3 * (1 << 20) + 333)
+        (self.root / "disk.raw").write_bytes(self.data)
+
+    @property
+    def url(self) -> str:
+        """The base through the proxy."""
+        return self.proxy.url + self.sub
+
+
+@pytest.fixture
+def site(nginx_server: Nginx) -> Iterator[Site]:
+    proxy = FaultProxy(upstream_port=nginx_server.port).start()
+    yield Site(nginx_server, proxy, f"r{next(_serial)}-{os.getpid()}/")
+    proxy.stop()

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.remote.loopback import start_loopback_server
+from tests.loopback import start_loopback_server
 
 
 def _read_head(sock: socket.socket, buf: bytearray) -> bytes | None:

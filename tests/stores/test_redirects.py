@@ -18,8 +18,8 @@ from corfs.base import BaseOptions, open_base
 from corfs.base.http import open_http_base
 from corfs.base.http_policy import MAX_REDIRECTS
 from corfs.errors import BaseUnavailable
-from tests.remote.hostile import HostileServer
-from tests.servers import LoggingNginx, Nginx, TlsFiles, make_tls
+from tests.hostile import HostileServer
+from tests.servers import Nginx, TlsFiles, make_tls
 
 TOKEN = "Bearer x"
 DATA = os.urandom(300_000)
@@ -28,8 +28,8 @@ DATA = os.urandom(300_000)
 @dataclass
 class Servers:
     tls: TlsFiles
-    plain: LoggingNginx  # http, logs Authorization
-    tls_other: LoggingNginx  # https on another port: another origin, logs Authorization
+    plain: Nginx  # http, logs Authorization
+    tls_other: Nginx  # https on another port: another origin, logs Authorization
     tls_front: Nginx  # https, redirects
     plain_front: Nginx  # http, redirects
 
@@ -52,8 +52,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         return server
 
     try:
-        plain = start(LoggingNginx(root=base / "p", workdir=base / "pw"), base / "p")
-        other = start(LoggingNginx(root=base / "o", workdir=base / "ow", tls=tls), base / "o")
+        plain = start(Nginx(root=base / "p", workdir=base / "pw", log_requests=True), base / "p")
+        other = start(
+            Nginx(root=base / "o", workdir=base / "ow", tls=tls, log_requests=True), base / "o"
+        )
         redirects = f"""
     location = /down/disk.raw {{ return 302 http://127.0.0.1:{plain.port}/disk.raw; }}
     location = /cross/disk.raw {{ return 302 https://127.0.0.1:{other.port}/disk.raw; }}
@@ -65,7 +67,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
                       base / "f")
         pfront = start(Nginx(root=base / "g", workdir=base / "gw", locations=redirects),
                        base / "g")
-        yield Servers(tls, plain, other, front, pfront)  # type: ignore[arg-type]
+        yield Servers(tls, plain, other, front, pfront)
     finally:
         for server in started:
             server.stop()

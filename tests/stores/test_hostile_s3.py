@@ -1,4 +1,4 @@
-"""A hostile S3 endpoint (tests/remote/hostile.py speaking just enough S3) cannot make the S3
+"""A hostile S3 endpoint (tests/hostile.py speaking just enough S3) cannot make the S3
 store buffer or wait without bound: a GetObject body is read to at most its cap + 1 bytes,
 absurd sizes are BaseProtocolError, a trickling listing ends at --io-timeout."""
 
@@ -13,7 +13,7 @@ import trio
 from corfs.base import BaseOptions, open_base
 from corfs.base.s3 import open_s3_base
 from corfs.errors import BaseProtocolError, BaseUnavailable
-from tests.remote.hostile import HostileServer, MiB, Route, huge_body, trickle
+from tests.hostile import HostileServer, MiB, Route, huge_body, trickle
 from tests.servers import FAKE_AWS_ENV
 
 HUGE = 600 * MiB

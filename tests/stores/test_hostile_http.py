@@ -23,7 +23,7 @@ from corfs.errors import (
 )
 from corfs.manifest import MAX_MANIFEST_BYTES, Manifest, chunk_key
 from corfs.refetch import why_base_cannot_supply
-from tests.remote.hostile import HostileServer, MiB, Route, huge_body, trickle
+from tests.hostile import HostileServer, MiB, Route, huge_body, trickle
 
 FAST = BaseOptions(io_timeout=3.0)
 HUGE = 600 * MiB

@@ -22,8 +22,8 @@ from corfs.errors import (
     UsageError,
 )
 from corfs.s3_errors import s3_error
-from tests.remote.proxy import FaultProxy
-from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, free_port
+from tests.proxy import FaultProxy
+from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, free_port
 
 MiB = 1 << 20
 
@@ -83,14 +83,6 @@ def test_open_errors(moto_server) -> None:
             await open_s3_base(f"s3://{TEST_BUCKET}/", options(ep, profile="no-such-profile"))
 
     trio.run(main)
-
-
-@pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory):
-    server = Moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_wrong_credentials_are_access_denied_without_echo(moto_with_auth) -> None:

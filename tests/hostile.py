@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from tests.remote.loopback import start_loopback_server
+from tests.loopback import start_loopback_server
 
 # A route: (method, path, request headers) -> (status, headers, body pieces), or None for 404.
 Answer = tuple[int, list[tuple[str, str]], Iterable[bytes]]
