@@ -1,12 +1,13 @@
 # corfs: set-up, tests, demo, benchmarks. Run as root on Debian 12.
 #   make demo     set up, then mount a sample image and show copy-on-read at work
 #   make test     set up, then the whole test suite (slow tests included)
-#   make check    set up, then the fast tests (-m "not slow") and ruff
+#   make check    set up, then the fast tests (-m "not slow"), ruff and mypy
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 RUFF := $(VENV)/bin/ruff
+MYPY := $(VENV)/bin/mypy
 LINT_PATHS = $(wildcard corfs tests bench scripts)
 PYTEST_ARGS ?=
 # Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only.
@@ -29,9 +30,11 @@ test: setup
 check: setup
 	@$(call RUN_PYTEST,-m "not slow")
 	$(RUFF) check $(LINT_PATHS)
+	$(MYPY)
 
 lint: setup
 	$(RUFF) check $(LINT_PATHS)
+	$(MYPY)
 
 mutants: setup
 	$(PY) scripts/mutants.py $(MUTANTS)

@@ -97,4 +97,4 @@ def is_aligned(data: bytes | bytearray | memoryview) -> bool:
         return False
     if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
         return False
-    return address_of(data) % ALIGNMENT == 0  # type: ignore[arg-type]
+    return address_of(data) % ALIGNMENT == 0

@@ -202,7 +202,7 @@ class CorfsOperations(TranslatedOperations):
         # cache of it never goes stale.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> Buffer:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         # pyfuse3 takes any contiguous buffer: a slice of a fill's buffer goes out uncopied.
         return await self._image(fh).read(off, size)
 
@@ -249,8 +249,8 @@ class CorfsOperations(TranslatedOperations):
             await self._drop_stale_pages()
             raise
         await self._drop_stale_pages()
-        for name in forgotten:
-            await self._drop_cached_pages(self._by_name[os.fsencode(name)])
+        for forgotten_name in forgotten:
+            await self._drop_cached_pages(self._by_name[os.fsencode(forgotten_name)])
         for name, inode in self._by_name.items():
             if not self._listed(inode) and inode not in self._unlisted:
                 self._unlisted.add(inode)  # handed over to QEMU: the kernel forgets its name

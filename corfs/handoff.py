@@ -95,6 +95,7 @@ class Via:
             return connect_socket(self.qmp, timeout)
         from .virsh import VirshMonitor
 
+        assert self.virsh is not None  # Via holds one of the two
         return VirshMonitor(self.virsh)
 
 

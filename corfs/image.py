@@ -425,6 +425,7 @@ class Image:
         parts = []
         for index in self.geometry.chunks_of(offset, length):
             start = self.geometry.chunk_start(index)
+            data: Buffer
             if self.is_local(index):
                 data = self.data.read(start, self.geometry.chunk_length(index))
             else:

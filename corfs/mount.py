@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pyfuse3
 import trio
@@ -81,7 +81,7 @@ def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -
 
 def _match_images(
     store: CacheStore,
-    sources: list[BaseImage],
+    sources: Sequence[BaseImage],
     config: MountConfig,
     base_name: str,
     handed_over: dict[str, str],
@@ -153,7 +153,7 @@ def _same_image(record: ImageRecord, source: BaseImage) -> bool:
     return record.identity == source.identity and record.size == source.size
 
 
-def _attach_sources(images: list[Image], sources: list[BaseImage]) -> None:
+def _attach_sources(images: list[Image], sources: Sequence[BaseImage]) -> None:
     """The base answers again after it was down at mount: match its images to the ones served,
     as `_match_images` did at mount (a live image cannot be discarded, so --reset-stale does
     not apply: a changed image stays stale until remounted)."""
@@ -228,7 +228,7 @@ def _down_error(exc: BaseException) -> CorfsError | None:
     return exc if isinstance(exc, (BaseUnreachable, TransientBaseError)) else None
 
 
-async def _open_and_list(config: MountConfig) -> tuple[BaseStore, list[BaseImage]]:
+async def _open_and_list(config: MountConfig) -> tuple[BaseStore, Sequence[BaseImage]]:
     base = await open_base(config.base_url, config.base)
     try:
         return base, await base.list_images()
@@ -240,6 +240,7 @@ async def _open_and_list(config: MountConfig) -> tuple[BaseStore, list[BaseImage
 def _load_traces(
     config: MountConfig, store: CacheStore, images: list[Image]
 ) -> dict[str, list[int]]:
+    text: str | None
     if config.stream.trace_file:
         try:
             with open(config.stream.trace_file) as f:
@@ -396,13 +397,13 @@ async def _serve_with(
     mountpoint: str,
     on_ready: Callable[[], None] | None,
     link: _BaseLink,
-    sources: list[BaseImage],
+    sources: Sequence[BaseImage],
     store: CacheStore,
     down: CorfsError | None,
     signals: AsyncIterator[int],
 ) -> None:
     handed_over = _settle_handoffs(store, config)
-    matched = (
+    matched: list[tuple[ImageRecord, BaseImage | None]] = (
         _match_images(store, sources, config, link.description, handed_over)
         if down is None
         else [(record, None) for record in store.records()]

@@ -50,7 +50,7 @@ T = TypeVar("T")
 class Monitor(Protocol):
     """One QMP connection."""
 
-    def command(self, name: str, arguments: dict | None = None) -> object:
+    def command(self, name: str, arguments: dict | None = None) -> Any:
         """Run one QMP command; raise QmpError with QEMU's message when it fails."""
         ...
 
@@ -86,7 +86,7 @@ class SocketMonitor:
             self.close()
             raise
 
-    def command(self, name: str, arguments: dict | None = None) -> object:
+    def command(self, name: str, arguments: dict | None = None) -> Any:
         try:
             return self._run(self._client.execute(name, arguments), name)
         except ExecuteError as e:
@@ -150,13 +150,13 @@ def read_graph(monitor: Monitor) -> Graph:
     infos = monitor.command("query-named-block-nodes", {"flat": True})
     nodes = {
         i["node-name"]: Node(i["node-name"], i["drv"], i["file"], _common_options(i))
-        for i in infos  # type: ignore[union-attr]
+        for i in infos
     }
     graph = monitor.command("x-debug-query-block-graph")
-    by_id = {n["id"]: n for n in graph["nodes"]}  # type: ignore[index]
+    by_id = {n["id"]: n for n in graph["nodes"]}
     parents: dict[str, list[Edge]] = {}
     children: dict[str, dict[str, str]] = {}
-    for e in graph["edges"]:  # type: ignore[index]
+    for e in graph["edges"]:
         parent, child = by_id[e["parent"]], by_id[e["child"]]
         parents.setdefault(child["name"], []).append(
             Edge(parent["name"], parent["type"], e["name"])
@@ -188,7 +188,7 @@ def rename_backing(
     to `changed` as soon as it is (for an undo after a failure half-way). `only`: just these.
     A read-only overlay cannot be written and keeps its header (logged)."""
     graph = read_graph(monitor)
-    for info in monitor.command("query-named-block-nodes", {"flat": True}):  # type: ignore[union-attr]
+    for info in monitor.command("query-named-block-nodes", {"flat": True}):
         backing = info.get("image", {}).get("backing-filename")  # the header's (not the node's)
         name = info["node-name"]
         if not backing or not same_path(backing, old) or (only is not None and name not in only):
@@ -456,7 +456,7 @@ def _mirror(monitor: Monitor, source: str, target: str, job: str) -> None:
 
 def _job(monitor: Monitor, job: str) -> dict:
     jobs = monitor.command("query-jobs")
-    return next((j for j in jobs if j["id"] == job), {})  # type: ignore[union-attr]
+    return next((j for j in jobs if j["id"] == job), {})
 
 
 def _wait_job(monitor: Monitor, job: str, status: str) -> None:

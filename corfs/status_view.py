@@ -23,8 +23,9 @@ def _printable(name: str) -> str:
 
 
 def format_table(status: dict) -> str:
+    mounted = status.get("mounted")
     where = _printable(
-        status.get("mountpoint") if status.get("mounted") else f"{status['cache']} (not mounted)"
+        str(status.get("mountpoint")) if mounted else f"{status['cache']} (not mounted)"
     )
     lines = [f"{where}  base: {status.get('base') or '-'}"]
     columns = ("IMAGE", "SIZE", "LOCAL", "FILL", "STATE", "RATE", "ETA")
@@ -65,6 +66,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
         BarColumn,
         DownloadColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
@@ -78,7 +80,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
         TimeRemainingColumn(),
         TextColumn("{task.fields[state]}"),
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     try:
         with Progress(*columns) as progress:
             while True:

@@ -26,6 +26,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import QmpError, UsageError
 from .qmp_switch import same_path
@@ -121,7 +122,7 @@ class VirshMonitor:
 
     def command(
         self, name: str, arguments: dict | None = None, *, pass_fds: Sequence[int] = ()
-    ) -> object:
+    ) -> Any:
         """QEMU's "return" for one QMP command. `pass_fds` go to QEMU along with it (e.g. for
         `add-fd`): QEMU under libvirt runs as its own user and may not open a file corfs
         can."""

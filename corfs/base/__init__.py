@@ -146,7 +146,12 @@ class BaseImage(Protocol):
     name: str
     size: int
     identity: str
-    layout: ChunkLayout | None
+
+    @property
+    def layout(self) -> ChunkLayout | None:
+        """Published images' chunk digests; None for raw images (read-only: raw stores declare
+        it `None`)."""
+        ...
 
     async def read(self, offset: int, length: int) -> Buffer:
         """Exactly `length` bytes at `offset`; writable and page-aligned
