@@ -29,6 +29,7 @@ from typing import Any
 from .base import image_name_problem
 from .digest import DIGEST_HEX_LENGTH, DIGEST_SIZE, digest_hex
 from .errors import BaseCorrupt
+from .geometry import ChunkGeometry
 
 MANIFEST_FORMAT = "corfs-manifest"
 MANIFEST_VERSION = 1
@@ -85,9 +86,13 @@ class Manifest:
     def chunk_count(self) -> int:
         return len(self.digests)
 
+    @property
+    def geometry(self) -> ChunkGeometry:
+        return ChunkGeometry(self.size, self.chunk_size)
+
     def chunk_length(self, index: int) -> int:
         """Bytes of chunk `index` (the last one may be short)."""
-        return min(self.chunk_size, self.size - index * self.chunk_size)
+        return self.geometry.chunk_length(index)
 
     def to_json(self) -> bytes:
         doc = {

@@ -36,6 +36,7 @@ import zstandard
 
 from ..buffers import aligned_zeros
 from ..errors import BaseCorrupt
+from ..geometry import ChunkGeometry
 from ..manifest import (
     INDEX_KEY,
     MAX_MANIFEST_BYTES,
@@ -131,15 +132,15 @@ class PublishedImage:
             raise ValueError(f"read of {length} at {offset} is outside {self.name} ({self.size})")
         if length == 0:
             return aligned_zeros(0)
-        cs = self.layout.chunk_size
-        first, last = offset // cs, (offset + length - 1) // cs
-        start = first * cs
+        geometry = ChunkGeometry(self.size, self.layout.chunk_size)
+        chunks = geometry.chunks_of(offset, length)
+        start = geometry.chunk_start(chunks.start)
         # Whole chunks land in `out` (zeros where chunks are zero); trim to the range after.
-        out = aligned_zeros(min(self.size, (last + 1) * cs) - start)
-        wanted = [i for i in range(first, last + 1) if self.layout.digests[i] is not None]
+        out = aligned_zeros(geometry.length_of_chunks(chunks))
+        wanted = [i for i in chunks if self.layout.digests[i] is not None]
         limiter = trio.CapacityLimiter(_FETCHES_PER_READ)
         if len(wanted) == 1:
-            await self._fetch(wanted[0], out, wanted[0] * cs - start, limiter)
+            await self._fetch(wanted[0], out, geometry.chunk_start(wanted[0]) - start, limiter)
         elif wanted:
             await self._fetch_all(wanted, out, start, limiter)
         if offset == start and length == len(out):
