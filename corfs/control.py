@@ -95,6 +95,7 @@ class Controller:
                     else (0.0 if stream.state == "complete" else None),
                     error=stream.error or image.fill_error or image.store.sync_failure,
                     failing_chunks=len(failing := image.failing_chunks),
+                    fill_errors=image.fill_errors,
                     failing_chunk_indexes=tuple(failing[:MAX_LISTED_CHUNKS]),
                     handoff_error=self._handoff_errors.get(image.name),
                 )

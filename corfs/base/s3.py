@@ -77,7 +77,16 @@ _TRANSIENT = {
 
 
 def _client_error(exc: Exception, what: str) -> BaseError:
-    """Map a botocore exception to the error tree."""
+    """Map a botocore exception to the error tree, keeping the HTTP status if there is one."""
+    from botocore import exceptions as bx
+
+    error = _mapped_client_error(exc, what)
+    if isinstance(exc, bx.ClientError):
+        error.http_status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or None
+    return error
+
+
+def _mapped_client_error(exc: Exception, what: str) -> BaseError:
     from botocore import exceptions as bx
 
     if isinstance(exc, bx.ClientError):
