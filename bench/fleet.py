@@ -117,7 +117,7 @@ def _base_requests(port: int) -> float:
 
 
 def _moto_gets(log: Path, key: str) -> int:
-    return len(re.findall(rf'"GET /[^ ]*{re.escape(key)}[^ ]* HTTP', log.read_text()))
+    return len(re.findall(rf"GET /\S*{re.escape(key)}\S* HTTP", log.read_text()))
 
 
 def bench_s3(runs: int, size: int) -> None:
