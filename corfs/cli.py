@@ -93,6 +93,11 @@ def _add_mount(sub: _WithCommon) -> None:
     p.add_argument("--region", help="S3 region")
     p.add_argument("--profile", help="AWS profile for S3 credentials")
     p.add_argument("--connections", type=int, default=8, help="concurrent base requests (8)")
+    p.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (a port alone: 127.0.0.1)",
+    )
     p.add_argument("--daemon", action="store_true", help="go to the background once mounted")
     p.add_argument("--log-file", help="log here instead of stderr")
 
@@ -213,6 +218,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         )
     if args.io_timeout <= 0:
         raise UsageError("--io-timeout must be positive")
+    from .metrics import parse_listen_address
+
     return MountConfig(
         base_url=args.base,
         cache_dir=os.path.abspath(args.cache),
@@ -224,6 +231,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         allow_other=args.allow_other,
         owner=args.owner,
         mode=args.mode,
+        metrics=parse_listen_address(args.metrics) if args.metrics else None,
         base=BaseOptions(
             io_timeout=args.io_timeout,
             ca_file=args.ca_file,

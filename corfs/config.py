@@ -33,5 +33,6 @@ class MountConfig:
     owner: tuple[int, int] | None = None  # uid, gid of the exposed files
     mode: int = 0o644
     commit_interval: float = 1.0
+    metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus metrics on
     base: BaseOptions = field(default_factory=BaseOptions)
     stream: StreamConfig = field(default_factory=StreamConfig)

@@ -107,6 +107,7 @@ class Controller:
             eta_s=eta,
             error=stream.error or image.fill_error or sync_failure,
             failing_chunks=image.failing_chunks,
+            fill_errors=image.fill_errors,
             failing_chunk_indexes=image.failing_chunk_indexes[:MAX_LISTED_CHUNKS],
             handoff_error=self._handoff_errors.get(image.name),
         )

@@ -135,8 +135,15 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 class DataFile:
     """The data file of image `name`, chunked as `geometry`, at `path`."""
 
-    def __init__(self, path: str, name: str, geometry: ChunkGeometry) -> None:
+    def __init__(
+        self,
+        path: str,
+        name: str,
+        geometry: ChunkGeometry,
+        on_written: Callable[[int], None] = lambda nbytes: None,  # metrics: any thread
+    ) -> None:
         self.path = path
+        self._on_written = on_written
         self.name = name
         self.geometry = geometry
         try:
@@ -175,6 +182,7 @@ class DataFile:
             if fd == self._direct_fd and exc.errno == errno.EINVAL:
                 raise _Refused(Way.DIRECT) from None
             raise cache_os_error(exc, f"writing {self.name}") from None
+        self._on_written(written)
         if written != sum(len(piece) for piece in pieces):
             raise ShortWrite(f"short write to the data file of {self.name}")
 

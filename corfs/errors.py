@@ -98,6 +98,7 @@ class ForgetRefused(ControlError):
 
 class BaseError(CorfsError):
     exit_code = 5
+    http_status: int | None = None  # the HTTP answer it came from, if any (metrics.py)
 
 
 class BaseUnavailable(BaseError):

@@ -79,11 +79,20 @@ class FetcherStatistics:
 
 # Looks a digest up in the local cache: verified bytes of a chunk already local, or None.
 LocalLookup = Callable[[bytes], Buffer | None]
+# Told of every base request as it ends: seconds, outcome (ok | retried | failed), the error.
+RequestObserver = Callable[[float, str, BaseException | None], None]
+
+
+def _ignore_request(seconds: float, outcome: str, error: BaseException | None) -> None:
+    pass
 
 
 class Fetcher:
-    def __init__(self, policy: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(
+        self, policy: RetryPolicy = RetryPolicy(), on_request: RequestObserver = _ignore_request
+    ) -> None:
         self.policy = policy
+        self._on_request = on_request
         self.requests = 0
         self.bytes_fetched = 0
         self.retries = 0
@@ -111,15 +120,18 @@ class Fetcher:
         last_error = ""  # why the previous try failed: it names the base (URL, key)
         while True:
             self.requests += 1
+            started = trio.current_time()
             try:
                 with trio.fail_at(deadline):
                     data = await source.read(offset, length)
                 if len(data) != length:
                     raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")
                 self.bytes_fetched += length
+                self._on_request(trio.current_time() - started, "ok", None)
                 return data
             except trio.TooSlowError:
                 self.failures += 1
+                self._on_request(trio.current_time() - started, "failed", None)
                 raise BaseUnavailable(
                     f"{source.name}: no answer from the base within {self.policy.io_timeout:g} s"
                     + (f" ({attempt} tries, last: {last_error})" if last_error else "")
@@ -137,13 +149,18 @@ class Fetcher:
                 backoff = min(backoff, remaining)
                 if remaining < FINAL_TRY_MARGIN:
                     self.failures += 1
+                    self._on_request(trio.current_time() - started, "failed", exc)
                     raise BaseUnavailable(
                         f"{source.name}: base failed for {self.policy.io_timeout:g} s "
                         f"({attempt} tries): {exc}"
                     ) from None
                 self.retries += 1
+                self._on_request(trio.current_time() - started, "retried", exc)
                 log.info("%s: retrying in %.2f s: %s", source.name, backoff, exc)
                 await trio.sleep(backoff)
+            except CorfsError as exc:  # refused for good (gone, denied, changed): no retry
+                self._on_request(trio.current_time() - started, "failed", exc)
+                raise
 
     async def fetch_chunks(
         self,

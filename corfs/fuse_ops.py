@@ -29,6 +29,7 @@ from .control_client import CONTROL_XATTR, STATUS_XATTR
 from .digest import Buffer
 from .errors import ControlError, CorfsError
 from .image import Image
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,15 @@ _XATTRS = (STATUS_XATTR.encode(), CONTROL_XATTR.encode())
 
 
 def _translate_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """CorfsError -> its errno; any other exception is a bug: log it, answer EIO, keep serving."""
+    """CorfsError -> its errno; any other exception is a bug: log it, answer EIO, keep serving.
+    Each request is timed and counted in flight here too: the one place every handler passes."""
+    op = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(*args: object) -> T:
+    async def wrapper(self: TranslatedOperations, *args: object) -> T:
+        started = self.metrics.fuse_request_started()
         try:
-            return await method(*args)
+            return await method(self, *args)
         except pyfuse3.FUSEError:
             raise
         except CorfsError as exc:
@@ -52,6 +56,8 @@ def _translate_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awai
         except Exception:
             log.exception("internal error in %s", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.metrics.fuse_request_ended(op, started)
 
     wrapper.translates_errors = True  # type: ignore[attr-defined]
     return wrapper
@@ -69,6 +75,8 @@ def fuse_handler_names() -> list[str]:
 class TranslatedOperations(pyfuse3.Operations):
     """Every handler a subclass defines is wrapped in `_translate_errors` when the class is
     made: a handler added later cannot forget it."""
+
+    metrics: Metrics
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,8 +98,10 @@ class CorfsOperations(TranslatedOperations):
         owner: tuple[int, int],
         mode: int,
         statfs_path: str,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
+        self.metrics = metrics if metrics is not None else Metrics(base_speaks_http=False)
         self._by_inode = {ROOT_INODE + 1 + i: image for i, image in enumerate(images)}
         self._by_name = {os.fsencode(image.name): inode for inode, image in self._by_inode.items()}
         self._controller = controller

@@ -39,8 +39,16 @@ from .fetcher import Fetcher, RetryPolicy
 from .fuse_ops import CorfsOperations
 from .handoff import settle_handoffs
 from .image import Image
+from .metrics import Metrics, MountSnapshot, serve_metrics
 from .mountinfo import find_mount
-from .store import MOUNTPOINT_FILE, TRACE_FILE, CacheStore, ImageRecord, is_cache_dir
+from .store import (
+    MOUNTPOINT_FILE,
+    TRACE_FILE,
+    CacheHooks,
+    CacheStore,
+    ImageRecord,
+    is_cache_dir,
+)
 from .stream import StreamWorker
 from .trace import TraceRecorder, convert_order, load_trace
 
@@ -76,7 +84,14 @@ def check_mountpoint(path: str) -> str:
 def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled. Raises CorfsError for bad input."""
     mountpoint = check_mountpoint(config.mountpoint)
-    trio.run(_serve, config, mountpoint, on_ready)
+    metrics = Metrics(base_speaks_http="://" in config.base_url)
+    # Listening first: a port in use is refused before anything is mounted.
+    stop_serving = serve_metrics(config.metrics, metrics.registry) if config.metrics else None
+    try:
+        trio.run(_serve, config, mountpoint, on_ready, metrics)
+    finally:
+        if stop_serving is not None:
+            stop_serving()
 
 
 def _match_images(
@@ -333,7 +348,12 @@ def _fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
-async def _serve(config: MountConfig, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+async def _serve(
+    config: MountConfig,
+    mountpoint: str,
+    on_ready: Callable[[], None] | None,
+    metrics: Metrics,
+) -> None:
     down: CorfsError | None = None
     try:
         base, sources = await _open_and_list(config)
@@ -353,12 +373,15 @@ async def _serve(config: MountConfig, mountpoint: str, on_ready: Callable[[], No
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
-            store = CacheStore.open(config.cache_dir)
+            store = CacheStore.open(
+                config.cache_dir,
+                hooks=CacheHooks(written=metrics.cache_written, synced=metrics.cache_synced),
+            )
             try:
                 if down is not None and not store.records():
                     raise BaseUnreachable(str(down))
                 await _serve_with(config, mountpoint, on_ready, link, sources, store, down,
-                                  signals)
+                                  signals, metrics)
             finally:
                 with contextlib.suppress(CorfsError):
                     store.commit_sync()
@@ -401,6 +424,7 @@ async def _serve_with(
     store: CacheStore,
     down: CorfsError | None,
     signals: AsyncIterator[int],
+    metrics: Metrics,
 ) -> None:
     handed_over = _settle_handoffs(store, config)
     matched: list[tuple[ImageRecord, BaseImage | None]] = (
@@ -408,7 +432,9 @@ async def _serve_with(
         if down is None
         else [(record, None) for record in store.records()]
     )
-    fetcher = Fetcher(RetryPolicy(io_timeout=config.base.io_timeout))
+    fetcher = Fetcher(
+        RetryPolicy(io_timeout=config.base.io_timeout), on_request=metrics.base_request
+    )
     owner = config.owner or (os.getuid(), os.getgid())
     recorder = TraceRecorder() if config.stream.record_trace else None
     session_over = trio.Event()
@@ -428,8 +454,12 @@ async def _serve_with(
             current_base=lambda: link.store,
             handed_over_before=[h for h in store.handoffs() if h.done],
         )
+        metrics.read_status_from(
+            lambda: MountSnapshot(controller.status(), store.sync_failure is not None)
+        )
         operations = CorfsOperations(
-            images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir
+            images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir,
+            metrics=metrics,
         )
         pyfuse3.init(operations, mountpoint, _fuse_options(config))
         nursery.start_soon(_raise_read_ahead, mountpoint)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from .errors import (
     BaseAccessDenied,
     BaseChanged,
+    BaseError,
     BaseNotFound,
     BaseProtocolError,
     BaseUnavailable,
@@ -57,9 +58,19 @@ _TRANSIENT = {
 
 
 def s3_error(exc: Exception, what: str) -> CorfsError:
-    """The error for botocore's `exc` on `what` (s3://bucket/key); any other exception that is
-    not an OSError or a parse failure is re-raised (a bug, not an answer of S3)."""
+    """The error for botocore's `exc` on `what` (s3://bucket/key), with the HTTP status it came
+    from (metrics count by it); any other exception that is not an OSError or a parse failure
+    is re-raised (a bug, not an answer of S3)."""
     from botocore import exceptions as bx  # boto3 is optional: imported with its first use
+
+    error = _mapped(exc, what)
+    if isinstance(exc, bx.ClientError) and isinstance(error, BaseError):
+        error.http_status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or None
+    return error
+
+
+def _mapped(exc: Exception, what: str) -> CorfsError:
+    from botocore import exceptions as bx
 
     if isinstance(exc, bx.ClientError):
         err = exc.response.get("Error", {})

@@ -23,6 +23,7 @@ class ImageStatus:
     eta_s: float | None
     error: str | None  # the latest failure still standing (a failing chunk's, the stream's ...)
     failing_chunks: int = 0  # chunks whose latest fill failed, still not local
+    fill_errors: int = 0  # fills of it that failed since the mount began
     failing_chunk_indexes: tuple[int, ...] = ()  # the first MAX_LISTED_CHUNKS of them
     detached_to: str | None = None  # handed over to QEMU live: its data file is this now
     handoff_error: str | None = None  # why the latest live handoff failed (rolled back)

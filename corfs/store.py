@@ -47,7 +47,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
@@ -270,9 +270,24 @@ class _SyncFailed(Exception):
         self.cause = cause
 
 
+@dataclass(frozen=True)
+class CacheHooks:
+    """Told of cache I/O as it happens (metrics.py), possibly from worker threads."""
+
+    written: Callable[[int], None] = lambda nbytes: None  # bytes written to a data file
+    synced: Callable[[float], None] = lambda seconds: None  # a commit's duration
+
+
 class CacheStore:
-    def __init__(self, cache_dir: str, db: sqlite3.Connection, lock_fd: int | None) -> None:
+    def __init__(
+        self,
+        cache_dir: str,
+        db: sqlite3.Connection,
+        lock_fd: int | None,
+        hooks: CacheHooks = CacheHooks(),
+    ) -> None:
         self.cache_dir = cache_dir
+        self._hooks = hooks
         self._db = db
         self._db_lock = threading.Lock()
         self._lock_fd = lock_fd
@@ -300,7 +315,10 @@ class CacheStore:
     # ---- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, cache_dir: str, *, lock: bool = True, create: bool = True) -> CacheStore:
+    def open(
+        cls, cache_dir: str, *, lock: bool = True, create: bool = True,
+        hooks: CacheHooks = CacheHooks(),
+    ) -> CacheStore:
         """Open (and with `create`, initialise) CACHE. With `lock`, take the exclusive lock
         that keeps two mounts off one cache; CacheLocked if another process holds it."""
         cache_dir = os.path.abspath(cache_dir)
@@ -344,7 +362,7 @@ class CacheStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        return cls(cache_dir, db, lock_fd)
+        return cls(cache_dir, db, lock_fd, hooks)
 
     @staticmethod
     def _take_lock(cache_dir: str) -> int:
@@ -539,7 +557,7 @@ class CacheStore:
                 raise CacheError(f"{name} is not in the cache")
             from .datafile import DataFile  # the data path: offline readers never load it
 
-            data_file = DataFile(self.data_path(name), name, record.geometry)
+            data_file = DataFile(self.data_path(name), name, record.geometry, self._hooks.written)
             self._data_files[name] = data_file
         return data_file
 
@@ -642,6 +660,13 @@ class CacheStore:
             raise
 
     def _sync_and_write(self, batch: _Batch) -> None:
+        started = time.monotonic()
+        try:
+            self._sync_and_write_rows(batch)
+        finally:
+            self._hooks.synced(time.monotonic() - started)
+
+    def _sync_and_write_rows(self, batch: _Batch) -> None:
         pending = batch.pending
         try:
             for fd in batch.fds:

@@ -21,6 +21,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-x86
   nginx-light fio attr busybox-static e2fsprogs cpio curl
   libvirt-daemon-system libvirt-clients
+  prometheus
 )
 
 log() { echo "setup: $*" >&2; }

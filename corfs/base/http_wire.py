@@ -63,7 +63,13 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 def status_error(status: int, what: str) -> BaseError:
-    """The error for an unexpected HTTP status (never 200/206)."""
+    """The error for an unexpected HTTP status (never 200/206), carrying that status."""
+    error = _status_error(status, what)
+    error.http_status = status
+    return error
+
+
+def _status_error(status: int, what: str) -> BaseError:
     if status in (404, 410):
         return BaseNotFound(f"{what}: not found (HTTP {status})")
     if status in (401, 403, 407):

@@ -1,0 +1,84 @@
+"""Issue 14, fleet scale (functional checks with generous bounds; the timing goals are measured
+by bench/fleet.py): a 1 TiB sparse image mounts, serves the right bytes at any offset and keeps
+the daemon light; an HTTP base of 1000 images mounts (listing and HEADs concurrent) and its
+status answers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.mounting import CorfsDirs, CorfsMount
+from tests.prometheus import samples, scrape
+from tests.servers import Nginx, free_port
+
+from .util import MIB, live_status, wait_for
+
+TIB = 1 << 40
+RSS_LIMIT = 400 * MIB  # the issue's goal; bench/fleet.py prints the figure (~ a fifth of it)
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _pattern(offset: int) -> bytes:
+    return offset.to_bytes(8, "little") * 512
+
+
+def test_a_1_tib_sparse_image_serves_any_offset_and_stays_light(tmp_dirs):
+    offsets = (0, TIB // 2 - 2048, TIB - 4096)  # the middle one straddles two chunks
+    with open(tmp_dirs.base / "huge.raw", "wb") as f:
+        f.truncate(TIB)
+        for offset in offsets:
+            f.seek(offset)
+            f.write(_pattern(offset))
+    with tmp_dirs.mount(timeout=60) as m:
+        image = m.mnt / "huge.raw"
+        assert image.stat().st_size == TIB
+        with open(image, "rb") as f:
+            for offset in offsets:
+                f.seek(offset)
+                assert f.read(4096) == _pattern(offset)
+            f.seek(TIB - 1)
+            assert f.read(10) == _pattern(TIB - 4096)[-1:]  # the last byte, and no more
+            f.seek(TIB // 4 + 12345)
+            assert f.read(4096) == bytes(4096)  # a hole reads as zeros
+        st = live_status(m.mnt)["images"][0]
+        assert st["size"] == TIB and st["local_bytes"] >= 3 * MIB
+        wait_for(lambda: live_status(m.mnt)["images"][0]["local_bytes"] > st["local_bytes"],
+                 what="streaming the zeros")
+        time.sleep(2)
+        assert m.pid is not None
+        assert _peak_rss(m.pid) < RSS_LIMIT
+        m.stop()
+
+
+def test_an_http_base_of_1000_images_mounts(tmp_path):
+    dirs = CorfsDirs.under(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    names = [f"img-{i:04d}.raw" for i in range(1000)]
+    for name in names:
+        with open(root / name, "wb") as f:
+            f.truncate(MIB)
+    nginx = Nginx(root=root, workdir=tmp_path / "nginx").start()
+    try:
+        start = time.monotonic()
+        port = free_port()
+        with CorfsMount(nginx.url, dirs.cache, dirs.mnt, "--stream-paused", "--chunk-size",
+                        "64k", "--metrics", str(port), timeout=120, log_dir=dirs.logs) as m:
+            seconds = time.monotonic() - start
+            assert seconds < 60, seconds  # generous: bench/fleet.py measures the goal (10 s)
+            assert [i["name"] for i in live_status(m.mnt)["images"]] == names
+            assert (Path(m.mnt) / names[-1]).open("rb").read(4096) == bytes(4096)
+            found = samples(scrape(port))
+            assert sorted(dict(labels)["image"] for name, labels in found
+                          if name == "corfs_image_local_bytes") == names
+            m.stop()
+    finally:
+        nginx.stop()
