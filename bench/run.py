@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, bool] = {
     "handoff": False,
     "http_reader": False,
     "tls": True,
+    "fleet": False,
 }
 # Modules of bench/ that are not benchmarks: shared code, the FUSE floor reads.py mounts,
 # the image builder published.py uses, and this runner.

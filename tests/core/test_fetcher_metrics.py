@@ -9,7 +9,7 @@ from corfs.base.memory import MemoryImage
 from corfs.errors import BaseNotFound, BaseUnavailable, TransientBaseError
 from corfs.fetcher import Fetcher, RetryPolicy
 from corfs.metrics import Metrics
-from tests.core.conftest import CS, random_bytes, run_with_mock_clock
+from tests.core.rig import CS, random_bytes, run_with_mock_clock
 from tests.prometheus import samples, total, value
 
 POLICY = RetryPolicy(io_timeout=10.0, first_backoff=0.1, max_backoff=2.0)
