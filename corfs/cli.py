@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from . import control, scrub
 from .base import BaseOptions
-from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
+from .config import DEFAULT_CHUNK_SIZE, DEFAULT_WRITE_BEHIND, MountConfig, StreamConfig
 from .errors import CorfsError, UsageError, leaf_error
 from .sizes import parse_size
 from .store import PRIVATE_UMASK
@@ -93,6 +93,13 @@ def _add_mount(sub: _WithCommon) -> None:
     p.add_argument("--region", help="S3 region")
     p.add_argument("--profile", help="AWS profile for S3 credentials")
     p.add_argument("--connections", type=int, default=8, help="concurrent base requests (8)")
+    p.add_argument(
+        "--write-behind",
+        type=_size,
+        default=DEFAULT_WRITE_BEHIND,
+        metavar="SIZE",
+        help="memory for fetched bytes waiting to be stored in CACHE, e.g. 1G (default 256M)",
+    )
     p.add_argument("--daemon", action="store_true", help="go to the background once mounted")
     p.add_argument("--log-file", help="log here instead of stderr")
 
@@ -201,6 +208,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             profile=args.profile,
             max_connections=args.connections,
         ),
+        write_behind=args.write_behind,
         stream=StreamConfig(
             enabled=not args.no_stream,
             start_paused=args.stream_paused,

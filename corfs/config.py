@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .base import BaseOptions
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_WRITE_BEHIND = 256 << 20  # write_behind.py: fetched bytes waiting to be stored
 
 
 @dataclass(frozen=True)
@@ -33,5 +34,6 @@ class MountConfig:
     owner: tuple[int, int] | None = None  # uid, gid of the exposed files
     mode: int = 0o644
     commit_interval: float = 1.0
+    write_behind: int = DEFAULT_WRITE_BEHIND  # bytes of fetched chunks waiting to be stored
     base: BaseOptions = field(default_factory=BaseOptions)
     stream: StreamConfig = field(default_factory=StreamConfig)

@@ -57,6 +57,7 @@ class Controller:
         base: str,
         mountpoint: str,
         fetcher_statistics: Callable[[], object] | None = None,
+        write_behind_statistics: Callable[[], object] | None = None,
         current_base: Callable[[], BaseStore | None] = lambda: None,
         handed_over_before: Sequence[HandoffRecord] = (),
     ) -> None:
@@ -66,6 +67,7 @@ class Controller:
         self._stream = stream
         self._cache, self._base, self._mountpoint = cache, base, mountpoint
         self._fetcher_statistics = fetcher_statistics
+        self._write_behind_statistics = write_behind_statistics
         # Asked before a forget: can the base supply the chunk again? (A callable: a base that
         # was down at mount comes up later.)
         self._current_base = current_base
@@ -101,6 +103,7 @@ class Controller:
             )
         images.sort(key=lambda status: status.name)
         fetcher = self._fetcher_statistics() if self._fetcher_statistics else None
+        behind = self._write_behind_statistics() if self._write_behind_statistics else None
         return MountStatus(
             mounted=True,
             mountpoint=self._mountpoint,
@@ -109,6 +112,7 @@ class Controller:
             bandwidth_bps=self._stream.limiter.rate,
             images=images,
             fetcher=asdict(fetcher) if fetcher is not None else None,  # type: ignore[call-overload]
+            write_behind=asdict(behind) if behind is not None else None,  # type: ignore[call-overload]
         )
 
     def status_xattr(self, name: str) -> bytes | None:
