@@ -54,6 +54,7 @@ from .errors import (
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
 from .geometry import ChunkGeometry, contiguous_runs
+from .ranges import RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
 from .store import CacheStore, ChunkState, ImageRecord
 from .write_behind import WriteBehind
@@ -176,6 +177,7 @@ class Image:
         self._queued: dict[int, _Queued] = {}  # fetched, verified, waiting to be stored
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
+        self._ranges = RangeCache()  # small ranges fetched for random readers (ranges.py)
         self.read_ahead = ReadAhead(self.geometry.chunk_count)
         self.data: DataFile = store.data_file(self.name)
         self.fills = 0
@@ -279,6 +281,7 @@ class Image:
 
     def _set_state(self, index: int, state: ChunkState, digest: bytes | None) -> None:
         self._fresh.drop(index)  # whatever changes a chunk makes the bytes kept for it stale
+        self._ranges.drop_range(self.geometry.chunk_start(index), self.geometry.chunk_length(index))
         self._chunks.set(index, state)
         if state != ChunkState.ABSENT and index in self._fill_failures:
             self._clear_failures(index)  # filled, or written whole by a client
@@ -580,12 +583,50 @@ class Image:
         if self._chunks.any_absent(chunks):
             if any(self._needs_fill(i, reading=True, held=held) for i in chunks):
                 self.read_ahead.after_miss(chunks)
+                if self._takes_a_range(chunks):
+                    return await self._read_range(chunks, offset, length)
                 held = await self.wait_local(chunks, reading=True)
             # No await from here on: what is in memory now is served.
             return self._serve(chunks, offset, length, held)
         if self._fresh:
             return self._serve(chunks, offset, length, held)
         return self.data.read(offset, length)
+
+    def _takes_a_range(self, chunks: range) -> bool:
+        """A random miss on a raw base, none of its chunks local or on their way: it fetches a
+        small range, not the chunks (ranges.py)."""
+        return (
+            self.source is not None
+            and self.source.layout is None
+            and self.geometry.chunk_size > self._ranges.block  # blocks nest in chunks
+            and self.error is None
+            and not self.read_ahead.sequential
+            and all(self._fetchable(i) and i not in self._fresh for i in chunks)
+        )
+
+    async def _read_range(self, chunks: range, offset: int, length: int) -> bytes:
+        """Serve a random miss from the RANGE_SIZE blocks around it (fetched once, kept while
+        its chunks stay absent); its chunks stay absent."""
+        assert self.source is not None
+        if missing := self._ranges.missing(self._ranges.blocks_of(offset, length)):
+            block = self._ranges.block
+            start = missing[0] * block
+            end = min(self.size, (missing[-1] + 1) * block)
+            try:
+                data = await self.fetcher.read_with_retry(self.source, start, end - start)
+            except BaseChanged as exc:
+                if self.error is None:
+                    self.error = f"base image changed: {exc}"
+                log.error("%s", exc)
+                raise
+            view = memoryview(data)
+            if all(self._chunks.is_absent(i) for i in chunks):  # else a write came meanwhile
+                for number in range(missing[0], missing[-1] + 1):
+                    lo = number * block - start
+                    self._ranges.keep(number, view[lo : lo + block])
+            else:
+                return await self.read(offset, length)
+        return self._ranges.read(offset, length)
 
     def _fetchable(self, index: int) -> bool:
         return self._chunks.is_absent(index) and not self.is_filling(index)

@@ -2,10 +2,11 @@
 
 - A reader whose read starts where its last one ended is sequential: the chunks after it are
   fetched now, for it (Image keeps their bytes for the reader), in a window that doubles up to
-  READ_AHEAD_MAX; a random read resets the window, so random readers fetch no more than they
-  read. Reads of local chunks count too, so the window keeps moving while the reader is served
-  from it. New fetches go out READ_AHEAD_RUN chunks at a time (larger requests and writes cost
-  less per byte) unless the reader's next chunk is not on its way yet.
+  READ_AHEAD_MAX; a random read resets the window, and its miss fetches only a small range
+  around it (ranges.py) where the base allows. Reads of local chunks count too, so the window
+  keeps moving while the reader is served from it. New fetches go out READ_AHEAD_RUN chunks at
+  a time (larger requests and writes cost less per byte) unless the reader's next chunk is not
+  on its way yet.
 - After a foreground miss, the MISS_HINT_CHUNKS chunks after it are hinted to the stream, which
   fills them (newest hint first) before its own order: a client that missed there is likely to
   read on there. Hints are bounded (a long-paused stream must not collect them forever).
@@ -48,6 +49,11 @@ class ReadAhead:
         ):
             return ahead
         return []
+
+    @property
+    def sequential(self) -> bool:
+        """Whether the latest read continued a sequential run (its window is open)."""
+        return self._window > 0
 
     def ahead_of_reader(self, run: range) -> bool:
         """A sequential reader will soon read these chunks (a stream fill that landed in its
