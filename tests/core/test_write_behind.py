@@ -187,3 +187,40 @@ def test_a_failed_store_leaves_its_chunks_absent_and_fails_a_waiting_write(
     from tests.core.conftest import run_with_mock_clock
 
     run_with_mock_clock(main)
+
+
+# ---- issue 13.2: random readers fetch what they read ---------------------------------------
+
+BIG_CS = 1 << 20
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["raw", "published"])
+def test_a_random_miss_fetches_a_small_range_and_leaves_the_chunk_absent(
+    rig_factory, published
+) -> None:
+    from corfs.ranges import RANGE_SIZE
+
+    data = random_bytes(8 * BIG_CS, seed=35)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=BIG_CS, published=published) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            for offset in (5 * BIG_CS + 3 * RANGE_SIZE + 100, 2 * BIG_CS + 8192, 7 * BIG_CS):
+                assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
+            fetched = sum(length for _, length in source.reads)
+            if published:  # digests need whole chunks
+                assert fetched == 3 * BIG_CS
+                return
+            assert fetched == 3 * RANGE_SIZE  # was 3 whole chunks
+            await image.wait_stored()
+            assert image.local_chunks == 0  # the stream makes chunks local, whole
+            # Re-reads of a fetched range ask the base nothing.
+            offset = 2 * BIG_CS + 8192 + 4096
+            assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
+            assert sum(length for _, length in source.reads) == fetched
+            # A write changes the chunk: the kept range goes with the old bytes.
+            await image.write(offset, b"w" * 10)
+            assert bytes(await image.read(offset, 10)) == b"w" * 10
+            assert bytes(await image.read(offset + 10, 10)) == data[offset + 10 : offset + 20]
+
+    trio.run(main)
