@@ -576,14 +576,14 @@ class Image:
         if self._first_reads is not None:
             self._first_reads(chunks)
         if not self.complete and self.source is not None and self.error is None:
-            ahead = self.read_ahead.after_read(chunks, self._fetchable)
+            ahead = self.read_ahead.after_read(chunks, self._fetchable, (offset, offset + length))
             if ahead:
                 self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
         held: dict[int, Buffer | None] = {}
         if self._chunks.any_absent(chunks):
             if any(self._needs_fill(i, reading=True, held=held) for i in chunks):
                 self.read_ahead.after_miss(chunks)
-                if self._takes_a_range(chunks):
+                if self._takes_a_range(chunks, length):
                     return await self._read_range(chunks, offset, length)
                 held = await self.wait_local(chunks, reading=True)
             # No await from here on: what is in memory now is served.
@@ -592,11 +592,12 @@ class Image:
             return self._serve(chunks, offset, length, held)
         return self.data.read(offset, length)
 
-    def _takes_a_range(self, chunks: range) -> bool:
-        """A random miss on a raw base, none of its chunks local or on their way: it fetches a
-        small range, not the chunks (ranges.py)."""
+    def _takes_a_range(self, chunks: range, length: int) -> bool:
+        """A small random miss on a raw base, none of its chunks local or on their way: it
+        fetches a small range, not the chunks (ranges.py)."""
         return (
-            self.source is not None
+            length <= self._ranges.block
+            and self.source is not None
             and self.source.layout is None
             and self.geometry.chunk_size > self._ranges.block  # blocks nest in chunks
             and self.error is None

@@ -1,11 +1,12 @@
 """Small aligned ranges of a raw base image, fetched for random readers (issue 13.2).
 
-A client read that misses and is not part of a sequential run (read_ahead.py decides) fetches
-only the RANGE_SIZE-aligned blocks around it, not whole chunks: a random 4 KiB reader fetches
-at most RANGE_SIZE / 4 KiB = 16 times what it reads (a whole 1 MiB chunk was 256 times). The
-chunk stays absent (the stream makes it local, whole); the blocks are kept, bounded, for
-re-reads. Only where chunks are larger than RANGE_SIZE: a block then lies within one chunk
-(both are powers of two), so it never holds bytes of another chunk, which may be dirty.
+A client read of at most RANGE_SIZE that misses and is not part of a sequential run
+(read_ahead.py decides) fetches only the RANGE_SIZE-aligned blocks around it, not whole
+chunks: an aligned random 4 KiB reader fetches RANGE_SIZE / 4 KiB = 16 times what it reads (a
+whole 1 MiB chunk was 256 times). Larger reads fill whole chunks. The chunk stays absent
+(the stream makes it local, whole); the blocks are kept, bounded, for re-reads. Only where
+chunks are larger than RANGE_SIZE: a block then lies within one chunk (both are powers of
+two), so it never holds bytes of another chunk, which may be dirty.
 
 Only for bases whose bytes are verified by identity on every request (raw dir, http and s3
 images: validators on each ranged read). A published image verifies each chunk against its

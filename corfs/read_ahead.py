@@ -28,11 +28,19 @@ class ReadAhead:
         self._chunk_count = chunk_count
         self._next_sequential = -1  # the chunk a sequential reader would miss next
         self._window = 0  # current read-ahead window, in chunks
+        self._last_end = -1  # where the latest read ended, in bytes
+        self._continued = False  # the latest read started there
         self._hints: collections.deque[int] = collections.deque(maxlen=_MAX_HINTS)
 
-    def after_read(self, chunks: range, fetchable: Callable[[int], bool]) -> list[int]:
-        """A client reads `chunks`: the chunks to fetch for it now (`fetchable`: absent and
-        not being filled), possibly none."""
+    def after_read(
+        self, chunks: range, fetchable: Callable[[int], bool], span: tuple[int, int] = (-2, -1)
+    ) -> list[int]:
+        """A client reads `chunks` (bytes `span`, start and end): the chunks to fetch for it
+        now (`fetchable`: absent and not being filled), possibly none."""
+        # Starting where the last read ended, or in the chunk it ended in: a run (the kernel's
+        # concurrent read-ahead requests arrive in any order within a chunk).
+        self._continued = span[0] == self._last_end or chunks.start == self._next_sequential - 1
+        self._last_end = span[1]
         if chunks.start == self._next_sequential - 1 and chunks.stop == self._next_sequential:
             return []  # another read in the same chunk (a concurrent reader, or the rest of it)
         if chunks.start == self._next_sequential:
@@ -52,8 +60,9 @@ class ReadAhead:
 
     @property
     def sequential(self) -> bool:
-        """Whether the latest read continued a sequential run (its window is open)."""
-        return self._window > 0
+        """Whether the latest read continued a sequential run: its window is open, or it
+        started where the read before it ended or in its chunk (the first chunk of a run)."""
+        return self._window > 0 or self._continued
 
     def ahead_of_reader(self, run: range) -> bool:
         """A sequential reader will soon read these chunks (a stream fill that landed in its
