@@ -37,13 +37,13 @@ class ReadAhead:
     ) -> list[int]:
         """A client reads `chunks` (bytes `span`, start and end): the chunks to fetch for it
         now (`fetchable`: absent and not being filled), possibly none."""
-        # Starting where the last read ended, or in the chunk it ended in: a run (the kernel's
-        # concurrent read-ahead requests arrive in any order within a chunk).
-        self._continued = span[0] == self._last_end or chunks.start == self._next_sequential - 1
+        self._continued = span[0] == self._last_end
         self._last_end = span[1]
         if chunks.start == self._next_sequential - 1 and chunks.stop == self._next_sequential:
             return []  # another read in the same chunk (a concurrent reader, or the rest of it)
-        if chunks.start == self._next_sequential:
+        # A window opens only for a read that starts at the very byte the last one ended at: a
+        # random reader landing in the next chunk by chance must not fetch ahead (amplification).
+        if chunks.start == self._next_sequential and (self._window or self._continued):
             self._window = min(READ_AHEAD_MAX, max(2, self._window * 2))
         else:
             self._window = 0
@@ -61,7 +61,7 @@ class ReadAhead:
     @property
     def sequential(self) -> bool:
         """Whether the latest read continued a sequential run: its window is open, or it
-        started where the read before it ended or in its chunk (the first chunk of a run)."""
+        started at the byte where the read before it ended (the first chunk of a run)."""
         return self._window > 0 or self._continued
 
     def ahead_of_reader(self, run: range) -> bool:
