@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import control_client
-from .config import DEFAULT_CHUNK_SIZE, MountConfig, StreamConfig
+from .config import DEFAULT_CHUNK_SIZE, DEFAULT_WRITE_BEHIND, MountConfig, StreamConfig
 from .errors import CorfsError, UsageError, error_line, leaf_error
 from .sizes import parse_size
 from .store import PRIVATE_UMASK, TRACE_FILE
@@ -97,6 +97,13 @@ def _add_mount(sub: _WithCommon) -> None:
         "--metrics",
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (a port alone: 127.0.0.1)",
+    )
+    p.add_argument(
+        "--write-behind",
+        type=_size,
+        default=DEFAULT_WRITE_BEHIND,
+        metavar="SIZE",
+        help="memory for fetched bytes waiting to be stored in CACHE, e.g. 1G (default 256M)",
     )
     p.add_argument("--daemon", action="store_true", help="go to the background once mounted")
     p.add_argument("--log-file", help="log here instead of stderr")
@@ -241,6 +248,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             profile=args.profile,
             max_connections=args.connections,
         ),
+        write_behind=args.write_behind,
         stream=StreamConfig(
             enabled=not args.no_stream,
             start_paused=args.stream_paused,

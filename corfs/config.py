@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .base import BaseOptions
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_WRITE_BEHIND = 256 << 20  # write_behind.py: fetched bytes waiting to be stored
 
 
 @dataclass(frozen=True)
@@ -34,5 +35,6 @@ class MountConfig:
     mode: int = 0o644
     commit_interval: float = 1.0
     metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus metrics on
+    write_behind: int = DEFAULT_WRITE_BEHIND  # bytes of fetched chunks waiting to be stored
     base: BaseOptions = field(default_factory=BaseOptions)
     stream: StreamConfig = field(default_factory=StreamConfig)

@@ -36,6 +36,7 @@ from .stream import ImageStreamStatistics, StreamWorker
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher
+    from .write_behind import WriteBehind
 
 STATUS_PAGE_BYTES = 60 << 10  # under the kernel's XATTR_SIZE_MAX (64 KiB), with room to spare
 
@@ -50,6 +51,7 @@ class Controller:
         base: str,
         mountpoint: str,
         fetcher: Fetcher | None = None,
+        write_behind: WriteBehind | None = None,
         current_base: Callable[[], BaseStore | None] = lambda: None,
         handed_over_before: Sequence[HandoffRecord] = (),
     ) -> None:
@@ -59,6 +61,7 @@ class Controller:
         self._stream = stream
         self._store = store
         self._fetcher = fetcher
+        self._write_behind = write_behind
         self._base, self._mountpoint = base, mountpoint
         # Asked before a forget: can the base supply the chunk again? (A callable: a base that
         # was down at mount comes up later.)
@@ -76,6 +79,7 @@ class Controller:
             images.append(self._image_status(stats, stream, sync_failure))
         images.sort(key=lambda status: status.name)
         fetcher = self._fetcher.statistics() if self._fetcher is not None else None
+        behind = self._write_behind.statistics() if self._write_behind is not None else None
         return MountStatus(
             mounted=True,
             mountpoint=self._mountpoint,
@@ -84,6 +88,7 @@ class Controller:
             bandwidth_bps=self._stream.worker_statistics().bandwidth_bps,
             images=images,
             fetcher=asdict(fetcher) if fetcher is not None else None,
+            write_behind=asdict(behind) if behind is not None else None,
         )
 
     def _image_status(

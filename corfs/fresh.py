@@ -2,7 +2,8 @@
 
 A sequential reader's chunks arrive through read-ahead fills: serving the reader from the fill's
 own buffer (a slice, no copy) spares a pread of bytes that are not in the page cache (fills are
-written with O_DIRECT, datafile.py), so a disk read, and the copy out of it.
+written with O_DIRECT, datafile.py), so a disk read, and the copy out of it. Chunks a reader's
+fill could not queue for storing (write_behind.py: no room) are kept here too, still absent.
 
 Invariant (kept by Image): an entry holds exactly the base bytes of a chunk whose state has not
 changed since they were verified; every state change of a chunk drops its entry first.
@@ -25,6 +26,9 @@ class FreshChunks:
 
     def __len__(self) -> int:
         return len(self._chunks)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._chunks
 
     def get(self, index: int) -> Buffer | None:
         return self._chunks.get(index)

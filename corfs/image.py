@@ -2,16 +2,24 @@
 many readers, writers and stream workers wait), and serving reads and writes of byte ranges.
 
 Invariants:
-- A read of local chunks is one `pread` on the data file, inline on the trio thread; a read
-  within one chunk that a fill for client reads has just stored is a slice of the bytes the
-  fill wrote instead (fresh.py: no copy, and no disk read after an O_DIRECT write).
-- One fill per chunk: a chunk being filled is waited for, never fetched twice.
+- A read of local chunks is one `pread` on the data file, inline on the trio thread; a read of
+  a chunk whose verified bytes are in memory (held by the fill it waited for, queued to be
+  stored, or kept in fresh.py) is a slice of them instead (no copy, no disk read).
+- A reader never waits for the cache disk: a fill answers its waiters once its chunks are
+  verified, then stores them behind (write_behind.py: the budget, back-pressure on the stream,
+  chunks dropped rather than stored when a reader's fill finds no room). A queued chunk is
+  recorded local only once stored, like any fill (never mark before durable); until then it
+  stays absent, on its way (`is_filling`), and is not fetched again.
+- One fill per chunk: a chunk being filled (or queued) is waited for, never fetched twice at
+  once (a chunk dropped for want of room is fetched again later, by the stream or a reader).
 - Base bytes are never written over a chunk that is already local: once its fetch is done, a
   fill stores only the chunks still absent (DataFile.store asks, with no await before it
   registers them), and while it stores them client writes in their folio span wait
   (datafile.py's folio-span rule); a client write `pwrite`s and marks its chunks dirty in one
   step with no `await` between.
-- A write that covers a chunk only partly makes that chunk local first.
+- A write that covers a chunk only partly makes that chunk local first (its fill is stored,
+  never dropped). A write whose folio span holds chunks queued to be stored waits for their
+  store: base bytes never land after it, and no store is in flight beside it.
 - Once the base changed under an image (`error`), it starts no more fills: local chunks are
   served, missing ones fail with ESTALE.
 - One bad chunk fails only itself: a fill stores every chunk the fetcher verified even when
@@ -25,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import trio
 
@@ -35,7 +44,6 @@ from .digest import Buffer
 from .errors import (
     BaseChanged,
     BaseNotFound,
-    CacheFull,
     CorfsError,
     ImageHandedOver,
     OutOfImageError,
@@ -46,8 +54,10 @@ from .errors import (
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
 from .geometry import contiguous_runs
+from .ranges import RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
 from .store import CacheStore, ChunkState, ImageRecord
+from .write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +73,50 @@ class _Fill:
     error: CorfsError | None = None  # the whole fill failed (base down, cache full ...)
     chunk_errors: dict[int, CorfsError] = field(default_factory=dict)  # ... or these chunks
     for_readers: bool = False  # keep the stored bytes in `Image._fresh`: client reads want them
+    for_writers: bool = False  # a client write needs its chunks local: never dropped
     background: bool = False  # only the stream waits for it
+    # The verified bytes of its chunks (None: zeros), for its waiters, set before `done`
+    held: dict[int, Buffer | None] = field(default_factory=dict)
+    room_wait: trio.CancelScope | None = None  # a stream fill waiting for write-behind room
 
     def error_of(self, index: int) -> CorfsError | None:
         return self.chunk_errors.get(index) or self.error
 
-    def share(self, *, reading: bool, background: bool) -> None:
-        """Another waiter joins: a client read wants the bytes kept, and a client makes the
-        fill a foreground one. Call before the first await after starting or joining: the fill
-        reads these flags once its fetch is done."""
+    def share(self, *, reading: bool, background: bool, writing: bool = False) -> None:
+        """Another waiter joins: a client read wants the bytes kept, a client write wants them
+        stored, and a client makes the fill a foreground one (which waits for no room). Call
+        before the first await after starting or joining: the fill reads these flags once its
+        fetch is done."""
         self.for_readers |= reading
+        self.for_writers |= writing
         self.background &= background
+        if not self.background and self.room_wait is not None:
+            self.room_wait.cancel()
+
+
+@dataclass
+class _StoreJob:
+    """Chunks of one fill stored behind their readers (write_behind.py)."""
+
+    indexes: frozenset[int]
+    done: trio.Event = field(default_factory=trio.Event)
+    error: CorfsError | None = None
+
+
+@dataclass
+class _Queued:
+    """A verified chunk waiting in memory to be stored: reads are served from its bytes."""
+
+    chunk: FetchedChunk
+    job: _StoreJob
+    read_to_end: bool = False  # a reader has read it to its end: not worth keeping once stored
+
+
+class _FileRange(NamedTuple):
+    """A piece of a read served from the data file."""
+
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -83,6 +126,7 @@ class FillOutcome:
 
     failed: dict[int, CorfsError]
     whole_fill_error: CorfsError | None
+    held: dict[int, Buffer | None] = field(default_factory=dict)  # verified bytes of the others
 
 
 @dataclass(frozen=True)
@@ -120,6 +164,7 @@ class Image:
         read_only: bool = False,
         mtime_ns: int = 0,
         first_reads: Callable[[range], None] | None = None,
+        write_behind: WriteBehind | None = None,
     ) -> None:
         self.name = record.name
         self.record = record
@@ -132,7 +177,10 @@ class Image:
         self._nursery = fill_nursery
         self._chunks = ChunkTable(self.geometry, store.load_states(record)[0])
         self._fills: dict[int, _Fill] = {}
+        self._queued: dict[int, _Queued] = {}  # fetched, verified, waiting to be stored
+        self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
+        self._ranges = RangeCache()  # small ranges fetched for random readers (ranges.py)
         self.read_ahead = ReadAhead(self.geometry.chunk_count)
         self.data: DataFile = store.data_file(self.name)
         self.fills = 0
@@ -211,7 +259,13 @@ class Image:
         return self._chunks.next_absent(start)
 
     def is_filling(self, index: int) -> bool:
-        return index in self._fills
+        """Whether the chunk is on its way to local: being fetched, or queued to be stored."""
+        return index in self._fills or index in self._queued
+
+    async def wait_stored(self) -> None:
+        """Until no fetched chunk of this image waits to be stored (write_behind.py)."""
+        while self._queued:
+            await next(iter(self._queued.values())).job.done.wait()
 
     def statistics(self) -> ImageStatistics:
         return ImageStatistics(
@@ -233,6 +287,7 @@ class Image:
 
     def _set_state(self, index: int, state: ChunkState, digest: bytes | None) -> None:
         self._fresh.drop(index)  # whatever changes a chunk makes the bytes kept for it stale
+        self._ranges.drop_range(self.geometry.chunk_start(index), self.geometry.chunk_length(index))
         self._chunks.set(index, state)
         if state != ChunkState.ABSENT and index in self._fill_failures:
             self._clear_failures(index)  # filled, or written whole by a client
@@ -249,28 +304,54 @@ class Image:
 
     # ---- filling -------------------------------------------------------------------------
 
+    def _needs_fill(self, index: int, *, reading: bool, held: dict[int, Buffer | None]) -> bool:
+        """Whether chunk `index` is neither local nor queued to be stored, nor (for a `reading`
+        client) in memory: `held` by the fills it waited for, or kept in `_fresh`."""
+        return (
+            self._chunks.is_absent(index)
+            and index not in self._queued
+            and not (reading and (index in held or index in self._fresh))
+        )
+
     async def wait_local(
-        self, indexes: Iterable[int], *, background: bool = False, reading: bool = False
-    ) -> None:
-        """Return once every chunk of `indexes` is local, filling the missing ones (sharing
-        fills already in flight). Raises the fill's error (EIO, ESTALE, ENOSPC ...).
-        `reading`: a client read waits, keep the stored bytes for it (`_fresh`)."""
+        self,
+        indexes: Iterable[int],
+        *,
+        background: bool = False,
+        reading: bool = False,
+        writing: bool = False,
+    ) -> dict[int, Buffer | None]:
+        """Return once every chunk of `indexes` is local or queued to be stored (or, for a
+        `reading` client, its verified bytes are in memory), filling the missing ones (sharing
+        fills already in flight). Raises the fill's error (EIO, ESTALE ...). Returns the bytes
+        the fills held for a reader whose chunks were not stored (write_behind.py), valid while
+        those chunks stay absent. `writing`: a client write waits, its fills are stored."""
         wanted = list(indexes)
-        while missing := [i for i in wanted if self._chunks.is_absent(i)]:
+        held: dict[int, Buffer | None] = {}
+        while missing := [i for i in wanted if self._needs_fill(i, reading=reading, held=held)]:
             outcome = await self._fill_once(
-                missing, background=background, reading=reading, first_error=True
+                missing, background=background, reading=reading, writing=writing,
+                first_error=True,
             )
             for error in outcome.failed.values():
                 raise chunk_error(error)
+            held.update(outcome.held)
+        return held
 
     async def fill_each(self, indexes: Iterable[int]) -> FillOutcome:
         """The stream's fill: one pass over the absent chunks of `indexes` in the background,
         reporting what failed chunk by chunk instead of raising."""
-        missing = [i for i in indexes if self._chunks.is_absent(i)]
+        missing = [i for i in indexes if self._needs_fill(i, reading=False, held={})]
         return await self._fill_once(missing, background=True, reading=False, first_error=False)
 
     async def _fill_once(
-        self, missing: list[int], *, background: bool, reading: bool, first_error: bool
+        self,
+        missing: list[int],
+        *,
+        background: bool,
+        reading: bool,
+        first_error: bool,
+        writing: bool = False,
     ) -> FillOutcome:
         """Start fills of the `missing` chunks not in flight yet and wait for every fill they
         are in (with `first_error`, only until one of them fails)."""
@@ -281,18 +362,21 @@ class Image:
         owners = {i: self._fills[i] for i in missing if i in self._fills}
         fills = list({id(f): f for f in owners.values()}.values())
         for fill in fills:  # new and shared alike, before the first await (_Fill.share)
-            fill.share(reading=reading, background=background)
+            fill.share(reading=reading, background=background, writing=writing)
         failed: dict[int, CorfsError] = {}
+        held: dict[int, Buffer | None] = {}
         whole_fill_error = None
         for fill in fills:
             await fill.done.wait()
             for index, owner in owners.items():
                 if owner is fill and (error := fill.error_of(index)) is not None:
                     failed[index] = error
+                elif owner is fill and index in fill.held:
+                    held[index] = fill.held[index]
             whole_fill_error = whole_fill_error or fill.error
             if failed and first_error:
                 break
-        return FillOutcome(failed, whole_fill_error)
+        return FillOutcome(failed, whole_fill_error, held)
 
     def _start_fills(
         self, indexes: list[int], limit: int, *, for_readers: bool = False, background: bool = False
@@ -308,12 +392,19 @@ class Image:
                 self._nursery.start_soon(self._fill, piece, fill)
 
     async def _fill(self, run: range, fill: _Fill) -> None:
+        room = 0  # write-behind room this fill holds and has not queued bytes in yet
         try:
             if self.error is not None:
                 raise BaseChanged(f"{self.name}: chunk {run.start} is not local and {self.error}")
             if self.source is None:
                 missing = self.missing_source
                 raise type(missing)(f"{self.name}: chunk {run.start} is not local and {missing}")
+            if fill.background:  # the stream waits for room before it fetches (back-pressure)
+                wanted = sum(self.geometry.chunk_length(i) for i in run)
+                with trio.CancelScope() as fill.room_wait:  # cancelled if a client joins
+                    await self.write_behind.wait_room(wanted)
+                    room = wanted
+                fill.room_wait = None
             fetched = await self.fetcher.fetch_chunks(
                 self.source, self.geometry, run, self.store.read_by_digest
             )
@@ -322,8 +413,7 @@ class Image:
                 self.fill_errors += 1
                 self._fill_failures[index] = (str(exc), 0)
                 log.error("filling %s chunk %d: %s", self.name, index, exc)
-            keep = fill.for_readers or self.read_ahead.ahead_of_reader(run)
-            await self._store_fetched(fetched.chunks, keep=keep, background=fill.background)
+            room = self._queue_fetched(fetched.chunks, fill, run, room)
             self.fills += 1
         except BaseChanged as exc:
             if self.error is None:
@@ -341,37 +431,126 @@ class Image:
             fill.error = CorfsError(f"internal error filling {self.name}: {exc!r}")
             log.exception("filling %s chunks %d-%d", self.name, run.start, run.stop - 1)
         finally:
+            self.write_behind.release(room)
             for index in run:
                 if self._fills.get(index) is fill:
                     del self._fills[index]
             fill.done.set()
 
-    async def _store_fetched(
-        self, chunks: list[FetchedChunk], *, keep: bool = False, background: bool = False
+    def _queue_fetched(self, chunks: list[FetchedChunk], fill: _Fill, run: range, room: int) -> int:
+        """Hand a fill's verified chunks to its waiters (`fill.held`) and queue them to be
+        stored behind them, within the write-behind budget (write_behind.py: a fill only
+        readers wait for and that finds no room is dropped instead); the room left unused."""
+        chunks = [chunk for chunk in chunks if self._chunks.is_absent(chunk.index)]
+        fill.held = {chunk.index: chunk.data for chunk in chunks}
+        nbytes = sum(len(chunk.data) for chunk in chunks if chunk.data is not None)
+        if room >= nbytes:
+            room -= nbytes
+        elif self.write_behind.take_nowait(
+            nbytes - room, overdraw=fill.for_writers or fill.background
+        ):
+            room = 0
+        else:  # no room: zero chunks (holes, no bytes held) are stored, the others dropped
+            dropped = [chunk for chunk in chunks if chunk.data is not None]
+            self.write_behind.dropped(len(dropped))
+            for chunk in dropped:
+                self._fresh.keep(chunk.index, chunk.data)  # type: ignore[arg-type]
+            chunks = [chunk for chunk in chunks if chunk.data is None]
+            nbytes = 0
+        if chunks:
+            job = _StoreJob(frozenset(chunk.index for chunk in chunks))
+            for chunk in chunks:
+                self._queued[chunk.index] = _Queued(chunk, job)
+                if chunk.index in self._fill_failures:  # on its way: no longer failing
+                    self._clear_failures(chunk.index)
+            keep = fill.for_readers or self.read_ahead.ahead_of_reader(run)
+            self._nursery.start_soon(self._store_behind, chunks, job, nbytes, keep, fill.background)
+        return room
+
+    async def _store_behind(
+        self, chunks: list[FetchedChunk], job: _StoreJob, nbytes: int, keep: bool, background: bool
     ) -> None:
-        """Write verified chunks to the data file, then mark them local (module invariants);
-        `keep` their bytes in `_fresh` for client reads."""
+        """Write queued chunks to the data file, then mark them local (module invariants);
+        `keep` their bytes in `_fresh` for client reads not done with them yet. A failure
+        leaves them absent (write_behind.py)."""
+
+        def queued_by_job(index: int) -> bool:
+            queued = self._queued.get(index)
+            return queued is not None and queued.job is job and self._chunks.is_absent(index)
 
         def mark_stored(stored: list[FetchedChunk]) -> None:
             for chunk in stored:
+                queued = self._queued.pop(chunk.index)
                 state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
                 self._set_state(chunk.index, state, chunk.digest)
-                if keep and chunk.data is not None:
+                if keep and chunk.data is not None and not queued.read_to_end:
                     self._fresh.keep(chunk.index, chunk.data)
+            self.write_behind.stored(len(stored))
 
-        if chunks:
+        try:
             await self.data.store(
-                chunks, wanted=self._chunks.is_absent, stored=mark_stored, coalesce=not background
+                chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
             )
+        except Exception as exc:
+            failed = [chunk.index for chunk in chunks if queued_by_job(chunk.index)]
+            job.error = exc if isinstance(exc, CorfsError) else CorfsError(
+                f"internal error storing {self.name}: {exc!r}"
+            )
+            self.fill_errors += 1
+            self.write_behind.store_failed()
+            self._fill_failures.update(dict.fromkeys(failed, (str(job.error), 0)))
+            log.error(
+                "storing %s chunks %d-%d: %s (left absent)",
+                self.name, chunks[0].index, chunks[-1].index, job.error,
+                exc_info=not isinstance(exc, CorfsError),
+            )
+        finally:
+            for chunk in chunks:
+                if (queued := self._queued.get(chunk.index)) is not None and queued.job is job:
+                    del self._queued[chunk.index]
+            self.write_behind.release(nbytes)
+            job.done.set()
 
-    def _read_fresh(self, chunks: range, offset: int, length: int) -> Buffer | None:
-        """The bytes of a read within one kept chunk, as a slice (no copy), or None."""
-        if len(chunks) != 1 or (data := self._fresh.get(chunks.start)) is None:
-            return None
-        lo = offset - self.geometry.chunk_start(chunks.start)
-        if lo + length == len(data):
-            self._fresh.drop(chunks.start)  # read to its end: a sequential reader is done
-        return data[lo : lo + length]
+    def _memory_of(self, index: int, held: dict[int, Buffer | None]) -> tuple[bool, Buffer | None]:
+        """The verified bytes of an absent chunk that are in memory (held for this read, queued
+        to be stored, or kept): (True, bytes or None for zeros), or (False, None)."""
+        if not self._chunks.is_absent(index):
+            return False, self._fresh.get(index)
+        if index in held:
+            return True, held[index]
+        if (queued := self._queued.get(index)) is not None:
+            return True, queued.chunk.data
+        data = self._fresh.get(index)
+        return data is not None, data
+
+    def _serve(
+        self, chunks: range, offset: int, length: int, held: dict[int, Buffer | None]
+    ) -> Buffer:
+        """The bytes of a read whose chunks are local or in memory (`_memory_of`): a slice of
+        a chunk's bytes when the read is within one (no copy), else pieces joined."""
+        pieces: list[Buffer | _FileRange] = []
+        end = offset + length
+        for index in chunks:
+            start = self.geometry.chunk_start(index)
+            lo, hi = max(offset, start), min(end, start + self.geometry.chunk_length(index))
+            in_memory, data = self._memory_of(index, held)
+            if data is not None:
+                if hi - start == len(data):  # read to its end: a sequential reader is done
+                    self._fresh.drop(index)
+                    if (queued := self._queued.get(index)) is not None:
+                        queued.read_to_end = True
+                pieces.append(data[lo - start : hi - start])
+            elif in_memory:
+                pieces.append(bytes(hi - lo))
+            elif pieces and isinstance(pieces[-1], _FileRange):
+                pieces[-1] = _FileRange(pieces[-1].offset, hi - pieces[-1].offset)
+            else:
+                pieces.append(_FileRange(lo, hi - lo))
+        out = [
+            self.data.read(piece.offset, piece.length) if isinstance(piece, _FileRange) else piece
+            for piece in pieces
+        ]
+        return out[0] if len(out) == 1 else b"".join(out)
 
     # ---- client I/O ----------------------------------------------------------------------
 
@@ -403,42 +582,61 @@ class Image:
         if self._first_reads is not None:
             self._first_reads(chunks)
         if not self.complete and self.source is not None and self.error is None:
-            ahead = self.read_ahead.after_read(chunks, self._fetchable)
+            ahead = self.read_ahead.after_read(chunks, self._fetchable, (offset, offset + length))
             if ahead:
                 self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
+        held: dict[int, Buffer | None] = {}
         if self._chunks.any_absent(chunks):
-            self.read_ahead.after_miss(chunks)
-            try:
-                await self.wait_local(chunks, reading=True)
-            except CacheFull:
-                log.warning("%s: cache disk full, serving a read without caching it", self.name)
-                return await self._read_uncached(offset, length)
-        if self._fresh and (fresh := self._read_fresh(chunks, offset, length)) is not None:
-            return fresh
+            if any(self._needs_fill(i, reading=True, held=held) for i in chunks):
+                self.read_ahead.after_miss(chunks)
+                if self._takes_a_range(chunks, length):
+                    return await self._read_range(chunks, offset, length)
+                held = await self.wait_local(chunks, reading=True)
+            # No await from here on: what is in memory now is served.
+            return self._serve(chunks, offset, length, held)
+        if self._fresh:
+            return self._serve(chunks, offset, length, held)
         return self.data.read(offset, length)
 
-    def _fetchable(self, index: int) -> bool:
-        return self._chunks.is_absent(index) and index not in self._fills
+    def _takes_a_range(self, chunks: range, length: int) -> bool:
+        """A small random miss on a raw base, none of its chunks local or on their way: it
+        fetches a small range, not the chunks (ranges.py)."""
+        return (
+            length <= self._ranges.block
+            and self.source is not None
+            and self.source.layout is None
+            and self.geometry.chunk_size > self._ranges.block  # blocks nest in chunks
+            and self.error is None
+            and not self.read_ahead.sequential
+            and all(self._fetchable(i) and i not in self._fresh for i in chunks)
+        )
 
-    async def _read_uncached(self, offset: int, length: int) -> bytes:
+    async def _read_range(self, chunks: range, offset: int, length: int) -> Buffer:
+        """Serve a random miss from the RANGE_SIZE blocks around it (fetched once, kept while
+        its chunks stay absent); its chunks stay absent."""
         assert self.source is not None
-        parts = []
-        for index in self.geometry.chunks_of(offset, length):
-            start = self.geometry.chunk_start(index)
-            data: Buffer
-            if self.is_local(index):
-                data = self.data.read(start, self.geometry.chunk_length(index))
+        if missing := self._ranges.missing(self._ranges.blocks_of(offset, length)):
+            block = self._ranges.block
+            start = missing[0] * block
+            end = min(self.size, (missing[-1] + 1) * block)
+            try:
+                data = await self.fetcher.read_with_retry(self.source, start, end - start)
+            except BaseChanged as exc:
+                if self.error is None:
+                    self.error = f"base image changed: {exc}"
+                log.error("%s", exc)
+                raise
+            view = memoryview(data)
+            if all(self._chunks.is_absent(i) for i in chunks):  # else a write came meanwhile
+                for number in range(missing[0], missing[-1] + 1):
+                    lo = number * block - start
+                    self._ranges.keep(number, view[lo : lo + block])
             else:
-                fetched = await self.fetcher.fetch_chunks(
-                    self.source, self.geometry, range(index, index + 1)
-                )
-                for error in fetched.failed.values():
-                    raise chunk_error(error)
-                data = fetched.chunks[0].data or bytes(self.geometry.chunk_length(index))
-            lo = max(offset, start) - start
-            hi = min(offset + length, start + len(data)) - start
-            parts.append(data[lo:hi])
-        return b"".join(parts)
+                return await self.read(offset, length)
+        return self._ranges.read(offset, length)
+
+    def _fetchable(self, index: int) -> bool:
+        return self._chunks.is_absent(index) and not self.is_filling(index)
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         self.check_served()
@@ -452,8 +650,15 @@ class Image:
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
         while True:
-            if any(self._chunks.is_absent(i) for i in partial):
-                await self.wait_local(partial)
+            if any(self._chunks.is_absent(i) and i not in self._queued for i in partial):
+                await self.wait_local(partial, writing=True)
+            elif (job := self._queued_in_span(touched)) is not None:
+                # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait
+                # to be stored: the write goes after them (never under base bytes, and never
+                # beside a store in flight in its span).
+                await job.done.wait()
+                if job.error is not None and any(i in job.indexes for i in partial):
+                    raise job.error
             elif self.data.storing_in_span(touched):
                 # A fill is storing there (base bytes into these chunks, or a direct write that
                 # may share a page-cache folio with them): let it finish first.
@@ -474,6 +679,12 @@ class Image:
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
         return len(data)
+
+    def _queued_in_span(self, chunks: range) -> _StoreJob | None:
+        for index in self.data.span(chunks):
+            if (queued := self._queued.get(index)) is not None:
+                return queued.job
+        return None
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:

@@ -51,6 +51,7 @@ from .store import (
 )
 from .stream import StreamWorker
 from .trace import TraceRecorder, convert_order, load_trace
+from .write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,7 @@ def _build_images(
     matched: list[tuple[ImageRecord, BaseImage | None]],
     nursery: trio.Nursery,
     recorder: TraceRecorder | None,
+    write_behind: WriteBehind,
 ) -> list[Image]:
     images = []
     for record, source in matched:
@@ -405,7 +407,7 @@ def _build_images(
             first_reads = recorder.hook_for(record.name, record.chunk_size) if recorder else None
             image = Image(
                 record, store, fetcher, source, nursery,
-                read_only=config.read_only, first_reads=first_reads,
+                read_only=config.read_only, first_reads=first_reads, write_behind=write_behind,
             )
             image.mtime_ns = os.fstat(store.data_fd(record.name)).st_mtime_ns
         except (CorfsError, OSError) as exc:
@@ -439,7 +441,8 @@ async def _serve_with(
     recorder = TraceRecorder() if config.stream.record_trace else None
     session_over = trio.Event()
     async with trio.open_nursery() as nursery:
-        images = _build_images(config, store, fetcher, matched, nursery, recorder)
+        write_behind = WriteBehind(config.write_behind)
+        images = _build_images(config, store, fetcher, matched, nursery, recorder, write_behind)
         for image in images:
             if down is not None:
                 image.missing_source = BaseUnreachable("the base does not answer")
@@ -451,6 +454,7 @@ async def _serve_with(
             base=link.description,
             mountpoint=mountpoint,
             fetcher=fetcher,
+            write_behind=write_behind,
             current_base=lambda: link.store,
             handed_over_before=[h for h in store.handoffs() if h.done],
         )

@@ -46,6 +46,7 @@ class MountStatus:
     bandwidth_bps: int
     images: list[ImageStatus] = field(default_factory=list)
     fetcher: dict | None = None
+    write_behind: dict | None = None  # write_behind.WriteBehindStatistics
     schema_version: int = STATUS_SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -127,6 +127,7 @@ def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             await image.read(CS, 10)
+            await image.wait_stored()
             with failing_inserts(rig.store):
                 monkeypatch.setattr(os, "fdatasync", sync_after_the_write)
                 async with trio.open_nursery() as nursery:
@@ -143,6 +144,7 @@ def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
             await rig.store.commit()
             assert committed_states(rig.cache_dir, "a") == {1: (ChunkState.DIRTY, None)}
             assert bytes(await image.read(CS, CS)) == b"w" * CS
+            await image.wait_stored()
 
     trio.run(main)
 
@@ -159,6 +161,7 @@ def test_data_files_are_synced_before_the_rows_on_every_commit_path(
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
             await rig.image("a").read(0, CS)
+            await rig.image("a").wait_stored()
             real = os.fdatasync
 
             def spy(fd: int) -> None:

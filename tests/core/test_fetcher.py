@@ -171,6 +171,7 @@ def test_corrupt_answer_is_refetched_once(rig_factory) -> None:
             rig.source("p").faults.corrupt_next = 1
             image = rig.image("p")
             assert await image.read(CS, 2 * CS) == data[CS : 3 * CS]
+            await image.wait_stored()
             assert rig.fetcher.digest_mismatches == 1
             assert chunk_reads(rig.source("p"), CS) == [1, 2, 1]
             await rig.store.commit()
@@ -220,6 +221,7 @@ def test_corrupt_chunk_in_a_run_fails_only_itself(rig_factory) -> None:
             async def read_chunks(first: int, count: int) -> None:
                 try:
                     results[first] = await image.read(first * CS, count * CS)
+                    await image.wait_stored()
                 except BaseCorrupt as exc:
                     results[first] = exc.errno
 
@@ -238,6 +240,7 @@ def test_corrupt_chunk_in_a_run_fails_only_itself(rig_factory) -> None:
             assert chunk_reads(source, CS) == [1, 2, 3, 4, 2]  # the run, then 2 once more
             assert [image.is_local(i) for i in range(5)] == [False, True, False, True, True]
             assert await image.read(CS, CS) == data[CS : 2 * CS]  # local now: no base read
+            await image.wait_stored()
             assert len(source.reads) == 2
             assert image.failing_chunks == [2]
             assert "chunk 2 failed its digest check twice" in (image.fill_error or "")
@@ -246,8 +249,10 @@ def test_corrupt_chunk_in_a_run_fails_only_itself(rig_factory) -> None:
             assert os.pread(rig.store.data_fd("p"), CS, 2 * CS) == bytes(CS)
             with pytest.raises(BaseCorrupt):  # still bad: fetched again, failed again
                 await image.read(2 * CS, 1)
+                await image.wait_stored()
             source.faults.corrupt_at.clear()  # the base is repaired
             assert await image.read(2 * CS, CS) == data[2 * CS : 3 * CS]
+            await image.wait_stored()
             assert image.failing_chunks == [] and image.fill_error is None
 
     run(main)
@@ -288,6 +293,7 @@ def test_zero_chunks_of_a_layout_are_never_fetched(rig_factory) -> None:
         async with rig_factory({"p": data}, published=True) as rig:
             image = rig.image("p")
             assert await image.read(0, len(data)) == data
+            await image.wait_stored()
             fetched = chunk_reads(rig.source("p"), CS)
             assert sorted(fetched) == [0, 4]
             assert [image.state_of(i) for i in range(5)] == [
@@ -300,6 +306,7 @@ def test_zero_chunks_of_a_layout_are_never_fetched(rig_factory) -> None:
             # A zero-only read does no base request at all.
             async with rig_factory({"q": bytes(4 * CS)}, published=True, store=rig.store) as other:
                 assert await other.image("q").read(0, 4 * CS) == bytes(4 * CS)
+                await other.image("q").wait_stored()
                 assert other.source("q").reads == []
 
     run(main)
@@ -313,10 +320,13 @@ def test_dedup_copies_a_committed_chunk_instead_of_fetching(tmp_path, rig_factor
     async def main() -> None:
         async with rig_factory({"a": a, "b": b}, published=True) as rig:
             await rig.image("a").read(CS, CS)
+            await rig.image("a").wait_stored()
             # Not committed yet: no dedup from uncommitted chunks.
             assert await rig.image("b").read(CS, 10) == b[CS : CS + 10]
+            await rig.image("b").wait_stored()
             await rig.store.commit()
             assert await rig.image("b").read(0, CS) == shared
+            await rig.image("b").wait_stored()
             assert chunk_reads(rig.source("b"), CS) == [1]
             assert rig.fetcher.dedup_hits == 1
             assert rig.image("b").state_of(0) == ChunkState.CLEAN

@@ -193,6 +193,7 @@ def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, 
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             assert bytes(await image.read(CS, 100)) == data[CS : CS + 100]  # kept, not all read
+            await image.wait_stored()
             monkeypatch.setattr(os, "pwritev", half_write)
             with pytest.raises(CacheFull):
                 await image.write(CS, b"\xaa" * 200)
@@ -220,9 +221,11 @@ def test_a_waited_for_run_is_one_write_a_stream_run_one_per_chunk(rig_factory, m
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             assert bytes(await image.read(0, 4 * CS)) == data[: 4 * CS]  # a client waits
+            await image.wait_stored()
             assert writes == [4]
             writes.clear()
             await image.wait_local(range(8, 12), background=True)  # the stream's run
+            await image.wait_stored()
             assert writes == [1, 1, 1, 1]  # a guest's flush never queues behind 4 at once
             assert bytes(await image.read(8 * CS, 4 * CS)) == data[8 * CS : 12 * CS]
 
@@ -319,6 +322,7 @@ def test_fills_in_one_folio_span(rig_factory, monkeypatch, first, second, second
                         await trio.sleep(0.005)
                 assert (second not in started) == second_waits, started
                 release_first.set()
+            await image.wait_stored()
             assert started == [first, second]
             assert direct == {index: index != 7 for index in (first, second)}
             for index in (first, second):
@@ -395,6 +399,7 @@ def test_a_refused_direct_store_falls_back_as_a_buffered_one(rig_factory, monkey
                 nursery.start_soon(image.wait_local, range(4, 5))
                 await trio.sleep(0.3)
                 release.set()
+            await image.wait_stored()
             assert events == ["5 direct", "5 done", "4 buffered"]
             for index in (4, 5):
                 start = index * CS

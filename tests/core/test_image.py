@@ -161,6 +161,7 @@ def test_foreground_reader_shares_a_background_fill_in_flight(rig_factory) -> No
                 assert await image.read(6 * CS + 3, 10) == data[6 * CS + 3 : 6 * CS + 13]
                 assert trio.current_time() - start <= 1.0
             assert source.reads == [(4 * CS, 4 * CS)]
+            await image.wait_stored()
             assert all(image.is_local(i) for i in range(4, 8))
 
     run(main)
@@ -181,6 +182,7 @@ def test_partial_write_completes_chunk_from_base_first(rig_factory) -> None:
             assert await image.read(0, SIZE) == bytes(expected)
             assert [image.state_of(i) for i in (1, 2, 3)] == [ChunkState.DIRTY] * 3
             assert image.statistics().dirty_chunks == 3
+            await image.wait_stored()  # the read's fills, stored behind it
             await rig.store.commit()
             rows = committed_states(rig.cache_dir, "a")
             assert [rows[i] for i in (1, 2, 3)] == [(ChunkState.DIRTY, None)] * 3
@@ -230,6 +232,7 @@ def test_write_wins_over_a_racing_fill(rig_factory) -> None:
             assert await image.read(3 * CS, CS) == data[3 * CS : 4 * CS]
             assert image.state_of(2) == ChunkState.DIRTY
             assert image.state_of(8) == ChunkState.DIRTY
+            await image.wait_stored()
             await rig.store.commit()
             rows = committed_states(rig.cache_dir, "a")
             assert rows[2] == (ChunkState.DIRTY, None) and rows[8] == (ChunkState.DIRTY, None)
@@ -321,6 +324,7 @@ def test_cache_full_reads_uncached_and_writes_fail(rig_factory, monkeypatch) -> 
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             await image.read(0, CS)
+            await image.wait_stored()
             monkeypatch.setattr(corfs.store.os, "pwritev", no_space)  # client writes and fills
             # Served correctly (partly local, partly straight from the base), nothing cached.
             assert await image.read(CS // 2, 3 * CS) == data[CS // 2 : CS // 2 + 3 * CS]
@@ -337,6 +341,7 @@ def test_cache_full_reads_uncached_and_writes_fail(rig_factory, monkeypatch) -> 
             monkeypatch.undo()
             # Space again: reads cache as before.
             assert await image.read(5 * CS, CS) == data[5 * CS : 6 * CS]
+            await image.wait_stored()
             assert image.is_local(5)
 
     run(main)
@@ -349,6 +354,7 @@ def test_base_gone_serves_local_chunks_and_fails_missing(tmp_path, rig_factory) 
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             await image.read(0, 2 * CS)
+            await image.wait_stored()
             await rig.store.commit()
             orphan = Image(image.record, rig.store, rig.fetcher, None, rig.nursery)
             assert await orphan.read(0, 2 * CS) == data[: 2 * CS]

@@ -57,6 +57,7 @@ def test_kept_bytes_never_outlive_a_write_or_a_forget(rig_factory) -> None:
             # Forgotten (a scrub found it bad) and the base now differs: the next read must
             # fetch it anew, not answer from bytes kept from before.
             assert await image.read(5 * CS, 100) == DATA[5 * CS : 5 * CS + 100]
+            await image.wait_stored()
             assert image.forget_chunk(5)
             source.data[5 * CS : 6 * CS] = b"\xee" * CS
             assert bytes(await image.read(5 * CS, 100)) == b"\xee" * 100
@@ -75,7 +76,9 @@ def test_stream_fills_ahead_of_a_sequential_reader_are_kept_for_it(rig_factory) 
             far = CHUNKS - 2  # beyond its read-ahead window
             # The stream fills chunks just ahead of it (and far away).
             await image.wait_local(range(READ_AHEAD_MAX + 4, READ_AHEAD_MAX + 6), background=True)
+            await image.wait_stored()
             await image.wait_local(range(far, far + 2), background=True)
+            await image.wait_stored()
             # Junk behind corfs's back in the data file: a read served by a pread shows it.
             junk = b"\x5a" * (2 * CS)
             fd = os.open(rig.store.data_path("a"), os.O_WRONLY)

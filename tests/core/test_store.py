@@ -24,6 +24,7 @@ def test_read_marks_are_not_committed_until_commit(tmp_path, rig_factory) -> Non
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             assert await image.read(CS, 10) == data[CS : CS + 10]
+            await image.wait_stored()
             assert image.is_local(1)
             # In memory it is local; a fresh process must not see it yet.
             assert committed_states(rig.cache_dir, "a") == {}
@@ -50,8 +51,10 @@ def test_failed_fdatasync_stops_recording(tmp_path, rig_factory, monkeypatch) ->
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
             await image.read(3 * CS, CS)
+            await image.wait_stored()
             await rig.store.commit()  # chunk 3 is durable before the failure
             await image.read(0, 3 * CS)
+            await image.wait_stored()
             assert rig.store.pending_count == 3
             real_fdatasync = os.fdatasync
             calls = []
@@ -85,6 +88,7 @@ def test_enospc_on_sync_is_cache_full(tmp_path, rig_factory, monkeypatch) -> Non
     async def main() -> None:
         async with rig_factory({"a": random_bytes(CS)}) as rig:
             await rig.image("a").read(0, 1)
+            await rig.image("a").wait_stored()
 
             def full(fd: int) -> None:
                 raise OSError(errno.ENOSPC, "no space")
@@ -106,6 +110,7 @@ def test_zero_chunks_are_recorded_zero_and_stay_sparse(tmp_path, rig_factory) ->
         async with rig_factory({"z": data}, chunk_size=big) as rig:
             image = rig.image("z")
             assert await image.read(0, len(data)) == data
+            await image.wait_stored()
             await rig.store.commit()
             states = [image.state_of(i) for i in range(6)]
             assert states == [ChunkState.ZERO] * 3 + [ChunkState.CLEAN] + [ChunkState.ZERO] * 2
@@ -129,6 +134,7 @@ def test_zero_chunk_read_alone_allocates_nothing(tmp_path, rig_factory) -> None:
     async def main() -> None:
         async with rig_factory({"z": data}) as rig:
             assert await rig.image("z").read(2 * CS, CS) == bytes(CS)
+            await rig.image("z").wait_stored()
             await rig.store.commit()
             assert st_allocated(rig.store.data_path("z")) == 0
             assert committed_states(rig.cache_dir, "z") == {2: (ChunkState.ZERO, None)}
@@ -236,8 +242,10 @@ def test_the_trio_thread_never_waits_for_a_commit(rig_factory) -> None:
         async with rig_factory({"a": a, "b": b}, published=True) as rig:
             store = rig.store
             await rig.image("a").read(0, 2 * CS)
+            await rig.image("a").wait_stored()
             await store.commit()
             await rig.image("b").read(0, 1)  # a mark for the commit to write
+            await rig.image("b").wait_stored()
             blocker = sqlite3.connect(os.path.join(store.cache_dir, "state.db"))
             blocker.isolation_level = None
             blocker.execute("BEGIN IMMEDIATE")
@@ -250,7 +258,9 @@ def test_the_trio_thread_never_waits_for_a_commit(rig_factory) -> None:
                     with trio.fail_after(2):
                         assert store.find_by_digest(chunk_digest(shared)) == ("a", 0)
                         assert await rig.image("b").read(CS, CS) == shared  # copied from a
+                        await rig.image("b").wait_stored()
                         assert await rig.image("a").read(CS, 100) == a[CS : CS + 100]
+                        await rig.image("a").wait_stored()
                     assert rig.fetcher.dedup_hits == 1
                     assert store._db_lock.locked(), "the commit was not held meanwhile"
                     blocker.execute("ROLLBACK")

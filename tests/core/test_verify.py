@@ -44,6 +44,7 @@ def test_verify_finds_bad_clean_and_zero_chunks_and_forgets_only_them(
     async def fill() -> None:
         async with rig_factory({"a": data}, published=True, cache_dir=cache) as rig:
             assert await rig.image("a").read(0, len(data)) == data
+            await rig.image("a").wait_stored()
             await rig.store.commit()
 
     run(fill)
@@ -69,6 +70,7 @@ def test_verify_finds_bad_clean_and_zero_chunks_and_forgets_only_them(
             image = rig.image("a")
             assert not image.is_local(1) and not image.is_local(2)
             assert await image.read(0, len(data)) == data
+            await image.wait_stored()
             assert chunk_reads(rig.source("a"), CS) == [1]  # chunk 2 is zero: never fetched
 
     run(refill)
@@ -96,6 +98,7 @@ def test_verify_skips_dirty_chunks(tmp_path: Path, rig_factory) -> None:
         async with rig_factory({"a": random_bytes(2 * CS)}, cache_dir=cache) as rig:
             await rig.image("a").write(0, b"x" * CS)
             await rig.image("a").read(CS, CS)
+            await rig.image("a").wait_stored()
             await rig.store.commit()
 
     run(fill)
@@ -133,8 +136,10 @@ def test_dedup_takes_a_chunk_written_but_not_yet_committed(rig_factory) -> None:
     async def main() -> None:
         async with rig_factory({"a": a, "b": b}, published=True) as rig:
             await rig.image("a").read(CS, CS)
+            await rig.image("a").wait_stored()
             assert rig.store.pending_count > 0  # nothing committed yet
             assert await rig.image("b").read(0, CS) == shared
+            await rig.image("b").wait_stored()
             assert chunk_reads(rig.source("b"), CS) == []
             assert rig.fetcher.dedup_hits == 1
             await rig.store.commit()
@@ -228,6 +233,7 @@ def test_forget_refuses_chunk_indexes_outside_the_image(rig_factory) -> None:
         async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
             image = rig.image("a")
             await image.read(3 * CS, 1)
+            await image.wait_stored()
             controller = _controller([image], rig.base)
             for bad in (-1, 4):
                 with pytest.raises(ControlError):
@@ -247,7 +253,9 @@ def test_forget_asks_the_base_at_forget_time_and_keeps_what_it_cannot_supply(
         async with rig_factory({"a": data, "b": data}) as rig:
             a, b = rig.image("a"), rig.image("b")
             await a.read(0, len(data))
+            await a.wait_stored()
             await b.read(0, len(data))
+            await b.wait_stored()
             controller = _controller([a, b], rig.base)
 
             rig.source("a").identity = "id-a-rewritten"  # changed in the base
@@ -280,6 +288,7 @@ def test_verify_of_an_unmounted_cache_keeps_bad_chunks_its_base_cannot_supply(
     async def fill() -> None:
         async with rig_factory({"a": data}, cache_dir=cache) as rig:
             await rig.image("a").read(0, len(data))
+            await rig.image("a").wait_stored()
             await rig.store.commit()
 
     run(fill)

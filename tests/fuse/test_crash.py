@@ -165,3 +165,71 @@ def test_kill9_rounds_keep_every_byte_right(tmp_dirs, tmp_path):
     assert base_path.read_bytes() == base  # BASE untouched through it all
     assert writes >= 5 * ROUNDS, f"only {writes} writes completed: the test did little"
     assert mid_stream >= ROUNDS // 2, f"only {mid_stream} kills landed mid-stream"
+
+
+# A daemon whose cache disk takes SLOW_STORE_S per store (issue 13.1): a sitecustomize on its
+# PYTHONPATH slows DataFile's writes, so its write-behind queue is full when it is killed.
+SLOW_STORE_S = 2.5
+_SLOW_STORES = f"""
+import time
+from corfs import datafile
+_real = datafile.DataFile._write_run
+def _slow(self, way, offset, pieces):
+    time.sleep({SLOW_STORE_S})
+    return _real(self, way, offset, pieces)
+datafile.DataFile._write_run = _slow
+"""
+
+
+def test_kill9_with_a_full_write_behind_queue_keeps_every_byte_right(tmp_dirs, tmp_path):
+    """Cold reads are answered while their stores crawl; writes land at chunk and folio-span
+    boundaries beside queued chunks, some fsynced; kill -9 with the queue full. The next mount
+    must find no chunk recorded local whose bytes did not reach the data file, and every byte
+    right (the base's, or a write's as the model allows)."""
+    from tests.mounting import REPO_ROOT
+
+    size = 4 * MIB
+    base_path = make_image(tmp_dirs.base / "disk.raw", size, seed=22)
+    base = base_path.read_bytes()
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_STORES)
+    cache = tmp_path / "cache"
+    model = Model()
+    chunk = 64 * KIB
+    with CorfsMount(
+        base_path.parent, cache, tmp_dirs.mnt, "--chunk-size", "64k", "--no-stream",
+        log_dir=tmp_dirs.logs, env={"PYTHONPATH": f"{hook}:{REPO_ROOT}"},
+    ) as m:
+        path = m.mnt / "disk.raw"
+        start = time.monotonic()
+        assert direct_read(path, 0, 2 * MIB) == base[: 2 * MIB]
+        assert time.monotonic() - start < 2, "the reader waited for the cache disk"
+        # Boundaries of queued chunks: inside one, across one's start and end, a whole one,
+        # across a 2 MiB folio span's edge, each fsynced or not.
+        for seq, (offset, nblocks, sync) in enumerate((
+            (3 * chunk + BLOCK, 1, True),
+            (5 * chunk - BLOCK, 2, False),
+            (8 * chunk, chunk // BLOCK, True),
+            (2 * MIB - BLOCK, 2, True),
+            (20 * chunk + 2 * BLOCK, 1, False),
+        ), start=1):
+            blocks = [_pattern(seq, offset // BLOCK + i) for i in range(nblocks)]
+            model.issue(offset, blocks)
+            direct_write(path, offset, b"".join(blocks), fsync=sync)
+            if sync:
+                model.synced()
+        # The writes waited for the stores in their spans; a last cold read fills the queue.
+        start = time.monotonic()
+        got = direct_read(path, 2 * MIB, 2 * MIB)
+        assert got[BLOCK:] == base[2 * MIB + BLOCK :]  # (its first block was written above)
+        assert time.monotonic() - start < 2, "the reader waited for the cache disk"
+        queued = live_status(m.mnt)["write_behind"]["queued_bytes"]
+        assert queued > 0, "nothing was queued when the daemon was killed"
+        m.kill9()
+    with CorfsMount(
+        base_path.parent, cache, tmp_dirs.mnt, "--no-stream", log_dir=tmp_dirs.logs
+    ) as m:
+        _check((m.mnt / "disk.raw").read_bytes(), base, model, "remount after the kill")
+        m.stop()
+    assert base_path.read_bytes() == base

@@ -14,7 +14,15 @@ from pathlib import Path
 from corfs.store import CacheStore, ChunkState
 from tests.mounting import make_image, run_corfs, sha256_file
 
-from .util import MIB, assert_one_line_error, direct_read, image_status, status, wait_complete
+from .util import (
+    MIB,
+    assert_one_line_error,
+    direct_read,
+    image_status,
+    status,
+    wait_complete,
+    wait_for,
+)
 
 
 def test_streamed_image_survives_base_removal_and_detaches(tmp_dirs, tmp_path):
@@ -55,8 +63,11 @@ def test_streamed_image_survives_base_removal_and_detaches(tmp_dirs, tmp_path):
 def test_detach_refuses_image_not_fully_local(tmp_dirs, tmp_path):
     make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=43)
     with tmp_dirs.mount("--no-stream") as m:
-        direct_read(m.mnt / "disk.raw", 2 * MIB, 4096)  # one chunk, no read-ahead
-        assert 0 < image_status(status(m.mnt), "disk.raw")["local_bytes"] < 4 * MIB
+        # Two reads in one chunk make it local (one alone fetches a small range), no read-ahead
+        direct_read(m.mnt / "disk.raw", 2 * MIB, 4096)
+        direct_read(m.mnt / "disk.raw", 2 * MIB + 4096, 4096)
+        wait_for(lambda: image_status(status(m.mnt), "disk.raw")["local_bytes"] > 0)
+        assert image_status(status(m.mnt), "disk.raw")["local_bytes"] < 4 * MIB
         m.stop()
     dest = tmp_path / "detached.raw"
     result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)

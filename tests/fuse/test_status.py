@@ -74,6 +74,11 @@ def test_status_complete(tmp_dirs):
     with tmp_dirs.mount("--no-stream") as m:
         for name in SIZES:
             (m.mnt / name).read_bytes()
+        # Stored behind the reads (write-behind): local once on disk.
+        wait_for(
+            lambda: all(i["state"] == "complete" for i in live_status(m.mnt)["images"]),
+            what="the reads' chunks to be stored",
+        )
         st = json.loads(_status(m.mnt, "--json"))
         _check_schema(st, mounted=True, local=SIZES)
         assert {i["state"] for i in st["images"]} == {"complete"}

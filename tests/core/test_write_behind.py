@@ -1,0 +1,226 @@
+"""Issue 13.1: a reader never waits for the cache disk. A fill answers its readers from its
+verified bytes and stores them behind (write_behind.py): within a budget, with back-pressure on
+the stream, readers' fills dropped (served, not stored) when there is no room, client writes
+ordered after the queued base bytes of their folio span, store failures leaving chunks absent,
+and nothing recorded local before its bytes are stored."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+import trio
+
+from corfs.datafile import FOLIO_SPAN, DataFile
+from corfs.errors import CacheFull
+from corfs.store import ChunkState
+from corfs.write_behind import WriteBehind
+from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes
+
+SPAN_CHUNKS = FOLIO_SPAN // CS
+
+
+class HeldStores:
+    """Every store of a data file blocks in its worker thread until `release()`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.go = threading.Event()
+        self.started: list[int] = []  # offsets of the stores that reached the file
+        real = DataFile._write_run
+
+        def held(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+            self.started.append(offset)
+            if not self.go.wait(10):
+                raise AssertionError("a store was held for 10 s")
+            return real(datafile, way, offset, pieces)
+
+        monkeypatch.setattr(DataFile, "_write_run", held)
+
+    def release(self) -> None:
+        self.go.set()
+
+
+def test_a_cold_read_is_answered_while_its_store_waits_for_the_disk(
+    rig_factory, monkeypatch
+) -> None:
+    data = random_bytes(8 * CS, seed=31)
+    held = HeldStores(monkeypatch)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            with trio.fail_after(2):  # before: the read waited for its store (10 s, then failed)
+                assert bytes(await image.read(CS + 5, 2 * CS)) == data[CS + 5 : 3 * CS + 5]
+                assert bytes(await image.read(2 * CS, 100)) == data[2 * CS : 2 * CS + 100]
+            # Answered, not recorded: the store has not reached the disk.
+            assert not image.is_local(1) and image.is_filling(1)
+            assert image.write_behind.queued_bytes == 3 * CS
+            await rig.store.commit()
+            assert committed_states(rig.cache_dir, "a") == {}  # never mark before durable
+            assert len(chunk_reads(rig.source("a"), CS)) == 3  # queued chunks: no second fetch
+            held.release()
+            await image.wait_stored()
+            assert [image.state_of(i) for i in (1, 2, 3)] == [ChunkState.CLEAN] * 3
+            assert image.write_behind.queued_bytes == 0
+            await rig.store.commit()
+            assert sorted(committed_states(rig.cache_dir, "a")) == [1, 2, 3]
+            assert rig.data_file("a")[CS : 4 * CS] == data[CS : 4 * CS]
+
+    trio.run(main)
+
+
+def test_the_stream_waits_for_room_and_readers_never_do(rig_factory, monkeypatch) -> None:
+    data = random_bytes(16 * CS, seed=32)
+    held = HeldStores(monkeypatch)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            image.write_behind = WriteBehind(2 * CS)
+            source = rig.source("a")
+            await image.wait_local(range(0, 2), background=True)  # fills the budget
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: image.wait_local(range(4, 6), background=True))
+                await trio.sleep(0.2)
+                assert chunk_reads(source, CS) == [0, 1]  # back-pressure: not even fetched
+                # A reader finds no room either: served, not stored (dropped), never waiting.
+                with trio.fail_after(2):
+                    assert bytes(await image.read(8 * CS, 100)) == data[8 * CS : 8 * CS + 100]
+                assert not image.is_filling(8) and image.write_behind.dropped_chunks == 1
+                # ... kept a while for re-reads: no second fetch.
+                assert bytes(await image.read(8 * CS, 10)) == data[8 * CS : 8 * CS + 10]
+                assert chunk_reads(source, CS).count(8) == 1
+                # A client joining the waiting stream fill makes it a reader's: no wait either.
+                with trio.fail_after(2):
+                    assert bytes(await image.read(5 * CS, 10)) == data[5 * CS : 5 * CS + 10]
+                held.release()
+            await image.wait_stored()
+            assert image.write_behind.queued_bytes == 0
+            assert [image.is_local(i) for i in (0, 1, 4, 5, 8)] == [True] * 4 + [False]
+            assert image.write_behind.statistics().stored_chunks == 4
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "waits"),
+    [
+        (3 * CS + 10, 100, True),  # inside the queued chunk: after its base bytes
+        (3 * CS, CS, True),  # the whole queued chunk: never under base bytes stored later
+        (2 * CS + CS // 2, CS, True),  # across the queued chunk's start
+        (4 * CS - 1, 2, True),  # across its end
+        (SPAN_CHUNKS * CS, CS, False),  # a whole chunk in the next folio span: no wait
+    ],
+    ids=["inside", "whole", "start", "end", "next-span"],
+)
+def test_a_client_write_goes_after_queued_base_bytes(
+    rig_factory, monkeypatch, offset, length, waits
+) -> None:
+    data = random_bytes((SPAN_CHUNKS + 4) * CS, seed=33)
+    held = HeldStores(monkeypatch)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(3 * CS, 10)  # chunk 3 queued, its store held
+            written = bytes([0xA5]) * length
+            done = trio.Event()
+
+            async def write() -> None:
+                await image.write(offset, written)
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                await trio.sleep(0.2)
+                assert done.is_set() != waits
+                held.release()
+            await image.wait_stored()
+            expected = bytearray(data)
+            expected[offset : offset + length] = written
+            for index in image.geometry.chunks_of(offset, length):
+                assert image.state_of(index) == ChunkState.DIRTY
+            for lo in (2 * CS, SPAN_CHUNKS * CS):
+                want = bytes(expected[lo : lo + 3 * CS])
+                assert bytes(await image.read(lo, 3 * CS)) == want
+                await image.wait_stored()
+                assert rig.data_file("a")[lo : lo + 3 * CS] == want
+
+    trio.run(main)
+
+
+def test_a_failed_store_leaves_its_chunks_absent_and_fails_a_waiting_write(
+    rig_factory, monkeypatch, caplog
+) -> None:
+    data = random_bytes(8 * CS, seed=34)
+    real_pwritev = os.pwritev
+    full = threading.Event()
+    full.set()
+
+    def pwritev(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwritev(fd, pieces, offset)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            monkeypatch.setattr(os, "pwritev", pwritev)
+            assert bytes(await image.read(2 * CS, 10)) == data[2 * CS : 2 * CS + 10]  # served
+            await image.wait_stored()
+            assert not image.is_local(2) and image.failing_chunks == [2]
+            assert image.write_behind.store_failures == 1
+            assert [r.message for r in caplog.records if "storing" in r.message] == [
+                "storing a chunks 2-2: cache disk full while writing a (left absent)"
+            ]
+            with pytest.raises(CacheFull):  # a partial write needs the chunk local
+                await image.write(5 * CS + 1, b"x")
+            assert not image.is_local(5) and image.dirty_chunks == 0
+            full.clear()
+            await trio.sleep(60)  # the stream's wait after a failure (write_behind.py)
+            assert bytes(await image.read(2 * CS, 10)) == data[2 * CS : 2 * CS + 10]
+            await image.wait_stored()
+            assert image.is_local(2) and image.failing_chunks == [5]  # 5: the write's fill
+
+    from tests.core.conftest import run_with_mock_clock
+
+    run_with_mock_clock(main)
+
+
+# ---- issue 13.2: random readers fetch what they read ---------------------------------------
+
+BIG_CS = 1 << 20
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["raw", "published"])
+def test_a_random_miss_fetches_a_small_range_and_leaves_the_chunk_absent(
+    rig_factory, published
+) -> None:
+    from corfs.ranges import RANGE_SIZE
+
+    data = random_bytes(8 * BIG_CS, seed=35)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=BIG_CS, published=published) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            for offset in (5 * BIG_CS + 3 * RANGE_SIZE + 100, 2 * BIG_CS + 8192, 7 * BIG_CS):
+                assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
+            fetched = sum(length for _, length in source.reads)
+            if published:  # digests need whole chunks
+                assert fetched == 3 * BIG_CS
+                return
+            assert fetched == 3 * RANGE_SIZE  # was 3 whole chunks
+            await image.wait_stored()
+            assert image.local_chunks == 0  # the stream makes chunks local, whole
+            # Re-reads of a fetched range ask the base nothing.
+            offset = 2 * BIG_CS + 8192 + 4096
+            assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
+            assert sum(length for _, length in source.reads) == fetched
+            # A write changes the chunk: the kept range goes with the old bytes.
+            await image.write(offset, b"w" * 10)
+            assert bytes(await image.read(offset, 10)) == b"w" * 10
+            assert bytes(await image.read(offset + 10, 10)) == data[offset + 10 : offset + 20]
+
+    trio.run(main)
