@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, bool] = {
     "http_reader": False,
     "tls": True,
     "fleet": False,
+    "cold_readers": False,
 }
 # Modules of bench/ that are not benchmarks: shared code, the FUSE floor reads.py mounts,
 # the image builder published.py uses, and this runner.

@@ -17,7 +17,7 @@ from corfs.datafile import FOLIO_SPAN, DataFile
 from corfs.errors import CacheFull
 from corfs.store import ChunkState
 from corfs.write_behind import WriteBehind
-from tests.core.conftest import CS, chunk_reads, committed_states, random_bytes
+from tests.core.rig import CS, chunk_reads, committed_states, random_bytes
 
 SPAN_CHUNKS = FOLIO_SPAN // CS
 
@@ -184,7 +184,7 @@ def test_a_failed_store_leaves_its_chunks_absent_and_fails_a_waiting_write(
             await image.wait_stored()
             assert image.is_local(2) and image.failing_chunks == [5]  # 5: the write's fill
 
-    from tests.core.conftest import run_with_mock_clock
+    from tests.core.rig import run_with_mock_clock
 
     run_with_mock_clock(main)
 
