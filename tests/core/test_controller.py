@@ -46,6 +46,9 @@ def _expected(cache: str) -> str:
              "detached_to": "/vm/gone.raw", "handoff_error": None},
         ],
         "fetcher": fetched,
+        # chunk 0 read and stored behind its reader; nothing waits; the default budget
+        "write_behind": {"limit_bytes": 256 << 20, "queued_bytes": 0, "stored_chunks": 1,
+                         "dropped_chunks": 0, "store_failures": 0},
         "schema_version": 1,
     })
 
@@ -72,6 +75,7 @@ def test_status_json_keys_and_values(rig_factory, monkeypatch) -> None:
             controller = Controller(
                 images, stream, store=rig.store, base="memory://", mountpoint="/mnt",
                 fetcher=rig.fetcher,
+                write_behind=rig.image("a").write_behind,
                 handed_over_before=[
                     HandoffRecord("gone", 3 * CS, "/vm/gone.raw", "{}", "/mnt/gone", True, 0.0)
                 ],
