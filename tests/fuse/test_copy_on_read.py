@@ -11,7 +11,16 @@ import pytest
 
 from tests.mounting import make_image
 
-from .util import KIB, MIB, direct_read, drop_caches, image_status, live_status, status
+from .util import (
+    KIB,
+    MIB,
+    direct_read,
+    drop_caches,
+    image_status,
+    live_status,
+    status,
+    wait_stored,
+)
 
 CHUNK = 64 * KIB
 SIZE = 4 * MIB + 5000
@@ -35,22 +44,19 @@ def test_first_read_fetches_whole_chunks(tmp_dirs):
             direct_read(path, 2 * CHUNK + 8 * KIB, 4 * KIB)
             == want[2 * CHUNK + 8 * KIB :][: 4 * KIB]
         )
-        st = status(m.mnt)
-        assert image_status(st, "a.raw")["local_bytes"] == CHUNK
+        st = wait_stored(m.mnt, "a.raw", CHUNK)
         assert st["fetcher"]["bytes_fetched"] == CHUNK
 
         # 8 KiB across the boundary of chunks 9 and 10: both whole chunks
         off = 10 * CHUNK - 4 * KIB
         assert direct_read(path, off, 8 * KIB) == want[off : off + 8 * KIB]
-        st = status(m.mnt)
-        assert image_status(st, "a.raw")["local_bytes"] == 3 * CHUNK
+        st = wait_stored(m.mnt, "a.raw", 3 * CHUNK)
         assert st["fetcher"]["bytes_fetched"] == 3 * CHUNK
 
         # the short last chunk is fetched whole, up to EOF only
         last = SIZE // CHUNK * CHUNK
         assert direct_read(path, last, 4 * KIB) == want[last : last + 4 * KIB]
-        st = status(m.mnt)
-        assert image_status(st, "a.raw")["local_bytes"] == 3 * CHUNK + SIZE - last
+        st = wait_stored(m.mnt, "a.raw", 3 * CHUNK + SIZE - last)
         assert st["fetcher"]["bytes_fetched"] == 3 * CHUNK + SIZE - last
         m.stop()
     # the chunks are recorded: the cache alone says so after unmount
@@ -130,5 +136,5 @@ def test_concurrent_readers_one_fetch(tmp_dirs):
             after = _fetcher(m.mnt)
             assert after["requests"] - before["requests"] == 1, (name, before, after)
             assert after["bytes_fetched"] - before["bytes_fetched"] == CHUNK
-            assert image_status(live_status(m.mnt), name)["local_bytes"] == CHUNK
+            wait_stored(m.mnt, name, CHUNK)
         m.stop()

@@ -18,7 +18,14 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.fuse.util import direct_read, drop_caches, image_status, live_status, wait_complete
+from tests.fuse.util import (
+    direct_read,
+    drop_caches,
+    image_status,
+    live_status,
+    wait_complete,
+    wait_stored,
+)
 from tests.mounting import make_image, run_corfs
 
 KIB = 1 << 10
@@ -128,8 +135,7 @@ def test_verify_mounted_image_forgets_through_the_daemon_and_kernel_cache(tmp_di
             f.seek(bad * CHUNK)
             assert f.read(CHUNK) == want[bad * CHUNK : (bad + 1) * CHUNK]
         assert direct_read(image, bad * CHUNK, CHUNK) == want[bad * CHUNK : (bad + 1) * CHUNK]
-        st = live_status(m.mnt)
-        assert image_status(st, "a.raw")["local_bytes"] == COUNT * CHUNK
+        st = wait_stored(m.mnt, "a.raw", COUNT * CHUNK)
         assert st["fetcher"]["bytes_fetched"] == (COUNT - len(ZERO) + 1) * CHUNK
         time.sleep(1.5)
         assert verify(tmp_dirs.cache, "a.raw")[0] == 0

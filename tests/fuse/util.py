@@ -49,6 +49,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
         time.sleep(0.05)
 
 
+def wait_stored(mnt: str | os.PathLike[str], name: str, local_bytes: int) -> dict:
+    """The live status once `name` has `local_bytes` local: fetched chunks are stored behind
+    their readers (write_behind.py), so they count as local a moment after the read returns."""
+    return wait_for(
+        lambda: image_status(s := live_status(mnt), name)["local_bytes"] == local_bytes and s,
+        what=f"{local_bytes} bytes of {name} to be stored",
+    )
+
+
 def wait_complete(mnt: str | os.PathLike[str], name: str, timeout: float = 30.0) -> dict:
     return wait_for(
         lambda: (s := image_status(live_status(mnt), name))["state"] == "complete" and s,
