@@ -2,29 +2,44 @@
 and the aggregate of N concurrent cold sequential readers (one image each) against one.
 
     python -m bench.cold_readers random --reads 2000
-    python -m bench.cold_readers many --readers 8 --mib 256
+    python -m bench.cold_readers many --readers 8 --mib 128 [--base nginx|dir]
+                                      [--modes no-stream,default] [--runs 3]
 
-BASE is a directory (page cache dropped before each phase; for `many`, the base images are
-then read once into it, so that the readers compete in corfs, not for the disk's seeks); the
-base bytes counted are the mount's fetcher statistics. Single runs: figures to compare code
-with, not claims.
+`random`: BASE is a directory, page cache dropped; the base bytes counted are the mount's
+fetcher statistics (a single run: a figure to compare code with).
+
+`many`: 1 and then N readers, each reading its own image front to back in 1 MiB reads, all at
+once, through a fresh mount of a base holding just those images (a loopback nginx, or the
+directory), `--no-stream` and/or the default mount; medians of `--runs`. Before each run the
+page cache is dropped and the base images are read back into it, so that the readers compete
+in corfs, not for the disk's seeks. Printed beside: the cache disk's O_DIRECT speeds and, for
+nginx, the aggregate of 1 and N `curl -o /dev/null` at once (the day's limits).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import random
+import statistics
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tests.servers import Nginx
 
 from .harness import (
     MiB,
     corfs_argv,
     corfs_status,
+    disk_direct_mbps,
     drop_caches,
     fresh_dir,
+    machine,
     make_image,
     mounted,
     workdir,
@@ -62,39 +77,115 @@ def random_reads(reads: int, size: int) -> None:
 
 
 def _sequential(path: str, out: list[float]) -> None:
-    with open(path, "rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(MiB)
+    try:
         total = 0
-        while chunk := f.read(MiB):
-            total += len(chunk)
+        while got := os.readv(fd, [buf]):
+            total += got
+    finally:
+        os.close(fd)
     out.append(total)
 
 
-def many_readers(readers: int, mib: int) -> None:
-    base = workdir(f"cold-readers/base{readers}")
+def _base_tree(root: str, names: list[str], counts: tuple[int, ...]) -> None:
+    """root/nN/ holds the first N images (hard links), so that a mount of nN sees, and its
+    stream fills, only the images its N readers read."""
+    for count in counts:
+        sub = os.path.join(root, f"n{count}")
+        os.makedirs(sub, exist_ok=True)
+        for name in names[:count]:
+            link = os.path.join(sub, name)
+            if not os.path.exists(link):
+                os.link(os.path.join(root, name), link)
+
+
+def _warm(paths: list[str]) -> None:
+    for path in paths:
+        _sequential(path, [])
+
+
+def _curl_mbps(urls: list[str]) -> float:
+    """Aggregate MB/s of one `curl -o /dev/null` per URL, all at once."""
+    start = time.monotonic()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", u],
+                              stdout=subprocess.PIPE) for u in urls]
+    total = sum(int(p.communicate()[0] or 0) for p in procs)
+    if any(p.returncode for p in procs):
+        raise RuntimeError("curl failed")
+    return total / (time.monotonic() - start) / 1e6
+
+
+@contextlib.contextmanager
+def _served(kind: str, root: str) -> Iterator[Callable[[str], str]]:
+    """BASE for a subdirectory of `root`: the directory itself, or its URL on a loopback
+    nginx (the one tests and bench/peers.py use)."""
+    if kind == "dir":
+        yield lambda sub: os.path.join(root, sub)
+        return
+    nginx = Nginx(Path(root), Path(fresh_dir(workdir("cold-readers/nginx")))).start()
+    try:
+        yield lambda sub: f"{nginx.url}{sub}/"
+    finally:
+        nginx.stop()
+
+
+def many_readers(readers: int, mib: int, kind: str, modes: list[str], runs: int) -> None:
+    root = workdir(f"cold-readers/base{readers}x{mib}")
     names = [f"img{i}.raw" for i in range(readers)]
     for i, name in enumerate(names):
-        make_image(os.path.join(base, name), mib * MiB, seed=10 + i)
-    results = {}
-    for count in (1, readers):
-        cache, mnt = fresh_dir(workdir("cold-readers/cache")), workdir("cold-readers/mnt")
-        drop_caches()
-        for name in names[:count]:  # BASE in the page cache: the readers compete in corfs only
-            _sequential(os.path.join(base, name), [])
-        with mounted(corfs_argv(base, cache, mnt, "--no-stream"), mnt):
-            done: list[float] = []
-            threads = [
-                threading.Thread(target=_sequential, args=(os.path.join(mnt, n), done))
-                for n in names[:count]
-            ]
-            start = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.monotonic() - start
-        results[count] = sum(done) / elapsed / 1e6
-        print(f"{count} cold sequential reader(s): {results[count]:.0f} MB/s aggregate")
-    print(f"{readers} readers / 1 reader: {results[readers] / results[1]:.2f}x")
+        path = os.path.join(root, name)
+        if not os.path.exists(path) or os.path.getsize(path) != mib * MiB:
+            make_image(path, mib * MiB, seed=10 + i)
+    counts = (1, readers)
+    _base_tree(root, names, counts)
+    cache, mnt = workdir("cold-readers/cache"), workdir("cold-readers/mnt")
+    log = os.path.join(workdir("cold-readers"), "corfs.log")
+    print(f"machine: {machine()}; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    disk = disk_direct_mbps(fresh_dir(cache))
+    print(f"cache disk O_DIRECT 1 MiB: write {disk['write_mbps']:.0f} MB/s, "
+          f"read {disk['read_mbps']:.0f} MB/s")
+    with _served(kind, root) as base_of:
+        if kind == "nginx":
+            for count in counts:
+                drop_caches()
+                _warm([os.path.join(root, n) for n in names[:count]])
+                urls = [base_of(f"n{count}") + n for n in names[:count]]
+                print(f"limit: {count} x curl -o /dev/null at once: {_curl_mbps(urls):.0f} MB/s")
+        for mode in modes:
+            flags = ["--no-stream"] if mode == "no-stream" else []
+            results: dict[int, float] = {}
+            for count in counts:
+                figures, cpu = [], []
+                for _ in range(runs):
+                    fresh_dir(cache)
+                    drop_caches()  # then BASE's images into it: readers compete in corfs
+                    _warm([os.path.join(root, n) for n in names[:count]])
+                    argv = corfs_argv(base_of(f"n{count}"), cache, mnt, *flags)
+                    with mounted(argv, mnt, log) as d:
+                        done: list[float] = []
+                        threads = [
+                            threading.Thread(target=_sequential, args=(os.path.join(mnt, n), done))
+                            for n in names[:count]
+                        ]
+                        start = time.monotonic()
+                        for t in threads:
+                            t.start()
+                        for t in threads:
+                            t.join()
+                        elapsed = time.monotonic() - start
+                        cpu.append(d.cpu_seconds() / (sum(done) / 1e9))
+                    figures.append(sum(done) / elapsed / 1e6)
+                results[count] = statistics.median(figures)
+                print(
+                    f"{kind} base, {mode}: {count} cold sequential reader(s): "
+                    f"{results[count]:.0f} MB/s aggregate (median of "
+                    f"{' '.join(f'{f:.0f}' for f in figures)}), daemon CPU "
+                    f"{statistics.median(cpu):.2f} s/GB",
+                    flush=True,
+                )
+            print(f"{kind} base, {mode}: {readers} readers / 1 reader: "
+                  f"{results[readers] / results[1]:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -106,11 +197,16 @@ def main() -> None:
     m = sub.add_parser("many")
     m.add_argument("--readers", type=int, default=8)
     m.add_argument("--mib", type=int, default=256)
+    m.add_argument("--base", choices=("dir", "nginx"), default="nginx")
+    m.add_argument("--modes", default="no-stream,default", help="no-stream and/or default")
+    m.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if args.what == "random":
         random_reads(args.reads, args.mib * MiB)
     else:
-        many_readers(args.readers, args.mib)
+        many_readers(
+            args.readers, args.mib, args.base, args.modes.split(","), args.runs
+        )
 
 
 if __name__ == "__main__":
