@@ -13,7 +13,9 @@ once, through a fresh mount of a base holding just those images (a loopback ngin
 directory), `--no-stream` and/or the default mount (its stream resumed as the readers start:
 `--stream-paused`, then `resume`); medians of `--runs`. Before each run the
 page cache is dropped and the base images are read back into it, so that the readers compete
-in corfs, not for the disk's seeks. Printed beside: the cache disk's O_DIRECT speeds and, for
+in corfs, not for the disk's seeks. `--probe` adds, beside the readers, one more client doing
+random 4 KiB O_DIRECT reads of another cold image (a VM booting among them): its latency.
+Printed beside: the cache disk's O_DIRECT speeds and, for
 nginx, the aggregate of 1 and N `curl -o /dev/null` at once (the day's limits).
 """
 
@@ -48,6 +50,7 @@ from .harness import (
 )
 
 BLOCK = 4096
+PROBE = "probe.raw"  # the image random reads probe beside the readers (--probe)
 
 
 def _direct_read(path: str, offset: int, length: int, buf: mmap.mmap) -> None:
@@ -90,16 +93,41 @@ def _sequential(path: str, out: list[float]) -> None:
     out.append(total)
 
 
-def _base_tree(root: str, names: list[str], counts: tuple[int, ...]) -> None:
+def _base_tree(
+    root: str, names: list[str], counts: tuple[int, ...], dirs: tuple[int, ...] = ()
+) -> None:
     """root/nN/ holds the first N images (hard links), so that a mount of nN sees, and its
-    stream fills, only the images its N readers read."""
-    for count in counts:
-        sub = os.path.join(root, f"n{count}")
+    stream fills, only the images its N readers read (`dirs`: other nN to put them in)."""
+    for count, number in zip(counts, dirs or counts, strict=True):
+        sub = os.path.join(root, f"n{number}")
         os.makedirs(sub, exist_ok=True)
         for name in names[:count]:
             link = os.path.join(sub, name)
             if not os.path.exists(link):
                 os.link(os.path.join(root, name), link)
+
+
+class _Probe(threading.Thread):
+    """A booting VM beside the readers: random 4 KiB O_DIRECT reads of its own cold image, one
+    at a time, until stopped; their latencies in seconds."""
+
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__()
+        self.path, self.size = path, size
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(3)
+        buf = mmap.mmap(-1, BLOCK)
+        while not self.stop.is_set():
+            start = time.monotonic()
+            _direct_read(self.path, rng.randrange(self.size // BLOCK) * BLOCK, BLOCK, buf)
+            self.latencies.append(time.monotonic() - start)
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def _warm(paths: list[str]) -> None:
@@ -132,15 +160,23 @@ def _served(kind: str, root: str) -> Iterator[Callable[[str], str]]:
         nginx.stop()
 
 
-def many_readers(readers: int, mib: int, kind: str, modes: list[str], runs: int) -> None:
+def many_readers(
+    readers: int, mib: int, kind: str, modes: list[str], runs: int, probe: bool
+) -> None:
     root = workdir(f"cold-readers/base{readers}x{mib}")
     names = [f"img{i}.raw" for i in range(readers)]
-    for i, name in enumerate(names):
+    for i, name in enumerate([*names, PROBE]):
         path = os.path.join(root, name)
         if not os.path.exists(path) or os.path.getsize(path) != mib * MiB:
             make_image(path, mib * MiB, seed=10 + i)
     counts = (1, readers)
     _base_tree(root, names, counts)
+    if probe:
+        _base_tree(root, [PROBE], (1,) * len(counts), counts)
+    for count in counts:
+        if not probe:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, f"n{count}", PROBE))
     cache, mnt = workdir("cold-readers/cache"), workdir("cold-readers/mnt")
     log = os.path.join(workdir("cold-readers"), "corfs.log")
     print(f"machine: {machine()}; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -160,11 +196,11 @@ def many_readers(readers: int, mib: int, kind: str, modes: list[str], runs: int)
             flags = ["--no-stream"] if mode == "no-stream" else ["--stream-paused"]
             results: dict[int, float] = {}
             for count in counts:
-                figures, cpu = [], []
+                figures, cpu, waits = [], [], []
                 for _ in range(runs):
                     fresh_dir(cache)
                     drop_caches()  # then BASE's images into it: readers compete in corfs
-                    _warm([os.path.join(root, n) for n in names[:count]])
+                    _warm([os.path.join(root, n) for n in [*names[:count], *[PROBE][:probe]]])
                     argv = corfs_argv(base_of(f"n{count}"), cache, mnt, *flags)
                     with mounted(argv, mnt, log) as d:
                         done: list[float] = []
@@ -172,14 +208,19 @@ def many_readers(readers: int, mib: int, kind: str, modes: list[str], runs: int)
                             threading.Thread(target=_sequential, args=(os.path.join(mnt, n), done))
                             for n in names[:count]
                         ]
+                        prober = _Probe(os.path.join(mnt, PROBE), mib * MiB) if probe else None
                         cpu0, start = d.cpu_seconds(), time.monotonic()
                         if mode != "no-stream":
                             control_client.send_command(mnt, {"op": "resume", "image": None})
-                        for t in threads:
+                        for t in [*threads, *([prober] if prober else [])]:
                             t.start()
                         for t in threads:
                             t.join()
                         elapsed = time.monotonic() - start
+                        if prober is not None:
+                            prober.stop.set()
+                            prober.join()
+                            waits.append(prober)
                         cpu.append((d.cpu_seconds() - cpu0) / (sum(done) / 1e9))
                     figures.append(sum(done) / elapsed / 1e6)
                 results[count] = statistics.median(figures)
@@ -190,6 +231,14 @@ def many_readers(readers: int, mib: int, kind: str, modes: list[str], runs: int)
                     f"{statistics.median(cpu):.2f} s/GB",
                     flush=True,
                 )
+                if waits:
+                    print(
+                        f"  beside them, random 4 KiB reads of another cold image: "
+                        f"p50 {statistics.median(w.percentile(0.5) for w in waits) * 1e3:.1f} ms, "
+                        f"p99 {statistics.median(w.percentile(0.99) for w in waits) * 1e3:.1f} ms "
+                        f"({statistics.median(len(w.latencies) for w in waits):.0f} reads)",
+                        flush=True,
+                    )
             print(f"{kind} base, {mode}: {readers} readers / 1 reader: "
                   f"{results[readers] / results[1]:.2f}x", flush=True)
 
@@ -206,12 +255,13 @@ def main() -> None:
     m.add_argument("--base", choices=("dir", "nginx"), default="nginx")
     m.add_argument("--modes", default="no-stream,default", help="no-stream and/or default")
     m.add_argument("--runs", type=int, default=3)
+    m.add_argument("--probe", action="store_true", help="random 4 KiB reads beside the readers")
     args = parser.parse_args()
     if args.what == "random":
         random_reads(args.reads, args.mib * MiB)
     else:
         many_readers(
-            args.readers, args.mib, args.base, args.modes.split(","), args.runs
+            args.readers, args.mib, args.base, args.modes.split(","), args.runs, args.probe
         )
 
 
