@@ -15,6 +15,7 @@ directory), `--no-stream` and/or the default mount (its stream resumed as the re
 page cache is dropped and the base images are read back into it, so that the readers compete
 in corfs, not for the disk's seeks. `--probe` adds, beside the readers, one more client doing
 random 4 KiB O_DIRECT reads of another cold image (a VM booting among them): its latency.
+`--limit-rate 12m` paces each nginx connection (a base far away: there, requests queue).
 Printed beside: the cache disk's O_DIRECT speeds and, for
 nginx, the aggregate of 1 and N `curl -o /dev/null` at once (the day's limits).
 """
@@ -147,13 +148,16 @@ def _curl_mbps(urls: list[str]) -> float:
 
 
 @contextlib.contextmanager
-def _served(kind: str, root: str) -> Iterator[Callable[[str], str]]:
+def _served(kind: str, root: str, limit_rate: str = "") -> Iterator[Callable[[str], str]]:
     """BASE for a subdirectory of `root`: the directory itself, or its URL on a loopback
-    nginx (the one tests and bench/peers.py use)."""
+    nginx (the one tests and bench/peers.py use), each connection paced to `limit_rate`
+    (nginx's limit_rate, e.g. "12m": a base far away) if given."""
     if kind == "dir":
         yield lambda sub: os.path.join(root, sub)
         return
-    nginx = Nginx(Path(root), Path(fresh_dir(workdir("cold-readers/nginx")))).start()
+    pace = f"limit_rate {limit_rate};" if limit_rate else ""
+    nginx = Nginx(Path(root), Path(fresh_dir(workdir("cold-readers/nginx"))), locations=pace)
+    nginx.start()
     try:
         yield lambda sub: f"{nginx.url}{sub}/"
     finally:
@@ -161,7 +165,8 @@ def _served(kind: str, root: str) -> Iterator[Callable[[str], str]]:
 
 
 def many_readers(
-    readers: int, mib: int, kind: str, modes: list[str], runs: int, probe: bool
+    readers: int, mib: int, kind: str, modes: list[str], runs: int, probe: bool,
+    limit_rate: str = "",
 ) -> None:
     root = workdir(f"cold-readers/base{readers}x{mib}")
     names = [f"img{i}.raw" for i in range(readers)]
@@ -183,7 +188,9 @@ def many_readers(
     disk = disk_direct_mbps(fresh_dir(cache))
     print(f"cache disk O_DIRECT 1 MiB: write {disk['write_mbps']:.0f} MB/s, "
           f"read {disk['read_mbps']:.0f} MB/s")
-    with _served(kind, root) as base_of:
+    if limit_rate:
+        print(f"nginx paces each connection to {limit_rate}B/s (corfs: 8 connections)")
+    with _served(kind, root, limit_rate) as base_of:
         if kind == "nginx":
             for count in counts:
                 drop_caches()
@@ -256,12 +263,14 @@ def main() -> None:
     m.add_argument("--modes", default="no-stream,default", help="no-stream and/or default")
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--probe", action="store_true", help="random 4 KiB reads beside the readers")
+    m.add_argument("--limit-rate", default="", help="nginx limit_rate per connection, e.g. 12m")
     args = parser.parse_args()
     if args.what == "random":
         random_reads(args.reads, args.mib * MiB)
     else:
         many_readers(
-            args.readers, args.mib, args.base, args.modes.split(","), args.runs, args.probe
+            args.readers, args.mib, args.base, args.modes.split(","), args.runs, args.probe,
+            args.limit_rate,
         )
 
 
