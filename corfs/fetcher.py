@@ -12,6 +12,8 @@ Invariants:
   io_timeout, the image changed) and every failure of a raw image (one object, no digests)
   are raised for the whole run.
 - Every wait on the base is bounded: after io_timeout the caller gets BaseUnavailable (EIO).
+- At most `slots` requests are in flight at once, a client's before speculative ones
+  (request_gate.py); the wait for a slot counts toward io_timeout, a retry's backoff holds none.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .errors import (
     TransientBaseError,
 )
 from .geometry import ChunkGeometry, contiguous_runs
+from .request_gate import URGENT, RequestGate, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,14 @@ def _ignore_request(seconds: float, outcome: str, error: BaseException | None) -
 
 class Fetcher:
     def __init__(
-        self, policy: RetryPolicy = RetryPolicy(), on_request: RequestObserver = _ignore_request
+        self,
+        policy: RetryPolicy = RetryPolicy(),
+        on_request: RequestObserver = _ignore_request,
+        *,
+        slots: int = 8,
     ) -> None:
         self.policy = policy
+        self.gate = RequestGate(slots)  # the base's connections (--connections)
         self._on_request = on_request
         self.requests = 0
         self.bytes_fetched = 0
@@ -111,10 +119,11 @@ class Fetcher:
         )
 
     async def read_with_retry(
-        self, source: BaseImage, offset: int, length: int
+        self, source: BaseImage, offset: int, length: int, ticket: Ticket = URGENT
     ) -> Buffer:
         """Exactly `length` bytes of `source` at `offset`, retrying transient failures with
-        exponential backoff and jitter until io_timeout has passed since the first try."""
+        exponential backoff and jitter until io_timeout has passed since the first try.
+        `ticket`: its place among the requests waiting for a slot (request_gate.py)."""
         deadline = trio.current_time() + self.policy.io_timeout
         attempt = 0
         last_error = ""  # why the previous try failed: it names the base (URL, key)
@@ -123,7 +132,9 @@ class Fetcher:
             started = trio.current_time()
             try:
                 with trio.fail_at(deadline):
-                    data = await source.read(offset, length)
+                    async with self.gate.slot(ticket):
+                        started = trio.current_time()  # the base's time, not the queue's
+                        data = await source.read(offset, length)
                 if len(data) != length:
                     raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")
                 self.bytes_fetched += length
@@ -168,13 +179,15 @@ class Fetcher:
         geometry: ChunkGeometry,
         indexes: range,
         local_lookup: LocalLookup | None = None,
+        ticket: Ticket = URGENT,
     ) -> FetchedRun:
         """Verified contents of the contiguous chunks `indexes`: one base request for each run
         of chunks that are neither known zeros nor found locally by digest. A chunk that fails
-        on its own is in `failed`; the others come back (module invariants)."""
+        on its own is in `failed`; the others come back (module invariants). Every request
+        waits for its slot with `ticket` (request_gate.py)."""
         layout = source.layout
         if layout is None:
-            return FetchedRun(await self._fetch_raw(source, geometry, indexes), {})
+            return FetchedRun(await self._fetch_raw(source, geometry, indexes, ticket), {})
         results: dict[int, FetchedChunk] = {}
         failed: dict[int, BaseError] = {}
         to_fetch: list[int] = []
@@ -190,15 +203,15 @@ class Fetcher:
             else:
                 to_fetch.append(index)
         for run in contiguous_runs(to_fetch):
-            await self._fetch_published_run(source, geometry, run, results, failed)
+            await self._fetch_published_run(source, geometry, run, results, failed, ticket)
         return FetchedRun([results[i] for i in indexes if i in results], failed)
 
     async def _fetch_raw(
-        self, source: BaseImage, geometry: ChunkGeometry, run: range
+        self, source: BaseImage, geometry: ChunkGeometry, run: range, ticket: Ticket
     ) -> list[FetchedChunk]:
         start = geometry.chunk_start(run.start)
         end = geometry.chunk_start(run[-1]) + geometry.chunk_length(run[-1])
-        data = await self.read_with_retry(source, start, end - start)
+        data = await self.read_with_retry(source, start, end - start, ticket)
         view = memoryview(data)
         chunks = []
         for index in run:
@@ -221,12 +234,13 @@ class Fetcher:
         run: range,
         results: dict[int, FetchedChunk],
         failed: dict[int, BaseError],
+        ticket: Ticket,
     ) -> None:
         """Fetch `run` into `results`, each chunk that fails on its own into `failed`."""
         assert source.layout is not None
         digests = source.layout.digests
         try:
-            chunks = await self._fetch_raw(source, geometry, run)
+            chunks = await self._fetch_raw(source, geometry, run, ticket)
         except CHUNK_ERRORS as exc:
             # One chunk's object is bad (truncated, garbage, missing): which one, its own fetch
             # tells. A corrupt answer counts as a failed check: it gets its one more fetch.
@@ -239,7 +253,7 @@ class Fetcher:
             log.warning(
                 "%s: %s; fetching chunks %d-%d one by one", source.name, exc, run.start, run[-1]
             )
-            await self._fetch_each_alone(source, geometry, list(run), results, failed)
+            await self._fetch_each_alone(source, geometry, list(run), results, failed, ticket)
             return
         again = []
         for chunk in chunks:
@@ -253,7 +267,7 @@ class Fetcher:
                     chunk.index,
                 )
                 again.append(chunk.index)
-        await self._fetch_each_alone(source, geometry, again, results, failed)
+        await self._fetch_each_alone(source, geometry, again, results, failed, ticket)
 
     async def _fetch_each_alone(
         self,
@@ -262,6 +276,7 @@ class Fetcher:
         indexes: list[int],
         results: dict[int, FetchedChunk],
         failed: dict[int, BaseError],
+        ticket: Ticket,
     ) -> None:
         """One more fetch of each chunk of `indexes`, concurrently and each on its own: into
         `results` if it is right now, else into `failed`; a failure of the whole base is
@@ -271,7 +286,8 @@ class Fetcher:
         async def fetch_alone(index: int) -> None:
             try:
                 results[index] = await self._fetch_second_time(
-                    source, geometry, index, source.layout.digests[index]  # type: ignore[union-attr]
+                    source, geometry, index, source.layout.digests[index],  # type: ignore[union-attr]
+                    ticket,
                 )
             except CHUNK_ERRORS as exc:
                 self.failures += 1
@@ -286,11 +302,16 @@ class Fetcher:
             raise whole_base[0]
 
     async def _fetch_second_time(
-        self, source: BaseImage, geometry: ChunkGeometry, index: int, expected: bytes | None
+        self,
+        source: BaseImage,
+        geometry: ChunkGeometry,
+        index: int,
+        expected: bytes | None,
+        ticket: Ticket,
     ) -> FetchedChunk:
         """The last try of a chunk whose first fetch failed: right, or that chunk's error."""
         try:
-            (chunk,) = await self._fetch_raw(source, geometry, range(index, index + 1))
+            (chunk,) = await self._fetch_raw(source, geometry, range(index, index + 1), ticket)
         except BaseCorrupt as exc:
             self.digest_mismatches += 1
             raise BaseCorrupt(

@@ -56,6 +56,7 @@ from .fresh import FreshChunks
 from .geometry import contiguous_runs
 from .ranges import RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
+from .request_gate import Ticket
 from .store import CacheStore, ChunkState, ImageRecord
 from .write_behind import WriteBehind
 
@@ -78,18 +79,23 @@ class _Fill:
     # The verified bytes of its chunks (None: zeros), for its waiters, set before `done`
     held: dict[int, Buffer | None] = field(default_factory=dict)
     room_wait: trio.CancelScope | None = None  # a stream fill waiting for write-behind room
+    # Its requests' place in the fetcher's queue: urgent once a client waits (request_gate.py)
+    ticket: Ticket = field(default_factory=Ticket)
 
     def error_of(self, index: int) -> CorfsError | None:
         return self.chunk_errors.get(index) or self.error
 
     def share(self, *, reading: bool, background: bool, writing: bool = False) -> None:
         """Another waiter joins: a client read wants the bytes kept, a client write wants them
-        stored, and a client makes the fill a foreground one (which waits for no room). Call
+        stored, and a client makes the fill a foreground one (which waits for no room, and
+        whose requests not sent yet go before read-ahead's and the stream's). Call
         before the first await after starting or joining: the fill reads these flags once its
         fetch is done."""
         self.for_readers |= reading
         self.for_writers |= writing
         self.background &= background
+        if not background:  # a client waits: its requests go before speculative ones
+            self.ticket.urgent = True
         if not self.background and self.room_wait is not None:
             self.room_wait.cancel()
 
@@ -406,7 +412,7 @@ class Image:
                     room = wanted
                 fill.room_wait = None
             fetched = await self.fetcher.fetch_chunks(
-                self.source, self.geometry, run, self.store.read_by_digest
+                self.source, self.geometry, run, self.store.read_by_digest, fill.ticket
             )
             fill.chunk_errors = dict(fetched.failed)
             for index, exc in fetched.failed.items():

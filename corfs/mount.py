@@ -435,7 +435,9 @@ async def _serve_with(
         else [(record, None) for record in store.records()]
     )
     fetcher = Fetcher(
-        RetryPolicy(io_timeout=config.base.io_timeout), on_request=metrics.base_request
+        RetryPolicy(io_timeout=config.base.io_timeout),
+        on_request=metrics.base_request,
+        slots=config.base.max_connections,
     )
     owner = config.owner or (os.getuid(), os.getgid())
     recorder = TraceRecorder() if config.stream.record_trace else None

@@ -104,8 +104,10 @@ async def open_rig(
     published: bool = False,
     cache_dir: Path | None = None,
     store: CacheStore | None = None,
+    connections: int = 8,
 ) -> AsyncIterator[Rig]:
-    """A Rig over `images` (name -> bytes), its cache in `cache_dir` or tmp_path/cache."""
+    """A Rig over `images` (name -> bytes), its cache in `cache_dir` or tmp_path/cache;
+    `connections`: the fetcher's requests in flight at once (--connections)."""
     base = MemoryBase()
     for name, data in images.items():
         layout = layout_of(data, chunk_size) if published else None
@@ -115,7 +117,7 @@ async def open_rig(
     own_store = store is None
     if store is None:
         store = CacheStore.open(str(cache))
-    fetcher = Fetcher(policy)
+    fetcher = Fetcher(policy, slots=connections)
     try:
         async with trio.open_nursery() as nursery:
             rig = Rig(base, store, fetcher, nursery, cache, chunk_size)

@@ -16,6 +16,7 @@ from corfs.base.memory import MemoryImage
 from corfs.errors import BaseCorrupt, BaseNotFound, BaseUnavailable
 from corfs.fetcher import Fetcher, RetryPolicy
 from corfs.geometry import ChunkGeometry, contiguous_runs
+from corfs.request_gate import URGENT, Ticket
 from corfs.store import ChunkState
 from tests.core.rig import (
     CS,
@@ -371,5 +372,41 @@ def test_unavailable_base_fails_the_read_in_bounded_time(rig_factory) -> None:
             # Local chunks keep being served meanwhile.
             assert await image.read(0, CS) == data[:CS]
             assert not image.is_local(2)
+
+    run(main)
+
+
+def test_a_clients_request_goes_before_queued_speculative_ones() -> None:
+    """Many readers share the mount's connections: a request a client waits for is sent at
+    the next free slot, before read-ahead and stream requests queued earlier (request_gate)."""
+    data = random_bytes(16 * CS)
+    geometry = ChunkGeometry(len(data), CS)
+
+    async def main() -> None:
+        source = source_of(data)
+        source.faults.delay = 1.0
+        fetcher = Fetcher(POLICY, slots=2)
+        speculative = Ticket()
+        done: dict[str, float] = {}
+
+        async def fetch(name: str, index: int, ticket: Ticket) -> None:
+            await fetcher.fetch_chunks(source, geometry, range(index, index + 1), ticket=ticket)
+            done[name] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            for index in range(6):  # 2 sent at once, 4 queued
+                nursery.start_soon(fetch, f"ahead{index}", index, speculative)
+            await trio.sleep(0.1)
+            nursery.start_soon(fetch, "client", 10, URGENT)
+            promoted = Ticket()
+            nursery.start_soon(fetch, "joined", 11, promoted)
+            await trio.sleep(0.1)
+            promoted.urgent = True  # a client came to wait for it while it was queued
+        # The first slot frees at 1.0: the client's request, then the promoted one, each
+        # ahead of the four queued before them.
+        assert done["client"] == pytest.approx(2.0) and done["joined"] == pytest.approx(2.0)
+        ahead = sorted(done[f"ahead{i}"] for i in range(6))
+        assert ahead == pytest.approx([1, 1, 3, 3, 4, 4])
+        assert source.max_in_flight == 2
 
     run(main)

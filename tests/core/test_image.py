@@ -436,3 +436,40 @@ def test_a_filled_chunk_heals_only_the_failures_of_its_own_fill(rig_factory) -> 
             assert image.fill_error == "a: access denied"
 
     run(main)
+
+
+def test_a_client_goes_before_the_streams_queued_requests(rig_factory) -> None:
+    """Readers and the stream share the base's connections: a client's miss is fetched at the
+    next free one, and so is a queued stream fill once a client comes to wait for it, ahead of
+    the stream's requests queued before (request_gate.py)."""
+    data = random_bytes(32 * CS, seed=5)
+
+    async def main() -> None:
+        async with rig_factory({"a": data, "b": data}, connections=1) as rig:
+            a, b = rig.image("a"), rig.image("b")
+            rig.source("a").faults.delay = rig.source("b").faults.delay = 1.0
+            done: dict[str, float] = {}
+
+            async def stream(index: int) -> None:
+                await b.fill_each([index])
+                done[f"stream{index}"] = trio.current_time()
+
+            async def read(name: str, image: Image, index: int) -> None:
+                got = await image.read(index * CS, CS)
+                assert got == data[index * CS : (index + 1) * CS]
+                done[name] = trio.current_time()
+
+            async with trio.open_nursery() as nursery:
+                for index in range(0, 12, 2):  # one request each (not adjacent): 1 sent, 5 queued
+                    nursery.start_soon(stream, index)
+                    await trio.sleep(0.01)  # queued in this order
+                nursery.start_soon(read, "miss", a, 20)
+                await trio.sleep(0.1)
+                nursery.start_soon(read, "joined", b, 10)  # the stream's last queued chunk
+            # Both are sent as the first requests end (the joined fill first: it queued first),
+            # before the four stream requests still queued.
+            assert sorted([done["joined"], done["miss"]]) == pytest.approx([2.0, 3.0])
+            assert max(done.values()) == pytest.approx(7.0)  # nothing fetched twice
+            assert sorted(chunk_reads(rig.source("b"), CS)) == list(range(0, 12, 2))
+
+    run(main)
