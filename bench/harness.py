@@ -12,8 +12,9 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from corfs.control_client import read_status
 from tests.mounting import CorfsMountError, lazy_unmount, wait_fuse_mounted
@@ -22,6 +23,7 @@ from tests.servers import stop_process
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 def workdir(name: str) -> str:
@@ -83,11 +85,19 @@ class Daemon:
         return (int(fields[11]) + int(fields[12])) / ticks
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return status_bytes(self.proc.pid, "VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        return status_bytes(self.proc.pid, "VmHWM")
+
+
+def status_bytes(pid: int, field: str) -> int:
+    """A size field of /proc/PID/status (VmRSS, VmHWM: the peak RSS) in bytes; 0 if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 @contextlib.contextmanager
@@ -195,6 +205,37 @@ def disk_direct_mbps(directory: str, size: int = 512 * MiB) -> dict:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
     return {"write_mbps": size / write_s / 1e6, "read_mbps": size / read_s / 1e6}
+
+
+def curl_mbps(url: str, size: int, out: str = "/dev/null", *options: str) -> float:
+    """MB/s of `curl -o out` fetching `size` bytes from a cold page cache; to a file the time
+    includes `sync` of it (the bytes on disk, as a cache's would have to be)."""
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(["curl", "-sf", *options, "-o", out, url], check=True)
+    if out != "/dev/null":
+        subprocess.run(["sync", out], check=True)
+    mbps = size / (time.perf_counter() - start) / 1e6
+    if out != "/dev/null":
+        os.remove(out)
+    return mbps
+
+
+def interleaved(
+    runs: int, jobs: dict[str, Callable[[], T]], settle_s: float = 5.0
+) -> dict[str, list[T]]:
+    """Each job's results over `runs` rounds, the jobs interleaved (one of each per round, the
+    order rotating: A B, B A) so a slow minute of the shared machine or its disk hits all of
+    them; the disk settles before each run (a run's cache writes, or curl's file, still being
+    written back slow the next one)."""
+    results: dict[str, list[T]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for round_ in range(runs):
+        shift = round_ % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            settle_disk(settle_s)
+            results[name].append(jobs[name]())
+    return results
 
 
 def machine() -> str:
