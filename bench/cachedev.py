@@ -57,6 +57,13 @@ def _set_rules(major_minor: str, rate: int) -> None:
             f.write(throttle_rule(major_minor, rate))
 
 
+def _unmount(mountpoint: str) -> None:
+    """Unmount; when something still holds it (a peer that did not exit), detach it lazily so
+    the loop device is released once that goes."""
+    if subprocess.run(["umount", mountpoint], check=False).returncode != 0:
+        subprocess.run(["umount", "-l", mountpoint], check=False)
+
+
 @contextlib.contextmanager
 def throttled_device(workdir: str, size: int, rate: int = DEFAULT_RATE) -> Iterator[CacheDevice]:
     """An ext4 file system of `size` bytes mounted under `workdir`, on a loop device throttled
@@ -77,7 +84,7 @@ def throttled_device(workdir: str, size: int, rate: int = DEFAULT_RATE) -> Itera
         subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", loop], check=True)
         os.makedirs(mountpoint, exist_ok=True)
         subprocess.run(["mount", loop, mountpoint], check=True)
-        undo.callback(subprocess.run, ["umount", mountpoint], check=False)
+        undo.callback(_unmount, mountpoint)
         with open(f"/sys/class/block/{os.path.basename(loop)}/dev") as f:
             major_minor = f.read().strip()
         _set_rules(major_minor, rate)

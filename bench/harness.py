@@ -21,6 +21,9 @@ from tests.mounting import CorfsMountError, lazy_unmount, wait_fuse_mounted
 from tests.servers import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tree whose corfs the mounts run (PYTHONPATH and cwd of `python -m corfs`): this one,
+# or another checkout's, to measure its corfs with this bench.
+CORFS_TREE = os.environ.get("CORFS_BENCH_TREE", REPO)
 WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
 MiB = 1 << 20
 T = TypeVar("T")
@@ -107,8 +110,8 @@ def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> It
     if not os.path.exists(mountpoint):
         os.makedirs(mountpoint)
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed in the finally below
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)
+    env = dict(os.environ, PYTHONPATH=CORFS_TREE)
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=CORFS_TREE)
     try:
         try:
             wait_fuse_mounted(mountpoint, proc, 30, name=argv[0])
@@ -236,6 +239,16 @@ def interleaved(
             settle_disk(settle_s)
             results[name].append(jobs[name]())
     return results
+
+
+def corfs_version() -> str:
+    """Which corfs the mounts run: its tree and commit (with "+changes" when it has any)."""
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", CORFS_TREE, *args], capture_output=True, text=True)
+        return run.stdout.strip()
+
+    dirty = "+changes" if git("status", "--porcelain", "--", "corfs") else ""
+    return f"{CORFS_TREE} at {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
 
 
 def machine() -> str:

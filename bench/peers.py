@@ -19,6 +19,8 @@ the cache device under test):
   cache device).
 corfs's peak RSS (VmHWM) is recorded in every corfs run.
 
+CORFS_BENCH_TREE=DIR measures the corfs of another checkout (bench/harness.py).
+
 Cache devices (--cache-device): `disk`, the machine's own disk that day, and `throttled`, a
 loop device at --throttle-mib MiB/s for reads and writes (bench/cachedev.py says how: a cgroup
 v1 blkio rule in the root group, so page-cache writeback is throttled too, not only O_DIRECT).
@@ -59,6 +61,7 @@ from .harness import (
     MiB,
     corfs_argv,
     corfs_status,
+    corfs_version,
     curl_mbps,
     disk_direct_mbps,
     drop_caches,
@@ -605,6 +608,7 @@ def markdown(meta: dict, devices: list[tuple[CacheDevice, dict, Results]]) -> st
         f"## Run of {meta['date']}",
         "",
         f"- machine: {meta['machine']}",
+        f"- corfs: {meta['corfs']}",
         f"- load average (1, 5, 15 min) at start {meta['load start']}, at end {meta['load end']}",
         f"- `{meta['command']}`; {meta['minutes']:.0f} minutes",
         f"- images: random bytes, {meta['seq MiB']} MiB for reads, {meta['stream MiB']} MiB for "
@@ -644,6 +648,7 @@ def main() -> None:
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "corfs": corfs_version(),
         "load start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "seq MiB": args.seq_mib,
         "stream MiB": args.stream_mib,
@@ -654,7 +659,7 @@ def main() -> None:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    log(f"machine: {meta['machine']}\nload: {meta['load start']}")
+    log(f"machine: {meta['machine']}\ncorfs: {meta['corfs']}\nload: {meta['load start']}")
     # HTML listings: httpdirfs and rclone read those, not JSON.
     nginx = Nginx(Path(www), Path(fresh_dir(os.path.join(root, "nginx"))), autoindex="html",
                   log_requests=True).start()
