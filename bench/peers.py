@@ -194,8 +194,19 @@ def random_reads(path: str, count: int, progress: list[int], seed: int = 4) -> d
     }
 
 
-def guarded(work: Callable[[], dict]) -> dict:
-    """One run's figures, or {"error": ...}: a failing or stalling system is reported."""
+def clear_device(cache_root: str) -> None:
+    """Remove every system's cache (cache-NAME) and curl's copy from the cache device."""
+    for entry in os.scandir(cache_root):
+        if entry.name.startswith("cache-") and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.name.startswith("curl"):
+            os.remove(entry.path)
+
+
+def guarded(work: Callable[[], dict], cache_root: str) -> dict:
+    """One run's figures, or {"error": ...}: a failing or stalling system is reported. The
+    caches of earlier runs are removed first, so each run has the device's room."""
+    clear_device(cache_root)
     try:
         return work()
     except Exception as e:
@@ -279,7 +290,7 @@ def stream_corfs(root: str, cache_root: str, target: Target) -> dict:
         drop_caches()
         start = time.perf_counter()
         control_client.send_command(mnt, {"op": "resume", "image": None})
-        wait_complete(mnt, timeout=1800)
+        wait_complete(mnt, timeout=600)
         fd = os.open(os.path.join(mnt, target.name), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -413,7 +424,7 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
     systems = args.only
 
     def seq(name: str) -> Callable[[], dict]:
-        return lambda: guarded(lambda: mount_run(site, name, sequential_read, size))
+        return lambda: guarded(lambda: mount_run(site, name, sequential_read, size), device.path)
 
     def rand(name: str) -> Callable[[], dict]:
         def work(path: str, progress: list[int], _begin: Callable[[], None]) -> dict:
@@ -421,10 +432,12 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
             figures["IOPS"] = args.random_reads / figures.pop("seconds")
             return figures
 
-        return lambda: guarded(lambda: mount_run(site, name, work, args.random_reads * 4096))
+        return lambda: guarded(
+            lambda: mount_run(site, name, work, args.random_reads * 4096), device.path
+        )
 
     def conc(name: str) -> Callable[[], dict]:
-        return lambda: guarded(lambda: mount_run(site, name, concurrent_read, size))
+        return lambda: guarded(lambda: mount_run(site, name, concurrent_read, size), device.path)
 
     jobs_of: dict[str, Callable[[], dict[str, Callable[[], dict]]]] = {
         "seq": lambda: {n: seq(n) for n in systems},
@@ -434,7 +447,7 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
             if n in systems
         },
         "https": lambda: (
-            {n: (lambda j=j: guarded(j)) for n, j in
+            {n: (lambda j=j: guarded(j, device.path)) for n, j in
              https_jobs(tls, site.root, device.path, size).items()} if tls else {}
         ),
         "stream": lambda: stream_jobs(site, device, systems, args.stream_mib * MiB),
@@ -452,12 +465,18 @@ def stream_jobs(site: Site, device: CacheDevice, systems: list[str],
     target = Target(site.nginx.url + "stream/disk.raw", size)
     out = os.path.join(device.path, "curl-copy.raw")
     jobs: dict[str, Callable[[], dict]] = {
-        "curl -o FILE && sync": lambda: guarded(lambda: {"MB/s": curl_mbps(target.url, size, out)})
+        "curl -o FILE && sync": lambda: guarded(
+            lambda: {"MB/s": curl_mbps(target.url, size, out)}, device.path
+        )
     }
     if "corfs" in systems:
-        jobs[CORFS_STREAM] = lambda: guarded(lambda: stream_corfs(site.root, device.path, target))
+        jobs[CORFS_STREAM] = lambda: guarded(
+            lambda: stream_corfs(site.root, device.path, target), device.path
+        )
     if "qemu" in systems:
-        jobs[QEMU_STREAM] = lambda: guarded(lambda: stream_qemu(site.root, device.path, target))
+        jobs[QEMU_STREAM] = lambda: guarded(
+            lambda: stream_qemu(site.root, device.path, target), device.path
+        )
     return jobs
 
 
@@ -638,6 +657,10 @@ def main() -> None:
         args.only = parse_names(args.only, PEERS, "system")
     except ValueError as e:
         parser.error(str(e))
+    # Interrupted (SIGINT even when started in the background, where it is ignored, or
+    # SIGTERM): unwind, so every mount, the loop device and its throttle rules are undone.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench.peers: terminated"))
     started = time.monotonic()
     root = workdir("peers")
     www = workdir("peers/www")
@@ -675,17 +698,15 @@ def main() -> None:
                     if name == "disk":
                         device = CacheDevice("disk", fresh_dir(os.path.join(root, "cache")))
                     else:
-                        # room for the largest cache plus curl's copy, with ext4's overhead
-                        room = (max(args.seq_mib, args.stream_mib) * 2 + 512) * MiB
+                        # room for the largest cache (one at a time: see guarded) and more
+                        room = (max(args.seq_mib, args.stream_mib) * 3 + 512) * MiB
                         device = dev_stack.enter_context(
                             throttled_device(root, room, args.throttle_mib * MiB))
                     log(f"cache device: {device.describe()}")
                     site = Site(root, device.path, nginx, "/seq/disk.raw", args.seq_mib * MiB)
                     limits, results = run_device(args, device, site, tls, log)
                     done.append((device, limits, results))
-                    for sub in os.listdir(device.path):  # free the device before leaving it
-                        if sub.startswith("cache-"):
-                            shutil.rmtree(os.path.join(device.path, sub), ignore_errors=True)
+                    clear_device(device.path)
     finally:
         nginx.stop()
         for name in PEERS:
