@@ -111,6 +111,8 @@ def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> It
         os.makedirs(mountpoint)
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed in the finally below
     env = dict(os.environ, PYTHONPATH=CORFS_TREE)
+    if CORFS_TREE != REPO:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
     proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=CORFS_TREE)
     try:
         try:
