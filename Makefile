@@ -10,8 +10,9 @@ RUFF := $(VENV)/bin/ruff
 MYPY := $(VENV)/bin/mypy
 LINT_PATHS = $(wildcard corfs tests bench scripts)
 PYTEST_ARGS ?=
-# Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only.
-BENCH_PACKAGES := httpdirfs rclone nbdkit libnbd-bin
+# Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only:
+# nbdkit has its curl plugin, libnbd-bin nbdfuse, qemu-block-extra QEMU's http(s) driver.
+BENCH_PACKAGES := httpdirfs rclone nbdkit libnbd-bin qemu-block-extra
 # pytest exit code 5 means "no tests ran": say so plainly (.ci/run looks for this line).
 NO_TESTS_MSG := corfs: pytest exit code 5: no tests were run
 RUN_PYTEST = $(PYTEST) -q $(1) $(PYTEST_ARGS) || { rc=$$?; \

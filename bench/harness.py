@@ -12,16 +12,21 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from corfs.control_client import read_status
 from tests.mounting import CorfsMountError, lazy_unmount, wait_fuse_mounted
 from tests.servers import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tree whose corfs the mounts run (PYTHONPATH and cwd of `python -m corfs`): this one,
+# or another checkout's, to measure its corfs with this bench.
+CORFS_TREE = os.environ.get("CORFS_BENCH_TREE", REPO)
 WORK = os.environ.get("CORFS_BENCH_DIR", "/var/tmp/corfs-bench")
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 def workdir(name: str) -> str:
@@ -83,11 +88,19 @@ class Daemon:
         return (int(fields[11]) + int(fields[12])) / ticks
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return status_bytes(self.proc.pid, "VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        return status_bytes(self.proc.pid, "VmHWM")
+
+
+def status_bytes(pid: int, field: str) -> int:
+    """A size field of /proc/PID/status (VmRSS, VmHWM: the peak RSS) in bytes; 0 if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 @contextlib.contextmanager
@@ -97,8 +110,10 @@ def mounted(argv: list[str], mountpoint: str, log_path: str | None = None) -> It
     if not os.path.exists(mountpoint):
         os.makedirs(mountpoint)
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed in the finally below
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)
+    env = dict(os.environ, PYTHONPATH=CORFS_TREE)
+    if CORFS_TREE != REPO:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=CORFS_TREE)
     try:
         try:
             wait_fuse_mounted(mountpoint, proc, 30, name=argv[0])
@@ -195,6 +210,47 @@ def disk_direct_mbps(directory: str, size: int = 512 * MiB) -> dict:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
     return {"write_mbps": size / write_s / 1e6, "read_mbps": size / read_s / 1e6}
+
+
+def curl_mbps(url: str, size: int, out: str = "/dev/null", *options: str) -> float:
+    """MB/s of `curl -o out` fetching `size` bytes from a cold page cache; to a file the time
+    includes `sync` of it (the bytes on disk, as a cache's would have to be)."""
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(["curl", "-sf", *options, "-o", out, url], check=True)
+    if out != "/dev/null":
+        subprocess.run(["sync", out], check=True)
+    mbps = size / (time.perf_counter() - start) / 1e6
+    if out != "/dev/null":
+        os.remove(out)
+    return mbps
+
+
+def interleaved(
+    runs: int, jobs: dict[str, Callable[[], T]], settle_s: float = 5.0
+) -> dict[str, list[T]]:
+    """Each job's results over `runs` rounds, the jobs interleaved (one of each per round, the
+    order rotating: A B, B A) so a slow minute of the shared machine or its disk hits all of
+    them; the disk settles before each run (a run's cache writes, or curl's file, still being
+    written back slow the next one)."""
+    results: dict[str, list[T]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for round_ in range(runs):
+        shift = round_ % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            settle_disk(settle_s)
+            results[name].append(jobs[name]())
+    return results
+
+
+def corfs_version() -> str:
+    """Which corfs the mounts run: its tree and commit (with "+changes" when it has any)."""
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", CORFS_TREE, *args], capture_output=True, text=True)
+        return run.stdout.strip()
+
+    dirty = "+changes" if git("status", "--porcelain", "--", "corfs") else ""
+    return f"{CORFS_TREE} at {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
 
 
 def machine() -> str:

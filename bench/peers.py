@@ -1,26 +1,40 @@
-"""Issue 4 benchmark: corfs side by side with its peers, in one run, over the same nginx on
-loopback: httpdirfs, `rclone mount --vfs-cache-mode full`, nbdkit's curl plugin with its cache
-filter read through nbdfuse, and QEMU's own copy-on-read (a qcow2 overlay with the HTTP URL as
-backing: reads through qemu-storage-daemon's FUSE export of a copy-on-read filter, streaming
-with `block-stream` over QMP in qemu-system-x86_64).
+"""Issue 4 and 13 benchmark: corfs beside its peers (bench/peer_mounts.py: httpdirfs, rclone,
+nbdkit, QEMU) in one run, over the same nginx on loopback, with the day's limits printed beside
+every figure, medians of --runs (the systems interleaved round by round: A B, B A), and the
+issue 13 targets as ratios.
 
-Workloads (page cache dropped before each, fresh caches):
-- cold sequential 1 MiB reads of a 1 GiB image through each mount, and `curl -o /dev/null`;
-- cold random 4 KiB O_DIRECT reads (2000 at seeded offsets): base bytes fetched / bytes read;
-- full streaming of a 2 GiB image: corfs (mount, status complete, fsync) vs QEMU block-stream
-  (job done, QEMU closed the overlay, fsync) vs `curl -o FILE && sync`.
+Workloads (--workloads; page cache dropped before each run, every system with a fresh cache on
+the cache device under test):
+- seq: cold sequential 1 MiB reads of the --seq-mib image: corfs `--no-stream` and corfs's
+  default mount (streaming on) against every peer; the best peer is the fastest of them;
+- random: --random-reads cold 4 KiB reads, one at a time (QD1), at seeded offsets, O_DIRECT
+  where the mount takes it: IOPS, p99, base bytes fetched per byte read (nginx's log), corfs
+  `--no-stream` against nbdkit;
+- concurrent: 8 readers at once, each reading its own eighth of the image, one mount:
+  aggregate MB/s against one reader (the seq figure), corfs `--no-stream` and the best peer;
+- https: cold sequential over a TLS nginx (bench/tls.py): corfs https://, corfs s3:// over
+  https, nbdkit over it, `curl -o /dev/null` over it;
+- stream: full stream of the --stream-mib image: corfs (mount, status complete, fsync) against
+  QEMU block-stream (job done, QEMU closed, fsync) and `curl -o FILE && sync` (FILE on the
+  cache device).
+corfs's peak RSS (VmHWM) is recorded in every corfs run.
 
-Base bytes fetched are counted in nginx's own access log ($body_bytes_sent of GETs of the
-image); for corfs also its status `fetcher.bytes_fetched`.
+CORFS_BENCH_TREE=DIR measures the corfs of another checkout (bench/harness.py).
 
-    python -m bench.peers [--seq-mib 1024] [--stream-mib 2048] [--random-reads 2000]
-                          [--only corfs,httpdirfs,...] [--markdown FILE]"""
+Cache devices (--cache-device): `disk`, the machine's own disk that day, and `throttled`, a
+loop device at --throttle-mib MiB/s for reads and writes (bench/cachedev.py says how: a cgroup
+v1 blkio rule in the root group, so page-cache writeback is throttled too, not only O_DIRECT).
+Limits printed per device: dd 1 MiB O_DIRECT write MB/s on it, `curl -o /dev/null`,
+`curl -o FILE && sync` with FILE on it.
+
+    python -m bench.peers [--cache-device disk|throttled|both] [--workloads seq,random,...]
+        [--only corfs,corfs+stream,httpdirfs,rclone,nbdkit,qemu] [--runs 3] [--seq-mib 1024]
+        [--stream-mib 1024] [--random-reads 2000] [--markdown FILE]"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import mmap
 import os
@@ -28,236 +42,61 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from corfs import control_client
-from corfs.mountinfo import find_mount
 from tests.mounting import lazy_unmount
 from tests.servers import Nginx, stop_process
 
+from .cachedev import DEFAULT_RATE, CacheDevice, throttled_device
 from .harness import (
     MiB,
     corfs_argv,
     corfs_status,
+    corfs_version,
+    curl_mbps,
+    disk_direct_mbps,
     drop_caches,
     fresh_dir,
+    interleaved,
     machine,
     make_image,
     mounted,
     wait_complete,
     workdir,
 )
+from .peer_mounts import LABELS, MOUNTS, Target, qemu_overlay
+from .tls import TlsSite, https_jobs, tls_site
 
-PEERS = ["corfs", "corfs+stream", "httpdirfs", "rclone", "nbdkit", "qemu"]
-
-
-def fetched_since(nginx: Nginx, mark: int, uri: str) -> tuple[int, int]:
-    """(body bytes sent, requests) for GETs of `uri` that nginx logged after `mark`."""
-    time.sleep(0.3)  # a request logs when it ends; closed connections end just after
-    requests, sent = nginx.sent(uri, since=mark, method="GET")
-    return sent, requests
-
-
-# ---- each system as a mount that yields the image's path ---------------------------------
-
-
-@dataclass
-class Mount:
-    path: str  # the image as a file
-    fetched_self: Callable[[], int] | None = None  # bytes fetched as the system reports them
-    pid: int | None = None  # the daemon serving it, to kill if it stalls
-    # called as the measured work starts: corfs's stream, mounted paused, starts there, so
-    # it gets no head start while the bench settles and drops caches
-    start: Callable[[], None] = lambda: None
+PEERS = list(MOUNTS)
+WORKLOADS = ["seq", "random", "concurrent", "https", "stream"]
+DEVICES = {"disk": ["disk"], "throttled": ["throttled"], "both": ["disk", "throttled"]}
+RANDOM_SYSTEMS = ["corfs", "nbdkit"]  # the random-read target compares these
+READERS = 8
+CORFS_STREAM = "corfs (resume → complete → fsync)"
+QEMU_STREAM = "QEMU block-stream (→ closed → fsync)"
+SETTLE_S = 2.0  # before each run: let the previous run's writeback reach the disk
+Runs = list[dict]  # one dict of figures per run; "error" when it failed
+Results = dict[str, dict[str, Runs]]  # workload -> system -> runs
 
 
-def _wait_file(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear")
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def mount_corfs(root: str, nginx: Nginx, uri: str, *, stream: bool = False) -> Iterator[Mount]:
-    cache = fresh_dir(os.path.join(root, "cache-corfs"))
-    mnt = os.path.join(root, "mnt-corfs")
-    mode = "--stream-paused" if stream else "--no-stream"
-    argv = corfs_argv(nginx.url + uri.lstrip("/"), cache, mnt, mode)
-    with mounted(argv, mnt, os.path.join(root, "corfs.log")):
-        name = os.path.basename(uri)
-
-        def fetched() -> int:
-            return int(corfs_status(mnt)["fetcher"]["bytes_fetched"])
-
-        def resume() -> None:
-            control_client.send_command(mnt, {"op": "resume", "image": None})
-
-        yield Mount(os.path.join(mnt, name), fetched, start=resume if stream else lambda: None)
-
-
-@contextlib.contextmanager
-def mount_httpdirfs(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
-    cache = fresh_dir(os.path.join(root, "cache-httpdirfs"))
-    mnt = os.path.join(root, "mnt-httpdirfs")
-    directory = os.path.dirname(uri).strip("/") + "/"
-    argv = [
-        "httpdirfs",
-        "-f",
-        "--no-range-check",
-        "--cache",
-        "--cache-location",
-        cache,
-        nginx.url + directory,
-        mnt,
-    ]
-    with mounted(argv, mnt, os.path.join(root, "httpdirfs.log")) as daemon:
-        path = os.path.join(mnt, os.path.basename(uri))
-        _wait_file(path, daemon.proc)
-        # httpdirfs 1.2.5 crashes when the last handle closes during a download: keep one.
-        keep = os.open(path, os.O_RDONLY)
-        try:
-            yield Mount(path)
-        finally:
-            os.close(keep)
-
-
-@contextlib.contextmanager
-def mount_rclone(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
-    cache = fresh_dir(os.path.join(root, "cache-rclone"))
-    mnt = os.path.join(root, "mnt-rclone")
-    config = os.path.join(root, "rclone.conf")
-    open(config, "w").close()
-    directory = os.path.dirname(uri).strip("/") + "/"
-    argv = [
-        "rclone",
-        "mount",
-        ":http:",
-        mnt,
-        "--http-url",
-        nginx.url + directory,
-        "--vfs-cache-mode",
-        "full",
-        "--cache-dir",
-        cache,
-        "--config",
-        config,
-    ]
-    with mounted(argv, mnt, os.path.join(root, "rclone.log")) as daemon:
-        path = os.path.join(mnt, os.path.basename(uri))
-        _wait_file(path, daemon.proc)
-        yield Mount(path)
-
-
-@contextlib.contextmanager
-def mount_nbdkit(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
-    cache = fresh_dir(os.path.join(root, "cache-nbdkit"))  # the cache filter's temp file
-    mnt = os.path.join(root, "mnt-nbdkit")
-    sock = os.path.join(root, "nbdkit.sock")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
-    log = open(os.path.join(root, "nbdkit.log"), "ab")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [
-            "nbdkit",
-            "-f",
-            "-U",
-            sock,
-            "--filter=cache",
-            "curl",
-            f"url={nginx.url + uri.lstrip('/')}",
-            "cache-on-read=true",
-        ],
-        stdout=log,
-        stderr=log,
-        env=dict(os.environ, TMPDIR=cache),
-    )
-    try:
-        _wait_file(sock, server)
-        with mounted(["nbdfuse", mnt, "--unix", sock], mnt, os.path.join(root, "nbdfuse.log")):
-            yield Mount(os.path.join(mnt, "nbd"))
-    finally:
-        stop_process(server, timeout=20)
-        log.close()
-
-
-@contextlib.contextmanager
-def qemu_overlay(root: str, nginx: Nginx, uri: str, size: int) -> Iterator[str]:
-    """A fresh qcow2 overlay whose backing file is the image's HTTP URL (raw)."""
-    overlay = os.path.join(fresh_dir(os.path.join(root, "cache-qemu")), "overlay.qcow2")
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            nginx.url + uri.lstrip("/"),
-            overlay,
-            str(size),
-        ],
-        check=True,
-    )
-    yield overlay
-
-
-@contextlib.contextmanager
-def mount_qemu(root: str, nginx: Nginx, uri: str) -> Iterator[Mount]:
-    """QEMU's copy-on-read: a copy-on-read filter over the overlay, exported by
-    qemu-storage-daemon as a FUSE file (read-only export; the filter writes the overlay)."""
-    size = os.path.getsize(os.path.join(nginx.root, uri.lstrip("/")))
-    with qemu_overlay(root, nginx, uri, size) as overlay:
-        export = os.path.join(root, "qemu-export.raw")
-        open(export, "w").close()
-        argv = [
-            "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=qcow2,node-name=ov,file.driver=file,file.filename={overlay}",
-            "--blockdev",
-            "driver=copy-on-read,node-name=cor,file=ov",
-            "--export",
-            f"type=fuse,id=e,node-name=cor,mountpoint={export},writable=off",
-        ]
-        with mounted(argv, export, os.path.join(root, "qsd.log")) as daemon:
-            # QEMU 7.2's curl driver stalled now and then under the kernel's concurrent
-            # read-ahead requests (1 run in 3 here); with read-ahead off, 0 in 4.
-            entry = find_mount(export)
-            assert entry is not None, f"{export} is not mounted"
-            with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
-                f.write("0\n")
-            yield Mount(export, pid=daemon.proc.pid)
-
-
-MOUNTS = {
-    "corfs": mount_corfs,
-    # corfs's default (background streaming on): sequential reads only, a random-read
-    # amplification would count the stream.
-    "corfs+stream": functools.partial(mount_corfs, stream=True),
-    "httpdirfs": mount_httpdirfs,
-    "rclone": mount_rclone,
-    "nbdkit": mount_nbdkit,
-    "qemu": mount_qemu,
-}
-LABELS = {
-    "corfs": "corfs (--no-stream)",
-    "corfs+stream": "corfs (default: streaming on)",
-    "httpdirfs": "httpdirfs --cache",
-    "rclone": "rclone mount --vfs-cache-mode full",
-    "nbdkit": "nbdkit curl + cache filter, nbdfuse",
-    "qemu": "QEMU copy-on-read (qsd FUSE export)",
-}
-
-
-# ---- workloads ----------------------------------------------------------------------------
+def parse_names(text: str, allowed: list[str], what: str) -> list[str]:
+    """A comma-separated subset of `allowed`, in the order given; ValueError names the
+    unknown ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}: {', '.join(unknown) or '(none given)'} "
+                         f"(choose from {', '.join(allowed)})")
+    return names
 
 
 class Stalled(Exception):
@@ -355,58 +194,110 @@ def random_reads(path: str, count: int, progress: list[int], seed: int = 4) -> d
     }
 
 
-def run_mount_workloads(name: str, root: str, nginx: Nginx, uri: str, reads: int) -> dict:
-    """Cold sequential then cold random reads, each on a fresh mount and cache. A mount that
-    stalls is killed and the measurement retried (up to 3 attempts), and counted."""
-    result: dict = {}
-    size = os.path.getsize(os.path.join(nginx.root, uri.lstrip("/")))
-    for key, work in (
-        ("seq", sequential_read),
-        ("rand", lambda path, progress, _begin: random_reads(path, reads, progress)),
-    ):
-        if key == "rand" and name == "corfs+stream":
-            continue
-        for attempt in range(1, 4):
-            try:
-                drop_caches()
-                mark = nginx.log_mark()
-                with MOUNTS[name](root, nginx, uri) as m:
-                    drop_caches()
-                    figures = watched(lambda p, m=m, work=work: work(m.path, p, m.start), m.pid)
-                    if m.fetched_self:
-                        figures["fetched (self)"] = m.fetched_self()
-                fetched, requests = fetched_since(nginx, mark, uri)
-                figures.update(fetched=fetched, requests=requests)
-                figures["amplification"] = fetched / (size if key == "seq" else reads * 4096)
-                if "fetched (self)" in figures:
-                    figures["amplification (self)"] = figures["fetched (self)"] / (
-                        size if key == "seq" else reads * 4096
-                    )
-                if key == "rand":
-                    figures["IOPS"] = reads / figures["seconds"]
-                figures["attempts"] = attempt
-                result.update({f"{key} {k}": v for k, v in figures.items()})
-                result.pop(f"{key} error", None)
-                break
-            except Stalled as e:
-                result[f"{key} stalls"] = result.get(f"{key} stalls", []) + [str(e)]
-                result[f"{key} error"] = f"stalled {attempt}× ({e})"
-            except Exception as e:  # a failing peer is reported, not fatal
-                result[f"{key} error"] = f"{type(e).__name__}: {e}"
-                break
-    return result
+def clear_device(cache_root: str) -> None:
+    """Remove every system's cache (cache-NAME) and curl's copy from the cache device."""
+    for entry in os.scandir(cache_root):
+        if entry.name.startswith("cache-") and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.name.startswith("curl"):
+            os.remove(entry.path)
 
 
-def curl_seconds(url: str, out: str, sync: bool) -> float:
+def guarded(work: Callable[[], dict], cache_root: str) -> dict:
+    """One run's figures, or {"error": ...}: a failing or stalling system is reported. The
+    caches of earlier runs are removed first, so each run has the device's room."""
+    clear_device(cache_root)
+    try:
+        return work()
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+@dataclass
+class Site:
+    """Where a device's runs happen: mountpoints and logs under `root`, caches under
+    `cache_root` (the device under test), the image served by `nginx` at `uri`."""
+
+    root: str
+    cache_root: str
+    nginx: Nginx
+    uri: str
+    size: int
+
+    @property
+    def target(self) -> Target:
+        return Target(self.nginx.url + self.uri.lstrip("/"), self.size)
+
+    def fetched(self, mark: int) -> int:
+        time.sleep(0.3)  # a request logs when it ends; closed connections end just after
+        return self.nginx.sent(self.uri, since=mark, method="GET")[1]
+
+
+def mount_run(site: Site, name: str, work: Callable[[str, list[int], Callable[[], None]], dict],
+              read_bytes: int) -> dict:
+    """One cold run of `work(path, progress, begin)` on a fresh mount of system `name`, with
+    base bytes fetched per byte read from nginx's log and corfs's peak RSS."""
     drop_caches()
+    mark = site.nginx.log_mark()
+    with MOUNTS[name](site.root, site.cache_root, site.target) as m:
+        drop_caches()
+        figures = watched(lambda p: work(m.path, p, m.start), m.pid)
+        if m.peak_rss:
+            figures["VmHWM MiB"] = m.peak_rss() / MiB
+    figures["fetched / read"] = site.fetched(mark) / read_bytes
+    return figures
+
+
+def concurrent_read(path: str, progress: list[int], begin: Callable[[], None]) -> dict:
+    """Aggregate MB/s of READERS threads each reading its own 1/READERS of `path` in 1 MiB
+    requests, all at once (one open file each)."""
+    size = os.stat(path).st_size
+    share = size // READERS
+    errors: list[BaseException] = []
+
+    def reader(index: int) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for offset in range(index * share, (index + 1) * share, MiB):
+                    os.pread(fd, min(MiB, (index + 1) * share - offset), offset)
+                    progress[0] += 1
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(READERS)]
     start = time.perf_counter()
-    subprocess.run(["curl", "-sf", "-o", out, url], check=True)
-    if sync:
-        subprocess.run(["sync", out], check=True)
-    return time.perf_counter() - start
+    begin()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {"MB/s": share * READERS / (time.perf_counter() - start) / 1e6}
 
 
-# ---- streaming -----------------------------------------------------------------------------
+def stream_corfs(root: str, cache_root: str, target: Target) -> dict:
+    """Mounted with the stream paused, timed from resuming it to status complete and an
+    fsync of the image (complete means recorded in memory; the final commit is part of it)."""
+    cache = fresh_dir(os.path.join(cache_root, "cache-corfs"))
+    mnt = os.path.join(root, "mnt-corfs")
+    drop_caches()
+    argv = corfs_argv(target.url, cache, mnt, "--stream-paused")
+    with mounted(argv, mnt, os.path.join(root, "corfs-stream.log")) as daemon:
+        drop_caches()
+        start = time.perf_counter()
+        control_client.send_command(mnt, {"op": "resume", "image": None})
+        wait_complete(mnt, timeout=600)
+        fd = os.open(os.path.join(mnt, target.name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        seconds = time.perf_counter() - start
+        fetched = int(corfs_status(mnt)["fetcher"]["bytes_fetched"])
+        return {"MB/s": target.size / seconds / 1e6, "fetched / read": fetched / target.size,
+                "VmHWM MiB": daemon.peak_rss_bytes() / MiB}
 
 
 class Qmp:
@@ -453,40 +344,15 @@ class Qmp:
         self.sock.close()
 
 
-def stream_corfs(root: str, nginx: Nginx, uri: str, size: int) -> dict:
-    cache = fresh_dir(os.path.join(root, "cache-corfs"))
-    mnt = os.path.join(root, "mnt-corfs")
-    drop_caches()
-    mark = nginx.log_mark()
-    argv = corfs_argv(nginx.url + uri.lstrip("/"), cache, mnt)
-    with mounted(argv, mnt, os.path.join(root, "corfs-stream.log")):
-        start = time.perf_counter()
-        wait_complete(mnt, timeout=1800)
-        # Complete means recorded in memory; the final commit is part of the job.
-        fd = os.open(os.path.join(mnt, os.path.basename(uri)), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        seconds = time.perf_counter() - start
-        fetched_self = int(corfs_status(mnt)["fetcher"]["bytes_fetched"])
-    fetched, requests = fetched_since(nginx, mark, uri)
-    return {
-        "seconds": seconds,
-        "fetched": fetched,
-        "requests": requests,
-        "fetched (self)": fetched_self,
-    }
-
-
-def stream_qemu(root: str, nginx: Nginx, uri: str, size: int) -> dict:
+def stream_qemu(root: str, cache_root: str, target: Target) -> dict:
     """block-stream into a qcow2 overlay backed by the URL, in qemu-system-x86_64 (no guest);
     the time includes QEMU closing the overlay and an fsync of it."""
-    with qemu_overlay(root, nginx, uri, size) as overlay:
+    with qemu_overlay(cache_root, target) as overlay:
         qmp_path = os.path.join(root, "qmp.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp_path)
         log = open(os.path.join(root, "qemu.log"), "ab")  # noqa: SIM115 - closed below
         drop_caches()
-        mark = nginx.log_mark()
         proc = subprocess.Popen(
             [
                 "qemu-system-x86_64",
@@ -522,188 +388,333 @@ def stream_qemu(root: str, nginx: Nginx, uri: str, size: int) -> dict:
         finally:
             stop_process(proc, timeout=20)
             log.close()
-        fetched, requests = fetched_since(nginx, mark, uri)
-        return {
-            "seconds": seconds,
-            "fetched": fetched,
-            "requests": requests,
-            "overlay bytes on disk": os.stat(overlay).st_blocks * 512,
-        }
+        return {"MB/s": target.size / seconds / 1e6}
 
 
-# ---- report ---------------------------------------------------------------------------------
+# ---- a device's runs ---------------------------------------------------------------------
 
 
-def fmt(value: object, digits: int = 1) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def median_of(runs: Runs, key: str) -> float | None:
+    """The median of `key` over the runs that have it (failed runs do not)."""
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else None
 
 
-def stall_notes(mounts: dict, key: str) -> list[str]:
-    notes = [
-        f"- {LABELS[name]}: stalled and was killed after {STALL_SECONDS:.0f} s without progress: "
-        + "; ".join(r[f"{key} stalls"])
-        for name, r in mounts.items()
-        if r.get(f"{key} stalls")
+def best_peer(results: Results) -> str | None:
+    """The peer (not corfs) with the highest median cold sequential MB/s."""
+    peers = {n: median_of(r, "MB/s") for n, r in results.get("seq", {}).items()}
+    ranked = [(v, n) for n, v in peers.items() if v is not None and not n.startswith("corfs")]
+    return max(ranked)[1] if ranked else None
+
+
+def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
+               tls: TlsSite | None, log: Callable[[str], None]) -> tuple[dict, Results]:
+    """The day's limits on this device, then each workload with its systems interleaved."""
+    runs, size = args.runs, site.size
+    curl_file = os.path.join(device.path, "curl.out")
+    limits = {
+        "disk O_DIRECT write MB/s": [disk_direct_mbps(device.path)["write_mbps"]
+                                     for _ in range(runs)],
+        "curl -o /dev/null MB/s": [curl_mbps(site.target.url, size) for _ in range(runs)],
+        "curl -o FILE && sync MB/s": [curl_mbps(site.target.url, size, curl_file)
+                                      for _ in range(runs)],
+    }
+    log(f"[{device.name}] limits: {json.dumps(limits)}")
+    results: Results = {}
+    systems = args.only
+
+    def seq(name: str) -> Callable[[], dict]:
+        return lambda: guarded(lambda: mount_run(site, name, sequential_read, size), device.path)
+
+    def rand(name: str) -> Callable[[], dict]:
+        def work(path: str, progress: list[int], _begin: Callable[[], None]) -> dict:
+            figures = random_reads(path, args.random_reads, progress)
+            figures["IOPS"] = args.random_reads / figures.pop("seconds")
+            return figures
+
+        return lambda: guarded(
+            lambda: mount_run(site, name, work, args.random_reads * 4096), device.path
+        )
+
+    def conc(name: str) -> Callable[[], dict]:
+        return lambda: guarded(lambda: mount_run(site, name, concurrent_read, size), device.path)
+
+    jobs_of: dict[str, Callable[[], dict[str, Callable[[], dict]]]] = {
+        "seq": lambda: {n: seq(n) for n in systems},
+        "random": lambda: {n: rand(n) for n in RANDOM_SYSTEMS if n in systems},
+        "concurrent": lambda: {
+            n: conc(n) for n in dict.fromkeys(["corfs", best_peer(results) or "nbdkit"])
+            if n in systems
+        },
+        "https": lambda: (
+            {n: (lambda j=j: guarded(j, device.path)) for n, j in
+             https_jobs(tls, site.root, device.path, size).items()} if tls else {}
+        ),
+        "stream": lambda: stream_jobs(site, device, systems, args.stream_mib * MiB),
+    }
+    for workload in args.workloads:
+        jobs = jobs_of[workload]()
+        results[workload] = interleaved(runs, jobs, SETTLE_S)
+        for name, figures in results[workload].items():
+            log(f"[{device.name}] {workload} {name}: {json.dumps(figures, default=str)}")
+    return limits, results
+
+
+def stream_jobs(site: Site, device: CacheDevice, systems: list[str],
+                size: int) -> dict[str, Callable[[], dict]]:
+    target = Target(site.nginx.url + "stream/disk.raw", size)
+    out = os.path.join(device.path, "curl-copy.raw")
+    jobs: dict[str, Callable[[], dict]] = {
+        "curl -o FILE && sync": lambda: guarded(
+            lambda: {"MB/s": curl_mbps(target.url, size, out)}, device.path
+        )
+    }
+    if "corfs" in systems:
+        jobs[CORFS_STREAM] = lambda: guarded(
+            lambda: stream_corfs(site.root, device.path, target), device.path
+        )
+    if "qemu" in systems:
+        jobs[QEMU_STREAM] = lambda: guarded(
+            lambda: stream_qemu(site.root, device.path, target), device.path
+        )
+    return jobs
+
+
+# ---- the targets and the report -------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    target: str
+    corfs: float | None
+    against: str
+    other: float | None
+    goal: float | None  # the ratio corfs / other must reach (at least, or at most); None: shown
+    at_most: bool = False
+    unit: str = "MB/s"
+
+    @property
+    def ratio(self) -> float | None:
+        if self.corfs is None or not self.other:
+            return None
+        return self.corfs / self.other
+
+    @property
+    def met(self) -> bool | None:
+        r = self.ratio
+        if r is None or self.goal is None:
+            return None
+        return r <= self.goal if self.at_most else r >= self.goal
+
+
+def target_rows(results: Results) -> list[Row]:
+    """Issue 13's targets from one device's results (only those whose figures ran)."""
+    rows: list[Row] = []
+
+    def fig(workload: str, system: str, key: str = "MB/s") -> float | None:
+        return median_of(results.get(workload, {}).get(system, []), key)
+
+    peer = best_peer(results)
+    if peer:
+        for name, what in (("corfs", "--no-stream"), ("corfs+stream", "default mount")):
+            if name in results["seq"]:
+                rows.append(Row(f"cold sequential, {what}", fig("seq", name), f"best peer "
+                                f"({peer})", fig("seq", peer), 1.5))
+    if "nbdkit" in results.get("random", {}):
+        rows += [
+            Row("cold random 4 KiB QD1 IOPS", fig("random", "corfs", "IOPS"), "nbdkit",
+                fig("random", "nbdkit", "IOPS"), 1.5, unit="IOPS"),
+            Row("cold random p99", fig("random", "corfs", "p99_ms"), "nbdkit",
+                fig("random", "nbdkit", "p99_ms"), 1.0, at_most=True, unit="ms"),
+            Row("cold random base bytes / byte read", fig("random", "corfs", "fetched / read"),
+                "16 (nbdkit: {})".format(_fmt(fig("random", "nbdkit", "fetched / read"))),
+                16.0, 1.0, at_most=True, unit="×"),
+        ]
+    if "https" in results:
+        curl = fig("https", "curl -o /dev/null")
+        rows += [
+            Row("HTTPS cold sequential", fig("https", "corfs https://"),
+                "curl -o /dev/null (TLS)", curl, 0.8),
+            Row("HTTPS cold sequential", fig("https", "corfs https://"), "nbdkit over it",
+                fig("https", "nbdkit curl (cache filter)"), 2.0),
+            Row("S3 over HTTPS cold sequential", fig("https", "corfs s3:// over https"),
+                "curl -o /dev/null (TLS)", curl, 0.8),
+        ]
+    if "stream" in results:
+        rows += [
+            Row("full stream", fig("stream", CORFS_STREAM), "curl -o FILE && sync",
+                fig("stream", "curl -o FILE && sync"), 0.9),
+            Row("full stream", fig("stream", CORFS_STREAM), "QEMU block-stream",
+                fig("stream", QEMU_STREAM), 1.2),
+        ]
+    for name in results.get("concurrent", {}):
+        rows.append(Row(f"{READERS} concurrent cold readers, {name}", fig("concurrent", name),
+                        f"one reader ({name})", fig("seq", name), None))
+    conc = [n for n in results.get("concurrent", {}) if n != "corfs"]
+    if "corfs" in results.get("concurrent", {}) and conc:
+        rows.append(Row(f"{READERS} concurrent cold readers", fig("concurrent", "corfs"),
+                        f"{conc[0]}, {READERS} readers", fig("concurrent", conc[0]), None))
+    return rows
+
+
+def peak_rss(results: Results) -> dict[str, float]:
+    """corfs's highest VmHWM (MiB) in each workload."""
+    out = {}
+    for workload, systems in results.items():
+        values = [r["VmHWM MiB"] for runs in systems.values() for r in runs if "VmHWM MiB" in r]
+        if values:
+            out[workload] = max(values)
+    return out
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
+    return f"{text} {unit}".strip()
+
+
+def _runs_text(runs: Runs, key: str) -> str:
+    return " ".join(_fmt(r[key]) if key in r else "failed" for r in runs)
+
+
+MAIN_KEY = {"random": "IOPS"}
+
+
+def device_markdown(device: CacheDevice, limits: dict, results: Results, runs: int) -> list[str]:
+    lim = {k: _fmt(statistics.median(v)) for k, v in limits.items()}
+    lines = [
+        f"### Cache on {device.describe()}",
+        "",
+        f"Limits that day (medians of {runs}): 1 MiB O_DIRECT write on the cache device "
+        f"**{lim['disk O_DIRECT write MB/s']} MB/s**; `curl -o /dev/null` "
+        f"**{lim['curl -o /dev/null MB/s']} MB/s**; `curl -o FILE && sync` (FILE on the cache "
+        f"device) **{lim['curl -o FILE && sync MB/s']} MB/s**.",
+        "",
+        "| target | corfs | against | other | ratio | goal | met |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
-    return ["", *notes] if notes else []
+    for row in target_rows(results):
+        goal = "—" if row.goal is None else f"{'≤' if row.at_most else '≥'} {row.goal:g}"
+        met = {True: "yes", False: "**no**", None: "—"}[row.met]
+        ratio = "—" if row.ratio is None else f"{row.ratio:.2f}×"
+        lines.append(f"| {row.target} | {_fmt(row.corfs, row.unit)} | {row.against} "
+                     f"| {_fmt(row.other, row.unit)} | {ratio} | {goal} | {met} |")
+    rss = peak_rss(results)
+    if rss:
+        lines += ["", "corfs daemon peak RSS (VmHWM, highest run): " + ", ".join(
+            f"{w} {v:.0f} MiB" for w, v in rss.items()) + " (goal ≤ 150 MiB + write-behind budget)"]
+    lines += ["", "| workload | system | median | runs | p99 ms | fetched / read |",
+              "| --- | --- | ---: | --- | ---: | ---: |"]
+    for workload, systems in results.items():
+        key = MAIN_KEY.get(workload, "MB/s")
+        for name, rs in systems.items():
+            errors = sorted({r["error"] for r in rs if "error" in r})
+            lines.append(
+                f"| {workload} | {LABELS.get(name, name)} | {_fmt(median_of(rs, key), key)} "
+                f"| {_runs_text(rs, key)} | {_fmt(median_of(rs, 'p99_ms'))} "
+                f"| {_fmt(median_of(rs, 'fetched / read'))} |"
+            )
+            lines += [f"|  | ↳ failed: {e} | | | | |" for e in errors]
+    if device.rate is not None:
+        lines += ["", "The throttle applies to every bio to the loop device (root blkio group, "
+                  "cgroup v1): O_DIRECT writes, page-cache writeback and reads alike."]
+    return lines + [""]
 
 
-def markdown(meta: dict, curl: dict, mounts: dict, stream: dict, reads: int) -> str:
+def markdown(meta: dict, devices: list[tuple[CacheDevice, dict, Results]]) -> str:
     lines = [
         f"## Run of {meta['date']}",
         "",
         f"- machine: {meta['machine']}",
+        f"- corfs: {meta['corfs']}",
         f"- load average (1, 5, 15 min) at start {meta['load start']}, at end {meta['load end']}",
-        f"- images: random bytes (no zeros), {meta['seq MiB']} MiB for reads, "
-        f"{meta['stream MiB']} MiB for streaming; nginx on 127.0.0.1, page cache dropped "
-        "before each measurement, each system with a fresh cache",
+        f"- `{meta['command']}`; {meta['minutes']:.0f} minutes",
+        f"- images: random bytes, {meta['seq MiB']} MiB for reads, {meta['stream MiB']} MiB for "
+        f"streaming; nginx on 127.0.0.1; page cache dropped before each run; fresh caches; "
+        f"medians of {meta['runs']} runs, systems interleaved round by round",
         "",
-        "### Cold sequential 1 MiB reads",
-        "",
-        "| system | MB/s | / curl | base bytes / image size | requests |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| `curl -o /dev/null` | {fmt(curl['seq MB/s'])} | 1.00 | 1.00 | 1 |",
     ]
-    best_peer = max(
-        (r.get("seq MB/s", 0.0) for n, r in mounts.items() if not n.startswith("corfs")),
-        default=0.0,
-    )
-    for name, r in mounts.items():
-        if "seq error" in r:
-            lines.append(f"| {LABELS[name]} | failed: {r['seq error']} | | | |")
-            continue
-        lines.append(
-            f"| {LABELS[name]} | {fmt(r['seq MB/s'])} | {r['seq MB/s'] / curl['seq MB/s']:.2f} "
-            f"| {r['seq amplification']:.2f} | {r['seq requests']} |"
-        )
-    lines += stall_notes(mounts, "seq")
-    for name in ("corfs", "corfs+stream"):
-        if "seq MB/s" in mounts.get(name, {}) and best_peer:
-            ratio = mounts[name]["seq MB/s"] / best_peer
-            lines += ["", f"{LABELS[name]} / best peer: **{ratio:.2f}×** (goal ≥ 1.5×)"]
-    lines += [
-        "",
-        f"### Cold random 4 KiB reads ({reads} at seeded random offsets, one at a time)",
-        "",
-        "| system | O_DIRECT | read amplification (nginx log) | requests | IOPS | p50 ms "
-        "| p99 ms |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, r in mounts.items():
-        if name == "corfs+stream":
-            continue
-        if "rand error" in r:
-            lines.append(f"| {LABELS[name]} | failed: {r['rand error']} | | | | | |")
-            continue
-        amp = f"{r['rand amplification']:.1f}"
-        if "rand amplification (self)" in r:
-            amp += f" (status: {r['rand amplification (self)']:.1f})"
-        lines.append(
-            f"| {LABELS[name]} | {'yes' if r['rand direct'] else 'no (refused)'} | {amp} "
-            f"| {r['rand requests']} | {r['rand IOPS']:.0f} | {r['rand p50_ms']:.2f} "
-            f"| {r['rand p99_ms']:.2f} |"
-        )
-    lines += stall_notes(mounts, "rand")
-    size = meta["stream MiB"] * MiB
-    lines += [
-        "",
-        f"### Full streaming of the {meta['stream MiB']} MiB image",
-        "",
-        "| system | seconds | MB/s | base bytes / image size | requests |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| `curl -o FILE && sync` | {curl['stream s']:.2f} | {size / curl['stream s'] / 1e6:.0f}"
-        " | 1.00 | 1 |",
-    ]
-    for name, r in stream.items():
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | |")
-            continue
-        amp = f"{r['fetched'] / size:.2f}"
-        if "fetched (self)" in r:
-            amp += f" (status: {r['fetched (self)'] / size:.2f})"
-        lines.append(
-            f"| {name} | {r['seconds']:.2f} | {size / r['seconds'] / 1e6:.0f} | {amp} "
-            f"| {r['requests']} |"
-        )
-    c = stream.get("corfs (mount → complete → fsync)", {})
-    q = stream.get("QEMU block-stream (→ closed → fsync)", {})
-    if "seconds" in c:
-        lines.append("")
-        if "seconds" in q:
-            lines.append(
-                f"corfs / QEMU speed: **{q['seconds'] / c['seconds']:.2f}×** (goal ≥ 1.2×)  "
-            )
-        lines.append(
-            f"corfs / curl+sync speed: **{curl['stream s'] / c['seconds']:.2f}×** (goal ≥ 0.9×)"
-        )
-    return "\n".join(lines) + "\n"
+    for device, limits, results in devices:
+        lines += device_markdown(device, limits, results, meta["runs"])
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="bench.peers")
+    parser.add_argument("--cache-device", choices=sorted(DEVICES), default="both")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--only", default=",".join(PEERS), help="systems (corfs and peers)")
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seq-mib", type=int, default=1024)
-    parser.add_argument("--stream-mib", type=int, default=2048)
+    parser.add_argument("--stream-mib", type=int, default=1024)
     parser.add_argument("--random-reads", type=int, default=2000)
-    parser.add_argument("--only", default=",".join(PEERS))
+    parser.add_argument("--throttle-mib", type=int, default=DEFAULT_RATE >> 20)
     parser.add_argument("--markdown", help="also write the report here")
     args = parser.parse_args()
-    only = [n for n in args.only.split(",") if n]
+    try:
+        args.workloads = parse_names(args.workloads, WORKLOADS, "workload")
+        args.only = parse_names(args.only, PEERS, "system")
+    except ValueError as e:
+        parser.error(str(e))
+    # Interrupted (SIGINT even when started in the background, where it is ignored, or
+    # SIGTERM): unwind, so every mount, the loop device and its throttle rules are undone.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench.peers: terminated"))
+    started = time.monotonic()
     root = workdir("peers")
     www = workdir("peers/www")
-    os.makedirs(os.path.join(www, "seq"), exist_ok=True)
-    os.makedirs(os.path.join(www, "stream"), exist_ok=True)
-    seq_uri, stream_uri = "/seq/disk.raw", "/stream/disk.raw"
-    make_image(os.path.join(www, seq_uri[1:]), args.seq_mib * MiB, seed=11)
-    make_image(os.path.join(www, stream_uri[1:]), args.stream_mib * MiB, seed=12)
+    for sub in ("seq", "stream"):
+        os.makedirs(os.path.join(www, sub), exist_ok=True)
+    make_image(os.path.join(www, "seq/disk.raw"), args.seq_mib * MiB, seed=11)
+    make_image(os.path.join(www, "stream/disk.raw"), args.stream_mib * MiB, seed=12)
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "corfs": corfs_version(),
         "load start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "seq MiB": args.seq_mib,
         "stream MiB": args.stream_mib,
+        "runs": args.runs,
+        "command": "python -m bench.peers " + " ".join(sys.argv[1:]),
     }
-    print(f"machine: {meta['machine']}\nload: {meta['load start']}", flush=True)
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    log(f"machine: {meta['machine']}\ncorfs: {meta['corfs']}\nload: {meta['load start']}")
     # HTML listings: httpdirfs and rclone read those, not JSON.
-    nginx = Nginx(
-        Path(www), Path(fresh_dir(os.path.join(root, "nginx"))), autoindex="html", log_requests=True
-    ).start()
+    nginx = Nginx(Path(www), Path(fresh_dir(os.path.join(root, "nginx"))), autoindex="html",
+                  log_requests=True).start()
+    done: list[tuple[CacheDevice, dict, Results]] = []
     try:
-        curl: dict = {}
-        seq_size = args.seq_mib * MiB
-        seq_seconds = curl_seconds(nginx.url + seq_uri[1:], "/dev/null", False)
-        curl["seq MB/s"] = seq_size / seq_seconds / 1e6
-        print(f"curl -o /dev/null: {curl['seq MB/s']:.0f} MB/s", flush=True)
-        mounts = {}
-        for name in only:
-            mounts[name] = run_mount_workloads(name, root, nginx, seq_uri, args.random_reads)
-            print(f"{name}: {json.dumps(mounts[name], default=str)}", flush=True)
-        out = os.path.join(root, "curl-copy.raw")
-        curl["stream s"] = curl_seconds(nginx.url + stream_uri[1:], out, True)
-        os.unlink(out)
-        print(f"curl -o FILE && sync: {curl['stream s']:.2f} s", flush=True)
-        stream: dict = {}
-        size = args.stream_mib * MiB
-        for label, fn, name in (
-            ("corfs (mount → complete → fsync)", stream_corfs, "corfs"),
-            ("QEMU block-stream (→ closed → fsync)", stream_qemu, "qemu"),
-        ):
-            if name not in only:
-                continue
-            try:
-                stream[label] = fn(root, nginx, stream_uri, size)
-            except Exception as e:
-                stream[label] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{label}: {json.dumps(stream[label])}", flush=True)
-            shutil.rmtree(os.path.join(root, f"cache-{name}"), ignore_errors=True)
+        with contextlib.ExitStack() as stack:
+            tls = None
+            if "https" in args.workloads:
+                tls = stack.enter_context(
+                    tls_site(Path(workdir("peers/tls")), args.seq_mib * MiB))
+            for name in DEVICES[args.cache_device]:
+                with contextlib.ExitStack() as dev_stack:
+                    if name == "disk":
+                        device = CacheDevice("disk", fresh_dir(os.path.join(root, "cache")))
+                    else:
+                        # room for the largest cache (one at a time: see guarded) and more
+                        room = (max(args.seq_mib, args.stream_mib) * 3 + 512) * MiB
+                        device = dev_stack.enter_context(
+                            throttled_device(root, room, args.throttle_mib * MiB))
+                    log(f"cache device: {device.describe()}")
+                    site = Site(root, device.path, nginx, "/seq/disk.raw", args.seq_mib * MiB)
+                    limits, results = run_device(args, device, site, tls, log)
+                    done.append((device, limits, results))
+                    clear_device(device.path)
     finally:
         nginx.stop()
         for name in PEERS:
             with contextlib.suppress(OSError):
                 lazy_unmount(os.path.join(root, f"mnt-{name}"))
     meta["load end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    report = markdown(meta, curl, mounts, stream, args.random_reads)
+    meta["minutes"] = (time.monotonic() - started) / 60
+    report = markdown(meta, done)
     print(report)
     if args.markdown:
         with open(args.markdown, "w") as f:

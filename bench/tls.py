@@ -20,25 +20,24 @@ import os
 import shutil
 import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.servers import FAKE_AWS_ENV, Nginx, make_tls
 
 from .harness import (
     MiB,
-    corfs_argv,
+    curl_mbps,
     disk_direct_mbps,
     drop_caches,
-    fresh_dir,
+    interleaved,
     machine,
     make_image,
-    mounted,
     read_sequential,
-    settle_disk,
     workdir,
 )
+from .peer_mounts import MountFn, Target, mount_corfs, mount_nbdkit
 
 BUCKET = "bench-bucket"
 PREFIX = "img/"
@@ -63,45 +62,72 @@ def s3_listing(key: str, size: int, etag: str) -> str:
     return f"location = /{BUCKET} {{ default_type application/xml; return 200 '{doc}'; }}"
 
 
-Results = dict[str, tuple[float, list[float]]]
+@dataclass
+class TlsSite:
+    """The TLS nginx serving one image over https:// and as an S3 object."""
 
+    nginx: Nginx
+    ca: Path
+    image: Target  # https:// URL of the image, for corfs and the peers
+    s3: Target  # the same image as s3://BUCKET/img/ through the same nginx, for corfs
 
-def medians(runs: int, jobs: dict[str, Callable[[], float]]) -> Results:
-    """Median MB/s of each job over `runs` rounds, the jobs interleaved (one of each per round,
-    the order rotating) so a slow minute of the shared machine or its disk hits all of them;
-    the disk settles before each run (a run's cache writes, or curl's file, still being
-    written back slow the next one)."""
-    figures: dict[str, list[float]] = {name: [] for name in jobs}
-    names = list(jobs)
-    for round_ in range(runs):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            settle_disk()
-            figures[name].append(jobs[name]())
-    return {name: (statistics.median(f), f) for name, f in figures.items()}
-
-
-def curl_mbps(url: str, ca: Path, size: int, out: str) -> float:
-    drop_caches()
-    start = time.perf_counter()
-    subprocess.run(["curl", "-sf", "--cacert", str(ca), "-o", out, url], check=True)
-    if out != "/dev/null":
-        subprocess.run(["sync", out], check=True)
-    return size / (time.perf_counter() - start) / 1e6
+    def curl(self, size: int, out: str = "/dev/null") -> float:
+        return curl_mbps(self.image.url, size, out, "--cacert", str(self.ca))
 
 
 @contextlib.contextmanager
-def corfs_mount(root: Path, base: str, *options: str) -> Iterator[str]:
-    cache = fresh_dir(str(root / "cache-corfs"))
-    mnt = str(root / "mnt-corfs")
-    argv = corfs_argv(base, cache, mnt, "--no-stream", *options)
-    with mounted(argv, mnt, str(root / "corfs.log")):
-        yield mnt
+def tls_site(root: Path, size: int) -> Iterator[TlsSite]:
+    """nginx with a throwaway CA serving a `size` image of random bytes; stopped on leaving.
+    Sets botocore's fake credentials in os.environ (nginx ignores the signature)."""
+    www = root / "www"
+    image = Path(make_image(str(root / "disk.raw"), size))
+    for where in (www / "img", www / BUCKET / "img"):
+        where.mkdir(parents=True, exist_ok=True)
+        link = where / "disk.raw"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()  # a link to an earlier image of another size
+        os.link(image, link)
+    tls = make_tls(root / "pki")
+    listing = s3_listing(PREFIX + "disk.raw", size, nginx_etag(image))
+    nginx = Nginx(root=www, workdir=root / "nginx", tls=tls, locations=listing,
+                  log_requests=True).start()
+    os.environ.update(FAKE_AWS_ENV)
+    try:
+        ca = str(tls.ca_cert)
+        s3_options = ("--endpoint-url", nginx.url.rstrip("/"), "--region", "us-east-1")
+        yield TlsSite(
+            nginx,
+            tls.ca_cert,
+            Target(nginx.url + "img/disk.raw", size, ca),
+            Target(nginx.url + "img/disk.raw", size, ca, f"s3://{BUCKET}/{PREFIX}", s3_options),
+        )
+    finally:
+        nginx.stop()
 
 
-def corfs_mbps(root: Path, base: str, *options: str) -> float:
-    with corfs_mount(root, base, *options) as mnt:
+def cold_read_mbps(root: str, cache_root: str, mount: MountFn, target: Target) -> dict:
+    """MB/s of reading the image front to back through a fresh mount, page cache dropped;
+    with the daemon's peak RSS when the mount reports it."""
+    with mount(root, cache_root, target) as m:
         drop_caches()
-        return read_sequential(os.path.join(mnt, "disk.raw"))
+        figures = {"MB/s": read_sequential(m.path)}
+        if m.peak_rss:
+            figures["VmHWM MiB"] = m.peak_rss() / MiB
+    return figures
+
+
+def https_jobs(site: TlsSite, root: str, cache_root: str, size: int) -> dict[str, Callable]:
+    """The TLS cold sequential jobs, each returning a dict with "MB/s"."""
+    jobs: dict[str, Callable[[], dict]] = {
+        "curl -o /dev/null": lambda: {"MB/s": site.curl(size)},
+        "corfs https://": lambda: cold_read_mbps(root, cache_root, mount_corfs, site.image),
+        "corfs s3:// over https": lambda: cold_read_mbps(root, cache_root, mount_corfs, site.s3),
+    }
+    if nbdkit_available():
+        jobs["nbdkit curl (cache filter)"] = lambda: cold_read_mbps(
+            root, cache_root, mount_nbdkit, site.image
+        )
+    return jobs
 
 
 def nbdkit_available() -> bool:
@@ -111,36 +137,6 @@ def nbdkit_available() -> bool:
     return probe.returncode == 0
 
 
-def nbdkit_mbps(root: Path, url: str, ca: Path) -> float:
-    cache = fresh_dir(str(root / "cache-nbdkit"))
-    mnt = str(root / "mnt-nbdkit")
-    sock = str(root / "nbdkit.sock")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
-    with open(root / "nbdkit.log", "ab") as log:
-        server = subprocess.Popen(
-            ["nbdkit", "-f", "-U", sock, "--filter=cache", "curl", f"url={url}",
-             f"cainfo={ca}", "cache-on-read=true"],
-            stdout=log, stderr=log, env=dict(os.environ, TMPDIR=cache),
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(sock):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nbdkit did not start (see nbdkit.log)")
-                time.sleep(0.05)
-            with mounted(["nbdfuse", mnt, "--unix", sock], mnt, str(root / "nbdfuse.log")):
-                drop_caches()
-                return read_sequential(os.path.join(mnt, "nbd"))
-        finally:
-            server.terminate()
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.tls")
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -148,45 +144,22 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(workdir("tls"))
     size = args.size_mib * MiB
-    www = root / "www"
-    image = Path(make_image(str(root / "disk.raw"), size))
-    for where in (www / "img", www / BUCKET / "img"):
-        where.mkdir(parents=True, exist_ok=True)
-        link = where / "disk.raw"
-        if not link.exists():
-            os.link(image, link)
-    tls = make_tls(root / "pki")
-    listing = s3_listing(PREFIX + "disk.raw", size, nginx_etag(image))
-    nginx = Nginx(root=www, workdir=root / "nginx", tls=tls, locations=listing).start()
-    os.environ.update(FAKE_AWS_ENV)  # nginx ignores the signature; botocore needs credentials
-    try:
-        url = nginx.url + "img/disk.raw"
-        ca = ["--ca-file", str(tls.ca_cert)]
-        s3 = [*ca, "--endpoint-url", nginx.url.rstrip("/"), "--region", "us-east-1"]
-        out = str(root / "curl.out")
-        jobs: dict[str, Callable[[], float]] = {
-            "curl -o /dev/null": lambda: curl_mbps(url, tls.ca_cert, size, "/dev/null"),
-            "curl -o FILE && sync": lambda: curl_mbps(url, tls.ca_cert, size, out),
-            "corfs https://": lambda: corfs_mbps(root, nginx.url + "img/", *ca),
-            "corfs s3:// over https": lambda: corfs_mbps(root, f"s3://{BUCKET}/{PREFIX}", *s3),
-        }
-        if nbdkit_available():
-            jobs["nbdkit curl (cache filter)"] = lambda: nbdkit_mbps(root, url, tls.ca_cert)
-        results = medians(args.runs, jobs)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(out)
+    with tls_site(root, size) as site:
+        jobs = https_jobs(site, str(root), str(root), size)
+        jobs["curl -o FILE && sync"] = lambda: {"MB/s": site.curl(size, str(root / "curl.out"))}
+        runs = interleaved(args.runs, jobs)
         disk = disk_direct_mbps(str(root))
-    finally:
-        nginx.stop()
-    curl = results["curl -o /dev/null"][0]
+    results = {name: [r["MB/s"] for r in rs] for name, rs in runs.items()}
+    curl = statistics.median(results["curl -o /dev/null"])
     print(f"# bench.tls: cold sequential over TLS, {args.size_mib} MiB, medians of {args.runs}")
     print(f"machine: {machine()}")
     print(f"cache disk O_DIRECT write: {disk['write_mbps']:.0f} MB/s")
     print("| reader | MB/s (median) | runs | × curl -o /dev/null |")
     print("| --- | --- | --- | --- |")
-    for name, (median, figures) in results.items():
-        runs = " ".join(f"{f:.0f}" for f in figures)
-        print(f"| {name} | {median:.0f} | {runs} | {median / curl:.2f}× |")
+    for name, figures in results.items():
+        median = statistics.median(figures)
+        runs_text = " ".join(f"{f:.0f}" for f in figures)
+        print(f"| {name} | {median:.0f} | {runs_text} | {median / curl:.2f}× |")
     if not nbdkit_available():
         print("nbdkit (curl plugin) or nbdfuse not installed: no nbdkit figure")
 
