@@ -621,25 +621,28 @@ class Image:
         """Serve a random miss from the RANGE_SIZE blocks around it (fetched once, kept while
         its chunks stay absent); its chunks stay absent."""
         assert self.source is not None
-        if missing := self._ranges.missing(self._ranges.blocks_of(offset, length)):
-            block = self._ranges.block
-            start = missing[0] * block
-            end = min(self.size, (missing[-1] + 1) * block)
-            try:
-                data = await self.fetcher.read_with_retry(self.source, start, end - start)
-            except BaseChanged as exc:
-                if self.error is None:
-                    self.error = f"base image changed: {exc}"
-                log.error("%s", exc)
-                raise
-            view = memoryview(data)
-            if all(self._chunks.is_absent(i) for i in chunks):  # else a write came meanwhile
-                for number in range(missing[0], missing[-1] + 1):
-                    lo = number * block - start
-                    self._ranges.keep(number, view[lo : lo + block])
-            else:
-                return await self.read(offset, length)
-        return self._ranges.read(offset, length)
+        blocks = self._ranges.blocks_of(offset, length)
+        if not self._ranges.missing(blocks):
+            return self._ranges.read(offset, length)  # no await: every block is held now
+        # Every block of the read is fetched and the answer comes from the fetched bytes: a
+        # block held before the await may be evicted by other readers' blocks meanwhile.
+        block = self._ranges.block
+        start = blocks.start * block
+        end = min(self.size, blocks.stop * block)
+        try:
+            data = await self.fetcher.read_with_retry(self.source, start, end - start)
+        except BaseChanged as exc:
+            if self.error is None:
+                self.error = f"base image changed: {exc}"
+            log.error("%s", exc)
+            raise
+        if not all(self._chunks.is_absent(i) for i in chunks):  # a write came meanwhile
+            return await self.read(offset, length)
+        view = memoryview(data)
+        for number in blocks:
+            lo = number * block - start
+            self._ranges.keep(number, view[lo : lo + block])
+        return view[offset - start : offset - start + length]
 
     def _fetchable(self, index: int) -> bool:
         return self._chunks.is_absent(index) and not self.is_filling(index)

@@ -191,6 +191,37 @@ def test_a_failed_store_leaves_its_chunks_absent_and_fails_a_waiting_write(
 
 # ---- issue 13.2: random readers fetch what they read ---------------------------------------
 
+
+def test_a_random_read_across_blocks_survives_the_eviction_of_a_held_block(rig_factory) -> None:
+    """A read across two blocks, one held: while the other is fetched, other readers' blocks
+    evict the held one (a small cache). The read still gets its bytes (was: KeyError -> EIO)."""
+    from corfs.ranges import RANGE_SIZE, RangeCache
+
+    data = random_bytes(8 * BIG_CS, seed=36)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=BIG_CS) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            image._ranges = RangeCache(2 * RANGE_SIZE)
+            held = 3 * BIG_CS
+            assert bytes(await image.read(held, 4096)) == data[held : held + 4096]
+            across = held + RANGE_SIZE - 4096  # the held block and the next one
+            source.faults.delay = 1.0
+            answer: list[bytes] = []
+
+            async def read_across() -> None:
+                answer.append(bytes(await image.read(across, 8192)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_across)
+                await trio.sleep(0.1)
+                source.faults.delay = 0.0
+                for other in (6 * BIG_CS, 7 * BIG_CS):  # two more blocks evict the held one
+                    assert bytes(await image.read(other, 4096)) == data[other : other + 4096]
+            assert answer == [data[across : across + 8192]]
+
+    trio.run(main)
+
 BIG_CS = 1 << 20
 
 
