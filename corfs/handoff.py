@@ -128,9 +128,21 @@ async def hand_over(
 ) -> int:
     """Steps 1-6 of the module docstring; returns how many QEMU nodes were switched. Any
     failure undoes what was done and raises (the image is served as before)."""
-    name = image.name
     if image.handed_over_to is not None:
-        raise UsageError(f"{name} was handed over to {image.handed_over_to} already")
+        raise UsageError(f"{image.name} was handed over to {image.handed_over_to} already")
+    if image.handing_over:
+        raise UsageError(f"{image.name}: a live handoff of it is under way already")
+    image.handing_over = True  # no forget from here on (Image.forget_chunk)
+    try:
+        return await _hand_over(image, store, qemu_path, dest, via)
+    finally:
+        image.handing_over = False
+
+
+async def _hand_over(
+    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via
+) -> int:
+    name = image.name
     if not image.complete:
         raise NotLocalError(
             f"{name} is not fully local ({image.local_bytes / image.size:.1%}): "

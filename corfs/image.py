@@ -44,6 +44,7 @@ from .digest import Buffer
 from .errors import (
     BaseChanged,
     BaseNotFound,
+    ControlError,
     CorfsError,
     ImageHandedOver,
     OutOfImageError,
@@ -204,6 +205,7 @@ class Image:
         self.missing_source: CorfsError = BaseNotFound("the base image is gone")
         # Set once a live handoff made the data file DEST (handoff.py): no I/O here any more.
         self.handed_over_to: str | None = None
+        self.handing_over = False  # a live handoff is under way (handoff.py): no forget now
         self.pages_stale = False  # the kernel's page cache of it may be stale (see above)
 
     def attach_source(self, source: BaseImage) -> None:
@@ -302,7 +304,11 @@ class Image:
     def forget_chunk(self, index: int) -> bool:
         """Mark a clean chunk absent again (it failed a scrub): it will be fetched anew. True
         if it was forgotten: the caller must then drop the kernel's cached pages of the image,
-        which may hold the bad bytes (see fuse_ops)."""
+        which may hold the bad bytes (see fuse_ops). Refused once the image is being or has
+        been handed over: a refill would write base bytes into the file QEMU now owns."""
+        self.check_served()
+        if self.handing_over:
+            raise ControlError(f"{self.name}: a live handoff is under way; forget after it")
         if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO) and index not in self._fills:
             self._set_state(index, ChunkState.ABSENT, None)
             return True
@@ -400,6 +406,7 @@ class Image:
     async def _fill(self, run: range, fill: _Fill) -> None:
         room = 0  # write-behind room this fill holds and has not queued bytes in yet
         try:
+            self.check_served()  # its data file is QEMU's now: never store base bytes there
             if self.error is not None:
                 raise BaseChanged(f"{self.name}: chunk {run.start} is not local and {self.error}")
             if self.source is None:

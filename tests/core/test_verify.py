@@ -17,7 +17,7 @@ from corfs.base.memory import MemoryBase
 from corfs.config import StreamConfig
 from corfs.control import Controller
 from corfs.digest import chunk_digest
-from corfs.errors import ControlError, ForgetRefused, UsageError
+from corfs.errors import ControlError, ForgetRefused, ImageHandedOver, UsageError
 from corfs.store import CacheStore, ChunkState
 from corfs.stream import StreamWorker
 from tests.core.rig import CS, chunk_reads, committed_states, random_bytes, run_with_mock_clock
@@ -122,6 +122,28 @@ def test_forget_chunk_only_forgets_clean_chunks_and_a_read_refetches(rig_factory
             os.pwrite(rig.store.data_fd("a"), b"\0" * 10, CS)  # the bad bytes forget hid
             assert await image.read(CS, CS) == data[CS : 2 * CS]
             assert chunk_reads(rig.source("a"), CS).count(1) == 2
+
+    run(main)
+
+
+def test_no_forget_during_or_after_a_live_handoff(rig_factory) -> None:
+    """A forgotten chunk would be refilled into the data file QEMU owns after a handoff: refused
+    while one is under way (handoff.hand_over sets `handing_over`) and after it."""
+    data = random_bytes(3 * CS, seed=6)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, published=True) as rig:
+            image = rig.image("a")
+            await image.read(0, len(data))
+            await image.wait_stored()
+            image.handing_over = True
+            with pytest.raises(ControlError, match="handoff is under way"):
+                image.forget_chunk(1)
+            image.handing_over = False
+            image.handed_over_to = "/vm/a.raw"
+            with pytest.raises(ImageHandedOver):
+                image.forget_chunk(1)
+            assert image.is_local(1)
 
     run(main)
 
