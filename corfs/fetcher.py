@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,17 +124,22 @@ class Fetcher:
     ) -> Buffer:
         """Exactly `length` bytes of `source` at `offset`, retrying transient failures with
         exponential backoff and jitter until io_timeout has passed since the first try.
-        `ticket`: its place among the requests waiting for a slot (request_gate.py)."""
-        deadline = trio.current_time() + self.policy.io_timeout
+        `ticket`: its place among the requests waiting for a slot (request_gate.py). The time
+        spent queued for the first slot does not count: a read-ahead or stream request may wait
+        long behind clients' requests without the base being slow (and a client joining it
+        must not inherit a deadline its base never had the chance to meet)."""
+        deadline = math.inf  # set when the base is first asked
         attempt = 0
         last_error = ""  # why the previous try failed: it names the base (URL, key)
         while True:
             self.requests += 1
             started = trio.current_time()
             try:
-                with trio.fail_at(deadline):
+                with trio.fail_at(deadline) as scope:
                     async with self.gate.slot(ticket):
                         started = trio.current_time()  # the base's time, not the queue's
+                        if deadline == math.inf:
+                            deadline = scope.deadline = started + self.policy.io_timeout
                         data = await source.read(offset, length)
                 if len(data) != length:
                     raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")

@@ -410,3 +410,31 @@ def test_a_clients_request_goes_before_queued_speculative_ones() -> None:
         assert source.max_in_flight == 2
 
     run(main)
+
+
+def test_time_queued_for_a_slot_does_not_count_against_io_timeout() -> None:
+    """A request that waits for a slot behind slow (but answering) requests still gets the
+    whole io_timeout from the base once it is sent (was: the queue ate it: EIO, a 'failed'
+    request, with a base that answers every request in time)."""
+    data = random_bytes(4 * CS)
+    geometry = ChunkGeometry(len(data), CS)
+    policy = RetryPolicy(io_timeout=10.0)
+
+    async def main() -> None:
+        source = source_of(data)
+        source.faults.delay = 6.0  # each answer within io_timeout
+        fetcher = Fetcher(policy, slots=1)
+        done: list[int] = []
+
+        async def fetch(index: int) -> None:
+            await fetcher.fetch_chunks(source, geometry, range(index, index + 1))
+            done.append(index)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch, 0)
+            await trio.sleep(0.1)
+            nursery.start_soon(fetch, 1)  # queued 5.9 s, then 6 s at the base: 11.9 s in all
+        assert sorted(done) == [0, 1]
+        assert fetcher.failures == 0
+
+    run(main)
