@@ -163,8 +163,12 @@ class StatusCollector(Collector):
         result: list[MountSnapshot] = []
 
         def take() -> None:
+            # Runs on the trio thread: an exception here would end the whole mount (trio
+            # aborts its run on an error in run_sync_soon), so a bug costs one scrape only.
             try:
                 result.append(self._snapshot())
+            except Exception:
+                log.exception("metrics: taking the status failed")
             finally:
                 taken.set()
 
