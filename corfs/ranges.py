@@ -19,22 +19,20 @@ that overlap it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from .digest import Buffer
+from .fresh import FreshChunks
 
 RANGE_SIZE = 64 << 10  # bytes fetched around a random miss (module docstring)
 RANGE_CACHE_BYTES = 8 << 20  # blocks kept for re-reads, per image
 
 
 class RangeCache:
-    """Least-recently-fetched blocks, by block number (offset // RANGE_SIZE)."""
+    """Least-recently-fetched blocks, by block number (offset // RANGE_SIZE), bounded by bytes
+    (a FreshChunks map of blocks: the same bounded map as the fresh chunks')."""
 
     def __init__(self, limit_bytes: int = RANGE_CACHE_BYTES, block: int = RANGE_SIZE) -> None:
         self.block = block
-        self.limit_bytes = limit_bytes
-        self._blocks: OrderedDict[int, Buffer] = OrderedDict()
-        self._bytes = 0
+        self._blocks = FreshChunks(limit_bytes)
 
     def blocks_of(self, offset: int, length: int) -> range:
         return range(offset // self.block, (offset + length - 1) // self.block + 1)
@@ -43,21 +41,14 @@ class RangeCache:
         return [b for b in blocks if b not in self._blocks]
 
     def keep(self, number: int, data: Buffer) -> None:
-        self.drop_block(number)
-        self._blocks[number] = data
-        self._bytes += len(data)
-        while self._bytes > self.limit_bytes and self._blocks:
-            _, oldest = self._blocks.popitem(last=False)
-            self._bytes -= len(oldest)
+        self._blocks.keep(number, data)
 
     def drop_block(self, number: int) -> None:
-        data = self._blocks.pop(number, None)
-        if data is not None:
-            self._bytes -= len(data)
+        self._blocks.drop(number)
 
     def drop_range(self, offset: int, length: int) -> None:
         """Forget the blocks overlapping [offset, offset+length)."""
-        if self._blocks:
+        if len(self._blocks):
             for number in self.blocks_of(offset, length):
                 self.drop_block(number)
 
@@ -66,6 +57,7 @@ class RangeCache:
         pieces = []
         for number in self.blocks_of(offset, length):
             start = number * self.block
-            data = self._blocks[number]
+            data = self._blocks.get(number)
+            assert data is not None, "read of a block not held (check `missing` first)"
             pieces.append(data[max(offset, start) - start : offset + length - start])
         return b"".join(pieces)
