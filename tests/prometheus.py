@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -83,7 +84,20 @@ class PrometheusServer:
             stdin=subprocess.DEVNULL,
         )
         wait_port(self.port, self.proc, log, timeout=30)
+        self._wait_ready(timeout=30)
         return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Prometheus listens before its storage is open and answers 503 until then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5):
+                    return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
     def query(self, expr: str) -> list[dict]:
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
