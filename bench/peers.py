@@ -29,12 +29,16 @@ Limits printed per device: dd 1 MiB O_DIRECT write MB/s on it, `curl -o /dev/nul
 
     python -m bench.peers [--cache-device disk|throttled|both] [--workloads seq,random,...]
         [--only corfs,corfs+stream,httpdirfs,rclone,nbdkit,qemu] [--runs 3] [--seq-mib 1024]
-        [--stream-mib 1024] [--random-reads 2000] [--markdown FILE]"""
+        [--stream-mib 1024] [--random-reads 2000] [--range-sizes 16K,64K] [--markdown FILE]
+
+`--range-sizes`: the random workload also runs corfs with each of these `--random-range`
+(how the default was chosen: ranges.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import mmap
 import os
@@ -234,12 +238,13 @@ class Site:
 
 
 def mount_run(site: Site, name: str, work: Callable[[str, list[int], Callable[[], None]], dict],
-              read_bytes: int) -> dict:
-    """One cold run of `work(path, progress, begin)` on a fresh mount of system `name`, with
-    base bytes fetched per byte read from nginx's log and corfs's peak RSS."""
+              read_bytes: int, target: Target | None = None) -> dict:
+    """One cold run of `work(path, progress, begin)` on a fresh mount of system `name` (of
+    `target`, by default the site's), with base bytes fetched per byte read from nginx's log
+    and corfs's peak RSS."""
     drop_caches()
     mark = site.nginx.log_mark()
-    with MOUNTS[name](site.root, site.cache_root, site.target) as m:
+    with MOUNTS[name](site.root, site.cache_root, target or site.target) as m:
         drop_caches()
         figures = watched(lambda p: work(m.path, p, m.start), m.pid)
         if m.peak_rss:
@@ -426,22 +431,30 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
     def seq(name: str) -> Callable[[], dict]:
         return lambda: guarded(lambda: mount_run(site, name, sequential_read, size), device.path)
 
-    def rand(name: str) -> Callable[[], dict]:
+    def rand(name: str, target: Target | None = None) -> Callable[[], dict]:
         def work(path: str, progress: list[int], _begin: Callable[[], None]) -> dict:
             figures = random_reads(path, args.random_reads, progress)
             figures["IOPS"] = args.random_reads / figures.pop("seconds")
             return figures
 
         return lambda: guarded(
-            lambda: mount_run(site, name, work, args.random_reads * 4096), device.path
+            lambda: mount_run(site, name, work, args.random_reads * 4096, target), device.path
         )
+
+    def random_jobs() -> dict[str, Callable[[], dict]]:
+        jobs = {n: rand(n) for n in RANDOM_SYSTEMS if n in systems}
+        for size in args.range_sizes:  # corfs with other --random-range sizes beside
+            options = ("--random-range", size)
+            jobs[f"corfs --random-range {size}"] = rand(
+                "corfs", dataclasses.replace(site.target, corfs_options=options))
+        return jobs
 
     def conc(name: str) -> Callable[[], dict]:
         return lambda: guarded(lambda: mount_run(site, name, concurrent_read, size), device.path)
 
     jobs_of: dict[str, Callable[[], dict[str, Callable[[], dict]]]] = {
         "seq": lambda: {n: seq(n) for n in systems},
-        "random": lambda: {n: rand(n) for n in RANDOM_SYSTEMS if n in systems},
+        "random": random_jobs,
         "concurrent": lambda: {
             n: conc(n) for n in dict.fromkeys(["corfs", best_peer(results) or "nbdkit"])
             if n in systems
@@ -649,12 +662,15 @@ def main() -> None:
     parser.add_argument("--seq-mib", type=int, default=1024)
     parser.add_argument("--stream-mib", type=int, default=1024)
     parser.add_argument("--random-reads", type=int, default=2000)
+    parser.add_argument("--range-sizes", default="",
+                        help="random workload: also corfs with these --random-range, e.g. 16K,64K")
     parser.add_argument("--throttle-mib", type=int, default=DEFAULT_RATE >> 20)
     parser.add_argument("--markdown", help="also write the report here")
     args = parser.parse_args()
     try:
         args.workloads = parse_names(args.workloads, WORKLOADS, "workload")
         args.only = parse_names(args.only, PEERS, "system")
+        args.range_sizes = [s for s in args.range_sizes.split(",") if s]
     except ValueError as e:
         parser.error(str(e))
     # Interrupted (SIGINT even when started in the background, where it is ignored, or

@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import control_client
-from .config import DEFAULT_CHUNK_SIZE, DEFAULT_WRITE_BEHIND, MountConfig, StreamConfig
+from .config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_RANDOM_RANGE,
+    DEFAULT_WRITE_BEHIND,
+    MountConfig,
+    StreamConfig,
+)
 from .errors import CorfsError, UsageError, error_line, leaf_error
 from .sizes import parse_size
 from .store import PRIVATE_UMASK, TRACE_FILE
@@ -104,6 +110,14 @@ def _add_mount(sub: _WithCommon) -> None:
         default=DEFAULT_WRITE_BEHIND,
         metavar="SIZE",
         help="memory for fetched bytes waiting to be stored in CACHE, e.g. 1G (default 256M)",
+    )
+    p.add_argument(
+        "--random-range",
+        type=_size,
+        default=DEFAULT_RANDOM_RANGE,
+        metavar="SIZE",
+        help="bytes fetched around a small random read that misses (default 4k; larger for a "
+        "base with a long round trip: see README)",
     )
     p.add_argument("--daemon", action="store_true", help="go to the background once mounted")
     p.add_argument("--log-file", help="log here instead of stderr")
@@ -223,6 +237,10 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         raise UsageError(
             f"--chunk-size must be a power of two of at least 4k, not {args.chunk_size}"
         )
+    if args.random_range < 4096 or args.random_range & (args.random_range - 1):
+        raise UsageError(
+            f"--random-range must be a power of two of at least 4k, not {args.random_range}"
+        )
     if args.io_timeout <= 0:
         raise UsageError("--io-timeout must be positive")
     from .metrics import parse_listen_address
@@ -249,6 +267,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             max_connections=args.connections,
         ),
         write_behind=args.write_behind,
+        random_range=args.random_range,
         stream=StreamConfig(
             enabled=not args.no_stream,
             start_paused=args.stream_paused,

@@ -8,6 +8,7 @@ from .base import BaseOptions
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_WRITE_BEHIND = 256 << 20  # write_behind.py: fetched bytes waiting to be stored
+DEFAULT_RANDOM_RANGE = 4 << 10  # ranges.py: bytes fetched around a small random miss
 
 
 @dataclass(frozen=True)
@@ -36,5 +37,6 @@ class MountConfig:
     commit_interval: float = 1.0
     metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus metrics on
     write_behind: int = DEFAULT_WRITE_BEHIND  # bytes of fetched chunks waiting to be stored
+    random_range: int = DEFAULT_RANDOM_RANGE  # bytes fetched around a small random miss
     base: BaseOptions = field(default_factory=BaseOptions)
     stream: StreamConfig = field(default_factory=StreamConfig)

@@ -136,11 +136,14 @@ class Fetcher:
             started = trio.current_time()
             try:
                 with trio.fail_at(deadline) as scope:
-                    async with self.gate.slot(ticket):
+                    await self.gate.acquire(ticket)
+                    try:
                         started = trio.current_time()  # the base's time, not the queue's
                         if deadline == math.inf:
                             deadline = scope.deadline = started + self.policy.io_timeout
                         data = await source.read(offset, length)
+                    finally:
+                        self.gate.release()
                 if len(data) != length:
                     raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")
                 self.bytes_fetched += length

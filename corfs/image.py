@@ -39,6 +39,7 @@ import trio
 
 from .base import BaseImage
 from .chunk_table import ChunkTable
+from .config import DEFAULT_RANDOM_RANGE
 from .datafile import DataFile
 from .digest import Buffer
 from .errors import (
@@ -172,6 +173,7 @@ class Image:
         mtime_ns: int = 0,
         first_reads: Callable[[range], None] | None = None,
         write_behind: WriteBehind | None = None,
+        random_range: int = DEFAULT_RANDOM_RANGE,
     ) -> None:
         self.name = record.name
         self.record = record
@@ -187,7 +189,7 @@ class Image:
         self._queued: dict[int, _Queued] = {}  # fetched, verified, waiting to be stored
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
-        self._ranges = RangeCache()  # small ranges fetched for random readers (ranges.py)
+        self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
         self.read_ahead = ReadAhead(self.geometry.chunk_count)
         self.data: DataFile = store.data_file(self.name)
         self.fills = 0
@@ -625,7 +627,7 @@ class Image:
         )
 
     async def _read_range(self, chunks: range, offset: int, length: int) -> Buffer:
-        """Serve a random miss from the RANGE_SIZE blocks around it (fetched once, kept while
+        """Serve a random miss from the aligned blocks around it (fetched once, kept while
         its chunks stay absent); its chunks stay absent."""
         assert self.source is not None
         blocks = self._ranges.blocks_of(offset, length)

@@ -408,6 +408,7 @@ def _build_images(
             image = Image(
                 record, store, fetcher, source, nursery,
                 read_only=config.read_only, first_reads=first_reads, write_behind=write_behind,
+                random_range=config.random_range,
             )
             image.mtime_ns = os.fstat(store.data_fd(record.name)).st_mtime_ns
         except (CorfsError, OSError) as exc:

@@ -1,12 +1,17 @@
 """Small aligned ranges of a raw base image, fetched for random readers (issue 13.2).
 
-A client read of at most RANGE_SIZE that misses and is not part of a sequential run
-(read_ahead.py decides) fetches only the RANGE_SIZE-aligned blocks around it, not whole
-chunks: an aligned random 4 KiB reader fetches RANGE_SIZE / 4 KiB = 16 times what it reads (a
-whole 1 MiB chunk was 256 times). Larger reads fill whole chunks. The chunk stays absent
-(the stream makes it local, whole); the blocks are kept, bounded, for re-reads. Only where
-chunks are larger than RANGE_SIZE: a block then lies within one chunk (both are powers of
-two), so it never holds bytes of another chunk, which may be dirty.
+A client read of at most one block (`--random-range`, default 4 KiB) that misses and is not
+part of a sequential run (read_ahead.py decides) fetches only the aligned blocks it touches,
+not whole chunks. Larger reads fill whole chunks. The chunk stays absent (the stream makes it
+local, whole); the blocks are kept, bounded, for re-reads. Only where chunks are larger than a
+block: a block then lies within one chunk (both are powers of two), so it never holds bytes of
+another chunk, which may be dirty.
+
+Why 4 KiB: a cold 4 KiB QD1 reader against a loopback nginx (bench.peers, `--range-sizes`)
+ran fastest with the smallest range: the origin reads less from its own disk (4 KiB: ~0.09 ms,
+64 KiB: ~0.23 ms there), and what a random reader reads next is rarely in the same 64 KiB. A
+base with a long round trip (S3, a far server) pays the same for 64 KiB as for 4 KiB, and
+neighbouring reads then save whole round trips: there a larger `--random-range` may win.
 
 Only for bases whose bytes are verified by identity on every request (raw dir, http and s3
 images: validators on each ranged read). A published image verifies each chunk against its
@@ -19,18 +24,20 @@ that overlap it.
 
 from __future__ import annotations
 
+from .config import DEFAULT_RANDOM_RANGE
 from .digest import Buffer
 from .fresh import FreshChunks
 
-RANGE_SIZE = 64 << 10  # bytes fetched around a random miss (module docstring)
 RANGE_CACHE_BYTES = 8 << 20  # blocks kept for re-reads, per image
 
 
 class RangeCache:
-    """Least-recently-fetched blocks, by block number (offset // RANGE_SIZE), bounded by bytes
+    """Least-recently-fetched blocks, by block number (offset // block), bounded by bytes
     (a FreshChunks map of blocks: the same bounded map as the fresh chunks')."""
 
-    def __init__(self, limit_bytes: int = RANGE_CACHE_BYTES, block: int = RANGE_SIZE) -> None:
+    def __init__(
+        self, limit_bytes: int = RANGE_CACHE_BYTES, block: int = DEFAULT_RANDOM_RANGE
+    ) -> None:
         self.block = block
         self._blocks = FreshChunks(limit_bytes)
 

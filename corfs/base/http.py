@@ -146,12 +146,18 @@ class HttpReader:
         self, url: str, validator: Validator, offset: int, length: int
     ) -> tuple[Buffer, str]:
         """The bytes, and the URL that gave them (where redirects from `url` led)."""
-        async with self.slots:
+        try:
+            self.slots.acquire_nowait()  # no scheduler round trip when a slot is free
+        except trio.WouldBlock:
+            await self.slots.acquire()
+        try:
             if self.use_plain and url.startswith(("http://", "https://")):
                 data = await self.plain.read_range(url, validator, offset, length)
                 if data is not None:
                     return data, url
             return await self._read_httpx(url, validator, offset, length)
+        finally:
+            self.slots.release()
 
     async def _read_httpx(
         self, url: str, validator: Validator, offset: int, length: int

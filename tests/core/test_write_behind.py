@@ -195,7 +195,8 @@ def test_a_failed_store_leaves_its_chunks_absent_and_fails_a_waiting_write(
 def test_a_random_read_across_blocks_survives_the_eviction_of_a_held_block(rig_factory) -> None:
     """A read across two blocks, one held: while the other is fetched, other readers' blocks
     evict the held one (a small cache). The read still gets its bytes (was: KeyError -> EIO)."""
-    from corfs.ranges import RANGE_SIZE, RangeCache
+    from corfs.config import DEFAULT_RANDOM_RANGE as RANGE_SIZE
+    from corfs.ranges import RangeCache
 
     data = random_bytes(8 * BIG_CS, seed=36)
 
@@ -229,7 +230,7 @@ BIG_CS = 1 << 20
 def test_a_random_miss_fetches_a_small_range_and_leaves_the_chunk_absent(
     rig_factory, published
 ) -> None:
-    from corfs.ranges import RANGE_SIZE
+    from corfs.config import DEFAULT_RANDOM_RANGE as RANGE_SIZE
 
     data = random_bytes(8 * BIG_CS, seed=35)
 
