@@ -56,7 +56,7 @@ from .errors import (
 from .fetcher import FetchedChunk, Fetcher
 from .fresh import FreshChunks
 from .geometry import contiguous_runs
-from .ranges import RangeCache
+from .ranges import SMALL_READ, RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
 from .request_gate import Ticket
 from .store import CacheStore, ChunkState, ImageRecord
@@ -617,7 +617,7 @@ class Image:
         """A small random miss on a raw base, none of its chunks local or on their way: it
         fetches a small range, not the chunks (ranges.py)."""
         return (
-            length <= self._ranges.block
+            length <= max(self._ranges.block, SMALL_READ)
             and self.source is not None
             and self.source.layout is None
             and self.geometry.chunk_size > self._ranges.block  # blocks nest in chunks

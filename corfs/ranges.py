@@ -1,11 +1,11 @@
 """Small aligned ranges of a raw base image, fetched for random readers (issue 13.2).
 
-A client read of at most one block (`--random-range`, default 4 KiB) that misses and is not
-part of a sequential run (read_ahead.py decides) fetches only the aligned blocks it touches,
-not whole chunks. Larger reads fill whole chunks. The chunk stays absent (the stream makes it
-local, whole); the blocks are kept, bounded, for re-reads. Only where chunks are larger than a
-block: a block then lies within one chunk (both are powers of two), so it never holds bytes of
-another chunk, which may be dirty.
+A client read of at most SMALL_READ (or one block, `--random-range`, default 4 KiB) that
+misses and is not part of a sequential run (read_ahead.py decides) fetches only the aligned
+blocks it touches, in one request, not whole chunks. Larger reads fill whole chunks. The chunk
+stays absent (the stream makes it local, whole); the blocks are kept, bounded, for re-reads.
+Only where chunks are larger than a block: a block then lies within one chunk (both are powers
+of two), so it never holds bytes of another chunk, which may be dirty.
 
 Why 4 KiB: a cold 4 KiB QD1 reader against a loopback nginx (bench.peers, `--range-sizes`)
 ran fastest with the smallest range: the origin reads less from its own disk (4 KiB: ~0.09 ms,
@@ -28,6 +28,7 @@ from .config import DEFAULT_RANDOM_RANGE
 from .digest import Buffer
 from .fresh import FreshChunks
 
+SMALL_READ = 64 << 10  # a miss up to this size (or one block) may take a range
 RANGE_CACHE_BYTES = 8 << 20  # blocks kept for re-reads, per image
 
 

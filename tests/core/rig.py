@@ -21,6 +21,7 @@ import trio.testing
 
 from corfs.base import ChunkLayout
 from corfs.base.memory import MemoryBase, MemoryImage
+from corfs.config import DEFAULT_RANDOM_RANGE
 from corfs.digest import chunk_digest, is_zero
 from corfs.fetcher import Fetcher, RetryPolicy
 from corfs.image import Image
@@ -105,9 +106,11 @@ async def open_rig(
     cache_dir: Path | None = None,
     store: CacheStore | None = None,
     connections: int = 8,
+    random_range: int = DEFAULT_RANDOM_RANGE,
 ) -> AsyncIterator[Rig]:
     """A Rig over `images` (name -> bytes), its cache in `cache_dir` or tmp_path/cache;
-    `connections`: the fetcher's requests in flight at once (--connections)."""
+    `connections`: the fetcher's requests in flight at once (--connections); `random_range`:
+    --random-range."""
     base = MemoryBase()
     for name, data in images.items():
         layout = layout_of(data, chunk_size) if published else None
@@ -128,7 +131,8 @@ async def open_rig(
                         source.name, source.size, chunk_size, source.identity, "memory://"
                     )
                 rig.images[source.name] = Image(
-                    record, store, fetcher, source, nursery, read_only=read_only
+                    record, store, fetcher, source, nursery, read_only=read_only,
+                    random_range=random_range,
                 )
             yield rig
             nursery.cancel_scope.cancel()

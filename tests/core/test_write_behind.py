@@ -195,18 +195,18 @@ def test_a_failed_store_leaves_its_chunks_absent_and_fails_a_waiting_write(
 def test_a_random_read_across_blocks_survives_the_eviction_of_a_held_block(rig_factory) -> None:
     """A read across two blocks, one held: while the other is fetched, other readers' blocks
     evict the held one (a small cache). The read still gets its bytes (was: KeyError -> EIO)."""
-    from corfs.config import DEFAULT_RANDOM_RANGE as RANGE_SIZE
     from corfs.ranges import RangeCache
 
     data = random_bytes(8 * BIG_CS, seed=36)
+    block = 64 << 10
 
     async def main() -> None:
-        async with rig_factory({"a": data}, chunk_size=BIG_CS) as rig:
+        async with rig_factory({"a": data}, chunk_size=BIG_CS, random_range=block) as rig:
             image, source = rig.image("a"), rig.source("a")
-            image._ranges = RangeCache(2 * RANGE_SIZE)
+            image._ranges = RangeCache(2 * block, block)
             held = 3 * BIG_CS
             assert bytes(await image.read(held, 4096)) == data[held : held + 4096]
-            across = held + RANGE_SIZE - 4096  # the held block and the next one
+            across = held + block - 4096  # the held block and the next one
             source.faults.delay = 1.0
             answer: list[bytes] = []
 
@@ -226,33 +226,58 @@ def test_a_random_read_across_blocks_survives_the_eviction_of_a_held_block(rig_f
 BIG_CS = 1 << 20
 
 
-@pytest.mark.parametrize("published", [False, True], ids=["raw", "published"])
+@pytest.mark.parametrize(
+    ("published", "range_size"),
+    [(False, 4096), (False, 64 << 10), (True, 4096)],
+    ids=["raw", "raw-64k", "published"],
+)
 def test_a_random_miss_fetches_a_small_range_and_leaves_the_chunk_absent(
-    rig_factory, published
+    rig_factory, published, range_size
 ) -> None:
-    from corfs.config import DEFAULT_RANDOM_RANGE as RANGE_SIZE
-
     data = random_bytes(8 * BIG_CS, seed=35)
 
     async def main() -> None:
-        async with rig_factory({"a": data}, chunk_size=BIG_CS, published=published) as rig:
+        async with rig_factory(
+            {"a": data}, chunk_size=BIG_CS, published=published, random_range=range_size
+        ) as rig:
             image, source = rig.image("a"), rig.source("a")
-            for offset in (5 * BIG_CS + 3 * RANGE_SIZE + 100, 2 * BIG_CS + 8192, 7 * BIG_CS):
+            offsets = (5 * BIG_CS + 3 * range_size + 100, 2 * BIG_CS + 8192, 7 * BIG_CS)
+            for offset in offsets:
                 assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
             fetched = sum(length for _, length in source.reads)
             if published:  # digests need whole chunks
                 assert fetched == 3 * BIG_CS
                 return
-            assert fetched == 3 * RANGE_SIZE  # was 3 whole chunks
+            blocks = sum((o + 4095) // range_size - o // range_size + 1 for o in offsets)
+            assert fetched == blocks * range_size  # the blocks read touch (was 3 whole chunks)
             await image.wait_stored()
             assert image.local_chunks == 0  # the stream makes chunks local, whole
             # Re-reads of a fetched range ask the base nothing.
-            offset = 2 * BIG_CS + 8192 + 4096
+            offset = 2 * BIG_CS + 8192
             assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
             assert sum(length for _, length in source.reads) == fetched
             # A write changes the chunk: the kept range goes with the old bytes.
             await image.write(offset, b"w" * 10)
             assert bytes(await image.read(offset, 10)) == b"w" * 10
             assert bytes(await image.read(offset + 10, 10)) == data[offset + 10 : offset + 20]
+
+    trio.run(main)
+
+
+def test_a_small_random_miss_larger_than_a_block_fetches_just_its_blocks(rig_factory) -> None:
+    """4 KiB blocks (the default): a 16 KiB or 64 KiB random miss fetches the blocks it
+    touches in one request, not its whole chunk; 64 KiB + 4 KiB is no longer small."""
+    data = random_bytes(8 * BIG_CS, seed=37)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=BIG_CS, random_range=4096) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            for offset, length in ((3 * BIG_CS + 4096, 16384), (6 * BIG_CS + 100, 65536)):
+                assert bytes(await image.read(offset, length)) == data[offset : offset + length]
+                first, last = offset // 4096, (offset + length - 1) // 4096
+                assert source.reads[-1] == (first * 4096, (last - first + 1) * 4096)
+            assert len(source.reads) == 2
+            await image.read(BIG_CS + 4096, 65536 + 4096)
+            assert source.reads[-1][1] >= BIG_CS  # a chunk fill
 
     trio.run(main)

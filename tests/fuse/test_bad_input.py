@@ -192,8 +192,12 @@ def test_only_regular_files_and_inner_symlinks_are_exposed(dirs, tmp_path):
     assert "Traceback" not in log
 
 
-def test_cli_itself_has_no_traceback_for_bad_options(dirs):
-    result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--chunk-size", "3k")
+@pytest.mark.parametrize(
+    "option", [("--chunk-size", "3k"), ("--random-range", "6k"), ("--random-range", "2k")]
+)
+def test_cli_itself_has_no_traceback_for_bad_options(dirs, option):
+    result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, *option)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert option[0] in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sys.executable  # run_corfs used our interpreter
     assert not is_mounted(dirs.mnt)
