@@ -135,7 +135,9 @@ class Fetcher:
             self.requests += 1
             started = trio.current_time()
             try:
-                with trio.fail_at(deadline) as scope:
+                # A bare scope, not trio.fail_at: that one is a generator-based context manager,
+                # and this runs for every base request.
+                with trio.CancelScope(deadline=deadline) as scope:
                     await self.gate.acquire(ticket)
                     try:
                         started = trio.current_time()  # the base's time, not the queue's
@@ -144,6 +146,8 @@ class Fetcher:
                         data = await source.read(offset, length)
                     finally:
                         self.gate.release()
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
                 if len(data) != length:
                     raise TransientBaseError(f"short answer: {len(data)} of {length} bytes")
                 self.bytes_fetched += length

@@ -76,6 +76,7 @@ class Metrics:
             ["outcome", "status_class"],
             registry=self.registry,
         )
+        self._base_ok = self._base_requests.labels("ok", self._ok_class)  # the hot path
         self._base_duration = Histogram(
             "corfs_base_request_duration_seconds",
             "Duration of each request to the base, whatever its outcome",
@@ -109,8 +110,11 @@ class Metrics:
 
     def base_request(self, seconds: float, outcome: str, error: BaseException | None) -> None:
         """One request to the base ended: `outcome` is ok, retried or failed."""
-        klass = self._ok_class if error is None else status_class(error)
-        self._base_requests.labels(outcome, klass).inc()
+        if error is None and outcome == "ok":
+            self._base_ok.inc()
+        else:
+            klass = self._ok_class if error is None else status_class(error)
+            self._base_requests.labels(outcome, klass).inc()
         self._base_duration.observe(seconds)
 
     def cache_written(self, nbytes: int) -> None:

@@ -16,41 +16,82 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from dataclasses import dataclass
 
 READ_AHEAD_MAX = 32  # chunks fetched ahead of a sequential reader
 READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unblock) sooner
 MISS_HINT_CHUNKS = 8  # chunks after a foreground miss hinted to the stream
 _MAX_HINTS = 256
+MAX_RUNS = 16  # sequential readers of one image followed at once
+
+
+@dataclass
+class _Run:
+    """One sequential reader's state: where its last read ended and its window."""
+
+    next_sequential: int = -1  # the chunk this reader would miss next
+    window: int = 0  # its read-ahead window, in chunks
+    last_end: int = -1  # where its latest read ended, in bytes
 
 
 class ReadAhead:
+    """Read-ahead per reader: FUSE gives one handle per image, so the reads of many clients
+    (VMs booting from one image, threads of one) arrive interleaved. Each read is matched to
+    the run it continues (it starts where that run's last read ended, or in its next chunk);
+    up to MAX_RUNS runs are followed, the least recently read forgotten first. With a single
+    run, 8 readers of one image reset each other's window on every read."""
+
     def __init__(self, chunk_count: int) -> None:
         self._chunk_count = chunk_count
-        self._next_sequential = -1  # the chunk a sequential reader would miss next
-        self._window = 0  # current read-ahead window, in chunks
-        self._last_end = -1  # where the latest read ended, in bytes
-        self._continued = False  # the latest read started there
+        self._runs: collections.OrderedDict[int, _Run] = collections.OrderedDict()  # by id
+        self._latest = _Run()  # the run of the latest read
+        self._continued = False  # the latest read started where its run's last read ended
         self._hints: collections.deque[int] = collections.deque(maxlen=_MAX_HINTS)
+
+    def _run_of(self, chunks: range, start: int) -> _Run:
+        """The run this read continues (by byte, else by chunk), or a new one."""
+        by_chunk = None
+        for run in reversed(self._runs.values()):  # most recent first
+            if run.last_end == start:
+                self._continued = True
+                break
+            if by_chunk is None and (
+                chunks.start == run.next_sequential
+                or (chunks.start == run.next_sequential - 1 and chunks.stop == run.next_sequential)
+            ):
+                by_chunk = run
+        else:
+            self._continued = False
+            run = by_chunk or _Run()
+        key = id(run)
+        self._runs[key] = run
+        self._runs.move_to_end(key)
+        if len(self._runs) > MAX_RUNS:
+            # Forget the oldest run with no window first: random reads each make a run, and
+            # must not push out the readers that are streaming.
+            idle = next((k for k, r in self._runs.items() if not r.window and r is not run), None)
+            self._runs.pop(idle if idle is not None else next(iter(self._runs)))
+        return run
 
     def after_read(
         self, chunks: range, fetchable: Callable[[int], bool], span: tuple[int, int] = (-2, -1)
     ) -> list[int]:
         """A client reads `chunks` (bytes `span`, start and end): the chunks to fetch for it
         now (`fetchable`: absent and not being filled), possibly none."""
-        self._continued = span[0] == self._last_end
-        self._last_end = span[1]
-        if chunks.start == self._next_sequential - 1 and chunks.stop == self._next_sequential:
-            return []  # another read in the same chunk (a concurrent reader, or the rest of it)
+        run = self._latest = self._run_of(chunks, span[0])
+        run.last_end = span[1]
+        if chunks.start == run.next_sequential - 1 and chunks.stop == run.next_sequential:
+            return []  # another read in the same chunk (the rest of it)
         # A window opens only for a read that starts at the very byte the last one ended at: a
         # random reader landing in the next chunk by chance must not fetch ahead (amplification).
-        if chunks.start == self._next_sequential and (self._window or self._continued):
-            self._window = min(READ_AHEAD_MAX, max(2, self._window * 2))
+        if chunks.start == run.next_sequential and (run.window or self._continued):
+            run.window = min(READ_AHEAD_MAX, max(2, run.window * 2))
         else:
-            self._window = 0
-        self._next_sequential = chunks.stop
-        if not self._window:
+            run.window = 0
+        run.next_sequential = chunks.stop
+        if not run.window:
             return []
-        stop = min(self._chunk_count, chunks.stop + self._window)
+        stop = min(self._chunk_count, chunks.stop + run.window)
         ahead = [i for i in range(chunks.stop, stop) if fetchable(i)]
         if len(ahead) >= READ_AHEAD_RUN or (
             ahead and (ahead[0] == chunks.stop or stop == self._chunk_count)
@@ -61,14 +102,17 @@ class ReadAhead:
     @property
     def sequential(self) -> bool:
         """Whether the latest read continued a sequential run: its window is open, or it
-        started at the byte where the read before it ended (the first chunk of a run)."""
-        return self._window > 0 or self._continued
+        started at the byte where its run's read before it ended (the first chunk of a run)."""
+        return self._latest.window > 0 or self._continued
 
-    def ahead_of_reader(self, run: range) -> bool:
+    def ahead_of_reader(self, chunks: range) -> bool:
         """A sequential reader will soon read these chunks (a stream fill that landed in its
         read-ahead window): worth keeping their bytes for it."""
-        start = self._next_sequential
-        return self._window > 0 and start <= run.start < start + 2 * READ_AHEAD_MAX
+        return any(
+            run.window > 0
+            and run.next_sequential <= chunks.start < run.next_sequential + 2 * READ_AHEAD_MAX
+            for run in self._runs.values()
+        )
 
     def after_miss(self, chunks: range) -> None:
         """A client read missed in `chunks`: hint the chunks after them to the stream."""

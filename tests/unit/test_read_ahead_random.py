@@ -23,3 +23,26 @@ def test_a_read_where_the_last_one_ended_is_sequential() -> None:
     policy.after_read(range(3, 4), lambda i: True, (4 * CS - 4096, 4 * CS))
     ahead = policy.after_read(range(4, 5), lambda i: True, (4 * CS, 4 * CS + 4096))
     assert policy.sequential and ahead == [5, 6]
+
+
+def test_interleaved_sequential_readers_each_keep_their_window() -> None:
+    """8 readers of one image, 1 MiB reads each in its own region, interleaved (one FUSE handle
+    for all): each is followed as its own run, its window opening and growing; random reads
+    among them do not push them out."""
+    policy = ReadAhead(8 * 64)
+    readers = [r * 64 for r in range(8)]  # each reader's next chunk
+    random_chunk = 7 * 64 + 40
+    for step in range(4):
+        for r, chunk in enumerate(readers):
+            ahead = policy.after_read(range(chunk, chunk + 1), lambda i: True,
+                                      (chunk * CS, (chunk + 1) * CS))
+            if step:
+                assert policy.sequential and ahead, (step, r)
+                assert ahead[0] == chunk + 1
+            readers[r] = chunk + 1
+            for k in range(3):  # a random reader beside them
+                offset = (random_chunk - 30 * k - step) * CS + 4096
+                policy.after_read(range(offset // CS, offset // CS + 1), lambda i: True,
+                                  (offset, offset + 4096))
+                assert not policy.sequential
+    assert policy.ahead_of_reader(range(readers[3] + 1, readers[3] + 2))
