@@ -620,7 +620,8 @@ class Image:
             length <= max(self._ranges.block, SMALL_READ)
             and self.source is not None
             and self.source.layout is None
-            and self.geometry.chunk_size > self._ranges.block  # blocks nest in chunks
+            # blocks nest in chunks; a chunk no larger than a small read is filled whole
+            and self.geometry.chunk_size > max(self._ranges.block, SMALL_READ)
             and self.error is None
             and not self.read_ahead.sequential
             and all(self._fetchable(i) for i in chunks)

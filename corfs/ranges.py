@@ -4,8 +4,10 @@ A client read of at most SMALL_READ (or one block, `--random-range`, default 4 K
 misses and is not part of a sequential run (read_ahead.py decides) fetches only the aligned
 blocks it touches, in one request, not whole chunks. Larger reads fill whole chunks. The chunk
 stays absent (the stream makes it local, whole); the blocks are kept, bounded, for re-reads.
-Only where chunks are larger than a block: a block then lies within one chunk (both are powers
-of two), so it never holds bytes of another chunk, which may be dirty.
+Only where chunks are larger than a block and than SMALL_READ: a block then lies within one
+chunk (both are powers of two), so it never holds bytes of another chunk, which may be dirty;
+and a chunk of SMALL_READ or less costs no more to fetch than a small read, so it is filled
+whole and becomes local at once.
 
 Why 4 KiB: a cold 4 KiB QD1 reader against a loopback nginx (bench.peers, `--range-sizes`)
 ran fastest with the smallest range: the origin reads less from its own disk (4 KiB: ~0.09 ms,
