@@ -190,7 +190,9 @@ class Image:
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
-        self.read_ahead = ReadAhead(self.geometry.chunk_count)
+        self.read_ahead = ReadAhead(
+            self.geometry.chunk_count, FRESH_BYTES // self.geometry.chunk_size
+        )
         self.data: DataFile = store.data_file(self.name)
         self.fills = 0
         self.fill_errors = 0

@@ -23,6 +23,7 @@ READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unbloc
 MISS_HINT_CHUNKS = 8  # chunks after a foreground miss hinted to the stream
 _MAX_HINTS = 256
 MAX_RUNS = 16  # sequential readers of one image followed at once
+STALE_READS = 1024  # a run not read during this many reads of the image has stopped
 
 
 @dataclass
@@ -32,6 +33,7 @@ class _Run:
     next_sequential: int = -1  # the chunk this reader would miss next
     window: int = 0  # its read-ahead window, in chunks
     last_end: int = -1  # where its latest read ended, in bytes
+    last_read: int = 0  # ReadAhead._reads when it was last read
 
 
 class ReadAhead:
@@ -41,12 +43,18 @@ class ReadAhead:
     up to MAX_RUNS runs are followed, the least recently read forgotten first. With a single
     run, 8 readers of one image reset each other's window on every read."""
 
-    def __init__(self, chunk_count: int) -> None:
+    def __init__(self, chunk_count: int, budget_chunks: int = 2 * READ_AHEAD_MAX) -> None:
         self._chunk_count = chunk_count
+        # The bytes fetched ahead are kept in memory for their readers (Image's fresh chunks,
+        # bounded): the windows of all runs together stay within that, or chunks fetched for
+        # one reader push out another's before it reads them (then each of its reads goes to
+        # the cache disk, on the event loop: 8 readers of one image ran at half one's speed).
+        self._budget = budget_chunks
         self._runs: collections.OrderedDict[int, _Run] = collections.OrderedDict()  # by id
         self._latest = _Run()  # the run of the latest read
         self._continued = False  # the latest read started where its run's last read ended
         self._hints: collections.deque[int] = collections.deque(maxlen=_MAX_HINTS)
+        self._reads = 0  # reads seen: a run not read for a while no longer takes its share
 
     def _run_of(self, chunks: range, start: int) -> _Run:
         """The run this read continues (by byte, else by chunk), or a new one."""
@@ -79,13 +87,14 @@ class ReadAhead:
         """A client reads `chunks` (bytes `span`, start and end): the chunks to fetch for it
         now (`fetchable`: absent and not being filled), possibly none."""
         run = self._latest = self._run_of(chunks, span[0])
-        run.last_end = span[1]
+        self._reads += 1
+        run.last_end, run.last_read = span[1], self._reads
         if chunks.start == run.next_sequential - 1 and chunks.stop == run.next_sequential:
             return []  # another read in the same chunk (the rest of it)
         # A window opens only for a read that starts at the very byte the last one ended at: a
         # random reader landing in the next chunk by chance must not fetch ahead (amplification).
         if chunks.start == run.next_sequential and (run.window or self._continued):
-            run.window = min(READ_AHEAD_MAX, max(2, run.window * 2))
+            run.window = min(self._max_window(run), max(2, run.window * 2))
         else:
             run.window = 0
         run.next_sequential = chunks.stop
@@ -98,6 +107,14 @@ class ReadAhead:
         ):
             return ahead
         return []
+
+    def _max_window(self, run: _Run) -> int:
+        """READ_AHEAD_MAX, or this run's share of the budget among the runs reading ahead."""
+        others = sum(
+            1 for r in self._runs.values()
+            if r.window and r is not run and self._reads - r.last_read < STALE_READS
+        )
+        return max(2, min(READ_AHEAD_MAX, self._budget // (others + 1)))
 
     @property
     def sequential(self) -> bool:

@@ -46,3 +46,25 @@ def test_interleaved_sequential_readers_each_keep_their_window() -> None:
                                   (offset, offset + 4096))
                 assert not policy.sequential
     assert policy.ahead_of_reader(range(readers[3] + 1, readers[3] + 2))
+
+
+def test_the_windows_of_all_readers_share_one_budget() -> None:
+    """Chunks fetched ahead wait in memory for their readers: all windows together stay
+    within the budget (one reader alone gets READ_AHEAD_MAX), or one reader's chunks push out
+    another's before it reads them. A reader that stopped long ago takes no share."""
+    from corfs.read_ahead import READ_AHEAD_MAX, STALE_READS
+
+    def read(policy: ReadAhead, chunk: int) -> list[int]:
+        return policy.after_read(range(chunk, chunk + 1), lambda i: True,
+                                 (chunk * CS, (chunk + 1) * CS))
+
+    alone = ReadAhead(4096, budget_chunks=64)
+    assert max(len(read(alone, c)) for c in range(40)) == READ_AHEAD_MAX
+    many = ReadAhead(4096, budget_chunks=64)
+    starts = [r * 512 for r in range(8)]
+    for step in range(40):
+        for r in range(8):
+            assert len(read(many, starts[r] + step)) <= 64 // 8 + 1
+    # The others stop; after a while the one that goes on has the whole budget again.
+    widest = max(len(read(many, starts[0] + 40 + i)) for i in range(STALE_READS + 20))
+    assert widest == READ_AHEAD_MAX
