@@ -22,7 +22,7 @@ READ_AHEAD_MAX = 32  # chunks fetched ahead of a sequential reader
 READ_AHEAD_RUN = 4  # chunks per read-ahead request: small runs land (and unblock) sooner
 MISS_HINT_CHUNKS = 8  # chunks after a foreground miss hinted to the stream
 _MAX_HINTS = 256
-MAX_RUNS = 16  # sequential readers of one image followed at once
+MAX_RUNS = 64  # runs followed at once: sequential readers, and random reads that may become one
 STALE_READS = 1024  # a run not read during this many reads of the image has stopped
 
 
@@ -39,9 +39,8 @@ class _Run:
 class ReadAhead:
     """Read-ahead per reader: FUSE gives one handle per image, so the reads of many clients
     (VMs booting from one image, threads of one) arrive interleaved. Each read is matched to
-    the run it continues (it starts where that run's last read ended, or in its next chunk);
-    up to MAX_RUNS runs are followed, the least recently read forgotten first. With a single
-    run, 8 readers of one image reset each other's window on every read."""
+    the run it continues (`_run_of`); up to MAX_RUNS runs are followed (`_to_forget`). With a
+    single run, 8 readers of one image reset each other's window on every read."""
 
     def __init__(self, chunk_count: int, budget_chunks: int = 2 * READ_AHEAD_MAX) -> None:
         self._chunk_count = chunk_count
@@ -55,31 +54,51 @@ class ReadAhead:
         self._continued = False  # the latest read started where its run's last read ended
         self._hints: collections.deque[int] = collections.deque(maxlen=_MAX_HINTS)
         self._reads = 0  # reads seen: a run not read for a while no longer takes its share
+        self._by_end: dict[int, _Run] = {}  # runs by where their last read ended (byte)
+
+    def _live(self, run: _Run) -> bool:
+        """Read lately: a run not read during STALE_READS reads of the image has stopped."""
+        return self._reads - run.last_read < STALE_READS
 
     def _run_of(self, chunks: range, start: int) -> _Run:
-        """The run this read continues (by byte, else by chunk), or a new one."""
-        by_chunk = None
-        for run in reversed(self._runs.values()):  # most recent first
-            if run.last_end == start:
-                self._continued = True
-                break
-            if by_chunk is None and (
-                chunks.start == run.next_sequential
-                or (chunks.start == run.next_sequential - 1 and chunks.stop == run.next_sequential)
+        """The run this read continues, or a new one: a live run whose last read ended at the
+        byte where this one starts, else the latest read's run if this read is in its next
+        chunk (or the rest of its chunk), as with one reader. Only the latest run matches by
+        chunk: a random read landing after a run that stopped must not revive its window."""
+        run = self._by_end.get(start)
+        if run is not None and not self._live(run):
+            run = None
+        self._continued = run is not None
+        if run is None:
+            latest = self._latest
+            if chunks.start == latest.next_sequential or (
+                chunks.start == latest.next_sequential - 1
+                and chunks.stop == latest.next_sequential
             ):
-                by_chunk = run
-        else:
-            self._continued = False
-            run = by_chunk or _Run()
+                run = latest
+            else:
+                run = _Run()
         key = id(run)
         self._runs[key] = run
         self._runs.move_to_end(key)
         if len(self._runs) > MAX_RUNS:
-            # Forget the oldest run with no window first: random reads each make a run, and
-            # must not push out the readers that are streaming.
-            idle = next((k for k, r in self._runs.items() if not r.window and r is not run), None)
-            self._runs.pop(idle if idle is not None else next(iter(self._runs)))
+            forgotten = self._runs.pop(self._to_forget(run))
+            if self._by_end.get(forgotten.last_end) is forgotten:
+                del self._by_end[forgotten.last_end]
         return run
+
+    def _to_forget(self, current: _Run) -> int:
+        """The run to stop following: one that stopped (oldest first), else one with no
+        window (random reads each make one, and must not push out the readers that stream),
+        else this read's run if it has none, else the oldest."""
+        runs = self._runs.items()
+        for key, run in runs:
+            if not self._live(run):
+                return key
+        for key, run in runs:
+            if not run.window and run is not current:
+                return key
+        return id(current) if not current.window else next(iter(self._runs))
 
     def after_read(
         self, chunks: range, fetchable: Callable[[int], bool], span: tuple[int, int] = (-2, -1)
@@ -88,7 +107,11 @@ class ReadAhead:
         now (`fetchable`: absent and not being filled), possibly none."""
         run = self._latest = self._run_of(chunks, span[0])
         self._reads += 1
+        if self._by_end.get(run.last_end) is run:
+            del self._by_end[run.last_end]
         run.last_end, run.last_read = span[1], self._reads
+        if id(run) in self._runs:  # not if it was the one forgotten (`_to_forget`)
+            self._by_end[run.last_end] = run
         if chunks.start == run.next_sequential - 1 and chunks.stop == run.next_sequential:
             return []  # another read in the same chunk (the rest of it)
         # A window opens only for a read that starts at the very byte the last one ended at: a
@@ -109,11 +132,11 @@ class ReadAhead:
         return []
 
     def _max_window(self, run: _Run) -> int:
-        """READ_AHEAD_MAX, or this run's share of the budget among the runs reading ahead."""
-        others = sum(
-            1 for r in self._runs.values()
-            if r.window and r is not run and self._reads - r.last_read < STALE_READS
-        )
+        """READ_AHEAD_MAX for a reader alone, else its share of the budget among the live
+        runs reading ahead."""
+        others = sum(1 for r in self._runs.values() if r.window and r is not run and self._live(r))
+        if not others:
+            return READ_AHEAD_MAX
         return max(2, min(READ_AHEAD_MAX, self._budget // (others + 1)))
 
     @property
@@ -127,6 +150,7 @@ class ReadAhead:
         read-ahead window): worth keeping their bytes for it."""
         return any(
             run.window > 0
+            and self._live(run)
             and run.next_sequential <= chunks.start < run.next_sequential + 2 * READ_AHEAD_MAX
             for run in self._runs.values()
         )

@@ -68,3 +68,52 @@ def test_the_windows_of_all_readers_share_one_budget() -> None:
     # The others stop; after a while the one that goes on has the whole budget again.
     widest = max(len(read(many, starts[0] + 40 + i)) for i in range(STALE_READS + 20))
     assert widest == READ_AHEAD_MAX
+
+
+def _read(policy: ReadAhead, chunk: int, offset: int = 0, length: int = CS) -> list[int]:
+    start = chunk * CS + offset
+    return policy.after_read(range(chunk, chunk + 1), lambda i: True, (start, start + length))
+
+
+def test_a_random_read_after_a_run_that_stopped_does_not_revive_its_window() -> None:
+    """A reader reads chunks 0-9 and stops; random reads follow elsewhere. A random 4 KiB read
+    that lands in chunk 10 by chance is random: no read-ahead, and not `sequential` (it may
+    take a small range)."""
+    policy = ReadAhead(4096)
+    for chunk in range(10):
+        _read(policy, chunk)
+    assert policy.ahead_of_reader(range(12, 13))  # the reader may come back: keep its chunks
+    for k in range(50):
+        _read(policy, 1000 + 37 * k, 4096, 4096)
+    assert _read(policy, 10, 8192, 4096) == []
+    assert not policy.sequential
+
+
+def test_a_run_that_stopped_neither_keeps_chunks_nor_takes_a_slot() -> None:
+    """Runs of readers that stopped long ago: stream fills after them are not kept for them,
+    and a new sequential reader among random reads still gets its read-ahead."""
+    from corfs.read_ahead import MAX_RUNS, STALE_READS
+
+    policy = ReadAhead(1 << 20)
+    for r in range(MAX_RUNS):  # readers that read a file each, then stopped
+        for chunk in range(r * 100, r * 100 + 5):
+            _read(policy, chunk)
+    for k in range(STALE_READS):
+        _read(policy, 500_000 + 7 * k, 4096, 4096)
+    assert not policy.ahead_of_reader(range(3 * 100 + 6, 3 * 100 + 7))
+    got = []
+    for chunk in range(200_000, 200_020):  # a new reader, a random read between its reads
+        got.append(_read(policy, chunk))
+        _read(policy, 700_000 + 13 * chunk, 4096, 4096)
+    assert all(got[2:]), got
+
+
+def test_what_is_followed_stays_bounded() -> None:
+    from corfs.read_ahead import MAX_RUNS
+
+    policy = ReadAhead(1 << 20)
+    for k in range(20_000):
+        _read(policy, (k * 7919) % (1 << 20), 4096 * (k % 3), 4096)
+        if k % 5 == 0:
+            _read(policy, k % 1000)  # sequential-ish reads among them
+    assert len(policy._runs) <= MAX_RUNS and len(policy._by_end) <= MAX_RUNS
