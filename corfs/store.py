@@ -557,7 +557,9 @@ class CacheStore:
                 raise CacheError(f"{name} is not in the cache")
             from .datafile import DataFile  # the data path: offline readers never load it
 
-            data_file = DataFile(self.data_path(name), name, record.geometry, self._hooks.written)
+            data_file = DataFile(
+                self.data_path(name), name, record.geometry, self._hooks.written, self._after_syncs
+            )
             self._data_files[name] = data_file
         return data_file
 
@@ -621,6 +623,17 @@ class CacheStore:
             if batch is not None:
                 with self._keeping_marks_on_failure(batch):
                     await trio.to_thread.run_sync(self._sync_and_write, batch)
+
+    async def _after_syncs(self) -> None:
+        """Once no commit runs: stream stores wait here, so that a commit's fdatasync (a
+        guest's flush) does not queue behind a stream of direct writes at the disk."""
+        import trio  # see the top
+
+        if self._commit_lock.locked():
+            async with self._commit_lock:
+                pass
+        else:
+            await trio.lowlevel.checkpoint()
 
     def commit_sync(self) -> None:
         """The same as `commit`, for shutdown and scrub paths outside trio."""
