@@ -117,7 +117,7 @@ def _add_mount(sub: _WithCommon) -> None:
         default=DEFAULT_RANDOM_RANGE,
         metavar="SIZE",
         help="bytes fetched around a small random read that misses (default 4k; larger for a "
-        "base with a long round trip: see README)",
+        "base with a long round trip; as large as the chunks: whole chunks. See README)",
     )
     p.add_argument("--daemon", action="store_true", help="go to the background once mounted")
     p.add_argument("--log-file", help="log here instead of stderr")
