@@ -59,11 +59,12 @@ FOLIO_SPAN = 2 << 20
 _DIRECT_PAGE_SIZE = 4096  # O_DIRECT fills only where FOLIO_SPAN is known to bound a folio
 # Threads writing fills into data files: O_DIRECT writes wait for the disk, so several overlap
 _WRITE_LIMITER = trio.CapacityLimiter(4)
-# ... of them, those writing stream fills (stores no client waits for): one chunk at a time, and
-# none while the cache syncs (a commit: a guest's flush, or the periodic one). Since fills are
-# stored behind (write_behind.py) the stream no longer waits for its stores, and 4 of them at
-# once kept the disk's queue deep: a guest's flush waited behind them (bench/flush_latency:
-# p50 16 ms, against 4 ms when each of the 2 stream workers waited for its own store; 3 ms so).
+# ... of them, those writing stream fills (stores no client waits for): one store at a time,
+# which stops between chunks while the cache syncs (a commit: a guest's flush or the periodic
+# one). Since fills are stored behind (write_behind.py) the stream no longer waits for its
+# stores, and 4 of them at once kept the disk's queue deep: a guest's flush waited behind them
+# (bench/flush_latency: p50 16 ms, against 4 ms when each of the 2 stream workers waited for
+# its own store; BOOT_RESULTS.md has the figures with this rule).
 _STREAM_WRITE_LIMITER = trio.CapacityLimiter(1)
 
 Buffer = bytes | bytearray | memoryview
@@ -149,10 +150,14 @@ class DataFile:
         geometry: ChunkGeometry,
         on_written: Callable[[int], None] = lambda nbytes: None,  # metrics: any thread
         after_syncs: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint,
+        sync_pending: Callable[[], bool] = lambda: False,
     ) -> None:
         self.path = path
         self._on_written = on_written
-        self._after_syncs = after_syncs  # returns once no sync of the cache runs (CacheStore)
+        # Stream stores give way to syncs of the cache (CacheStore): `_after_syncs` returns once
+        # none runs; `_sync_pending` (read by the write thread) says one waits or runs.
+        self._after_syncs = after_syncs
+        self._sync_pending = sync_pending
         self.name = name
         self.geometry = geometry
         try:
@@ -255,12 +260,6 @@ class DataFile:
         one write: 4 MiB direct writes run at 2.0 GB/s here, 1 MiB ones at 1.4. Stream fills
         go chunk by chunk: a guest's flush queues behind whatever they have at the disk
         (bench/flush_latency: p50 3.8 ms behind 1 MiB writes, 11-17 ms behind 4 MiB ones)."""
-        if not coalesce and len(chunks) > 1:
-            # Chunk by chunk, each after any sync (`_after_syncs`): a flush waits for one
-            # chunk's write at most, not a whole fill's.
-            for chunk in chunks:
-                await self.store([chunk], wanted=wanted, stored=stored, coalesce=False)
-            return
         todo = list(chunks)
         while todo:
             ways = {chunk.index: self._way_of(chunk) for chunk in todo}
@@ -290,14 +289,16 @@ class DataFile:
                     del self._storing[chunk.index]
                 self._storing_buffered.difference_update(buffered)
                 in_flight.set()
-            todo = left  # refused: stored anew, as buffered chunks
+            todo = left  # refused: stored anew, as buffered chunks; or after a sync
 
     def _write_chunks(
         self, chunks: list[C], ways: dict[int, Way], coalesce: bool
     ) -> tuple[list[C], Way | None]:
         """Worker thread: touches the file only, never the bookkeeping. Writes `chunks` in
         order; if the file system refuses a way, stops there and returns the chunks not written
-        and the way refused (nothing of a refused write landed)."""
+        and the way refused (nothing of a refused write landed). A stream store (not
+        `coalesce`) also stops between chunks when a sync of the cache waits: the chunks not
+        written come back with no way refused, and are stored after the sync."""
         group: list[C] = []
         for position, chunk in enumerate([*chunks, None]):
             if group and (
@@ -312,6 +313,8 @@ class DataFile:
                 except _Refused as refused:
                     return chunks[position - len(group) :], refused.way
                 group = []
+                if chunk is not None and not coalesce and self._sync_pending():
+                    return chunks[position:], None  # a stream store: the sync goes first
             if chunk is not None:
                 group.append(chunk)
         return [], None

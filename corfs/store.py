@@ -292,6 +292,7 @@ class CacheStore:
         self._db_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._data_files: dict[str, DataFile] = {}  # opened on first use, closed by drop/close
+        self._syncs = 0  # commits waiting for or holding the commit lock
         self._pending: _Marks = {}
         self._touched: set[str] = set()
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
@@ -558,7 +559,8 @@ class CacheStore:
             from .datafile import DataFile  # the data path: offline readers never load it
 
             data_file = DataFile(
-                self.data_path(name), name, record.geometry, self._hooks.written, self._after_syncs
+                self.data_path(name), name, record.geometry, self._hooks.written,
+                self._after_syncs, self._sync_pending,
             )
             self._data_files[name] = data_file
         return data_file
@@ -617,12 +619,20 @@ class CacheStore:
         SQL step) puts the marks back for the next commit."""
         import trio  # see the top
 
-        async with self._commit_lock:
-            # No await between the snapshot and the thread: what we sync is what we snapshot.
-            batch = self._take_batch()
-            if batch is not None:
-                with self._keeping_marks_on_failure(batch):
-                    await trio.to_thread.run_sync(self._sync_and_write, batch)
+        self._syncs += 1  # stream stores give way from now (`_sync_pending`)
+        try:
+            async with self._commit_lock:
+                # No await between the snapshot and the thread: what we sync is what we snapshot.
+                batch = self._take_batch()
+                if batch is not None:
+                    with self._keeping_marks_on_failure(batch):
+                        await trio.to_thread.run_sync(self._sync_and_write, batch)
+        finally:
+            self._syncs -= 1
+
+    def _sync_pending(self) -> bool:
+        """A commit waits or runs (read by data-file write threads: an int, under the GIL)."""
+        return self._syncs > 0
 
     async def _after_syncs(self) -> None:
         """Once no commit runs: stream stores wait here, so that a commit's fdatasync (a
