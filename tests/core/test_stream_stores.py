@@ -26,19 +26,30 @@ def _chunks(data: bytes) -> list[FetchedChunk]:
     ]
 
 
-def test_a_stream_store_waits_for_a_running_commit(tmp_path) -> None:
-    data = random_bytes(4 * MIB, seed=51)
+def _store_with(tmp_path, data: bytes) -> CacheStore:
+    """A cache with image "a" of len(data) bytes in 1 MiB chunks, nothing local."""
     store = CacheStore.open(str(tmp_path / "cache"))
     store.create_image("a", len(data), MIB, "id-a", "memory://")
+    return store
+
+
+async def _store(data_file, chunks: list[FetchedChunk], calls: list[list[int]], coalesce: bool):
+    """DataFile.store, recording the chunks of each `stored` call."""
+    await data_file.store(
+        chunks, wanted=lambda i: True,
+        stored=lambda done: calls.append([c.index for c in done]), coalesce=coalesce,
+    )
+
+
+def test_a_stream_store_waits_for_a_running_commit(tmp_path) -> None:
+    data = random_bytes(4 * MIB, seed=51)
+    store = _store_with(tmp_path, data)
     data_file = store.data_file("a")
     calls: list[list[int]] = []
 
     async def main() -> None:
         async def stream_store() -> None:
-            await data_file.store(
-                _chunks(data), wanted=lambda i: True,
-                stored=lambda done: calls.append([c.index for c in done]), coalesce=False,
-            )
+            await _store(data_file, _chunks(data), calls, coalesce=False)
 
         async with trio.open_nursery() as nursery:
             await store._commit_lock.acquire()  # a commit is running
@@ -57,8 +68,7 @@ def test_a_stream_store_waits_for_a_running_commit(tmp_path) -> None:
 
 def test_a_fill_a_client_waits_for_is_not_held_back_by_a_commit(tmp_path) -> None:
     data = random_bytes(2 * MIB, seed=52)
-    store = CacheStore.open(str(tmp_path / "cache"))
-    store.create_image("a", len(data), MIB, "id-a", "memory://")
+    store = _store_with(tmp_path, data)
     data_file = store.data_file("a")
     calls: list[list[int]] = []
 
@@ -66,10 +76,7 @@ def test_a_fill_a_client_waits_for_is_not_held_back_by_a_commit(tmp_path) -> Non
         await store._commit_lock.acquire()
         try:
             with trio.fail_after(10):
-                await data_file.store(
-                    _chunks(data), wanted=lambda i: True,
-                    stored=lambda done: calls.append([c.index for c in done]), coalesce=True,
-                )
+                await _store(data_file, _chunks(data), calls, coalesce=True)
         finally:
             store._commit_lock.release()
 
@@ -82,8 +89,7 @@ def test_a_fill_a_client_waits_for_is_not_held_back_by_a_commit(tmp_path) -> Non
 
 def test_a_stream_store_stops_between_chunks_for_a_commit(tmp_path) -> None:
     data = random_bytes(64 * MIB, seed=53)
-    store = CacheStore.open(str(tmp_path / "cache"))
-    store.create_image("a", len(data), MIB, "id-a", "memory://")
+    store = _store_with(tmp_path, data)
     data_file = store.data_file("a")
     calls: list[list[int]] = []
 
@@ -91,10 +97,7 @@ def test_a_stream_store_stops_between_chunks_for_a_commit(tmp_path) -> None:
 
     async def main() -> None:
         async def stream_store() -> None:
-            await data_file.store(
-                chunks, wanted=lambda i: True,
-                stored=lambda done: calls.append([c.index for c in done]), coalesce=False,
-            )
+            await _store(data_file, chunks, calls, coalesce=False)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream_store)
