@@ -26,8 +26,9 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -204,6 +205,8 @@ class Validator:
 ConnKey = tuple[str, str, int]  # scheme, host, port
 
 
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 YIELD_BYTES = 1 << 20  # a body received this far without a wait yields to other tasks (Wire)
 
 
@@ -222,51 +225,40 @@ class Wire:
         self.raw.setblocking(False)
 
     async def send(self, data: memoryview | bytes) -> int:
-        while True:
-            try:
-                return self.raw.send(data)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
+        return await self._call(self.raw.send, data, trio.lowlevel.wait_writable)
 
     async def recv(self, size: int) -> bytes:
-        while True:
-            try:
-                return self.raw.recv(size)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
+        return await self._call(self.raw.recv, size, trio.lowlevel.wait_readable)
 
     async def recv_into(self, view: memoryview) -> int:
+        return await self._call(self.raw.recv_into, view, trio.lowlevel.wait_readable)
+
+    async def _call(
+        self, call: Callable[[_A], _R], arg: _A, ready: Callable[[int], Awaitable[None]]
+    ) -> _R:
+        """`call(arg)` at once, or once the socket is `ready` when it would block."""
         while True:
             try:
-                return self.raw.recv_into(view)
+                return call(arg)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
+                await ready(self.fd)
 
     def close(self) -> None:
         self.raw.close()
         self.sock.close()
 
 
-class PlainConn:
+class PlainConn(Wire):
     """A keep-alive TCP connection."""
 
     def __init__(self, sock: trio.socket.SocketType, key: ConnKey) -> None:
-        self.wire = Wire(sock)
+        super().__init__(sock)
         self.key = key
 
     async def send_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[await self.wire.send(view) :]
-
-    async def recv(self, size: int) -> bytes:
-        return await self.wire.recv(size)
-
-    async def recv_into(self, view: memoryview) -> int:
-        return await self.wire.recv_into(view)
-
-    def close(self) -> None:
-        self.wire.close()
+            view = view[await self.send(view) :]
 
 
 class TlsConn:
