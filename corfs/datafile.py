@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 # The largest page-cache folio (x86-64 and arm64 with 4 KiB pages: a PMD, 2 MiB): the span of
 # the folio-span rule (module docstring).
 FOLIO_SPAN = 2 << 20
+_READ_SOON_STEP = 128 << 10  # bytes per read-ahead hint (read_soon)
 _DIRECT_PAGE_SIZE = 4096  # O_DIRECT fills only where FOLIO_SPAN is known to bound a folio
 # Threads writing fills into data files: O_DIRECT writes wait for the disk, so several overlap
 _WRITE_LIMITER = trio.CapacityLimiter(4)
@@ -181,6 +182,18 @@ class DataFile:
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
+
+    def read_soon(self, offset: int, length: int) -> None:
+        """Have the kernel start reading these bytes into the page cache (it does not wait
+        for the disk), so that `read` of them, inline on the event loop, finds them there.
+        One posix_fadvise(WILLNEED) reads no more than the device's read-ahead (128 KiB by
+        default), so a longer range is hinted in pieces (~0.1 ms of CPU per MiB)."""
+        try:
+            for start in range(offset, offset + length, _READ_SOON_STEP):
+                step = min(_READ_SOON_STEP, offset + length - start)
+                os.posix_fadvise(self.fd, start, step, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:  # only a hint: the read itself still works
+            log.debug("%s: read-ahead hint refused: %s", self.name, exc)
 
     def write(self, offset: int, data: Buffer) -> None:
         """A client's write, buffered, inline. The caller waits for the span to be quiet first

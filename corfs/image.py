@@ -68,6 +68,10 @@ MAX_FOREGROUND_RUN = 8  # chunks one foreground miss fetches in one request
 FRESH_BYTES = 64 << 20  # bytes of stored chunks kept for client reads (fresh.py)
 
 
+def _never(_index: int) -> bool:
+    return False
+
+
 @dataclass
 class _Fill:
     """A fill in flight: everyone who needs one of its chunks waits on `done`."""
@@ -598,10 +602,13 @@ class Image:
         chunks = self.geometry.chunks_of(offset, length)
         if self._first_reads is not None:
             self._first_reads(chunks)
-        if not self.complete and self.source is not None and self.error is None:
-            ahead = self.read_ahead.after_read(chunks, self._fetchable, (offset, offset + length))
-            if ahead:
-                self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
+        fetching = not self.complete and self.source is not None and self.error is None
+        ahead = self.read_ahead.after_read(
+            chunks, self._fetchable if fetching else _never, (offset, offset + length)
+        )
+        if ahead:
+            self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
+        self._read_local_soon(self.read_ahead.newly_ahead())
         held: dict[int, Buffer | None] = {}
         if self._chunks.any_absent(chunks):
             if any(self._needs_fill(i, reading=True, held=held) for i in chunks):
@@ -614,6 +621,16 @@ class Image:
         if self._fresh:
             return self._serve(chunks, offset, length, held)
         return self.data.read(offset, length)
+
+    def _read_local_soon(self, chunks: range) -> None:
+        """The local chunks among `chunks` (a sequential reader's window) start coming from the
+        cache file into the page cache now: the reader's reads of them, inline on the event
+        loop, then do not wait for the disk one at a time (a stream that stored chunks ahead
+        of a reader slowed it from ~850 to ~270 MB/s)."""
+        for run in contiguous_runs([i for i in chunks if self.is_local(i)]):
+            start = self.geometry.chunk_start(run.start)
+            end = self.geometry.chunk_start(run[-1]) + self.geometry.chunk_length(run[-1])
+            self.data.read_soon(start, end - start)
 
     def _takes_a_range(self, chunks: range, length: int) -> bool:
         """A small random miss on a raw base, none of its chunks local or on their way: it

@@ -6,7 +6,8 @@
   around it (ranges.py) where the base allows. Reads of local chunks count too, so the window
   keeps moving while the reader is served from it. New fetches go out READ_AHEAD_RUN chunks at
   a time (larger requests and writes cost less per byte) unless the reader's next chunk is not
-  on its way yet.
+  on its way yet. Chunks of the window that are local already are read from the cache file
+  into the page cache ahead of the reader (`newly_ahead`).
 - After a foreground miss, the MISS_HINT_CHUNKS chunks after it are hinted to the stream, which
   fills them (newest hint first) before its own order: a client that missed there is likely to
   read on there. Hints are bounded (a long-paused stream must not collect them forever).
@@ -34,6 +35,7 @@ class _Run:
     window: int = 0  # its read-ahead window, in chunks
     last_end: int = -1  # where its latest read ended, in bytes
     last_read: int = 0  # ReadAhead._reads when it was last read
+    hinted: int = 0  # the chunks before this one were handed out by `newly_ahead`
 
 
 class ReadAhead:
@@ -130,6 +132,18 @@ class ReadAhead:
         ):
             return ahead
         return []
+
+    def newly_ahead(self) -> range:
+        """The chunks that came into the latest read's window with it, each handed out once
+        per run: Image has the kernel read the local ones from the cache file before the reader
+        gets there (the data file's own read-ahead is a few pages, at the disk's QD1 speed)."""
+        run = self._latest
+        if not run.window:
+            return range(0)
+        stop = min(self._chunk_count, run.next_sequential + run.window)
+        start = max(run.next_sequential, run.hinted)
+        run.hinted = max(run.hinted, stop)
+        return range(start, stop)
 
     def _max_window(self, run: _Run) -> int:
         """READ_AHEAD_MAX for a reader alone, else its share of the budget among the live

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import trio
+
 from corfs.read_ahead import READ_AHEAD_MAX, READ_AHEAD_RUN
 from tests.core.rig import CS, chunk_reads, random_bytes, run_with_mock_clock, wait_until
 
@@ -90,3 +92,67 @@ def test_stream_fills_ahead_of_a_sequential_reader_are_kept_for_it(rig_factory) 
             assert bytes(await image.read(far * CS, CS)) == junk[:CS]  # read from the file
 
     run(main)
+
+
+def _resident_chunks(path: str, chunk_size: int) -> set[int]:
+    """The chunks of the file at `path` whose every page is in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.stat(path).st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        pages = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        try:
+            assert libc.mincore(address, size, pages) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    per_chunk = chunk_size // mmap.PAGESIZE
+    return {
+        chunk for chunk in range(size // chunk_size)
+        if all(b & 1 for b in pages.raw[chunk * per_chunk : (chunk + 1) * per_chunk])
+    }
+
+
+def test_local_chunks_ahead_of_a_sequential_reader_are_read_from_the_cache_file_early(
+    rig_factory,
+) -> None:
+    """A thick image read through the mount: the chunks in a sequential reader's window come
+    into the page cache before it reads them (the loop's inline preads then do not wait for
+    the disk one at a time); the cache disk's own read-ahead (8 MiB here) reaches less far."""
+    chunk_size = 1 << 20
+    count = 48
+    data = random_bytes(count * chunk_size, seed=11)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk_size) as rig:
+            image = rig.image("a")
+            await image.wait_local(range(count), background=True)
+            await image.wait_stored()
+            assert image.complete
+            path = rig.store.data_path("a")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            assert not _resident_chunks(path, chunk_size) & set(range(6, count))
+            for index in range(6):  # the window grows to READ_AHEAD_MAX chunks
+                assert await image.read(index * chunk_size, chunk_size) == data[
+                    index * chunk_size : (index + 1) * chunk_size
+                ]
+            ahead = set(range(20, 6 + READ_AHEAD_MAX))  # beyond the disk's own read-ahead
+            await wait_until(lambda: ahead <= _resident_chunks(path, chunk_size), timeout=10)
+
+    trio.run(main)

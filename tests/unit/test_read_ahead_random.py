@@ -117,3 +117,19 @@ def test_what_is_followed_stays_bounded() -> None:
         if k % 5 == 0:
             _read(policy, k % 1000)  # sequential-ish reads among them
     assert len(policy._runs) <= MAX_RUNS and len(policy._by_end) <= MAX_RUNS
+
+
+def test_window_chunks_are_handed_out_once_per_run_for_the_cache_file() -> None:
+    """newly_ahead: the chunks a read brought into its run's window (Image reads the local ones
+    from the cache file ahead of the reader), each once; a random read brings none."""
+    policy = ReadAhead(256)
+    handed: list[int] = []
+    for chunk in range(6):
+        policy.after_read(range(chunk, chunk + 1), lambda i: False, (chunk * CS, (chunk + 1) * CS))
+        handed += policy.newly_ahead()
+    assert handed == list(range(2, 6 + 32)), handed  # the window grew 2, 4, ... 32: each once
+    policy.after_read(range(200, 201), lambda i: False, (200 * CS + 4096, 200 * CS + 8192))
+    assert policy.newly_ahead() == range(0)
+    # The reader goes on after the random read: its run carries on from where it was.
+    policy.after_read(range(6, 7), lambda i: False, (6 * CS, 7 * CS))
+    assert list(policy.newly_ahead()) == [38]
