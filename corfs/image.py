@@ -603,12 +603,15 @@ class Image:
         if self._first_reads is not None:
             self._first_reads(chunks)
         fetching = not self.complete and self.source is not None and self.error is None
-        ahead = self.read_ahead.after_read(
-            chunks, self._fetchable if fetching else _never, (offset, offset + length)
-        )
-        if ahead:
-            self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
-        self._read_local_soon(self.read_ahead.newly_ahead())
+        # With nothing to fetch, only a large read's run is followed (for the cache file's
+        # read-ahead): following small ones cost ~5 us, 4 % of a local 4 KiB read.
+        if fetching or length > SMALL_READ:
+            ahead = self.read_ahead.after_read(
+                chunks, self._fetchable if fetching else _never, (offset, offset + length)
+            )
+            if ahead:
+                self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)
+            self._read_local_soon(self.read_ahead.newly_ahead())
         held: dict[int, Buffer | None] = {}
         if self._chunks.any_absent(chunks):
             if any(self._needs_fill(i, reading=True, held=held) for i in chunks):
