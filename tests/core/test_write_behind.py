@@ -281,3 +281,29 @@ def test_a_small_random_miss_larger_than_a_block_fetches_just_its_blocks(rig_fac
             assert source.reads[-1][1] >= BIG_CS  # a chunk fill
 
     trio.run(main)
+
+
+def test_the_stream_leaves_half_the_budget_to_readers(rig_factory, monkeypatch) -> None:
+    """Stream fills take at most STREAM_SHARE of the budget: a reader's fill then finds room
+    and is stored, rather than dropped and fetched again later."""
+    data = random_bytes(16 * CS, seed=33)
+    held = HeldStores(monkeypatch)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            image.write_behind = WriteBehind(4 * CS)
+            source = rig.source("a")
+            await image.wait_local(range(0, 2), background=True)  # half the budget, held
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: image.wait_local(range(4, 6), background=True))
+                await trio.sleep(0.2)
+                assert chunk_reads(source, CS) == [0, 1]  # the stream's half is taken
+                with trio.fail_after(2):
+                    assert bytes(await image.read(8 * CS, 100)) == data[8 * CS : 8 * CS + 100]
+                assert image.is_filling(8) and image.write_behind.dropped_chunks == 0
+                held.release()
+            await image.wait_stored()
+            assert [image.is_local(i) for i in (0, 1, 4, 5, 8)] == [True] * 5
+
+    trio.run(main)
