@@ -628,8 +628,8 @@ class Image:
     def _read_local_soon(self, chunks: range) -> None:
         """The local chunks among `chunks` (a sequential reader's window) start coming from the
         cache file into the page cache now: the reader's reads of them, inline on the event
-        loop, then do not wait for the disk one at a time (a stream that stored chunks ahead
-        of a reader slowed it from ~850 to ~270 MB/s)."""
+        loop, then do not wait for the disk one at a time (a thick image read through the
+        mount, page cache dropped: 1291-1357 MB/s against 938-1036, bench.reads)."""
         for run in contiguous_runs([i for i in chunks if self.is_local(i)]):
             start = self.geometry.chunk_start(run.start)
             end = self.geometry.chunk_start(run[-1]) + self.geometry.chunk_length(run[-1])

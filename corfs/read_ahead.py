@@ -136,7 +136,8 @@ class ReadAhead:
     def newly_ahead(self) -> range:
         """The chunks that came into the latest read's window with it, each handed out once
         per run: Image has the kernel read the local ones from the cache file before the reader
-        gets there (the data file's own read-ahead is a few pages, at the disk's QD1 speed)."""
+        gets there (the data file's own read-ahead left the loop's 1 MiB preads waiting for the
+        disk one at a time)."""
         run = self._latest
         if not run.window:
             return range(0)
