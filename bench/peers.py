@@ -257,26 +257,18 @@ def mount_run(site: Site, name: str, work: Callable[[str, list[int], Callable[[]
     return figures
 
 
-def concurrent_read(path: str, progress: list[int], begin: Callable[[], None]) -> dict:
-    """Aggregate MB/s of READERS threads each reading its own 1/READERS of `path` in 1 MiB
-    requests, all at once (one open file each)."""
-    size = os.stat(path).st_size
-    share = size // READERS
+def all_at_once(reader: Callable[[int], None], begin: Callable[[], None] = lambda: None) -> float:
+    """Seconds for READERS threads running `reader(index)` at once (`begin` called just before
+    they start); the first reader's error is raised."""
     errors: list[BaseException] = []
 
-    def reader(index: int) -> None:
+    def guarded_reader(index: int) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for offset in range(index * share, (index + 1) * share, MiB):
-                    os.pread(fd, min(MiB, (index + 1) * share - offset), offset)
-                    progress[0] += 1
-            finally:
-                os.close(fd)
-        except BaseException as e:
+            reader(index)
+        except BaseException as e:  # raised in the caller's thread below
             errors.append(e)
 
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(READERS)]
+    threads = [threading.Thread(target=guarded_reader, args=(i,)) for i in range(READERS)]
     start = time.perf_counter()
     begin()
     for t in threads:
@@ -285,33 +277,36 @@ def concurrent_read(path: str, progress: list[int], begin: Callable[[], None]) -
         t.join()
     if errors:
         raise errors[0]
-    return {"MB/s": share * READERS / (time.perf_counter() - start) / 1e6}
+    return time.perf_counter() - start
+
+
+def concurrent_read(path: str, progress: list[int], begin: Callable[[], None]) -> dict:
+    """Aggregate MB/s of READERS threads each reading its own 1/READERS of `path` in 1 MiB
+    requests, all at once (one open file each)."""
+    share = os.stat(path).st_size // READERS
+
+    def reader(index: int) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(index * share, (index + 1) * share, MiB):
+                os.pread(fd, min(MiB, (index + 1) * share - offset), offset)
+                progress[0] += 1
+        finally:
+            os.close(fd)
+
+    return {"MB/s": share * READERS / all_at_once(reader, begin) / 1e6}
 
 
 def concurrent_random_reads(path: str, count: int, progress: list[int]) -> dict:
     """Aggregate IOPS of READERS threads each making `count` random_reads (its own seed) at
-    once, with the p99 latency over all of them."""
+    once, and the highest of their p99 latencies."""
     results: list[dict] = []
-    errors: list[BaseException] = []
 
     def reader(index: int) -> None:
-        try:
-            results.append(random_reads(path, count, progress, seed=100 + index))
-        except BaseException as e:
-            errors.append(e)
+        results.append(random_reads(path, count, progress, seed=100 + index))
 
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(READERS)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return {
-        "IOPS": count * READERS / (time.perf_counter() - start),
-        "p99_ms": max(r["p99_ms"] for r in results),
-    }
+    seconds = all_at_once(reader)
+    return {"IOPS": count * READERS / seconds, "p99_ms": max(r["p99_ms"] for r in results)}
 
 
 def stream_corfs(root: str, cache_root: str, target: Target) -> dict:

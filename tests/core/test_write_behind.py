@@ -6,15 +6,19 @@ and nothing recorded local before its bytes are stored."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
+from corfs.base.memory import MemoryImage
 from corfs.datafile import FOLIO_SPAN, DataFile
 from corfs.errors import CacheFull
+from corfs.image import Image
 from corfs.store import ChunkState
 from corfs.write_behind import WriteBehind
 from tests.core.rig import CS, chunk_reads, committed_states, random_bytes
@@ -71,20 +75,31 @@ def test_a_cold_read_is_answered_while_its_store_waits_for_the_disk(
     trio.run(main)
 
 
+@contextlib.asynccontextmanager
+async def stream_waiting_for_room(
+    image: Image, source: MemoryImage, held: HeldStores, budget_chunks: int
+) -> AsyncIterator[None]:
+    """A write-behind budget of `budget_chunks`, a stream fill of chunks 0-1 fetched (its store
+    held) and one of chunks 4-5 waiting for room, not fetched; stores released on leaving."""
+    image.write_behind = WriteBehind(budget_chunks * CS)
+    await image.wait_local(range(0, 2), background=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: image.wait_local(range(4, 6), background=True))
+        await trio.sleep(0.2)
+        assert chunk_reads(source, CS) == [0, 1]  # back-pressure: not even fetched
+        yield
+        held.release()
+    await image.wait_stored()
+
+
 def test_the_stream_waits_for_room_and_readers_never_do(rig_factory, monkeypatch) -> None:
     data = random_bytes(16 * CS, seed=32)
     held = HeldStores(monkeypatch)
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
-            image = rig.image("a")
-            image.write_behind = WriteBehind(2 * CS)
-            source = rig.source("a")
-            await image.wait_local(range(0, 2), background=True)  # fills the budget
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: image.wait_local(range(4, 6), background=True))
-                await trio.sleep(0.2)
-                assert chunk_reads(source, CS) == [0, 1]  # back-pressure: not even fetched
+            image, source = rig.image("a"), rig.source("a")
+            async with stream_waiting_for_room(image, source, held, budget_chunks=2):
                 # A reader finds no room either: served, not stored (dropped), never waiting.
                 with trio.fail_after(2):
                     assert bytes(await image.read(8 * CS, 100)) == data[8 * CS : 8 * CS + 100]
@@ -95,8 +110,6 @@ def test_the_stream_waits_for_room_and_readers_never_do(rig_factory, monkeypatch
                 # A client joining the waiting stream fill makes it a reader's: no wait either.
                 with trio.fail_after(2):
                     assert bytes(await image.read(5 * CS, 10)) == data[5 * CS : 5 * CS + 10]
-                held.release()
-            await image.wait_stored()
             assert image.write_behind.queued_bytes == 0
             assert [image.is_local(i) for i in (0, 1, 4, 5, 8)] == [True] * 4 + [False]
             assert image.write_behind.statistics().stored_chunks == 4
@@ -291,19 +304,12 @@ def test_the_stream_leaves_half_the_budget_to_readers(rig_factory, monkeypatch) 
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
-            image = rig.image("a")
-            image.write_behind = WriteBehind(4 * CS)
-            source = rig.source("a")
-            await image.wait_local(range(0, 2), background=True)  # half the budget, held
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: image.wait_local(range(4, 6), background=True))
-                await trio.sleep(0.2)
-                assert chunk_reads(source, CS) == [0, 1]  # the stream's half is taken
+            image, source = rig.image("a"), rig.source("a")
+            # Chunks 0-1 take the stream's half of 4: the stream fill of 4-5 waits.
+            async with stream_waiting_for_room(image, source, held, budget_chunks=4):
                 with trio.fail_after(2):
                     assert bytes(await image.read(8 * CS, 100)) == data[8 * CS : 8 * CS + 100]
                 assert image.is_filling(8) and image.write_behind.dropped_chunks == 0
-                held.release()
-            await image.wait_stored()
             assert [image.is_local(i) for i in (0, 1, 4, 5, 8)] == [True] * 5
 
     trio.run(main)
