@@ -184,10 +184,12 @@ class DataFile:
         return os.pread(self.fd, length, offset)
 
     def read_soon(self, offset: int, length: int) -> None:
-        """Have the kernel start reading these bytes into the page cache (it does not wait
-        for the disk), so that `read` of them, inline on the event loop, finds them there.
-        One posix_fadvise(WILLNEED) reads no more than the device's read-ahead (128 KiB by
-        default), so a longer range is hinted in pieces (~0.1 ms of CPU per MiB)."""
+        """Have the kernel start reading these bytes into the page cache, so that `read` of
+        them, inline on the event loop, finds them there. The reads are started, not waited
+        for; starting them can still block a while (a full device queue, memory reclaim), as
+        an inline `read` would. One posix_fadvise(WILLNEED) reads no more than the device's
+        read-ahead (128 KiB by default), so a longer range is hinted in pieces (~0.1 ms of CPU
+        per MiB)."""
         try:
             for start in range(offset, offset + length, _READ_SOON_STEP):
                 step = min(_READ_SOON_STEP, offset + length - start)

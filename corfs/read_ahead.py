@@ -133,15 +133,15 @@ class ReadAhead:
             return ahead
         return []
 
-    def newly_ahead(self) -> range:
-        """The chunks that came into the latest read's window with it, each handed out once
-        per run: Image has the kernel read the local ones from the cache file before the reader
-        gets there (the data file's own read-ahead left the loop's 1 MiB preads waiting for the
-        disk one at a time)."""
+    def newly_ahead(self, most: int) -> range:
+        """The chunks that came into the latest read's window (its first `most` chunks) with
+        it, each handed out once per run: Image has the kernel read the local ones from the
+        cache file before the reader gets there (the data file's own read-ahead left the loop's
+        1 MiB preads waiting for the disk one at a time)."""
         run = self._latest
         if not run.window:
             return range(0)
-        stop = min(self._chunk_count, run.next_sequential + run.window)
+        stop = min(self._chunk_count, run.next_sequential + min(run.window, most))
         start = max(run.next_sequential, run.hinted)
         run.hinted = max(run.hinted, stop)
         return range(start, stop)

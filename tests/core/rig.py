@@ -9,6 +9,8 @@ from here; tests/core/conftest.py only turns `open_rig` into the `rig_factory` f
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,6 +48,24 @@ def layout_of(data: bytes, chunk_size: int) -> ChunkLayout:
         piece = data[off : off + chunk_size]
         digests.append(None if is_zero(piece) else chunk_digest(piece))
     return ChunkLayout(chunk_size, tuple(digests))
+
+
+def resident_pages(path: str, offset: int, length: int) -> int:
+    """How many pages of the range are in the page cache (mincore on a mapping)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, length, offset=offset) as mapping:
+            address = ctypes.c_char.from_buffer(mapping)
+            pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vector = (ctypes.c_ubyte * pages)()
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            rc = libc.mincore(ctypes.addressof(address), length, vector)
+            del address  # release the buffer export before the mapping closes
+            assert rc == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vector)
+    finally:
+        os.close(fd)
 
 
 def chunk_reads(source: MemoryImage, chunk_size: int) -> list[int]:

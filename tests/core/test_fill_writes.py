@@ -7,10 +7,8 @@ dirty."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -23,27 +21,9 @@ from corfs.datafile import FOLIO_SPAN, DataFile, Way
 from corfs.digest import Buffer
 from corfs.errors import CacheFull
 from corfs.store import CacheStore, ChunkState
-from tests.core.rig import CS, random_bytes
+from tests.core.rig import CS, random_bytes, resident_pages
 
 BLOCK = 1 << 20  # one 1 MiB chunk
-
-
-def resident_pages(path: str, offset: int, length: int) -> int:
-    """How many pages of the range are in the page cache (mincore on a mapping)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        with mmap.mmap(fd, length, offset=offset) as mapping:
-            address = ctypes.c_char.from_buffer(mapping)
-            pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vector = (ctypes.c_ubyte * pages)()
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            rc = libc.mincore(ctypes.addressof(address), length, vector)
-            del address  # release the buffer export before the mapping closes
-            assert rc == 0, os.strerror(ctypes.get_errno())
-            return sum(v & 1 for v in vector)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

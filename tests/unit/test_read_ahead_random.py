@@ -126,10 +126,15 @@ def test_window_chunks_are_handed_out_once_per_run_for_the_cache_file() -> None:
     handed: list[int] = []
     for chunk in range(6):
         policy.after_read(range(chunk, chunk + 1), lambda i: False, (chunk * CS, (chunk + 1) * CS))
-        handed += policy.newly_ahead()
+        handed += policy.newly_ahead(32)
     assert handed == list(range(2, 6 + 32)), handed  # the window grew 2, 4, ... 32: each once
     policy.after_read(range(200, 201), lambda i: False, (200 * CS + 4096, 200 * CS + 8192))
-    assert policy.newly_ahead() == range(0)
+    assert policy.newly_ahead(32) == range(0)
     # The reader goes on after the random read: its run carries on from where it was.
     policy.after_read(range(6, 7), lambda i: False, (6 * CS, 7 * CS))
-    assert list(policy.newly_ahead()) == [38]
+    assert list(policy.newly_ahead(32)) == [38]
+    # With large chunks fewer of the window's chunks are handed out (Image passes its cap).
+    policy = ReadAhead(256)
+    for chunk in range(6):
+        policy.after_read(range(chunk, chunk + 1), lambda i: False, (chunk * CS, (chunk + 1) * CS))
+        assert max(policy.newly_ahead(2), default=chunk) <= chunk + 2
