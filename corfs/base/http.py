@@ -329,6 +329,13 @@ class HttpBase:
                 "(nginx: autoindex_format json)"
             ) from None
 
+    async def check_answers(self) -> None:
+        """Raise unless the base answers as one: its image names, or a single image's HEAD."""
+        if self.is_dir:
+            await self._list_names()
+        else:
+            await self.list_images()
+
     async def list_images(self) -> list[HttpImage]:
         if not self.is_dir:
             name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
@@ -385,7 +392,9 @@ def make_client(options: BaseOptions, verify: ssl.SSLContext) -> httpx.AsyncClie
 
 
 async def open_http_base(url: str, options: BaseOptions) -> HttpBase:
-    """Open and list the base once, so an unreachable or wrong URL fails here, in one line."""
+    """Open the base and ask it for its image names (a single image: its HEAD), so an
+    unreachable or wrong URL fails here, in one line. Not the HEAD of every image: the caller
+    lists the base next, and a mount of many images paid for them twice."""
     parts = urlsplit(url)
     if not parts.hostname:
         raise UsageError(f"base URL {describe_url(url)!r} has no host")
@@ -401,7 +410,7 @@ async def open_http_base(url: str, options: BaseOptions) -> HttpBase:
         await client.aclose()
         raise
     try:
-        await base.list_images()
+        await base.check_answers()
     except TransientBaseError as exc:
         await base.aclose()
         raise BaseUnreachable(str(exc)) from None

@@ -109,6 +109,25 @@ def test_dir_url_exposes_the_autoindex_listing(web: Web) -> None:
         m.stop()
 
 
+def test_a_mount_lists_the_base_once(tmp_path: Path) -> None:
+    """Opening the base asks for its names only; the mount's listing HEADs each image once
+    (before, both did: a base of many images paid twice at every mount)."""
+    nginx = Nginx(root=tmp_path / "www", workdir=tmp_path / "nginx", log_requests=True).start()
+    try:
+        web = Web(nginx, tmp_path)
+        for index, name in enumerate(("a.raw", "b.raw", "c.raw")):
+            web.image(name, MIB, seed=40 + index)
+        with web.mount(None, "--no-stream") as m:
+            assert _names(m.mnt) == ["a.raw", "b.raw", "c.raw"]
+            m.stop()
+        heads = [uri for uri, _, _ in nginx.requests("/" + web.sub, method="HEAD")]
+        assert sorted(heads) == ["/" + web.sub + n for n in ("a.raw", "b.raw", "c.raw")]
+        listings = nginx.requests("/" + web.sub, method="GET")
+        assert [uri for uri, _, _ in listings].count("/" + web.sub) == 2  # open + mount
+    finally:
+        nginx.stop()
+
+
 def test_dir_url_with_index_json_exposes_only_what_it_lists(web: Web) -> None:
     listed = web.image("listed.raw", seed=5)
     web.image("unlisted.raw", MIB, seed=6)
