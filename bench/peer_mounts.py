@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -86,6 +87,19 @@ def mount_corfs(
             start=resume if stream else lambda: None,
             peak_rss=daemon.peak_rss_bytes,
         )
+
+
+@contextlib.contextmanager
+def mount_floor(
+    root: str, cache_root: str, target: Target, *, blocking: bool = False
+) -> Iterator[Mount]:
+    """bench/floor_fs.py: fetch-only pyfuse3 file systems, the floor under corfs's random reads
+    (no cache: `cache_root` is unused)."""
+    mnt = os.path.join(root, "mnt-floor")
+    argv = [sys.executable, os.path.join(os.path.dirname(__file__), "floor_fs.py"), target.url,
+            str(target.size), mnt] + (["--blocking"] if blocking else [])
+    with mounted(argv, mnt, os.path.join(root, "floor.log")) as daemon:
+        yield Mount(os.path.join(mnt, "disk.raw"), pid=daemon.proc.pid)
 
 
 @contextlib.contextmanager
@@ -190,7 +204,10 @@ MOUNTS: dict[str, MountFn] = {
     "rclone": mount_rclone,
     "nbdkit": mount_nbdkit,
     "qemu": mount_qemu,
+    "floor": mount_floor,
+    "floor-blocking": functools.partial(mount_floor, blocking=True),
 }
+FLOORS = ["floor", "floor-blocking"]  # not peers: the random workload's baselines only
 LABELS = {
     "corfs": "corfs (--no-stream)",
     "corfs+stream": "corfs (default: streaming on)",
@@ -198,4 +215,6 @@ LABELS = {
     "rclone": "rclone mount --vfs-cache-mode full",
     "nbdkit": "nbdkit curl + cache filter, nbdfuse",
     "qemu": "QEMU copy-on-read (qsd FUSE export)",
+    "floor": "floor: pyfuse3 + trio, fetch only (corfs's lean reader)",
+    "floor-blocking": "floor: pyfuse3, fetch only, blocking socket",
 }

@@ -9,7 +9,8 @@ the cache device under test):
   default mount (streaming on) against every peer; the best peer is the fastest of them;
 - random: --random-reads cold 4 KiB reads, one at a time (QD1), at seeded offsets, O_DIRECT
   where the mount takes it: IOPS, p99, base bytes fetched per byte read (nginx's log), corfs
-  `--no-stream` against nbdkit;
+  `--no-stream` against nbdkit, and beside them the floors (bench/floor_fs.py: pyfuse3
+  daemons that only fetch, one awaiting corfs's lean reader on trio, one a blocking socket);
 - concurrent: 8 readers at once, each reading its own eighth of the image, one mount:
   aggregate MB/s against one reader (the seq figure), corfs `--no-stream` and the best peer;
 - concurrent-random: 8 random readers at once (VMs booting together), each as the random
@@ -32,8 +33,9 @@ Limits printed per device: dd 1 MiB O_DIRECT write MB/s on it, `curl -o /dev/nul
 `curl -o FILE && sync` with FILE on it.
 
     python -m bench.peers [--cache-device disk|throttled|both] [--workloads seq,random,...]
-        [--only corfs,corfs+stream,httpdirfs,rclone,nbdkit,qemu] [--runs 3] [--seq-mib 1024]
-        [--stream-mib 1024] [--random-reads 2000] [--range-sizes 16K,64K] [--markdown FILE]
+        [--only corfs,corfs+stream,httpdirfs,rclone,nbdkit,qemu,floor,floor-blocking] [--runs 3]
+        [--seq-mib 1024] [--stream-mib 1024] [--random-reads 2000] [--range-sizes 16K,64K]
+        [--markdown FILE]
 
 `--range-sizes`: the random workload also runs corfs with each of these `--random-range`
 (how the default was chosen: ranges.py)."""
@@ -81,13 +83,14 @@ from .harness import (
     wait_complete,
     workdir,
 )
-from .peer_mounts import LABELS, MOUNTS, Target, qemu_overlay
+from .peer_mounts import FLOORS, LABELS, MOUNTS, Target, qemu_overlay
 from .tls import TlsSite, https_jobs, tls_site
 
 PEERS = list(MOUNTS)
 WORKLOADS = ["seq", "random", "concurrent", "concurrent-random", "https", "stream"]
 DEVICES = {"disk": ["disk"], "throttled": ["throttled"], "both": ["disk", "throttled"]}
-RANDOM_SYSTEMS = ["corfs", "nbdkit"]  # the random-read target compares these
+# the random-read target compares corfs and nbdkit; the floors show what the design allows
+RANDOM_SYSTEMS = ["corfs", "nbdkit", *FLOORS]
 READERS = 8
 CORFS_STREAM = "corfs (resume → complete → fsync)"
 QEMU_STREAM = "QEMU block-stream (→ closed → fsync)"
@@ -489,13 +492,15 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
         )
 
     jobs_of: dict[str, Callable[[], dict[str, Callable[[], dict]]]] = {
-        "seq": lambda: {n: seq(n) for n in systems},
+        "seq": lambda: {n: seq(n) for n in systems if n not in FLOORS},
         "random": random_jobs,
         "concurrent": lambda: {
             n: conc(n) for n in dict.fromkeys(["corfs", best_peer(results) or "nbdkit"])
             if n in systems
         },
-        "concurrent-random": lambda: {n: conc_rand(n) for n in RANDOM_SYSTEMS if n in systems},
+        "concurrent-random": lambda: {
+            n: conc_rand(n) for n in RANDOM_SYSTEMS if n in systems and n not in FLOORS
+        },
         "https": lambda: (
             {n: (lambda j=j: guarded(j, device.path)) for n, j in
              https_jobs(tls, site.root, device.path, size).items()} if tls else {}
@@ -580,6 +585,11 @@ def target_rows(results: Results) -> list[Row]:
                 "16 (nbdkit: {})".format(_fmt(fig("random", "nbdkit", "fetched / read"))),
                 16.0, 1.0, at_most=True, unit="×"),
         ]
+    # What the design allows: corfs against fetch-only pyfuse3 daemons (bench/floor_fs.py).
+    for floor in FLOORS:
+        if floor in results.get("random", {}):
+            rows.append(Row("cold random 4 KiB QD1 IOPS", fig("random", "corfs", "IOPS"),
+                            LABELS[floor], fig("random", floor, "IOPS"), None, unit="IOPS"))
     if "https" in results:
         curl = fig("https", "curl -o /dev/null")
         rows += [
