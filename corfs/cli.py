@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import control_client
+from .cache_layout import PRIVATE_UMASK, TRACE_FILE
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_RANDOM_RANGE,
@@ -20,7 +21,6 @@ from .config import (
 )
 from .errors import CorfsError, UsageError, error_line, leaf_error
 from .sizes import parse_size
-from .store import PRIVATE_UMASK, TRACE_FILE
 
 log = logging.getLogger("corfs")
 

@@ -26,10 +26,11 @@ import errno
 import json
 import os
 
+from .cache_layout import is_cache_dir, recorded_mountpoint
 from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
 from .mountinfo import read_mounts
 from .stats import ImageStatus, MountStatus, detached_status, fill_ratio
-from .store import CacheStore, ChunkState, is_cache_dir, recorded_mountpoint
+from .store import CacheStore, ChunkState
 
 STATUS_XATTR = "user.corfs.status"
 CONTROL_XATTR = "user.corfs.control"

@@ -8,10 +8,10 @@ import logging
 import os
 import sys
 
+from .cache_layout import PRIVATE_UMASK
 from .config import MountConfig
 from .errors import CorfsError, error_line, leaf_error
 from .mount import run_mount
-from .store import PRIVATE_UMASK
 
 
 def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 
+from .cache_layout import STATE_DB, is_cache_dir, private_open
 from .errors import CacheLocked, NotLocalError, UsageError
 from .handoff import unsettled
-from .store import STATE_DB, CacheStore, ChunkState, ImageRecord, is_cache_dir, private_open
+from .store import CacheStore, ChunkState, ImageRecord
 
 TMP_SUFFIX = ".corfs-tmp"
 

@@ -13,9 +13,9 @@ import sys
 import time
 
 from . import control_client, detach
+from .cache_layout import data_path_in, is_cache_dir
 from .errors import CacheLocked, NotLocalError, UsageError
 from .handoff import Via, check_dest
-from .store import data_path_in, is_cache_dir
 
 WAIT_POLL_S = 0.5
 

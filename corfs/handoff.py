@@ -40,10 +40,11 @@ from dataclasses import asdict, dataclass
 
 import trio
 
+from .cache_layout import fsync_dir
 from .errors import CorfsError, NotLocalError, UsageError
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options
-from .store import CacheStore, HandoffRecord, fsync_dir
+from .store import CacheStore, HandoffRecord
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from .base import BaseImage, BaseStore, describe_url, open_base
+from .cache_layout import MOUNTPOINT_FILE, TRACE_FILE, is_cache_dir
 from .config import MountConfig
 from .control import Controller
 from .errors import (
@@ -41,14 +42,7 @@ from .handoff import settle_handoffs
 from .image import Image
 from .metrics import Metrics, MountSnapshot, serve_metrics
 from .mountinfo import find_mount
-from .store import (
-    MOUNTPOINT_FILE,
-    TRACE_FILE,
-    CacheHooks,
-    CacheStore,
-    ImageRecord,
-    is_cache_dir,
-)
+from .store import CacheHooks, CacheStore, ImageRecord
 from .stream import StreamWorker
 from .trace import TraceRecorder, convert_order, load_trace
 from .write_behind import WriteBehind

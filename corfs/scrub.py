@@ -18,11 +18,12 @@ import trio
 
 from . import control_client
 from .base import BaseOptions, BaseStore, open_base
+from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
 from .errors import CorfsError, ForgetRefused, UsageError
 from .handoff import unsettled
 from .refetch import why_base_cannot_supply
-from .store import CacheStore, ChunkState, ImageRecord, recorded_mountpoint
+from .store import CacheStore, ChunkState, ImageRecord
 
 # Chunks per forget command: the command is an xattr value, which the kernel refuses (E2BIG)
 # above 64 KiB; 4096 indexes of up to 10 digits fit with room for the image's name.

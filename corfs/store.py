@@ -1,23 +1,7 @@
 """The local chunk store in CACHE: one sparse data file per image plus the chunk state of every
 image in one SQLite database (WAL).
 
-Layout of CACHE (its names: the constants below, named nowhere else):
-    corfs.lock            flock: one mount (or offline writer) at a time
-    state.db              images(name, size, chunk_size, identity, ...) and chunks(image, idx,
-                          state, digest); a chunk that has no row is absent
-    data/<name>           sparse data file of the image's full size; a fully local image *is*
-                          its raw file (<name>: data_file_name, within NAME_MAX)
-                          handoffs(name, dest, ...): images handed over to QEMU live
-                          (`corfs detach --qmp/--virsh`): under way (a journal for
-                          recovery, handoff.py) or done (never served again)
-    mountpoint            where the live mount is (for `corfs status CACHE`)
-    trace.json            chunk order recorded with --record-trace
-
-Privacy: CACHE holds the guest's bytes and the base's identity, so it is its owner's alone:
-the directory and every directory in it 0700, every file 0600 (state.db's -wal and -shm take
-state.db's mode from SQLite). Everything in CACHE is created through `private_open` /
-`ensure_private_dir`, whose modes do not depend on the caller's umask; a mount tightens a cache
-made looser before (`tighten_private`).
+The layout of CACHE and the privacy of what is in it: cache_layout.py.
 
 Data files are DataFiles (datafile.py: descriptors, how bytes reach them, stores in flight), one
 per image, opened here on first use (`data_file`) so that `commit` can sync those touched.
@@ -39,12 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
-import re
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,9 +33,19 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from .buffers import aligned_copy
+from .cache_layout import (
+    DATA_DIR,
+    LOCK_FILE,
+    STATE_DB,
+    data_path_in,
+    ensure_private_dir,
+    fsync_dir,
+    log_tightened,
+    private_open,
+    tighten_private,
+)
 from .digest import Buffer, chunk_digest
 from .digest_index import DigestIndex
 from .errors import CacheError, CacheFull, CacheLocked, UsageError, cache_os_error
@@ -66,29 +57,6 @@ if TYPE_CHECKING:  # imported where used: offline readers (`corfs status CACHE`)
     from .datafile import DataFile
 
 log = logging.getLogger(__name__)
-
-# ---- the layout of CACHE: the one place that names its files (see the module docstring) ----
-LOCK_FILE = "corfs.lock"
-STATE_DB = "state.db"
-DATA_DIR = "data"
-MOUNTPOINT_FILE = "mountpoint"
-TRACE_FILE = "trace.json"
-
-
-def is_cache_dir(path: str) -> bool:
-    """Whether PATH is a corfs cache already initialised (checked without creating anything)."""
-    return os.path.exists(os.path.join(path, STATE_DB))
-
-
-def recorded_mountpoint(cache_dir: str) -> str | None:
-    """Where the mount of CACHE said it is (MOUNTPOINT_FILE), or None; whether that mount
-    still runs is for the lock to say (CacheStore.is_locked)."""
-    try:
-        with open(os.path.join(cache_dir, MOUNTPOINT_FILE)) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -161,81 +129,6 @@ class StoreStatistics:
     sync_failure: str | None  # set once a data sync failed: nothing more is recorded
 
 
-# ---- private files ---------------------------------------------------------------------------
-# The one place that decides the modes of what is in CACHE (see the module docstring).
-
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
-_GROUP_OTHER = 0o077
-PRIVATE_UMASK = _GROUP_OTHER  # the CLI's and the daemon's: no file of theirs open to others
-
-
-def private_open(path: str, flags: int, *, dir_fd: int | None = None) -> int:
-    """os.open of a file in CACHE (or of a detached image); one it creates is 0600 whatever
-    the umask (a umask only takes bits away from the mode given)."""
-    return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE, dir_fd=dir_fd)
-
-
-def ensure_private_dir(path: str) -> None:
-    """Create a directory of CACHE (0700 whatever the umask) unless it is there already."""
-    os.makedirs(path, mode=PRIVATE_DIR_MODE, exist_ok=True)
-
-
-def tighten_private(cache_dir: str) -> list[str]:
-    """Take group and other permissions off CACHE and everything in it (a cache made by an
-    older corfs, or copied with a loose umask); what changed, as "path 0644->0600" with paths
-    relative to CACHE. Symbolic links are left alone (their mode means nothing; never follow)."""
-    changed = []
-
-    def tighten(path: str) -> None:
-        st = os.lstat(path)
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISLNK(st.st_mode) or not mode & _GROUP_OTHER:
-            return
-        try:
-            os.chmod(path, mode & ~_GROUP_OTHER)
-        except OSError as exc:  # another user's file in CACHE: refuse rather than expose it
-            raise UsageError(f"cannot make {path} private to its owner: {exc.strerror}") from None
-        kind = "/" if stat.S_ISDIR(st.st_mode) else ""
-        relative = os.path.relpath(path, cache_dir)
-        changed.append(f"{relative}{kind} {mode:04o}->{mode & ~_GROUP_OTHER:04o}")
-
-    tighten(cache_dir)
-    for top, dirs, files in os.walk(cache_dir):  # os.walk does not follow links to dirs
-        for name in dirs + files:
-            tighten(os.path.join(top, name))
-    return changed
-
-
-def _log_tightened(cache_dir: str, changed: list[str]) -> None:
-    if changed:
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        log.warning(
-            "cache %s was open to other users; made it private to its owner: %s%s",
-            cache_dir,
-            ", ".join(changed[:5]),
-            more,
-        )
-
-
-_NAME_MAX = 255  # bytes in a file name on every file system a cache is likely to live on
-_LONG_NAME_KEEP = 200  # characters of the quoted name kept before the digest
-
-
-def data_file_name(image: str) -> str:
-    """The data file's name: the image name %-quoted (readable, and what every cache before
-    long names used: old caches keep their files), or for a name whose quoted form exceeds
-    NAME_MAX (a 200-byte UTF-8 name quotes to 600) a prefix of it plus "%~" and a SHA-256 of
-    the name. "%~" never occurs in quoted output, so the two forms cannot collide; the digest
-    is cryptographic because a hostile base could otherwise craft two names sharing a file."""
-    quoted = quote(image, safe="") or "%00"
-    if len(quoted) <= _NAME_MAX:
-        return quoted
-    prefix = re.sub(r"%[0-9A-F]?$", "", quoted[:_LONG_NAME_KEEP])  # no cut escape
-    digest = hashlib.sha256(image.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return f"{prefix}%~{digest}"
-
-
 _Marks = dict[tuple[str, int], tuple[int, bytes | None]]  # (image, chunk) -> (state, digest)
 
 
@@ -246,20 +139,6 @@ class _Batch:
     touched: set[str]  # images whose data files changed
     fds: list[int]  # their open data files
     pending: _Marks
-
-
-def fsync_dir(path: str) -> None:
-    """Make the names in directory `path` (created, renamed, unlinked) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def data_path_in(cache_dir: str, name: str) -> str:
-    """Where CACHE keeps image `name`'s data file (the one place that says)."""
-    return os.path.join(cache_dir, DATA_DIR, data_file_name(name))
 
 
 class _SyncFailed(Exception):
@@ -338,7 +217,7 @@ class CacheStore:
         lock_fd = cls._take_lock(cache_dir) if lock else None
         try:
             if create:
-                _log_tightened(cache_dir, tighten_private(cache_dir))
+                log_tightened(cache_dir, tighten_private(cache_dir))
                 # SQLite would create it 0644 (less the umask); its -wal and -shm copy its mode.
                 os.close(private_open(db_path, os.O_RDWR | os.O_CREAT))
             db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)

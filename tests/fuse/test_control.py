@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from corfs.store import MOUNTPOINT_FILE, data_path_in
+from corfs.cache_layout import MOUNTPOINT_FILE, data_path_in
 from tests.fuse.util import (
     MIB,
     assert_one_line_error,

@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 
 from corfs.base import MAX_IMAGE_SIZE, entry_problem, image_name_problem
-from corfs.store import data_file_name
+from corfs.cache_layout import data_file_name
 
 GOOD = ["disk.raw", "é" * 127, "a" * 255, "with space", ".hidden", "日本語.img"]
 BAD = ["", ".", "..", "a/b", "nul\0", "esc\x1b", "del\x7f", "c1\x85", "\udce9", "a" * 256]
