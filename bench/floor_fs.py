@@ -9,7 +9,10 @@ on one trio loop):
 - `floor-blocking` fetches with a blocking socket inside the handler, the loop stopped while
   it waits: what the same process could do with no event loop at all (and no concurrency).
 
-    python -m bench.floor_fs URL SIZE MOUNTPOINT [--blocking]
+    python bench/floor_fs.py URL SIZE MOUNTPOINT [--blocking]
+
+It imports corfs from the tree under test (CORFS_BENCH_TREE, bench/harness.py): its figure
+moves with that tree's lean reader.
 """
 
 from __future__ import annotations
@@ -117,10 +120,7 @@ class FloorOperations(pyfuse3.Operations):
         try:
             if self.blocking is not None:
                 return self.blocking.read(offset, size)
-            headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
-            data = await self.lean.get_range(
-                self.url, headers, self.validator, offset, size, http_rules=True
-            )
+            data = await self.lean.read_range(self.url, self.validator, offset, size)
         except Exception as exc:  # a failed fetch fails the read, not the benchmark's mount
             raise pyfuse3.FUSEError(errno.EIO) from exc
         if data is None:

@@ -89,8 +89,7 @@ from .tls import TlsSite, https_jobs, tls_site
 PEERS = list(MOUNTS)
 WORKLOADS = ["seq", "random", "concurrent", "concurrent-random", "https", "stream"]
 DEVICES = {"disk": ["disk"], "throttled": ["throttled"], "both": ["disk", "throttled"]}
-# the random-read target compares corfs and nbdkit; the floors show what the design allows
-RANDOM_SYSTEMS = ["corfs", "nbdkit", *FLOORS]
+RANDOM_SYSTEMS = ["corfs", "nbdkit"]  # the random-read target compares these
 READERS = 8
 CORFS_STREAM = "corfs (resume → complete → fsync)"
 QEMU_STREAM = "QEMU block-stream (→ closed → fsync)"
@@ -435,9 +434,12 @@ def median_of(runs: Runs, key: str) -> float | None:
 
 
 def best_peer(results: Results) -> str | None:
-    """The peer (not corfs) with the highest median cold sequential MB/s."""
+    """The peer (not corfs, not a floor) with the highest median cold sequential MB/s."""
     peers = {n: median_of(r, "MB/s") for n, r in results.get("seq", {}).items()}
-    ranked = [(v, n) for n, v in peers.items() if v is not None and not n.startswith("corfs")]
+    ranked = [
+        (v, n) for n, v in peers.items()
+        if v is not None and not n.startswith("corfs") and n not in FLOORS
+    ]
     return max(ranked)[1] if ranked else None
 
 
@@ -471,7 +473,8 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
         )
 
     def random_jobs() -> dict[str, Callable[[], dict]]:
-        jobs = {n: rand(n) for n in RANDOM_SYSTEMS if n in systems}
+        # beside them, the floors: what a fetch-only pyfuse3 daemon gets (bench/floor_fs.py)
+        jobs = {n: rand(n) for n in [*RANDOM_SYSTEMS, *FLOORS] if n in systems}
         for size in args.range_sizes:  # corfs with other --random-range sizes beside
             options = ("--random-range", size)
             jobs[f"corfs --random-range {size}"] = rand(
@@ -498,9 +501,7 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
             n: conc(n) for n in dict.fromkeys(["corfs", best_peer(results) or "nbdkit"])
             if n in systems
         },
-        "concurrent-random": lambda: {
-            n: conc_rand(n) for n in RANDOM_SYSTEMS if n in systems and n not in FLOORS
-        },
+        "concurrent-random": lambda: {n: conc_rand(n) for n in RANDOM_SYSTEMS if n in systems},
         "https": lambda: (
             {n: (lambda j=j: guarded(j, device.path)) for n, j in
              https_jobs(tls, site.root, device.path, size).items()} if tls else {}

@@ -36,7 +36,9 @@ BENCHMARKS: dict[str, bool] = {
 # Modules of bench/ that are not benchmarks: shared code, the FUSE floor reads.py mounts,
 # the image builder published.py uses, the peers' mounts and the throttled cache device
 # peers.py uses, and this runner.
-HELPERS = {"__init__", "cachedev", "harness", "passthrough", "peer_mounts", "rootfs", "run"}
+HELPERS = {
+    "__init__", "cachedev", "floor_fs", "harness", "passthrough", "peer_mounts", "rootfs", "run"
+}
 
 BENCH_DIR = Path(__file__).resolve().parent
 

@@ -4,12 +4,12 @@ the modes that keep all of it private to its owner.
 Its layout (the names: the constants below, named nowhere else):
     corfs.lock            flock: one mount (or offline writer) at a time
     state.db              images(name, size, chunk_size, identity, ...) and chunks(image, idx,
-                          state, digest); a chunk that has no row is absent
-    data/<name>           sparse data file of the image's full size; a fully local image *is*
-                          its raw file (<name>: data_file_name, within NAME_MAX)
+                          state, digest); a chunk that has no row is absent;
                           handoffs(name, dest, ...): images handed over to QEMU live
                           (`corfs detach --qmp/--virsh`): under way (a journal for
                           recovery, handoff.py) or done (never served again)
+    data/<name>           sparse data file of the image's full size; a fully local image *is*
+                          its raw file (<name>: data_file_name, within NAME_MAX)
     mountpoint            where the live mount is (for `corfs status CACHE`)
     trace.json            chunk order recorded with --record-trace
 
@@ -54,7 +54,6 @@ def recorded_mountpoint(cache_dir: str) -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
-
 
 
 # ---- private files ---------------------------------------------------------------------------
@@ -130,16 +129,6 @@ def data_file_name(image: str) -> str:
     prefix = re.sub(r"%[0-9A-F]?$", "", quoted[:_LONG_NAME_KEEP])  # no cut escape
     digest = hashlib.sha256(image.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     return f"{prefix}%~{digest}"
-
-
-
-def fsync_dir(path: str) -> None:
-    """Make the names in directory `path` (created, renamed, unlinked) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def data_path_in(cache_dir: str, name: str) -> str:

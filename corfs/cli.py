@@ -370,7 +370,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.umask(PRIVATE_UMASK)  # CACHE, logs, a detached image: the user's alone (store.py)
+    os.umask(PRIVATE_UMASK)  # CACHE, logs, a detached image: the user's alone (cache_layout.py)
     args = build_parser().parse_args(argv)
     _setup_logging(
         args.verbose,

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 
 import trio
 
-from .cache_layout import fsync_dir
+from .durable import fsync_dir
 from .errors import CorfsError, NotLocalError, UsageError
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options

@@ -31,7 +31,9 @@ from .digest import Buffer
 from .fresh import FreshChunks
 
 SMALL_READ = 64 << 10  # a miss up to this size (or one block) may take a range
-RANGE_CACHE_BYTES = 8 << 20  # blocks kept for re-reads, per image
+# Blocks kept for re-reads, per image, counted by their length: a 4 KiB block's buffer takes
+# 8 KiB (buffers.py: small buffers are part of a bytearray one page longer), so up to 16 MiB.
+RANGE_CACHE_BYTES = 8 << 20
 
 
 class RangeCache:

@@ -79,7 +79,7 @@ class ReadAhead:
             ):
                 run = latest
             else:
-                run = _Run()
+                run = _Run(last_read=self._reads)  # live from now on, not "stopped" at birth
         key = id(run)
         self._runs[key] = run
         self._runs.move_to_end(key)

@@ -41,13 +41,13 @@ from .cache_layout import (
     STATE_DB,
     data_path_in,
     ensure_private_dir,
-    fsync_dir,
     log_tightened,
     private_open,
     tighten_private,
 )
 from .digest import Buffer, chunk_digest
 from .digest_index import DigestIndex
+from .durable import fsync_dir
 from .errors import CacheError, CacheFull, CacheLocked, UsageError, cache_os_error
 from .geometry import ChunkGeometry
 

@@ -400,7 +400,8 @@ class PlainReader:
         self, url: str, validator: Validator, offset: int, length: int
     ) -> memoryview | None:
         """The bytes of an HTTP(S) base image, or None: redo it through httpx."""
-        if _request_target(url).has_userinfo:
+        target = _request_target(url)
+        if target.has_userinfo:
             return None
         fixed = self._fixed_headers.get((url, validator))
         if fixed is None:  # once per image version (a dict per read was 4 % of a 4 KiB miss)
@@ -415,7 +416,7 @@ class PlainReader:
                 self._fixed_headers.clear()
             fixed = self._fixed_headers[(url, validator)] = _header_lines(headers)
         header_lines = f"Range: bytes={offset}-{offset + length - 1}\r\n{fixed}"
-        return await self._get(url, header_lines, validator, offset, length, http_rules=True)
+        return await self._get(target, header_lines, validator, offset, length, http_rules=True)
 
     async def get_range(
         self,
@@ -434,12 +435,13 @@ class PlainReader:
         whose meaning does not depend on the error body (404, 410, 412, 416, 429, 5xx) are
         mapped and a 200 for part of an object is a transient failure (s3.py's rule)."""
         return await self._get(
-            url, _header_lines(headers), validator, offset, length, http_rules=http_rules
+            _request_target(url), _header_lines(headers), validator, offset, length,
+            http_rules=http_rules,
         )
 
     async def _get(
         self,
-        url: str,
+        target: _RequestTarget,
         header_lines: str,
         validator: Validator,
         offset: int,
@@ -447,8 +449,7 @@ class PlainReader:
         *,
         http_rules: bool,
     ) -> memoryview | None:
-        """get_range, its headers as `header_lines` (each ending in CRLF)."""
-        target = _request_target(url)
+        """get_range to `target`, its headers as `header_lines` (each ending in CRLF)."""
         key = target.key
         if key in self.bypass or key[0] not in ("http", "https"):
             self.stats.handed_back += 1

@@ -28,10 +28,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from ..durable import fsync_dir
 from ..errors import BaseNotFound, CorfsError, UsageError
 from ..manifest import image_name_of
 from ..s3_errors import s3_error
-from ..store import fsync_dir
 
 log = logging.getLogger(__name__)
 

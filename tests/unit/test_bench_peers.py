@@ -42,6 +42,22 @@ def test_best_peer_is_the_fastest_system_that_is_not_corfs() -> None:
     results["seq"]["nbdkit"] = [{"MB/s": 150.0}]
     assert best_peer(results) == "rclone"
     assert best_peer({"seq": {"corfs": [{"MB/s": 1.0}]}}) is None
+    results["seq"]["floor"] = [{"MB/s": 9999.0}]  # a baseline, never a peer
+    assert best_peer(results) == "rclone"
+
+
+def test_floors_are_shown_beside_corfs_for_random_reads_with_no_goal() -> None:
+    results = {"random": {
+        "corfs": [{"IOPS": 1500.0, "p99_ms": 1.0, "fetched / read": 1.0}],
+        "nbdkit": [{"IOPS": 1500.0, "p99_ms": 1.5, "fetched / read": 15.0}],
+        "floor": [{"IOPS": 2000.0}],
+        "floor-blocking": [{"IOPS": 3000.0}],
+    }}
+    floors = [r for r in target_rows(results) if r.against.startswith("floor")]
+    assert [(r.target, r.ratio, r.goal, r.met) for r in floors] == [
+        ("cold random 4 KiB QD1 IOPS", 0.75, None, None),
+        ("cold random 4 KiB QD1 IOPS", 0.5, None, None),
+    ]
 
 
 def test_target_rows_give_ratios_against_the_right_figure_and_direction() -> None:

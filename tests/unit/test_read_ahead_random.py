@@ -138,3 +138,37 @@ def test_window_chunks_are_handed_out_once_per_run_for_the_cache_file() -> None:
     for chunk in range(6):
         policy.after_read(range(chunk, chunk + 1), lambda i: False, (chunk * CS, (chunk + 1) * CS))
         assert max(policy.newly_ahead(2), default=chunk) <= chunk + 2
+
+
+def test_a_new_run_is_remembered_however_many_reads_came_before() -> None:
+    """A run made by a read is live from that read on (not "stopped" because the image had
+    STALE_READS reads before it): a read continuing it is sequential, also when the oldest
+    run followed is a live sequential reader's (which is not forgotten either)."""
+    from corfs.read_ahead import STALE_READS
+
+    policy = ReadAhead(1 << 20)
+    for k in range(STALE_READS + 100):  # long random history: every run is a random read's
+        _read(policy, 1000 + 37 * k, 4096, 4096)
+    start = 600_000 * CS + 8192
+    policy.after_read(range(600_000, 600_001), lambda i: True, (start, start + 4096))
+    for k in range(10):
+        _read(policy, 900_000 + 53 * k, 4096, 4096)
+    policy.after_read(range(600_000, 600_001), lambda i: True, (start + 4096, start + 8192))
+    assert policy.sequential  # it continued the run made 10 reads before
+
+    policy = ReadAhead(1 << 20)
+    reader = 10  # a sequential reader among the random reads, read every 50 of them
+    for k in range(STALE_READS + 100):
+        if k % 50 == 0:
+            _read(policy, reader)
+            reader += 1
+        _read(policy, 1000 + 37 * k, 4096, 4096)
+    _read(policy, reader)
+    reader += 1
+    for k in range(70):  # its run is now the oldest followed, and live
+        _read(policy, 500_000 + 41 * k, 4096, 4096)
+    start = 700_000 * CS + 8192
+    policy.after_read(range(700_000, 700_001), lambda i: True, (start, start + 4096))
+    policy.after_read(range(700_000, 700_001), lambda i: True, (start + 4096, start + 8192))
+    assert policy.sequential
+    assert _read(policy, reader)  # and the reader's window is still there
