@@ -6,8 +6,9 @@ Invariants:
   a chunk whose verified bytes are in memory (held by the fill it waited for, queued to be
   stored, or kept in fresh.py) is a slice of them instead (no copy, no disk read).
 - A reader never waits for the cache disk: a fill answers its waiters once its chunks are
-  verified, then stores them behind (write_behind.py: the budget, back-pressure on the stream,
-  chunks dropped rather than stored when a reader's fill finds no room). A queued chunk is
+  verified, then queues them to be stored behind (store_queue.py; write_behind.py: the budget,
+  back-pressure on the stream, chunks dropped rather than stored when a reader's fill finds no
+  room). A queued chunk is
   recorded local only once stored, like any fill (never mark before durable); until then it
   stays absent, on its way (`is_filling`), and is not fetched again.
 - One fill per chunk: a chunk being filled (or queued) is waited for, never fetched twice at
@@ -60,6 +61,7 @@ from .ranges import SMALL_READ, RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
 from .request_gate import Ticket
 from .store import CacheStore, ChunkState, ImageRecord
+from .store_queue import StoreQueue
 from .write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -107,24 +109,6 @@ class _Fill:
             self.ticket.urgent = True
         if not self.background and self.room_wait is not None:
             self.room_wait.cancel()
-
-
-@dataclass
-class _StoreJob:
-    """Chunks of one fill stored behind their readers (write_behind.py)."""
-
-    indexes: frozenset[int]
-    done: trio.Event = field(default_factory=trio.Event)
-    error: CorfsError | None = None
-
-
-@dataclass
-class _Queued:
-    """A verified chunk waiting in memory to be stored: reads are served from its bytes."""
-
-    chunk: FetchedChunk
-    job: _StoreJob
-    read_to_end: bool = False  # a reader has read it to its end: not worth keeping once stored
 
 
 class _FileRange(NamedTuple):
@@ -193,7 +177,6 @@ class Image:
         self._nursery = fill_nursery
         self._chunks = ChunkTable(self.geometry, store.load_states(record)[0])
         self._fills: dict[int, _Fill] = {}
-        self._queued: dict[int, _Queued] = {}  # fetched, verified, waiting to be stored
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
@@ -202,6 +185,11 @@ class Image:
         )
         self._local_ahead_chunks = max(2, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)
+        # fetched, verified, waiting to be stored (store_queue.py)
+        self._queue = StoreQueue(
+            self.name, self.data, self.write_behind, fill_nursery,
+            is_absent=self._chunks.is_absent, on_stored=self._stored, on_failed=self._not_stored,
+        )
         self.fills = 0
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): no more fills (see invariants)
@@ -280,12 +268,11 @@ class Image:
 
     def is_filling(self, index: int) -> bool:
         """Whether the chunk is on its way to local: being fetched, or queued to be stored."""
-        return index in self._fills or index in self._queued
+        return index in self._fills or index in self._queue
 
     async def wait_stored(self) -> None:
         """Until no fetched chunk of this image waits to be stored (write_behind.py)."""
-        while self._queued:
-            await next(iter(self._queued.values())).job.done.wait()
+        await self._queue.wait_empty()
 
     def statistics(self) -> ImageStatistics:
         return ImageStatistics(
@@ -333,7 +320,7 @@ class Image:
         client) in memory: `held` by the fills it waited for, or kept in `_fresh`."""
         return (
             self._chunks.is_absent(index)
-            and index not in self._queued
+            and index not in self._queue
             and not (reading and (index in held or index in self._fresh))
         )
 
@@ -483,58 +470,25 @@ class Image:
             chunks = [chunk for chunk in chunks if chunk.data is None]
             nbytes = 0
         if chunks:
-            job = _StoreJob(frozenset(chunk.index for chunk in chunks))
             for chunk in chunks:
-                self._queued[chunk.index] = _Queued(chunk, job)
                 if chunk.index in self._fill_failures:  # on its way: no longer failing
                     self._clear_failures(chunk.index)
             keep = fill.for_readers or self.read_ahead.ahead_of_reader(run)
-            self._nursery.start_soon(self._store_behind, chunks, job, nbytes, keep, fill.background)
+            self._queue.add(chunks, nbytes, keep=keep, background=fill.background)
         return room
 
-    async def _store_behind(
-        self, chunks: list[FetchedChunk], job: _StoreJob, nbytes: int, keep: bool, background: bool
-    ) -> None:
-        """Write queued chunks to the data file, then mark them local (module invariants);
-        `keep` their bytes in `_fresh` for client reads not done with them yet. A failure
-        leaves them absent (write_behind.py)."""
+    def _stored(self, chunk: FetchedChunk, keep: bool) -> None:
+        """A queued chunk is on disk: record it local (store_queue.py), its bytes kept for the
+        readers not done with them (`keep`)."""
+        state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
+        self._set_state(chunk.index, state, chunk.digest)
+        if keep and chunk.data is not None:
+            self._fresh.keep(chunk.index, chunk.data)
 
-        def queued_by_job(index: int) -> bool:
-            queued = self._queued.get(index)
-            return queued is not None and queued.job is job and self._chunks.is_absent(index)
-
-        def mark_stored(stored: list[FetchedChunk]) -> None:
-            for chunk in stored:
-                queued = self._queued.pop(chunk.index)
-                state = ChunkState.ZERO if chunk.data is None else ChunkState.CLEAN
-                self._set_state(chunk.index, state, chunk.digest)
-                if keep and chunk.data is not None and not queued.read_to_end:
-                    self._fresh.keep(chunk.index, chunk.data)
-            self.write_behind.stored(len(stored))
-
-        try:
-            await self.data.store(
-                chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
-            )
-        except Exception as exc:
-            failed = [chunk.index for chunk in chunks if queued_by_job(chunk.index)]
-            job.error = exc if isinstance(exc, CorfsError) else CorfsError(
-                f"internal error storing {self.name}: {exc!r}"
-            )
-            self.fill_errors += 1
-            self.write_behind.store_failed()
-            self._fill_failures.update(dict.fromkeys(failed, (str(job.error), 0)))
-            log.error(
-                "storing %s chunks %d-%d: %s (left absent)",
-                self.name, chunks[0].index, chunks[-1].index, job.error,
-                exc_info=not isinstance(exc, CorfsError),
-            )
-        finally:
-            for chunk in chunks:
-                if (queued := self._queued.get(chunk.index)) is not None and queued.job is job:
-                    del self._queued[chunk.index]
-            self.write_behind.release(nbytes)
-            job.done.set()
+    def _not_stored(self, indexes: list[int], error: CorfsError) -> None:
+        """A store failed: these chunks stay absent, failing (status) until a fill of them."""
+        self.fill_errors += 1
+        self._fill_failures.update(dict.fromkeys(indexes, (str(error), 0)))
 
     def _memory_of(self, index: int, held: dict[int, Buffer | None]) -> tuple[bool, Buffer | None]:
         """The verified bytes of an absent chunk that are in memory (held for this read, queued
@@ -543,7 +497,7 @@ class Image:
             return False, self._fresh.get(index)
         if index in held:
             return True, held[index]
-        if (queued := self._queued.get(index)) is not None:
+        if (queued := self._queue.get(index)) is not None:
             return True, queued.chunk.data
         data = self._fresh.get(index)
         return data is not None, data
@@ -562,7 +516,7 @@ class Image:
             if data is not None:
                 if hi - start == len(data):  # read to its end: a sequential reader is done
                     self._fresh.drop(index)
-                    if (queued := self._queued.get(index)) is not None:
+                    if (queued := self._queue.get(index)) is not None:
                         queued.read_to_end = True
                 pieces.append(data[lo - start : hi - start])
             elif in_memory:
@@ -702,9 +656,9 @@ class Image:
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
         while True:
-            if any(self._chunks.is_absent(i) and i not in self._queued for i in partial):
+            if any(self._chunks.is_absent(i) and i not in self._queue for i in partial):
                 await self.wait_local(partial, writing=True)
-            elif (job := self._queued_in_span(touched)) is not None:
+            elif (job := self._queue.job_in_span(touched)) is not None:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait
                 # to be stored: the write goes after them (never under base bytes, and never
                 # beside a store in flight in its span).
@@ -731,12 +685,6 @@ class Image:
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
         return len(data)
-
-    def _queued_in_span(self, chunks: range) -> _StoreJob | None:
-        for index in self.data.span(chunks):
-            if (queued := self._queued.get(index)) is not None:
-                return queued.job
-        return None
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:

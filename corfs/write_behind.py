@@ -2,7 +2,7 @@
 stored in CACHE, so that no reader waits for the cache disk.
 
 A fill answers its waiters as soon as its chunks are verified, then stores them behind
-(Image._store_behind): their bytes stay queued in memory, serving reads, until DataFile.store
+(store_queue.py): their bytes stay queued in memory, serving reads, until DataFile.store
 has written them; only then are they recorded local (so the commit's fdatasync-then-rows order,
 "never mark before durable", is unchanged; a crash loses at most queued bytes, fetched again).
 
