@@ -187,7 +187,7 @@ class Image:
         self.data: DataFile = store.data_file(self.name)
         # fetched, verified, waiting to be stored (store_queue.py)
         self._queue = StoreQueue(
-            self.name, self.data, self.write_behind, fill_nursery,
+            self.name, self.data, fill_nursery,
             is_absent=self._chunks.is_absent, on_stored=self._stored, on_failed=self._not_stored,
         )
         self.fills = 0
@@ -474,7 +474,9 @@ class Image:
                 if chunk.index in self._fill_failures:  # on its way: no longer failing
                     self._clear_failures(chunk.index)
             keep = fill.for_readers or self.read_ahead.ahead_of_reader(run)
-            self._queue.add(chunks, nbytes, keep=keep, background=fill.background)
+            self._queue.add(
+                chunks, self.write_behind, nbytes, keep=keep, background=fill.background
+            )
         return room
 
     def _stored(self, chunk: FetchedChunk, keep: bool) -> None:

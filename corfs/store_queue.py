@@ -60,7 +60,6 @@ class StoreQueue:
         self,
         name: str,
         data: DataFile,
-        write_behind: WriteBehind,
         nursery: trio.Nursery,
         *,
         is_absent: Callable[[int], bool],
@@ -69,7 +68,6 @@ class StoreQueue:
     ) -> None:
         self.name = name
         self.data = data
-        self.write_behind = write_behind
         self._nursery = nursery
         self._is_absent = is_absent
         self._on_stored = on_stored
@@ -98,16 +96,21 @@ class StoreQueue:
         while self._queued:
             await next(iter(self._queued.values())).job.done.wait()
 
-    def add(self, chunks: list[FetchedChunk], nbytes: int, *, keep: bool, background: bool) -> None:
-        """Queue `chunks` (absent, verified; `nbytes` of budget taken for them) and store them
-        behind their readers; `keep`: their bytes stay in memory for readers once stored."""
+    def add(
+        self, chunks: list[FetchedChunk], budget: WriteBehind, nbytes: int, *, keep: bool,
+        background: bool,
+    ) -> None:
+        """Queue `chunks` (absent, verified; `nbytes` taken from `budget` for them) and store
+        them behind their readers; `keep`: their bytes stay in memory for readers once stored.
+        The job gives its bytes back to the budget they came from."""
         job = StoreJob(frozenset(chunk.index for chunk in chunks))
         for chunk in chunks:
             self._queued[chunk.index] = Queued(chunk, job)
-        self._nursery.start_soon(self._store, chunks, job, nbytes, keep, background)
+        self._nursery.start_soon(self._store, chunks, job, budget, nbytes, keep, background)
 
     async def _store(
-        self, chunks: list[FetchedChunk], job: StoreJob, nbytes: int, keep: bool, background: bool
+        self, chunks: list[FetchedChunk], job: StoreJob, budget: WriteBehind, nbytes: int,
+        keep: bool, background: bool,
     ) -> None:
         def queued_by_job(index: int) -> bool:
             queued = self._queued.get(index)
@@ -117,7 +120,7 @@ class StoreQueue:
             for chunk in stored:
                 queued = self._queued.pop(chunk.index)
                 self._on_stored(chunk, keep and not queued.read_to_end)
-            self.write_behind.stored(len(stored))
+            budget.stored(len(stored))
 
         try:
             await self.data.store(
@@ -128,7 +131,7 @@ class StoreQueue:
             job.error = exc if isinstance(exc, CorfsError) else CorfsError(
                 f"internal error storing {self.name}: {exc!r}"
             )
-            self.write_behind.store_failed()
+            budget.store_failed()
             self._on_failed(failed, job.error)
             log.error(
                 "storing %s chunks %d-%d: %s (left absent)",
@@ -139,5 +142,5 @@ class StoreQueue:
             for chunk in chunks:
                 if (queued := self._queued.get(chunk.index)) is not None and queued.job is job:
                     del self._queued[chunk.index]
-            self.write_behind.release(nbytes)
+            budget.release(nbytes)
             job.done.set()
