@@ -344,9 +344,11 @@ class Image:
                 missing, background=background, reading=reading, writing=writing,
                 first_error=True,
             )
-            for error in outcome.failed.values():
-                raise chunk_error(error)
             held.update(outcome.held)
+            for index, error in outcome.failed.items():
+                # Not if a client wrote the chunk whole while its fill failed: it is local now.
+                if self._needs_fill(index, reading=reading, held=held):
+                    raise chunk_error(error)
         return held
 
     async def fill_each(self, indexes: Iterable[int]) -> FillOutcome:
@@ -423,7 +425,8 @@ class Image:
             fill.chunk_errors = dict(fetched.failed)
             for index, exc in fetched.failed.items():
                 self.fill_errors += 1
-                self._fill_failures[index] = (str(exc), 0)
+                if self._chunks.is_absent(index):  # not written whole by a client meanwhile
+                    self._fill_failures[index] = (str(exc), 0)
                 log.error("filling %s chunk %d: %s", self.name, index, exc)
             room = self._queue_fetched(fetched.chunks, fill, run, room)
             self.fills += 1
@@ -435,7 +438,8 @@ class Image:
         except CorfsError as exc:
             self.fill_errors += 1
             self._failed_fills += 1
-            self._fill_failures.update(dict.fromkeys(run, (str(exc), self._failed_fills)))
+            still_absent = [i for i in run if self._chunks.is_absent(i)]
+            self._fill_failures.update(dict.fromkeys(still_absent, (str(exc), self._failed_fills)))
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
@@ -665,7 +669,9 @@ class Image:
                 # to be stored: the write goes after them (never under base bytes, and never
                 # beside a store in flight in its span).
                 await job.done.wait()
-                if job.error is not None and any(i in job.indexes for i in partial):
+                if job.error is not None and any(
+                    i in job.indexes and self._chunks.is_absent(i) for i in partial
+                ):  # a chunk of the job stored before its store failed is local: go on
                     raise job.error
             elif self.data.storing_in_span(touched):
                 # A fill is storing there (base bytes into these chunks, or a direct write that

@@ -473,3 +473,39 @@ def test_a_client_goes_before_the_streams_queued_requests(rig_factory) -> None:
             assert sorted(chunk_reads(rig.source("b"), CS)) == list(range(0, 12, 2))
 
     run(main)
+
+
+def test_a_chunk_written_whole_while_its_fill_fails_is_read_and_not_failing(rig_factory) -> None:
+    """A reader waits for the fill of chunk 1; a client writes the whole chunk meanwhile (no
+    fill needed), then the fetch fails for good. The reader gets the written bytes, not EIO,
+    and chunk 1 is not reported failing (status would show an error for a complete image)."""
+    from corfs.errors import BaseAccessDenied
+
+    data = random_bytes(SIZE)
+    written = bytes([7]) * CS
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            go = trio.Event()
+
+            async def denied_later(offset: int, length: int) -> bytes:
+                await go.wait()
+                raise BaseAccessDenied("a: access denied")
+
+            rig.source("a").read = denied_later  # type: ignore[method-assign]
+            got: list[bytes] = []
+
+            async def reader() -> None:  # a whole chunk: a chunk fill, not a small range
+                got.append(bytes(await image.read(CS, CS)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await wait_until(lambda: image.is_filling(1))
+                await image.write(CS, written)
+                go.set()
+            assert got == [written]
+            assert image.failing_chunks == [] and image.fill_error is None
+            assert image.state_of(1) == ChunkState.DIRTY
+
+    run(main)
