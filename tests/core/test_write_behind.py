@@ -21,7 +21,7 @@ from corfs.errors import CacheFull
 from corfs.image import Image
 from corfs.store import ChunkState
 from corfs.write_behind import WriteBehind
-from tests.core.rig import CS, chunk_reads, committed_states, random_bytes
+from tests.core.rig import CS, chunk_reads, committed_states, random_bytes, wait_until
 
 SPAN_CHUNKS = FOLIO_SPAN // CS
 
@@ -311,5 +311,39 @@ def test_the_stream_leaves_half_the_budget_to_readers(rig_factory, monkeypatch) 
                     assert bytes(await image.read(8 * CS, 100)) == data[8 * CS : 8 * CS + 100]
                 assert image.is_filling(8) and image.write_behind.dropped_chunks == 0
             assert [image.is_local(i) for i in (0, 1, 4, 5, 8)] == [True] * 5
+
+    trio.run(main)
+
+
+def test_a_partial_write_after_a_store_that_failed_past_its_chunk_goes_on(
+    rig_factory, monkeypatch
+) -> None:
+    """A stream store of chunks 0-1 writes chunk 0, gives way to a sync (chunk 0 recorded
+    local), then fails on chunk 1 (disk full). A partial client write to chunk 0 that waited for
+    that store goes on: its chunk is local; only a write to chunk 1 would fail."""
+    data = random_bytes(8 * CS, seed=35)
+    held = HeldStores(monkeypatch)
+    real_write_run = DataFile._write_run
+
+    def full_at_one(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+        if offset == CS:
+            raise CacheFull("cache disk full while writing a")
+        return real_write_run(datafile, way, offset, pieces)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            monkeypatch.setattr(DataFile, "_write_run", full_at_one)
+            once = iter([True])
+            monkeypatch.setattr(image.data, "_sync_pending", lambda: next(once, False))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.fill_each, range(0, 2))
+                await wait_until(lambda: len(held.started) == 1)  # chunk 0's store, held
+                nursery.start_soon(image.write, 10, b"x")  # waits for the store job
+                await trio.sleep(0.1)
+                held.release()
+            assert image.state_of(0) == ChunkState.DIRTY
+            assert bytes(await image.read(0, 20)) == data[:10] + b"x" + data[11:20]
+            assert not image.is_local(1) and image.failing_chunks == [1]
 
     trio.run(main)
