@@ -30,6 +30,9 @@ class FreshChunks:
     def __contains__(self, index: int) -> bool:
         return index in self._chunks
 
+    def indexes(self) -> list[int]:
+        return list(self._chunks)
+
     def get(self, index: int) -> Buffer | None:
         return self._chunks.get(index)
 

@@ -59,9 +59,15 @@ class RangeCache:
         self._blocks.drop(number)
 
     def drop_range(self, offset: int, length: int) -> None:
-        """Forget the blocks overlapping [offset, offset+length)."""
-        if len(self._blocks):
-            for number in self.blocks_of(offset, length):
+        """Forget the blocks overlapping [offset, offset+length): by looking up each block of
+        the range, or by going through the blocks held when they are fewer (every chunk state
+        change asks; a 64 MiB chunk has 16384 blocks of 4 KiB, 1.6 ms of lookups)."""
+        if not len(self._blocks):
+            return
+        blocks = self.blocks_of(offset, length)
+        held = self._blocks.indexes() if len(blocks) > len(self._blocks) else blocks
+        for number in held:
+            if number in blocks:
                 self.drop_block(number)
 
     def read(self, offset: int, length: int) -> bytes:
