@@ -8,9 +8,8 @@ Invariants:
 - A reader never waits for the cache disk: a fill answers its waiters once its chunks are
   verified, then queues them to be stored behind (store_queue.py; write_behind.py: the budget,
   back-pressure on the stream, chunks dropped rather than stored when a reader's fill finds no
-  room). A queued chunk is
-  recorded local only once stored, like any fill (never mark before durable); until then it
-  stays absent, on its way (`is_filling`), and is not fetched again.
+  room). A queued chunk is recorded local only once stored, like any fill (never mark before
+  durable); until then it stays absent, on its way (`is_filling`), and is not fetched again.
 - One fill per chunk: a chunk being filled (or queued) is waited for, never fetched twice at
   once (a chunk dropped for want of room is fetched again later, by the stream or a reader).
 - Base bytes are never written over a chunk that is already local: once its fetch is done, a
