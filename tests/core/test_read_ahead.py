@@ -158,3 +158,31 @@ def test_local_chunks_ahead_of_a_sequential_reader_are_read_from_the_cache_file_
             await wait_until(lambda: ahead <= resident(), timeout=10)
 
     trio.run(main)
+
+
+def test_the_cache_file_is_read_ahead_by_bytes_whatever_the_chunk_size(
+    rig_factory, monkeypatch
+) -> None:
+    """Local chunks hinted ahead of a sequential reader stay within LOCAL_AHEAD_BYTES per read,
+    also when one or two chunks are larger than that (64 MiB chunks hinted 128 MiB at once)."""
+    import corfs.image
+    from corfs.datafile import DataFile
+
+    cap = CS + CS // 2  # 1.5 chunks: two whole chunks would be over it
+    monkeypatch.setattr(corfs.image, "LOCAL_AHEAD_BYTES", cap)
+    hinted: list[list[int]] = []
+    monkeypatch.setattr(
+        DataFile, "read_soon", lambda self, offset, length: hinted[-1].append(length)
+    )
+
+    async def main() -> None:
+        async with rig_factory({"a": DATA}) as rig:
+            image = rig.image("a")
+            await image.wait_local(range(image.geometry.chunk_count))
+            await image.wait_stored()  # local, not only queued: hinted from the cache file
+            for offset in range(0, 60 * CS, 20 * CS):  # large sequential reads (> 64 KiB)
+                hinted.append([])
+                await image.read(offset, 20 * CS)
+            assert any(hinted) and all(sum(lengths) <= cap for lengths in hinted), hinted
+
+    trio.run(main)
