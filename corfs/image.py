@@ -255,6 +255,13 @@ class Image:
                 i: failure for i, failure in self._fill_failures.items() if failure[1] != group
             }
 
+    def _record_failures(self, indexes: Iterable[int], why: str, group: int) -> None:
+        """These chunks' fill (or store) failed: those still absent are failing until a fill
+        of them (status). A chunk a client wrote whole meanwhile is local: not failing."""
+        for index in indexes:
+            if self._chunks.is_absent(index):
+                self._fill_failures[index] = (why, group)
+
     def is_local(self, index: int) -> bool:
         return not self._chunks.is_absent(index)
 
@@ -424,8 +431,7 @@ class Image:
             fill.chunk_errors = dict(fetched.failed)
             for index, exc in fetched.failed.items():
                 self.fill_errors += 1
-                if self._chunks.is_absent(index):  # not written whole by a client meanwhile
-                    self._fill_failures[index] = (str(exc), 0)
+                self._record_failures([index], str(exc), 0)
                 log.error("filling %s chunk %d: %s", self.name, index, exc)
             room = self._queue_fetched(fetched.chunks, fill, run, room)
             self.fills += 1
@@ -437,8 +443,7 @@ class Image:
         except CorfsError as exc:
             self.fill_errors += 1
             self._failed_fills += 1
-            still_absent = [i for i in run if self._chunks.is_absent(i)]
-            self._fill_failures.update(dict.fromkeys(still_absent, (str(exc), self._failed_fills)))
+            self._record_failures(run, str(exc), self._failed_fills)
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
@@ -493,7 +498,7 @@ class Image:
     def _not_stored(self, indexes: list[int], error: CorfsError) -> None:
         """A store failed: these chunks stay absent, failing (status) until a fill of them."""
         self.fill_errors += 1
-        self._fill_failures.update(dict.fromkeys(indexes, (str(error), 0)))
+        self._record_failures(indexes, str(error), 0)
 
     def _memory_of(self, index: int, held: dict[int, Buffer | None]) -> tuple[bool, Buffer | None]:
         """The verified bytes of an absent chunk that are in memory (held for this read, queued
