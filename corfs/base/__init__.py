@@ -19,7 +19,6 @@ Contract of every store (tests/stores runs one suite against each):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,16 +64,10 @@ def entry_problem(name: str, size: int | None = None) -> str | None:
     return problem
 
 
-# Set while open_base lists only to check that the base answers: its caller lists again at
-# once, and that listing gives the warnings (each bad entry is named once, not twice).
-_CHECK_LISTING = contextvars.ContextVar("corfs_check_listing", default=False)
-
-
 def leave_out(base: str, name: str, why: object) -> None:
     """The one warning for an entry left out of a listing. %r escapes control characters
     and undecodable bytes, so the line stays one printable line."""
-    if not _CHECK_LISTING.get():
-        log.warning("%s: leaving out image %r: %s", base, name, why)
+    log.warning("%s: leaving out image %r: %s", base, name, why)
 
 
 def valid_entry(base: str, name: str, size: int | None = None) -> bool:
@@ -186,24 +179,17 @@ def describe_url(url: str) -> str:
 
 
 async def open_base(url: str, options: BaseOptions = BaseOptions()) -> BaseStore:
-    """Open BASE by its URL or path; checks that it is reachable and raises a BaseError
-    (or UsageError) with one clear line otherwise."""
+    """Open BASE by its URL or path; checks that it is reachable (a remote base is listed:
+    the store's first list_images returns that listing) and raises a BaseError (or
+    UsageError) with one clear line otherwise."""
     if url.startswith(("http://", "https://")):
         from .http import open_http_base
 
-        token = _CHECK_LISTING.set(True)
-        try:
-            store: BaseStore = await open_http_base(url, options)
-        finally:
-            _CHECK_LISTING.reset(token)
+        store: BaseStore = await open_http_base(url, options)
     elif url.startswith("s3://"):
         from .s3 import open_s3_base
 
-        token = _CHECK_LISTING.set(True)
-        try:
-            store = await open_s3_base(url, options)
-        finally:
-            _CHECK_LISTING.reset(token)
+        store = await open_s3_base(url, options)
     elif "://" in url:
         raise UsageError(
             f"unsupported base {describe_url(url)!r}: use a directory, http(s):// or s3://"

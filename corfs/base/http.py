@@ -230,6 +230,7 @@ class HttpBase:
         self.reader = HttpReader(client, options, self.auth, tls)
         self.is_dir = urlsplit(url).path.endswith("/") or urlsplit(url).path == ""
         self.dir_url = url if self.is_dir else urljoin(url, ".")
+        self.listed_at_open: list[HttpImage] | None = None  # list_images: given out once
 
     async def _request(
         self, method: str, url: str, what: str, headers: dict[str, str] | None = None
@@ -329,14 +330,13 @@ class HttpBase:
                 "(nginx: autoindex_format json)"
             ) from None
 
-    async def check_answers(self) -> None:
-        """Raise unless the base answers as one: its image names, or a single image's HEAD."""
-        if self.is_dir:
-            await self._list_names()
-        else:
-            await self.list_images()
-
     async def list_images(self) -> list[HttpImage]:
+        """The images; the first call after open_http_base gets the listing it took (a mount
+        listed twice: its index, or a single image's HEAD, twice)."""
+        listed, self.listed_at_open = self.listed_at_open, None
+        return listed if listed is not None else await self._list()
+
+    async def _list(self) -> list[HttpImage]:
         if not self.is_dir:
             name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
             return [await self._image(name, self.url)]
@@ -392,9 +392,8 @@ def make_client(options: BaseOptions, verify: ssl.SSLContext) -> httpx.AsyncClie
 
 
 async def open_http_base(url: str, options: BaseOptions) -> HttpBase:
-    """Open the base and ask it for its image names (a single image: its HEAD), so an
-    unreachable or wrong URL fails here, in one line. Not the HEAD of every image: the caller
-    lists the base next, and a mount of many images paid for them twice."""
+    """Open and list the base (a single image: its HEAD), so an unreachable or wrong URL
+    fails here, in one line. That listing is the base's first list_images."""
     parts = urlsplit(url)
     if not parts.hostname:
         raise UsageError(f"base URL {describe_url(url)!r} has no host")
@@ -410,7 +409,7 @@ async def open_http_base(url: str, options: BaseOptions) -> HttpBase:
         await client.aclose()
         raise
     try:
-        await base.check_answers()
+        base.listed_at_open = await base._list()
     except TransientBaseError as exc:
         await base.aclose()
         raise BaseUnreachable(str(exc)) from None

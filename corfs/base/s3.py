@@ -94,6 +94,7 @@ class S3Base:
         self.is_dir = prefix == "" or prefix.endswith("/")
         self.description = f"s3://{bucket}/{prefix}"
         self.options = options
+        self.listed_at_open: list[S3Image] | None = None  # list_images: given out once
         self.limiter = trio.CapacityLimiter(max(1, options.max_connections))
         stall = stall_timeout(options)
         try:
@@ -196,6 +197,12 @@ class S3Base:
         )
 
     async def list_images(self) -> list[S3Image]:
+        """The images; the first call after open_s3_base gets the listing it took (a mount
+        listed twice: one LIST more per 1000 objects, and its warnings twice)."""
+        listed, self.listed_at_open = self.listed_at_open, None
+        return listed if listed is not None else await self._list()
+
+    async def _list(self) -> list[S3Image]:
         if not self.is_dir:
             size, etag = await self._run(self._head_sync, self.prefix)
             return [self._image(self.prefix, size, etag)]
@@ -256,11 +263,12 @@ class S3Base:
 
 
 async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
-    """Open and list once, so a wrong bucket, key or credentials fail here, in one line."""
+    """Open and list, so a wrong bucket, key or credentials fail here, in one line. That
+    listing is the store's first list_images."""
     bucket, prefix = parse_s3_url(url)
     store = await trio.to_thread.run_sync(S3Base, bucket, prefix, options)
     try:
-        await store.list_images()
+        store.listed_at_open = await store._list()
     except BaseNotFound:
         if store.is_dir:
             await store.aclose()
@@ -270,7 +278,8 @@ async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
         store.is_dir = True
         store.description = f"s3://{bucket}/{store.prefix}"
         try:
-            if not await store.list_images():
+            store.listed_at_open = await store._list()
+            if not store.listed_at_open:
                 raise BaseNotFound(f"s3://{bucket}/{prefix}: not found") from None
         except BaseException:
             await store.aclose()

@@ -110,8 +110,9 @@ def test_dir_url_exposes_the_autoindex_listing(web: Web) -> None:
 
 
 def test_a_mount_lists_the_base_once(tmp_path: Path) -> None:
-    """Opening the base asks for its names only; the mount's listing HEADs each image once
-    (before, both did: a base of many images paid twice at every mount)."""
+    """The listing that opening the base takes (to fail early, in one line) is the mount's:
+    its index once and each image's HEAD once (before, the index was fetched twice, and
+    before that every image was HEADed twice); a single-image base is HEADed once."""
     nginx = Nginx(root=tmp_path / "www", workdir=tmp_path / "nginx", log_requests=True).start()
     try:
         web = Web(nginx, tmp_path)
@@ -122,8 +123,17 @@ def test_a_mount_lists_the_base_once(tmp_path: Path) -> None:
             m.stop()
         heads = [uri for uri, _, _ in nginx.requests("/" + web.sub, method="HEAD")]
         assert sorted(heads) == ["/" + web.sub + n for n in ("a.raw", "b.raw", "c.raw")]
-        listings = nginx.requests("/" + web.sub, method="GET")
-        assert [uri for uri, _, _ in listings].count("/" + web.sub) == 2  # open + mount
+        listings = [uri for uri, _, _ in nginx.requests("/" + web.sub, method="GET")]
+        assert sorted(listings) == ["/" + web.sub, "/" + web.sub + "index.json"]
+
+        mark = nginx.access_log.stat().st_size
+        one = CorfsMount(web.url + "b.raw", tmp_path / "cache-one", web.mnt, "--no-stream",
+                         log_dir=web.logs)
+        with one as m:
+            assert _names(m.mnt) == ["b.raw"]
+            m.stop()
+        asked = [(uri, status) for uri, status, _ in nginx.requests(since=mark)]
+        assert asked == [("/" + web.sub + "b.raw", 200)]  # one HEAD, nothing else
     finally:
         nginx.stop()
 

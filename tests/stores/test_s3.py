@@ -200,3 +200,29 @@ def _err(code: str, status: int) -> ClientError:
 )
 def test_error_mapping(exc: Exception, error: type) -> None:
     assert type(s3_error(exc, "s3://b/k")) is error
+
+
+def test_open_and_the_first_listing_make_one_list_request(moto_server) -> None:
+    """open_s3_base lists (a wrong bucket or credentials fail there, in one line) and that
+    listing is the store's first list_images: a mount made two LISTs (one per 1000 objects
+    each) before. Later listings ask S3 again."""
+    client = moto_server.client()
+    prefix = f"once-{os.getpid()}/"
+    client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}a.raw", Body=b"a" * 512)
+    lists: list[str] = []
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{TEST_BUCKET}/{prefix}", options(moto_server.endpoint))
+        try:
+            store.client.meta.events.register(
+                "before-call.s3.*", lambda model, **_: lists.append(model.name)
+            )
+            assert [i.name for i in await store.list_images()] == ["a.raw"]
+            assert lists == []  # the open's listing
+            client.put_object(Bucket=TEST_BUCKET, Key=f"{prefix}b.raw", Body=b"b" * 512)
+            assert [i.name for i in await store.list_images()] == ["a.raw", "b.raw"]
+            assert lists == ["ListObjectsV2"]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
