@@ -21,10 +21,11 @@ from .control_client import STATUS_XATTR
 from .errors import ControlError, CorfsError, ForgetRefused
 from .geometry import ChunkGeometry
 from .handoff import Via, hand_over
-from .image import Image, ImageStatistics
+from .image import Image
 from .refetch import why_base_cannot_supply
 from .stats import (
     MAX_LISTED_CHUNKS,
+    ImageStatistics,
     ImageStatus,
     MountStatus,
     detached_status,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import trio
@@ -53,12 +52,14 @@ from .errors import (
     ShortWrite,
     chunk_error,
 )
+from .failing import FailingChunks
 from .fetcher import FetchedChunk, Fetcher
+from .fill import Fill, FillOutcome
 from .fresh import FreshChunks
 from .geometry import contiguous_runs
 from .ranges import SMALL_READ, RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
-from .request_gate import Ticket
+from .stats import ImageStatistics
 from .store import CacheStore, ChunkState, ImageRecord
 from .store_queue import StoreQueue
 from .write_behind import WriteBehind
@@ -76,73 +77,11 @@ def _never(_index: int) -> bool:
     return False
 
 
-@dataclass
-class _Fill:
-    """A fill in flight: everyone who needs one of its chunks waits on `done`."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    error: CorfsError | None = None  # the whole fill failed (base down, cache full ...)
-    chunk_errors: dict[int, CorfsError] = field(default_factory=dict)  # ... or these chunks
-    for_readers: bool = False  # keep the stored bytes in `Image._fresh`: client reads want them
-    for_writers: bool = False  # a client write needs its chunks local: never dropped
-    background: bool = False  # only the stream waits for it
-    # The verified bytes of its chunks (None: zeros), for its waiters, set before `done`
-    held: dict[int, Buffer | None] = field(default_factory=dict)
-    room_wait: trio.CancelScope | None = None  # a stream fill waiting for write-behind room
-    # Its requests' place in the fetcher's queue: urgent once a client waits (request_gate.py)
-    ticket: Ticket = field(default_factory=Ticket)
-
-    def error_of(self, index: int) -> CorfsError | None:
-        return self.chunk_errors.get(index) or self.error
-
-    def share(self, *, reading: bool, background: bool, writing: bool = False) -> None:
-        """Another waiter joins: a client read wants the bytes kept, a client write wants them
-        stored, and a client makes the fill a foreground one (which waits for no room, and
-        whose requests not sent yet go before read-ahead's and the stream's). Call
-        before the first await after starting or joining: the fill reads these flags once its
-        fetch is done."""
-        self.for_readers |= reading
-        self.for_writers |= writing
-        self.background &= background
-        if not background:  # a client waits: its requests go before speculative ones
-            self.ticket.urgent = True
-        if not self.background and self.room_wait is not None:
-            self.room_wait.cancel()
-
-
 class _FileRange(NamedTuple):
     """A piece of a read served from the data file."""
 
     offset: int
     length: int
-
-
-@dataclass(frozen=True)
-class FillOutcome:
-    """What one pass of fills left undone: chunk -> why it is still absent, and the failure of
-    a whole fill among them if there was one (not attributable to one chunk)."""
-
-    failed: dict[int, CorfsError]
-    whole_fill_error: CorfsError | None
-    held: dict[int, Buffer | None] = field(default_factory=dict)  # verified bytes of the others
-
-
-@dataclass(frozen=True)
-class ImageStatistics:
-    name: str
-    size: int
-    chunk_size: int
-    chunk_count: int
-    local_chunks: int
-    dirty_chunks: int
-    local_bytes: int
-    fills: int
-    fill_errors: int
-    failing_chunks: int
-    error: str | None
-    fill_error: str | None = None  # why the latest failed fill of a chunk still absent failed
-    failing_chunk_indexes: tuple[int, ...] = ()  # those chunks, in order
-    handed_over_to: str | None = None  # the data file's name after a live handoff
 
 
 class Image:
@@ -175,7 +114,7 @@ class Image:
         self.mtime_ns = mtime_ns
         self._nursery = fill_nursery
         self._chunks = ChunkTable(self.geometry, store.load_states(record)[0])
-        self._fills: dict[int, _Fill] = {}
+        self._fills: dict[int, Fill] = {}
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
@@ -192,11 +131,7 @@ class Image:
         self.fills = 0
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): no more fills (see invariants)
-        # chunk -> why its last fill failed, until a fill of it succeeds (shown in status)
-        # chunk -> (why, group): group numbers the whole fill that failed (0: the chunk failed
-        # on its own), so that a chunk filling heals the others that failed with it
-        self._fill_failures: dict[int, tuple[str, int]] = {}
-        self._failed_fills = 0
+        self._failing = FailingChunks(self._chunks.is_absent)  # shown in status (failing.py)
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self._first_reads = first_reads
         # What fills raise while `source` is None: the base lost the image (this), the base
@@ -237,30 +172,12 @@ class Image:
     @property
     def fill_error(self) -> str | None:
         """Why the latest failed fill of a chunk still not filled failed, or None."""
-        if not self._fill_failures:
-            return None
-        return next(reversed(self._fill_failures.values()))[0]
+        return self._failing.latest
 
     @property
     def failing_chunks(self) -> list[int]:
         """The chunks whose latest fill failed and that are still not local, in order."""
-        return sorted(self._fill_failures)
-
-    def _clear_failures(self, index: int) -> None:
-        """Chunk `index` is local now: forget its failure, and those of the other chunks of a
-        whole fill that failed with it (read-ahead neighbours never re-read)."""
-        _, group = self._fill_failures.pop(index)
-        if group:
-            self._fill_failures = {
-                i: failure for i, failure in self._fill_failures.items() if failure[1] != group
-            }
-
-    def _record_failures(self, indexes: Iterable[int], why: str, group: int) -> None:
-        """These chunks' fill (or store) failed: those still absent are failing until a fill
-        of them (status). A chunk a client wrote whole meanwhile is local: not failing."""
-        for index in indexes:
-            if self._chunks.is_absent(index):
-                self._fill_failures[index] = (why, group)
+        return self._failing.indexes()
 
     def is_local(self, index: int) -> bool:
         return not self._chunks.is_absent(index)
@@ -291,7 +208,7 @@ class Image:
             self.local_bytes,
             self.fills,
             self.fill_errors,
-            len(self._fill_failures),
+            len(self._failing),
             self.error,
             fill_error=self.fill_error,
             failing_chunk_indexes=tuple(self.failing_chunks),
@@ -302,8 +219,8 @@ class Image:
         self._fresh.drop(index)  # whatever changes a chunk makes the bytes kept for it stale
         self._ranges.drop_range(self.geometry.chunk_start(index), self.geometry.chunk_length(index))
         self._chunks.set(index, state)
-        if state != ChunkState.ABSENT and index in self._fill_failures:
-            self._clear_failures(index)  # filled, or written whole by a client
+        if state != ChunkState.ABSENT:
+            self._failing.healed(index)  # filled, or written whole by a client
         self.store.record(self.name, index, state, digest)
 
     def forget_chunk(self, index: int) -> bool:
@@ -380,7 +297,7 @@ class Image:
         )
         owners = {i: self._fills[i] for i in missing if i in self._fills}
         fills = list({id(f): f for f in owners.values()}.values())
-        for fill in fills:  # new and shared alike, before the first await (_Fill.share)
+        for fill in fills:  # new and shared alike, before the first await (Fill.share)
             fill.share(reading=reading, background=background, writing=writing)
         failed: dict[int, CorfsError] = {}
         held: dict[int, Buffer | None] = {}
@@ -405,12 +322,12 @@ class Image:
         for run in contiguous_runs(indexes):
             for start in range(run.start, run.stop, limit):
                 piece = range(start, min(start + limit, run.stop))
-                fill = _Fill(for_readers=for_readers, background=background)
+                fill = Fill(for_readers=for_readers, background=background)
                 for index in piece:
                     self._fills[index] = fill
                 self._nursery.start_soon(self._fill, piece, fill)
 
-    async def _fill(self, run: range, fill: _Fill) -> None:
+    async def _fill(self, run: range, fill: Fill) -> None:
         room = 0  # write-behind room this fill holds and has not queued bytes in yet
         try:
             self.check_served()  # its data file is QEMU's now: never store base bytes there
@@ -431,7 +348,7 @@ class Image:
             fill.chunk_errors = dict(fetched.failed)
             for index, exc in fetched.failed.items():
                 self.fill_errors += 1
-                self._record_failures([index], str(exc), 0)
+                self._failing.record([index], str(exc))
                 log.error("filling %s chunk %d: %s", self.name, index, exc)
             room = self._queue_fetched(fetched.chunks, fill, run, room)
             self.fills += 1
@@ -442,8 +359,7 @@ class Image:
             log.error("%s", exc)
         except CorfsError as exc:
             self.fill_errors += 1
-            self._failed_fills += 1
-            self._record_failures(run, str(exc), self._failed_fills)
+            self._failing.record(run, str(exc), whole_fill=True)
             fill.error = exc
             log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
@@ -457,7 +373,7 @@ class Image:
                     del self._fills[index]
             fill.done.set()
 
-    def _queue_fetched(self, chunks: list[FetchedChunk], fill: _Fill, run: range, room: int) -> int:
+    def _queue_fetched(self, chunks: list[FetchedChunk], fill: Fill, run: range, room: int) -> int:
         """Hand a fill's verified chunks to its waiters (`fill.held`) and queue them to be
         stored behind them, within the write-behind budget (write_behind.py: a fill only
         readers wait for and that finds no room is dropped instead); the room left unused."""
@@ -479,8 +395,7 @@ class Image:
             nbytes = 0
         if chunks:
             for chunk in chunks:
-                if chunk.index in self._fill_failures:  # on its way: no longer failing
-                    self._clear_failures(chunk.index)
+                self._failing.healed(chunk.index)  # on its way: no longer failing
             keep = fill.for_readers or self.read_ahead.ahead_of_reader(run)
             self._queue.add(
                 chunks, self.write_behind, nbytes, keep=keep, background=fill.background
@@ -498,7 +413,7 @@ class Image:
     def _not_stored(self, indexes: list[int], error: CorfsError) -> None:
         """A store failed: these chunks stay absent, failing (status) until a fill of them."""
         self.fill_errors += 1
-        self._record_failures(indexes, str(error), 0)
+        self._failing.record(indexes, str(error))
 
     def _memory_of(self, index: int, held: dict[int, Buffer | None]) -> tuple[bool, Buffer | None]:
         """The verified bytes of an absent chunk that are in memory (held for this read, queued

@@ -6,7 +6,7 @@ requests queued; in arrival order, a reader's demand miss (or a booting VM's ran
 wait behind every other reader's speculation. So each request carries a `Ticket`: urgent ones
 go first, in arrival order, then the others, in arrival order. A ticket can turn urgent while
 it waits (a client comes to wait for a read-ahead or stream fill that has not been sent yet:
-Image's `_Fill.share`); it is read whenever a slot frees. A request already sent is never
+`Fill.share`, fill.py); it is read whenever a slot frees. A request already sent is never
 interrupted: urgency only orders the queue.
 """
 

@@ -80,3 +80,23 @@ def eta_seconds(remaining: int, rate: float) -> float | None:
     if remaining <= 0:
         return 0.0
     return remaining / rate if rate > 0 else None
+
+
+@dataclass(frozen=True)
+class ImageStatistics:
+    """An image's own counters (Image.statistics); control.py makes its ImageStatus."""
+
+    name: str
+    size: int
+    chunk_size: int
+    chunk_count: int
+    local_chunks: int
+    dirty_chunks: int
+    local_bytes: int
+    fills: int
+    fill_errors: int
+    failing_chunks: int
+    error: str | None
+    fill_error: str | None = None  # why the latest failed fill of a chunk still absent failed
+    failing_chunk_indexes: tuple[int, ...] = ()  # those chunks, in order
+    handed_over_to: str | None = None  # the data file's name after a live handoff

@@ -27,7 +27,8 @@ import trio
 
 from .config import StreamConfig
 from .errors import BaseChanged
-from .image import FillOutcome, Image
+from .fill import FillOutcome
+from .image import Image
 from .stats import RateMeter
 
 log = logging.getLogger(__name__)
