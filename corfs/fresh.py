@@ -17,12 +17,18 @@ from .digest import Buffer
 
 
 class FreshChunks:
-    """A least-recently-stored map chunk index -> bytes, bounded by the bytes it holds."""
+    """A least-recently-stored map chunk index -> bytes, bounded by the memory it keeps alive.
+
+    A chunk is usually a view of a fetch buffer that holds its whole run (one request for
+    several chunks): that buffer lives as long as any of its chunks is kept here, so it is
+    counted whole, once, while one is. Counting each chunk's own length instead let the
+    real memory grow to a multiple of the limit (one chunk kept from each of many runs)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self._chunks: OrderedDict[int, Buffer] = OrderedDict()
-        self._bytes = 0
+        self._buffers: dict[int, list[int]] = {}  # id(buffer) -> [entries of it, its size]
+        self._bytes = 0  # the sizes of the distinct buffers kept alive
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -39,12 +45,36 @@ class FreshChunks:
     def keep(self, index: int, data: Buffer) -> None:
         self.drop(index)
         self._chunks[index] = data
-        self._bytes += len(data)
+        self._hold(data)
         while self._bytes > self.limit_bytes and self._chunks:
             _, oldest = self._chunks.popitem(last=False)
-            self._bytes -= len(oldest)
+            self._let_go(oldest)
 
     def drop(self, index: int) -> None:
         data = self._chunks.pop(index, None)
         if data is not None:
-            self._bytes -= len(data)
+            self._let_go(data)
+
+    def _hold(self, data: Buffer) -> None:
+        key, size = _buffer_of(data)
+        counted = self._buffers.get(key)
+        if counted is None:
+            self._buffers[key] = [1, size]
+            self._bytes += size
+        else:
+            counted[0] += 1
+
+    def _let_go(self, data: Buffer) -> None:
+        key, _ = _buffer_of(data)
+        counted = self._buffers[key]
+        counted[0] -= 1
+        if not counted[0]:
+            del self._buffers[key]
+            self._bytes -= counted[1]
+
+
+def _buffer_of(data: Buffer) -> tuple[int, int]:
+    """(id, size) of the object whose memory `data` keeps alive: a view's exporter (a fetch
+    buffer, a bytearray, bytes), or `data` itself. The id is unique while an entry holds it."""
+    owner = data.obj if isinstance(data, memoryview) else data
+    return id(owner), memoryview(owner).nbytes

@@ -31,9 +31,10 @@ from .digest import Buffer
 from .fresh import FreshChunks
 
 SMALL_READ = 64 << 10  # a miss up to this size (or one block) may take a range
-# Blocks kept for re-reads, per image, counted by their length: a 4 KiB block's buffer takes
-# 8 KiB (buffers.py: small buffers are part of a bytearray one page longer), so up to 16 MiB.
-RANGE_CACHE_BYTES = 8 << 20
+# Memory of the blocks kept for re-reads, per image, counted as the buffers they keep alive
+# (fresh.py): a 4 KiB block's takes 8 KiB (buffers.py: small buffers are part of a bytearray
+# one page longer), so 2048 blocks.
+RANGE_CACHE_BYTES = 16 << 20
 
 
 class RangeCache:

@@ -1,9 +1,12 @@
-"""FreshChunks: kept bytes are bounded by their total size (oldest go first), and dropping or
-replacing an entry keeps the count right."""
+"""FreshChunks: kept bytes are bounded by the buffers they keep alive (oldest go first), and
+dropping or replacing an entry keeps the count right."""
 
 from __future__ import annotations
 
+from corfs.buffers import aligned_buffer
 from corfs.fresh import FreshChunks
+
+CHUNK = 64 << 10
 
 
 def test_oldest_entries_go_once_the_byte_limit_is_passed() -> None:
@@ -27,3 +30,27 @@ def test_replacing_and_dropping_keep_the_byte_count_right() -> None:
     assert [i for i in (1, 2, 3) if fresh.get(i) is not None] == [2, 3]
     fresh.keep(4, b"e" * 150)  # over the limit: the oldest go until it fits
     assert [i for i in (2, 3, 4) if fresh.get(i) is not None] == [4]
+
+
+def test_chunks_of_one_fetch_buffer_count_it_once_and_whole() -> None:
+    """A run fetched in one request is one buffer; its chunks are views of it, and it lives
+    while any of them is kept: the limit bounds those buffers, not the chunks' lengths (one
+    chunk kept from each of many runs held a multiple of the limit)."""
+    runs = [aligned_buffer(4 * CHUNK) for _ in range(3)]
+
+    def chunk(run: int, n: int) -> memoryview:
+        return runs[run][n * CHUNK : (n + 1) * CHUNK]
+
+    fresh = FreshChunks(limit_bytes=8 * CHUNK)  # two runs' buffers
+    for n in range(4):
+        fresh.keep(n, chunk(0, n))  # one buffer, counted once: all four fit
+    fresh.keep(10, chunk(1, 0))
+    assert fresh.indexes() == [0, 1, 2, 3, 10]
+    fresh.keep(20, chunk(2, 0))  # a third buffer: the oldest go until run 0's is let go
+    assert fresh.indexes() == [10, 20]
+    fresh.drop(10)
+    fresh.keep(21, chunk(2, 1))
+    fresh.keep(11, chunk(1, 1))  # run 1's buffer again: counted anew, and it fits
+    assert fresh.indexes() == [20, 21, 11]
+    fresh.keep(5, bytes(CHUNK))  # bytes are their own buffer
+    assert fresh.indexes() == [11, 5]  # run 2's buffer went: 8 chunks' worth was passed
