@@ -47,6 +47,7 @@ from ..errors import (
     BaseChanged,
     BaseError,
     BaseNotFound,
+    BaseProtocolError,
     BaseUnavailable,
     BaseUnreachable,
     TransientBaseError,
@@ -169,6 +170,14 @@ class HttpReader:
             resp = await send(self.client, "GET", url, self.auth, headers)
             try:
                 final = str(resp.url)
+                if resp.status_code in (200, 206) and (
+                    resp.headers.get("content-encoding", "identity").strip().lower() != "identity"
+                ):
+                    # We asked for identity: the body is not the image's bytes (aiter_raw
+                    # gives them still encoded), whatever its Content-Range says.
+                    raise BaseProtocolError(
+                        f"{what}: compressed answer to a request for identity encoding"
+                    )
                 if resp.status_code == 206:
                     validator.check(resp.headers, what)
                     got = parse_content_range(resp.headers.get("content-range"), what)
@@ -178,6 +187,13 @@ class HttpReader:
                         )
                     if got[2] is not None and got[2] != validator.size:
                         raise BaseChanged(f"{what}: size changed on the server")
+                    declared = resp.headers.get("content-length")
+                    if declared is not None and (
+                        parse_byte_count(declared, what, "Content-Length") != length
+                    ):
+                        # As the lean reader: a body that is not exactly the range is no
+                        # proof of which of its bytes are the range's.
+                        raise TransientBaseError(f"{what}: answer has the wrong Content-Length")
                     return await self._collect(resp, 0, length, what), final
                 if resp.status_code == 200:
                     validator.check(resp.headers, what)

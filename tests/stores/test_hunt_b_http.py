@@ -1,0 +1,167 @@
+"""Bug hunt B: answers of an HTTP base that must never become image bytes, and waits at
+listing time that must end within --io-timeout."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from corfs.base import BaseOptions, open_base
+from corfs.base.http import open_http_base
+from corfs.errors import BaseError, BaseUnavailable
+from tests.hostile import HostileServer, Route
+
+FAST = BaseOptions(io_timeout=3.0)
+SIZE = 1 << 20
+DATA = os.urandom(SIZE)  # incompressible: gzip of a range is longer than the range
+
+
+@pytest.fixture
+def hostile() -> Iterator[list[HostileServer]]:
+    servers: list[HostileServer] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def serve(servers: list[HostileServer], route: Route) -> HostileServer:
+    server = HostileServer(route).start()
+    servers.append(server)
+    return server
+
+
+def gzipping_route(method: str, path: str, headers: dict[str, str]):
+    """/disk.raw, whose ranged GETs are answered with the range gzipped on the fly (as a
+    misconfigured proxy does, whatever Accept-Encoding said), Content-Range of the range."""
+    if path != "/disk.raw":
+        return None
+    if method == "HEAD":
+        return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
+    first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+    body = gzip.compress(DATA[first : last + 1])
+    return 206, [
+        ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
+        ("Content-Length", str(len(body))),
+        ("Content-Encoding", "gzip"),
+        ("ETag", '"e"'),
+    ], [body]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+def test_a_compressed_range_answer_is_never_served_as_image_bytes(hostile, lean: bool) -> None:
+    server = serve(hostile, gzipping_route)
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            store.reader.use_plain = lean
+            (image,) = await store.list_images()
+            try:
+                got = bytes(await image.read(4096, 4096))
+            except BaseError:
+                return  # refused: right
+            assert got == DATA[4096:8192], "gzip bytes served as the image's bytes"
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def overlong_route(method: str, path: str, headers: dict[str, str]):
+    """A 206 with the right Content-Range whose body (and Content-Length) is longer than
+    the range: which bytes are the range's is anybody's guess."""
+    if path != "/disk.raw":
+        return None
+    if method == "HEAD":
+        return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
+    first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+    body = b"JUNK" + DATA[first : last + 1]
+    return 206, [
+        ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
+        ("Content-Length", str(len(body))),
+        ("ETag", '"e"'),
+    ], [body]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+def test_a_range_answer_longer_than_its_content_range_is_refused(hostile, lean: bool) -> None:
+    server = serve(hostile, overlong_route)
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            store.reader.use_plain = lean
+            (image,) = await store.list_images()
+            try:
+                got = bytes(await image.read(4096, 4096))
+            except BaseError:
+                return
+            assert got == DATA[4096:8192], "bytes of a malformed answer served"
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+class TricklingHeadServer:
+    """Answers every request with a head sent one byte every `every` seconds (never done
+    within --io-timeout, yet never silent for a whole stall timeout)."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 4000 + b"\r\n\r\n"
+        try:
+            conn.recv(65536)
+            for i in range(len(head)):
+                if self.stopped.is_set():
+                    return
+                conn.sendall(head[i : i + 1])
+                time.sleep(self.every)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_a_base_whose_answers_trickle_their_heads_fails_to_open_within_io_timeout() -> None:
+    server = TricklingHeadServer(every=0.2)  # stall timeout is 1 s: never tripped
+    try:
+
+        async def main() -> None:
+            start = time.monotonic()
+            with trio.move_on_after(4 * FAST.io_timeout) as scope:
+                with pytest.raises(BaseUnavailable):
+                    await open_base(f"http://127.0.0.1:{server.port}/disk.raw", FAST)
+            assert not scope.cancelled_caught, "opening the base hung past --io-timeout"
+            assert time.monotonic() - start < FAST.io_timeout + 2
+
+        trio.run(main)
+    finally:
+        server.stop()
