@@ -251,9 +251,15 @@ class HttpBase:
     async def _request(
         self, method: str, url: str, what: str, headers: dict[str, str] | None = None
     ) -> httpx.Response:
-        """The streamed answer (the caller closes it), redirects followed by http_policy."""
-        with httpx_errors(what, opening=True):
-            return await send(self.client, method, url, self.auth, headers)
+        """The streamed answer (the caller closes it), redirects followed by http_policy.
+        Its head must arrive within --io-timeout: httpx's timeouts are per socket read, so a
+        server that trickles a head (a byte a second) would hold a listing, and the mount,
+        forever. The data path is bounded by the fetcher's deadline instead."""
+        with trio.move_on_after(self.options.io_timeout) as scope:
+            with httpx_errors(what, opening=True):
+                return await send(self.client, method, url, self.auth, headers)
+        assert scope.cancelled_caught
+        raise TransientBaseError(f"{what}: no answer within {self.options.io_timeout:g}s")
 
     async def _fetch(
         self, url: str, what: str, max_bytes: int, headers: dict[str, str] | None = None
