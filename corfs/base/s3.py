@@ -124,6 +124,17 @@ class S3Base:
             fn, *args, limiter=self.limiter, abandon_on_cancel=True
         )
 
+    async def _run_within(self, what: str, fn: Any, *args: Any) -> Any:
+        """`_run` with a deadline of --io-timeout, for calls outside the fetcher (listing,
+        HEAD, whole objects): botocore's timeouts are per socket read, so an endpoint that
+        trickles would otherwise hold a listing, and the mount, without bound."""
+        with trio.move_on_after(self.options.io_timeout) as scope:
+            return await self._run(fn, *args)
+        assert scope.cancelled_caught
+        raise TransientBaseError(
+            f"{what}: answer not received within {self.options.io_timeout:g}s"
+        )
+
     def _what(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
@@ -204,7 +215,9 @@ class S3Base:
 
     async def _list(self) -> list[S3Image]:
         if not self.is_dir:
-            size, etag = await self._run(self._head_sync, self.prefix)
+            size, etag = await self._run_within(
+                self._what(self.prefix), self._head_sync, self.prefix
+            )
             return [self._image(self.prefix, size, etag)]
         # botocore's timeouts are per socket read: a trickling endpoint would never trip them.
         with trio.move_on_after(self.options.io_timeout) as scope:
@@ -254,7 +267,7 @@ class S3Base:
                 raise TransientBaseError(f"{what}: body ended early")
             return data
 
-        return await self._run(get)
+        return await self._run_within(what, get)
 
     async def aclose(self) -> None:
         self.wire.close()

@@ -1,0 +1,68 @@
+"""Bug hunt B: an S3 base's mount-time listing ends within --io-timeout even when a manifest
+(read while listing published images) trickles in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import trio
+import xxhash
+
+from corfs.base import BaseOptions, open_base
+from corfs.errors import BaseError
+from corfs.manifest import Manifest
+from tests.hostile import HostileServer, MiB, trickle
+from tests.servers import FAKE_AWS_ENV
+
+MANIFEST = Manifest(
+    name="disk.raw", size=MiB, chunk_size=MiB, digests=(xxhash.xxh3_128_digest(b"\1" * MiB),)
+).to_json()
+LISTING = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>
+<Prefix>p/</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter>
+<IsTruncated>false</IsTruncated><Contents><Key>p/disk.raw.corfs.json</Key><Size>%d</Size>
+<ETag>"m"</ETag></Contents></ListBucketResult>""" % len(MANIFEST)
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_trickling_manifest_ends_the_s3_listing_within_io_timeout(aws_env) -> None:
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(LISTING)))], [LISTING]
+        if path.startswith("/b/p/disk.raw.corfs.json"):
+            # One byte every 0.2 s never trips botocore's per-read timeout (1 s here).
+            return 200, [("Content-Length", str(len(MANIFEST))), ("ETag", '"m"')], trickle(
+                MANIFEST, 0.2
+            )
+        return None
+
+    server = HostileServer(route).start()
+    options = BaseOptions(io_timeout=3.0, endpoint_url=server.url.rstrip("/"),
+                          region="us-east-1")
+    try:
+
+        async def main() -> None:
+            store = await open_base("s3://b/p/", options)
+            try:
+                start = time.monotonic()
+                with trio.move_on_after(4 * options.io_timeout) as scope:
+                    try:
+                        await store.list_images()  # as a mount lists
+                    except BaseError:
+                        pass  # the manifest's image left out, or the listing failed: bounded
+                elapsed = time.monotonic() - start
+            finally:
+                await store.aclose()
+            assert not scope.cancelled_caught, "the listing hung past --io-timeout"
+            assert elapsed < options.io_timeout + 2
+
+        trio.run(main)
+    finally:
+        server.stop()
