@@ -239,7 +239,9 @@ class S3Base:
         parts = [p for p in key.split("/") if p]
         if not parts or any(p in (".", "..") for p in parts):
             raise BaseNotFound(f"{key} is outside the base")
-        base = self.prefix if self.is_dir else self.prefix.rsplit("/", 1)[0] + "/"
+        # The objects beside a single object live below its "directory": "" at the root
+        # (rsplit of a key without '/' is the key itself: "disk.raw.corfs.json/...").
+        base = self.prefix if self.is_dir else self.prefix.rpartition("/")[0] + "/"
         if base == "/":
             base = ""
         full = base + "/".join(parts)

@@ -66,3 +66,41 @@ def test_a_trickling_manifest_ends_the_s3_listing_within_io_timeout(aws_env) -> 
         trio.run(main)
     finally:
         server.stop()
+
+
+def _publish_at(client, bucket: str, where: str) -> bytes:
+    """A one-chunk published image `disk.raw` with its manifest and chunk object below
+    `where` ('' = the bucket's root); its bytes."""
+    import zstandard
+
+    from corfs.manifest import chunk_key
+
+    data = b"\2" * MiB
+    digest = xxhash.xxh3_128_digest(data)
+    manifest = Manifest(name="disk.raw", size=MiB, chunk_size=MiB, digests=(digest,))
+    client.put_object(Bucket=bucket, Key=where + chunk_key(digest),
+                      Body=zstandard.ZstdCompressor().compress(data))
+    client.put_object(Bucket=bucket, Key=where + "disk.raw.corfs.json", Body=manifest.to_json())
+    return data
+
+
+@pytest.mark.parametrize("where", ["", "images/"], ids=["bucket-root", "below-a-prefix"])
+def test_a_published_image_named_by_its_manifest_object_is_served(moto_server, where) -> None:
+    """`s3://bucket/prefix/disk.raw.corfs.json`: that one object (README), a published image
+    whose chunk objects live beside it, as with an http(s) URL naming one manifest."""
+    bucket = "hunt-b-" + ("root" if not where else "prefix")
+    client = moto_server.client()
+    client.create_bucket(Bucket=bucket)
+    data = _publish_at(client, bucket, where)
+    options = BaseOptions(io_timeout=6.0, endpoint_url=moto_server.endpoint, region="us-east-1")
+
+    async def main() -> None:
+        store = await open_base(f"s3://{bucket}/{where}disk.raw.corfs.json", options)
+        try:
+            images = await store.list_images()
+            assert [image.name for image in images] == ["disk.raw"]
+            assert bytes(await images[0].read(0, MiB)) == data
+        finally:
+            await store.aclose()
+
+    trio.run(main)
