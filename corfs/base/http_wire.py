@@ -475,7 +475,13 @@ class PlainReader:
             except _StaleConnection:
                 conn.close()
                 if reused:
-                    continue  # the server closed an idle keep-alive connection: resend once
+                    # The server closed an idle keep-alive connection: the others idle for it
+                    # are older (the pool is last in, first out), so closed too after an idle
+                    # spell (keepalive_timeout). Drop them and resend once, on a fresh one: a
+                    # resend on the next stale one failed a lone reader's read after a pause.
+                    for old in self.idle.pop(key, []):
+                        old.close()
+                    continue
                 raise TransientBaseError(f"{what}: connection closed before an answer") from None
             except BaseException:
                 conn.close()
