@@ -142,8 +142,9 @@ class S3Base:
         what = self._what(image.key)
         end = offset + length - 1
         try:
+            conditions = {"IfMatch": image.etag} if image.etag else {}
             resp = self.client.get_object(
-                Bucket=self.bucket, Key=image.key, Range=f"bytes={offset}-{end}", IfMatch=image.etag
+                Bucket=self.bucket, Key=image.key, Range=f"bytes={offset}-{end}", **conditions
             )
             body = resp["Body"]
             try:
@@ -176,7 +177,8 @@ class S3Base:
             resp = self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise s3_error(exc, self._what(key)) from None
-        return resp.get("ContentLength"), str(resp["ETag"])
+        # As a listing takes it: an endpoint may send no ETag (then the identity has none).
+        return resp.get("ContentLength"), str(resp.get("ETag", ""))
 
     def _list_sync(self, prefix: str) -> list[tuple[str, object, str]]:
         """(key, size as sent, etag) of the objects directly below `prefix` (Delimiter '/')."""

@@ -104,3 +104,38 @@ def test_a_published_image_named_by_its_manifest_object_is_served(moto_server, w
             await store.aclose()
 
     trio.run(main)
+
+
+def test_a_single_object_whose_head_has_no_etag_opens_as_a_listed_one_does(aws_env) -> None:
+    """An S3-compatible endpoint that sends no ETag: a listing takes such an object (its
+    identity without one); naming it alone crashed open_base with KeyError('ETag')."""
+    data = bytes(range(256)) * 16
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if not path.startswith("/b/p/disk.raw"):
+            return None
+        if method == "HEAD":
+            return 200, [("Content-Length", str(len(data)))], []
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        return 206, [("Content-Length", str(last - first + 1)),
+                     ("Content-Range", f"bytes {first}-{last}/{len(data)}")], [
+            data[first : last + 1]]
+
+    server = HostileServer(route).start()
+    options = BaseOptions(io_timeout=3.0, endpoint_url=server.url.rstrip("/"),
+                          region="us-east-1")
+    try:
+
+        async def main() -> None:
+            store = await open_base("s3://b/p/disk.raw", options)
+            try:
+                (image,) = await store.list_images()
+                assert image.name == "disk.raw" and image.size == len(data)
+                assert bytes(await image.read(100, 200)) == data[100:300]
+            finally:
+                await store.aclose()
+
+        trio.run(main)
+    finally:
+        server.stop()
+    assert all(h.get("if-match", "x") != "" for _, _, h in server.requests)
