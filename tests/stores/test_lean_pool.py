@@ -1,4 +1,4 @@
-"""Bug hunt B: the lean reader's idle pool after the server closed its idle keep-alive
+"""The lean reader's idle pool after the server closed its idle keep-alive
 connections (nginx does after keepalive_timeout): a healthy server must not fail a read."""
 
 from __future__ import annotations

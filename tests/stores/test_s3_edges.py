@@ -1,5 +1,6 @@
-"""Bug hunt B: an S3 base's mount-time listing ends within --io-timeout even when a manifest
-(read while listing published images) trickles in."""
+"""S3 bases at their edges: a listing that ends within --io-timeout though a manifest (read
+while listing published images) trickles in, a manifest at the bucket's root, an endpoint
+whose HEAD sends no ETag."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bug hunt B: answers of an HTTP base that must never become image bytes, and waits at
+"""Answers of an HTTP base that must never become image bytes, and waits at
 listing time that must end within --io-timeout."""
 
 from __future__ import annotations
