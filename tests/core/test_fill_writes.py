@@ -386,3 +386,28 @@ def test_a_refused_direct_store_falls_back_as_a_buffered_one(rig_factory, monkey
                 assert rig.data_file("a")[start : start + CS] == data[start : start + CS]
 
     trio.run(main)
+
+
+def test_a_store_larger_than_one_write_call_takes_is_written_whole(store, monkeypatch) -> None:
+    """Linux writes at most MAX_RW_COUNT (2 GiB - 4 KiB) per write call and returns the count
+    (`os.write(fd, 3 GiB)` to /dev/null: 2147479552), a short count with the disk not full.
+    A coalesced store of chunks of 512 MiB or more (4 read-ahead chunks in one pwritev), or a
+    chunk of 2 GiB or more, hit it: ShortWrite, "cache disk full", the chunks never stored.
+    Here the cap is scaled down to one chunk and a page."""
+    cap = BLOCK + 4096
+    real = os.pwritev
+
+    def capped(fd: int, pieces, offset: int) -> int:  # noqa: ANN001
+        out, room = [], cap
+        for piece in pieces:
+            view = memoryview(piece).cast("B")[:room]
+            out.append(view)
+            room -= len(view)
+            if not room:
+                break
+        return real(fd, out, offset)
+
+    monkeypatch.setattr(os, "pwritev", capped)
+    first, second = random_bytes(BLOCK, seed=41), random_bytes(BLOCK, seed=42)
+    store_fill(store, 0, [aligned_copy(first), aligned_copy(second)])  # was: ShortWrite
+    assert read_back(store, 0, 2 * BLOCK) == first + second
