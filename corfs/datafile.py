@@ -204,16 +204,30 @@ class DataFile:
 
     def _write_all(self, fd: int, offset: int, pieces: Sequence[Buffer]) -> None:
         """All of `pieces`, back to back from `offset`: CacheFull / CacheError on a failure,
-        ShortWrite if the file took only part; _Refused(DIRECT) for EINVAL on a direct fd."""
-        try:
-            written = os.pwritev(fd, pieces, offset)
-        except OSError as exc:
-            if fd == self._direct_fd and exc.errno == errno.EINVAL:
-                raise _Refused(Way.DIRECT) from None
-            raise cache_os_error(exc, f"writing {self.name}") from None
-        self._on_written(written)
-        if written != sum(len(piece) for piece in pieces):
-            raise ShortWrite(f"short write to the data file of {self.name}")
+        ShortWrite if the file took only part; _Refused(DIRECT) for EINVAL on a direct fd.
+        A short count is not a failure by itself: Linux takes at most 2 GiB - 4 KiB per call
+        (MAX_RW_COUNT), so the rest is written by further calls; one that fails or takes
+        nothing after some bytes landed is a ShortWrite (the caller's "some bytes changed")."""
+        todo = [memoryview(piece).cast("B") for piece in pieces]
+        done = 0
+        while todo:
+            try:
+                written = os.pwritev(fd, todo, offset + done)
+            except OSError as exc:
+                if fd == self._direct_fd and exc.errno == errno.EINVAL:
+                    raise _Refused(Way.DIRECT) from None
+                error = cache_os_error(exc, f"writing {self.name}")
+                if done:
+                    raise ShortWrite(f"short write to the data file of {self.name}: {error}")
+                raise error from None
+            self._on_written(written)
+            if written <= 0:
+                raise ShortWrite(f"short write to the data file of {self.name}")
+            done += written
+            while todo and written >= len(todo[0]):
+                written -= len(todo.pop(0))
+            if written:
+                todo[0] = todo[0][written:]
 
     # ---- stores in flight ----------------------------------------------------------------
 

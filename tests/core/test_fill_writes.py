@@ -163,7 +163,12 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
 def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, monkeypatch):
     data = random_bytes(4 * CS, seed=10)
 
-    def half_write(fd: int, pieces, offset: int) -> int:
+    calls = []
+
+    def half_write(fd: int, pieces, offset: int) -> int:  # a disk filling up: half, then full
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
         whole = b"".join(bytes(piece) for piece in pieces)
         return real_pwrite(fd, whole[: len(whole) // 2], offset)
 
