@@ -218,7 +218,8 @@ class DataFile:
                     raise _Refused(Way.DIRECT) from None
                 error = cache_os_error(exc, f"writing {self.name}")
                 if done:
-                    raise ShortWrite(f"short write to the data file of {self.name}: {error}")
+                    short = f"short write to the data file of {self.name}: {error}"
+                    raise ShortWrite(short) from None
                 raise error from None
             self._on_written(written)
             if written <= 0:
