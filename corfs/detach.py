@@ -15,6 +15,7 @@ import os
 
 from .cache_layout import STATE_DB, is_cache_dir, private_open
 from .errors import CacheLocked, NotLocalError, UsageError
+from .fileio import pread_full
 from .handoff import unsettled
 from .store import CacheStore, ChunkState, ImageRecord
 
@@ -90,7 +91,7 @@ def _write_out(
                     continue  # leave a hole
                 offset = geometry.chunk_start(index)
                 out.seek(offset)
-                out.write(os.pread(src, geometry.chunk_length(index), offset))
+                out.write(pread_full(src, geometry.chunk_length(index), offset))
             out.truncate(record.size)
             out.flush()
             os.fsync(out.fileno())

@@ -11,7 +11,6 @@ bytes possibly the only copy left, and reported bad with the reason."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import trio
@@ -21,6 +20,7 @@ from .base import BaseOptions, BaseStore, open_base
 from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
 from .errors import CorfsError, ForgetRefused, UsageError
+from .fileio import pread_full
 from .handoff import unsettled
 from .refetch import why_base_cannot_supply
 from .store import CacheStore, ChunkState, ImageRecord
@@ -50,7 +50,7 @@ def _find_bad(store: CacheStore, record: ImageRecord) -> tuple[int, list[int]]:
     for index, state in enumerate(states):
         if state not in (ChunkState.CLEAN, ChunkState.ZERO):
             continue
-        data = os.pread(fd, geometry.chunk_length(index), geometry.chunk_start(index))
+        data = pread_full(fd, geometry.chunk_length(index), geometry.chunk_start(index))
         checked += 1
         ok = is_zero(data) if state == ChunkState.ZERO else chunk_digest(data) == digests.get(index)
         if not ok:

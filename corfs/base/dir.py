@@ -20,6 +20,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
+from ..fileio import preadv_full
 from . import valid_entry
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class DirImage:
             raise BaseChanged(f"base image {self.path} changed since it was opened")
         data = aligned_buffer(length)
         try:
-            got = os.preadv(fd, [data], offset)
+            got = preadv_full(fd, data, offset)
         except OSError as exc:
             raise TransientBaseError(f"reading {self.path}: {exc.strerror}") from exc
         if got != length:

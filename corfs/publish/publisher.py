@@ -39,6 +39,7 @@ import zstandard
 from ..base.published import decompress_chunk
 from ..digest import chunk_digest, is_zero
 from ..errors import BaseCorrupt, CorfsError, UsageError
+from ..fileio import pread_full
 from ..manifest import (
     INDEX_KEY,
     MAX_CHUNK_SIZE,
@@ -143,7 +144,7 @@ class _Publisher:
 
     def _chunk(self, fd: int, path: str, index: int, length: int) -> _ChunkResult:
         try:
-            data = os.pread(fd, length, index * self.chunk_size)
+            data = pread_full(fd, length, index * self.chunk_size)
         except OSError as exc:
             raise CorfsError(f"reading {path}: {exc.strerror}") from None
         if len(data) != length:
