@@ -208,7 +208,7 @@ class DataFile:
         A short count is not a failure by itself: Linux takes at most 2 GiB - 4 KiB per call
         (MAX_RW_COUNT), so the rest is written by further calls; one that fails or takes
         nothing after some bytes landed is a ShortWrite (the caller's "some bytes changed")."""
-        todo = [memoryview(piece).cast("B") for piece in pieces]
+        todo = [view for piece in pieces if len(view := memoryview(piece).cast("B"))]
         done = 0
         while todo:
             try:
@@ -219,7 +219,7 @@ class DataFile:
                 error = cache_os_error(exc, f"writing {self.name}")
                 if done:
                     short = f"short write to the data file of {self.name}: {error}"
-                    raise ShortWrite(short) from None
+                    raise ShortWrite(short, error.errno) from None
                 raise error from None
             self._on_written(written)
             if written <= 0:

@@ -59,7 +59,12 @@ class CacheFull(CacheError):
 
 
 class ShortWrite(CacheFull):
-    """The data file took part of a write: some bytes changed, not all."""
+    """The data file took part of a write: some bytes changed, not all. Its errno is that of
+    the failure that stopped it (ENOSPC when the file just took no more)."""
+
+    def __init__(self, message: str, errno_: int = errno.ENOSPC) -> None:
+        super().__init__(message)
+        self.errno = errno_
 
 
 class ReadOnlyError(CorfsError):

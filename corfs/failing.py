@@ -45,6 +45,7 @@ class FailingChunks:
             group = self._groups
         for index in indexes:
             if self._is_absent(index):
+                self._failures.pop(index, None)  # to the end: `latest` is the last recorded
                 self._failures[index] = (why, group)
 
     def healed(self, index: int) -> None:

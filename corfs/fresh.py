@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .buffers import aligned_copy
 from .digest import Buffer
 
 
@@ -44,6 +45,12 @@ class FreshChunks:
 
     def keep(self, index: int, data: Buffer) -> None:
         self.drop(index)
+        if _buffer_of(data)[1] > self.limit_bytes:
+            # A buffer larger than the whole limit (a run of large chunks): a view of it would
+            # push out every other entry, then itself. The chunk alone, copied, may fit.
+            if len(data) > self.limit_bytes:
+                return
+            data = aligned_copy(data)
         self._chunks[index] = data
         self._hold(data)
         while self._bytes > self.limit_bytes and self._chunks:
@@ -76,5 +83,6 @@ class FreshChunks:
 def _buffer_of(data: Buffer) -> tuple[int, int]:
     """(id, size) of the object whose memory `data` keeps alive: a view's exporter (a fetch
     buffer, a bytearray, bytes), or `data` itself. The id is unique while an entry holds it."""
-    owner = data.obj if isinstance(data, memoryview) else data
-    return id(owner), memoryview(owner).nbytes
+    owner = data.obj if isinstance(data, memoryview) and data.obj is not None else data
+    with memoryview(owner) as view:
+        return id(owner), view.nbytes

@@ -33,7 +33,7 @@ from .fresh import FreshChunks
 SMALL_READ = 64 << 10  # a miss up to this size (or one block) may take a range
 # Memory of the blocks kept for re-reads, per image, counted as the buffers they keep alive
 # (fresh.py): a 4 KiB block's takes 8 KiB (buffers.py: small buffers are part of a bytearray
-# one page longer), so 2048 blocks.
+# one page longer), so 2048 blocks of the default 4 KiB.
 RANGE_CACHE_BYTES = 16 << 20
 
 

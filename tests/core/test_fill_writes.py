@@ -19,7 +19,7 @@ import trio
 from corfs.buffers import aligned_copy
 from corfs.datafile import FOLIO_SPAN, DataFile, Way
 from corfs.digest import Buffer
-from corfs.errors import CacheFull
+from corfs.errors import CacheError, CacheFull
 from corfs.store import CacheStore, ChunkState
 from tests.core.rig import CS, random_bytes, resident_pages
 
@@ -160,15 +160,18 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
     trio.run(main)
 
 
-def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, monkeypatch):
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO])
+def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(
+    rig_factory, monkeypatch, failure
+):
     data = random_bytes(4 * CS, seed=10)
 
     calls = []
 
-    def half_write(fd: int, pieces, offset: int) -> int:  # a disk filling up: half, then full
+    def half_write(fd: int, pieces, offset: int) -> int:  # half, then the disk fails
         calls.append(offset)
         if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(failure, os.strerror(failure))
         whole = b"".join(bytes(piece) for piece in pieces)
         return real_pwrite(fd, whole[: len(whole) // 2], offset)
 
@@ -180,9 +183,10 @@ def test_a_short_write_marks_its_chunks_dirty_and_drops_kept_bytes(rig_factory, 
             assert bytes(await image.read(CS, 100)) == data[CS : CS + 100]  # kept, not all read
             await image.wait_stored()
             monkeypatch.setattr(os, "pwritev", half_write)
-            with pytest.raises(CacheFull):
+            with pytest.raises(CacheError) as info:
                 await image.write(CS, b"\xaa" * 200)
             monkeypatch.undo()
+            assert info.value.errno == failure  # the VM sees why (ENOSPC pauses it in QEMU)
             # 100 bytes landed: the chunk is no longer the base's, and reads show the file.
             assert image.state_of(1) == ChunkState.DIRTY
             expected = b"\xaa" * 100 + data[CS + 100 : CS + 200]

@@ -29,3 +29,11 @@ def test_a_chunk_of_a_whole_failed_fill_heals_the_rest_of_that_fill_only() -> No
     assert failing.indexes() == [8, 9]
     failing.healed(5)  # never failing: nothing happens
     assert failing.indexes() == [8, 9]
+
+
+def test_a_chunk_failing_again_makes_its_reason_the_latest() -> None:
+    failing = FailingChunks(lambda i: True)
+    failing.record([1], "first")
+    failing.record([2], "second")
+    failing.record([1], "third")  # chunk 1 again: its new reason is the latest
+    assert failing.latest == "third"

@@ -54,3 +54,21 @@ def test_chunks_of_one_fetch_buffer_count_it_once_and_whole() -> None:
     assert fresh.indexes() == [20, 21, 11]
     fresh.keep(5, bytes(CHUNK))  # bytes are their own buffer
     assert fresh.indexes() == [11, 5]  # run 2's buffer went: 8 chunks' worth was passed
+
+
+def test_a_chunk_of_a_buffer_larger_than_the_limit_is_kept_as_a_copy() -> None:
+    """A view would count its whole buffer and push out every other entry, then itself (a run
+    of 8 chunks of 16 MiB is 128 MiB, twice the limit): the chunk is copied instead, and one
+    larger than the limit is not kept at all, the others staying."""
+    fresh = FreshChunks(limit_bytes=4 * CHUNK)
+    small = aligned_buffer(2 * CHUNK)
+    fresh.keep(1, small[:CHUNK])
+    big = aligned_buffer(8 * CHUNK)
+    big[:] = bytes(range(256)) * (8 * CHUNK // 256)
+    fresh.keep(2, big[CHUNK : 2 * CHUNK])
+    assert fresh.indexes() == [1, 2]
+    kept = fresh.get(2)
+    assert kept is not None and bytes(kept) == bytes(big[CHUNK : 2 * CHUNK])
+    assert isinstance(kept, memoryview) and kept.obj is not big.obj  # a copy
+    fresh.keep(3, big[: 5 * CHUNK])  # larger than the limit itself: not kept
+    assert fresh.indexes() == [1, 2]
