@@ -156,7 +156,10 @@ class BaseImage(Protocol):
 class BaseStore(Protocol):
     description: str  # safe for logs: no credentials
 
-    async def list_images(self) -> Sequence[BaseImage]: ...
+    async def list_images(self) -> Sequence[BaseImage]:
+        """The images of the base now; for a remote base, the first call after open_base
+        returns the listing opening it took (callers list right after opening)."""
+        ...
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:
         """The whole object at `key`, a '/'-separated path relative to the base (published

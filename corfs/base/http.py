@@ -54,7 +54,14 @@ from ..errors import (
     UsageError,
 )
 from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
-from .http_policy import AuthHeader, origin_of, parse_byte_count, read_body, send
+from .http_policy import (
+    AuthHeader,
+    encoded,
+    origin_of,
+    parse_byte_count,
+    read_body,
+    send,
+)
 from .http_wire import (
     PlainReader,
     Validator,
@@ -170,9 +177,7 @@ class HttpReader:
             resp = await send(self.client, "GET", url, self.auth, headers)
             try:
                 final = str(resp.url)
-                if resp.status_code in (200, 206) and (
-                    resp.headers.get("content-encoding", "identity").strip().lower() != "identity"
-                ):
+                if resp.status_code in (200, 206) and encoded(resp.headers):
                     # We asked for identity: the body is not the image's bytes (aiter_raw
                     # gives them still encoded), whatever its Content-Range says.
                     raise BaseProtocolError(
@@ -194,7 +199,9 @@ class HttpReader:
                         # As the lean reader: a body that is not exactly the range is no
                         # proof of which of its bytes are the range's.
                         raise TransientBaseError(f"{what}: answer has the wrong Content-Length")
-                    return await self._collect(resp, 0, length, what), final
+                    # Without a Content-Length (chunked), the body must end with the range.
+                    body = await self._collect(resp, 0, length, what, whole=declared is None)
+                    return body, final
                 if resp.status_code == 200:
                     validator.check(resp.headers, what)
                     if validator.etag and "etag" not in resp.headers:
@@ -213,12 +220,16 @@ class HttpReader:
             finally:
                 await resp.aclose()
 
-    async def _collect(self, resp: httpx.Response, skip: int, length: int, what: str) -> memoryview:
+    async def _collect(
+        self, resp: httpx.Response, skip: int, length: int, what: str, *, whole: bool = False
+    ) -> memoryview:
         """Exactly `length` bytes after skipping `skip`; TransientBaseError if the body ends
-        early. Stops reading (and drops the connection) once it has them."""
+        early, or with `whole` if it goes on after them (an answer without Content-Length).
+        Stops reading (and drops the connection) once it has them."""
         out = view = aligned_buffer(length)
         pos = -skip  # where the next piece starts, relative to the first wanted byte
-        async for piece in resp.aiter_raw():
+        pieces = resp.aiter_raw()
+        async for piece in pieces:
             start = max(0, -pos)
             if start < len(piece):
                 dst = max(pos, 0)
@@ -229,6 +240,8 @@ class HttpReader:
                 break
         if pos < length:
             raise TransientBaseError(f"{what}: body ended early ({max(pos, 0)} of {length} bytes)")
+        if whole and (pos > length or len(await anext(pieces, b""))):
+            raise TransientBaseError(f"{what}: answer runs past the range")
         return out
 
 

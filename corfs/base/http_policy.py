@@ -104,6 +104,13 @@ async def send(
     raise BaseUnavailable(f"{describe_url(url)}: more than {MAX_REDIRECTS} redirects")
 
 
+def encoded(headers: httpx.Headers) -> bool:
+    """Whether an answer's body is in a Content-Encoding: corfs asks for identity, and takes
+    nothing else (decoding would let a small body expand without bound, and raw bytes are not
+    the image's)."""
+    return headers.get("content-encoding", "identity").strip().lower() != "identity"
+
+
 async def read_body(resp: httpx.Response, max_bytes: int, deadline: float, what: str) -> bytes:
     """The whole body of a streamed answer, at most `max_bytes` (else BaseProtocolError after
     reading no more than that), within `deadline` seconds (else TransientBaseError)."""
@@ -113,7 +120,7 @@ async def read_body(resp: httpx.Response, max_bytes: int, deadline: float, what:
         declared = parse_byte_count(declared_text, what, "Content-Length")
         if declared > max_bytes:
             raise BaseProtocolError(f"{what}: body of {declared} bytes is over the {max_bytes} cap")
-    if resp.headers.get("content-encoding", "identity").lower() != "identity":
+    if encoded(resp.headers):
         # We asked for identity; decoding would let a small body expand without bound.
         raise BaseProtocolError(f"{what}: compressed answer to a request for identity encoding")
     pieces: list[bytes] = []

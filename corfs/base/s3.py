@@ -10,7 +10,8 @@ abandoned call keeps its limiter slot until its thread ends. Signing and credent
 botocore's: env, shared config / profile, instance role. Invariants:
 - An image's identity is its ETag plus size, and every ranged GetObject carries IfMatch with
   that ETag and is checked (Content-Range, exact length, ETag): a changed object raises
-  BaseChanged, never bytes of another version.
+  BaseChanged, never bytes of another version. An endpoint that sends no ETag (not S3 itself)
+  leaves only the size: a warning says that changes cannot be detected, as for HTTP.
 - botocore's own retries are off (the fetcher retries); connect/read timeouts derive from
   --io-timeout, so a silent endpoint becomes TransientBaseError.
 - Messages name the bucket and key, never credentials. botocore's exceptions become the error
@@ -96,6 +97,8 @@ class S3Base:
         self.options = options
         self.listed_at_open: list[S3Image] | None = None  # list_images: given out once
         self.limiter = trio.CapacityLimiter(max(1, options.max_connections))
+        # Calls outside the fetcher queue here before their --io-timeout starts (_run_within)
+        self._queued = trio.Semaphore(max(1, options.max_connections))
         stall = stall_timeout(options)
         try:
             session = boto3.session.Session(profile_name=options.profile)
@@ -127,9 +130,12 @@ class S3Base:
     async def _run_within(self, what: str, fn: Any, *args: Any) -> Any:
         """`_run` with a deadline of --io-timeout, for calls outside the fetcher (listing,
         HEAD, whole objects): botocore's timeouts are per socket read, so an endpoint that
-        trickles would otherwise hold a listing, and the mount, without bound."""
-        with trio.move_on_after(self.options.io_timeout) as scope:
-            return await self._run(fn, *args)
+        trickles would otherwise hold a listing, and the mount, without bound. The deadline
+        starts once the call has its turn: a listing of many published images reads their
+        manifests all at once, and those queued behind the others must not time out."""
+        async with self._queued:
+            with trio.move_on_after(self.options.io_timeout) as scope:
+                return await self._run(fn, *args)
         assert scope.cancelled_caught
         raise TransientBaseError(
             f"{what}: answer not received within {self.options.io_timeout:g}s"
@@ -200,6 +206,8 @@ class S3Base:
     def _image(self, key: str, sent_size: object, etag: str) -> S3Image:
         """BaseProtocolError (for this object only) if its size is absurd."""
         size = checked_size(sent_size, self._what(key))
+        if not etag:  # S3 always sends one; an S3-compatible endpoint may not
+            log.warning("%s has no ETag: changes cannot be detected", self._what(key))
         return S3Image(
             name=key.rsplit("/", 1)[-1],
             size=size,
@@ -221,13 +229,9 @@ class S3Base:
                 self._what(self.prefix), self._head_sync, self.prefix
             )
             return [self._image(self.prefix, size, etag)]
-        # botocore's timeouts are per socket read: a trickling endpoint would never trip them.
-        with trio.move_on_after(self.options.io_timeout) as scope:
-            objects = await self._run(self._list_sync, self.prefix)
-        if scope.cancelled_caught:
-            raise TransientBaseError(
-                f"{self.description}: listing not received within {self.options.io_timeout:g}s"
-            )
+        objects = await self._run_within(
+            f"{self.description} (listing)", self._list_sync, self.prefix
+        )
         images = []
         for key, size, etag in objects:
             name = key.rsplit("/", 1)[-1]
