@@ -24,6 +24,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
         │   └── BaseProtocolError   EIO, exit 5      an answer no sane server sends (absurd
         │                                            sizes, unparseable numbers, oversized body)
         ├── TransientBaseError      EIO, exit 5      worth retrying (5xx, reset, stall)
+        │   └── RedirectTargetDown  EIO, exit 5      an image's redirect to another origin
+        │                                            does not answer: that image's failure
         └── ChunkUnavailable        EIO, exit 5      a read's chunk: its base object or image
                                                      is gone or forbidden (never ENOENT/EACCES)
     QmpError (under CorfsError)     EIO, exit 1      QEMU's monitor unreachable or refusing
@@ -139,6 +141,12 @@ class BaseProtocolError(BaseCorrupt):
 
 class TransientBaseError(BaseError):
     """A failure that may go away: the fetcher retries it until --io-timeout."""
+
+
+class RedirectTargetDown(TransientBaseError):
+    """The base answered with a redirect to another origin (a mirror, a CDN) that does not
+    answer. Retried like any transient failure, but a listing leaves that one image out: the
+    base itself answers, and its other images must not fail with it."""
 
 
 class ChunkUnavailable(BaseError):

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..digest import Buffer
-from ..errors import BaseError, BaseUnreachable, CorfsError, TransientBaseError, UsageError
+from ..errors import (
+    BaseError,
+    BaseUnreachable,
+    CorfsError,
+    RedirectTargetDown,
+    TransientBaseError,
+    UsageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,8 @@ def skip_bad_entry(base: str, name: str) -> Iterator[None]:
     would make a flaky base look like one whose images are gone."""
     try:
         yield
+    except RedirectTargetDown as exc:  # the base answers; the place it sends us does not
+        leave_out(base, name, exc)
     except (BaseUnreachable, TransientBaseError):
         raise
     except BaseError as exc:

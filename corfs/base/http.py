@@ -50,6 +50,7 @@ from ..errors import (
     BaseProtocolError,
     BaseUnavailable,
     BaseUnreachable,
+    RedirectTargetDown,
     TransientBaseError,
     UsageError,
 )
@@ -65,6 +66,7 @@ from .http_policy import (
 from .http_wire import (
     PlainReader,
     Validator,
+    connect_error,
     httpx_errors,
     parse_content_range,
     status_error,
@@ -245,6 +247,21 @@ class HttpReader:
         return out
 
 
+def _raise_if_redirect_target(exc: httpx.TransportError, url: str, what: str) -> None:
+    """RedirectTargetDown if `exc` is a redirect's target, at another origin than `url`,
+    not answering (a bad certificate there stays what it is: no retry helps)."""
+    try:
+        target = str(exc.request.url)
+    except RuntimeError:  # no request attached: not ours to tell
+        return
+    if origin_of(target) == origin_of(url):
+        return
+    error = connect_error(exc, describe_url(target))
+    if isinstance(error, BaseUnreachable):
+        raise RedirectTargetDown(f"{what}: redirected to {error}") from None
+    raise error from None
+
+
 class HttpBase:
     """A base over HTTP(S): one image, or the images listed at a URL ending in '/'."""
 
@@ -270,7 +287,11 @@ class HttpBase:
         forever. The data path is bounded by the fetcher's deadline instead."""
         with trio.move_on_after(self.options.io_timeout) as scope:
             with httpx_errors(what, opening=True):
-                return await send(self.client, method, url, self.auth, headers)
+                try:
+                    return await send(self.client, method, url, self.auth, headers)
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    _raise_if_redirect_target(exc, url, what)
+                    raise
         assert scope.cancelled_caught
         raise TransientBaseError(f"{what}: no answer within {self.options.io_timeout:g}s")
 

@@ -19,7 +19,7 @@ from corfs.base.http import open_http_base
 from corfs.base.http_policy import MAX_REDIRECTS
 from corfs.errors import BaseUnavailable
 from tests.hostile import HostileServer
-from tests.servers import Nginx, TlsFiles, make_tls
+from tests.servers import Nginx, TlsFiles, free_port, make_tls
 
 TOKEN = "Bearer x"
 DATA = os.urandom(300_000)
@@ -62,7 +62,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     location = /same/disk.raw {{ return 302 /auth/disk.raw; }}
     location = /loop/disk.raw {{ return 302 /loop/disk.raw; }}
     location = /plaincross/disk.raw {{ return 302 http://127.0.0.1:{plain.port}/disk.raw; }}
+    location = /mixed/mirrored.raw {{ return 302 http://127.0.0.1:{free_port()}/disk.raw; }}
 """
+        mixed = base / "g" / "mixed"  # a dir base: good.raw here, mirrored.raw on a dead mirror
+        mixed.mkdir(parents=True)
+        (mixed / "good.raw").write_bytes(DATA)
+        (mixed / "index.json").write_text(
+            '{"images": [{"name": "good.raw"}, {"name": "mirrored.raw"}]}'
+        )
         front = start(Nginx(root=base / "f", workdir=base / "fw", tls=tls, locations=redirects),
                       base / "f")
         pfront = start(Nginx(root=base / "g", workdir=base / "gw", locations=redirects),
@@ -176,3 +183,25 @@ def test_expired_redirect_target_is_resolved_again(servers, lean: bool) -> None:
         trio.run(main)
     finally:
         redirector.stop()
+
+
+def test_an_image_redirected_to_a_mirror_that_does_not_answer_is_left_out_alone(
+    servers, token, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bad image fails only itself: the base answers, one image's redirect target (a
+    mirror at another origin) does not. Before, that failed the whole listing as a base that
+    does not answer (a mount then served none of the base's images, and kept retrying)."""
+
+    async def main() -> None:
+        store = await open_base(servers.plain_front.url + "mixed/", servers.options())
+        try:
+            (image,) = await store.list_images()
+            assert image.name == "good.raw"
+            assert bytes(await image.read(0, 1000)) == DATA[:1000]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    left_out = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
+    assert len(left_out) == 1 and "'mirrored.raw'" in left_out[0], left_out
+    assert "redirected to" in left_out[0] and "connection refused" in left_out[0]
