@@ -97,3 +97,11 @@ class HostileServer:
             return
         finally:
             sock.close()
+
+
+def serve(servers: list[HostileServer], route: Route) -> HostileServer:
+    """A HostileServer answering with `route`, stopped with `servers` (the store tests'
+    `hostile` fixture)."""
+    server = HostileServer(route).start()
+    servers.append(server)
+    return server

@@ -17,6 +17,7 @@ import pytest
 
 from corfs.base import BaseOptions
 from corfs.errors import BaseError, BaseNotFound, UsageError
+from tests.hostile import HostileServer
 from tests.proxy import FaultProxy
 from tests.servers import TEST_BUCKET, Nginx
 
@@ -147,3 +148,12 @@ def site(nginx_server: Nginx) -> Iterator[Site]:
     proxy = FaultProxy(upstream_port=nginx_server.port).start()
     yield Site(nginx_server, proxy, f"r{next(_serial)}-{os.getpid()}/")
     proxy.stop()
+
+
+@pytest.fixture
+def hostile() -> Iterator[list[HostileServer]]:
+    """The HostileServers a test starts (tests.hostile.serve), stopped after it."""
+    servers: list[HostileServer] = []
+    yield servers
+    for server in servers:
+        server.stop()

@@ -6,7 +6,6 @@ ValueError. The server counts what it really sent, so the tests see the client s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -23,25 +22,11 @@ from corfs.errors import (
 )
 from corfs.manifest import MAX_MANIFEST_BYTES, Manifest, chunk_key
 from corfs.refetch import why_base_cannot_supply
-from tests.hostile import HostileServer, MiB, Route, huge_body, trickle
+from tests.hostile import MiB, Route, huge_body, serve, trickle
 
 FAST = BaseOptions(io_timeout=3.0)
 HUGE = 600 * MiB
 SLACK = 8 * MiB  # socket buffers on both sides may hold some of what the server sent
-
-
-@pytest.fixture
-def hostile() -> Iterator[list[HostileServer]]:
-    servers: list[HostileServer] = []
-    yield servers
-    for server in servers:
-        server.stop()
-
-
-def serve(servers: list[HostileServer], route: Route) -> HostileServer:
-    server = HostileServer(route).start()
-    servers.append(server)
-    return server
 
 
 def image_route(size_header: str, content_range: str | None = None) -> Route:

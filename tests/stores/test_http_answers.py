@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -16,121 +16,75 @@ import trio
 from corfs.base import BaseOptions, open_base
 from corfs.base.http import open_http_base
 from corfs.errors import BaseProtocolError, BaseUnavailable, TransientBaseError
-from tests.hostile import HostileServer, Route
+from tests.hostile import Route, serve
 
 FAST = BaseOptions(io_timeout=3.0)
 SIZE = 1 << 20
 DATA = os.urandom(SIZE)  # incompressible: gzip of a range is longer than the range
 
 
-@pytest.fixture
-def hostile() -> Iterator[list[HostileServer]]:
-    servers: list[HostileServer] = []
-    yield servers
-    for server in servers:
-        server.stop()
+Headers = list[tuple[str, str]]
 
 
-def serve(servers: list[HostileServer], route: Route) -> HostileServer:
-    server = HostileServer(route).start()
-    servers.append(server)
-    return server
+def range_route(shape: Callable[[bytes], tuple[Headers, bytes]]) -> Route:
+    """/disk.raw: its HEAD tells SIZE; a ranged GET is answered 206 with the range's
+    Content-Range, and the headers and body `shape` makes of the range's bytes."""
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if path != "/disk.raw":
+            return None
+        if method == "HEAD":
+            return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        more, body = shape(DATA[first : last + 1])
+        return 206, [
+            ("Content-Range", f"bytes {first}-{last}/{SIZE}"), ("ETag", '"e"'), *more
+        ], [body]
+
+    return route
 
 
-def gzipping_route(method: str, path: str, headers: dict[str, str]):
-    """/disk.raw, whose ranged GETs are answered with the range gzipped on the fly (as a
-    misconfigured proxy does, whatever Accept-Encoding said), Content-Range of the range."""
-    if path != "/disk.raw":
-        return None
-    if method == "HEAD":
-        return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
-    first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
-    body = gzip.compress(DATA[first : last + 1])
-    return 206, [
-        ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
-        ("Content-Length", str(len(body))),
-        ("Content-Encoding", "gzip"),
-        ("ETag", '"e"'),
-    ], [body]
+def gzipped(data: bytes) -> tuple[Headers, bytes]:
+    """Gzipped on the fly, as a misconfigured proxy does whatever Accept-Encoding said."""
+    body = gzip.compress(data)
+    return [("Content-Length", str(len(body))), ("Content-Encoding", "gzip")], body
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_a_compressed_range_answer_is_never_served_as_image_bytes(hostile, lean: bool) -> None:
-    server = serve(hostile, gzipping_route)
-
-    async def main() -> None:
-        store = await open_http_base(server.url + "disk.raw", FAST)
-        try:
-            store.reader.use_plain = lean
-            (image,) = await store.list_images()
-            with pytest.raises(BaseProtocolError, match="compressed"):  # never the gzip bytes
-                await image.read(4096, 4096)
-        finally:
-            await store.aclose()
-
-    trio.run(main)
+def longer(data: bytes) -> tuple[Headers, bytes]:
+    """A body (and Content-Length) longer than the range: which bytes are the range's is
+    anybody's guess."""
+    body = b"JUNK" + data
+    return [("Content-Length", str(len(body)))], body
 
 
-def overlong_route(method: str, path: str, headers: dict[str, str]):
-    """A 206 with the right Content-Range whose body (and Content-Length) is longer than
-    the range: which bytes are the range's is anybody's guess."""
-    if path != "/disk.raw":
-        return None
-    if method == "HEAD":
-        return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
-    first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
-    body = b"JUNK" + DATA[first : last + 1]
-    return 206, [
-        ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
-        ("Content-Length", str(len(body))),
-        ("ETag", '"e"'),
-    ], [body]
-
-
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_a_range_answer_longer_than_its_content_range_is_refused(hostile, lean: bool) -> None:
-    server = serve(hostile, overlong_route)
-
-    async def main() -> None:
-        store = await open_http_base(server.url + "disk.raw", FAST)
-        try:
-            store.reader.use_plain = lean
-            (image,) = await store.list_images()
-            with pytest.raises(TransientBaseError, match="Content-Length"):
-                await image.read(4096, 4096)
-        finally:
-            await store.aclose()
-
-    trio.run(main)
-
-
-def chunked_overlong_route(method: str, path: str, headers: dict[str, str]):
+def chunked_longer(data: bytes) -> tuple[Headers, bytes]:
     """The same in chunked encoding: no Content-Length to check, so the body itself must end
     with the range (the lean reader hands chunked answers to httpx)."""
-    if path != "/disk.raw":
-        return None
-    if method == "HEAD":
-        return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
-    first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
-    body = b"JUNK" + DATA[first : last + 1]
-    framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    return 206, [
-        ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
-        ("Transfer-Encoding", "chunked"),
-        ("ETag", '"e"'),
-    ], [framed]
+    body = b"JUNK" + data
+    return [("Transfer-Encoding", "chunked")], b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
-def test_a_chunked_range_answer_longer_than_its_range_is_refused(hostile, lean: bool) -> None:
-    server = serve(hostile, chunked_overlong_route)
+@pytest.mark.parametrize(
+    "route, refusal, says",
+    [
+        (range_route(gzipped), BaseProtocolError, "compressed"),  # never the gzip bytes
+        (range_route(longer), TransientBaseError, "Content-Length"),
+        (range_route(chunked_longer), TransientBaseError, "past the range"),  # not JUNK...
+    ],
+    ids=["compressed", "longer", "chunked-longer"],
+)
+def test_an_answer_that_is_not_exactly_the_range_is_refused(
+    hostile, lean: bool, route: Route, refusal: type[Exception], says: str
+) -> None:
+    server = serve(hostile, route)
 
     async def main() -> None:
         store = await open_http_base(server.url + "disk.raw", FAST)
         try:
             store.reader.use_plain = lean
             (image,) = await store.list_images()
-            with pytest.raises(TransientBaseError, match="past the range"):  # not JUNK + ...
+            with pytest.raises(refusal, match=says):
                 await image.read(4096, 4096)
         finally:
             await store.aclose()
