@@ -69,7 +69,13 @@ def qemu(sock_dir: Path) -> Iterator[Callable[..., Qemu]]:
                 proc.kill()
                 pytest.fail(f"QEMU did not start: {proc.communicate()[1].decode()}")
             time.sleep(0.02)
-        q = Qemu(proc, connect_socket(str(sock), timeout=10))
+        try:
+            monitor = connect_socket(str(sock), timeout=10)
+        except BaseException:
+            proc.kill()  # not in `started` yet: nothing else would stop it
+            proc.wait()
+            raise
+        q = Qemu(proc, monitor)
         started.append(q)
         return q
 
