@@ -26,6 +26,7 @@ and receives); an answer it does not expect is redone here through botocore.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,7 +263,7 @@ class S3Base:
                     declared = resp.get("ContentLength")
                     if declared is not None and checked_size(declared, what) > max_bytes:
                         raise BaseProtocolError(f"{what}: {declared} bytes is over the cap")
-                    data = body.read(max_bytes + 1)  # the body is a stream: never all of it
+                    data = _read_within(body, max_bytes + 1, self.options.io_timeout, what)
                 finally:
                     body.close()
             except BaseError:
@@ -281,6 +282,26 @@ class S3Base:
         self.wire.close()
         # Not under the limiter: abandoned calls may still hold its slots.
         await trio.to_thread.run_sync(self.client.close, abandon_on_cancel=True)
+
+
+def _read_within(body: Any, limit: int, seconds: float, what: str) -> bytes:
+    """At most `limit` bytes of a GetObject body, in --io-timeout: the thread of a call that
+    was abandoned at its deadline (_run_within) ends too, instead of reading a trickling body
+    for hours with a connection slot held. Each read returns what has arrived (read1)."""
+    raw: Any = getattr(body, "_raw_stream", body)  # botocore's StreamingBody: urllib3 below
+    read = raw.read1 if hasattr(raw, "read1") else body.read
+    deadline = time.monotonic() + seconds
+    pieces: list[bytes] = []
+    got = 0
+    while got < limit:
+        piece = read(min(limit - got, 1 << 20))
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+        if time.monotonic() > deadline:
+            raise TransientBaseError(f"{what}: body not received within {seconds:g}s")
+    return b"".join(pieces)
 
 
 async def open_s3_base(url: str, options: BaseOptions) -> S3Base:

@@ -67,6 +67,12 @@ def test_a_trickling_manifest_ends_the_s3_listing_within_io_timeout(aws_env) -> 
             assert not scope.cancelled_caught, "the listing hung past --io-timeout"
             assert manifest_asked == ["GET"]
             assert elapsed < options.io_timeout + 2
+            # The abandoned worker thread stops reading too (it held a connection slot while
+            # the body trickled: repeated listings could use them all up).
+            await trio.sleep(1.5)
+            sent = server.body_bytes_sent
+            await trio.sleep(1.0)
+            assert server.body_bytes_sent == sent, "the body is still being read"
 
         trio.run(main)
     finally:
