@@ -10,7 +10,7 @@ import os
 
 def preadv_full(fd: int, buffer: memoryview, offset: int) -> int:
     """Read into all of `buffer` from `offset`: the bytes read, fewer only at end of file."""
-    view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+    view = buffer.cast("B")
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -22,15 +22,12 @@ def preadv_full(fd: int, buffer: memoryview, offset: int) -> int:
 
 def pread_full(fd: int, length: int, offset: int) -> bytes:
     """`length` bytes from `offset`, fewer only at end of file."""
-    data = os.pread(fd, length, offset)
-    if len(data) == length or not data:
-        return data
-    pieces = [data]
-    done = len(data)
+    pieces: list[bytes] = []
+    done = 0
     while done < length:
         more = os.pread(fd, length - done, offset + done)
         if not more:
             break
         pieces.append(more)
         done += len(more)
-    return b"".join(pieces)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)

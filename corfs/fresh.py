@@ -45,14 +45,16 @@ class FreshChunks:
 
     def keep(self, index: int, data: Buffer) -> None:
         self.drop(index)
-        if _buffer_of(data)[1] > self.limit_bytes:
+        key, size = _buffer_of(data)
+        if size > self.limit_bytes:
             # A buffer larger than the whole limit (a run of large chunks): a view of it would
             # push out every other entry, then itself. The chunk alone, copied, may fit.
             if len(data) > self.limit_bytes:
                 return
             data = aligned_copy(data)
+            key, size = _buffer_of(data)
         self._chunks[index] = data
-        self._hold(data)
+        self._hold(key, size)
         while self._bytes > self.limit_bytes and self._chunks:
             _, oldest = self._chunks.popitem(last=False)
             self._let_go(oldest)
@@ -62,8 +64,7 @@ class FreshChunks:
         if data is not None:
             self._let_go(data)
 
-    def _hold(self, data: Buffer) -> None:
-        key, size = _buffer_of(data)
+    def _hold(self, key: int, size: int) -> None:
         counted = self._buffers.get(key)
         if counted is None:
             self._buffers[key] = [1, size]
