@@ -232,10 +232,14 @@ def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:
     from .base import BaseOptions
+    from .manifest import MAX_CHUNK_SIZE
 
-    if args.chunk_size < 4096 or args.chunk_size & (args.chunk_size - 1):
+    # Bounded as a manifest's chunks are: one foreground fill holds up to MAX_FOREGROUND_RUN
+    # chunks in memory (a mistyped --chunk-size 4G asked for 32 GiB at the first miss).
+    if not 4096 <= args.chunk_size <= MAX_CHUNK_SIZE or args.chunk_size & (args.chunk_size - 1):
         raise UsageError(
-            f"--chunk-size must be a power of two of at least 4k, not {args.chunk_size}"
+            f"--chunk-size must be a power of two from 4k to {MAX_CHUNK_SIZE >> 20}M, "
+            f"not {args.chunk_size}"
         )
     if args.random_range < 4096 or args.random_range & (args.random_range - 1):
         raise UsageError(

@@ -193,7 +193,13 @@ def test_only_regular_files_and_inner_symlinks_are_exposed(dirs, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "option", [("--chunk-size", "3k"), ("--random-range", "6k"), ("--random-range", "2k")]
+    "option",
+    [
+        ("--chunk-size", "3k"),
+        ("--chunk-size", "128M"),  # beyond a manifest's largest chunk: memory per fill
+        ("--random-range", "6k"),
+        ("--random-range", "2k"),
+    ],
 )
 def test_cli_itself_has_no_traceback_for_bad_options(dirs, option):
     result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, *option)
