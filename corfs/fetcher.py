@@ -81,8 +81,9 @@ class FetcherStatistics:
     dedup_hits: int
 
 
-# Looks a digest up in the local cache: verified bytes of a chunk already local, or None.
-LocalLookup = Callable[[bytes], Buffer | None]
+# Looks a digest and length up in the local cache: verified bytes of a chunk already local,
+# or None.
+LocalLookup = Callable[[bytes, int], Buffer | None]
 # Told of every base request as it ends: seconds, outcome (ok | retried | failed), the error.
 RequestObserver = Callable[[float, str, BaseException | None], None]
 
@@ -209,7 +210,7 @@ class Fetcher:
             if expected is None:
                 results[index] = FetchedChunk(index, None, None)
                 continue
-            local = local_lookup(expected) if local_lookup else None
+            local = local_lookup(expected, geometry.chunk_length(index)) if local_lookup else None
             if local is not None:
                 self.dedup_hits += 1
                 results[index] = FetchedChunk(index, local, expected)

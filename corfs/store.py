@@ -451,10 +451,12 @@ class CacheStore:
         """A buffered write outside a mount's Image (offline tools, tests)."""
         self.data_file(name).write(offset, data)
 
-    def read_by_digest(self, digest: bytes) -> Buffer | None:
-        """Verified bytes of a clean chunk with this digest, from any image here (dedup), in an
-        aligned buffer so that they, too, are stored with O_DIRECT; None if there is none or
-        its bytes no longer match."""
+    def read_by_digest(self, digest: bytes, length: int) -> Buffer | None:
+        """Verified bytes of a clean chunk of `length` bytes with this digest, from any image
+        here (dedup), in an aligned buffer so that they, too, are stored with O_DIRECT; None if
+        there is none or its bytes no longer match. The length is checked too: a manifest may
+        name, for a chunk, the digest of a chunk of another length (another chunk size, a
+        short last chunk), and those bytes would be stored over the chunks after it."""
         found = self.find_by_digest(digest)
         if found is None:
             return None
@@ -463,6 +465,8 @@ class CacheStore:
         if record is None:
             return None
         geometry = record.geometry
+        if geometry.chunk_length(index) != length:
+            return None
         try:
             data = self.data_file(name).read(
                 geometry.chunk_start(index), geometry.chunk_length(index)

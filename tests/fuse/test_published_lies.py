@@ -1,0 +1,54 @@
+"""Published images whose manifest lies, through real mounts: whatever a manifest claims, no
+byte is served that does not hash to its chunk's digest at its chunk's length, and no other
+chunk of the cache is touched by it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.fuse.test_published_mount import manifest_chunks, publish
+from tests.fuse.util import direct_read, wait_stored
+from tests.mounting import make_image
+
+KIB = 1 << 10
+
+
+def test_dedup_never_copies_a_chunk_of_another_length(tmp_dirs) -> None:
+    """b.raw (4 KiB chunks) names, for its chunk 0, the digest of a.raw's 64 KiB chunk 0,
+    which is local: dedup must not copy those 64 KiB over b's chunk 0 and the 15 chunks after
+    it (there a client's write), nor serve any of them as b's chunk 0."""
+    src = tmp_dirs.base.parent / "src"
+    src.mkdir()
+    a = make_image(src / "a.raw", 128 * KIB, seed=71)
+    b = make_image(src / "b.raw", 64 * KIB, seed=72)
+    publish(tmp_dirs.base, a, chunk_size=64 * KIB)
+    publish(tmp_dirs.base, b, chunk_size=4 * KIB)
+    manifest_path = tmp_dirs.base / "b.raw.corfs.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["chunks"][0] = manifest_chunks(tmp_dirs.base, "a.raw")[0]
+    manifest_path.write_text(json.dumps(manifest))
+
+    written = os.urandom(4 * KIB)
+    with tmp_dirs.mount("--no-stream") as m:
+        assert (m.mnt / "a.raw").read_bytes() == a.read_bytes()
+        wait_stored(m.mnt, "a.raw", 128 * KIB)
+        fd = os.open(m.mnt / "b.raw", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, written, 4 * KIB) == 4 * KIB  # chunk 1, whole: no fill
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as info:
+            direct_read(m.mnt / "b.raw", 0, 4 * KIB)
+        assert info.value.errno == 5
+        assert direct_read(m.mnt / "b.raw", 4 * KIB, 4 * KIB) == written
+        assert direct_read(m.mnt / "b.raw", 8 * KIB, 4 * KIB) == b.read_bytes()[8 * KIB : 12 * KIB]
+        m.stop()
+    data_file = tmp_dirs.cache / "data" / "b.raw"
+    assert data_file.stat().st_size == 64 * KIB
+    with open(data_file, "rb") as f:
+        f.seek(4 * KIB)
+        assert f.read(4 * KIB) == written
