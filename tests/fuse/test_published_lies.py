@@ -1,6 +1,7 @@
-"""Published images whose manifest lies, through real mounts: whatever a manifest claims, no
-byte is served that does not hash to its chunk's digest at its chunk's length, and no other
-chunk of the cache is touched by it."""
+"""Published images whose manifest lies or was written otherwise than by corfs publish,
+through real mounts: whatever a manifest claims, no byte is served that does not hash to its
+chunk's digest at its chunk's length, no other chunk of the cache is touched by it, and bytes
+that do match are served."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import json
 import os
 
 import pytest
+import zstandard
 
+from corfs.digest import chunk_digest
 from tests.fuse.test_published_mount import manifest_chunks, publish
 from tests.fuse.util import direct_read, wait_stored
 from tests.mounting import make_image
 
 KIB = 1 << 10
+CHUNK = 64 * KIB
 
 
 def test_dedup_never_copies_a_chunk_of_another_length(tmp_dirs) -> None:
@@ -52,3 +56,26 @@ def test_dedup_never_copies_a_chunk_of_another_length(tmp_dirs) -> None:
     with open(data_file, "rb") as f:
         f.seek(4 * KIB)
         assert f.read(4 * KIB) == written
+
+
+def test_a_zero_chunk_named_by_its_digest_is_served(tmp_dirs) -> None:
+    """The format lets a manifest name an all-zero chunk by its digest (with its object) as
+    well as by "zero" (another publisher's, or a hand-made manifest): its zeros are right."""
+    src = tmp_dirs.base.parent / "src"
+    src.mkdir()
+    a = make_image(src / "a.raw", 4 * CHUNK, seed=73, zero_blocks=(1,), block_size=CHUNK)
+    publish(tmp_dirs.base, a, chunk_size=CHUNK)
+    zeros = bytes(CHUNK)
+    digest = chunk_digest(zeros).hex()
+    obj = tmp_dirs.base / "chunks" / digest[:2] / f"{digest}.zst"
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(zstandard.ZstdCompressor(write_content_size=True).compress(zeros))
+    manifest_path = tmp_dirs.base / "a.raw.corfs.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["chunks"][1] == "zero"
+    manifest["chunks"][1] = digest
+    manifest_path.write_text(json.dumps(manifest))
+    with tmp_dirs.mount("--no-stream") as m:
+        assert direct_read(m.mnt / "a.raw", CHUNK, CHUNK) == zeros
+        assert (m.mnt / "a.raw").read_bytes() == a.read_bytes()
+        m.stop()
