@@ -24,6 +24,8 @@ from .sizes import parse_size
 
 log = logging.getLogger("corfs")
 
+MAX_ID = (1 << 32) - 1  # uid_t and gid_t; (uid_t)-1 means "no change", never an owner
+
 
 def _size(text: str) -> int:
     try:
@@ -245,8 +247,14 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         raise UsageError(
             f"--random-range must be a power of two of at least 4k, not {args.random_range}"
         )
-    if args.io_timeout <= 0:
-        raise UsageError("--io-timeout must be positive")
+    if not args.io_timeout > 0:  # nan too: trio refuses a NaN deadline at every base read
+        raise UsageError(f"--io-timeout must be positive, not {args.io_timeout}")
+    # Checked here, not when serving: a mode or id the kernel's attributes cannot hold failed
+    # every lookup of a mount that had come up (EIO); file type bits made images non-files.
+    if not 0 <= args.mode <= 0o7777:
+        raise UsageError(f"--mode must be a permission mode from 0 to 7777, not {args.mode:o}")
+    if args.owner is not None and not all(0 <= i < MAX_ID for i in args.owner):
+        raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
     from .metrics import parse_listen_address
 
     return MountConfig(

@@ -207,3 +207,24 @@ def test_cli_itself_has_no_traceback_for_bad_options(dirs, option):
     assert option[0] in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sys.executable  # run_corfs used our interpreter
     assert not is_mounted(dirs.mnt)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--io-timeout", "nan"),  # every base read: "deadline must not be NaN", EIO
+        ("--mode", "-1"),  # every lookup: OverflowError in st_mode, EIO
+        ("--mode", "40644"),  # S_IFDIR bits: the images would not be regular files
+        ("--owner", "-5:-5"),
+        ("--owner", "4294967296"),
+    ],
+)
+def test_numbers_a_mount_cannot_serve_with_are_refused(dirs, option):
+    """Refused in one line before anything is mounted: not a mount that answers EIO (with a
+    traceback in its log) to every request. --daemon: a wrongly started mount returns."""
+    before = snapshot(dirs.base, dirs.cache)
+    result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--daemon",
+                       f"{option[0]}={option[1]}", timeout=20)
+    assert_one_line_error(result, option[0])
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base, dirs.cache) == before
