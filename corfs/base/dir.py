@@ -131,7 +131,13 @@ class DirBase:
 
         def read() -> bytes:
             try:
-                with open(path, "rb") as f:
+                # O_NONBLOCK: a FIFO put in an object's place would block open() for ever, in a
+                # thread that keeps a slot of _READ_LIMITER (every base read's) after its
+                # caller gave up; a few such reads stalled the whole mount.
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                with open(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise BaseProtocolError(f"{path} is not a regular file")
                     data = f.read(max_bytes + 1)
                 if len(data) > max_bytes:
                     raise BaseProtocolError(f"{path} is larger than {max_bytes} bytes")

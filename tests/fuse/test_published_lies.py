@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import zstandard
 
 from corfs.digest import chunk_digest
-from tests.fuse.test_published_mount import manifest_chunks, publish
+from tests.fuse.test_published_mount import manifest_chunks, object_path, publish
 from tests.fuse.util import direct_read, wait_stored
 from tests.mounting import make_image
 
@@ -78,4 +79,29 @@ def test_a_zero_chunk_named_by_its_digest_is_served(tmp_dirs) -> None:
     with tmp_dirs.mount("--no-stream") as m:
         assert direct_read(m.mnt / "a.raw", CHUNK, CHUNK) == zeros
         assert (m.mnt / "a.raw").read_bytes() == a.read_bytes()
+        m.stop()
+
+
+def test_a_fifo_in_place_of_a_chunk_object_fails_only_its_chunk(tmp_dirs) -> None:
+    """A directory base whose chunk object is a FIFO (no writer: open() blocks for ever): that
+    chunk is EIO at once, and its reads do not use up the base's reader threads for good (8),
+    after which every other chunk of the mount waited for --io-timeout and failed."""
+    src = tmp_dirs.base.parent / "src"
+    src.mkdir()
+    a = make_image(src / "a.raw", 4 * CHUNK, seed=74, block_size=CHUNK)
+    publish(tmp_dirs.base, a, chunk_size=CHUNK)
+    obj = object_path(tmp_dirs.base, manifest_chunks(tmp_dirs.base, "a.raw")[1])
+    obj.unlink()
+    os.mkfifo(obj)
+    with tmp_dirs.mount("--no-stream", "--io-timeout", "1") as m:
+        for _ in range(10):
+            started = time.monotonic()
+            with pytest.raises(OSError) as info:
+                direct_read(m.mnt / "a.raw", CHUNK, 4 * KIB)
+            assert info.value.errno == 5
+            waited = time.monotonic() - started
+        want = a.read_bytes()[2 * CHUNK : 3 * CHUNK]
+        assert direct_read(m.mnt / "a.raw", 2 * CHUNK, CHUNK) == want
+        assert waited < 0.5, "a FIFO was waited on"
+        assert "not a regular file" in m.log_text()
         m.stop()
