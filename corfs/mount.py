@@ -1,6 +1,6 @@
 """The composition root of a mount: checks the paths, opens BASE and CACHE, matches base images
 to their caches, builds images, stream, controller and FUSE operations, owns the one trio
-nursery, handles SIGINT/SIGTERM, and on the way out unmounts and commits every chunk state.
+nursery, handles SIGINT/SIGTERM/SIGHUP, and on the way out unmounts and commits every chunk state.
 
 A base that does not answer at mount (BaseUnreachable: refused, DNS, timeout, 5xx) does not
 stop a cache that holds images: they are served (local chunks as ever, missing ones EIO), and
@@ -49,6 +49,9 @@ from .write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
+# SIGHUP too (as libfuse's handlers do): a foreground mount whose terminal went away (an ssh
+# session dropped) was killed by it, leaving a dead mount and its last marks uncommitted.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 REOPEN_FIRST = 1.0  # seconds before trying a base that was down at mount again; doubles
 REOPEN_MAX = 60.0
 
@@ -360,13 +363,13 @@ async def _serve(
             raise BaseUnreachable(str(down)) from None  # nothing cached to serve
         base, sources = None, []
     link = _BaseLink(config, base)
-    # SIGINT and SIGTERM are ours from here to the end, not only while serving: one that
+    # The stop signals are ours from here to the end, not only while serving: one that
     # arrives while the session closes (after fusermount3 -u) must neither crash the daemon
     # nor kill it before the final commit. The receiver puts back the handlers it found when
     # it closes: ignoring, for a signal that comes after it, while the process exits.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         try:
             store = CacheStore.open(
                 config.cache_dir,
