@@ -42,6 +42,9 @@ MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 64 << 20  # also bounds what one chunk object may decompress to
 MAX_MANIFEST_BYTES = 64 << 20  # 2 TiB at 4 KiB chunks; anything larger is not a manifest
 
+# What json.loads raises for bytes that are no JSON document. RecursionError too: nesting a
+# few thousand deep ('[[[[...') is not a ValueError, and it escaped every per-entry handler.
+JSON_ERRORS = (ValueError, RecursionError)  # UnicodeDecodeError is a ValueError
 _HEX_DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_HEX_LENGTH}}}")
 
 
@@ -123,7 +126,7 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
         raise corrupt(f"{len(data)} bytes is too large for a manifest")
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except JSON_ERRORS as exc:
         raise corrupt(f"not JSON ({exc}); truncated?") from None
     if not isinstance(doc, dict):
         raise corrupt("not a JSON object")
@@ -182,7 +185,7 @@ def parse_index(data: bytes) -> dict[str, int]:
     """{entry name: size} from index.json bytes; BaseCorrupt if it is not an index."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except JSON_ERRORS as exc:
         raise BaseCorrupt(f"{INDEX_KEY} is not JSON ({exc})") from None
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):

@@ -55,7 +55,8 @@ def load_trace(text: str, source: str) -> dict[str, tuple[int, list[int]]]:
             if chunk_size <= 0:
                 raise ValueError(f"chunk size {chunk_size} of {name}")
         return traces
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    # RecursionError: what json.loads raises for nesting a few thousand deep ('[[[[...').
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"trace {source} is not a corfs trace: {exc}") from None
 
 

@@ -54,6 +54,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
+from ..manifest import JSON_ERRORS
 from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
 from .http_policy import (
     AuthHeader,
@@ -368,7 +369,7 @@ class HttpBase:
             try:
                 doc = json.loads(body)
                 return [str(entry["name"]) for entry in doc["images"]]
-            except (ValueError, KeyError, TypeError):
+            except (*JSON_ERRORS, KeyError, TypeError):
                 raise BaseError(f"{what}index.json is not a valid image index") from None
         if status not in (403, 404, 410):
             raise status_error(status, f"{what}index.json")
@@ -380,7 +381,7 @@ class HttpBase:
         try:
             entries = json.loads(body)
             return [str(e["name"]) for e in entries if e.get("type") == "file"]
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (*JSON_ERRORS, KeyError, TypeError, AttributeError):
             raise BaseError(
                 f"{what}: no index.json and the directory listing is not JSON "
                 "(nginx: autoindex_format json)"

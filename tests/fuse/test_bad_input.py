@@ -228,3 +228,15 @@ def test_numbers_a_mount_cannot_serve_with_are_refused(dirs, option):
     assert_one_line_error(result, option[0])
     assert not is_mounted(dirs.mnt)
     assert snapshot(dirs.base, dirs.cache) == before
+
+
+def test_trace_nested_too_deep_is_one_line(dirs, tmp_path):
+    """json.loads raises RecursionError, not ValueError, for deep nesting."""
+    trace = tmp_path / "nested.json"
+    trace.write_text("[" * 200_000)
+    dirs.cache.chmod(0o700)  # else a warning that it was made private comes first
+    before = snapshot(dirs.base)
+    result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--trace", trace, timeout=20)
+    assert_one_line_error(result, "is not a corfs trace")
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base) == before

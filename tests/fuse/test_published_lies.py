@@ -105,3 +105,19 @@ def test_a_fifo_in_place_of_a_chunk_object_fails_only_its_chunk(tmp_dirs) -> Non
         assert waited < 0.5, "a FIFO was waited on"
         assert "not a regular file" in m.log_text()
         m.stop()
+
+
+def test_a_deeply_nested_manifest_is_left_out_not_the_mount(tmp_dirs) -> None:
+    """json.loads raises RecursionError (not ValueError) for nesting this deep: a manifest of
+    200 KB of '[' failed the whole mount with a traceback."""
+    src = tmp_dirs.base.parent / "src"
+    src.mkdir()
+    a = make_image(src / "a.raw", 2 * CHUNK, seed=75, block_size=CHUNK)
+    publish(tmp_dirs.base, a, chunk_size=CHUNK)
+    (tmp_dirs.base / "nested.raw.corfs.json").write_text("[" * 200_000)
+    with tmp_dirs.mount("--no-stream") as m:
+        assert os.listdir(m.mnt) == ["a.raw"]
+        assert (m.mnt / "a.raw").read_bytes() == a.read_bytes()
+        log = m.log_text()
+        assert "nested.raw" in log and "Traceback" not in log
+        m.stop()

@@ -18,6 +18,7 @@ from corfs.base.http_wire import LeanStatistics, PlainReader, Validator, tls_con
 from corfs.errors import (
     BaseAccessDenied,
     BaseChanged,
+    BaseError,
     BaseNotFound,
     BaseUnavailable,
     TransientBaseError,
@@ -353,5 +354,20 @@ def test_listing_that_is_not_json_is_a_clear_error(nginx_server) -> None:
         with pytest.raises(Exception) as info:
             await open_base(nginx_server.url + "htmlindex/", FAST)
         assert "JSON" in str(info.value)
+
+    trio.run(main)
+
+
+def test_listing_nested_too_deep_is_a_clear_error(nginx_server) -> None:
+    """Deep nesting makes json.loads raise RecursionError, not ValueError: a BaseError with
+    one line, not a traceback (an index.json of '[' ..., or an autoindex answering so)."""
+    d = nginx_server.root / "nestedindex"
+    d.mkdir(exist_ok=True)
+    (d / "index.json").write_text("[" * 200_000)
+
+    async def main() -> None:
+        with pytest.raises(BaseError) as info:
+            await open_base(nginx_server.url + "nestedindex/", FAST)
+        assert "index.json" in str(info.value)
 
     trio.run(main)
