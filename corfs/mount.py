@@ -57,8 +57,10 @@ REOPEN_MAX = 60.0
 
 
 def check_mountpoint(path: str) -> str:
-    """The absolute mountpoint, or UsageError: missing, not a directory, already mounted."""
-    mountpoint = os.path.abspath(path)
+    """The absolute mountpoint, symlinks resolved, or UsageError: missing, not a directory,
+    already mounted. Resolved: os.path.ismount() of a symlink is False, so a second mount went
+    on top of one reached through a symlink (and the mount table names the target)."""
+    mountpoint = os.path.realpath(path)  # strict=False: a dead mount still gets its hint below
     try:
         os.stat(mountpoint)
     except FileNotFoundError:

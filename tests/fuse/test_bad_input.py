@@ -125,6 +125,25 @@ def test_mountpoint_already_mounted(dirs, tmp_path):
         m.stop()
 
 
+def test_mountpoint_already_mounted_reached_through_a_symlink(dirs, tmp_path):
+    """os.path.ismount() of a symlink is False: a second mount went on top of the first."""
+    link = tmp_path / "mnt-link"
+    link.symlink_to(dirs.mnt)
+    with dirs.mount("--no-stream") as m:
+        other_cache = tmp_path / "cache2"
+        assert len(_mounts_at(dirs.mnt)) == 1
+        try:
+            result = run_corfs("mount", dirs.base, other_cache, link, "--no-stream", "--daemon",
+                               timeout=20)
+            assert len(_mounts_at(dirs.mnt)) == 1, "a second mount went on top of the first"
+        finally:
+            if len(_mounts_at(dirs.mnt)) > 1:  # the one stacked on top
+                lazy_unmount(dirs.mnt)
+        assert_one_line_error(result, "already a mountpoint")
+        assert (m.mnt / "a.raw").stat().st_size == MIB  # the first mount is unharmed
+        m.stop()
+
+
 def test_dev_fuse_missing(dirs):
     """/dev is an empty tmpfs in a private mount namespace: no /dev/fuse there."""
     before = snapshot(dirs.base, dirs.cache)
