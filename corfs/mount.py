@@ -81,9 +81,31 @@ def check_mountpoint(path: str) -> str:
     return mountpoint
 
 
+def _at_or_below(path: str, top: str) -> bool:
+    return os.path.commonpath([path, top]) == top
+
+
+def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
+    """UsageError if BASE, CACHE and MNT (resolved) overlap where that breaks the mount: a
+    CACHE at or below MNT is hidden by the mount, and the daemon touching it after mounting
+    waits on itself for ever; a directory BASE at or below MNT would be read through the
+    mount; CACHE == BASE writes the cache into BASE (its files then listed as images)."""
+    cache = os.path.realpath(cache_dir)
+    if _at_or_below(cache, mountpoint):
+        raise UsageError(f"CACHE {cache_dir} and MNT {mountpoint} overlap: keep them apart")
+    if "://" in base_url:
+        return
+    base = os.path.realpath(base_url)
+    if _at_or_below(base, mountpoint):
+        raise UsageError(f"BASE {base_url} and MNT {mountpoint} overlap: keep them apart")
+    if base == cache:
+        raise UsageError(f"BASE {base_url} and CACHE {cache_dir} overlap: keep them apart")
+
+
 def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled. Raises CorfsError for bad input."""
     mountpoint = check_mountpoint(config.mountpoint)
+    check_overlaps(config.base_url, config.cache_dir, mountpoint)
     metrics = Metrics(base_speaks_http="://" in config.base_url)
     # Listening first: a port in use is refused before anything is mounted.
     stop_serving = serve_metrics(config.metrics, metrics.registry) if config.metrics else None

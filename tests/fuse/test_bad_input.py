@@ -259,3 +259,33 @@ def test_trace_nested_too_deep_is_one_line(dirs, tmp_path):
     assert_one_line_error(result, "is not a corfs trace")
     assert not is_mounted(dirs.mnt)
     assert snapshot(dirs.base) == before
+
+
+@pytest.mark.parametrize(
+    "case", ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt"]
+)
+def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
+    """CACHE == BASE wrote state.db, data/, corfs.lock into BASE (and made them images of the
+    next listing); a CACHE at or below MNT is hidden by the mount, and the daemon's first
+    touch of it after mounting waited on itself for ever; a BASE at MNT is read through the
+    mount (every image ESTALE)."""
+    base, cache = dirs.base, dirs.cache
+    if case == "cache-is-base":
+        cache = dirs.base
+    elif case == "cache-is-mnt":
+        cache = dirs.mnt
+    elif case == "cache-below-mnt":
+        cache = dirs.mnt / "cache"
+        cache.mkdir()
+    else:
+        base = dirs.mnt
+        make_image(base / "b.raw", MIB, seed=92)
+    before = snapshot(base)
+    try:
+        result = run_corfs("mount", base, cache, dirs.mnt, "--no-stream", timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("corfs mount did not refuse (it hung, or mounted)")
+    finally:
+        lazy_unmount(dirs.mnt)
+    assert_one_line_error(result, "overlap")
+    assert snapshot(base) == before
