@@ -222,8 +222,21 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     add_publish_arguments(parser)
 
 
+def open_log_file(path: str) -> int:
+    """The descriptor of --log-file, opened for appending; UsageError (one line) if it cannot
+    be, rather than a traceback."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UsageError(f"--log-file {path}: {exc.strerror}") from None
+
+
 def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler = (
+        logging.StreamHandler(os.fdopen(open_log_file(log_file), "a", encoding="utf-8"))
+        if log_file
+        else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(logging.Formatter("corfs: %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -296,7 +309,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
     config = _mount_config(args)
     if args.daemon:
-        return run_mount_daemonized(config, args.log_file)
+        # Opened before the fork: a path that cannot be opened is one line here, not a
+        # traceback in a child that has no log yet.
+        return run_mount_daemonized(config, open_log_file(args.log_file) if args.log_file else None)
     run_mount(config)
     return 0
 
@@ -384,11 +399,11 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)  # CACHE, logs, a detached image: the user's alone (cache_layout.py)
     args = build_parser().parse_args(argv)
-    _setup_logging(
-        args.verbose,
-        getattr(args, "log_file", None) if not getattr(args, "daemon", False) else None,
-    )
     try:
+        _setup_logging(
+            args.verbose,
+            getattr(args, "log_file", None) if not getattr(args, "daemon", False) else None,
+        )
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130

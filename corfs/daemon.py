@@ -14,7 +14,8 @@ from .errors import CorfsError, error_line, leaf_error
 from .mount import run_mount
 
 
-def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:
+def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
+    """`log_fd`: --log-file, opened by the caller (None: the daemon's output is discarded)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -30,15 +31,15 @@ def run_mount_daemonized(config: MountConfig, log_file: str | None) -> int:
         print(line.strip(), file=sys.stderr)
         return int(code) if code.isdigit() else 1
     os.close(read_end)
-    os._exit(_child(config, log_file, write_end))
+    os._exit(_child(config, log_fd, write_end))
 
 
-def _child(config: MountConfig, log_file: str | None, ready_fd: int) -> int:
+def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
     os.setsid()
     os.umask(PRIVATE_UMASK)  # whatever the daemon creates (CACHE, its log) is its owner's alone
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
+    out = log_fd if log_fd is not None else devnull
     os.dup2(out, 1)
     os.dup2(out, 2)
     handler = logging.StreamHandler(sys.stderr)

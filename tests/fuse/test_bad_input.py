@@ -289,3 +289,15 @@ def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
         lazy_unmount(dirs.mnt)
     assert_one_line_error(result, "overlap")
     assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("daemon", [(), ("--daemon",)], ids=["foreground", "daemon"])
+def test_log_file_that_cannot_be_opened_is_one_line(dirs, tmp_path, daemon):
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    before = snapshot(dirs.base, dirs.cache)
+    log = tmp_path / "no-such-dir" / "corfs.log"
+    result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--no-stream", *daemon,
+                       "--log-file", log, timeout=20)
+    assert_one_line_error(result, "--log-file", str(log))
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base, dirs.cache) == before
