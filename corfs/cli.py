@@ -372,6 +372,8 @@ def _cmd_detach(args: argparse.Namespace) -> int:
     from .detach_cli import run_detach
     from .handoff import Via
 
+    if not args.timeout >= 0:  # nan: `now > deadline` never held, --wait waited for ever
+        raise UsageError(f"--timeout must be a number of seconds, not {args.timeout}")
     via = Via(qmp=args.qmp, virsh=args.virsh) if args.qmp or args.virsh else None
     print(run_detach(args.cache, args.image, args.dest, via, wait=args.wait,
                      timeout=args.timeout))

@@ -301,3 +301,17 @@ def test_log_file_that_cannot_be_opened_is_one_line(dirs, tmp_path, daemon):
     assert_one_line_error(result, "--log-file", str(log))
     assert not is_mounted(dirs.mnt)
     assert snapshot(dirs.base, dirs.cache) == before
+
+
+def test_detach_wait_timeout_nan_is_refused(dirs, tmp_path):
+    """--timeout nan: `now > deadline` is never true, so --wait waited for ever on an image
+    the stream (paused here) does not complete."""
+    with dirs.mount("--stream-paused") as m:
+        try:
+            result = run_corfs("detach", m.mnt, "a.raw", tmp_path / "vm.raw", "--qmp",
+                               tmp_path / "qmp.sock", "--wait", "--timeout", "nan", timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("detach --wait --timeout nan waited for ever")
+        assert_one_line_error(result, "--timeout")
+        assert not (tmp_path / "vm.raw").exists()
+        m.stop()
