@@ -165,6 +165,15 @@ class CorfsOperations(TranslatedOperations):
         return self._attributes(inode)
 
     async def setattr(self, inode, attr, fields, fh, ctx):  # pyfuse3 signature
+        current = self._attributes(inode)
+        # Modes and owners are the mount's (--mode, --owner): a change would not be kept, so
+        # it is refused, not answered with a success that changed nothing.
+        if (
+            (fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(current.st_mode))
+            or (fields.update_uid and attr.st_uid != current.st_uid)
+            or (fields.update_gid and attr.st_gid != current.st_gid)
+        ):
+            raise pyfuse3.FUSEError(errno.EPERM)
         if inode != ROOT_INODE:
             image = self._image(inode)
             if fields.update_size and attr.st_size != image.size:

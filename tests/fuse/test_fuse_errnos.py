@@ -1,0 +1,38 @@
+"""What the mount answers to operations it does not carry out: an error naming why, never a
+success that changed nothing."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from tests.mounting import make_image
+
+from .util import MIB
+
+
+def test_chmod_and_chown_are_refused_unless_they_change_nothing(tmp_dirs):
+    """The mode and owner of an image are the mount's (--mode, --owner): a chmod or chown
+    that would change them answered success and changed nothing (a VM manager then believed
+    QEMU's user could open the image)."""
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=121)
+    with tmp_dirs.mount("--no-stream") as m:
+        image = m.mnt / "a.raw"
+        st = image.stat()
+        with pytest.raises(PermissionError) as info:
+            os.chmod(image, 0o600)
+        assert info.value.errno == errno.EPERM
+        with pytest.raises(PermissionError) as info:
+            os.chown(image, st.st_uid + 1, -1)
+        assert info.value.errno == errno.EPERM
+        with pytest.raises(PermissionError) as info:
+            os.chown(image, -1, st.st_gid + 1)
+        assert info.value.errno == errno.EPERM
+        after = image.stat()
+        assert (after.st_mode, after.st_uid, after.st_gid) == (st.st_mode, st.st_uid, st.st_gid)
+        os.chmod(image, stat.S_IMODE(st.st_mode))  # no change: fine (cp -p, install -m)
+        os.chown(image, st.st_uid, st.st_gid)
+        m.stop()
