@@ -36,3 +36,33 @@ def test_chmod_and_chown_are_refused_unless_they_change_nothing(tmp_dirs):
         os.chmod(image, stat.S_IMODE(st.st_mode))  # no change: fine (cp -p, install -m)
         os.chown(image, st.st_uid, st.st_gid)
         m.stop()
+
+
+def test_names_cannot_be_made_or_removed(tmp_dirs):
+    """The images are the base's: creating, removing or renaming a name is not permitted
+    (EPERM), not "Function not implemented" (ENOSYS), which reads as a broken system."""
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=122)
+    with tmp_dirs.mount("--no-stream") as m:
+        image, new = m.mnt / "a.raw", m.mnt / "new.raw"
+        attempts = {
+            "create": lambda: os.close(os.open(new, os.O_CREAT | os.O_WRONLY, 0o644)),
+            "mknod": lambda: os.mkfifo(new),
+            "mkdir": lambda: os.mkdir(new),
+            "symlink": lambda: os.symlink("a.raw", new),
+            "link": lambda: os.link(image, new),
+            "unlink": lambda: os.unlink(image),
+            "rename": lambda: os.rename(image, new),
+            "rmdir": lambda: os.rmdir(image),
+        }
+        answers = {}
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+                answers[name] = 0
+            except OSError as exc:
+                answers[name] = exc.errno
+        want = {name: errno.EPERM for name in attempts}
+        want["rmdir"] = errno.ENOTDIR  # the kernel's answer: a.raw is no directory
+        assert answers == want
+        assert os.listdir(m.mnt) == ["a.raw"]
+        m.stop()
