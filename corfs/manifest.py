@@ -181,8 +181,10 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
 # ---- index.json ----------------------------------------------------------------------------
 
 
-def parse_index(data: bytes) -> dict[str, int]:
-    """{entry name: size} from index.json bytes; BaseCorrupt if it is not an index."""
+def parse_index(data: bytes) -> dict[str, int | None]:
+    """{entry name: size, or None where the entry gives none} from index.json bytes;
+    BaseCorrupt if it is not an index. The size is optional, as for the HTTP base that reads
+    it (it asks each entry's size): an index listing names only is one too."""
     try:
         doc = json.loads(data)
     except JSON_ERRORS as exc:
@@ -190,20 +192,24 @@ def parse_index(data: bytes) -> dict[str, int]:
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise BaseCorrupt(f"{INDEX_KEY} has no 'images' list")
-    entries: dict[str, int] = {}
+    entries: dict[str, int | None] = {}
     for item in images:
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("name"), str)
             or "/" in item["name"]
-            or not _is_int(item.get("size"))
-            or item["size"] < 0
+            or ("size" in item and not (_is_int(item["size"]) and item["size"] >= 0))
         ):
             raise BaseCorrupt(f"{INDEX_KEY} has an invalid entry {str(item)[:80]!r}")
-        entries[item["name"]] = item["size"]
+        entries[item["name"]] = item.get("size")
     return entries
 
 
-def render_index(entries: dict[str, int]) -> bytes:
-    doc = {"images": [{"name": n, "size": entries[n]} for n in sorted(entries)]}
+def render_index(entries: dict[str, int | None]) -> bytes:
+    doc = {
+        "images": [
+            {"name": n} if entries[n] is None else {"name": n, "size": entries[n]}
+            for n in sorted(entries)
+        ]
+    }
     return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()

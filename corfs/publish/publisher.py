@@ -244,7 +244,7 @@ class _Publisher:
     def update_index(self) -> None:
         """index.json lists every manifest at DEST, keeping entries others put there."""
         old = self.dest.get(INDEX_KEY)
-        entries: dict[str, int] = {}
+        entries: dict[str, int | None] = {}
         if old is not None:
             try:
                 entries = parse_index(old)

@@ -5,6 +5,7 @@ directory are fsynced before the manifest that names them."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -392,3 +393,17 @@ def test_published_objects_stay_readable_under_a_private_umask(tmp_path: Path) -
     assert modes.pop(".corfs-tmp") == 0o700  # half-written objects are not served
     expected = {path: 0o755 if (dest / path).is_dir() else 0o644 for path in modes}
     assert modes == expected
+
+
+def test_publishing_keeps_the_entries_of_an_index_listing_names_only(tmp_path: Path) -> None:
+    """An index.json listing names alone (what the HTTP base reads: it asks each entry's size
+    itself) was "invalid" to publish, which rewrote it with its manifests only: the raw images
+    it listed vanished from every HTTP mount of that directory."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "raw.img").write_bytes(b"r" * 4096)
+    (dest / "index.json").write_text('{"images": [{"name": "raw.img"}]}')
+    images = make_images(tmp_path / "src")
+    publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
+    listed = [entry["name"] for entry in json.loads((dest / "index.json").read_text())["images"]]
+    assert listed == ["a.raw.corfs.json", "raw.img"]

@@ -115,8 +115,11 @@ def test_index_round_trip_and_errors() -> None:
     data = render_index(entries)
     assert json.loads(data)["images"][0] == {"name": "a.raw", "size": 4096}
     assert parse_index(data) == entries
-    for bad in (b"[]", b"{}", b'{"images": [{"name": "x"}]}', b'{"images": [{"name": "a/b", '
-                b'"size": 1}]}', b"nope"):
+    names_only = b'{"images": [{"name": "x"}]}'  # what the HTTP base needs: one too
+    assert parse_index(names_only) == {"x": None}
+    assert json.loads(render_index({"x": None})) == json.loads(names_only)
+    for bad in (b"[]", b"{}", b'{"images": [{"name": "x", "size": -1}]}', b'{"images": [{"name":'
+                b' "a/b", "size": 1}]}', b"nope"):
         with pytest.raises(BaseCorrupt):
             parse_index(bad)
 
