@@ -127,7 +127,8 @@ class Controller:
             summary["image_count"] = len(images)
             return _status_page(summary, images, 0)
         prefix, _, start = name.rpartition(".")
-        if prefix != STATUS_XATTR or not start.isdigit():
+        # ASCII digits only: str.isdigit() passes '²', which int() refuses (EIO, traceback).
+        if prefix != STATUS_XATTR or not (start.isascii() and start.isdigit()):
             return None
         images = self.status().to_dict()["images"]
         return _status_page({}, images, min(int(start), len(images)))

@@ -66,3 +66,19 @@ def test_names_cannot_be_made_or_removed(tmp_dirs):
         assert answers == want
         assert os.listdir(m.mnt) == ["a.raw"]
         m.stop()
+
+
+def test_xattr_names_that_are_no_status_page_are_enodata(tmp_dirs):
+    """'²' passes str.isdigit() but not int(): the page number of a status xattr named so
+    raised ValueError inside the handler (EIO, and a traceback in the log per request, from
+    any user who can reach the mount)."""
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=123)
+    with tmp_dirs.mount("--no-stream") as m:
+        for name in ("user.corfs.status.\u00b2", "user.corfs.status.\u0661",
+                     "user.corfs.status.x", "user.other"):
+            with pytest.raises(OSError) as info:
+                os.getxattr(m.mnt, name)
+            assert info.value.errno == errno.ENODATA, name
+        assert os.getxattr(m.mnt, "user.corfs.status.1")  # a page: ASCII digits
+        assert "Traceback" not in m.log_text()
+        m.stop()
