@@ -166,7 +166,9 @@ class Controller:
                 raise ValueError(f"unknown op {op!r}")
         except KeyError as exc:
             raise ControlError(f"no image or field {exc} in command") from None
-        except (ValueError, TypeError, AttributeError) as exc:
+        # OverflowError: int() of an infinite number; RecursionError: json.loads of JSON
+        # nested too deep. Bad commands both, not internal errors.
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
             raise ControlError(f"bad control command: {exc}") from None
         return forgotten
 

@@ -82,3 +82,24 @@ def test_xattr_names_that_are_no_status_page_are_enodata(tmp_dirs):
         assert os.getxattr(m.mnt, "user.corfs.status.1")  # a page: ASCII digits
         assert "Traceback" not in m.log_text()
         m.stop()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        b'{"op": "bandwidth", "rate": 1e999}',  # int(inf): OverflowError
+        b'{"op": "forget", "image": "a.raw", "chunks": [1e999]}',
+        b"[" * 60_000,  # json.loads: RecursionError (an xattr value is at most 64 KiB)
+    ],
+    ids=["rate-inf", "chunk-inf", "nested"],
+)
+def test_a_malformed_control_command_is_einval(tmp_dirs, command):
+    """Refused as a bad command (EINVAL, one log line), not an internal error (EIO, a
+    traceback in the log)."""
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=124)
+    with tmp_dirs.mount("--no-stream") as m:
+        with pytest.raises(OSError) as info:
+            os.setxattr(m.mnt, "user.corfs.control", command)
+        assert info.value.errno == errno.EINVAL
+        assert "Traceback" not in m.log_text()
+        m.stop()
