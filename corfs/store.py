@@ -157,6 +157,36 @@ class CacheHooks:
     synced: Callable[[float], None] = lambda seconds: None  # a commit's duration
 
 
+def _checked_record(record: ImageRecord, cache_dir: str) -> ImageRecord:
+    """`record` if corfs could have written it; else CacheError: a damaged row must stop every
+    command in one line, not as a traceback wherever its geometry is first needed."""
+    try:
+        record.geometry  # noqa: B018 (checks size and chunk size)
+        if not isinstance(record.size, int):
+            raise TypeError(f"size {record.size!r}")
+    except (ValueError, TypeError) as exc:
+        raise CacheError(
+            f"cache database in {cache_dir} is damaged: image {record.name!r}: {exc}"
+        ) from None
+    return record
+
+
+def _check_chunk_rows(db: sqlite3.Connection, cache_dir: str) -> None:
+    """CacheError if a chunk row has a state corfs never writes: such a chunk would be served
+    from the data file as local (any non-absent state is), its bytes vouched for by nothing."""
+    known = ", ".join(str(int(state)) for state in ChunkState if state != ChunkState.ABSENT)
+    row = db.execute(
+        f"SELECT image, idx, state FROM chunks WHERE state NOT IN ({known}) "
+        "OR typeof(idx) != 'integer' LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        image, idx, state = row
+        raise CacheError(
+            f"cache database in {cache_dir} is damaged: chunk {idx!r} of image {image!r} "
+            f"has state {state!r}"
+        )
+
+
 class CacheStore:
     def __init__(
         self,
@@ -179,9 +209,10 @@ class CacheStore:
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
         try:
             self._records = {
-                row[0]: ImageRecord(*row)
+                row[0]: _checked_record(ImageRecord(*row), cache_dir)
                 for row in db.execute("SELECT name, size, chunk_size, identity, base FROM images")
             }
+            _check_chunk_rows(db, cache_dir)
             self._digest_index = DigestIndex(
                 db.execute(
                     "SELECT image, idx, digest FROM chunks WHERE state = ? AND digest IS NOT NULL",
@@ -191,6 +222,9 @@ class CacheStore:
         except sqlite3.Error as exc:
             self.close()
             raise CacheError(f"cache database in {cache_dir} is unusable: {exc}") from None
+        except CacheError:
+            self.close()
+            raise
 
     # ---- opening -------------------------------------------------------------------------
 
