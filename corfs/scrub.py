@@ -11,6 +11,8 @@ bytes possibly the only copy left, and reported bad with the reason."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import trio
@@ -41,13 +43,17 @@ class ScrubReport:
     kept: str | None = None  # why the bad chunks were kept (their base cannot supply them)
 
 
-def _find_bad(store: CacheStore, record: ImageRecord) -> tuple[int, list[int]]:
+def _find_bad(
+    store: CacheStore, record: ImageRecord, indexes: Iterable[int] | None = None
+) -> tuple[int, list[int]]:
+    """(chunks checked, bad ones) among `indexes` (default: all), by the committed states."""
     states, _ = store.load_states(record)
     digests = store.digests_of(record.name)
     fd = store.data_fd(record.name)
     geometry = record.geometry
     checked, bad = 0, []
-    for index, state in enumerate(states):
+    for index in range(len(states)) if indexes is None else indexes:
+        state = states[index]
         if state not in (ChunkState.CLEAN, ChunkState.ZERO):
             continue
         data = pread_full(fd, geometry.chunk_length(index), geometry.chunk_start(index))
@@ -72,6 +78,8 @@ def verify_cache(
         reports = []
         for record in records:
             checked, bad = _find_bad(store, record)
+            if bad and mounted:
+                bad = _still_bad_once_committed(store, record, bad)
             kept = None if mounted or not bad else unsettled(store, record.name)
             if bad and kept is None:
                 try:
@@ -82,6 +90,29 @@ def verify_cache(
         return reports
     finally:
         store.close()
+
+
+def _still_bad_once_committed(
+    store: CacheStore, record: ImageRecord, bad: list[int]
+) -> list[int]:
+    """Those of `bad` still bad by the states the daemon holds now. A mounted cache's database
+    lags its daemon (a commit a second, a scan for minutes): a chunk read bad may have been
+    written by the guest since its state was read (dirty now: its bytes are right) or be in a
+    refill. An fsync of the image through the mount makes the daemon commit what it holds;
+    then those chunks are checked again. If that fails, the daemon still forgets only chunks
+    it holds clean."""
+    mountpoint = recorded_mountpoint(store.cache_dir)
+    if mountpoint is None:
+        return bad
+    try:
+        fd = os.open(os.path.join(mountpoint, record.name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return bad
+    return _find_bad(store, record, bad)[1]
 
 
 def _forget(

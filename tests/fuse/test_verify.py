@@ -15,18 +15,20 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 from tests.fuse.util import (
     direct_read,
+    direct_write,
     drop_caches,
     image_status,
     live_status,
     wait_complete,
     wait_stored,
 )
-from tests.mounting import make_image, run_corfs
+from tests.mounting import corfs_command, corfs_env, make_image, run_corfs
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
@@ -194,3 +196,42 @@ def test_verify_forgets_a_bad_chunk_while_the_dir_base_still_has_it(tmp_dirs) ->
     code, report = verify(tmp_dirs.cache)
     assert code == 1 and report["images"][0]["kept"] is None
     assert 6 not in chunk_rows(tmp_dirs.cache, "b.raw")
+
+
+def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(tmp_dirs) -> None:
+    """A guest writes a clean chunk while verify scans (its states were read before): the new
+    bytes differ from the recorded digest, but the chunk is dirty now, not bad. Verify must
+    not report it bad nor exit 1 (the daemon rightly keeps it: "marked absent" was a lie).
+    Here another connection holds the database's write lock, so the daemon's commits wait
+    (a slow cache disk, or a long scan, gives the same window)."""
+    size = 8 * CHUNK
+    want = make_image(tmp_dirs.base / "b.raw", size, seed=13, block_size=CHUNK).read_bytes()
+    written = b"w" * (4 * KIB)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        image = m.mnt / "b.raw"
+        assert image.read_bytes() == want
+        wait_stored(m.mnt, "b.raw", size)
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # committed: every chunk is clean in the database
+        finally:
+            os.close(fd)
+        assert set(chunk_rows(tmp_dirs.cache, "b.raw").values()) == {1}
+        db = sqlite3.connect(tmp_dirs.cache / "state.db", isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            direct_write(image, 5 * CHUNK, written)
+            proc = subprocess.Popen(
+                corfs_command("verify", tmp_dirs.cache, "--json"), env=corfs_env(),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            time.sleep(3)  # verify has read the states, which still say clean
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        report = json.loads(out)["images"][0]
+        assert (proc.returncode, report["bad_chunks"]) == (0, []), report
+        assert direct_read(image, 5 * CHUNK, len(written)) == written
+        m.stop()
