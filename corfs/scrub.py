@@ -56,8 +56,12 @@ def _find_bad(
         state = states[index]
         if state not in (ChunkState.CLEAN, ChunkState.ZERO):
             continue
-        data = pread_full(fd, geometry.chunk_length(index), geometry.chunk_start(index))
         checked += 1
+        try:
+            data = pread_full(fd, geometry.chunk_length(index), geometry.chunk_start(index))
+        except OSError:  # unreadable (EIO: a bad sector): bad, and a refill rewrites it
+            bad.append(index)
+            continue
         ok = is_zero(data) if state == ChunkState.ZERO else chunk_digest(data) == digests.get(index)
         if not ok:
             bad.append(index)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
+from tests.fuse.test_published_mount import object_path, published_image
 from tests.fuse.util import (
     direct_read,
     direct_write,
@@ -28,7 +30,7 @@ from tests.fuse.util import (
     wait_complete,
     wait_stored,
 )
-from tests.mounting import corfs_command, corfs_env, make_image, run_corfs
+from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image, run_corfs
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
@@ -235,3 +237,31 @@ def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(t
         assert (proc.returncode, report["bad_chunks"]) == (0, []), report
         assert direct_read(image, 5 * CHUNK, len(written)) == written
         m.stop()
+
+
+def test_verify_takes_a_chunk_its_disk_cannot_read_for_bad(tmp_path: Path) -> None:
+    """A chunk of the data file whose read fails (EIO: a bad sector) is the very thing verify
+    looks for: reported bad and forgotten (a refill rewrites it), the other chunks checked;
+    never a traceback. The failing disk: the data file is a file of another corfs mount, a
+    published copy of the same bytes whose chunk object BAD is gone (reading it: EIO)."""
+    bad = 5
+    disk = CorfsDirs.under(tmp_path / "disk")
+    p = published_image(disk, size=8 * CHUNK, zero=())
+    object_path(disk.base, p.digests[bad]).unlink()
+    dirs = CorfsDirs.under(tmp_path / "cached")
+    shutil.copy(p.src, dirs.base / "a.raw")
+    with dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        assert (m.mnt / "a.raw").read_bytes() == p.want
+        wait_stored(m.mnt, "a.raw", 8 * CHUNK)
+        m.stop()
+    assert len(chunk_rows(dirs.cache, "a.raw")) == 8
+    with disk.mount("--no-stream") as failing:
+        data = dirs.cache / "data" / "a.raw"
+        data.unlink()
+        data.symlink_to(failing.mnt / "a.raw")
+        code, report = verify(dirs.cache)
+        assert code == 1
+        (image,) = report["images"]
+        assert (image["checked"], image["bad_chunks"], image["kept"]) == (8, [bad], None)
+        assert sorted(chunk_rows(dirs.cache, "a.raw")) == [0, 1, 2, 3, 4, 6, 7]
+        failing.stop()
