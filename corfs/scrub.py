@@ -57,12 +57,18 @@ def _find_bad(
         if state not in (ChunkState.CLEAN, ChunkState.ZERO):
             continue
         checked += 1
+        length = geometry.chunk_length(index)
         try:
-            data = pread_full(fd, geometry.chunk_length(index), geometry.chunk_start(index))
+            data = pread_full(fd, length, geometry.chunk_start(index))
         except OSError:  # unreadable (EIO: a bad sector): bad, and a refill rewrites it
             bad.append(index)
             continue
-        ok = is_zero(data) if state == ChunkState.ZERO else chunk_digest(data) == digests.get(index)
+        if len(data) < length:  # past the end of a data file cut short: not its bytes
+            ok = False
+        elif state == ChunkState.ZERO:
+            ok = is_zero(data)
+        else:
+            ok = chunk_digest(data) == digests.get(index)
         if not ok:
             bad.append(index)
     return checked, bad

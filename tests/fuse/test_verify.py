@@ -265,3 +265,19 @@ def test_verify_takes_a_chunk_its_disk_cannot_read_for_bad(tmp_path: Path) -> No
         assert (image["checked"], image["bad_chunks"], image["kept"]) == (8, [bad], None)
         assert sorted(chunk_rows(dirs.cache, "a.raw")) == [0, 1, 2, 3, 4, 6, 7]
         failing.stop()
+
+
+def test_verify_takes_zero_chunks_cut_off_the_data_file_for_bad(tmp_dirs) -> None:
+    """A data file cut short (a damaged file system, a careless copy): its zero chunks past
+    the end read back as nothing at all, which is not CHUNK zero bytes."""
+    size = 8 * CHUNK
+    make_image(tmp_dirs.base / "z.raw", size, seed=14, zero_blocks=(6, 7), block_size=CHUNK)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        (m.mnt / "z.raw").read_bytes()
+        wait_stored(m.mnt, "z.raw", size)
+        m.stop()
+    assert chunk_rows(tmp_dirs.cache, "z.raw")[7] == 2  # zero
+    os.truncate(tmp_dirs.cache / "data" / "z.raw", 6 * CHUNK)
+    code, report = verify(tmp_dirs.cache)
+    assert (code, report["images"][0]["bad_chunks"]) == (1, [6, 7])
+    assert sorted(chunk_rows(tmp_dirs.cache, "z.raw")) == [0, 1, 2, 3, 4, 5]
