@@ -30,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -44,12 +45,14 @@ from .digest import Buffer
 from .errors import (
     BaseChanged,
     BaseNotFound,
+    CacheError,
     ControlError,
     CorfsError,
     ImageHandedOver,
     OutOfImageError,
     ReadOnlyError,
     ShortWrite,
+    cache_os_error,
     chunk_error,
 )
 from .failing import FailingChunks
@@ -123,6 +126,7 @@ class Image:
         )
         self._local_ahead_chunks = max(1, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)
+        self._forget_past_end()
         # fetched, verified, waiting to be stored (store_queue.py)
         self._queue = StoreQueue(
             self.name, self.data, fill_nursery,
@@ -141,6 +145,35 @@ class Image:
         self.handed_over_to: str | None = None
         self.handing_over = False  # a live handoff is under way (handoff.py): no forget now
         self.pages_stale = False  # the kernel's page cache of it may be stale (see above)
+
+    def _forget_past_end(self) -> None:
+        """A data file shorter than the image (cut short by a damaged file system or a copy)
+        would answer reads of its chunks past the end short. Clean and zero ones there are
+        forgotten, durably, before the file gets its size back (else a crash between could
+        leave them recorded local over zeros); CacheError if a dirty one is (its bytes are
+        gone: the mount leaves the image out, its cache as it is)."""
+        try:
+            end = os.fstat(self.data.fd).st_size
+        except OSError as exc:
+            raise cache_os_error(exc, f"reading the size of {self.name}'s data file") from None
+        if end >= self.size:
+            return
+        lost = [i for i in range(end // self.geometry.chunk_size, self.geometry.chunk_count)
+                if self.is_local(i)]
+        if any(self.state_of(i) == ChunkState.DIRTY for i in lost):
+            raise CacheError(
+                f"the data file of {self.name} is cut short ({end} of {self.size} bytes): "
+                "chunks written through the mount are lost"
+            )
+        log.warning("%s: its data file is cut short (%d of %d bytes): fetching %d chunks again",
+                    self.name, end, self.size, len(lost))
+        for index in lost:
+            self._set_state(index, ChunkState.ABSENT, None)
+        self.store.commit_sync()
+        try:
+            os.truncate(self.data.path, self.size)
+        except OSError as exc:
+            raise cache_os_error(exc, f"extending the data file of {self.name}") from None
 
     def attach_source(self, source: BaseImage) -> None:
         """The base answers again with this image unchanged (mount.py checked its identity):
