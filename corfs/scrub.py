@@ -21,7 +21,7 @@ from . import control_client
 from .base import BaseOptions, BaseStore, open_base
 from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
-from .errors import CorfsError, ForgetRefused, UsageError
+from .errors import CacheError, CorfsError, ForgetRefused, UsageError
 from .fileio import pread_full
 from .handoff import unsettled
 from .refetch import why_base_cannot_supply
@@ -41,6 +41,7 @@ class ScrubReport:
     bad: int
     bad_chunks: list[int]
     kept: str | None = None  # why the bad chunks were kept (their base cannot supply them)
+    error: str | None = None  # why the image could not be checked at all (its data file)
 
 
 def _find_bad(
@@ -87,7 +88,11 @@ def verify_cache(
             raise UsageError(f"{cache_dir} has no image {image!r}")
         reports = []
         for record in records:
-            checked, bad = _find_bad(store, record)
+            try:
+                checked, bad = _find_bad(store, record)
+            except CacheError as exc:  # its data file cannot be opened: only it fails
+                reports.append(ScrubReport(record.name, 0, 0, [], error=str(exc)))
+                continue
             if bad and mounted:
                 bad = _still_bad_once_committed(store, record, bad)
             kept = None if mounted or not bad else unsettled(store, record.name)
@@ -168,6 +173,9 @@ def print_reports(reports: list[ScrubReport], *, as_json: bool) -> None:
         print(json.dumps({"images": [asdict(r) for r in reports]}))
         return
     for r in reports:
+        if r.error:
+            print(f"{r.image}: not checked: {r.error}")
+            continue
         if not r.bad:
             verdict = "ok"
         elif r.kept:

@@ -80,7 +80,10 @@ def test_verify_unmounted_cache_forgets_bad_chunks_and_a_mount_refetches(tmp_dir
         0,
         {
             "images": [
-                {"image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": [], "kept": None}
+                {
+                    "image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": [], "kept": None,
+                    "error": None,
+                }
             ]
         },
     )
@@ -281,3 +284,25 @@ def test_verify_takes_zero_chunks_cut_off_the_data_file_for_bad(tmp_dirs) -> Non
     code, report = verify(tmp_dirs.cache)
     assert (code, report["images"][0]["bad_chunks"]) == (1, [6, 7])
     assert sorted(chunk_rows(tmp_dirs.cache, "z.raw")) == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_image_whose_data_file_is_gone_fails_only_itself(tmp_dirs) -> None:
+    """verify of a whole cache: one image it cannot check (its data file removed) is reported
+    as such, and the others are still checked (and their bad chunks found)."""
+    size = 4 * CHUNK
+    for seed, name in enumerate(("a.raw", "b.raw")):
+        make_image(tmp_dirs.base / name, size, seed=20 + seed, block_size=CHUNK)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        for name in ("a.raw", "b.raw"):
+            (m.mnt / name).read_bytes()
+            wait_stored(m.mnt, name, size)
+        m.stop()
+    (tmp_dirs.cache / "data" / "a.raw").unlink()
+    damage(tmp_dirs.cache / "data" / "b.raw", 2 * CHUNK + 9)
+    result = run_corfs("verify", tmp_dirs.cache, "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    reports = {r["image"]: r for r in json.loads(result.stdout)["images"]}
+    assert "missing" in reports["a.raw"]["error"] and reports["a.raw"]["checked"] == 0
+    assert (reports["b.raw"]["bad_chunks"], reports["b.raw"]["error"]) == ([2], None)
+    text = run_corfs("verify", tmp_dirs.cache)
+    assert text.returncode == 1 and "a.raw: not checked:" in text.stdout, text
