@@ -13,7 +13,6 @@ user. One bad image (its data file gone, its cache not creatable) is left out, n
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -31,6 +30,8 @@ from .errors import (
     BaseChanged,
     BaseNotFound,
     BaseUnreachable,
+    CacheError,
+    CacheFull,
     CorfsError,
     TransientBaseError,
     UsageError,
@@ -378,12 +379,27 @@ async def _serve(
                 await _serve_with(config, mountpoint, on_ready, link, sources, store, down,
                                   signals, metrics)
             finally:
-                with contextlib.suppress(CorfsError):
-                    store.commit_sync()
+                final_error = _final_commit(store)
                 store.remove_small_file(MOUNTPOINT_FILE)
                 store.close()
+            if final_error is not None:  # a stop that lost chunk states must not look clean
+                raise final_error
         finally:
             await link.aclose()
+
+
+def _final_commit(store: CacheStore) -> CorfsError | None:
+    """Commit what the mount marked since its last commit; the error if that failed: those
+    chunks come back absent or clean at the next mount, client writes to them included."""
+    try:
+        store.commit_sync()
+    except CorfsError as exc:
+        full = isinstance(exc, CacheFull)
+        return (CacheFull if full else CacheError)(
+            f"the final commit failed ({exc}): chunks filled or written since the last "
+            "commit are not recorded"
+        )
+    return None
 
 
 def _build_images(
