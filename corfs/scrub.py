@@ -21,7 +21,7 @@ from . import control_client
 from .base import BaseOptions, BaseStore, open_base
 from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
-from .errors import CacheError, CorfsError, ForgetRefused, UsageError
+from .errors import CacheError, CacheLocked, CorfsError, ForgetRefused, UsageError
 from .fileio import pread_full
 from .handoff import unsettled
 from .refetch import why_base_cannot_supply
@@ -81,6 +81,7 @@ def verify_cache(
     """Scrub CACHE (or one image of it). `base`: the base of an unmounted cache, asked before
     a bad chunk is forgotten; by default the one the cache recorded is opened."""
     mounted = CacheStore.is_locked(cache_dir)
+    mountpoint = _mount_serving(cache_dir) if mounted else None
     store = CacheStore.open(cache_dir, lock=not mounted, create=False)
     try:
         records = [r for r in store.records() if image is None or r.name == image]
@@ -93,12 +94,12 @@ def verify_cache(
             except CacheError as exc:  # its data file cannot be opened: only it fails
                 reports.append(ScrubReport(record.name, 0, 0, [], error=str(exc)))
                 continue
-            if bad and mounted:
-                bad = _still_bad_once_committed(store, record, bad)
+            if bad and mountpoint is not None:
+                bad = _still_bad_once_committed(mountpoint, store, record, bad)
             kept = None if mounted or not bad else unsettled(store, record.name)
             if bad and kept is None:
                 try:
-                    _forget(store, record, bad, mounted, base)
+                    _forget(store, record, bad, mountpoint, base)
                 except ForgetRefused as exc:
                     kept = str(exc)
             reports.append(ScrubReport(record.name, checked, len(bad), bad, kept))
@@ -107,8 +108,26 @@ def verify_cache(
         store.close()
 
 
+def _mount_serving(cache_dir: str) -> str:
+    """The mountpoint of the live mount of CACHE, whose lock is held. CacheLocked if the
+    holder is no mount (another verify, a detach) or not one of this cache (a mountpoint file
+    a killed mount left, the path since mounted again): forgets must reach its daemon only."""
+    mountpoint = recorded_mountpoint(cache_dir)
+    if mountpoint is not None:
+        try:
+            served = control_client.read_status(mountpoint)["cache"]
+            if os.path.samefile(served, cache_dir):
+                return mountpoint
+        except (CorfsError, OSError, KeyError, TypeError):
+            pass
+    raise CacheLocked(
+        f"{cache_dir} is in use by another corfs command (not a mount): verify it once that "
+        "is done"
+    )
+
+
 def _still_bad_once_committed(
-    store: CacheStore, record: ImageRecord, bad: list[int]
+    mountpoint: str, store: CacheStore, record: ImageRecord, bad: list[int]
 ) -> list[int]:
     """Those of `bad` still bad by the states the daemon holds now. A mounted cache's database
     lags its daemon (a commit a second, a scan for minutes): a chunk read bad may have been
@@ -116,9 +135,6 @@ def _still_bad_once_committed(
     refill. An fsync of the image through the mount makes the daemon commit what it holds;
     then those chunks are checked again. If that fails, the daemon still forgets only chunks
     it holds clean."""
-    mountpoint = recorded_mountpoint(store.cache_dir)
-    if mountpoint is None:
-        return bad
     try:
         fd = os.open(os.path.join(mountpoint, record.name), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -131,10 +147,14 @@ def _still_bad_once_committed(
 
 
 def _forget(
-    store: CacheStore, record: ImageRecord, chunks: list[int], mounted: bool, base: BaseStore | None
+    store: CacheStore,
+    record: ImageRecord,
+    chunks: list[int],
+    mountpoint: str | None,
+    base: BaseStore | None,
 ) -> None:
-    if mounted:
-        mountpoint = recorded_mountpoint(store.cache_dir) or ""
+    """Forget `chunks`: through the daemon of the mount at `mountpoint`, or here offline."""
+    if mountpoint is not None:
         for start in range(0, len(chunks), FORGET_BATCH):
             batch = chunks[start : start + FORGET_BATCH]
             command = {"op": "forget", "image": record.name, "chunks": batch}

@@ -17,11 +17,13 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from tests.fuse.test_published_mount import object_path, published_image
 from tests.fuse.util import (
+    assert_one_line_error,
     direct_read,
     direct_write,
     drop_caches,
@@ -306,3 +308,30 @@ def test_an_image_whose_data_file_is_gone_fails_only_itself(tmp_dirs) -> None:
     assert (reports["b.raw"]["bad_chunks"], reports["b.raw"]["error"]) == ([2], None)
     text = run_corfs("verify", tmp_dirs.cache)
     assert text.returncode == 1 and "a.raw: not checked:" in text.stdout, text
+
+
+def test_verify_while_another_command_holds_the_cache_says_so(tmp_dirs) -> None:
+    """The cache's lock held by a corfs process that is no mount (another verify, a detach):
+    verify took it for a mount and sent its forgets to "" (\"corfs:  does not exist\")."""
+    size = 4 * CHUNK
+    make_image(tmp_dirs.base / "a.raw", size, seed=22, block_size=CHUNK)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        (m.mnt / "a.raw").read_bytes()
+        wait_stored(m.mnt, "a.raw", size)
+        m.stop()
+    damage(tmp_dirs.cache / "data" / "a.raw", CHUNK + 5)
+    rows = chunk_rows(tmp_dirs.cache, "a.raw")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom corfs.store import CacheStore\n"
+         "CacheStore.open(sys.argv[1], create=False)\nprint('locked', flush=True)\n"
+         "time.sleep(60)", str(tmp_dirs.cache)],
+        env=corfs_env(), stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        result = run_corfs("verify", tmp_dirs.cache)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(result, "in use by another corfs command")
+    assert chunk_rows(tmp_dirs.cache, "a.raw") == rows
