@@ -17,6 +17,8 @@ Invariants:
   registers them), and while it stores them client writes in their folio span wait
   (datafile.py's folio-span rule); a client write `pwrite`s and marks its chunks dirty in one
   step with no `await` between.
+- Never change bytes the database may call clean: before a write to a chunk whose clean (or
+  zero) mark may be committed, its dirty mark is committed (`_unclean_durably`).
 - A write that covers a chunk only partly makes that chunk local first (its fill is stored,
   never dropped). A write whose folio span holds chunks queued to be stored waits for their
   store: base bytes never land after it, and no store is in flight beside it.
@@ -116,7 +118,7 @@ class Image:
         self.read_only = read_only
         self.mtime_ns = mtime_ns
         self._nursery = fill_nursery
-        self._chunks = ChunkTable(self.geometry, store.load_states(record)[0])
+        self._chunks = ChunkTable(self.geometry, store.load_states(record, track=True)[0])
         self._fills: dict[int, Fill] = {}
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
@@ -632,6 +634,10 @@ class Image:
                 # A fill is storing there (base bytes into these chunks, or a direct write that
                 # may share a page-cache folio with them): let it finish first.
                 await self.data.wait_span_quiet(touched)
+            elif self.store.sync_failure is None and (
+                said_clean := [i for i in touched if self.store.may_say_clean(self.name, i)]
+            ):
+                await self._unclean_durably(said_clean)
             else:
                 break
         # No await from here on: the write and the dirty marks are one atomic step.
@@ -648,6 +654,19 @@ class Image:
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
         return len(data)
+
+    async def _unclean_durably(self, chunks: list[int]) -> None:
+        """Before a write changes the bytes of chunks the database may say are clean or zero:
+        mark them dirty (those still clean or zero here; a forgotten one stays absent) and
+        commit. A kill -9 keeps a write's bytes in the page cache: with the row still clean,
+        the next mount served them as the base's, and verify (or a forget) later put the
+        base's back under a guest that had read them. Dirty over the base's bytes is true
+        whether the write lands or not. Costs one commit on the first write to each chunk
+        committed clean; a write that fails after it leaves its chunks dirty."""
+        for index in chunks:
+            if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO):
+                self._set_state(index, ChunkState.DIRTY, None)
+        await self.store.commit()
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:

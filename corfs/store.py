@@ -204,6 +204,10 @@ class CacheStore:
         self._syncs = 0  # commits waiting for or holding the commit lock
         self._pending: _Marks = {}
         self._touched: set[str] = set()
+        # Per chunk of each image a mount serves (load_states(track=True)): what the database
+        # may say after a crash. A clean or zero mark counts from when a commit takes it (it
+        # may be durable from then on), a dirty or absent one once its commit succeeded.
+        self._on_disk: dict[str, bytearray] = {}
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
@@ -347,6 +351,7 @@ class CacheStore:
                 (name, size, chunk_size, identity, base, time.time()),
             )
         self._digest_index.drop_image(name)
+        self._on_disk.pop(name, None)
         record = self._records[name] = ImageRecord(name, size, chunk_size, identity, base)
         return record
 
@@ -374,6 +379,7 @@ class CacheStore:
                 raise CacheError(f"forgetting {name} in the cache database: {exc}") from None
         self._records.pop(name, None)
         self._digest_index.drop_image(name)
+        self._on_disk.pop(name, None)
         self.remove_data_file(name)
 
     def remove_data_file(self, name: str) -> None:
@@ -425,6 +431,10 @@ class CacheStore:
             (ChunkState.DIRTY, name, ChunkState.CLEAN, ChunkState.ZERO),
         )
         self._digest_index.drop_image(name)
+        if (on_disk := self._on_disk.get(name)) is not None:
+            for index, state in enumerate(on_disk):
+                if state in (ChunkState.CLEAN, ChunkState.ZERO):
+                    on_disk[index] = ChunkState.DIRTY
 
     def _execute_durably(self, sql: str, args: tuple) -> None:
         with self._db_lock:
@@ -433,14 +443,18 @@ class CacheStore:
             except sqlite3.Error as exc:
                 raise CacheError(f"cache database: {exc}") from None
 
-    def load_states(self, record: ImageRecord) -> tuple[bytearray, int]:
-        """Per-chunk states of an image (one byte each) and its count of dirty chunks."""
+    def load_states(self, record: ImageRecord, *, track: bool = False) -> tuple[bytearray, int]:
+        """Per-chunk states of an image (one byte each) and its count of dirty chunks. With
+        `track` (a mount's Image), what the database may say is kept from now on
+        (`may_say_clean`)."""
         count = record.geometry.chunk_count
         states = bytearray(count)
         rows = self._query("SELECT idx, state FROM chunks WHERE image = ?", (record.name,))
         for idx, state in rows:
             if 0 <= idx < count:
                 states[idx] = state
+        if track:
+            self._on_disk[record.name] = bytearray(states)
         return states, sum(1 for _, s in rows if s == ChunkState.DIRTY)
 
     def digests_of(self, name: str) -> dict[int, bytes]:
@@ -518,6 +532,19 @@ class CacheStore:
         """The data file of `name` changed: the next commit must sync it."""
         self._touched.add(name)
 
+    def may_say_clean(self, name: str, idx: int) -> bool:
+        """Whether the database may say chunk `idx` of `name` is clean or zero (equal to the
+        base), after a crash now: before a write changes its bytes, a dirty mark must be
+        committed (Image.write). For images loaded with track=True."""
+        on_disk = self._on_disk.get(name)
+        return on_disk is not None and on_disk[idx] in (ChunkState.CLEAN, ChunkState.ZERO)
+
+    def _note_on_disk(self, marks: _Marks, states: tuple[ChunkState, ...]) -> None:
+        for (name, idx), (state, _) in marks.items():
+            on_disk = self._on_disk.get(name)
+            if state in states and on_disk is not None and 0 <= idx < len(on_disk):
+                on_disk[idx] = state
+
     @property
     def pending_count(self) -> int:
         return len(self._pending)
@@ -540,6 +567,7 @@ class CacheStore:
                 if batch is not None:
                     with self._keeping_marks_on_failure(batch):
                         await trio.to_thread.run_sync(self._sync_and_write, batch)
+                    self._note_on_disk(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
         finally:
             self._syncs -= 1
 
@@ -564,6 +592,7 @@ class CacheStore:
         if batch is not None:
             with self._keeping_marks_on_failure(batch):
                 self._sync_and_write(batch)
+            self._note_on_disk(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
 
     def _take_batch(self) -> _Batch | None:
         """The data files to sync and the marks to write, taken out of the queue (None when
@@ -574,6 +603,7 @@ class CacheStore:
         touched, self._touched = self._touched, set()
         fds = [self._data_files[name].fd for name in touched if name in self._data_files]
         batch = _Batch(touched, fds, pending)
+        self._note_on_disk(pending, (ChunkState.CLEAN, ChunkState.ZERO))  # durable any moment
         return batch if batch.pending or batch.fds else None
 
     @contextlib.contextmanager
