@@ -260,11 +260,16 @@ def _load_traces(
             raise UsageError(
                 f"cannot read trace {config.stream.trace_file}: {exc.strerror}"
             ) from None
+        traces = load_trace(text, source)  # the user's file: refused as bad input
     else:
         text, source = store.read_small_file(TRACE_FILE), os.path.join(store.cache_dir, TRACE_FILE)
         if text is None or config.stream.record_trace:
             return {}
-    traces = load_trace(text, source)
+        try:
+            traces = load_trace(text, source)
+        except UsageError as exc:  # the cache's own hint, damaged (a crash as it was written)
+            log.warning("%s: streaming in plain order", exc)
+            return {}
     orders = {}
     for image in images:
         if image.name in traces:

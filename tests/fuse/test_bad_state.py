@@ -93,3 +93,19 @@ def test_a_data_file_cut_short_is_never_served_short(tmp_dirs):
     assert [row for row in _rows(tmp_dirs.cache) if row[0] == "d.raw"] == [
         row for row in rows if row[0] == "d.raw"
     ]
+
+
+def test_a_damaged_trace_in_the_cache_does_not_stop_the_mount(tmp_dirs):
+    """CACHE/trace.json (the order a --record-trace mount saw, streamed first by the next) is
+    a hint the cache keeps for itself: cut short (a crash while it was written), it must not
+    keep the cache from being mounted; the stream goes in plain order, and the log says why."""
+    want = make_image(tmp_dirs.base / "a.raw", MIB, seed=6).read_bytes()
+    with tmp_dirs.mount("--no-stream", "--record-trace") as m:
+        direct_read(m.mnt / "a.raw", 0, 4 * KIB)
+        m.stop()
+    trace = tmp_dirs.cache / "trace.json"
+    trace.write_text(trace.read_text()[:20])
+    with tmp_dirs.mount() as m:
+        assert (m.mnt / "a.raw").read_bytes() == want
+        m.stop()
+        assert "trace.json" in m.log_text()
