@@ -30,9 +30,17 @@ from tests.fuse.util import (
     image_status,
     live_status,
     wait_complete,
+    wait_for,
     wait_stored,
 )
-from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image, run_corfs
+from tests.mounting import (
+    REPO_ROOT,
+    CorfsDirs,
+    corfs_command,
+    corfs_env,
+    make_image,
+    run_corfs,
+)
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
@@ -205,15 +213,35 @@ def test_verify_forgets_a_bad_chunk_while_the_dir_base_still_has_it(tmp_dirs) ->
     assert 6 not in chunk_rows(tmp_dirs.cache, "b.raw")
 
 
-def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(tmp_dirs) -> None:
+# A verify whose scan is slow (a large image, a slow disk): a sitecustomize on its PYTHONPATH
+# holds its read of chunk 0 until the test has written (and says when it holds it).
+_SLOW_SCAN = """
+import os, time
+from corfs import scrub
+_real = scrub.pread_full
+def _slow(fd, length, offset):
+    if offset == 0:
+        open(os.environ["CORFS_TEST_SCANNING"], "w").close()
+        while not os.path.exists(os.environ["CORFS_TEST_GO_ON"]):
+            time.sleep(0.05)
+    return _real(fd, length, offset)
+scrub.pread_full = _slow
+"""
+
+
+def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(
+    tmp_dirs, tmp_path: Path
+) -> None:
     """A guest writes a clean chunk while verify scans (its states were read before): the new
     bytes differ from the recorded digest, but the chunk is dirty now, not bad. Verify must
-    not report it bad nor exit 1 (the daemon rightly keeps it: "marked absent" was a lie).
-    Here another connection holds the database's write lock, so the daemon's commits wait
-    (a slow cache disk, or a long scan, gives the same window)."""
+    not report it bad nor exit 1 (the daemon rightly keeps it: "marked absent" was a lie)."""
     size = 8 * CHUNK
     want = make_image(tmp_dirs.base / "b.raw", size, seed=13, block_size=CHUNK).read_bytes()
     written = b"w" * (4 * KIB)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_SCAN)
+    scanning, go_on = tmp_path / "scanning", tmp_path / "go-on"
     with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
         image = m.mnt / "b.raw"
         assert image.read_bytes() == want
@@ -224,18 +252,17 @@ def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(t
         finally:
             os.close(fd)
         assert set(chunk_rows(tmp_dirs.cache, "b.raw").values()) == {1}
-        db = sqlite3.connect(tmp_dirs.cache / "state.db", isolation_level=None)
-        db.execute("BEGIN IMMEDIATE")
+        env = {"PYTHONPATH": f"{hook}:{REPO_ROOT}", "CORFS_TEST_SCANNING": str(scanning),
+               "CORFS_TEST_GO_ON": str(go_on)}
+        proc = subprocess.Popen(
+            corfs_command("verify", tmp_dirs.cache, "--json"), env=corfs_env(env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
         try:
+            wait_for(scanning.exists, what="verify to scan")  # its states say all clean
             direct_write(image, 5 * CHUNK, written)
-            proc = subprocess.Popen(
-                corfs_command("verify", tmp_dirs.cache, "--json"), env=corfs_env(),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-            time.sleep(3)  # verify has read the states, which still say clean
         finally:
-            db.execute("ROLLBACK")
-            db.close()
+            go_on.touch()
         out, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, err
         report = json.loads(out)["images"][0]
