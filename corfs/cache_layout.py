@@ -79,7 +79,8 @@ def ensure_private_dir(path: str) -> None:
 def tighten_private(cache_dir: str) -> list[str]:
     """Take group and other permissions off CACHE and everything in it (a cache made by an
     older corfs, or copied with a loose umask); what changed, as "path 0644->0600" with paths
-    relative to CACHE. Symbolic links are left alone (their mode means nothing; never follow)."""
+    relative to CACHE. Symbolic links in it are left alone (their mode means nothing; never
+    follow)."""
     changed = []
 
     def tighten(path: str) -> None:
@@ -95,6 +96,9 @@ def tighten_private(cache_dir: str) -> list[str]:
         relative = os.path.relpath(path, cache_dir)
         changed.append(f"{relative}{kind} {mode:04o}->{mode & ~_GROUP_OTHER:04o}")
 
+    # CACHE itself may be named through a symbolic link (to a cache on another disk): the
+    # directory it names is the one to make private.
+    cache_dir = os.path.realpath(cache_dir)
     tighten(cache_dir)
     for top, dirs, files in os.walk(cache_dir):  # os.walk does not follow links to dirs
         for name in dirs + files:

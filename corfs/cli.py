@@ -365,7 +365,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     reports = scrub.verify_cache(args.cache, args.image)
     scrub.print_reports(reports, as_json=args.json)
-    return 0 if all(r.bad == 0 for r in reports) else 1
+    return 0 if all(r.bad == 0 and r.error is None for r in reports) else 1
 
 
 def _cmd_detach(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ import contextlib
 import os
 
 from .cache_layout import STATE_DB, is_cache_dir, private_open
-from .errors import CacheLocked, NotLocalError, UsageError
+from .digest import chunk_digest
+from .errors import CacheError, CacheLocked, NotLocalError, UsageError
 from .fileio import pread_full
 from .handoff import unsettled
 from .store import CacheStore, ChunkState, ImageRecord
@@ -83,6 +84,7 @@ def _write_out(
     except OSError as exc:
         raise UsageError(f"cannot create {dest}{TMP_SUFFIX}: {exc.strerror}") from None
     src = store.data_fd(record.name)
+    digests = store.digests_of(record.name)
     geometry = record.geometry
     try:
         with os.fdopen(fd, "wb") as out:
@@ -90,15 +92,35 @@ def _write_out(
                 if state == ChunkState.ZERO:
                     continue  # leave a hole
                 offset = geometry.chunk_start(index)
+                data = pread_full(src, geometry.chunk_length(index), offset)
+                _check_chunk(store, record, index, state, data, digests.get(index))
                 out.seek(offset)
-                out.write(pread_full(src, geometry.chunk_length(index), offset))
+                out.write(data)
             out.truncate(record.size)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_name, dest_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)  # the new name survives a power cut too
-    except OSError as exc:
+    except (OSError, CacheError) as exc:
         # Only the name we created: unlink never follows a link, it removes the entry.
         with contextlib.suppress(OSError):
             os.unlink(tmp_name, dir_fd=dir_fd)
+        if isinstance(exc, CacheError):
+            raise
         raise UsageError(f"writing {dest}: {exc.strerror}") from None
+
+
+def _check_chunk(
+    store: CacheStore, record: ImageRecord, index: int, state: int, data: bytes,
+    digest: bytes | None,
+) -> None:
+    """CacheError unless `data` can be chunk `index`: all of it, and for a clean chunk the
+    bytes its digest was recorded for. A damaged cache must not become a standalone image
+    that nothing checks any more."""
+    short = len(data) < record.geometry.chunk_length(index)
+    if short or (state == ChunkState.CLEAN and chunk_digest(data) != digest):
+        why = "is cut short in the data file" if short else "fails its digest"
+        raise CacheError(
+            f"chunk {index} of {record.name} {why}: run corfs verify {store.cache_dir} "
+            "and let a mount fetch it again, then detach"
+        )

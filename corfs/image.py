@@ -17,6 +17,8 @@ Invariants:
   registers them), and while it stores them client writes in their folio span wait
   (datafile.py's folio-span rule); a client write `pwrite`s and marks its chunks dirty in one
   step with no `await` between.
+- Never change bytes the database may call clean: before a write to a chunk whose clean (or
+  zero) mark may be committed, its dirty mark is committed (`_unclean_durably`).
 - A write that covers a chunk only partly makes that chunk local first (its fill is stored,
   never dropped). A write whose folio span holds chunks queued to be stored waits for their
   store: base bytes never land after it, and no store is in flight beside it.
@@ -30,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -44,12 +47,14 @@ from .digest import Buffer
 from .errors import (
     BaseChanged,
     BaseNotFound,
+    CacheError,
     ControlError,
     CorfsError,
     ImageHandedOver,
     OutOfImageError,
     ReadOnlyError,
     ShortWrite,
+    cache_os_error,
     chunk_error,
 )
 from .failing import FailingChunks
@@ -113,7 +118,7 @@ class Image:
         self.read_only = read_only
         self.mtime_ns = mtime_ns
         self._nursery = fill_nursery
-        self._chunks = ChunkTable(self.geometry, store.load_states(record)[0])
+        self._chunks = ChunkTable(self.geometry, store.load_states(record, track=True)[0])
         self._fills: dict[int, Fill] = {}
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
@@ -123,6 +128,7 @@ class Image:
         )
         self._local_ahead_chunks = max(1, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)
+        self._forget_past_end()
         # fetched, verified, waiting to be stored (store_queue.py)
         self._queue = StoreQueue(
             self.name, self.data, fill_nursery,
@@ -141,6 +147,35 @@ class Image:
         self.handed_over_to: str | None = None
         self.handing_over = False  # a live handoff is under way (handoff.py): no forget now
         self.pages_stale = False  # the kernel's page cache of it may be stale (see above)
+
+    def _forget_past_end(self) -> None:
+        """A data file shorter than the image (cut short by a damaged file system or a copy)
+        would answer reads of its chunks past the end short. Clean and zero ones there are
+        forgotten, durably, before the file gets its size back (else a crash between could
+        leave them recorded local over zeros); CacheError if a dirty one is (its bytes are
+        gone: the mount leaves the image out, its cache as it is)."""
+        try:
+            end = os.fstat(self.data.fd).st_size
+        except OSError as exc:
+            raise cache_os_error(exc, f"reading the size of {self.name}'s data file") from None
+        if end >= self.size:
+            return
+        lost = [i for i in range(end // self.geometry.chunk_size, self.geometry.chunk_count)
+                if self.is_local(i)]
+        if any(self.state_of(i) == ChunkState.DIRTY for i in lost):
+            raise CacheError(
+                f"the data file of {self.name} is cut short ({end} of {self.size} bytes): "
+                "chunks written through the mount are lost"
+            )
+        log.warning("%s: its data file is cut short (%d of %d bytes): fetching %d chunks again",
+                    self.name, end, self.size, len(lost))
+        for index in lost:
+            self._set_state(index, ChunkState.ABSENT, None)
+        self.store.commit_sync()
+        try:
+            os.truncate(self.data.path, self.size)
+        except OSError as exc:
+            raise cache_os_error(exc, f"extending the data file of {self.name}") from None
 
     def attach_source(self, source: BaseImage) -> None:
         """The base answers again with this image unchanged (mount.py checked its identity):
@@ -599,6 +634,10 @@ class Image:
                 # A fill is storing there (base bytes into these chunks, or a direct write that
                 # may share a page-cache folio with them): let it finish first.
                 await self.data.wait_span_quiet(touched)
+            elif self.store.sync_failure is None and (
+                said_clean := [i for i in touched if self.store.may_say_clean(self.name, i)]
+            ):
+                await self._unclean_durably(said_clean)
             else:
                 break
         # No await from here on: the write and the dirty marks are one atomic step.
@@ -615,6 +654,19 @@ class Image:
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
         return len(data)
+
+    async def _unclean_durably(self, chunks: list[int]) -> None:
+        """Before a write changes the bytes of chunks the database may say are clean or zero:
+        mark them dirty (those still clean or zero here; a forgotten one stays absent) and
+        commit. A kill -9 keeps a write's bytes in the page cache: with the row still clean,
+        the next mount served them as the base's, and verify (or a forget) later put the
+        base's back under a guest that had read them. Dirty over the base's bytes is true
+        whether the write lands or not. Costs one commit on the first write to each chunk
+        committed clean; a write that fails after it leaves its chunks dirty."""
+        for index in chunks:
+            if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO):
+                self._set_state(index, ChunkState.DIRTY, None)
+        await self.store.commit()
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:

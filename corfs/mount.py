@@ -13,7 +13,6 @@ user. One bad image (its data file gone, its cache not creatable) is left out, n
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -31,6 +30,8 @@ from .errors import (
     BaseChanged,
     BaseNotFound,
     BaseUnreachable,
+    CacheError,
+    CacheFull,
     CorfsError,
     TransientBaseError,
     UsageError,
@@ -286,11 +287,16 @@ def _load_traces(
             raise UsageError(
                 f"cannot read trace {config.stream.trace_file}: {exc.strerror}"
             ) from None
+        traces = load_trace(text, source)  # the user's file: refused as bad input
     else:
         text, source = store.read_small_file(TRACE_FILE), os.path.join(store.cache_dir, TRACE_FILE)
         if text is None or config.stream.record_trace:
             return {}
-    traces = load_trace(text, source)
+        try:
+            traces = load_trace(text, source)
+        except UsageError as exc:  # the cache's own hint, damaged (a crash as it was written)
+            log.warning("%s: streaming in plain order", exc)
+            return {}
     orders = {}
     for image in images:
         if image.name in traces:
@@ -405,12 +411,27 @@ async def _serve(
                 await _serve_with(config, mountpoint, on_ready, link, sources, store, down,
                                   signals, metrics)
             finally:
-                with contextlib.suppress(CorfsError):
-                    store.commit_sync()
+                final_error = _final_commit(store)
                 store.remove_small_file(MOUNTPOINT_FILE)
                 store.close()
+            if final_error is not None:  # a stop that lost chunk states must not look clean
+                raise final_error
         finally:
             await link.aclose()
+
+
+def _final_commit(store: CacheStore) -> CorfsError | None:
+    """Commit what the mount marked since its last commit; the error if that failed: those
+    chunks come back absent or clean at the next mount, client writes to them included."""
+    try:
+        store.commit_sync()
+    except CorfsError as exc:
+        full = isinstance(exc, CacheFull)
+        return (CacheFull if full else CacheError)(
+            f"the final commit failed ({exc}): chunks filled or written since the last "
+            "commit are not recorded"
+        )
+    return None
 
 
 def _build_images(

@@ -11,6 +11,8 @@ bytes possibly the only copy left, and reported bad with the reason."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import trio
@@ -19,7 +21,7 @@ from . import control_client
 from .base import BaseOptions, BaseStore, open_base
 from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
-from .errors import CorfsError, ForgetRefused, UsageError
+from .errors import CacheError, CacheLocked, CorfsError, ForgetRefused, UsageError
 from .fileio import pread_full
 from .handoff import unsettled
 from .refetch import why_base_cannot_supply
@@ -39,20 +41,35 @@ class ScrubReport:
     bad: int
     bad_chunks: list[int]
     kept: str | None = None  # why the bad chunks were kept (their base cannot supply them)
+    error: str | None = None  # why the image could not be checked at all (its data file)
 
 
-def _find_bad(store: CacheStore, record: ImageRecord) -> tuple[int, list[int]]:
+def _find_bad(
+    store: CacheStore, record: ImageRecord, indexes: Iterable[int] | None = None
+) -> tuple[int, list[int]]:
+    """(chunks checked, bad ones) among `indexes` (default: all), by the committed states."""
     states, _ = store.load_states(record)
     digests = store.digests_of(record.name)
     fd = store.data_fd(record.name)
     geometry = record.geometry
     checked, bad = 0, []
-    for index, state in enumerate(states):
+    for index in range(len(states)) if indexes is None else indexes:
+        state = states[index]
         if state not in (ChunkState.CLEAN, ChunkState.ZERO):
             continue
-        data = pread_full(fd, geometry.chunk_length(index), geometry.chunk_start(index))
         checked += 1
-        ok = is_zero(data) if state == ChunkState.ZERO else chunk_digest(data) == digests.get(index)
+        length = geometry.chunk_length(index)
+        try:
+            data = pread_full(fd, length, geometry.chunk_start(index))
+        except OSError:  # unreadable (EIO: a bad sector): bad, and a refill rewrites it
+            bad.append(index)
+            continue
+        if len(data) < length:  # past the end of a data file cut short: not its bytes
+            ok = False
+        elif state == ChunkState.ZERO:
+            ok = is_zero(data)
+        else:
+            ok = chunk_digest(data) == digests.get(index)
         if not ok:
             bad.append(index)
     return checked, bad
@@ -64,6 +81,7 @@ def verify_cache(
     """Scrub CACHE (or one image of it). `base`: the base of an unmounted cache, asked before
     a bad chunk is forgotten; by default the one the cache recorded is opened."""
     mounted = CacheStore.is_locked(cache_dir)
+    mountpoint = _mount_serving(cache_dir) if mounted else None
     store = CacheStore.open(cache_dir, lock=not mounted, create=False)
     try:
         records = [r for r in store.records() if image is None or r.name == image]
@@ -71,11 +89,17 @@ def verify_cache(
             raise UsageError(f"{cache_dir} has no image {image!r}")
         reports = []
         for record in records:
-            checked, bad = _find_bad(store, record)
+            try:
+                checked, bad = _find_bad(store, record)
+            except CacheError as exc:  # its data file cannot be opened: only it fails
+                reports.append(ScrubReport(record.name, 0, 0, [], error=str(exc)))
+                continue
+            if bad and mountpoint is not None:
+                bad = _still_bad_once_committed(mountpoint, store, record, bad)
             kept = None if mounted or not bad else unsettled(store, record.name)
             if bad and kept is None:
                 try:
-                    _forget(store, record, bad, mounted, base)
+                    _forget(store, record, bad, mountpoint, base)
                 except ForgetRefused as exc:
                     kept = str(exc)
             reports.append(ScrubReport(record.name, checked, len(bad), bad, kept))
@@ -84,11 +108,53 @@ def verify_cache(
         store.close()
 
 
+def _mount_serving(cache_dir: str) -> str:
+    """The mountpoint of the live mount of CACHE, whose lock is held. CacheLocked if the
+    holder is no mount (another verify, a detach) or not one of this cache (a mountpoint file
+    a killed mount left, the path since mounted again): forgets must reach its daemon only."""
+    mountpoint = recorded_mountpoint(cache_dir)
+    if mountpoint is not None:
+        try:
+            served = control_client.read_status(mountpoint)["cache"]
+            if os.path.samefile(served, cache_dir):
+                return mountpoint
+        except (CorfsError, OSError, KeyError, TypeError):
+            pass
+    raise CacheLocked(
+        f"{cache_dir} is in use by another corfs command (not a mount): verify it once that "
+        "is done"
+    )
+
+
+def _still_bad_once_committed(
+    mountpoint: str, store: CacheStore, record: ImageRecord, bad: list[int]
+) -> list[int]:
+    """Those of `bad` still bad by the states the daemon holds now. A mounted cache's database
+    lags its daemon (a commit a second, a scan for minutes): a chunk read bad may have been
+    written by the guest since its state was read (dirty now: its bytes are right) or be in a
+    refill. An fsync of the image through the mount makes the daemon commit what it holds;
+    then those chunks are checked again. If that fails, the daemon still forgets only chunks
+    it holds clean."""
+    try:
+        fd = os.open(os.path.join(mountpoint, record.name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return bad
+    return _find_bad(store, record, bad)[1]
+
+
 def _forget(
-    store: CacheStore, record: ImageRecord, chunks: list[int], mounted: bool, base: BaseStore | None
+    store: CacheStore,
+    record: ImageRecord,
+    chunks: list[int],
+    mountpoint: str | None,
+    base: BaseStore | None,
 ) -> None:
-    if mounted:
-        mountpoint = recorded_mountpoint(store.cache_dir) or ""
+    """Forget `chunks`: through the daemon of the mount at `mountpoint`, or here offline."""
+    if mountpoint is not None:
         for start in range(0, len(chunks), FORGET_BATCH):
             batch = chunks[start : start + FORGET_BATCH]
             command = {"op": "forget", "image": record.name, "chunks": batch}
@@ -127,6 +193,9 @@ def print_reports(reports: list[ScrubReport], *, as_json: bool) -> None:
         print(json.dumps({"images": [asdict(r) for r in reports]}))
         return
     for r in reports:
+        if r.error:
+            print(f"{r.image}: not checked: {r.error}")
+            continue
         if not r.bad:
             verdict = "ok"
         elif r.kept:

@@ -157,6 +157,36 @@ class CacheHooks:
     synced: Callable[[float], None] = lambda seconds: None  # a commit's duration
 
 
+def _checked_record(record: ImageRecord, cache_dir: str) -> ImageRecord:
+    """`record` if corfs could have written it; else CacheError: a damaged row must stop every
+    command in one line, not as a traceback wherever its geometry is first needed."""
+    try:
+        record.geometry  # noqa: B018 (checks size and chunk size)
+        if not isinstance(record.size, int):
+            raise TypeError(f"size {record.size!r}")
+    except (ValueError, TypeError) as exc:
+        raise CacheError(
+            f"cache database in {cache_dir} is damaged: image {record.name!r}: {exc}"
+        ) from None
+    return record
+
+
+def _check_chunk_rows(db: sqlite3.Connection, cache_dir: str) -> None:
+    """CacheError if a chunk row has a state corfs never writes: such a chunk would be served
+    from the data file as local (any non-absent state is), its bytes vouched for by nothing."""
+    known = ", ".join(str(int(state)) for state in ChunkState if state != ChunkState.ABSENT)
+    row = db.execute(
+        f"SELECT image, idx, state FROM chunks WHERE state NOT IN ({known}) "
+        "OR typeof(idx) != 'integer' LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        image, idx, state = row
+        raise CacheError(
+            f"cache database in {cache_dir} is damaged: chunk {idx!r} of image {image!r} "
+            f"has state {state!r}"
+        )
+
+
 class CacheStore:
     def __init__(
         self,
@@ -174,14 +204,19 @@ class CacheStore:
         self._syncs = 0  # commits waiting for or holding the commit lock
         self._pending: _Marks = {}
         self._touched: set[str] = set()
+        # Per chunk of each image a mount serves (load_states(track=True)): what the database
+        # may say after a crash. A clean or zero mark counts from when a commit takes it (it
+        # may be durable from then on), a dirty or absent one once its commit succeeded.
+        self._on_disk: dict[str, bytearray] = {}
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
         try:
             self._records = {
-                row[0]: ImageRecord(*row)
+                row[0]: _checked_record(ImageRecord(*row), cache_dir)
                 for row in db.execute("SELECT name, size, chunk_size, identity, base FROM images")
             }
+            _check_chunk_rows(db, cache_dir)
             self._digest_index = DigestIndex(
                 db.execute(
                     "SELECT image, idx, digest FROM chunks WHERE state = ? AND digest IS NOT NULL",
@@ -191,6 +226,9 @@ class CacheStore:
         except sqlite3.Error as exc:
             self.close()
             raise CacheError(f"cache database in {cache_dir} is unusable: {exc}") from None
+        except CacheError:
+            self.close()
+            raise
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -313,6 +351,7 @@ class CacheStore:
                 (name, size, chunk_size, identity, base, time.time()),
             )
         self._digest_index.drop_image(name)
+        self._on_disk.pop(name, None)
         record = self._records[name] = ImageRecord(name, size, chunk_size, identity, base)
         return record
 
@@ -340,6 +379,7 @@ class CacheStore:
                 raise CacheError(f"forgetting {name} in the cache database: {exc}") from None
         self._records.pop(name, None)
         self._digest_index.drop_image(name)
+        self._on_disk.pop(name, None)
         self.remove_data_file(name)
 
     def remove_data_file(self, name: str) -> None:
@@ -391,6 +431,10 @@ class CacheStore:
             (ChunkState.DIRTY, name, ChunkState.CLEAN, ChunkState.ZERO),
         )
         self._digest_index.drop_image(name)
+        if (on_disk := self._on_disk.get(name)) is not None:
+            for index, state in enumerate(on_disk):
+                if state in (ChunkState.CLEAN, ChunkState.ZERO):
+                    on_disk[index] = ChunkState.DIRTY
 
     def _execute_durably(self, sql: str, args: tuple) -> None:
         with self._db_lock:
@@ -399,14 +443,18 @@ class CacheStore:
             except sqlite3.Error as exc:
                 raise CacheError(f"cache database: {exc}") from None
 
-    def load_states(self, record: ImageRecord) -> tuple[bytearray, int]:
-        """Per-chunk states of an image (one byte each) and its count of dirty chunks."""
+    def load_states(self, record: ImageRecord, *, track: bool = False) -> tuple[bytearray, int]:
+        """Per-chunk states of an image (one byte each) and its count of dirty chunks. With
+        `track` (a mount's Image), what the database may say is kept from now on
+        (`may_say_clean`)."""
         count = record.geometry.chunk_count
         states = bytearray(count)
         rows = self._query("SELECT idx, state FROM chunks WHERE image = ?", (record.name,))
         for idx, state in rows:
             if 0 <= idx < count:
                 states[idx] = state
+        if track:
+            self._on_disk[record.name] = bytearray(states)
         return states, sum(1 for _, s in rows if s == ChunkState.DIRTY)
 
     def digests_of(self, name: str) -> dict[int, bytes]:
@@ -488,6 +536,19 @@ class CacheStore:
         """The data file of `name` changed: the next commit must sync it."""
         self._touched.add(name)
 
+    def may_say_clean(self, name: str, idx: int) -> bool:
+        """Whether the database may say chunk `idx` of `name` is clean or zero (equal to the
+        base), after a crash now: before a write changes its bytes, a dirty mark must be
+        committed (Image.write). For images loaded with track=True."""
+        on_disk = self._on_disk.get(name)
+        return on_disk is not None and on_disk[idx] in (ChunkState.CLEAN, ChunkState.ZERO)
+
+    def _note_on_disk(self, marks: _Marks, states: tuple[ChunkState, ...]) -> None:
+        for (name, idx), (state, _) in marks.items():
+            on_disk = self._on_disk.get(name)
+            if state in states and on_disk is not None and 0 <= idx < len(on_disk):
+                on_disk[idx] = state
+
     @property
     def pending_count(self) -> int:
         return len(self._pending)
@@ -510,6 +571,7 @@ class CacheStore:
                 if batch is not None:
                     with self._keeping_marks_on_failure(batch):
                         await trio.to_thread.run_sync(self._sync_and_write, batch)
+                    self._note_on_disk(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
         finally:
             self._syncs -= 1
 
@@ -534,6 +596,7 @@ class CacheStore:
         if batch is not None:
             with self._keeping_marks_on_failure(batch):
                 self._sync_and_write(batch)
+            self._note_on_disk(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
 
     def _take_batch(self) -> _Batch | None:
         """The data files to sync and the marks to write, taken out of the queue (None when
@@ -544,6 +607,7 @@ class CacheStore:
         touched, self._touched = self._touched, set()
         fds = [self._data_files[name].fd for name in touched if name in self._data_files]
         batch = _Batch(touched, fds, pending)
+        self._note_on_disk(pending, (ChunkState.CLEAN, ChunkState.ZERO))  # durable any moment
         return batch if batch.pending or batch.fds else None
 
     @contextlib.contextmanager

@@ -110,10 +110,11 @@ def test_a_failed_shutdown_commit_keeps_its_marks_too(rig_factory) -> None:
 def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
     rig_factory, monkeypatch
 ) -> None:
-    """Chunk 1 is read (CLEAN, pending); a commit starts; while it is in its thread the client
-    overwrites chunk 1 (DIRTY, pending anew); the commit's SQL fails and its CLEAN mark goes
-    back. The newer DIRTY mark must stay: CLEAN would let a restart refetch the chunk from the
-    base over the client's write."""
+    """Chunk 1 is read and forgotten (ABSENT, pending); a commit starts; while it is in its
+    thread the client overwrites chunk 1 whole (DIRTY, pending anew); the commit's SQL fails
+    and its ABSENT mark goes back. The newer DIRTY mark must stay: ABSENT would let a restart
+    refetch the chunk from the base over the client's write. (A clean mark in the batch would
+    make the write wait for a commit of its dirty mark first: Image._unclean_durably.)"""
     data = random_bytes(4 * CS)
     in_commit, written = threading.Event(), threading.Event()
     real = os.fdatasync
@@ -126,8 +127,9 @@ def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
-            await image.read(CS, 10)
+            await image.read(CS, 2 * CS)  # chunk 2's clean mark: an INSERT in the batch
             await image.wait_stored()
+            assert image.forget_chunk(1)
             with failing_inserts(rig.store):
                 monkeypatch.setattr(os, "fdatasync", sync_after_the_write)
                 async with trio.open_nursery() as nursery:
@@ -142,7 +144,7 @@ def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
                     written.set()
                 monkeypatch.setattr(os, "fdatasync", real)
             await rig.store.commit()
-            assert committed_states(rig.cache_dir, "a") == {1: (ChunkState.DIRTY, None)}
+            assert committed_states(rig.cache_dir, "a")[1] == (ChunkState.DIRTY, None)
             assert bytes(await image.read(CS, CS)) == b"w" * CS
             await image.wait_stored()
 

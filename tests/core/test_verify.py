@@ -228,6 +228,7 @@ def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
         sent.extend(command["chunks"])
 
     monkeypatch.setattr(CacheStore, "is_locked", staticmethod(lambda cache_dir: True))
+    monkeypatch.setattr(scrub, "_mount_serving", lambda cache_dir: "/nowhere")
     monkeypatch.setattr(scrub.control_client, "send_command", send_command)
     (report,) = scrub.verify_cache(cache)
     assert report.bad == count

@@ -156,3 +156,19 @@ def test_library_caller_with_a_loose_umask_still_gets_a_private_cache(tmp_path: 
     assert {"state.db-wal", "data/disk.raw", "corfs.lock", "mountpoint"} <= set(entries)
     loose = {path: f"{mode:04o}" for path, mode in entries.items() if mode & 0o077}
     assert not loose, f"open to other users: {loose}"
+
+
+def test_a_cache_named_through_a_symlink_is_tightened_too(tmp_path: Path, shared_dir: Path) -> None:
+    """CACHE given as a symbolic link to the user's directory (a cache kept on another disk):
+    the directory it names must end up 0700 like any cache, not keep its 0755."""
+    base, mnt, real = tmp_path / "base", tmp_path / "mnt", shared_dir / "real-cache"
+    base.mkdir()
+    mnt.mkdir()
+    real.mkdir()
+    real.chmod(0o755)
+    (shared_dir / "cache").symlink_to(real)
+    make_image(base / "disk.raw", 2 * MIB, seed=5)
+    with CorfsMount(base, shared_dir / "cache", mnt, "--no-stream", log_dir=tmp_path) as m:
+        (m.mnt / "disk.raw").read_bytes()
+        assert_private(real, shared_dir)
+        m.stop()

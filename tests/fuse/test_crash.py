@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sqlite3
 import struct
 import threading
 import time
 
 import pytest
 
-from tests.mounting import CorfsMount, make_image
+from tests.mounting import CorfsMount, make_image, run_corfs
 
 from .util import KIB, MIB, direct_read, direct_write, live_status
 
@@ -233,3 +234,45 @@ def test_kill9_with_a_full_write_behind_queue_keeps_every_byte_right(tmp_dirs, t
         _check((m.mnt / "disk.raw").read_bytes(), base, model, "remount after the kill")
         m.stop()
     assert base_path.read_bytes() == base
+
+
+def test_what_a_remount_serves_after_a_kill9_stays_put(tmp_dirs, tmp_path):
+    """A client writes into a chunk committed clean and the daemon is killed before its next
+    commit: the chunk must not be left recorded clean (equal to the base, with the base's
+    digest) over bytes that are not the base's. The next mount served the written bytes,
+    and a later `corfs verify` took them for damage and put the base's back: bytes the guest
+    had read since changed under it with no write. Here another connection holds the
+    database's write lock so that the kill lands before the next commit (without it, any kill
+    within a commit interval of the write does the same)."""
+    chunk = 64 * KIB
+    make_image(tmp_dirs.base / "a.raw", 8 * chunk, seed=23, block_size=chunk)
+    written = b"N" * (4 * KIB)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        path = m.mnt / "a.raw"
+        direct_read(path, 0, chunk)
+        direct_write(path, 5 * chunk, b"D" * (4 * KIB), fsync=True)  # commits chunk 0 clean
+        db = sqlite3.connect(tmp_dirs.cache / "state.db", isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        writer = threading.Thread(target=_write_quietly, args=(path, written))
+        try:
+            writer.start()
+            time.sleep(1.0)  # the write returned long ago, or waits for a commit
+            m.kill9()
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        writer.join(30)
+        assert not writer.is_alive()
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        before = direct_read(m.mnt / "a.raw", 0, chunk)
+        m.stop()
+    result = run_corfs("verify", tmp_dirs.cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        assert direct_read(m.mnt / "a.raw", 0, chunk) == before
+        m.stop()
+
+
+def _write_quietly(path, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # ENOTCONN once the daemon is killed
+        direct_write(path, 0, data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 
 import pytest
@@ -21,7 +22,16 @@ from tests.mounting import (
     run_corfs,
 )
 
-from .util import KIB, MIB, direct_read, image_status, live_status, mount_options, status
+from .util import (
+    KIB,
+    MIB,
+    direct_read,
+    direct_write,
+    image_status,
+    live_status,
+    mount_options,
+    status,
+)
 
 SIZE = 4 * MIB
 
@@ -141,3 +151,26 @@ def test_a_signal_right_after_fusermount_still_ends_cleanly(tmp_dirs):
         with tmp_dirs.mount() as m:
             subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True)
             m.stop()
+
+
+def test_a_stop_whose_final_commit_fails_says_so_and_exits_non_zero(tmp_dirs):
+    """A clean stop commits what was not committed yet (above). When that commit fails (the
+    cache disk full or failing; here another connection holds the database's write lock, so
+    every commit fails after its busy timeout), the stop must not look clean: the chunk the
+    client wrote whole comes back absent at the next mount, fetched from the base over it."""
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=83)
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "64k") as m:
+        db = sqlite3.connect(tmp_dirs.cache / "state.db", isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            direct_write(m.mnt / "a.raw", MIB, b"\xcd" * (64 * KIB))  # not fsynced
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            code = m.proc.wait(60)
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        assert not is_mounted(tmp_dirs.mnt)
+        assert code != 0, m.log_tail()
+        last = m.log_text().strip().splitlines()[-1]
+        assert "not recorded" in last and "Traceback" not in m.log_text(), m.log_tail()

@@ -114,3 +114,30 @@ def test_detach_never_follows_a_link_planted_at_its_temp_name(tmp_path):
     # The guest's bytes stay the user's alone, as in the cache (see detach.py).
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
+
+
+def test_detach_refuses_a_chunk_whose_bytes_are_not_the_ones_recorded(tmp_dirs, tmp_path):
+    """A clean chunk whose bytes in CACHE no longer match its digest (a damaged disk), or a
+    data file cut short: detach wrote them out as the image, silently wrong (short reads as
+    zeros). It must refuse in one line naming the chunk and what to do, writing no DEST."""
+    chunk = 64 << 10
+    orig = tmp_path / "original.raw"
+    make_image(orig, 8 * chunk, seed=44, block_size=chunk)
+    os.link(orig, tmp_dirs.base / "disk.raw")
+    with tmp_dirs.mount("--chunk-size", "64k") as m:
+        wait_complete(m.mnt, "disk.raw")
+        m.stop()
+    data = tmp_dirs.cache / "data" / "disk.raw"
+    dest = tmp_path / "detached.raw"
+    fd = os.open(data, os.O_RDWR)
+    try:
+        good = os.pread(fd, 1, 3 * chunk + 10)
+        os.pwrite(fd, bytes([good[0] ^ 1]), 3 * chunk + 10)
+        assert_one_line_error(run_corfs("detach", tmp_dirs.cache, "disk.raw", dest), "chunk 3")
+        assert not dest.exists() and not list(tmp_path.glob("detached.raw*"))
+        os.pwrite(fd, good, 3 * chunk + 10)
+    finally:
+        os.close(fd)
+    os.truncate(data, 7 * chunk + 100)
+    assert_one_line_error(run_corfs("detach", tmp_dirs.cache, "disk.raw", dest), "chunk 7")
+    assert not dest.exists() and not list(tmp_path.glob("detached.raw*"))

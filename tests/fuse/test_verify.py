@@ -14,19 +14,33 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from tests.fuse.test_published_mount import object_path, published_image
 from tests.fuse.util import (
+    assert_one_line_error,
     direct_read,
+    direct_write,
     drop_caches,
     image_status,
     live_status,
     wait_complete,
+    wait_for,
     wait_stored,
 )
-from tests.mounting import make_image, run_corfs
+from tests.mounting import (
+    REPO_ROOT,
+    CorfsDirs,
+    corfs_command,
+    corfs_env,
+    make_image,
+    run_corfs,
+)
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
@@ -76,7 +90,10 @@ def test_verify_unmounted_cache_forgets_bad_chunks_and_a_mount_refetches(tmp_dir
         0,
         {
             "images": [
-                {"image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": [], "kept": None}
+                {
+                    "image": "a.raw", "checked": COUNT, "bad": 0, "bad_chunks": [], "kept": None,
+                    "error": None,
+                }
             ]
         },
     )
@@ -194,3 +211,154 @@ def test_verify_forgets_a_bad_chunk_while_the_dir_base_still_has_it(tmp_dirs) ->
     code, report = verify(tmp_dirs.cache)
     assert code == 1 and report["images"][0]["kept"] is None
     assert 6 not in chunk_rows(tmp_dirs.cache, "b.raw")
+
+
+# A verify whose scan is slow (a large image, a slow disk): a sitecustomize on its PYTHONPATH
+# holds its read of chunk 0 until the test has written (and says when it holds it).
+_SLOW_SCAN = """
+import os, time
+from corfs import scrub
+_real = scrub.pread_full
+def _slow(fd, length, offset):
+    if offset == 0:
+        open(os.environ["CORFS_TEST_SCANNING"], "w").close()
+        while not os.path.exists(os.environ["CORFS_TEST_GO_ON"]):
+            time.sleep(0.05)
+    return _real(fd, length, offset)
+scrub.pread_full = _slow
+"""
+
+
+def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(
+    tmp_dirs, tmp_path: Path
+) -> None:
+    """A guest writes a clean chunk while verify scans (its states were read before): the new
+    bytes differ from the recorded digest, but the chunk is dirty now, not bad. Verify must
+    not report it bad nor exit 1 (the daemon rightly keeps it: "marked absent" was a lie)."""
+    size = 8 * CHUNK
+    want = make_image(tmp_dirs.base / "b.raw", size, seed=13, block_size=CHUNK).read_bytes()
+    written = b"w" * (4 * KIB)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_SCAN)
+    scanning, go_on = tmp_path / "scanning", tmp_path / "go-on"
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        image = m.mnt / "b.raw"
+        assert image.read_bytes() == want
+        wait_stored(m.mnt, "b.raw", size)
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # committed: every chunk is clean in the database
+        finally:
+            os.close(fd)
+        assert set(chunk_rows(tmp_dirs.cache, "b.raw").values()) == {1}
+        env = {"PYTHONPATH": f"{hook}:{REPO_ROOT}", "CORFS_TEST_SCANNING": str(scanning),
+               "CORFS_TEST_GO_ON": str(go_on)}
+        proc = subprocess.Popen(
+            corfs_command("verify", tmp_dirs.cache, "--json"), env=corfs_env(env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            wait_for(scanning.exists, what="verify to scan")  # its states say all clean
+            direct_write(image, 5 * CHUNK, written)
+        finally:
+            go_on.touch()
+        out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        report = json.loads(out)["images"][0]
+        assert (proc.returncode, report["bad_chunks"]) == (0, []), report
+        assert direct_read(image, 5 * CHUNK, len(written)) == written
+        m.stop()
+
+
+def test_verify_takes_a_chunk_its_disk_cannot_read_for_bad(tmp_path: Path) -> None:
+    """A chunk of the data file whose read fails (EIO: a bad sector) is the very thing verify
+    looks for: reported bad and forgotten (a refill rewrites it), the other chunks checked;
+    never a traceback. The failing disk: the data file is a file of another corfs mount, a
+    published copy of the same bytes whose chunk object BAD is gone (reading it: EIO)."""
+    bad = 5
+    disk = CorfsDirs.under(tmp_path / "disk")
+    p = published_image(disk, size=8 * CHUNK, zero=())
+    object_path(disk.base, p.digests[bad]).unlink()
+    dirs = CorfsDirs.under(tmp_path / "cached")
+    shutil.copy(p.src, dirs.base / "a.raw")
+    with dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        assert (m.mnt / "a.raw").read_bytes() == p.want
+        wait_stored(m.mnt, "a.raw", 8 * CHUNK)
+        m.stop()
+    assert len(chunk_rows(dirs.cache, "a.raw")) == 8
+    with disk.mount("--no-stream") as failing:
+        data = dirs.cache / "data" / "a.raw"
+        data.unlink()
+        data.symlink_to(failing.mnt / "a.raw")
+        code, report = verify(dirs.cache)
+        assert code == 1
+        (image,) = report["images"]
+        assert (image["checked"], image["bad_chunks"], image["kept"]) == (8, [bad], None)
+        assert sorted(chunk_rows(dirs.cache, "a.raw")) == [0, 1, 2, 3, 4, 6, 7]
+        failing.stop()
+
+
+def test_verify_takes_zero_chunks_cut_off_the_data_file_for_bad(tmp_dirs) -> None:
+    """A data file cut short (a damaged file system, a careless copy): its zero chunks past
+    the end read back as nothing at all, which is not CHUNK zero bytes."""
+    size = 8 * CHUNK
+    make_image(tmp_dirs.base / "z.raw", size, seed=14, zero_blocks=(6, 7), block_size=CHUNK)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        (m.mnt / "z.raw").read_bytes()
+        wait_stored(m.mnt, "z.raw", size)
+        m.stop()
+    assert chunk_rows(tmp_dirs.cache, "z.raw")[7] == 2  # zero
+    os.truncate(tmp_dirs.cache / "data" / "z.raw", 6 * CHUNK)
+    code, report = verify(tmp_dirs.cache)
+    assert (code, report["images"][0]["bad_chunks"]) == (1, [6, 7])
+    assert sorted(chunk_rows(tmp_dirs.cache, "z.raw")) == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_image_whose_data_file_is_gone_fails_only_itself(tmp_dirs) -> None:
+    """verify of a whole cache: one image it cannot check (its data file removed) is reported
+    as such, and the others are still checked (and their bad chunks found)."""
+    size = 4 * CHUNK
+    for seed, name in enumerate(("a.raw", "b.raw")):
+        make_image(tmp_dirs.base / name, size, seed=20 + seed, block_size=CHUNK)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        for name in ("a.raw", "b.raw"):
+            (m.mnt / name).read_bytes()
+            wait_stored(m.mnt, name, size)
+        m.stop()
+    (tmp_dirs.cache / "data" / "a.raw").unlink()
+    damage(tmp_dirs.cache / "data" / "b.raw", 2 * CHUNK + 9)
+    result = run_corfs("verify", tmp_dirs.cache, "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    reports = {r["image"]: r for r in json.loads(result.stdout)["images"]}
+    assert "missing" in reports["a.raw"]["error"] and reports["a.raw"]["checked"] == 0
+    assert (reports["b.raw"]["bad_chunks"], reports["b.raw"]["error"]) == ([2], None)
+    text = run_corfs("verify", tmp_dirs.cache)
+    assert text.returncode == 1 and "a.raw: not checked:" in text.stdout, text
+
+
+def test_verify_while_another_command_holds_the_cache_says_so(tmp_dirs) -> None:
+    """The cache's lock held by a corfs process that is no mount (another verify, a detach):
+    verify took it for a mount and sent its forgets to "" (\"corfs:  does not exist\")."""
+    size = 4 * CHUNK
+    make_image(tmp_dirs.base / "a.raw", size, seed=22, block_size=CHUNK)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        (m.mnt / "a.raw").read_bytes()
+        wait_stored(m.mnt, "a.raw", size)
+        m.stop()
+    damage(tmp_dirs.cache / "data" / "a.raw", CHUNK + 5)
+    rows = chunk_rows(tmp_dirs.cache, "a.raw")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom corfs.store import CacheStore\n"
+         "CacheStore.open(sys.argv[1], create=False)\nprint('locked', flush=True)\n"
+         "time.sleep(60)", str(tmp_dirs.cache)],
+        env=corfs_env(), stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        result = run_corfs("verify", tmp_dirs.cache)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(result, "in use by another corfs command")
+    assert chunk_rows(tmp_dirs.cache, "a.raw") == rows
