@@ -575,6 +575,40 @@ class CacheStore:
         finally:
             self._syncs -= 1
 
+    async def commit_dirty_marks(self, name: str, indexes: list[int]) -> None:
+        """Make chunks `indexes` of `name` dirty in the database now, before a client write
+        changes bytes it may call clean or zero (Image.write). Only these rows, without the
+        data sync of a full commit (a guest's first write to each chunk of a thick image waits
+        for this): a dirty mark is true of a chunk whose earlier bytes are durable whatever
+        its bytes become, so it may go ahead of the data. Under the commit lock, so that no
+        batch taken before (a clean mark of one of them) lands after it."""
+        import trio  # see the top
+
+        async with self._commit_lock:
+            if self.sync_failure is not None:
+                raise CacheError(self.sync_failure)
+            await trio.to_thread.run_sync(self._write_dirty_rows, name, indexes)
+        on_disk = self._on_disk.get(name)
+        for index in indexes:
+            if on_disk is not None and 0 <= index < len(on_disk):
+                on_disk[index] = ChunkState.DIRTY
+
+    def _write_dirty_rows(self, name: str, indexes: list[int]) -> None:
+        rows = [(ChunkState.DIRTY, name, i, ChunkState.CLEAN, ChunkState.ZERO) for i in indexes]
+        with self._db_lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "UPDATE chunks SET state = ?, digest = NULL "
+                    "WHERE image = ? AND idx = ? AND state IN (?, ?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise CacheError(f"marking chunks of {name} dirty: {exc}") from None
+
     def _sync_pending(self) -> bool:
         """A commit waits or runs (read by data-file write threads: an int, under the GIL)."""
         return self._syncs > 0

@@ -183,3 +183,32 @@ def test_data_files_are_synced_before_the_rows_on_every_commit_path(
 
     trio.run(main)
     assert events == ["sync", "rows"]
+
+
+def test_a_first_write_to_a_clean_chunk_commits_its_dirty_mark_without_a_data_sync(
+    rig_factory, monkeypatch
+) -> None:
+    """Before a write changes a chunk the database calls clean, its row says dirty (a kill -9
+    keeps the write's bytes in the page cache: a clean row over them was served as the base's
+    and later put back by verify). That row alone is written: no data sync, which would make a
+    guest's first write to each chunk of a thick image wait for every dirty page."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            await image.read(0, 2 * CS)
+            await image.wait_stored()
+            await rig.store.commit()
+            assert committed_states(rig.store.cache_dir, "a")[1][0] == ChunkState.CLEAN
+            synced = spy_fdatasync(monkeypatch)
+            commits = rig.store.commits
+            await image.write(CS + 10, b"w" * 100)
+            assert committed_states(rig.store.cache_dir, "a")[1] == (ChunkState.DIRTY, None)
+            assert committed_states(rig.store.cache_dir, "a")[0][0] == ChunkState.CLEAN
+            assert synced == [] and rig.store.commits == commits
+            await image.write(CS + 200, b"v" * 100)  # dirty in the database already: no wait
+            assert synced == [] and rig.store.commits == commits
+            await image.fsync()
+            assert synced == [os.stat(rig.store.data_path("a")).st_ino]
+
+    trio.run(main)
