@@ -113,6 +113,12 @@ def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None
     if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists; choose a new file name")
     dest_dir = os.path.dirname(os.path.abspath(dest))
+    # Through a symlink DEST may still land in CACHE (e.g. data/OTHER, which a later mount
+    # creates with O_TRUNC for a base image OTHER). The mount needs no such check: the
+    # st_dev test below refuses it (and resolving it here could touch the mount).
+    real_cache = os.path.realpath(cache_dir)
+    if (os.path.realpath(dest_dir) + os.sep).startswith(real_cache + os.sep):
+        raise UsageError(f"DEST {dest} must not be inside {cache_dir} (it is {real_cache})")
     try:
         dest_dev = os.stat(dest_dir).st_dev
     except OSError as exc:

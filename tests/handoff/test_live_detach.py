@@ -257,3 +257,22 @@ def test_qemu_refusing_the_new_file_rolls_everything_back() -> None:
             m.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_dest_inside_cache_through_a_symlink_is_refused(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """DEST named through a symlink to CACHE is still inside CACHE: linked there, it is a name
+    the store owns (data/NEW.raw is the data file a base image NEW.raw gets at the next mount,
+    created with O_TRUNC: QEMU's disk emptied under it)."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_dirs.cache)
+    dest = alias / "data" / "new.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        assert_one_line_error(detach(tmp_dirs, dest, qemu, "--wait"), "inside")
+        assert not dest.exists()
+        assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+        m.stop()
