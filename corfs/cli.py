@@ -349,7 +349,9 @@ def _cmd_detach(args: argparse.Namespace) -> int:
     from .detach_cli import run_detach
     from .handoff import Via
 
-    via = Via(qmp=args.qmp, virsh=args.virsh) if args.qmp or args.virsh else None
+    # The daemon resolves the socket in its own working directory, not the caller's.
+    qmp = os.path.abspath(args.qmp) if args.qmp else None
+    via = Via(qmp=qmp, virsh=args.virsh) if qmp or args.virsh else None
     print(run_detach(args.cache, args.image, args.dest, via, wait=args.wait,
                      timeout=args.timeout))
     return 0

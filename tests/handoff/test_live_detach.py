@@ -276,3 +276,20 @@ def test_dest_inside_cache_through_a_symlink_is_refused(
         assert not dest.exists()
         assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
         m.stop()
+
+
+def test_a_relative_qmp_socket_is_the_one_in_the_callers_directory(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """`--qmp qmp.sock` names the socket where the user runs `corfs detach`, not where the
+    daemon was started (its working directory is another)."""
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        assert os.path.dirname(qemu.socket) == str(tmp_path)
+        result = run_corfs("detach", m.mnt, "disk.raw", dest, "--qmp",
+                           os.path.basename(qemu.socket), "--wait", cwd=tmp_path, timeout=120)
+        assert result.returncode == 0, result.stderr + m.log_tail()
+        assert list(qemu.file_nodes().values()) == [str(dest)]
+        m.stop()
