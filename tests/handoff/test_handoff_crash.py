@@ -7,7 +7,9 @@ DEST, the image not served, recorded detached)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,43 @@ def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
                 want[MIB : MIB + 65536] = b"\x5c" * 65536
                 assert image.read_bytes() == bytes(want)  # the write through the old mount
             m.stop()
+
+
+def test_kill9_in_a_rollback_after_the_switch_began_keeps_the_chunks_dirty() -> None:
+    """A handoff rolled back once QEMU's switch had begun (here: QEMU, another user, cannot
+    open DEST) marks every chunk dirty: QEMU may have written to the shared inode. A kill -9
+    once DEST is unlinked again must not lose that: the next mount cannot tell any more that
+    DEST ever existed, and clean marks would let verify or a refetch put base bytes over
+    QEMU's."""
+    root = Path(tempfile.mkdtemp(prefix="corfs-handoff-", dir="/tmp"))  # others may traverse
+    try:
+        root.chmod(0o755)
+        dirs = CorfsDirs.under(root)
+        make_image(dirs.base / "disk.raw", 4 * MIB, seed=8)
+        dest = root / "vm.raw"
+        image = dirs.mnt / "disk.raw"
+        with dirs.mount("--allow-other", "--mode", "666", env={STALL_ENV: "unlinked"}) as m, \
+                Qemu(root, "-drive", f"file={image},if=none,id=drv0,format=raw",
+                     as_nobody=True) as qemu:
+            wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                     30, "the stream to complete")
+            qemu.qemu_io("drv0", "write -P 0x5c 1M 64k")
+            cli = subprocess.Popen(
+                corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
+                env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            try:
+                wait_for(lambda: "handoff stalled at unlinked" in m.log_text(), 30,
+                         "the daemon to stall at unlinked")
+                m.kill9()
+            finally:
+                cli.kill()
+                cli.wait(10)
+        assert not dest.exists()
+        with dirs.mount() as m:
+            status = image_status(live_status(m.mnt), "disk.raw")
+            assert status["state"] == "complete"
+            assert status["dirty_bytes"] == 4 * MIB
+            m.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
