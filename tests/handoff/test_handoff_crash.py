@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,40 @@ def test_kill9_in_a_rollback_after_the_switch_began_keeps_the_chunks_dirty() -> 
             m.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """A handoff can take minutes (QMP timeouts, a drain). While a setxattr is unanswered
+    the kernel holds the mount's root directory locked: `ls MNT`, lookups of names (a VM
+    opening another image) and every other control command would wait for the handoff.
+    Here it is stalled for good; they must still answer."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=9)
+    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        cli = subprocess.Popen(
+            corfs_command("detach", m.mnt, "disk.raw", tmp_path / "vm.raw", "--qmp",
+                          tmp_path / "qmp.sock"),
+            env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        others: list[subprocess.Popen[bytes]] = []
+        try:
+            wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
+                     "the daemon to stall at journaled")
+            others = [subprocess.Popen(["ls", m.mnt], stdout=subprocess.DEVNULL),
+                      subprocess.Popen(corfs_command("stream", "pause", m.mnt),
+                                       env=corfs_env(), stderr=subprocess.DEVNULL)]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and any(p.poll() is None for p in others):
+                time.sleep(0.1)
+            answered = [p.poll() for p in others]
+            if answered == [0, 0]:  # the CLI waits, and so can status say so
+                assert image_status(live_status(m.mnt), "disk.raw")["handing_over"] is True
+        finally:
+            m.kill9()  # also ends what still waits on the mount
+            for p in [cli, *others]:
+                p.kill()
+                p.wait(10)
+        assert answered == [0, 0], "ls MNT / corfs stream pause waited for the handoff"
