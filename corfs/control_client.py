@@ -93,6 +93,11 @@ def send_command(mountpoint: str, command: dict) -> None:
                 f"{mountpoint} kept the chunks of {command['image']!r}: its base cannot "
                 "supply them again (gone or changed; the mount's log says which)"
             ) from None
+        if exc.errno == errno.EBUSY and command.get("image") is not None:
+            raise ControlError(
+                f"{mountpoint}: {command['image']!r} is being handed over to QEMU (corfs "
+                "detach --qmp/--virsh): nothing can change it meanwhile"
+            ) from None
         if command.get("op") == "handoff":  # the daemon's reason is in the image's status
             image = next((i for i in read_status(mountpoint)["images"]
                           if i["name"] == command["image"]), None)

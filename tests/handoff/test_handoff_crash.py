@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from corfs.handoff import STALL_ENV
-from tests.fuse.util import image_status, live_status, wait_for
+from tests.fuse.util import assert_one_line_error, image_status, live_status, wait_for
 from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image, run_corfs
 
 from .qemu import Qemu
@@ -170,3 +170,33 @@ def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
                 p.kill()
                 p.wait(10)
         assert answered == [0, 0], "ls MNT / corfs stream pause waited for the handoff"
+
+
+def test_verify_during_a_handoff_says_so(tmp_dirs: CorfsDirs, tmp_path: Path) -> None:
+    """A scrub of a mounted cache that finds a bad chunk while the image is being handed over
+    is refused (no refill into the file QEMU is taking over) with a line that says why, not
+    "MNT has no image"."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=9)
+    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        cli = subprocess.Popen(
+            corfs_command("detach", m.mnt, "disk.raw", tmp_path / "vm.raw", "--qmp",
+                          tmp_path / "qmp.sock"),
+            env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
+                     "the daemon to stall at journaled")  # the marks were committed first
+            fd = os.open(tmp_dirs.cache / "data" / "disk.raw", os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 16, 0)), 0)
+            finally:
+                os.close(fd)
+            line = assert_one_line_error(run_corfs("verify", tmp_dirs.cache, "disk.raw"),
+                                         "handoff")
+            assert "has no image" not in line
+        finally:
+            m.kill9()
+            cli.kill()
+            cli.wait(10)
