@@ -277,6 +277,9 @@ class CorfsOperations(TranslatedOperations):
             if not self._listed(inode) and inode not in self._unlisted:
                 self._unlisted.add(inode)  # handed over to QEMU: the kernel forgets its name
                 pyfuse3.invalidate_entry_async(ROOT_INODE, name)
+                # ... and its pages: QEMU writes DEST directly now, and a handle still open
+                # would read the cached ones (keep_cache) rather than get ESTALE.
+                await self._drop_cached_pages(inode)
 
     async def _drop_stale_pages(self) -> None:
         """Images a rolled-back handoff let QEMU write directly: their cached pages go."""
