@@ -374,7 +374,9 @@ def _cmd_detach(args: argparse.Namespace) -> int:
 
     if not args.timeout >= 0:  # nan: `now > deadline` never held, --wait waited for ever
         raise UsageError(f"--timeout must be a number of seconds, not {args.timeout}")
-    via = Via(qmp=args.qmp, virsh=args.virsh) if args.qmp or args.virsh else None
+    # The daemon resolves the socket in its own working directory, not the caller's.
+    qmp = os.path.abspath(args.qmp) if args.qmp else None
+    via = Via(qmp=qmp, virsh=args.virsh) if qmp or args.virsh else None
     print(run_detach(args.cache, args.image, args.dest, via, wait=args.wait,
                      timeout=args.timeout))
     return 0

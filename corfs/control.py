@@ -10,15 +10,19 @@ under STATUS_PAGE_BYTES.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+import trio
+
 from .base import BaseStore
 from .control_client import STATUS_XATTR
-from .errors import ControlError, CorfsError, ForgetRefused
+from .errors import ControlError, CorfsError, ForgetRefused, UsageError
 from .geometry import ChunkGeometry
 from .handoff import Via, hand_over
 from .image import Image
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
     from .fetcher import Fetcher
     from .write_behind import WriteBehind
 
+log = logging.getLogger(__name__)
+
 STATUS_PAGE_BYTES = 60 << 10  # under the kernel's XATTR_SIZE_MAX (64 KiB), with room to spare
 
 
@@ -55,10 +61,15 @@ class Controller:
         write_behind: WriteBehind | None = None,
         current_base: Callable[[], BaseStore | None] = lambda: None,
         handed_over_before: Sequence[HandoffRecord] = (),
+        background: trio.Nursery | None = None,
     ) -> None:
         self._images = {image.name: image for image in images}
         self._handed_over_before = list(handed_over_before)  # by earlier mounts: not served
         self._handoff_errors: dict[str, str] = {}
+        # Handoffs run here, not in the setxattr that asks for them (see _start_handoff);
+        # without it (tests driving the Controller alone) they run in the command.
+        self._background = background
+        self._handing_over: set[str] = set()  # accepted, not finished: status says so
         self._stream = stream
         self._store = store
         self._fetcher = fetcher
@@ -74,7 +85,10 @@ class Controller:
         for image in self._images.values():
             stats = image.statistics()
             if stats.handed_over_to is not None:
-                images.append(detached_status(stats.name, stats.size, stats.handed_over_to))
+                detached = detached_status(stats.name, stats.size, stats.handed_over_to)
+                images.append(dataclasses.replace(
+                    detached, handing_over=stats.name in self._handing_over
+                ))
                 continue
             stream = self._stream.statistics(stats.name)
             images.append(self._image_status(stats, stream, sync_failure))
@@ -116,6 +130,7 @@ class Controller:
             fill_errors=image.fill_errors,
             failing_chunk_indexes=image.failing_chunk_indexes[:MAX_LISTED_CHUNKS],
             handoff_error=self._handoff_errors.get(image.name),
+            handing_over=image.name in self._handing_over,
         )
 
     def status_xattr(self, name: str) -> bytes | None:
@@ -133,10 +148,13 @@ class Controller:
         images = self.status().to_dict()["images"]
         return _status_page({}, images, min(int(start), len(images)))
 
-    async def apply(self, raw: bytes) -> list[str]:
+    async def apply(
+        self, raw: bytes, after_handoff: Callable[[], Awaitable[None]] | None = None
+    ) -> list[str]:
         """Run one command: {"op": "pause"|"resume", "image": NAME|null},
-        {"op": "forget", "image": NAME, "chunks": [INDEX, ...]} or
-        {"op": "bandwidth", "rate": BYTES_PER_SECOND}. Returns the names of the images whose
+        {"op": "forget", "image": NAME, "chunks": [INDEX, ...]},
+        {"op": "bandwidth", "rate": BYTES_PER_SECOND} or a handoff (_start_handoff, which
+        awaits `after_handoff` once it is over). Returns the names of the images whose
         chunks were forgotten (their pages in the kernel's cache must be dropped)."""
         forgotten: list[str] = []
         try:
@@ -156,7 +174,7 @@ class Controller:
                 if any([target.forget_chunk(index) for index in indexes]):
                     forgotten.append(target.name)
             elif op == "handoff":
-                await self._hand_over(self._images[image], command)
+                await self._start_handoff(self._images[image], command, after_handoff)
             elif op == "bandwidth":
                 rate = int(command["rate"])
                 if rate < 0:
@@ -172,18 +190,50 @@ class Controller:
             raise ControlError(f"bad control command: {exc}") from None
         return forgotten
 
-    async def _hand_over(self, image: Image, command: dict) -> None:
-        """{"op": "handoff", "image": NAME, "dest": PATH, "qmp": SOCKET | "virsh": DOMAIN,
-        }: handoff.py. Its error stays in the image's status
-        (`handoff_error`) for the CLI, which gets only an errno through setxattr."""
+    async def _start_handoff(
+        self, image: Image, command: dict, after: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        """{"op": "handoff", "image": NAME, "dest": PATH, "qmp": SOCKET | "virsh": DOMAIN}:
+        handoff.py, in the background. It can take minutes (QMP timeouts, a drain), and
+        while the setxattr carrying the command is unanswered the kernel holds the mount's
+        root directory locked: lookups, readdir and every other command would wait. The CLI
+        follows it in the status (`handing_over`, then `detached` or `handoff_error`)."""
+        name = image.name
+        try:
+            if name in self._handing_over:
+                raise UsageError(f"{name}: a live handoff of it is under way already")
+            via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
+            dest = str(command["dest"])
+        except CorfsError as exc:
+            self._handoff_errors[name] = str(exc)  # fuse_ops logs it
+            raise
+        self._handoff_errors.pop(name, None)
+        self._handing_over.add(name)
+        if self._background is None:
+            await self._hand_over(image, dest, via, after)
+        else:
+            self._background.start_soon(self._hand_over, image, dest, via, after)
+
+    async def _hand_over(
+        self, image: Image, dest: str, via: Via, after: Callable[[], Awaitable[None]] | None
+    ) -> None:
         qemu_path = os.path.join(self._mountpoint, image.name)
         try:
-            via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
-            await hand_over(image, image.store, qemu_path, str(command["dest"]), via)
+            await hand_over(image, image.store, qemu_path, dest, via)
         except CorfsError as exc:
-            self._handoff_errors[image.name] = str(exc)  # fuse_ops logs it
-            raise
-        self._handoff_errors.pop(image.name, None)
+            self._handoff_errors[image.name] = str(exc)
+            log.warning("handoff of %s to %s failed: %s", image.name, dest, exc)
+        except Exception as exc:  # a bug: said in the status and the log, the mount goes on
+            self._handoff_errors[image.name] = f"internal error: {exc!r}"
+            log.exception("handoff of %s to %s", image.name, dest)
+        finally:
+            try:
+                if after is not None:  # before the CLI, which waits for the end, is told
+                    await after()
+            finally:
+                self._handing_over.discard(image.name)
+        if self._background is None and image.name in self._handoff_errors:
+            raise ControlError(self._handoff_errors[image.name])
 
     async def _check_refetchable(self, image: Image) -> None:
         """ForgetRefused unless the base can supply `image`'s chunks again now."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 
 from .cache_layout import is_cache_dir, recorded_mountpoint
 from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
@@ -34,6 +35,7 @@ from .store import CacheStore, ChunkState
 
 STATUS_XATTR = "user.corfs.status"
 CONTROL_XATTR = "user.corfs.control"
+HANDOFF_POLL_S = 0.1
 
 
 def read_status(mountpoint: str) -> dict:
@@ -79,6 +81,8 @@ def send_command(mountpoint: str, command: dict) -> None:
     check_corfs_mount(mountpoint)  # never set our xattr on an ordinary directory
     try:
         os.setxattr(mountpoint, CONTROL_XATTR, json.dumps(command).encode())
+        if command.get("op") == "handoff":
+            _wait_handoff(mountpoint, command["image"])
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
             raise ControlError(
@@ -89,6 +93,11 @@ def send_command(mountpoint: str, command: dict) -> None:
                 f"{mountpoint} kept the chunks of {command['image']!r}: its base cannot "
                 "supply them again (gone or changed; the mount's log says which)"
             ) from None
+        if exc.errno == errno.EBUSY and command.get("image") is not None:
+            raise ControlError(
+                f"{mountpoint}: {command['image']!r} is being handed over to QEMU (corfs "
+                "detach --qmp/--virsh): nothing can change it meanwhile"
+            ) from None
         if command.get("op") == "handoff":  # the daemon's reason is in the image's status
             image = next((i for i in read_status(mountpoint)["images"]
                           if i["name"] == command["image"]), None)
@@ -98,6 +107,21 @@ def send_command(mountpoint: str, command: dict) -> None:
         if exc.errno == errno.EINVAL and command.get("image") is not None:
             raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
         raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
+
+
+def _wait_handoff(mountpoint: str, name: str) -> None:
+    """Until the handoff the daemon accepted is over (it runs in the background there, see
+    control.py); HandoffFailed with the daemon's reason if it was rolled back."""
+    while True:
+        image = next((i for i in read_status(mountpoint)["images"] if i["name"] == name), None)
+        if image is None:
+            raise ControlError(f"{mountpoint} has no image {name!r}")
+        if not image.get("handing_over"):
+            if image["state"] == "detached":
+                return
+            raise HandoffFailed(image.get("handoff_error") or "the handoff failed (see the "
+                                "mount's log)")
+        time.sleep(HANDOFF_POLL_S)
 
 
 def _not_a_mount(path: str, exc: OSError) -> CorfsError:

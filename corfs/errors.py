@@ -13,6 +13,7 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
     ├── ControlError                EINVAL, exit 4   a control command refused, or aimed at
     │   │                                            something that is no corfs mount
+    │   ├── HandoffUnderWay         EBUSY, exit 4    an image a live handoff is taking over
     │   └── ForgetRefused           ESTALE, exit 4   a bad chunk kept: the base cannot supply it
     └── BaseError                   EIO, exit 5      BASE failed
         ├── BaseUnavailable         EIO, exit 5      timed out after retries / unusable
@@ -94,6 +95,12 @@ class NotLocalError(CorfsError):
 class ControlError(CorfsError):
     errno = errno.EINVAL  # the control file refuses the command written to it
     exit_code = 4
+
+
+class HandoffUnderWay(ControlError):
+    """A command on an image that a live handoff is taking over (handoff.py): later."""
+
+    errno = errno.EBUSY
 
 
 class ForgetRefused(ControlError):

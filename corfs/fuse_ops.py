@@ -305,8 +305,20 @@ class CorfsOperations(TranslatedOperations):
         try:
             forgotten = await self._apply_command(value)
         except BaseException:
-            await self._drop_stale_pages()
+            await self._after_command()
             raise
+        await self._after_command(forgotten)
+
+    async def _apply_command(self, value: bytes) -> list[str]:
+        try:
+            return await self._controller.apply(value, after_handoff=self._after_command)
+        except ControlError as exc:  # EINVAL; ESTALE for a forget the base cannot back
+            log.warning("control command refused: %s", exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def _after_command(self, forgotten: Sequence[str] = ()) -> None:
+        """What the kernel must forget after a command (or a handoff it started): pages of
+        chunks forgotten or written by QEMU directly, names of images handed over."""
         await self._drop_stale_pages()
         for forgotten_name in forgotten:
             await self._drop_cached_pages(self._by_name[os.fsencode(forgotten_name)])
@@ -314,13 +326,9 @@ class CorfsOperations(TranslatedOperations):
             if not self._listed(inode) and inode not in self._unlisted:
                 self._unlisted.add(inode)  # handed over to QEMU: the kernel forgets its name
                 pyfuse3.invalidate_entry_async(ROOT_INODE, name)
-
-    async def _apply_command(self, value: bytes) -> list[str]:
-        try:
-            return await self._controller.apply(value)
-        except ControlError as exc:  # EINVAL; ESTALE for a forget the base cannot back
-            log.warning("control command refused: %s", exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+                # ... and its pages: QEMU writes DEST directly now, and a handle still open
+                # would read the cached ones (keep_cache) rather than get ESTALE.
+                await self._drop_cached_pages(inode)
 
     async def _drop_stale_pages(self) -> None:
         """Images a rolled-back handoff let QEMU write directly: their cached pages go."""

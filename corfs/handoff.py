@@ -113,6 +113,12 @@ def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None
     if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists; choose a new file name")
     dest_dir = os.path.dirname(os.path.abspath(dest))
+    # Through a symlink DEST may still land in CACHE (e.g. data/OTHER, which a later mount
+    # creates with O_TRUNC for a base image OTHER). The mount needs no such check: the
+    # st_dev test below refuses it (and resolving it here could touch the mount).
+    real_cache = os.path.realpath(cache_dir)
+    if (os.path.realpath(dest_dir) + os.sep).startswith(real_cache + os.sep):
+        raise UsageError(f"DEST {dest} must not be inside {cache_dir} (it is {real_cache})")
     try:
         dest_dev = os.stat(dest_dir).st_dev
     except OSError as exc:
@@ -169,11 +175,18 @@ async def _hand_over(
             log.error("%s: finishing the handoff to %s instead", still, dest)
             switched = -1
         except BaseException:
-            _unlink_our_link(data_path, dest)
+            try:
+                if attempt.switch_started:  # QEMU may have written to the shared inode
+                    image.mark_written_outside()
+                    # Durably before DEST goes: a mount settling a handoff cut short after
+                    # that cannot tell that QEMU ever had the inode (_settle). Not in a
+                    # thread: a cancelled rollback must still get here.
+                    store.mark_dirty(name)
+            finally:
+                _unlink_our_link(data_path, dest)
+            await _stall_for_tests("unlinked")
             raise
     except BaseException:
-        if attempt.switch_started:  # QEMU may have written to the shared inode meanwhile
-            image.mark_written_outside()
         await trio.to_thread.run_sync(store.end_handoff, name)
         raise
     image.handed_over_to = dest  # not served from here on, even if the commit below fails
@@ -324,8 +337,8 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
         with contextlib.suppress(CorfsError):
             repoint_persistent_disk(via.virsh, handoff.dest, handoff.qemu_path)
     if linked:  # QEMU may have had the shared inode open: see the module docstring
+        store.mark_dirty(handoff.name)  # first: once DEST is gone, a crash would not tell
         _unlink_our_link(store.data_path(handoff.name), handoff.dest)
-        store.mark_dirty(handoff.name)
     store.end_handoff(handoff.name)
     log.warning("handoff of %s to %s was cut short before QEMU switched: undone, %s is "
                 "served from the cache as before", handoff.name, handoff.dest, handoff.name)

@@ -48,8 +48,8 @@ from .errors import (
     BaseChanged,
     BaseNotFound,
     CacheError,
-    ControlError,
     CorfsError,
+    HandoffUnderWay,
     ImageHandedOver,
     OutOfImageError,
     ReadOnlyError,
@@ -265,7 +265,7 @@ class Image:
         been handed over: a refill would write base bytes into the file QEMU now owns."""
         self.check_served()
         if self.handing_over:
-            raise ControlError(f"{self.name}: a live handoff is under way; forget after it")
+            raise HandoffUnderWay(f"{self.name}: a live handoff is under way; forget after it")
         if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO) and index not in self._fills:
             self._set_state(index, ChunkState.ABSENT, None)
             return True

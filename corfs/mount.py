@@ -502,6 +502,7 @@ async def _serve_with(
             write_behind=write_behind,
             current_base=lambda: link.store,
             handed_over_before=[h for h in store.handoffs() if h.done],
+            background=nursery,
         )
         metrics.read_status_from(
             lambda: MountSnapshot(controller.status(), store.sync_failure is not None)

@@ -27,6 +27,7 @@ class ImageStatus:
     failing_chunk_indexes: tuple[int, ...] = ()  # the first MAX_LISTED_CHUNKS of them
     detached_to: str | None = None  # handed over to QEMU live: its data file is this now
     handoff_error: str | None = None  # why the latest live handoff failed (rolled back)
+    handing_over: bool = False  # a live handoff of it is under way
 
 
 def detached_status(name: str, size: int, dest: str) -> ImageStatus:

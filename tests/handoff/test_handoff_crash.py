@@ -7,13 +7,16 @@ DEST, the image not served, recorded detached)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from corfs.handoff import STALL_ENV
-from tests.fuse.util import image_status, live_status, wait_for
+from tests.fuse.util import assert_one_line_error, image_status, live_status, wait_for
 from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image, run_corfs
 
 from .qemu import Qemu
@@ -90,3 +93,110 @@ def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
                 want[MIB : MIB + 65536] = b"\x5c" * 65536
                 assert image.read_bytes() == bytes(want)  # the write through the old mount
             m.stop()
+
+
+def test_kill9_in_a_rollback_after_the_switch_began_keeps_the_chunks_dirty() -> None:
+    """A handoff rolled back once QEMU's switch had begun (here: QEMU, another user, cannot
+    open DEST) marks every chunk dirty: QEMU may have written to the shared inode. A kill -9
+    once DEST is unlinked again must not lose that: the next mount cannot tell any more that
+    DEST ever existed, and clean marks would let verify or a refetch put base bytes over
+    QEMU's."""
+    root = Path(tempfile.mkdtemp(prefix="corfs-handoff-", dir="/tmp"))  # others may traverse
+    try:
+        root.chmod(0o755)
+        dirs = CorfsDirs.under(root)
+        make_image(dirs.base / "disk.raw", 4 * MIB, seed=8)
+        dest = root / "vm.raw"
+        image = dirs.mnt / "disk.raw"
+        with dirs.mount("--allow-other", "--mode", "666", env={STALL_ENV: "unlinked"}) as m, \
+                Qemu(root, "-drive", f"file={image},if=none,id=drv0,format=raw",
+                     as_nobody=True) as qemu:
+            wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                     30, "the stream to complete")
+            qemu.qemu_io("drv0", "write -P 0x5c 1M 64k")
+            cli = subprocess.Popen(
+                corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
+                env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            try:
+                wait_for(lambda: "handoff stalled at unlinked" in m.log_text(), 30,
+                         "the daemon to stall at unlinked")
+                m.kill9()
+            finally:
+                cli.kill()
+                cli.wait(10)
+        assert not dest.exists()
+        with dirs.mount() as m:
+            status = image_status(live_status(m.mnt), "disk.raw")
+            assert status["state"] == "complete"
+            assert status["dirty_bytes"] == 4 * MIB
+            m.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """A handoff can take minutes (QMP timeouts, a drain). While a setxattr is unanswered
+    the kernel holds the mount's root directory locked: `ls MNT`, lookups of names (a VM
+    opening another image) and every other control command would wait for the handoff.
+    Here it is stalled for good; they must still answer."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=9)
+    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        cli = subprocess.Popen(
+            corfs_command("detach", m.mnt, "disk.raw", tmp_path / "vm.raw", "--qmp",
+                          tmp_path / "qmp.sock"),
+            env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        others: list[subprocess.Popen[bytes]] = []
+        try:
+            wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
+                     "the daemon to stall at journaled")
+            others = [subprocess.Popen(["ls", m.mnt], stdout=subprocess.DEVNULL),
+                      subprocess.Popen(corfs_command("stream", "pause", m.mnt),
+                                       env=corfs_env(), stderr=subprocess.DEVNULL)]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and any(p.poll() is None for p in others):
+                time.sleep(0.1)
+            answered = [p.poll() for p in others]
+            if answered == [0, 0]:  # the CLI waits, and so can status say so
+                assert image_status(live_status(m.mnt), "disk.raw")["handing_over"] is True
+        finally:
+            m.kill9()  # also ends what still waits on the mount
+            for p in [cli, *others]:
+                p.kill()
+                p.wait(10)
+        assert answered == [0, 0], "ls MNT / corfs stream pause waited for the handoff"
+
+
+def test_verify_during_a_handoff_says_so(tmp_dirs: CorfsDirs, tmp_path: Path) -> None:
+    """A scrub of a mounted cache that finds a bad chunk while the image is being handed over
+    is refused (no refill into the file QEMU is taking over) with a line that says why, not
+    "MNT has no image"."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=9)
+    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        cli = subprocess.Popen(
+            corfs_command("detach", m.mnt, "disk.raw", tmp_path / "vm.raw", "--qmp",
+                          tmp_path / "qmp.sock"),
+            env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
+                     "the daemon to stall at journaled")  # the marks were committed first
+            fd = os.open(tmp_dirs.cache / "data" / "disk.raw", os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 16, 0)), 0)
+            finally:
+                os.close(fd)
+            line = assert_one_line_error(run_corfs("verify", tmp_dirs.cache, "disk.raw"),
+                                         "handoff")
+            assert "has no image" not in line
+        finally:
+            m.kill9()
+            cli.kill()
+            cli.wait(10)

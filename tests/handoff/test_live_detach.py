@@ -7,6 +7,7 @@ I/O through `qemu-io` in the human monitor)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -257,3 +258,61 @@ def test_qemu_refusing_the_new_file_rolls_everything_back() -> None:
             m.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_dest_inside_cache_through_a_symlink_is_refused(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """DEST named through a symlink to CACHE is still inside CACHE: linked there, it is a name
+    the store owns (data/NEW.raw is the data file a base image NEW.raw gets at the next mount,
+    created with O_TRUNC: QEMU's disk emptied under it)."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_dirs.cache)
+    dest = alias / "data" / "new.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        assert_one_line_error(detach(tmp_dirs, dest, qemu, "--wait"), "inside")
+        assert not dest.exists()
+        assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+        m.stop()
+
+
+def test_a_relative_qmp_socket_is_the_one_in_the_callers_directory(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """`--qmp qmp.sock` names the socket where the user runs `corfs detach`, not where the
+    daemon was started (its working directory is another)."""
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        assert os.path.dirname(qemu.socket) == str(tmp_path)
+        result = run_corfs("detach", m.mnt, "disk.raw", dest, "--qmp",
+                           os.path.basename(qemu.socket), "--wait", cwd=tmp_path, timeout=120)
+        assert result.returncode == 0, result.stderr + m.log_tail()
+        assert list(qemu.file_nodes().values()) == [str(dest)]
+        m.stop()
+
+
+def test_an_open_handle_reads_no_stale_bytes_after_the_handoff(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """A reader that still has MNT/IMAGE open gets ESTALE once the image is handed over,
+    never the bytes the kernel cached before (QEMU writes DEST directly from then on)."""
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        fd = os.open(m.mnt / "disk.raw", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 65536, 0) == base_image.read_bytes()[:65536]  # now cached
+            assert detach(tmp_dirs, dest, qemu, "--wait").returncode == 0
+            qemu.qemu_io("drv0", "write -P 0xee 0 64k")
+            with pytest.raises(OSError) as stale:
+                os.pread(fd, 65536, 0)
+            assert stale.value.errno == errno.ESTALE
+        finally:
+            os.close(fd)
+        m.stop()
