@@ -6,18 +6,20 @@ DEST, the image not served, recorded detached)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from corfs.handoff import STALL_ENV
 from tests.fuse.util import assert_one_line_error, image_status, live_status, wait_for
-from tests.mounting import CorfsDirs, corfs_command, corfs_env, make_image, run_corfs
+from tests.mounting import CorfsDirs, CorfsMount, corfs_command, corfs_env, make_image, run_corfs
 
 from .qemu import Qemu
 
@@ -142,19 +144,9 @@ def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
     the kernel holds the mount's root directory locked: `ls MNT`, lookups of names (a VM
     opening another image) and every other control command would wait for the handoff.
     Here it is stalled for good; they must still answer."""
-    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=9)
-    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
-        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
-                 30, "the stream to complete")
-        cli = subprocess.Popen(
-            corfs_command("detach", m.mnt, "disk.raw", tmp_path / "vm.raw", "--qmp",
-                          tmp_path / "qmp.sock"),
-            env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
+    with _handoff_stalled_at_journaled(tmp_dirs, tmp_path) as m:
         others: list[subprocess.Popen[bytes]] = []
         try:
-            wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
-                     "the daemon to stall at journaled")
             others = [subprocess.Popen(["ls", m.mnt], stdout=subprocess.DEVNULL),
                       subprocess.Popen(corfs_command("stream", "pause", m.mnt),
                                        env=corfs_env(), stderr=subprocess.DEVNULL)]
@@ -166,7 +158,7 @@ def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
                 assert image_status(live_status(m.mnt), "disk.raw")["handing_over"] is True
         finally:
             m.kill9()  # also ends what still waits on the mount
-            for p in [cli, *others]:
+            for p in others:
                 p.kill()
                 p.wait(10)
         assert answered == [0, 0], "ls MNT / corfs stream pause waited for the handoff"
@@ -176,6 +168,24 @@ def test_verify_during_a_handoff_says_so(tmp_dirs: CorfsDirs, tmp_path: Path) ->
     """A scrub of a mounted cache that finds a bad chunk while the image is being handed over
     is refused (no refill into the file QEMU is taking over) with a line that says why, not
     "MNT has no image"."""
+    with _handoff_stalled_at_journaled(tmp_dirs, tmp_path) as m:  # marks committed first
+        try:
+            fd = os.open(tmp_dirs.cache / "data" / "disk.raw", os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 16, 0)), 0)
+            finally:
+                os.close(fd)
+            line = assert_one_line_error(run_corfs("verify", tmp_dirs.cache, "disk.raw"),
+                                         "handoff")
+            assert "has no image" not in line
+        finally:
+            m.kill9()
+
+
+@contextlib.contextmanager
+def _handoff_stalled_at_journaled(tmp_dirs: CorfsDirs, tmp_path: Path) -> Iterator[CorfsMount]:
+    """A mount of a complete disk.raw whose `corfs detach --qmp` (no QEMU there) the daemon
+    holds at its first step, journaled; the CLI is stopped on the way out."""
     make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=9)
     with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
         wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
@@ -187,16 +197,8 @@ def test_verify_during_a_handoff_says_so(tmp_dirs: CorfsDirs, tmp_path: Path) ->
         )
         try:
             wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
-                     "the daemon to stall at journaled")  # the marks were committed first
-            fd = os.open(tmp_dirs.cache / "data" / "disk.raw", os.O_RDWR)
-            try:
-                os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 16, 0)), 0)
-            finally:
-                os.close(fd)
-            line = assert_one_line_error(run_corfs("verify", tmp_dirs.cache, "disk.raw"),
-                                         "handoff")
-            assert "has no image" not in line
+                     "the daemon to stall at journaled")
+            yield m
         finally:
-            m.kill9()
             cli.kill()
             cli.wait(10)
