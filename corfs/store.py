@@ -1,7 +1,8 @@
 """The local chunk store in CACHE: one sparse data file per image plus the chunk state of every
 image in one SQLite database (WAL).
 
-The layout of CACHE and the privacy of what is in it: cache_layout.py.
+The layout of CACHE and the privacy of what is in it: cache_layout.py. The schema and the
+rows' types and checks: store_rows.py. What the rows may say after a crash: crash_view.py.
 
 Data files are DataFiles (datafile.py: descriptors, how bytes reach them, stores in flight), one
 per image, opened here on first use (`data_file`) so that `commit` can sync those touched.
@@ -30,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import IntEnum
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -45,11 +45,20 @@ from .cache_layout import (
     private_open,
     tighten_private,
 )
+from .crash_view import CrashView, Marks
 from .digest import Buffer, chunk_digest
 from .digest_index import DigestIndex
 from .durable import fsync_dir
 from .errors import CacheError, CacheFull, CacheLocked, UsageError, cache_os_error
-from .geometry import ChunkGeometry
+from .store_rows import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    ChunkState,
+    HandoffRecord,
+    ImageRecord,
+    check_chunk_rows,
+    checked_record,
+)
 
 if TYPE_CHECKING:  # imported where used: offline readers (`corfs status CACHE`) never load them
     import trio
@@ -58,70 +67,6 @@ if TYPE_CHECKING:  # imported where used: offline readers (`corfs status CACHE`)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images(
-    name TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    chunk_size INTEGER NOT NULL,
-    identity TEXT NOT NULL,
-    base TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS chunks(
-    image TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    state INTEGER NOT NULL,
-    digest BLOB,
-    PRIMARY KEY(image, idx)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS chunks_by_digest ON chunks(digest) WHERE digest IS NOT NULL;
-CREATE TABLE IF NOT EXISTS handoffs(
-    name TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    dest TEXT NOT NULL,
-    via TEXT NOT NULL,
-    qemu_path TEXT NOT NULL,
-    done INTEGER NOT NULL,
-    at REAL NOT NULL
-);
-"""
-
-
-class ChunkState(IntEnum):
-    ABSENT = 0
-    CLEAN = 1  # equal to base; digest recorded
-    ZERO = 2  # equal to base and all zeros: a hole in the data file
-    DIRTY = 3  # written through the mount; no longer equal to base
-
-
-@dataclass(frozen=True)
-class HandoffRecord:
-    """An image handed over (done) or being handed over (not done) to a running QEMU."""
-
-    name: str
-    size: int
-    dest: str  # the data file's new name, which QEMU opens
-    via: str  # how to reach that QEMU (handoff.Via as JSON)
-    qemu_path: str  # the file QEMU had open: MNT/IMAGE
-    done: bool
-    at: float
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    name: str
-    size: int
-    chunk_size: int
-    identity: str
-    base: str
-
-    @property
-    def geometry(self) -> ChunkGeometry:
-        return ChunkGeometry(self.size, self.chunk_size)
-
-
 @dataclass(frozen=True)
 class StoreStatistics:
     commits: int
@@ -129,7 +74,6 @@ class StoreStatistics:
     sync_failure: str | None  # set once a data sync failed: nothing more is recorded
 
 
-_Marks = dict[tuple[str, int], tuple[int, bytes | None]]  # (image, chunk) -> (state, digest)
 
 
 @dataclass
@@ -138,7 +82,7 @@ class _Batch:
 
     touched: set[str]  # images whose data files changed
     fds: list[int]  # their open data files
-    pending: _Marks
+    pending: Marks
 
 
 class _SyncFailed(Exception):
@@ -157,36 +101,6 @@ class CacheHooks:
     synced: Callable[[float], None] = lambda seconds: None  # a commit's duration
 
 
-def _checked_record(record: ImageRecord, cache_dir: str) -> ImageRecord:
-    """`record` if corfs could have written it; else CacheError: a damaged row must stop every
-    command in one line, not as a traceback wherever its geometry is first needed."""
-    try:
-        record.geometry  # noqa: B018 (checks size and chunk size)
-        if not isinstance(record.size, int):
-            raise TypeError(f"size {record.size!r}")
-    except (ValueError, TypeError) as exc:
-        raise CacheError(
-            f"cache database in {cache_dir} is damaged: image {record.name!r}: {exc}"
-        ) from None
-    return record
-
-
-def _check_chunk_rows(db: sqlite3.Connection, cache_dir: str) -> None:
-    """CacheError if a chunk row has a state corfs never writes: such a chunk would be served
-    from the data file as local (any non-absent state is), its bytes vouched for by nothing."""
-    known = ", ".join(str(int(state)) for state in ChunkState if state != ChunkState.ABSENT)
-    row = db.execute(
-        f"SELECT image, idx, state FROM chunks WHERE state NOT IN ({known}) "
-        "OR typeof(idx) != 'integer' LIMIT 1"
-    ).fetchone()
-    if row is not None:
-        image, idx, state = row
-        raise CacheError(
-            f"cache database in {cache_dir} is damaged: chunk {idx!r} of image {image!r} "
-            f"has state {state!r}"
-        )
-
-
 class CacheStore:
     def __init__(
         self,
@@ -202,21 +116,18 @@ class CacheStore:
         self._lock_fd = lock_fd
         self._data_files: dict[str, DataFile] = {}  # opened on first use, closed by drop/close
         self._syncs = 0  # commits waiting for or holding the commit lock
-        self._pending: _Marks = {}
+        self._pending: Marks = {}
         self._touched: set[str] = set()
-        # Per chunk of each image a mount serves (load_states(track=True)): what the database
-        # may say after a crash. A clean or zero mark counts from when a commit takes it (it
-        # may be durable from then on), a dirty or absent one once its commit succeeded.
-        self._on_disk: dict[str, bytearray] = {}
+        self._crash_view = CrashView()  # of the images a mount serves (load_states(track=True))
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
         try:
             self._records = {
-                row[0]: _checked_record(ImageRecord(*row), cache_dir)
+                row[0]: checked_record(ImageRecord(*row), cache_dir)
                 for row in db.execute("SELECT name, size, chunk_size, identity, base FROM images")
             }
-            _check_chunk_rows(db, cache_dir)
+            check_chunk_rows(db, cache_dir)
             self._digest_index = DigestIndex(
                 db.execute(
                     "SELECT image, idx, digest FROM chunks WHERE state = ? AND digest IS NOT NULL",
@@ -263,7 +174,7 @@ class CacheStore:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=5000")
             if create:
-                db.executescript(_SCHEMA)
+                db.executescript(SCHEMA)
                 db.execute(
                     "INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
@@ -351,7 +262,7 @@ class CacheStore:
                 (name, size, chunk_size, identity, base, time.time()),
             )
         self._digest_index.drop_image(name)
-        self._on_disk.pop(name, None)
+        self._crash_view.forget(name)
         record = self._records[name] = ImageRecord(name, size, chunk_size, identity, base)
         return record
 
@@ -379,7 +290,7 @@ class CacheStore:
                 raise CacheError(f"forgetting {name} in the cache database: {exc}") from None
         self._records.pop(name, None)
         self._digest_index.drop_image(name)
-        self._on_disk.pop(name, None)
+        self._crash_view.forget(name)
         self.remove_data_file(name)
 
     def remove_data_file(self, name: str) -> None:
@@ -431,10 +342,7 @@ class CacheStore:
             (ChunkState.DIRTY, name, ChunkState.CLEAN, ChunkState.ZERO),
         )
         self._digest_index.drop_image(name)
-        if (on_disk := self._on_disk.get(name)) is not None:
-            for index, state in enumerate(on_disk):
-                if state in (ChunkState.CLEAN, ChunkState.ZERO):
-                    on_disk[index] = ChunkState.DIRTY
+        self._crash_view.all_dirty(name)
 
     def _execute_durably(self, sql: str, args: tuple) -> None:
         with self._db_lock:
@@ -454,7 +362,7 @@ class CacheStore:
             if 0 <= idx < count:
                 states[idx] = state
         if track:
-            self._on_disk[record.name] = bytearray(states)
+            self._crash_view.track(record.name, states)
         return states, sum(1 for _, s in rows if s == ChunkState.DIRTY)
 
     def digests_of(self, name: str) -> dict[int, bytes]:
@@ -537,17 +445,10 @@ class CacheStore:
         self._touched.add(name)
 
     def may_say_clean(self, name: str, idx: int) -> bool:
-        """Whether the database may say chunk `idx` of `name` is clean or zero (equal to the
-        base), after a crash now: before a write changes its bytes, a dirty mark must be
-        committed (Image.write). For images loaded with track=True."""
-        on_disk = self._on_disk.get(name)
-        return on_disk is not None and on_disk[idx] in (ChunkState.CLEAN, ChunkState.ZERO)
-
-    def _note_on_disk(self, marks: _Marks, states: tuple[ChunkState, ...]) -> None:
-        for (name, idx), (state, _) in marks.items():
-            on_disk = self._on_disk.get(name)
-            if state in states and on_disk is not None and 0 <= idx < len(on_disk):
-                on_disk[idx] = state
+        """Whether the database may say chunk `idx` of `name` is clean or zero if the daemon
+        died now (crash_view.py): before a write changes its bytes, its dirty mark must be
+        made durable (Image.write). For images loaded with track=True."""
+        return self._crash_view.may_say_clean(name, idx)
 
     @property
     def pending_count(self) -> int:
@@ -571,7 +472,7 @@ class CacheStore:
                 if batch is not None:
                     with self._keeping_marks_on_failure(batch):
                         await trio.to_thread.run_sync(self._sync_and_write, batch)
-                    self._note_on_disk(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
+                    self._crash_view.note(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
         finally:
             self._syncs -= 1
 
@@ -588,10 +489,7 @@ class CacheStore:
             if self.sync_failure is not None:
                 raise CacheError(self.sync_failure)
             await trio.to_thread.run_sync(self._write_dirty_rows, name, indexes)
-        on_disk = self._on_disk.get(name)
-        for index in indexes:
-            if on_disk is not None and 0 <= index < len(on_disk):
-                on_disk[index] = ChunkState.DIRTY
+        self._crash_view.set(name, indexes, ChunkState.DIRTY)
 
     def _write_dirty_rows(self, name: str, indexes: list[int]) -> None:
         rows = [(ChunkState.DIRTY, name, i, ChunkState.CLEAN, ChunkState.ZERO) for i in indexes]
@@ -630,7 +528,7 @@ class CacheStore:
         if batch is not None:
             with self._keeping_marks_on_failure(batch):
                 self._sync_and_write(batch)
-            self._note_on_disk(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
+            self._crash_view.note(batch.pending, (ChunkState.DIRTY, ChunkState.ABSENT))
 
     def _take_batch(self) -> _Batch | None:
         """The data files to sync and the marks to write, taken out of the queue (None when
@@ -641,7 +539,7 @@ class CacheStore:
         touched, self._touched = self._touched, set()
         fds = [self._data_files[name].fd for name in touched if name in self._data_files]
         batch = _Batch(touched, fds, pending)
-        self._note_on_disk(pending, (ChunkState.CLEAN, ChunkState.ZERO))  # durable any moment
+        self._crash_view.note(pending, (ChunkState.CLEAN, ChunkState.ZERO))  # durable any moment
         return batch if batch.pending or batch.fds else None
 
     @contextlib.contextmanager
