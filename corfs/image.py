@@ -120,6 +120,7 @@ class Image:
         self._nursery = fill_nursery
         self._chunks = ChunkTable(self.geometry, store.load_states(record, track=True)[0])
         self._fills: dict[int, Fill] = {}
+        self._marking: dict[int, trio.Event] = {}  # chunks being made dirty durably (write)
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
@@ -634,9 +635,7 @@ class Image:
                 # A fill is storing there (base bytes into these chunks, or a direct write that
                 # may share a page-cache folio with them): let it finish first.
                 await self.data.wait_span_quiet(touched)
-            elif self.store.sync_failure is None and (
-                said_clean := [i for i in touched if self.store.may_say_clean(self.name, i)]
-            ):
+            elif said_clean := [i for i in touched if self.store.may_say_clean(self.name, i)]:
                 await self._unclean_durably(said_clean)
             else:
                 break
@@ -657,20 +656,37 @@ class Image:
 
     async def _unclean_durably(self, chunks: list[int]) -> None:
         """Before a write changes the bytes of chunks the database may say are clean or zero:
-        mark them dirty (those still clean or zero here; a forgotten one stays absent) and
-        commit. A kill -9 keeps a write's bytes in the page cache: with the row still clean,
-        the next mount served them as the base's, and verify (or a forget) later put the
-        base's back under a guest that had read them. Dirty over the base's bytes is true
-        whether the write lands or not. Costs one small database transaction (no data sync)
-        on the first write to each chunk committed clean; a write that fails after it leaves
-        its chunks dirty."""
-        equal = [i for i in chunks if self.state_of(i) in (ChunkState.CLEAN, ChunkState.ZERO)]
-        for index in equal:
-            self._set_state(index, ChunkState.DIRTY, None)
-        if len(equal) == len(chunks):
-            await self.store.commit_dirty_marks(self.name, equal)
-        else:  # rare: a forgotten chunk (its absent mark must land, not a dirty one), or dirty
-            await self.store.commit()  # by other means (mark_written_outside) not committed yet
+        make them dirty there first. A kill -9 keeps a write's bytes in the page cache: with
+        the row still clean, the next mount served them as the base's, and verify (or a
+        forget) later put the base's back under a guest that had read them. Dirty over the
+        base's bytes is true whether the write lands or not, provided those bytes are durable:
+        then the rows alone are written (one small transaction, no data sync, once per chunk
+        for the cache's life). A chunk with a newer mark not yet committed (refilled after a
+        forget, or forgotten) may hold bytes not yet synced: a full commit then. A write that
+        fails after this leaves its chunks dirty. Writes racing to one chunk wait for the
+        first one's marking rather than commit again."""
+        under_way = {id(e): e for i in chunks if (e := self._marking.get(i)) is not None}
+        if under_way:
+            for event in under_way.values():
+                await event.wait()
+            return  # the caller looks again
+        unsynced = [i for i in chunks if self.store.has_uncommitted_mark(self.name, i)]
+        done = trio.Event()
+        for index in chunks:
+            self._marking[index] = done
+        try:
+            for index in chunks:
+                if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO):
+                    self._set_state(index, ChunkState.DIRTY, None)
+            if unsynced or any(self._chunks.is_absent(i) for i in chunks):
+                await self.store.commit()
+            else:
+                await self.store.commit_dirty_marks(self.name, chunks)
+        finally:
+            for index in chunks:
+                if self._marking.get(index) is done:
+                    del self._marking[index]
+            done.set()
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:

@@ -440,6 +440,12 @@ class CacheStore:
         self._touched.add(name)
         self._digest_index.set(name, idx, digest if state == ChunkState.CLEAN else None)
 
+    def has_uncommitted_mark(self, name: str, idx: int) -> bool:
+        """Whether chunk `idx` of `name` has a mark other than dirty waiting for the next
+        commit (filled or forgotten since the last one: its bytes may not be synced)."""
+        mark = self._pending.get((name, idx))
+        return mark is not None and mark[0] != ChunkState.DIRTY
+
     def touch(self, name: str) -> None:
         """The data file of `name` changed: the next commit must sync it."""
         self._touched.add(name)
@@ -485,9 +491,7 @@ class CacheStore:
         batch taken before (a clean mark of one of them) lands after it."""
         import trio  # see the top
 
-        async with self._commit_lock:
-            if self.sync_failure is not None:
-                raise CacheError(self.sync_failure)
+        async with self._commit_lock:  # even after a sync failure: a dirty row is never wrong
             await trio.to_thread.run_sync(self._write_dirty_rows, name, indexes)
         self._crash_view.set(name, indexes, ChunkState.DIRTY)
 

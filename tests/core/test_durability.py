@@ -7,6 +7,7 @@ after a commit whose SQL failed for real (a trigger in state.db makes the INSERT
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -210,5 +211,82 @@ def test_a_first_write_to_a_clean_chunk_commits_its_dirty_mark_without_a_data_sy
             assert synced == [] and rig.store.commits == commits
             await image.fsync()
             assert synced == [os.stat(rig.store.data_path("a")).st_ino]
+
+    trio.run(main)
+
+
+def test_racing_first_writes_to_a_clean_chunk_make_it_dirty_once_without_a_data_sync(
+    rig_factory, monkeypatch
+) -> None:
+    """QEMU's native AIO sends writes to one chunk at once: the second waits for the first's
+    dirty mark instead of paying a full commit of its own."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            await image.read(0, 2 * CS)
+            await image.wait_stored()
+            await rig.store.commit()
+            synced = spy_fdatasync(monkeypatch)
+            commits = rig.store.commits
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(image.write, CS + n * 512, b"r" * 512)
+            assert synced == [] and rig.store.commits == commits
+            assert committed_states(rig.store.cache_dir, "a")[1] == (ChunkState.DIRTY, None)
+
+    trio.run(main)
+
+
+def test_a_chunk_refilled_after_a_forget_is_synced_before_its_row_says_dirty(
+    rig_factory, monkeypatch
+) -> None:
+    """Forgotten (its row still clean until the next commit), refilled, then written: its new
+    bytes may not be on disk yet, so a dirty row alone could end up over the bad bytes it was
+    forgotten for after a power cut. The write's dirty mark goes with a full commit."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            await image.read(0, 2 * CS)
+            await image.wait_stored()
+            await rig.store.commit()
+            assert image.forget_chunk(1)
+            await image.read(CS, CS)  # refilled
+            await image.wait_stored()
+            assert committed_states(rig.store.cache_dir, "a")[1][0] == ChunkState.CLEAN
+            data_inode = os.stat(rig.store.data_path("a")).st_ino
+            synced = spy_fdatasync(monkeypatch)
+            await image.write(CS + 10, b"w" * 100)
+            assert synced == [data_inode]
+            assert committed_states(rig.store.cache_dir, "a")[1] == (ChunkState.DIRTY, None)
+
+    trio.run(main)
+
+
+def test_after_a_failed_sync_a_write_still_makes_its_clean_chunk_dirty_first(
+    rig_factory, monkeypatch
+) -> None:
+    """Nothing is recorded local after a data sync failed, but a dirty row is never wrong:
+    without it the restart the error asks for served the write's bytes as the base's."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = rig.image("a")
+            await image.read(0, 2 * CS)
+            await image.wait_stored()
+            await rig.store.commit()
+            await image.write(3 * CS, b"x" * CS)
+
+            def failing_sync(fd: int) -> None:
+                raise OSError(errno.EIO, "I/O error")
+
+            monkeypatch.setattr(os, "fdatasync", failing_sync)
+            with pytest.raises(CacheError):
+                await rig.store.commit()
+            monkeypatch.undo()
+            assert rig.store.sync_failure is not None
+            await image.write(CS + 10, b"w" * 100)
+            assert committed_states(rig.store.cache_dir, "a")[1] == (ChunkState.DIRTY, None)
 
     trio.run(main)
