@@ -58,9 +58,11 @@ REOPEN_MAX = 60.0
 
 
 def check_mountpoint(path: str) -> str:
-    """The absolute mountpoint, symlinks resolved, or UsageError: missing, not a directory,
-    already mounted. Resolved: os.path.ismount() of a symlink is False, so a second mount went
-    on top of one reached through a symlink (and the mount table names the target)."""
+    """The absolute mountpoint as the user spells it, or UsageError: missing, not a directory,
+    already mounted. Checked with symlinks resolved (os.path.ismount() of a symlink is False:
+    a second mount went on top of one reached through a symlink), but served as spelled: QEMU
+    and libvirt name its images through that spelling, and a live handoff finds QEMU's nodes
+    by their file names as strings (handoff.py: resolving them could touch the mount)."""
     mountpoint = os.path.realpath(path)  # strict=False: a dead mount still gets its hint below
     try:
         os.stat(mountpoint)
@@ -79,7 +81,7 @@ def check_mountpoint(path: str) -> str:
         raise UsageError(f"{path} is already a mountpoint")
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
-    return mountpoint
+    return os.path.abspath(path)
 
 
 def _at_or_below(path: str, top: str) -> bool:
@@ -106,7 +108,7 @@ def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
 def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled. Raises CorfsError for bad input."""
     mountpoint = check_mountpoint(config.mountpoint)
-    check_overlaps(config.base_url, config.cache_dir, mountpoint)
+    check_overlaps(config.base_url, config.cache_dir, os.path.realpath(mountpoint))
     metrics = Metrics(base_speaks_http="://" in config.base_url)
     # Listening first: a port in use is refused before anything is mounted.
     stop_serving = serve_metrics(config.metrics, metrics.registry) if config.metrics else None

@@ -49,7 +49,8 @@ class CorfsMountError(AssertionError):
 def mount_path(path: str | os.PathLike[str]) -> str:
     """Absolute, symlink-free form of `path` without stat-ing `path` itself.
 
-    Only the parent is resolved, so a hung or dead FUSE mount at `path` is never touched.
+    Only the parent is resolved, so a hung or dead FUSE mount at `path` is never touched
+    (even an lstat of a live one is a FUSE request, whose attributes the kernel then keeps).
     """
     p = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(p)
@@ -204,7 +205,10 @@ class CorfsMount:
         # BASE may be a URL (http://, s3://): pass it through untouched.
         self.base = os.fspath(base)
         self.cache = Path(cache)
-        self.mnt = Path(mount_path(mnt))
+        self.named = Path(mount_path(mnt))  # what corfs is told: a symlink stays one
+        # Where the mount table will show it: a symlink MNT (to the directory) is followed
+        # now, before anything is mounted there (mount_path never touches MNT itself).
+        self.mnt = Path(os.path.realpath(self.named)) if os.path.islink(self.named) else self.named
         self.options = [os.fspath(o) for o in options]
         self.timeout = timeout
         self.env = env
@@ -218,7 +222,7 @@ class CorfsMount:
 
     @property
     def args(self) -> list[str]:
-        return corfs_command("mount", self.base, self.cache, self.mnt, *self.options)
+        return corfs_command("mount", self.base, self.cache, self.named, *self.options)
 
     @property
     def pid(self) -> int | None:

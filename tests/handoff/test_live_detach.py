@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.util import assert_one_line_error, image_status, live_status, snapshot
-from tests.mounting import CorfsDirs, make_image, run_corfs
+from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
 
 from .qemu import Qemu
 
@@ -316,3 +316,26 @@ def test_an_open_handle_reads_no_stale_bytes_after_the_handoff(
         finally:
             os.close(fd)
         m.stop()
+
+
+def test_a_mount_named_through_a_symlink_hands_over_what_qemu_opened_through_it(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """`/var/lib/libvirt/images` is often a symlink to a larger disk: the VM opens
+    LINK/disk.raw, and the handoff must find QEMU's node by that name (it matches names as
+    strings; resolving them could touch the mount)."""
+    link = tmp_path / "images"
+    link.symlink_to(tmp_dirs.mnt)
+    dest = tmp_path / "vm.raw"
+    with CorfsMount(tmp_dirs.base, tmp_dirs.cache, link) as m, Qemu(
+        tmp_path, "-drive", f"file={link / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        result = run_corfs("detach", link, "disk.raw", dest, "--qmp", qemu.socket, "--wait",
+                           timeout=120)
+        assert result.returncode == 0, result.stderr + m.log_tail()
+        assert list(qemu.file_nodes().values()) == [str(dest)]
+        write_all(qemu, "drv0", WRITES_AFTER)
+        qemu.qemu_io("drv0", "flush")
+        m.stop()
+        assert dest.read_bytes() == expected(base_image, WRITES_BEFORE + WRITES_AFTER)
