@@ -200,6 +200,7 @@ class Controller:
         follows it in the status (`handing_over`, then `detached` or `handoff_error`)."""
         name = image.name
         try:
+            image.check_served()  # handed over already: refused now, not in the background
             if name in self._handing_over:
                 raise UsageError(f"{name}: a live handoff of it is under way already")
             via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))

@@ -82,7 +82,7 @@ def send_command(mountpoint: str, command: dict) -> None:
     try:
         os.setxattr(mountpoint, CONTROL_XATTR, json.dumps(command).encode())
         if command.get("op") == "handoff":
-            _wait_handoff(mountpoint, command["image"])
+            _wait_handoff(mountpoint, command["image"], str(command["dest"]))
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
             raise ControlError(
@@ -109,16 +109,19 @@ def send_command(mountpoint: str, command: dict) -> None:
         raise ControlError(f"{mountpoint} refused the command: {exc.strerror}") from None
 
 
-def _wait_handoff(mountpoint: str, name: str) -> None:
+def _wait_handoff(mountpoint: str, name: str, dest: str) -> None:
     """Until the handoff the daemon accepted is over (it runs in the background there, see
-    control.py); HandoffFailed with the daemon's reason if it was rolled back."""
+    control.py); HandoffFailed with the daemon's reason if it was rolled back, or if the image
+    went to another DEST (a handoff raced by another)."""
     while True:
         image = next((i for i in read_status(mountpoint)["images"] if i["name"] == name), None)
         if image is None:
             raise ControlError(f"{mountpoint} has no image {name!r}")
         if not image.get("handing_over"):
-            if image["state"] == "detached":
+            if image["state"] == "detached" and image.get("detached_to") == dest:
                 return
+            if image["state"] == "detached":
+                raise HandoffFailed(f"{name} was handed over to {image.get('detached_to')}")
             raise HandoffFailed(image.get("handoff_error") or "the handoff failed (see the "
                                 "mount's log)")
         time.sleep(HANDOFF_POLL_S)
