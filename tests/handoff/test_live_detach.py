@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from corfs.control_client import send_command
+from corfs.errors import CorfsError
 from tests.fuse.util import assert_one_line_error, image_status, live_status, snapshot
 from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
 
@@ -144,6 +146,13 @@ def test_the_image_is_not_served_again_until_forget_detached(
     ) as qemu:
         write_all(qemu, "drv0", WRITES_BEFORE)
         assert detach(tmp_dirs, dest, qemu, "--wait").returncode == 0
+        # A second handoff whose command passed the CLI's checks before the first ended (two
+        # `corfs detach` racing): the daemon refuses it; it was accepted, failed in the
+        # background, and its CLI saw the image detached and said it went to ITS DEST.
+        with pytest.raises(CorfsError):
+            send_command(str(m.mnt), {"op": "handoff", "image": "disk.raw",
+                                      "dest": str(tmp_path / "other.raw"), "qmp": qemu.socket})
+        assert not (tmp_path / "other.raw").exists()
         m.stop()
     with tmp_dirs.mount() as m:
         assert "disk.raw" not in os.listdir(m.mnt)  # a VM restarted on it fails to open it
