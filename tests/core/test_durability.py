@@ -54,6 +54,15 @@ def spy_fdatasync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return synced
 
 
+async def committed_clean(rig, name: str, chunks: int):
+    """Image `name` of `rig` with its first `chunks` chunks filled and committed clean."""
+    image = rig.image(name)
+    await image.read(0, chunks * CS)
+    await image.wait_stored()
+    await rig.store.commit()
+    return image
+
+
 def test_every_fsync_after_a_write_syncs_the_data_file(rig_factory, monkeypatch) -> None:
     """A second write to a chunk that is dirty already records no new mark: the fsync after it
     must still sync the data file (the write's bytes are in the page cache only)."""
@@ -196,10 +205,7 @@ def test_a_first_write_to_a_clean_chunk_commits_its_dirty_mark_without_a_data_sy
 
     async def main() -> None:
         async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
-            image = rig.image("a")
-            await image.read(0, 2 * CS)
-            await image.wait_stored()
-            await rig.store.commit()
+            image = await committed_clean(rig, "a", 2)
             assert committed_states(rig.store.cache_dir, "a")[1][0] == ChunkState.CLEAN
             synced = spy_fdatasync(monkeypatch)
             commits = rig.store.commits
@@ -223,10 +229,7 @@ def test_racing_first_writes_to_a_clean_chunk_make_it_dirty_once_without_a_data_
 
     async def main() -> None:
         async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
-            image = rig.image("a")
-            await image.read(0, 2 * CS)
-            await image.wait_stored()
-            await rig.store.commit()
+            image = await committed_clean(rig, "a", 2)
             synced = spy_fdatasync(monkeypatch)
             commits = rig.store.commits
             async with trio.open_nursery() as nursery:
@@ -247,10 +250,7 @@ def test_a_chunk_refilled_after_a_forget_is_synced_before_its_row_says_dirty(
 
     async def main() -> None:
         async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
-            image = rig.image("a")
-            await image.read(0, 2 * CS)
-            await image.wait_stored()
-            await rig.store.commit()
+            image = await committed_clean(rig, "a", 2)
             assert image.forget_chunk(1)
             await image.read(CS, CS)  # refilled
             await image.wait_stored()
@@ -272,10 +272,7 @@ def test_after_a_failed_sync_a_write_still_makes_its_clean_chunk_dirty_first(
 
     async def main() -> None:
         async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
-            image = rig.image("a")
-            await image.read(0, 2 * CS)
-            await image.wait_stored()
-            await rig.store.commit()
+            image = await committed_clean(rig, "a", 2)
             await image.write(3 * CS, b"x" * CS)
 
             def failing_sync(fd: int) -> None:
