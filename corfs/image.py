@@ -18,7 +18,7 @@ Invariants:
   (datafile.py's folio-span rule); a client write `pwrite`s and marks its chunks dirty in one
   step with no `await` between.
 - Never change bytes the database may call clean: before a write to a chunk whose clean (or
-  zero) mark may be committed, its dirty mark is committed (`_unclean_durably`).
+  zero) mark may be committed, its dirty mark is committed (dirty_first.py).
 - A write that covers a chunk only partly makes that chunk local first (its fill is stored,
   never dropped). A write whose folio span holds chunks queued to be stored waits for their
   store: base bytes never land after it, and no store is in flight beside it.
@@ -44,6 +44,7 @@ from .chunk_table import ChunkTable
 from .config import DEFAULT_RANDOM_RANGE
 from .datafile import DataFile
 from .digest import Buffer
+from .dirty_first import DirtyFirst
 from .errors import (
     BaseChanged,
     BaseNotFound,
@@ -120,7 +121,6 @@ class Image:
         self._nursery = fill_nursery
         self._chunks = ChunkTable(self.geometry, store.load_states(record, track=True)[0])
         self._fills: dict[int, Fill] = {}
-        self._marking: dict[int, trio.Event] = {}  # chunks being made dirty durably (write)
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
@@ -130,6 +130,7 @@ class Image:
         self._local_ahead_chunks = max(1, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)
         self._forget_past_end()
+        self._dirty_first = DirtyFirst(self.name, store, self._chunks, self._set_state)
         # fetched, verified, waiting to be stored (store_queue.py)
         self._queue = StoreQueue(
             self.name, self.data, fill_nursery,
@@ -635,8 +636,8 @@ class Image:
                 # A fill is storing there (base bytes into these chunks, or a direct write that
                 # may share a page-cache folio with them): let it finish first.
                 await self.data.wait_span_quiet(touched)
-            elif said_clean := [i for i in touched if self.store.may_say_clean(self.name, i)]:
-                await self._unclean_durably(said_clean)
+            elif said_clean := self._dirty_first.needed(touched):
+                await self._dirty_first.make(said_clean)
             else:
                 break
         # No await from here on: the write and the dirty marks are one atomic step.
@@ -653,40 +654,6 @@ class Image:
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
         return len(data)
-
-    async def _unclean_durably(self, chunks: list[int]) -> None:
-        """Before a write changes the bytes of chunks the database may say are clean or zero:
-        make them dirty there first. A kill -9 keeps a write's bytes in the page cache: with
-        the row still clean, the next mount served them as the base's, and verify (or a
-        forget) later put the base's back under a guest that had read them. Dirty over the
-        base's bytes is true whether the write lands or not, provided those bytes are durable:
-        then the rows alone are written (one small transaction, no data sync, once per chunk
-        for the cache's life). A chunk with a newer mark not yet committed (refilled after a
-        forget, or forgotten) may hold bytes not yet synced: a full commit then. A write that
-        fails after this leaves its chunks dirty. Writes racing to one chunk wait for the
-        first one's marking rather than commit again."""
-        under_way = {id(e): e for i in chunks if (e := self._marking.get(i)) is not None}
-        if under_way:
-            for event in under_way.values():
-                await event.wait()
-            return  # the caller looks again
-        unsynced = [i for i in chunks if self.store.has_uncommitted_mark(self.name, i)]
-        done = trio.Event()
-        for index in chunks:
-            self._marking[index] = done
-        try:
-            for index in chunks:
-                if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO):
-                    self._set_state(index, ChunkState.DIRTY, None)
-            if unsynced or any(self._chunks.is_absent(i) for i in chunks):
-                await self.store.commit()
-            else:
-                await self.store.commit_dirty_marks(self.name, chunks)
-        finally:
-            for index in chunks:
-                if self._marking.get(index) is done:
-                    del self._marking[index]
-            done.set()
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:
