@@ -9,7 +9,7 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── ReadOnlyError               EROFS, exit 1
     ├── ImageHandedOver             ESTALE, exit 1   its data file is QEMU's now (detach --qmp)
     ├── HandoffFailed               EIO, exit 1      a live handoff failed and was rolled back
-    ├── OutOfImageError             ENOSPC, exit 1   a write past the end of an image
+    ├── OutOfImageError             ENOSPC, exit 1   a write wholly past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
     ├── ControlError                EINVAL, exit 4   a control command refused, or aimed at
     │   │                                            something that is no corfs mount

@@ -613,10 +613,13 @@ class Image:
         self.check_served()
         if self.read_only:
             raise ReadOnlyError(f"{self.name} is mounted read-only")
-        if offset + len(data) > self.size:
-            raise OutOfImageError(f"write past the end of {self.name} ({self.size} bytes)")
         if not data:
             return 0
+        if offset >= self.size:
+            raise OutOfImageError(f"write past the end of {self.name} ({self.size} bytes)")
+        # A write across the end is cut at it and answered short, as a block device does
+        # (the caller learns how much went in); only a write wholly past the end is ENOSPC.
+        data = memoryview(data)[: self.size - offset]
         self.last_foreground = trio.current_time()
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))

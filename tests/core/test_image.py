@@ -274,12 +274,14 @@ def test_read_only_and_out_of_range_writes(rig_factory) -> None:
     async def writable() -> None:
         async with rig_factory({"a": data}) as rig:
             image = rig.image("a")
-            with pytest.raises(CorfsError) as info:
-                await image.write(SIZE - 2, b"abc")
-            assert info.value.errno == errno.ENOSPC
-            with pytest.raises(CorfsError):
-                await image.write(SIZE + CS, b"a")
+            for offset in (SIZE, SIZE + CS):  # wholly past the end: ENOSPC, nothing written
+                with pytest.raises(CorfsError) as info:
+                    await image.write(offset, b"a")
+                assert info.value.errno == errno.ENOSPC
             assert not image.is_local(13) and image.dirty_chunks == 0
+            # Across the end: cut at it and answered short, as a block device does.
+            assert await image.write(SIZE - 2, b"xyz") == 2
+            assert await image.read(SIZE - 5, 10) == data[-5:-2] + b"xy"
             assert await image.write(SIZE - 3, b"abc") == 3
             assert await image.read(SIZE - 5, 10) == data[-5:-3] + b"abc"
 

@@ -109,3 +109,25 @@ def test_read_only_refuses_writes(tmp_dirs):
         assert live_status(m.mnt)["images"][0]["dirty_bytes"] == 0
         m.stop()
     assert base.read_bytes() == orig
+
+
+def test_a_write_across_the_end_is_cut_short_there(tmp_dirs):
+    """As on a block device: a write that runs past the image's end puts in what fits and
+    says so (a short count); one wholly past the end is ENOSPC. The size never changes."""
+    base = make_image(tmp_dirs.base / "a.raw", 1 * MIB, seed=15)
+    want = bytearray(base.read_bytes())
+    with tmp_dirs.mount("--no-stream") as m:
+        fd = os.open(m.mnt / "a.raw", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"E" * 8192, MIB - 4096) == 4096
+            with pytest.raises(OSError) as err:
+                os.pwrite(fd, b"F", MIB)
+            assert err.value.errno == errno.ENOSPC
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        want[MIB - 4096 :] = b"E" * 4096
+        assert os.stat(m.mnt / "a.raw").st_size == MIB
+        drop_caches()
+        assert (m.mnt / "a.raw").read_bytes() == want
+        m.stop()
