@@ -5,6 +5,7 @@ ready; `--allow-other` mounts with allow_other."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -13,6 +14,7 @@ import subprocess
 import pytest
 
 from tests.mounting import (
+    CorfsMount,
     _find_daemon_pid,
     _wait_pid_gone,
     is_fuse_mounted,
@@ -127,6 +129,34 @@ def test_daemon_stopped_by_fusermount(tmp_dirs):
         subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True, capture_output=True)
         assert _wait_pid_gone(pid, 20)
         assert not is_mounted(m.mnt)
+
+
+def test_daemon_leaves_the_directory_it_was_started_in(tmp_dirs):
+    """A daemon kept its starting directory busy as its cwd (say, a file system that then
+    could not be unmounted). It works in "/"; relative BASE, CACHE, MNT, --log-file and --trace
+    still name what they named where it was started."""
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=86)
+    want = (tmp_dirs.base / "a.raw").read_bytes()
+    started_in = tmp_dirs.base.parent / "work"
+    started_in.mkdir()
+    trace = {"version": 1, "images": {"a.raw": {"chunk_size": 64 * KIB, "chunks": [5, 2]}}}
+    (started_in / "boot.json").write_text(json.dumps(trace))
+    with CorfsMount(
+        tmp_dirs.base, tmp_dirs.cache, tmp_dirs.mnt,
+        "--daemon", "--no-stream", "--chunk-size", "64k",
+        "--log-file", "daemon.log", "--trace", "boot.json",
+        cwd=started_in, log_dir=tmp_dirs.logs,
+    ) as m:
+        at = m.args.index("mount") + 1
+        assert m.args[at : at + 3] == ["../base", "../cache", "../mnt"]
+        assert m.pid is not None
+        assert os.readlink(f"/proc/{m.pid}/cwd") == "/"
+        assert (m.mnt / "a.raw").read_bytes() == want
+        log_text = (started_in / "daemon.log").read_text()
+        assert "a.raw: streaming 2 traced chunks first" in log_text, log_text
+        m.stop()
+    assert image_status(status(tmp_dirs.cache), "a.raw")["local_bytes"] == SIZE
+    assert sorted(os.listdir(started_in)) == ["boot.json", "daemon.log"]
 
 
 def test_allow_other(tmp_dirs):
