@@ -13,7 +13,8 @@ own, with a delay that doubles per failure (CHUNK_FIRST_BACKOFF up to CHUNK_MAX_
 the stream goes on with the chunks after it; when due it is retried alone (so a failure of a
 whole run shows which of its chunks is at fault). A failure of a whole fill (base down, cache
 full), or of each chunk of a run, also backs the image's stream off as a whole. Errors and
-failing chunks show in status.
+failing chunks show in status; an image nothing can fetch for (no source: the base was down at
+mount or lost it; or its fills fail in the base as a whole) is "offline", never "streaming".
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import StreamConfig
-from .errors import BaseChanged
+from .errors import BaseChanged, BaseCorrupt, BaseError
 from .fill import FillOutcome
 from .image import Image
 from .stats import RateMeter
@@ -87,6 +88,7 @@ class _ImageStream:
     retry_at: float = 0.0
     error: str | None = None
     fatal: bool = False
+    base_failing: bool = False  # its latest fill failed as a whole in the base: backing off
     meter: RateMeter = field(default_factory=RateMeter)
 
 
@@ -170,10 +172,14 @@ class StreamWorker:
             state = "error"
         elif image.complete:
             state = "complete"
+        elif image.source is None:  # the base was down at mount, or does not have it any more
+            state = "offline"
         elif not self.enabled:
             state = "idle"
         elif stream.paused:
             state = "paused"
+        elif stream.base_failing:  # fetching nothing until the base answers (or has it) again
+            state = "offline"
         else:
             state = "streaming"
         error = stream.error or image.error
@@ -308,6 +314,10 @@ class StreamWorker:
             stream.fatal = True
             stream.error = str(error)
         elif error is not None:
+            # A base that serves bad bytes is not offline: it answers (`error` says what).
+            stream.base_failing = isinstance(error, BaseError) and not isinstance(
+                error, BaseCorrupt
+            )
             stream.failures += 1
             backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
             stream.retry_at = now + backoff
@@ -320,6 +330,7 @@ class StreamWorker:
                 # now and in runs, rather than chunk by chunk minutes later.
                 stream.deferred.clear()
             stream.failures = 0
+            stream.base_failing = False
             stream.error = None
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

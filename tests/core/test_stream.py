@@ -275,7 +275,7 @@ def test_failing_base_backs_off_shows_error_and_recovers(rig_factory) -> None:
                 await trio.sleep(100)
                 stats = stream.statistics("a")
                 assert stats.error is not None and "2 s" in stats.error
-                assert stats.state == "streaming"
+                assert stats.state == "offline"  # not "streaming": nothing is fetched
                 # Backing off: without it two workers would fail ~100 times in 100 s.
                 assert 2 <= rig.fetcher.failures <= 20, rig.fetcher.failures
                 # A failed fetch never leaves a mark.
