@@ -163,7 +163,12 @@ class StreamWorker:
     def sample_rates(self) -> None:
         now = trio.current_time()
         for stream in self._streams.values():
-            stream.meter.sample(now, stream.image.local_bytes)
+            if stream.image.complete:
+                # Its window would show the last bytes streamed for 10 s more; and should
+                # the image miss chunks again (a verify's forget), they never counted.
+                stream.meter.reset()
+            else:
+                stream.meter.sample(now, stream.image.local_bytes)
 
     def statistics(self, name: str) -> ImageStreamStatistics:
         stream = self._streams[name]
@@ -185,7 +190,9 @@ class StreamWorker:
         error = stream.error or image.error
         if error is None and image.source is None and not image.complete:
             error = f"not fetching: {image.missing_source}"  # the base is down, or lost it
-        return ImageStreamStatistics(state, stream.meter.rate(), error)
+        # Complete: nothing is fetched any more, whatever the last sample (up to 1 s old) says.
+        rate = 0.0 if image.complete else stream.meter.rate()
+        return ImageStreamStatistics(state, rate, error)
 
     # ---- work ----------------------------------------------------------------------------
 
