@@ -28,6 +28,7 @@ import trio
 
 from .config import StreamConfig
 from .errors import BaseChanged, BaseCorrupt, BaseError
+from .failure_log import FailureLog
 from .fill import FillOutcome
 from .image import Image
 from .stats import RateMeter
@@ -78,6 +79,7 @@ class _Deferred:
 @dataclass
 class _ImageStream:
     image: Image
+    failure_log: FailureLog  # its whole fills failing: a line, a reminder a minute, the end
     paused: bool = False
     cursor: int = 0
     # Chunks to fill before anything else: runs dropped when a pause caught them (bounded).
@@ -110,7 +112,15 @@ class StreamWorker:
         self.enabled = config.enabled
         self.limiter = BandwidthLimiter(config.bandwidth)
         self._streams = {
-            image.name: _ImageStream(image, paused=config.start_paused) for image in images
+            image.name: _ImageStream(
+                image,
+                FailureLog(
+                    log, f"stream of {image.name}", level=logging.WARNING,
+                    clock=trio.current_time,
+                ),
+                paused=config.start_paused,
+            )
+            for image in images
         }
         # One per sleeping worker: a wake-up wakes them all (one shared event, replaced by each
         # worker before it slept, woke only the last to sleep).
@@ -329,10 +339,10 @@ class StreamWorker:
             backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
             stream.retry_at = now + backoff
             stream.error = str(error)
-            log.warning("stream of %s: %s (retrying in %.0f s)", image.name, error, backoff)
+            stream.failure_log.failed(f"{error} (next try in {backoff:.0f} s)")
         elif len(outcome.failed) < len(run):  # something filled: the base answers
+            stream.failure_log.succeeded()
             if stream.failures:
-                log.info("stream of %s: base is back, going on", image.name)
                 # What failed while it was down failed with it, not by itself: fetch it again
                 # now and in runs, rather than chunk by chunk minutes later.
                 stream.deferred.clear()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
@@ -33,6 +35,7 @@ from .util import (
     live_status,
     mount_options,
     status,
+    wait_for,
 )
 
 SIZE = 4 * MIB
@@ -181,6 +184,31 @@ def test_a_signal_right_after_fusermount_still_ends_cleanly(tmp_dirs):
         with tmp_dirs.mount() as m:
             subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True)
             m.stop()
+
+
+def test_commits_failing_for_a_while_are_one_line_and_their_end_another(tmp_dirs):
+    """Another connection holds the database's write lock, so each commit fails after its
+    busy timeout (5 s) and is retried a second later: one line for the failure (not one per
+    attempt), one when a commit succeeds again; the chunk state is committed then."""
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=87)
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "64k") as m:
+        db = sqlite3.connect(tmp_dirs.cache / "state.db", isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            direct_write(m.mnt / "a.raw", MIB, b"\xcd" * (64 * KIB))  # pending: to commit
+            time.sleep(14)  # two attempts fail, and the third waits for the lock
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        failed = m.log_text().count("committing chunk state failed")
+        assert failed == 1, m.log_tail()  # not one line per attempt
+        wait_for(lambda: "works again" in m.log_text(), what="a commit to succeed")
+        log = m.log_text()
+        assert "still fails" not in log, log  # the first reminder comes after a minute
+        again = re.search(r"works again, after (\d+) failed attempts", log)
+        assert again is not None and int(again.group(1)) >= 2, log
+        m.kill9()  # no final commit: what is recorded is what the retried commit made durable
+    assert image_status(status(tmp_dirs.cache), "a.raw")["dirty_bytes"] == 64 * KIB
 
 
 def test_a_stop_whose_final_commit_fails_says_so_and_exits_non_zero(tmp_dirs):
