@@ -272,7 +272,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
 
     return MountConfig(
         base_url=args.base,
-        cache_dir=os.path.abspath(args.cache),
+        cache_dir=args.cache,
         mountpoint=args.mountpoint,
         chunk_size=args.chunk_size,
         read_only=args.read_only,
@@ -300,7 +300,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             trace_file=args.trace,
             record_trace=args.record_trace,
         ),
-    )
+    ).with_absolute_paths()
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

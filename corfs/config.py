@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 from .base import BaseOptions
 
@@ -40,3 +41,21 @@ class MountConfig:
     random_range: int = DEFAULT_RANDOM_RANGE  # bytes fetched around a small random miss
     base: BaseOptions = field(default_factory=BaseOptions)
     stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def with_absolute_paths(self) -> MountConfig:
+        """This config with every local path absolute (BASE when a directory, CACHE, MNT,
+        --trace, --ca-file), resolved against the current directory: the daemon leaves it
+        (chdir("/")) and a base reopened later must still find its files."""
+
+        def absolute(path: str | None) -> str | None:
+            return os.path.abspath(path) if path else path
+
+        base_url = self.base_url if "://" in self.base_url else os.path.abspath(self.base_url)
+        return replace(
+            self,
+            base_url=base_url,
+            cache_dir=os.path.abspath(self.cache_dir),
+            mountpoint=os.path.abspath(self.mountpoint),
+            base=replace(self.base, ca_file=absolute(self.base.ca_file)),
+            stream=replace(self.stream, trace_file=absolute(self.stream.trace_file)),
+        )

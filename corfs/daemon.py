@@ -1,5 +1,9 @@
 """`corfs mount --daemon`: fork before trio and FUSE start, report readiness (or the one-line
-error) to the waiting parent through a pipe, so the command returns once the mount is ready."""
+error) to the waiting parent through a pipe, so the command returns once the mount is ready.
+
+The daemon works in "/", not in the directory it was started from (which it would keep busy:
+a file system that cannot be unmounted): every path of its config is made absolute before
+the fork, and --log-file is opened by the caller."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from .mount import run_mount
 
 def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
     """`log_fd`: --log-file, opened by the caller (None: the daemon's output is discarded)."""
+    config = config.with_absolute_paths()  # before the child leaves the caller's directory
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -36,6 +41,7 @@ def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
 
 def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
     os.setsid()
+    os.chdir("/")
     os.umask(PRIVATE_UMASK)  # whatever the daemon creates (CACHE, its log) is its owner's alone
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

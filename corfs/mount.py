@@ -37,6 +37,7 @@ from .errors import (
     UsageError,
     leaf_error,
 )
+from .failure_log import FailureLog
 from .fetcher import Fetcher, RetryPolicy
 from .fuse_ops import CorfsOperations
 from .handoff import settle_handoffs
@@ -315,6 +316,8 @@ async def _commit_forever(
     store: CacheStore, interval: float, task_status=trio.TASK_STATUS_IGNORED
 ) -> None:
     task_status.started()
+    # A long outage of the cache disk: not a line a second.
+    failures = FailureLog(log, "committing chunk state", clock=trio.current_time)
     while True:
         await trio.sleep(interval)
         try:
@@ -322,7 +325,9 @@ async def _commit_forever(
         except CorfsError as exc:
             if store.sync_failure is not None:
                 return  # said once in the log; committing again could record lost bytes
-            log.error("committing chunk state failed (will retry): %s", exc)
+            failures.failed(exc)
+        else:
+            failures.succeeded()
 
 
 async def _stop_on_signal(

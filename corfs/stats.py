@@ -70,6 +70,10 @@ class RateMeter:
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()
 
+    def reset(self) -> None:
+        """Forget the samples: nothing measured before counts towards a later rate."""
+        self._samples.clear()
+
     def rate(self) -> float:
         if len(self._samples) < 2:
             return 0.0

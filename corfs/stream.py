@@ -13,7 +13,8 @@ own, with a delay that doubles per failure (CHUNK_FIRST_BACKOFF up to CHUNK_MAX_
 the stream goes on with the chunks after it; when due it is retried alone (so a failure of a
 whole run shows which of its chunks is at fault). A failure of a whole fill (base down, cache
 full), or of each chunk of a run, also backs the image's stream off as a whole. Errors and
-failing chunks show in status.
+failing chunks show in status; an image nothing can fetch for (no source: the base was down at
+mount or lost it; or its fills fail in the base as a whole) is "offline", never "streaming".
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import StreamConfig
-from .errors import BaseChanged
+from .errors import BaseChanged, BaseCorrupt, BaseError
+from .failure_log import FailureLog
 from .fill import FillOutcome
 from .image import Image
 from .stats import RateMeter
@@ -77,6 +79,7 @@ class _Deferred:
 @dataclass
 class _ImageStream:
     image: Image
+    failure_log: FailureLog  # its whole fills failing: a line, a reminder a minute, the end
     paused: bool = False
     cursor: int = 0
     # Chunks to fill before anything else: runs dropped when a pause caught them (bounded).
@@ -87,6 +90,7 @@ class _ImageStream:
     retry_at: float = 0.0
     error: str | None = None
     fatal: bool = False
+    base_failing: bool = False  # its latest fill failed as a whole in the base: backing off
     meter: RateMeter = field(default_factory=RateMeter)
 
 
@@ -108,7 +112,15 @@ class StreamWorker:
         self.enabled = config.enabled
         self.limiter = BandwidthLimiter(config.bandwidth)
         self._streams = {
-            image.name: _ImageStream(image, paused=config.start_paused) for image in images
+            image.name: _ImageStream(
+                image,
+                FailureLog(
+                    log, f"stream of {image.name}", level=logging.WARNING,
+                    clock=trio.current_time,
+                ),
+                paused=config.start_paused,
+            )
+            for image in images
         }
         # One per sleeping worker: a wake-up wakes them all (one shared event, replaced by each
         # worker before it slept, woke only the last to sleep).
@@ -161,7 +173,12 @@ class StreamWorker:
     def sample_rates(self) -> None:
         now = trio.current_time()
         for stream in self._streams.values():
-            stream.meter.sample(now, stream.image.local_bytes)
+            if stream.image.complete:
+                # Its window would show the last bytes streamed for 10 s more; and should
+                # the image miss chunks again (a verify's forget), they never counted.
+                stream.meter.reset()
+            else:
+                stream.meter.sample(now, stream.image.local_bytes)
 
     def statistics(self, name: str) -> ImageStreamStatistics:
         stream = self._streams[name]
@@ -170,16 +187,22 @@ class StreamWorker:
             state = "error"
         elif image.complete:
             state = "complete"
+        elif image.source is None:  # the base was down at mount, or does not have it any more
+            state = "offline"
         elif not self.enabled:
             state = "idle"
         elif stream.paused:
             state = "paused"
+        elif stream.base_failing:  # fetching nothing until the base answers (or has it) again
+            state = "offline"
         else:
             state = "streaming"
         error = stream.error or image.error
         if error is None and image.source is None and not image.complete:
             error = f"not fetching: {image.missing_source}"  # the base is down, or lost it
-        return ImageStreamStatistics(state, stream.meter.rate(), error)
+        # Complete: nothing is fetched any more, whatever the last sample (up to 1 s old) says.
+        rate = 0.0 if image.complete else stream.meter.rate()
+        return ImageStreamStatistics(state, rate, error)
 
     # ---- work ----------------------------------------------------------------------------
 
@@ -308,18 +331,23 @@ class StreamWorker:
             stream.fatal = True
             stream.error = str(error)
         elif error is not None:
+            # A base that serves bad bytes is not offline: it answers (`error` says what).
+            stream.base_failing = isinstance(error, BaseError) and not isinstance(
+                error, BaseCorrupt
+            )
             stream.failures += 1
             backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
             stream.retry_at = now + backoff
             stream.error = str(error)
-            log.warning("stream of %s: %s (retrying in %.0f s)", image.name, error, backoff)
+            stream.failure_log.failed(f"{error} (next try in {backoff:.0f} s)")
         elif len(outcome.failed) < len(run):  # something filled: the base answers
+            stream.failure_log.succeeded()
             if stream.failures:
-                log.info("stream of %s: base is back, going on", image.name)
                 # What failed while it was down failed with it, not by itself: fetch it again
                 # now and in runs, rather than chunk by chunk minutes later.
                 stream.deferred.clear()
             stream.failures = 0
+            stream.base_failing = False
             stream.error = None
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

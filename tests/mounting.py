@@ -189,7 +189,8 @@ class CorfsMount:
             m.stop()  # optional: asserts a clean exit (code 0) and that MNT is unmounted
 
     Options are passed through as given. With `--daemon` the launcher must exit 0 once the
-    mount is ready; the daemon is then found by its command line so it can be killed.
+    mount is ready; the daemon is then found by its command line so it can be killed. With
+    `cwd`, corfs runs in that directory and is told BASE, CACHE and MNT relative to it.
     """
 
     def __init__(
@@ -201,7 +202,9 @@ class CorfsMount:
         timeout: float = MOUNT_TIMEOUT,
         log_dir: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.cwd = None if cwd is None else os.path.abspath(cwd)
         # BASE may be a URL (http://, s3://): pass it through untouched.
         self.base = os.fspath(base)
         self.cache = Path(cache)
@@ -220,9 +223,16 @@ class CorfsMount:
         self._log: IO[bytes] | None = None
         self._daemon_pid: int | None = None
 
+    def _spelled(self, path: str | os.PathLike[str]) -> str:
+        """`path` as corfs is told it: relative to `cwd` if corfs runs in one."""
+        return os.fspath(path) if self.cwd is None else os.path.relpath(path, self.cwd)
+
     @property
     def args(self) -> list[str]:
-        return corfs_command("mount", self.base, self.cache, self.named, *self.options)
+        base = self.base if "://" in self.base else self._spelled(self.base)
+        return corfs_command(
+            "mount", base, self._spelled(self.cache), self._spelled(self.named), *self.options
+        )
 
     @property
     def pid(self) -> int | None:
@@ -254,6 +264,7 @@ class CorfsMount:
                 stdout=self._log,
                 stderr=self._log,
                 env=corfs_env(self.env),
+                cwd=self.cwd,
                 # own session: a ^C on pytest reaches only pytest, which then cleans up here
                 start_new_session=True,
             )
@@ -270,7 +281,7 @@ class CorfsMount:
         except CorfsMountError as e:
             self._fail(str(e))
         if self.daemon:
-            self._daemon_pid = _find_daemon_pid(self.mnt)
+            self._daemon_pid = _find_daemon_pid(self.mnt, self._spelled(self.named))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
         """End corfs with `sig`; assert it exits 0 within `timeout` and MNT is unmounted."""
@@ -331,7 +342,7 @@ class CorfsMount:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_TIMEOUT)
         if self.daemon:
-            pid = self._daemon_pid or _find_daemon_pid(self.mnt)
+            pid = self._daemon_pid or _find_daemon_pid(self.mnt, self._spelled(self.named))
             if pid is not None and _pid_alive(pid):
                 _terminate(pid, lambda t: _wait_pid_gone(pid, t))
 
@@ -395,9 +406,10 @@ def _wait_pid_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def _find_daemon_pid(mnt: str | os.PathLike[str]) -> int | None:
-    """PID of a `... -m corfs mount ... MNT` process other than ourselves, if any."""
-    target = os.fsencode(mount_path(mnt))
+def _find_daemon_pid(mnt: str | os.PathLike[str], spelled: str | None = None) -> int | None:
+    """PID of a `... -m corfs mount ... MNT` process other than ourselves, if any; `spelled`:
+    MNT as its command line names it, if not by its absolute path."""
+    target = os.fsencode(spelled or mount_path(mnt))
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue

@@ -4,6 +4,8 @@ in statistics, recovery by itself), and resuming from a reopened cache. MockCloc
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import trio
 import trio.testing
@@ -275,7 +277,7 @@ def test_failing_base_backs_off_shows_error_and_recovers(rig_factory) -> None:
                 await trio.sleep(100)
                 stats = stream.statistics("a")
                 assert stats.error is not None and "2 s" in stats.error
-                assert stats.state == "streaming"
+                assert stats.state == "offline"  # not "streaming": nothing is fetched
                 # Backing off: without it two workers would fail ~100 times in 100 s.
                 assert 2 <= rig.fetcher.failures <= 20, rig.fetcher.failures
                 # A failed fetch never leaves a mark.
@@ -294,6 +296,31 @@ def test_failing_base_backs_off_shows_error_and_recovers(rig_factory) -> None:
             assert await image.read(0, N * CS) == DATA
 
     run(main)
+
+
+def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> None:
+    """Backing off to 30 s, the stream logged every try: 20 lines in 10 minutes per image."""
+    caplog.set_level(logging.INFO, logger="corfs.stream")
+
+    async def main() -> None:
+        policy = RetryPolicy(io_timeout=2.0, first_backoff=0.1, max_backoff=1.0)
+        async with rig_factory({"a": DATA}, policy=policy) as rig:
+            image = rig.image("a")
+            rig.source("a").faults.fail_next = 10**9
+            stream = StreamWorker([image], StreamConfig())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stream.run)
+                await trio.sleep(600)
+                rig.source("a").faults.fail_next = 0
+                await wait_until(lambda: image.complete, timeout=120)
+                nursery.cancel_scope.cancel()
+
+    run(main)
+    lines = [r.getMessage() for r in caplog.records if r.name == "corfs.stream"]
+    assert lines[0].startswith("stream of a failed (will retry): "), lines
+    reminders = [line for line in lines[1:-1] if line.startswith("stream of a still fails: ")]
+    assert reminders == lines[1:-1] and 5 <= len(reminders) <= 10, lines
+    assert lines[-1].startswith("stream of a works again, after "), lines
 
 
 def test_failed_chunks_are_never_recorded_local(rig_factory) -> None:

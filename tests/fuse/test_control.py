@@ -192,6 +192,22 @@ def test_status_watch_exits_once_complete(tmp_dirs: CorfsDirs) -> None:
         assert image_status(live_status(m.mnt), NAME)["state"] == "complete"
 
 
+def test_rate_is_zero_once_complete(tmp_dirs: CorfsDirs) -> None:
+    """The rate is of bytes being fetched: none once the image is complete (it showed the
+    last 10 s of streaming, decaying, for 10 s after)."""
+    make_image(tmp_dirs.base / NAME, 3 * MIB, seed=6)
+    with tmp_dirs.mount("--chunk-size", "64K", "--bandwidth", "1M") as m:
+        wait_for(lambda: image_status(live_status(m.mnt), NAME)["rate_bps"] > 0,
+                 what="a rate while streaming")
+        done = wait_complete(m.mnt, NAME)  # the first status that says complete
+        assert done["rate_bps"] == 0 and done["eta_s"] == 0, done
+        row = run_corfs("status", m.mnt, check=True).stdout.splitlines()[2]
+        assert row.split()[-2:] == ["-", "0:00:00"], row  # RATE, ETA
+        time.sleep(1.5)  # past the meter's next sample
+        assert image_status(live_status(m.mnt), NAME)["rate_bps"] == 0
+        m.stop()
+
+
 def test_status_of_the_cache_dir_while_mounted_and_after(dirs: CorfsDirs) -> None:
     with dirs.mount("--chunk-size", "64K", "--bandwidth", "8M") as m:
         st = json.loads(run_corfs("status", dirs.cache, "--json", check=True).stdout)

@@ -5,14 +5,18 @@ ready; `--allow-other` mounts with allow_other."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
 from tests.mounting import (
+    CorfsMount,
     _find_daemon_pid,
     _wait_pid_gone,
     is_fuse_mounted,
@@ -31,6 +35,7 @@ from .util import (
     live_status,
     mount_options,
     status,
+    wait_for,
 )
 
 SIZE = 4 * MIB
@@ -129,6 +134,34 @@ def test_daemon_stopped_by_fusermount(tmp_dirs):
         assert not is_mounted(m.mnt)
 
 
+def test_daemon_leaves_the_directory_it_was_started_in(tmp_dirs):
+    """A daemon kept its starting directory busy as its cwd (say, a file system that then
+    could not be unmounted). It works in "/"; relative BASE, CACHE, MNT, --log-file and --trace
+    still name what they named where it was started."""
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=86)
+    want = (tmp_dirs.base / "a.raw").read_bytes()
+    started_in = tmp_dirs.base.parent / "work"
+    started_in.mkdir()
+    trace = {"version": 1, "images": {"a.raw": {"chunk_size": 64 * KIB, "chunks": [5, 2]}}}
+    (started_in / "boot.json").write_text(json.dumps(trace))
+    with CorfsMount(
+        tmp_dirs.base, tmp_dirs.cache, tmp_dirs.mnt,
+        "--daemon", "--no-stream", "--chunk-size", "64k",
+        "--log-file", "daemon.log", "--trace", "boot.json",
+        cwd=started_in, log_dir=tmp_dirs.logs,
+    ) as m:
+        at = m.args.index("mount") + 1
+        assert m.args[at : at + 3] == ["../base", "../cache", "../mnt"]
+        assert m.pid is not None
+        assert os.readlink(f"/proc/{m.pid}/cwd") == "/"
+        assert (m.mnt / "a.raw").read_bytes() == want
+        log_text = (started_in / "daemon.log").read_text()
+        assert "a.raw: streaming 2 traced chunks first" in log_text, log_text
+        m.stop()
+    assert image_status(status(tmp_dirs.cache), "a.raw")["local_bytes"] == SIZE
+    assert sorted(os.listdir(started_in)) == ["boot.json", "daemon.log"]
+
+
 def test_allow_other(tmp_dirs):
     make_image(tmp_dirs.base / "a.raw", 1 * MIB, seed=85)
     with tmp_dirs.mount("--allow-other", "--no-stream") as m:
@@ -151,6 +184,31 @@ def test_a_signal_right_after_fusermount_still_ends_cleanly(tmp_dirs):
         with tmp_dirs.mount() as m:
             subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True)
             m.stop()
+
+
+def test_commits_failing_for_a_while_are_one_line_and_their_end_another(tmp_dirs):
+    """Another connection holds the database's write lock, so each commit fails after its
+    busy timeout (5 s) and is retried a second later: one line for the failure (not one per
+    attempt), one when a commit succeeds again; the chunk state is committed then."""
+    make_image(tmp_dirs.base / "a.raw", SIZE, seed=87)
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "64k") as m:
+        db = sqlite3.connect(tmp_dirs.cache / "state.db", isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            direct_write(m.mnt / "a.raw", MIB, b"\xcd" * (64 * KIB))  # pending: to commit
+            time.sleep(14)  # two attempts fail, and the third waits for the lock
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        failed = m.log_text().count("committing chunk state failed")
+        assert failed == 1, m.log_tail()  # not one line per attempt
+        wait_for(lambda: "works again" in m.log_text(), what="a commit to succeed")
+        log = m.log_text()
+        assert "still fails" not in log, log  # the first reminder comes after a minute
+        again = re.search(r"works again, after (\d+) failed attempts", log)
+        assert again is not None and int(again.group(1)) >= 2, log
+        m.kill9()  # no final commit: what is recorded is what the retried commit made durable
+    assert image_status(status(tmp_dirs.cache), "a.raw")["dirty_bytes"] == 64 * KIB
 
 
 def test_a_stop_whose_final_commit_fails_says_so_and_exits_non_zero(tmp_dirs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -155,4 +156,26 @@ def test_status_of_every_mount_finds_one_whose_path_has_a_space_and_utf8(tmp_pat
         assert entry is not None and entry.fstype == "fuse.corfs"
         read_ahead = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
         wait_for(lambda: read_ahead.read_text().strip() == "1024", 5, "read-ahead 1024 KiB")
+        m.stop()
+
+
+def test_an_image_the_base_lost_is_offline_not_streaming(tmp_dirs: CorfsDirs) -> None:
+    """Cached in part, then gone from the base: its local chunks are served, the missing ones
+    cannot be fetched by anything, and the status says so (it said "streaming")."""
+    make_image(tmp_dirs.base / "a.raw", SIZES["a.raw"], seed=95)
+    make_image(tmp_dirs.base / "b.raw", SIZES["b.raw"], seed=96)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        direct_read(m.mnt / "a.raw", 0, 4 * KIB)
+        m.stop()
+    os.unlink(tmp_dirs.base / "a.raw")
+    with tmp_dirs.mount("--chunk-size", "64k") as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "b.raw")["state"] == "complete",
+                 what="b.raw streamed")
+        result = run_corfs("status", m.mnt, "--json")
+        assert result.returncode == 0, result.stderr
+        lost = image_status(json.loads(result.stdout), "a.raw")
+        assert lost["state"] == "offline" and lost["eta_s"] is None, lost
+        assert "gone" in lost["error"]
+        table = run_corfs("status", m.mnt).stdout
+        assert re.search(r"^a\.raw .* offline ", table, re.M), table
         m.stop()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
 from tests.fuse.util import direct_read, image_status, live_status, wait_complete, wait_for
-from tests.mounting import CorfsMount, make_image, sha256_file
+from tests.mounting import CorfsMount, make_image, run_corfs, sha256_file
 from tests.servers import Nginx
 
 KIB = 1 << 10
@@ -80,8 +81,14 @@ def test_cache_is_served_while_the_base_is_down_and_the_stream_resumes(site: Sit
         assert direct_read(m.mnt / "part.raw", CHUNK, 4096) == data[CHUNK : CHUNK + 4096]
         assert _read_errno(m.mnt / "part.raw", missing) == errno.EIO
         status = live_status(m.mnt)
-        assert "does not answer" in image_status(status, "part.raw")["error"]
+        part = image_status(status, "part.raw")
+        assert "does not answer" in part["error"]
+        # Not "streaming": nothing can fetch its missing chunks while the base is down.
+        assert part["state"] == "offline" and part["eta_s"] is None and part["rate_bps"] == 0
         assert image_status(status, "full.raw")["error"] is None
+        assert image_status(status, "full.raw")["state"] == "complete"
+        table = run_corfs("status", m.mnt).stdout
+        assert re.search(r"^part\.raw .* offline ", table, re.M), table
         site.restart_nginx()
         wait_for(lambda: _read_errno(m.mnt / "part.raw", missing) == 0, timeout=15,
                  what="the missing chunk to read once the base is back")
@@ -93,6 +100,27 @@ def test_cache_is_served_while_the_base_is_down_and_the_stream_resumes(site: Sit
     log = m.log_text()
     assert log.count("does not answer (") == 1, log  # the mount's warning (reads log apart)
     assert log.count("answers again") == 1, log
+
+
+def test_a_base_that_goes_down_while_streaming_shows_offline_until_it_answers(
+    site: Site,
+) -> None:
+    with site.mount("--bandwidth", "256K") as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "part.raw")["local_bytes"] > 0,
+                 what="part.raw streaming")
+        site.nginx.stop()
+        part = wait_for(
+            lambda: (s := image_status(live_status(m.mnt), "part.raw"))["state"] == "offline"
+            and s,
+            timeout=30, what="part.raw offline",
+        )
+        assert part["error"] and part["eta_s"] is None
+        site.restart_nginx()
+        wait_for(lambda: image_status(live_status(m.mnt), "part.raw")["state"] == "streaming",
+                 timeout=60, what="part.raw streaming again")
+        wait_complete(m.mnt, "part.raw", timeout=60)
+        assert sha256_file(m.mnt / "part.raw") == sha256_file(site.part)
+        m.stop()
 
 
 def test_an_image_changed_while_the_base_was_down_is_stale_never_mixed(site: Site) -> None:

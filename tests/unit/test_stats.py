@@ -44,6 +44,17 @@ def test_rate_meter_forgets_old_samples() -> None:
     assert meter.rate() == pytest.approx(0.0, abs=1e-9)
 
 
+def test_rate_meter_reset_forgets_what_came_before() -> None:
+    meter = RateMeter(window=10.0)
+    for t in range(5):
+        meter.sample(float(t), t * 1000)
+    meter.reset()
+    assert meter.rate() == 0.0
+    meter.sample(6.0, 100_000)
+    meter.sample(7.0, 101_000)
+    assert meter.rate() == pytest.approx(1000.0)  # not (101_000 - 0) / 7 s
+
+
 def test_rate_meter_never_negative() -> None:
     meter = RateMeter()
     meter.sample(0.0, 1000)

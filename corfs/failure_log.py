@@ -1,0 +1,63 @@
+"""Logging a failure that repeats at every retry (a commit each second while the cache disk is
+down, a stream backing off from a dead base) without flooding the log: the first failure, then
+at most one reminder per `remind_every` seconds saying how many attempts failed since the last
+line, and one line when the operation works again.
+
+The caller retries as it likes; this only decides what reaches the log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+REMIND_EVERY = 60.0  # seconds between reminders while the failure lasts
+
+
+class FailureLog:
+    """The log lines of one repeatedly retried operation, named `what` ("committing chunk
+    state"). Not thread-safe: call it from one thread (the trio thread)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        level: int = logging.ERROR,
+        remind_every: float = REMIND_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log, self._what, self._level = logger, what, level
+        self._remind_every, self._clock = remind_every, clock
+        self._failures = 0  # attempts failed since the last success
+        self._unsaid = 0  # ... of which no log line told yet
+        self._first_at = self._said_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._failures > 0
+
+    def failed(self, error: object) -> None:
+        now = self._clock()
+        self._failures += 1
+        if self._failures == 1:
+            self._first_at = self._said_at = now
+            self._log.log(self._level, "%s failed (will retry): %s", self._what, error)
+            return
+        self._unsaid += 1
+        if now - self._said_at >= self._remind_every:
+            self._log.log(
+                self._level,
+                "%s still fails: %d more attempts failed in the last %.0f s (will retry): %s",
+                self._what, self._unsaid, now - self._said_at, error,
+            )
+            self._said_at, self._unsaid = now, 0
+
+    def succeeded(self) -> None:
+        if not self._failures:
+            return
+        self._log.info(
+            "%s works again, after %d failed attempts in %.0f s",
+            self._what, self._failures, self._clock() - self._first_at,
+        )
+        self._failures = self._unsaid = 0
