@@ -220,7 +220,7 @@ class Controller:
     ) -> None:
         qemu_path = os.path.join(self._mountpoint, image.name)
         try:
-            await hand_over(image, image.store, qemu_path, dest, via)
+            await hand_over(image, image.store, qemu_path, dest, via, base=self._base)
         except CorfsError as exc:
             self._handoff_errors[image.name] = str(exc)
             log.warning("handoff of %s to %s failed: %s", image.name, dest, exc)

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import trio
@@ -100,10 +101,13 @@ class Via:
         return VirshMonitor(self.virsh)
 
 
-def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None:
+def check_dest(
+    data_path: str, dest: str, mountpoint: str | None = None, bases: Iterable[str] = ()
+) -> None:
     """UsageError (one line, nothing changed) unless DEST can become the data file's name:
     an absolute path, not existing, beside CACHE (a hard link cannot cross file systems), not
-    inside CACHE (the store owns its names) nor in the mount (whose daemon this may be)."""
+    inside CACHE (the store owns its names), the mount (whose daemon this may be) or a local
+    BASE directory among `bases` (check_dest_outside_base)."""
     if not os.path.isabs(dest):
         raise UsageError(f"DEST {dest} must be an absolute path")
     cache_dir = os.path.dirname(os.path.dirname(data_path))
@@ -117,8 +121,9 @@ def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None
     # creates with O_TRUNC for a base image OTHER). The mount needs no such check: the
     # st_dev test below refuses it (and resolving it here could touch the mount).
     real_cache = os.path.realpath(cache_dir)
-    if (os.path.realpath(dest_dir) + os.sep).startswith(real_cache + os.sep):
+    if _within(os.path.realpath(dest_dir), real_cache):
         raise UsageError(f"DEST {dest} must not be inside {cache_dir} (it is {real_cache})")
+    check_dest_outside_base(dest, bases)
     try:
         dest_dev = os.stat(dest_dir).st_dev
     except OSError as exc:
@@ -130,24 +135,46 @@ def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None
         )
 
 
+def check_dest_outside_base(dest: str, bases: Iterable[str]) -> None:
+    """UsageError if DEST would be a new file in one of `bases` that is a local directory
+    (symlinks resolved): BASE is read-only to corfs, and the next mount would list the file as
+    a new base image. Remote bases (URLs) cannot be written here: nothing to check."""
+    real_dest_dir = os.path.realpath(os.path.dirname(os.path.abspath(dest)))
+    for base in bases:
+        if "://" in base or not os.path.isabs(base):
+            continue
+        real_base = os.path.realpath(base)
+        if _within(real_dest_dir, real_base):
+            raise UsageError(
+                f"DEST {dest} must not be inside the base directory {base}: corfs never "
+                "writes to BASE (and a file there would be served as a new image)"
+            )
+
+
+def _within(real_dir: str, real_top: str) -> bool:
+    """Whether `real_dir` is `real_top` or below it (both resolved already)."""
+    return (real_dir + os.sep).startswith(real_top.rstrip(os.sep) + os.sep)
+
+
 async def hand_over(
-    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via
+    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, *, base: str
 ) -> int:
     """Steps 1-6 of the module docstring; returns how many QEMU nodes were switched. Any
-    failure undoes what was done and raises (the image is served as before)."""
+    failure undoes what was done and raises (the image is served as before). `base`: the
+    mount's BASE, which DEST must stay out of (as must the one the image was cached from)."""
     if image.handed_over_to is not None:
         raise UsageError(f"{image.name} was handed over to {image.handed_over_to} already")
     if image.handing_over:
         raise UsageError(f"{image.name}: a live handoff of it is under way already")
     image.handing_over = True  # no forget from here on (Image.forget_chunk)
     try:
-        return await _hand_over(image, store, qemu_path, dest, via)
+        return await _hand_over(image, store, qemu_path, dest, via, (base, image.record.base))
     finally:
         image.handing_over = False
 
 
 async def _hand_over(
-    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via
+    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, bases: tuple[str, ...]
 ) -> int:
     name = image.name
     if not image.complete:
@@ -157,7 +184,7 @@ async def _hand_over(
         )
     data_path = store.data_path(name)
     # Off the trio thread: a DEST on a hung file system must not stall the mount's I/O.
-    await trio.to_thread.run_sync(check_dest, data_path, dest, os.path.dirname(qemu_path))
+    await trio.to_thread.run_sync(check_dest, data_path, dest, os.path.dirname(qemu_path), bases)
     await store.commit()
     record = HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
     await trio.to_thread.run_sync(store.begin_handoff, record)
