@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from .durable import fsync_dir
-from .errors import CorfsError, NotLocalError, UsageError
+from .errors import CorfsError, NotLocalError, QmpError, UsageError
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options
 from .store import CacheStore, HandoffRecord
@@ -90,15 +90,17 @@ class Via:
     def describe(self) -> str:
         return f"QMP socket {self.qmp}" if self.qmp else f"libvirt domain {self.virsh}"
 
-    def connect(self, timeout: float = QMP_TIMEOUT):  # a qmp_switch.Monitor
+    def connect(self, timeout: float | None = None):  # a qmp_switch.Monitor
+        """A monitor whose every command answers within `timeout` seconds or fails (QmpError);
+        None: the transport's own bound for a live switch (a reopen drains I/O first)."""
         if self.qmp is not None:
             from .qmp_switch import connect_socket
 
-            return connect_socket(self.qmp, timeout)
-        from .virsh import VirshMonitor
+            return connect_socket(self.qmp, QMP_TIMEOUT if timeout is None else timeout)
+        from .virsh import COMMAND_TIMEOUT, VirshMonitor
 
         assert self.virsh is not None  # Via holds one of the two
-        return VirshMonitor(self.virsh)
+        return VirshMonitor(self.virsh, timeout=COMMAND_TIMEOUT if timeout is None else timeout)
 
 
 def check_dest(
@@ -348,21 +350,13 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
             log.warning("handoff of %s to %s was cut short and %s does not answer (%s)",
                         handoff.name, handoff.dest, via.describe(), exc)
     if linked and (on_dest or not answered):
-        if via.virsh is not None:
-            from .virsh import repoint_persistent_disk
-
-            with contextlib.suppress(CorfsError):
-                repoint_persistent_disk(via.virsh, handoff.qemu_path, handoff.dest)
+        _settle_definition(via, handoff.qemu_path, handoff.dest)
         store.drop_image(handoff.name, handed_over=True)
         log.warning("handoff of %s to %s was cut short %s: finished it (not served here any "
                     "more)", handoff.name, handoff.dest,
                     "after QEMU switched" if on_dest else "and QEMU's state is unknown")
         return True
-    if via.virsh is not None:  # its definition may name DEST already
-        from .virsh import repoint_persistent_disk
-
-        with contextlib.suppress(CorfsError):
-            repoint_persistent_disk(via.virsh, handoff.dest, handoff.qemu_path)
+    _settle_definition(via, handoff.dest, handoff.qemu_path)  # it may name DEST already
     if linked:  # QEMU may have had the shared inode open: see the module docstring
         store.mark_dirty(handoff.name)  # first: once DEST is gone, a crash would not tell
         _unlink_our_link(store.data_path(handoff.name), handoff.dest)
@@ -370,6 +364,23 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
     log.warning("handoff of %s to %s was cut short before QEMU switched: undone, %s is "
                 "served from the cache as before", handoff.name, handoff.dest, handoff.name)
     return False
+
+
+def _settle_definition(via: Via, old_path: str, new_path: str) -> None:
+    """With --virsh, the domain's persistent definition names `new_path` where it names
+    `old_path`. A libvirt that does not answer is said in the log (a restart of the domain
+    would boot `old_path`), not fatal: the mount must come up."""
+    if via.virsh is None:
+        return
+    from .virsh import repoint_persistent_disk
+
+    try:
+        repoint_persistent_disk(via.virsh, old_path, new_path, timeout=SETTLE_TIMEOUT)
+    except QmpError as exc:
+        log.warning("domain %s: its persistent definition could not be pointed at %s: %s",
+                    via.virsh, new_path, exc)
+    except CorfsError:
+        pass  # no disk on `old_path` in it: nothing to change
 
 
 def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:

@@ -7,6 +7,7 @@ DEST, the image not served, recorded detached)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from corfs.handoff import STALL_ENV
+from corfs.control_client import CONTROL_XATTR
+from corfs.handoff import SETTLE_TIMEOUT, STALL_ENV
 from tests.fuse.util import assert_one_line_error, image_status, live_status, wait_for
 from tests.mounting import CorfsDirs, CorfsMount, corfs_command, corfs_env, make_image, run_corfs
 
@@ -135,6 +137,44 @@ def test_kill9_in_a_rollback_after_the_switch_began_keeps_the_chunks_dirty() -> 
             m.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeout(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """A --virsh handoff cut short once DEST was linked: the next mount asks the domain's
+    QEMU through `virsh` whether it runs on DEST. A libvirt that does not answer (a `virsh`
+    that sleeps: it stands in for the external command) holds the mount SETTLE_TIMEOUT per
+    question, not virsh's minute-long defaults; with no answer, DEST stays and the handoff is
+    finished (QEMU may run on it)."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=10)
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount(env={STALL_ENV: "linked"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        command = {"op": "handoff", "image": "disk.raw", "dest": str(dest), "virsh": "vm1"}
+        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())  # no virsh call yet
+        wait_for(lambda: "handoff stalled at linked" in m.log_text(), 30,
+                 "the daemon to stall at linked")
+        m.kill9()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    virsh = fake_bin / "virsh"
+    virsh.write_text("#!/bin/sh\nexec sleep 90\n")  # longer than virsh.py's own timeouts
+    virsh.chmod(0o755)
+    started = time.monotonic()
+    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"},
+                        timeout=4 * SETTLE_TIMEOUT) as m:
+        took = time.monotonic() - started
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["state"] == "detached" and status["detached_to"] == str(dest)
+        m.stop()
+    # Two questions (the QEMU's nodes, the domain's definition), each cut at SETTLE_TIMEOUT.
+    assert took < 2 * SETTLE_TIMEOUT + 10, took
+    log_text = m.log_text()
+    assert f"gave no answer within {SETTLE_TIMEOUT:g} s" in log_text
+    assert f"persistent definition could not be pointed at {dest}" in log_text
+    assert dest.exists()
 
 
 def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
