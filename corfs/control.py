@@ -22,9 +22,9 @@ import trio
 
 from .base import BaseStore
 from .control_client import STATUS_XATTR
-from .errors import ControlError, CorfsError, ForgetRefused, UsageError
+from .errors import ControlError, CorfsError, ForgetRefused, HandoffUnderWay
 from .geometry import ChunkGeometry
-from .handoff import Via, hand_over
+from .handoff import Via, claim_for_handoff, hand_over
 from .image import Image
 from .refetch import why_base_cannot_supply
 from .stats import (
@@ -200,11 +200,14 @@ class Controller:
         follows it in the status (`handing_over`, then `detached` or `handoff_error`)."""
         name = image.name
         try:
-            image.check_served()  # handed over already: refused now, not in the background
-            if name in self._handing_over:
-                raise UsageError(f"{name}: a live handoff of it is under way already")
             via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
             dest = str(command["dest"])
+            if name in self._handing_over:  # its end is still being tidied up (`after`)
+                raise HandoffUnderWay(f"{name}: a live handoff of it is under way already")
+            # Now, not in the background task: nothing may come between (a forget...).
+            claim_for_handoff(image)
+        except HandoffUnderWay:
+            raise  # the handoff under way keeps its own status
         except CorfsError as exc:
             self._handoff_errors[name] = str(exc)  # fuse_ops logs it
             raise

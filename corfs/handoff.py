@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from .durable import fsync_dir
-from .errors import CorfsError, NotLocalError, QmpError, UsageError
+from .errors import CorfsError, HandoffUnderWay, NotLocalError, QmpError, UsageError
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options
 from .store import CacheStore, HandoffRecord
@@ -158,18 +158,27 @@ def _within(real_dir: str, real_top: str) -> bool:
     return (real_dir + os.sep).startswith(real_top.rstrip(os.sep) + os.sep)
 
 
+def claim_for_handoff(image: Image) -> None:
+    """Make `image` a handoff's, with no await in between: control.py calls this as it
+    accepts the request, before the handoff runs in the background, so that a forget
+    (Image.forget_chunk) or a second handoff arriving meanwhile is refused (HandoffUnderWay,
+    EBUSY) and never races the first steps. `hand_over` takes the claim over and ends it."""
+    image.check_served()  # handed over already (ImageHandedOver)
+    if image.handing_over:
+        raise HandoffUnderWay(f"{image.name}: a live handoff of it is under way already")
+    image.handing_over = True
+
+
 async def hand_over(
     image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, *, base: str
 ) -> int:
-    """Steps 1-6 of the module docstring; returns how many QEMU nodes were switched. Any
-    failure undoes what was done and raises (the image is served as before). `base`: the
-    mount's BASE, which DEST must stay out of (as must the one the image was cached from)."""
-    if image.handed_over_to is not None:
-        raise UsageError(f"{image.name} was handed over to {image.handed_over_to} already")
-    if image.handing_over:
-        raise UsageError(f"{image.name}: a live handoff of it is under way already")
-    image.handing_over = True  # no forget from here on (Image.forget_chunk)
+    """Steps 1-6 of the module docstring for an image claimed by `claim_for_handoff`; returns
+    how many QEMU nodes were switched. Any failure undoes what was done and raises (the image
+    is served as before). `base`: the mount's BASE, which DEST must stay out of (as must the
+    one the image was cached from). The claim ends with it, whatever happens."""
+    assert image.handing_over, "claim_for_handoff first"
     try:
+        await _stall_for_tests("accepted")
         return await _hand_over(image, store, qemu_path, dest, via, (base, image.record.base))
     finally:
         image.handing_over = False

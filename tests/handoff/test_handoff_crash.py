@@ -7,6 +7,7 @@ DEST, the image not served, recorded detached)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -175,6 +176,37 @@ def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeou
     assert f"gave no answer within {SETTLE_TIMEOUT:g} s" in log_text
     assert f"persistent definition could not be pointed at {dest}" in log_text
     assert dest.exists()
+
+
+def test_a_handoff_claims_its_image_when_it_is_accepted(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """The daemon answers a handoff's setxattr at once and runs it in the background: from
+    that answer on, the image is the handoff's. A forget (a scrub's) or a second handoff
+    coming before the background task begins is refused with EBUSY; a forget let in there
+    would make the image incomplete under the handoff (or a refill race its link)."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=11)
+    with tmp_dirs.mount(env={STALL_ENV: "accepted"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        command = {"op": "handoff", "image": "disk.raw", "dest": str(tmp_path / "vm.raw"),
+                   "qmp": str(tmp_path / "qmp.sock")}
+        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())
+        wait_for(lambda: "handoff stalled at accepted" in m.log_text(), 30,
+                 "the background task to stall before its first step")
+        for other in ({"op": "forget", "image": "disk.raw", "chunks": [0]},
+                      dict(command, dest=str(tmp_path / "other.raw"))):
+            with pytest.raises(OSError) as refused:
+                os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(other).encode())
+            assert refused.value.errno == errno.EBUSY, other["op"]
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["fill_ratio"] == 1.0 and status["handing_over"] is True
+        m.stop()  # the handoff, cancelled before its first step, leaves nothing to settle
+    assert "was cut short" not in m.log_text()
+    with tmp_dirs.mount() as m:
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        m.stop()
+    assert "was cut short" not in m.log_text()
 
 
 def test_the_mount_and_its_control_do_not_wait_for_a_handoff(
