@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -232,7 +233,9 @@ class Controller:
             log.exception("handoff of %s to %s", image.name, dest)
         finally:
             try:
-                if after is not None:  # before the CLI, which waits for the end, is told
+                # Before the CLI, which waits for the end, is told; not once the mount is
+                # being unmounted (its cancel): the kernel's caches of it go with it.
+                if after is not None and trio.current_effective_deadline() != -math.inf:
                     await after()
             finally:
                 self._handing_over.discard(image.name)

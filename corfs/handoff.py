@@ -27,16 +27,20 @@ linked or the QEMU answers with no node on DEST; otherwise, QEMU on DEST or not 
 finished (the new state): DEST is never unlinked under a QEMU that may run on it. A failure
 while the daemon lives follows the same rule: a rollback that cannot get QEMU off DEST
 finishes the handoff instead, and one that did marks the chunks dirty and drops the
-kernel's cached pages (QEMU may have written to the inode meanwhile)."""
+kernel's cached pages (QEMU may have written to the inode meanwhile). An unmount during a
+handoff (the mount's nursery cancelled) settles it rather than cut it short: once QEMU runs on
+DEST the handoff is recorded, before that it is undone, either step shielded for a bounded
+time (`_unless_unmounting_stops_it`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import trio
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 # serves one client per QMP socket: while another holds it, connecting waits this long too.
 QMP_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 10.0  # asking a QEMU at mount whether a handoff cut short had switched it
+FINISH_TIMEOUT = 15.0  # for a handoff's last step while the mount is being unmounted
 # The crash tests (tests/handoff) kill -9 the daemon between two steps: set to a step's name,
 # the daemon logs "handoff stalled at STEP" there and waits forever.
 STALL_ENV = "CORFS_TEST_HANDOFF_STALL_AT"
@@ -208,7 +213,6 @@ async def _hand_over(
             switched = await trio.to_thread.run_sync(
                 _switch_qemu, via, qemu_path, dest, store.data_fd(name), attempt
             )
-            await _stall_for_tests("switched")
         except _StillOnDest as still:
             log.error("%s: finishing the handoff to %s instead", still, dest)
             switched = -1
@@ -225,13 +229,36 @@ async def _hand_over(
             await _stall_for_tests("unlinked")
             raise
     except BaseException:
-        await trio.to_thread.run_sync(store.end_handoff, name)
+        with _unless_unmounting_stops_it(f"undoing the handoff of {name}"):
+            await trio.to_thread.run_sync(store.end_handoff, name)
         raise
-    image.handed_over_to = dest  # not served from here on, even if the commit below fails
-    await store.drop_handed_over(name)  # the commit point
-    log.info("handed %s over to %s: QEMU now uses %s (%s)", name, via.describe(), dest,
-             f"{switched} node(s)" if switched >= 0 else "after a failed rollback")
+    # QEMU runs on DEST: from here the handoff is finished, whatever comes (an unmount too).
+    try:
+        await _stall_for_tests("switched")  # where the tests kill -9 the daemon or unmount
+    finally:
+        image.handed_over_to = dest  # not served from here on, even if the commit fails
+        with _unless_unmounting_stops_it(f"recording the handoff of {name} to {dest}"):
+            await store.drop_handed_over(name)  # the commit point
+            log.info("handed %s over to %s: QEMU now uses %s (%s)", name, via.describe(), dest,
+                     f"{switched} node(s)" if switched >= 0 else "after a failed rollback")
     return switched
+
+
+@contextlib.contextmanager
+def _unless_unmounting_stops_it(what: str) -> Iterator[None]:
+    """Run the last step of a handoff to its end even when the mount is being unmounted (its
+    nursery cancelled), so that the unmount leaves the handoff settled, not cut short: the
+    step is shielded, for FINISH_TIMEOUT at most (a commit in a worker thread may hold the
+    store's lock). Past that it is given up, logged: the journal row is left for the next
+    mount to settle."""
+    if trio.current_effective_deadline() == -math.inf:  # the mount's cancel has come
+        log.warning("the mount is being unmounted: %s first", what)
+    with trio.CancelScope(shield=True) as shield:
+        shield.deadline = trio.current_time() + FINISH_TIMEOUT
+        yield
+    if shield.cancelled_caught:
+        log.error("%s took over %g s: given up, the next mount settles it from the journal",
+                  what, FINISH_TIMEOUT)
 
 
 @dataclass
