@@ -2,7 +2,9 @@
 state or the new one, never both or neither. The daemon is stopped at a step (handoff.STALL_ENV)
 and killed there; the next mount settles the handoff before serving: before QEMU switched, the
 old state (DEST gone, the image served, QEMU still on MNT/IMAGE); after, the new one (QEMU on
-DEST, the image not served, recorded detached)."""
+DEST, the image not served, recorded detached). Also: an unmount mid-handoff settles it itself,
+the handoff owns its image from the moment it is accepted, and a libvirt that does not answer
+holds the settling mount no longer than SETTLE_TIMEOUT per question."""
 
 from __future__ import annotations
 
