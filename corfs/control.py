@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -22,9 +23,9 @@ import trio
 
 from .base import BaseStore
 from .control_client import STATUS_XATTR
-from .errors import ControlError, CorfsError, ForgetRefused, UsageError
+from .errors import ControlError, CorfsError, ForgetRefused, HandoffUnderWay
 from .geometry import ChunkGeometry
-from .handoff import Via, hand_over
+from .handoff import Via, claim_for_handoff, hand_over
 from .image import Image
 from .refetch import why_base_cannot_supply
 from .stats import (
@@ -200,11 +201,14 @@ class Controller:
         follows it in the status (`handing_over`, then `detached` or `handoff_error`)."""
         name = image.name
         try:
-            image.check_served()  # handed over already: refused now, not in the background
-            if name in self._handing_over:
-                raise UsageError(f"{name}: a live handoff of it is under way already")
             via = Via(qmp=command.get("qmp"), virsh=command.get("virsh"))
             dest = str(command["dest"])
+            if name in self._handing_over:  # its end is still being tidied up (`after`)
+                raise HandoffUnderWay(f"{name}: a live handoff of it is under way already")
+            # Now, not in the background task: nothing may come between (a forget...).
+            claim_for_handoff(image)
+        except HandoffUnderWay:
+            raise  # the handoff under way keeps its own status
         except CorfsError as exc:
             self._handoff_errors[name] = str(exc)  # fuse_ops logs it
             raise
@@ -220,7 +224,7 @@ class Controller:
     ) -> None:
         qemu_path = os.path.join(self._mountpoint, image.name)
         try:
-            await hand_over(image, image.store, qemu_path, dest, via)
+            await hand_over(image, image.store, qemu_path, dest, via, base=self._base)
         except CorfsError as exc:
             self._handoff_errors[image.name] = str(exc)
             log.warning("handoff of %s to %s failed: %s", image.name, dest, exc)
@@ -229,7 +233,9 @@ class Controller:
             log.exception("handoff of %s to %s", image.name, dest)
         finally:
             try:
-                if after is not None:  # before the CLI, which waits for the end, is told
+                # Before the CLI, which waits for the end, is told; not once the mount is
+                # being unmounted (its cancel): the kernel's caches of it go with it.
+                if after is not None and trio.current_effective_deadline() != -math.inf:
                     await after()
             finally:
                 self._handing_over.discard(image.name)

@@ -36,6 +36,9 @@ from .store import CacheStore, ChunkState
 STATUS_XATTR = "user.corfs.status"
 CONTROL_XATTR = "user.corfs.control"
 HANDOFF_POLL_S = 0.1
+# How long a CLI whose mount is unmounted during a handoff waits for the daemon to settle it
+# and let go of CACHE: above handoff.FINISH_TIMEOUT, the daemon's bound for that.
+UNMOUNT_WAIT_S = 30.0
 
 
 def read_status(mountpoint: str) -> dict:
@@ -112,9 +115,18 @@ def send_command(mountpoint: str, command: dict) -> None:
 def _wait_handoff(mountpoint: str, name: str, dest: str) -> None:
     """Until the handoff the daemon accepted is over (it runs in the background there, see
     control.py); HandoffFailed with the daemon's reason if it was rolled back, or if the image
-    went to another DEST (a handoff raced by another)."""
+    went to another DEST (a handoff raced by another). If the mount ends meanwhile (unmounted:
+    the daemon settles the handoff before it lets go of CACHE), its outcome is read there."""
+    cache = read_status(mountpoint)["cache"]
     while True:
-        image = next((i for i in read_status(mountpoint)["images"] if i["name"] == name), None)
+        try:
+            images = read_status(mountpoint)["images"]
+        except CorfsError:
+            if not _wait_released(cache):
+                raise
+            _handoff_outcome_in_cache(mountpoint, cache, name, dest)
+            return
+        image = next((i for i in images if i["name"] == name), None)
         if image is None:
             raise ControlError(f"{mountpoint} has no image {name!r}")
         if not image.get("handing_over"):
@@ -125,6 +137,33 @@ def _wait_handoff(mountpoint: str, name: str, dest: str) -> None:
             raise HandoffFailed(image.get("handoff_error") or "the handoff failed (see the "
                                 "mount's log)")
         time.sleep(HANDOFF_POLL_S)
+
+
+def _wait_released(cache_dir: str) -> bool:
+    """Whether CACHE's mount ends (its lock freed) within UNMOUNT_WAIT_S."""
+    deadline = time.monotonic() + UNMOUNT_WAIT_S
+    while CacheStore.is_locked(cache_dir):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(HANDOFF_POLL_S)
+    return True
+
+
+def _handoff_outcome_in_cache(mountpoint: str, cache_dir: str, name: str, dest: str) -> None:
+    """After the mount ended during a handoff: return if the cache records it done to DEST,
+    else HandoffFailed saying what became of it."""
+    store = CacheStore.open(cache_dir, lock=False, create=False)
+    try:
+        handoff = next((h for h in store.handoffs() if h.name == name), None)
+    finally:
+        store.close()
+    ended = f"{mountpoint} was unmounted during the handoff of {name}"
+    if handoff is None:
+        raise HandoffFailed(f"{ended}: it was undone, {name} stays in the cache {cache_dir}")
+    if not handoff.done:
+        raise HandoffFailed(f"{ended}: it was cut short; mount {cache_dir} once to settle it")
+    if handoff.dest != dest:
+        raise HandoffFailed(f"{name} was handed over to {handoff.dest}")
 
 
 def _not_a_mount(path: str, exc: OSError) -> CorfsError:

@@ -17,7 +17,7 @@ from .cache_layout import STATE_DB, is_cache_dir, private_open
 from .digest import chunk_digest
 from .errors import CacheError, CacheLocked, NotLocalError, UsageError
 from .fileio import pread_full
-from .handoff import unsettled
+from .handoff import check_dest_outside_base, unsettled
 from .store import CacheStore, ChunkState, ImageRecord
 
 TMP_SUFFIX = ".corfs-tmp"
@@ -44,6 +44,7 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
             raise UsageError(f"{cache_dir} has no image {name!r}")
         if why := unsettled(store, name):
             raise UsageError(why)
+        check_dest_outside_base(dest, {r.base for r in store.records()})
         states, _ = store.load_states(record)
         missing = states.count(bytes([ChunkState.ABSENT]))
         if missing:

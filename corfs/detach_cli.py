@@ -47,9 +47,10 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
                 "handed over (add --wait to wait for the stream)"
             )
         _wait_complete(mountpoint, image, timeout)
-    cache = control_client.read_status(mountpoint)["cache"]
+    mount = control_client.read_status(mountpoint)
     dest = os.path.abspath(dest)
-    check_dest(data_path_in(cache, image), dest, mountpoint)
+    bases = [mount["base"]] if mount["base"] else []
+    check_dest(data_path_in(mount["cache"], image), dest, mountpoint, bases)
     control_client.send_command(
         mountpoint,
         {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh},

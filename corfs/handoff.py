@@ -27,21 +27,26 @@ linked or the QEMU answers with no node on DEST; otherwise, QEMU on DEST or not 
 finished (the new state): DEST is never unlinked under a QEMU that may run on it. A failure
 while the daemon lives follows the same rule: a rollback that cannot get QEMU off DEST
 finishes the handoff instead, and one that did marks the chunks dirty and drops the
-kernel's cached pages (QEMU may have written to the inode meanwhile)."""
+kernel's cached pages (QEMU may have written to the inode meanwhile). An unmount during a
+handoff (the mount's nursery cancelled) settles it rather than cut it short: once QEMU runs on
+DEST the handoff is recorded, before that it is undone, either step shielded for a bounded
+time (`_unless_unmounting_stops_it`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import trio
 
 from .durable import fsync_dir
-from .errors import CorfsError, NotLocalError, UsageError
+from .errors import CorfsError, HandoffUnderWay, NotLocalError, QmpError, UsageError
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options
 from .store import CacheStore, HandoffRecord
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 # serves one client per QMP socket: while another holds it, connecting waits this long too.
 QMP_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 10.0  # asking a QEMU at mount whether a handoff cut short had switched it
+FINISH_TIMEOUT = 15.0  # for a handoff's last step while the mount is being unmounted
 # The crash tests (tests/handoff) kill -9 the daemon between two steps: set to a step's name,
 # the daemon logs "handoff stalled at STEP" there and waits forever.
 STALL_ENV = "CORFS_TEST_HANDOFF_STALL_AT"
@@ -89,21 +95,26 @@ class Via:
     def describe(self) -> str:
         return f"QMP socket {self.qmp}" if self.qmp else f"libvirt domain {self.virsh}"
 
-    def connect(self, timeout: float = QMP_TIMEOUT):  # a qmp_switch.Monitor
+    def connect(self, timeout: float | None = None):  # a qmp_switch.Monitor
+        """A monitor whose every command answers within `timeout` seconds or fails (QmpError);
+        None: the transport's own bound for a live switch (a reopen drains I/O first)."""
         if self.qmp is not None:
             from .qmp_switch import connect_socket
 
-            return connect_socket(self.qmp, timeout)
-        from .virsh import VirshMonitor
+            return connect_socket(self.qmp, QMP_TIMEOUT if timeout is None else timeout)
+        from .virsh import COMMAND_TIMEOUT, VirshMonitor
 
         assert self.virsh is not None  # Via holds one of the two
-        return VirshMonitor(self.virsh)
+        return VirshMonitor(self.virsh, timeout=COMMAND_TIMEOUT if timeout is None else timeout)
 
 
-def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None:
+def check_dest(
+    data_path: str, dest: str, mountpoint: str | None = None, bases: Iterable[str] = ()
+) -> None:
     """UsageError (one line, nothing changed) unless DEST can become the data file's name:
     an absolute path, not existing, beside CACHE (a hard link cannot cross file systems), not
-    inside CACHE (the store owns its names) nor in the mount (whose daemon this may be)."""
+    inside CACHE (the store owns its names), the mount (whose daemon this may be) or a local
+    BASE directory among `bases` (check_dest_outside_base)."""
     if not os.path.isabs(dest):
         raise UsageError(f"DEST {dest} must be an absolute path")
     cache_dir = os.path.dirname(os.path.dirname(data_path))
@@ -117,8 +128,9 @@ def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None
     # creates with O_TRUNC for a base image OTHER). The mount needs no such check: the
     # st_dev test below refuses it (and resolving it here could touch the mount).
     real_cache = os.path.realpath(cache_dir)
-    if (os.path.realpath(dest_dir) + os.sep).startswith(real_cache + os.sep):
+    if _within(os.path.realpath(dest_dir), real_cache):
         raise UsageError(f"DEST {dest} must not be inside {cache_dir} (it is {real_cache})")
+    check_dest_outside_base(dest, bases)
     try:
         dest_dev = os.stat(dest_dir).st_dev
     except OSError as exc:
@@ -130,24 +142,55 @@ def check_dest(data_path: str, dest: str, mountpoint: str | None = None) -> None
         )
 
 
-async def hand_over(
-    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via
-) -> int:
-    """Steps 1-6 of the module docstring; returns how many QEMU nodes were switched. Any
-    failure undoes what was done and raises (the image is served as before)."""
-    if image.handed_over_to is not None:
-        raise UsageError(f"{image.name} was handed over to {image.handed_over_to} already")
+def check_dest_outside_base(dest: str, bases: Iterable[str]) -> None:
+    """UsageError if DEST would be a new file in one of `bases` that is a local directory
+    (symlinks resolved): BASE is read-only to corfs, and the next mount would list the file as
+    a new base image. Remote bases (URLs) cannot be written here: nothing to check."""
+    real_dest_dir = os.path.realpath(os.path.dirname(os.path.abspath(dest)))
+    for base in bases:
+        if "://" in base or not os.path.isabs(base):
+            continue
+        real_base = os.path.realpath(base)
+        if _within(real_dest_dir, real_base):
+            raise UsageError(
+                f"DEST {dest} must not be inside the base directory {base}: corfs never "
+                "writes to BASE (and a file there would be served as a new image)"
+            )
+
+
+def _within(real_dir: str, real_top: str) -> bool:
+    """Whether `real_dir` is `real_top` or below it (both resolved already)."""
+    return (real_dir + os.sep).startswith(real_top.rstrip(os.sep) + os.sep)
+
+
+def claim_for_handoff(image: Image) -> None:
+    """Make `image` a handoff's, with no await in between: control.py calls this as it
+    accepts the request, before the handoff runs in the background, so that a forget
+    (Image.forget_chunk) or a second handoff arriving meanwhile is refused (HandoffUnderWay,
+    EBUSY) and never races the first steps. `hand_over` takes the claim over and ends it."""
+    image.check_served()  # handed over already (ImageHandedOver)
     if image.handing_over:
-        raise UsageError(f"{image.name}: a live handoff of it is under way already")
-    image.handing_over = True  # no forget from here on (Image.forget_chunk)
+        raise HandoffUnderWay(f"{image.name}: a live handoff of it is under way already")
+    image.handing_over = True
+
+
+async def hand_over(
+    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, *, base: str
+) -> int:
+    """Steps 1-6 of the module docstring for an image claimed by `claim_for_handoff`; returns
+    how many QEMU nodes were switched. Any failure undoes what was done and raises (the image
+    is served as before). `base`: the mount's BASE, which DEST must stay out of (as must the
+    one the image was cached from). The claim ends with it, whatever happens."""
+    assert image.handing_over, "claim_for_handoff first"
     try:
-        return await _hand_over(image, store, qemu_path, dest, via)
+        await _stall_for_tests("accepted")
+        return await _hand_over(image, store, qemu_path, dest, via, (base, image.record.base))
     finally:
         image.handing_over = False
 
 
 async def _hand_over(
-    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via
+    image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, bases: tuple[str, ...]
 ) -> int:
     name = image.name
     if not image.complete:
@@ -157,7 +200,7 @@ async def _hand_over(
         )
     data_path = store.data_path(name)
     # Off the trio thread: a DEST on a hung file system must not stall the mount's I/O.
-    await trio.to_thread.run_sync(check_dest, data_path, dest, os.path.dirname(qemu_path))
+    await trio.to_thread.run_sync(check_dest, data_path, dest, os.path.dirname(qemu_path), bases)
     await store.commit()
     record = HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
     await trio.to_thread.run_sync(store.begin_handoff, record)
@@ -170,7 +213,6 @@ async def _hand_over(
             switched = await trio.to_thread.run_sync(
                 _switch_qemu, via, qemu_path, dest, store.data_fd(name), attempt
             )
-            await _stall_for_tests("switched")
         except _StillOnDest as still:
             log.error("%s: finishing the handoff to %s instead", still, dest)
             switched = -1
@@ -187,13 +229,36 @@ async def _hand_over(
             await _stall_for_tests("unlinked")
             raise
     except BaseException:
-        await trio.to_thread.run_sync(store.end_handoff, name)
+        with _unless_unmounting_stops_it(f"undoing the handoff of {name}"):
+            await trio.to_thread.run_sync(store.end_handoff, name)
         raise
-    image.handed_over_to = dest  # not served from here on, even if the commit below fails
-    await store.drop_handed_over(name)  # the commit point
-    log.info("handed %s over to %s: QEMU now uses %s (%s)", name, via.describe(), dest,
-             f"{switched} node(s)" if switched >= 0 else "after a failed rollback")
+    # QEMU runs on DEST: from here the handoff is finished, whatever comes (an unmount too).
+    try:
+        await _stall_for_tests("switched")  # where the tests kill -9 the daemon or unmount
+    finally:
+        image.handed_over_to = dest  # not served from here on, even if the commit fails
+        with _unless_unmounting_stops_it(f"recording the handoff of {name} to {dest}"):
+            await store.drop_handed_over(name)  # the commit point
+            log.info("handed %s over to %s: QEMU now uses %s (%s)", name, via.describe(), dest,
+                     f"{switched} node(s)" if switched >= 0 else "after a failed rollback")
     return switched
+
+
+@contextlib.contextmanager
+def _unless_unmounting_stops_it(what: str) -> Iterator[None]:
+    """Run the last step of a handoff to its end even when the mount is being unmounted (its
+    nursery cancelled), so that the unmount leaves the handoff settled, not cut short: the
+    step is shielded, for FINISH_TIMEOUT at most (a commit in a worker thread may hold the
+    store's lock). Past that it is given up, logged: the journal row is left for the next
+    mount to settle."""
+    if trio.current_effective_deadline() == -math.inf:  # the mount's cancel has come
+        log.warning("the mount is being unmounted: %s first", what)
+    with trio.CancelScope(shield=True) as shield:
+        shield.deadline = trio.current_time() + FINISH_TIMEOUT
+        yield
+    if shield.cancelled_caught:
+        log.error("%s took over %g s: given up, the next mount settles it from the journal",
+                  what, FINISH_TIMEOUT)
 
 
 @dataclass
@@ -321,21 +386,13 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
             log.warning("handoff of %s to %s was cut short and %s does not answer (%s)",
                         handoff.name, handoff.dest, via.describe(), exc)
     if linked and (on_dest or not answered):
-        if via.virsh is not None:
-            from .virsh import repoint_persistent_disk
-
-            with contextlib.suppress(CorfsError):
-                repoint_persistent_disk(via.virsh, handoff.qemu_path, handoff.dest)
+        _settle_definition(via, handoff.qemu_path, handoff.dest)
         store.drop_image(handoff.name, handed_over=True)
         log.warning("handoff of %s to %s was cut short %s: finished it (not served here any "
                     "more)", handoff.name, handoff.dest,
                     "after QEMU switched" if on_dest else "and QEMU's state is unknown")
         return True
-    if via.virsh is not None:  # its definition may name DEST already
-        from .virsh import repoint_persistent_disk
-
-        with contextlib.suppress(CorfsError):
-            repoint_persistent_disk(via.virsh, handoff.dest, handoff.qemu_path)
+    _settle_definition(via, handoff.dest, handoff.qemu_path)  # it may name DEST already
     if linked:  # QEMU may have had the shared inode open: see the module docstring
         store.mark_dirty(handoff.name)  # first: once DEST is gone, a crash would not tell
         _unlink_our_link(store.data_path(handoff.name), handoff.dest)
@@ -343,6 +400,23 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
     log.warning("handoff of %s to %s was cut short before QEMU switched: undone, %s is "
                 "served from the cache as before", handoff.name, handoff.dest, handoff.name)
     return False
+
+
+def _settle_definition(via: Via, old_path: str, new_path: str) -> None:
+    """With --virsh, the domain's persistent definition names `new_path` where it names
+    `old_path`. A libvirt that does not answer is said in the log (a restart of the domain
+    would boot `old_path`), not fatal: the mount must come up."""
+    if via.virsh is None:
+        return
+    from .virsh import repoint_persistent_disk
+
+    try:
+        repoint_persistent_disk(via.virsh, old_path, new_path, timeout=SETTLE_TIMEOUT)
+    except QmpError as exc:
+        log.warning("domain %s: its persistent definition could not be pointed at %s: %s",
+                    via.virsh, new_path, exc)
+    except CorfsError:
+        pass  # no disk on `old_path` in it: nothing to change
 
 
 def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:

@@ -73,18 +73,20 @@ def _run_virsh(
     return _Outcome(done.returncode == 0, done.stdout, "; ".join(line for line in lines if line))
 
 
-def _check_reachable(uri: str) -> None:
-    outcome = _run_virsh(uri, ["uri"], timeout=QUERY_TIMEOUT)
+def _check_reachable(uri: str, timeout: float) -> None:
+    outcome = _run_virsh(uri, ["uri"], timeout=timeout)
     if not outcome.ok:
         raise QmpError(f"cannot reach libvirt at {uri} (is libvirtd running?): {outcome.error}")
 
 
-def domain_exists(domain: str, *, uri: str = LIBVIRT_URI) -> bool:
+def domain_exists(
+    domain: str, *, uri: str = LIBVIRT_URI, timeout: float = QUERY_TIMEOUT
+) -> bool:
     """Whether libvirt at `uri` knows `domain` (name, id or UUID); QmpError if libvirt cannot
     be reached, so that "no" always means no."""
-    if _run_virsh(uri, ["domuuid", "--domain", domain], timeout=QUERY_TIMEOUT).ok:
+    if _run_virsh(uri, ["domuuid", "--domain", domain], timeout=timeout).ok:
         return True
-    _check_reachable(uri)
+    _check_reachable(uri, timeout)
     return False
 
 
@@ -98,11 +100,12 @@ def _domain_call(
     pass_fds: Sequence[int] = (),
 ) -> str:
     """stdout of a virsh command about `domain`; a failure becomes the one error that says
-    why: libvirt down, no such domain, or what virsh said."""
+    why: libvirt down, no such domain, or what virsh said. Each virsh run (the classifying
+    ones too) gets at most `timeout` seconds."""
     outcome = _run_virsh(uri, args, timeout=timeout, stdin=stdin, pass_fds=pass_fds)
     if outcome.ok:
         return outcome.stdout
-    if not domain_exists(domain, uri=uri):
+    if not domain_exists(domain, uri=uri, timeout=min(timeout, QUERY_TIMEOUT)):
         raise UsageError(f"libvirt at {uri} has no domain {domain!r} (see: virsh list --all)")
     raise QmpError(f"virsh {args[0]} {domain}: {outcome.error}")
 
@@ -157,8 +160,8 @@ class VirshMonitor:
         return reply["return"]
 
 
-def _is_persistent(domain: str, uri: str) -> bool:
-    info = _domain_call(domain, uri, ["dominfo", "--domain", domain], timeout=QUERY_TIMEOUT)
+def _is_persistent(domain: str, uri: str, timeout: float = QUERY_TIMEOUT) -> bool:
+    info = _domain_call(domain, uri, ["dominfo", "--domain", domain], timeout=timeout)
     for line in info.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "Persistent":
@@ -166,14 +169,14 @@ def _is_persistent(domain: str, uri: str) -> bool:
     raise QmpError(f"virsh dominfo {domain} does not say whether it is persistent")
 
 
-def _persistent_xml(domain: str, uri: str) -> str:
+def _persistent_xml(domain: str, uri: str, timeout: float = QUERY_TIMEOUT) -> str:
     # --security-info: without it libvirt leaves out secrets (a VNC password...), and the
     # redefinition would drop them from the domain for good.
     return _domain_call(
         domain,
         uri,
         ["dumpxml", "--inactive", "--security-info", "--domain", domain],
-        timeout=QUERY_TIMEOUT,
+        timeout=timeout,
     )
 
 
@@ -215,21 +218,26 @@ def repoint_disk_sources(domain_xml: str, old_path: str, new_path: str) -> tuple
 
 
 def repoint_persistent_disk(
-    domain: str, old_path: str, new_path: str, *, uri: str = LIBVIRT_URI
+    domain: str,
+    old_path: str,
+    new_path: str,
+    *,
+    uri: str = LIBVIRT_URI,
+    timeout: float = QUERY_TIMEOUT,
 ) -> None:
     """Make the domain's persistent definition name `new_path` wherever a disk (or a disk's
     backing store) names `old_path`, so its next start boots `new_path`. The running domain
     keeps its live definition. A transient domain has nothing to repoint: logged, skipped.
-    UsageError if the persistent definition has no disk on `old_path`."""
-    if not _is_persistent(domain, uri):
+    UsageError if the persistent definition has no disk on `old_path`. Each virsh run gets
+    at most `timeout` seconds (QmpError after)."""
+    if not _is_persistent(domain, uri, timeout):
         log.info("domain %s is transient: no persistent definition to repoint", domain)
         return
-    new_xml, changed = repoint_disk_sources(_persistent_xml(domain, uri), old_path, new_path)
+    xml = _persistent_xml(domain, uri, timeout)
+    new_xml, changed = repoint_disk_sources(xml, old_path, new_path)
     if not changed:
         raise UsageError(f"the persistent definition of domain {domain} has no disk on {old_path}")
-    _domain_call(
-        domain, uri, ["define", "--file", "/dev/stdin"], timeout=QUERY_TIMEOUT, stdin=new_xml
-    )
+    _domain_call(domain, uri, ["define", "--file", "/dev/stdin"], timeout=timeout, stdin=new_xml)
     log.info(
         "domain %s: persistent definition now boots %s (%d disk source(s) were %s)",
         domain,

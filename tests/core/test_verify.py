@@ -128,7 +128,7 @@ def test_forget_chunk_only_forgets_clean_chunks_and_a_read_refetches(rig_factory
 
 def test_no_forget_during_or_after_a_live_handoff(rig_factory) -> None:
     """A forgotten chunk would be refilled into the data file QEMU owns after a handoff: refused
-    while one is under way (handoff.hand_over sets `handing_over`) and after it."""
+    while one is under way (handoff.claim_for_handoff sets `handing_over`) and after it."""
     data = random_bytes(3 * CS, seed=6)
 
     async def main() -> None:

@@ -1,7 +1,8 @@
 """Issue 2, point 7: fully local means independent. A completely streamed image is served
 after its base is deleted; `corfs detach` writes it out equal to the original and refuses an
 image that is not fully local. Issue 10, item 5: detach never follows a link planted at its
-temp name, and DEST is 0600."""
+temp name, and DEST is 0600. A DEST inside a local BASE directory is refused (BASE is
+read-only to corfs)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .util import (
     assert_one_line_error,
     direct_read,
     image_status,
+    snapshot,
     status,
     wait_complete,
     wait_for,
@@ -141,3 +143,21 @@ def test_detach_refuses_a_chunk_whose_bytes_are_not_the_ones_recorded(tmp_dirs, 
     os.truncate(data, 7 * chunk + 100)
     assert_one_line_error(run_corfs("detach", tmp_dirs.cache, "disk.raw", dest), "chunk 7")
     assert not dest.exists() and not list(tmp_path.glob("detached.raw*"))
+
+
+def test_detach_refuses_a_dest_inside_the_base_directory(tmp_dirs, tmp_path):
+    """BASE is never written to: a file detached into it would also be listed as a new base
+    image by the next mount. Refused however DEST names it (through a symlink too), with one
+    line, BASE and DEST's directory left as they were."""
+    make_image(tmp_dirs.base / "disk.raw", 2 * MIB, seed=43)
+    with tmp_dirs.mount() as m:
+        wait_complete(m.mnt, "disk.raw")
+        m.stop()
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_dirs.base)
+    (tmp_dirs.base / "sub").mkdir()
+    before = snapshot(tmp_dirs.base)
+    for dest in (tmp_dirs.base / "copy.raw", alias / "copy.raw", tmp_dirs.base / "sub" / "c.raw"):
+        result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
+        assert_one_line_error(result, "base directory")
+        assert snapshot(tmp_dirs.base) == before

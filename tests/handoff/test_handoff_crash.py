@@ -2,11 +2,15 @@
 state or the new one, never both or neither. The daemon is stopped at a step (handoff.STALL_ENV)
 and killed there; the next mount settles the handoff before serving: before QEMU switched, the
 old state (DEST gone, the image served, QEMU still on MNT/IMAGE); after, the new one (QEMU on
-DEST, the image not served, recorded detached)."""
+DEST, the image not served, recorded detached). Also: an unmount mid-handoff settles it itself,
+the handoff owns its image from the moment it is accepted, and a libvirt that does not answer
+holds the settling mount no longer than SETTLE_TIMEOUT per question."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from corfs.handoff import STALL_ENV
+from corfs.control_client import CONTROL_XATTR
+from corfs.handoff import SETTLE_TIMEOUT, STALL_ENV, unsettled
+from corfs.store import CacheStore
 from tests.fuse.util import assert_one_line_error, image_status, live_status, wait_for
 from tests.mounting import CorfsDirs, CorfsMount, corfs_command, corfs_env, make_image, run_corfs
 
@@ -135,6 +141,143 @@ def test_kill9_in_a_rollback_after_the_switch_began_keeps_the_chunks_dirty() -> 
             m.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("step", "unmount"),
+    [("linked", "SIGTERM"), ("switched", "SIGTERM"), ("switched", "fusermount3 -u")],
+)
+def test_an_unmount_during_a_handoff_settles_it(
+    tmp_dirs: CorfsDirs, tmp_path: Path, step: str, unmount: str
+) -> None:
+    """A mount unmounted while a handoff runs (held at STEP) settles it on the way out rather
+    than leave it cut short for the next mount: undone before QEMU switched; once QEMU runs
+    on DEST, finished (recorded detached; an undo there would unlink DEST under QEMU). The
+    CLI waiting for the handoff says which, the log says why."""
+    base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=12)
+    dest = tmp_path / "vm.raw"
+    image = tmp_dirs.mnt / "disk.raw"
+    with Qemu(tmp_path) as qemu:
+        with tmp_dirs.mount(env={STALL_ENV: step}) as m:
+            wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                     30, "the stream to complete")
+            qemu.qmp("blockdev-add", driver="file", filename=str(image), **{"node-name": "f0"})
+            qemu.qmp("blockdev-add", driver="raw", file="f0", **{"node-name": "d0"})
+            qemu.qemu_io("d0", "write -P 0x5c 1M 64k")
+            cli = subprocess.Popen(
+                corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
+                env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            try:
+                wait_for(lambda: f"handoff stalled at {step}" in m.log_text(), 30,
+                         f"the daemon to stall at {step}")
+                if unmount == "SIGTERM":
+                    m.stop()
+                else:  # QEMU holds nothing on the mount any more: a plain unmount works
+                    subprocess.run(["fusermount3", "-u", str(m.mnt)], check=True)
+                    assert m.proc is not None and m.proc.wait(30) == 0, m.log_tail()
+                out, err = cli.communicate(timeout=60)
+            finally:
+                cli.kill()
+                cli.wait(10)
+        log_text = m.log_text()
+        store = CacheStore.open(str(tmp_dirs.cache), lock=False, create=False)
+        try:
+            assert unsettled(store, "disk.raw") is None  # nothing left for the next mount
+        finally:
+            store.close()
+        status = image_status(json.loads(run_corfs("status", tmp_dirs.cache, "--json",
+                                                   check=True).stdout), "disk.raw")
+        if step == "switched":
+            assert "the mount is being unmounted: recording the handoff" in log_text
+            assert cli.returncode == 0 and "handed over" in out, err
+            assert status["state"] == "detached" and status["detached_to"] == str(dest)
+            assert not (tmp_dirs.cache / "data" / "disk.raw").exists()
+            assert list(qemu.file_nodes().values()) == [str(dest)]
+            qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
+            qemu.qemu_io("d0", "flush")
+            want = bytearray(base.read_bytes())
+            want[MIB : MIB + 65536] = b"\x5c" * 65536
+            want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
+            assert dest.read_bytes() == bytes(want)
+        else:
+            assert "the mount is being unmounted: undoing the handoff" in log_text
+            assert cli.returncode != 0 and len(err.strip().splitlines()) == 1, err
+            assert "unmounted during the handoff" in err and "undone" in err
+            assert status["state"] == "complete" and not dest.exists()
+        with tmp_dirs.mount() as m:
+            assert ("disk.raw" in os.listdir(m.mnt)) == (step == "linked")
+            m.stop()
+        assert "cut short" not in m.log_text()
+
+
+def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeout(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """A --virsh handoff cut short once DEST was linked: the next mount asks the domain's
+    QEMU through `virsh` whether it runs on DEST. A libvirt that does not answer (a `virsh`
+    that sleeps: it stands in for the external command) holds the mount SETTLE_TIMEOUT per
+    question, not virsh's minute-long defaults; with no answer, DEST stays and the handoff is
+    finished (QEMU may run on it)."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=10)
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount(env={STALL_ENV: "linked"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        command = {"op": "handoff", "image": "disk.raw", "dest": str(dest), "virsh": "vm1"}
+        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())  # no virsh call yet
+        wait_for(lambda: "handoff stalled at linked" in m.log_text(), 30,
+                 "the daemon to stall at linked")
+        m.kill9()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    virsh = fake_bin / "virsh"
+    virsh.write_text("#!/bin/sh\nexec sleep 90\n")  # longer than virsh.py's own timeouts
+    virsh.chmod(0o755)
+    started = time.monotonic()
+    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"},
+                        timeout=4 * SETTLE_TIMEOUT) as m:
+        took = time.monotonic() - started
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["state"] == "detached" and status["detached_to"] == str(dest)
+        m.stop()
+    # Two questions (the QEMU's nodes, the domain's definition), each cut at SETTLE_TIMEOUT.
+    assert took < 2 * SETTLE_TIMEOUT + 10, took
+    log_text = m.log_text()
+    assert f"gave no answer within {SETTLE_TIMEOUT:g} s" in log_text
+    assert f"persistent definition could not be pointed at {dest}" in log_text
+    assert dest.exists()
+
+
+def test_a_handoff_claims_its_image_when_it_is_accepted(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """The daemon answers a handoff's setxattr at once and runs it in the background: from
+    that answer on, the image is the handoff's. A forget (a scrub's) or a second handoff
+    coming before the background task begins is refused with EBUSY; a forget let in there
+    would make the image incomplete under the handoff (or a refill race its link)."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=11)
+    with tmp_dirs.mount(env={STALL_ENV: "accepted"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        command = {"op": "handoff", "image": "disk.raw", "dest": str(tmp_path / "vm.raw"),
+                   "qmp": str(tmp_path / "qmp.sock")}
+        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())
+        wait_for(lambda: "handoff stalled at accepted" in m.log_text(), 30,
+                 "the background task to stall before its first step")
+        for other in ({"op": "forget", "image": "disk.raw", "chunks": [0]},
+                      dict(command, dest=str(tmp_path / "other.raw"))):
+            with pytest.raises(OSError) as refused:
+                os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(other).encode())
+            assert refused.value.errno == errno.EBUSY, other["op"]
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["fill_ratio"] == 1.0 and status["handing_over"] is True
+        m.stop()  # the handoff, cancelled before its first step, leaves nothing to settle
+    assert "was cut short" not in m.log_text()
+    with tmp_dirs.mount() as m:
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        m.stop()
+    assert "was cut short" not in m.log_text()
 
 
 def test_the_mount_and_its_control_do_not_wait_for_a_handoff(

@@ -288,6 +288,30 @@ def test_dest_inside_cache_through_a_symlink_is_refused(
         m.stop()
 
 
+def test_dest_inside_the_base_directory_is_refused(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """BASE is read-only to corfs: a DEST in a local BASE directory (here named through a
+    symlink) would be a new file there, and a new base image at the next mount. The CLI refuses
+    it in one line, and so does the daemon when asked directly; nothing changes."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_dirs.base)
+    dest = alias / "vm.raw"
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        run_corfs("status", m.mnt, "--watch", check=True, timeout=60)
+        before = snapshot(tmp_dirs.base)
+        assert_one_line_error(detach(tmp_dirs, dest, qemu), "base directory")
+        with pytest.raises(CorfsError, match="base directory"):
+            send_command(str(m.mnt), {"op": "handoff", "image": "disk.raw", "dest": str(dest),
+                                      "qmp": qemu.socket})
+        assert snapshot(tmp_dirs.base) == before
+        assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        m.stop()
+
+
 def test_a_relative_qmp_socket_is_the_one_in_the_callers_directory(
     tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
 ) -> None:
