@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import control_client
+from .base import DEFAULT_MANIFEST_MEMORY
 from .cache_layout import PRIVATE_UMASK, TRACE_FILE
 from .config import (
     DEFAULT_CHUNK_SIZE,
@@ -101,6 +102,14 @@ def _add_mount(sub: _WithCommon) -> None:
     p.add_argument("--region", help="S3 region")
     p.add_argument("--profile", help="AWS profile for S3 credentials")
     p.add_argument("--connections", type=int, default=8, help="concurrent base requests (8)")
+    p.add_argument(
+        "--manifest-memory",
+        type=_size,
+        default=DEFAULT_MANIFEST_MEMORY,
+        metavar="SIZE",
+        help="memory for the chunk digests of published images (default 512M; ~57 bytes a "
+        "chunk): images beyond it are left out, each with a log line",
+    )
     p.add_argument(
         "--metrics",
         metavar="[HOST:]PORT",
@@ -290,6 +299,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             region=args.region,
             profile=args.profile,
             max_connections=args.connections,
+            manifest_memory=args.manifest_memory,
         ),
         write_behind=args.write_behind,
         random_range=args.random_range,

@@ -14,6 +14,11 @@ header, so listings and HEADs pass through):
     ignore_range  strip Range / If-Range / If-Match: upstream answers 200 with the whole body
     delay:S       wait S seconds, then relay normally
     close_after   relay normally, then close the connection (a keep-alive the server ended)
+    missing_is_403  relay, but a 404 becomes a 403 AccessDenied: what S3 answers for a key
+                  that is not there to a client without the ListBucket permission
+
+`match` (a predicate on the request line, e.g. 'PUT /bucket/key HTTP/1.1') picks the requests
+faults apply to instead (any method).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socketserver
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tests.loopback import start_loopback_server
@@ -60,6 +66,7 @@ class FaultProxy:
     only_ranged: bool = True
     port: int = 0
     faults: list[str] = field(default_factory=list)
+    match: Callable[[str], bool] | None = None
     requests: list[tuple[str, str]] = field(default_factory=list)  # (request line, fault)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -77,7 +84,11 @@ class FaultProxy:
         ranged = any(k.lower() == "range" for k, _ in headers)
         with self._lock:
             fault = ""
-            if self.faults and first.startswith("GET ") and (ranged or not self.only_ranged):
+            if self.match is not None:
+                eligible = self.match(first)
+            else:
+                eligible = first.startswith("GET ") and (ranged or not self.only_ranged)
+            if self.faults and eligible:
                 fault = self.faults.pop(0)
             self.requests.append((first, fault))
         return fault
@@ -154,6 +165,13 @@ class FaultProxy:
         fwd = [(k, v) for k, v in headers if k.lower() not in drop] + [("Connection", "close")]
         status, rheaders, rbody = self._upstream(_join_head(first, fwd) + body)
         rheaders = [(k, v) for k, v in rheaders if k.lower() not in ("connection", "keep-alive")]
+        if fault == "missing_is_403" and status.split()[1] == "404":
+            status, rbody = "HTTP/1.1 403 Forbidden", b"" if first.startswith("HEAD ") else (
+                b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                b"<Message>Access Denied</Message></Error>"
+            )
+            rheaders = [(k, v) for k, v in rheaders if k.lower() != "content-length"]
+            rheaders.append(("Content-Length", str(len(rbody))))
         if fault == "wrong_range":
             rheaders = [
                 (k, _shift_range(v) if k.lower() == "content-range" else v) for k, v in rheaders

@@ -133,6 +133,12 @@ class ChunkLayout:
     digests: tuple[bytes | None, ...]
 
 
+# Memory the digests of one listing's published images may take (manifest_loading.py measures
+# what each costs: 57 bytes a stored chunk). 512 MiB is ~9.4 M stored chunks: 9 TiB of
+# non-zero data at 1 MiB chunks, or 5 manifests of the largest kind (64 MiB, 1.7 M chunks).
+DEFAULT_MANIFEST_MEMORY = 512 << 20
+
+
 @dataclass(frozen=True)
 class BaseOptions:
     io_timeout: float = 60.0
@@ -142,6 +148,7 @@ class BaseOptions:
     region: str | None = None
     profile: str | None = None
     max_connections: int = 8
+    manifest_memory: int = DEFAULT_MANIFEST_MEMORY
 
 
 class BaseImage(Protocol):
@@ -212,4 +219,4 @@ async def open_base(url: str, options: BaseOptions = BaseOptions()) -> BaseStore
         store = DirBase.open(url)
     from .published import with_published_images
 
-    return await with_published_images(store)
+    return await with_published_images(store, options.manifest_memory)

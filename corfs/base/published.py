@@ -18,9 +18,11 @@ Invariants:
 - Chunk objects are content-addressed, so an image stays readable under its identity even if
   its manifest is replaced later (as long as its chunks are kept).
 - Plain raw images pass through unchanged; a published image shadows a raw one of the same
-  name. A manifest that does not parse leaves its image out with one warning; others serve.
+  name. A manifest that does not parse, or whose digests would take the listing past
+  `manifest_memory`, leaves its image out with one warning; others serve.
   Every image listed, raw or published, passes `valid_entry` (name and size), whatever store
   is wrapped.
+- Manifests are parsed and hashed off the trio thread (manifest_loading.py).
 - `index.json` (publish's listing for HTTP bases) is metadata, never an image.
 """
 
@@ -31,28 +33,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
-import xxhash
 import zstandard
 
 from ..buffers import aligned_zeros
 from ..errors import BaseCorrupt
 from ..geometry import ChunkGeometry
-from ..manifest import (
-    INDEX_KEY,
-    MAX_MANIFEST_BYTES,
-    Manifest,
-    chunk_key,
-    image_name_of,
-    parse_manifest,
-)
+from ..manifest import INDEX_KEY, Manifest, chunk_key, image_name_of
 from . import (
+    DEFAULT_MANIFEST_MEMORY,
     BaseImage,
     BaseStore,
     ChunkLayout,
     one_error_per_listing,
-    skip_bad_entry,
     valid_entry,
 )
+from .manifest_loading import ManifestBudget, ParsedManifest, load_in_order
 
 log = logging.getLogger(__name__)
 
@@ -149,39 +144,53 @@ class PublishedImage:
 
 
 class PublishedStore:
-    """A BaseStore whose listing shows published images in place of their manifests."""
+    """A BaseStore whose listing shows published images in place of their manifests; the
+    manifests are loaded by manifest_loading.py (off the trio thread, under `manifest_memory`
+    bytes of digests)."""
 
-    def __init__(self, store: BaseStore) -> None:
+    def __init__(self, store: BaseStore, manifest_memory: int = DEFAULT_MANIFEST_MEMORY) -> None:
         self.inner = store
         self.description = store.description
-        # manifest name -> (identity of the manifest object, image built from it)
-        self._cache: dict[str, tuple[str, PublishedImage]] = {}
+        self.manifest_memory = manifest_memory
+        self._parse_limiter = trio.CapacityLimiter(1)
+        # manifest name -> (identity of the manifest object, image built from it, bytes held)
+        self._cache: dict[str, tuple[str, PublishedImage, int]] = {}
 
-    async def _load(self, entry: BaseImage, name: str, out: dict[str, PublishedImage]) -> None:
-        cached = self._cache.get(entry.name)
-        if cached is not None and cached[0] == entry.identity:
-            out[name] = cached[1]
-            return
-        if entry.size > MAX_MANIFEST_BYTES:
-            log.warning("leaving out published image %r: manifest of %d bytes is too large",
-                        name, entry.size)
-            return
-        manifest = None
-        with skip_bad_entry(self.description, name):
-            data = await self.inner.read_object(entry.name, MAX_MANIFEST_BYTES)
-            manifest = parse_manifest(data, name)
-        if manifest is None or not valid_entry(self.description, name, manifest.size):
-            return
-        image = PublishedImage(
-            name=name,
-            size=manifest.size,
-            identity="manifest:" + xxhash.xxh3_128_hexdigest(data),
-            layout=ChunkLayout(manifest.chunk_size, manifest.digests),
-            manifest=manifest,
-            store=self.inner,
-        )
-        self._cache[entry.name] = (entry.identity, image)
-        out[name] = image
+    async def _published(self, manifests: list[tuple[BaseImage, str]]) -> dict[str, BaseImage]:
+        """Image name -> image of each manifest that parses and fits: the ones served since
+        the last listing and unchanged first, then the others by name (manifest_loading.py)."""
+        budget = ManifestBudget(self.description, self.manifest_memory)
+        cache, self._cache = self._cache, {}
+        published: dict[str, BaseImage] = {}
+        to_load = []
+        for entry, name in sorted(manifests, key=lambda m: m[1]):
+            cached = cache.get(entry.name)
+            if cached is None or cached[0] != entry.identity:
+                to_load.append((entry, name))
+            elif budget.admit(name, cached[2]):
+                self._cache[entry.name] = cached
+                published[name] = cached[1]
+
+        def use(entry: BaseImage, name: str, parsed: ParsedManifest) -> None:
+            manifest = parsed.manifest
+            if not valid_entry(self.description, name, manifest.size):
+                return
+            if not budget.admit(name, parsed.held):
+                return
+            image = PublishedImage(
+                name=name,
+                size=manifest.size,
+                identity=parsed.identity,
+                layout=ChunkLayout(manifest.chunk_size, manifest.digests),
+                manifest=manifest,
+                store=self.inner,
+            )
+            self._cache[entry.name] = (entry.identity, image, parsed.held)
+            published[name] = image
+
+        with one_error_per_listing():
+            await load_in_order(self.inner, to_load, self._parse_limiter, use)
+        return published
 
     async def list_images(self) -> Sequence[BaseImage]:
         entries = await self.inner.list_images()
@@ -194,13 +203,7 @@ class PublishedStore:
                     manifests.append((entry, name))
             elif entry.name != INDEX_KEY and valid_entry(self.description, entry.name, entry.size):
                 raw[entry.name] = entry
-        published: dict[str, PublishedImage] = {}
-        with one_error_per_listing():
-            async with trio.open_nursery() as nursery:
-                for entry, name in manifests:
-                    nursery.start_soon(self._load, entry, name, published)
-        live = {entry.name for entry, _ in manifests}
-        self._cache = {k: v for k, v in self._cache.items() if k in live}
+        published = await self._published(manifests)
         for name in published:
             if name in raw:
                 log.info("%s: published image %r shadows the raw file of that name",
@@ -216,5 +219,7 @@ class PublishedStore:
         await self.inner.aclose()
 
 
-async def with_published_images(store: BaseStore) -> BaseStore:
-    return PublishedStore(store)
+async def with_published_images(
+    store: BaseStore, manifest_memory: int = DEFAULT_MANIFEST_MEMORY
+) -> BaseStore:
+    return PublishedStore(store, manifest_memory)

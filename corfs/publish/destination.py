@@ -1,5 +1,5 @@
 """Where `corfs publish` writes: a local directory or an S3 prefix, behind one small
-`Destination` protocol (holds / put / get / list / sync). See publisher.py for what is written.
+`Destination` protocol (holds / put / get / update / sync). See publisher.py for what is written.
 
 One rule per kind of destination:
 - A directory gets each object under a temp name in DEST/.corfs-tmp, fsynced, then renamed
@@ -12,6 +12,19 @@ One rule per kind of destination:
   Its answers become errors by s3_errors.py, the mapper base reads use: a 403 is
   BaseAccessDenied here as there.
 
+`update` is the one read-modify-write (index.json, which every publish into DEST extends):
+two publishes running at once must not lose each other's entries. A directory takes an
+exclusive flock on DEST/.corfs-tmp/index.lock around it. S3 writes it conditionally
+(If-Match the ETag it read, If-None-Match: * where there was none) and on a conflict reads,
+merges and tries again.
+
+S3 needs no ListBucket permission (nor HeadBucket's): without it S3 answers 403, not 404, for
+a key that is not there, so a 403 on a HEAD or GET is "not known to be there" (the object is
+written, harmless: chunks are content-addressed, and a manifest is replaced anyway); a
+refusal that is real shows on the PUT that follows. Only the index is written create-only
+when it could not be read, so an index that exists but is unreadable is an error, never
+replaced.
+
 Modes: published objects are made to be served (by a web server, to other users' mounts), so
 they are 0644 and the directories corfs creates 0755 whatever the umask (the CLI's is 077, for
 the cache). Who may read them is up to DEST's own directory: an existing DEST keeps its mode.
@@ -20,8 +33,10 @@ the cache). Who may read them is up to DEST's own directory: an existing DEST ke
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -29,17 +44,18 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ..durable import fsync_dir
-from ..errors import BaseNotFound, CorfsError, UsageError
-from ..manifest import image_name_of
+from ..errors import BaseAccessDenied, BaseChanged, BaseNotFound, CorfsError, UsageError
 from ..s3_errors import s3_error
 
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".corfs-tmp"
+INDEX_LOCK = "index.lock"  # in TMP_DIR; never removed, as a lock file must not be
 _STALE_TMP_SECONDS = 3600
 PUBLIC_FILE_MODE = 0o644
 PUBLIC_DIR_MODE = 0o755
 _TMP_DIR_MODE = 0o700  # half-written objects are nobody's business
+_UPDATE_ATTEMPTS = 20  # conditional writes of index.json lost to other publishes, at most
 
 # ---- destinations --------------------------------------------------------------------------
 
@@ -57,10 +73,13 @@ class Destination(Protocol):
         """Store `data` at `key` whole: readers see the old object or the new, never a part."""
         ...
 
-    def get(self, key: str) -> bytes | None: ...
+    def get(self, key: str) -> bytes | None:
+        """The object at `key`; None if there is none (S3: or it may not be read)."""
+        ...
 
-    def list_manifests(self) -> dict[str, int]:
-        """{manifest key: size} of the manifests at the top of DEST."""
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Replace the object at `key` by `change(its bytes or None)` (None: leave it), with no
+        other publisher's update between the read and the write: none is lost."""
         ...
 
     def sync(self) -> None:
@@ -112,6 +131,8 @@ class DirDestination:
         cutoff = time.time() - _STALE_TMP_SECONDS
         with os.scandir(self._tmp) as entries:
             for entry in entries:
+                if entry.name == INDEX_LOCK:
+                    continue
                 with contextlib.suppress(OSError):
                     if entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)
@@ -173,13 +194,19 @@ class DirDestination:
         except OSError as exc:
             raise CorfsError(f"reading {self._path(key)}: {exc.strerror}") from None
 
-    def list_manifests(self) -> dict[str, int]:
-        found = {}
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                if image_name_of(entry.name) is not None and entry.is_file():
-                    found[entry.name] = entry.stat().st_size
-        return found
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        lock = os.path.join(self._tmp, INDEX_LOCK)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CorfsError(f"opening {lock}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held a moment: a read, a small write
+            new = change(self.get(key))
+            if new is not None:
+                self.put(key, new)
+        finally:
+            os.close(fd)  # releases the lock
 
     def sync(self) -> None:
         with self._dirs_lock:
@@ -234,6 +261,8 @@ class S3Destination:
                 client.head_bucket(Bucket=bucket)
         except BaseNotFound:  # the command line named it: publish does not create buckets
             raise UsageError(f"S3 bucket {bucket} does not exist ({description})") from None
+        except BaseAccessDenied:  # HeadBucket needs ListBucket: the writes will tell
+            log.debug("%s: may not check the bucket (no ListBucket): going on", description)
         return dest
 
     @contextlib.contextmanager
@@ -251,10 +280,11 @@ class S3Destination:
         return self.exists(key)
 
     def exists(self, key: str) -> bool:
+        """Whether `key` is known to be there: a 403 may be a missing key (no ListBucket)."""
         try:
             with self._errors(key):
                 self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-        except BaseNotFound:
+        except (BaseNotFound, BaseAccessDenied):
             return False
         return True
 
@@ -263,23 +293,55 @@ class S3Destination:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
 
     def get(self, key: str) -> bytes | None:
-        if not self.exists(key):
-            return None
-        with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        return self._get_tagged(key)[0]
 
-    def list_manifests(self) -> dict[str, int]:
-        found = {}
-        with self._errors(""):
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
-            )
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    key = obj["Key"][len(self.prefix) :]
-                    if image_name_of(key) is not None:
-                        found[key] = obj["Size"]
-        return found
+    def _get_tagged(self, key: str) -> tuple[bytes | None, str | None, bool]:
+        """(bytes, ETag, refused): (None, None, False) if there is none, (None, None, True)
+        on a 403 (a missing key without ListBucket, or one we may not read)."""
+        try:
+            with self._errors(key):
+                answer = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+                return answer["Body"].read(), answer["ETag"], False
+        except BaseNotFound:
+            return None, None, False
+        except BaseAccessDenied:
+            return None, None, True
+
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        for attempt in range(_UPDATE_ATTEMPTS):
+            old, etag, refused = self._get_tagged(key)
+            new = change(old)
+            if new is None:
+                return
+            # Written only if it is still what we read: another publish's update in between
+            # makes S3 refuse (412, or 409 for two at once) and we merge again.
+            condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+            try:
+                with self._errors(key):
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=self.prefix + key, Body=new, **condition
+                    )
+                return
+            except BaseChanged:  # someone else's update came first: merge with it
+                if refused:
+                    raise BaseAccessDenied(
+                        f"{self.description}{key} exists but may not be read: not replacing it"
+                    ) from None
+            except CorfsError as exc:
+                status = getattr(exc, "http_status", None)
+                if status == 501:  # an S3-compatible store without conditional writes
+                    log.warning("%s%s: the endpoint cannot write conditionally (%s); a "
+                                "publish running at once may drop this entry",
+                                self.description, key, exc)
+                    self.put(key, new)
+                    return
+                if status != 409:  # 409: a conditional write of it was in flight; wait
+                    raise
+                time.sleep(random.uniform(0.05, 0.1) * 2 ** min(attempt, 4))
+        raise CorfsError(
+            f"{self.description}{key}: changed by other publishes {_UPDATE_ATTEMPTS} times "
+            "while this one updated it; run publish again"
+        )
 
     def sync(self) -> None:
         pass  # a PUT that returned is durable

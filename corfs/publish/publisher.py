@@ -15,6 +15,8 @@ Invariants:
   trusted only once it decompresses to bytes of its digest (a power cut can leave a renamed
   object short); a damaged one is written again. On S3 one that exists is whole (see
   destination.py).
+- index.json only grows by this run's images, through `Destination.update`: a publish running
+  into DEST at the same time loses no entry, and nothing lists DEST.
 - Chunks run in a thread pool: xxhash and zstd release the GIL on large buffers, and pread and
   the S3 client block; results are gathered on the calling thread, which alone updates counts
   and the progress bar.
@@ -210,7 +212,9 @@ class _Publisher:
         manifest = Manifest(
             name=name, size=size, chunk_size=self.chunk_size, digests=tuple(digests)
         )
-        written = self._write_manifest(manifest)
+        key, data = manifest_key(name), manifest.to_json()
+        written = self._write_manifest(key, data)
+        self._add_to_index(key, len(data))  # after each image: a later failure keeps it listed
         unique = {d for d in digests if d is not None}
         return PublishSummary(
             name=name,
@@ -229,9 +233,7 @@ class _Publisher:
             seconds=time.monotonic() - started,
         )
 
-    def _write_manifest(self, manifest: Manifest) -> bool:
-        key = manifest_key(manifest.name)
-        data = manifest.to_json()
+    def _write_manifest(self, key: str, data: bytes) -> bool:
         # Chunks durable before the manifest that names them, even an unchanged one: a damaged
         # chunk it names may just have been written again.
         self.dest.sync()
@@ -241,19 +243,23 @@ class _Publisher:
         self.dest.sync()
         return True
 
-    def update_index(self) -> None:
-        """index.json lists every manifest at DEST, keeping entries others put there."""
-        old = self.dest.get(INDEX_KEY)
-        entries: dict[str, int | None] = {}
-        if old is not None:
-            try:
-                entries = parse_index(old)
-            except BaseCorrupt as exc:
-                log.warning("rewriting %s/%s: %s", self.dest.description, INDEX_KEY, exc)
-        entries.update(self.dest.list_manifests())
-        data = render_index(entries)
-        if data != old:
-            self.dest.put(INDEX_KEY, data)
+    def _add_to_index(self, key: str, size: int) -> None:
+        """index.json lists manifest `key` of `size` bytes too, keeping every entry there:
+        `update` lets no concurrent publish into DEST slip in between. Each run adds its own
+        images, so nothing lists DEST (on S3 that would take the ListBucket permission)."""
+
+        def with_entry(old: bytes | None) -> bytes | None:
+            entries: dict[str, int | None] = {}
+            if old is not None:
+                try:
+                    entries = parse_index(old)
+                except BaseCorrupt as exc:
+                    log.warning("rewriting %s/%s: %s", self.dest.description, INDEX_KEY, exc)
+            entries[key] = size
+            data = render_index(entries)
+            return None if data == old else data
+
+        self.dest.update(INDEX_KEY, with_entry)
 
 
 def _is_chunk(packed: bytes, digest: bytes, length: int, key: str) -> bool:
@@ -325,7 +331,6 @@ def publish_to(
         )
         for path, name in sources:
             summaries.append(publisher.publish(path, name))
-            publisher.update_index()  # after each image: a later failure keeps it listed
     return summaries
 
 

@@ -127,7 +127,7 @@ def test_publish_dir_reads_back_dedups_and_skips_zeros(tmp_path: Path) -> None:
     assert parse_index((dest / "index.json").read_bytes()) == {
         f"{n}.corfs.json": (dest / f"{n}.corfs.json").stat().st_size for n in images
     }
-    assert not os.listdir(dest / ".corfs-tmp")
+    assert os.listdir(dest / ".corfs-tmp") == ["index.lock"]  # no temp object left
 
     assert trio.run(read_all, str(dest)) == images
 
@@ -391,6 +391,7 @@ def test_published_objects_stay_readable_under_a_private_umask(tmp_path: Path) -
         str(p.relative_to(dest)): p.stat().st_mode & 0o777 for p in [dest, *dest.rglob("*")]
     }
     assert modes.pop(".corfs-tmp") == 0o700  # half-written objects are not served
+    assert modes.pop(".corfs-tmp/index.lock") == 0o600  # inside it: served by nobody
     expected = {path: 0o755 if (dest / path).is_dir() else 0o644 for path in modes}
     assert modes == expected
 
