@@ -123,7 +123,11 @@ def _wait_handoff(mountpoint: str, name: str, dest: str) -> None:
             images = read_status(mountpoint)["images"]
         except CorfsError:
             if not _wait_released(cache):
-                raise
+                raise HandoffFailed(
+                    f"{mountpoint} was unmounted during the handoff of {name} and its daemon "
+                    f"still holds {cache}: the outcome is not known yet (see `corfs status "
+                    f"{cache}` once it ends)"
+                ) from None
             _handoff_outcome_in_cache(mountpoint, cache, name, dest)
             return
         image = next((i for i in images if i["name"] == name), None)

@@ -29,8 +29,8 @@ while the daemon lives follows the same rule: a rollback that cannot get QEMU of
 finishes the handoff instead, and one that did marks the chunks dirty and drops the
 kernel's cached pages (QEMU may have written to the inode meanwhile). An unmount during a
 handoff (the mount's nursery cancelled) settles it rather than cut it short: once QEMU runs on
-DEST the handoff is recorded, before that it is undone, either step shielded for a bounded
-time (`_unless_unmounting_stops_it`)."""
+DEST the handoff is recorded, before that it is undone, either step shielded
+(`_unless_unmounting_stops_it`)."""
 
 from __future__ import annotations
 
@@ -237,25 +237,35 @@ async def _hand_over(
         await _stall_for_tests("switched")  # where the tests kill -9 the daemon or unmount
     finally:
         image.handed_over_to = dest  # not served from here on, even if the commit fails
-        with _unless_unmounting_stops_it(f"recording the handoff of {name} to {dest}"):
+        with _unless_unmounting_stops_it(f"recording the handoff of {name} to {dest}") as step:
             await store.drop_handed_over(name)  # the commit point
             log.info("handed %s over to %s: QEMU now uses %s (%s)", name, via.describe(), dest,
                      f"{switched} node(s)" if switched >= 0 else "after a failed rollback")
+        if step.cancelled_caught:  # never a success the cache does not record
+            raise CorfsError(
+                f"the handoff of {name} to {dest} was cut short by the unmount: QEMU runs on "
+                "DEST; the next mount of the cache settles it"
+            )
     return switched
 
 
 @contextlib.contextmanager
-def _unless_unmounting_stops_it(what: str) -> Iterator[None]:
+def _unless_unmounting_stops_it(what: str) -> Iterator[trio.CancelScope]:
     """Run the last step of a handoff to its end even when the mount is being unmounted (its
     nursery cancelled), so that the unmount leaves the handoff settled, not cut short: the
-    step is shielded, for FINISH_TIMEOUT at most (a commit in a worker thread may hold the
-    store's lock). Past that it is given up, logged: the journal row is left for the next
-    mount to settle."""
-    if trio.current_effective_deadline() == -math.inf:  # the mount's cancel has come
+    step is shielded. On a live mount it has no deadline: it waits for the store's lock as
+    long as a commit holds it (a commit point given up would leave the journal unsettled).
+    Once the unmount's cancel has come it gets FINISH_TIMEOUT to start and end; past that it
+    is given up, logged (`cancelled_caught` on the scope yielded), and the journal row is
+    left for the next mount to settle. A worker thread already running (a commit in a slow
+    fdatasync) is waited for all the same: trio does not abandon it."""
+    unmounting = trio.current_effective_deadline() == -math.inf  # the mount's cancel came
+    if unmounting:
         log.warning("the mount is being unmounted: %s first", what)
     with trio.CancelScope(shield=True) as shield:
-        shield.deadline = trio.current_time() + FINISH_TIMEOUT
-        yield
+        if unmounting:
+            shield.deadline = trio.current_time() + FINISH_TIMEOUT
+        yield shield
     if shield.cancelled_caught:
         log.error("%s took over %g s: given up, the next mount settles it from the journal",
                   what, FINISH_TIMEOUT)

@@ -205,6 +205,9 @@ class DirDestination:
             new = change(self.get(key))
             if new is not None:
                 self.put(key, new)
+                # Its new name durable before the run ends: nothing lists DEST to mend a lost
+                # entry later (each run adds only its own).
+                self.sync()
         finally:
             os.close(fd)  # releases the lock
 
@@ -308,8 +311,15 @@ class S3Destination:
             return None, None, True
 
     def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        from botocore.exceptions import ParamValidationError  # boto3 is optional
+
+        lost_a_race = False  # a 412 came: the object exists now, whatever a 403 said before
         for attempt in range(_UPDATE_ATTEMPTS):
             old, etag, refused = self._get_tagged(key)
+            if refused and lost_a_race:  # it is there and may not be read: never replace it
+                raise BaseAccessDenied(
+                    f"{self.description}{key} exists but may not be read: not replacing it"
+                )
             new = change(old)
             if new is None:
                 return
@@ -318,15 +328,18 @@ class S3Destination:
             condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
             try:
                 with self._errors(key):
-                    self.client.put_object(
-                        Bucket=self.bucket, Key=self.prefix + key, Body=new, **condition
-                    )
+                    try:
+                        self.client.put_object(
+                            Bucket=self.bucket, Key=self.prefix + key, Body=new, **condition
+                        )
+                    except ParamValidationError:  # a botocore from before S3 had them (2024)
+                        log.warning("%s%s: this botocore cannot write conditionally; a "
+                                    "publish running at once may drop this entry",
+                                    self.description, key)
+                        self.put(key, new)
                 return
-            except BaseChanged:  # someone else's update came first: merge with it
-                if refused:
-                    raise BaseAccessDenied(
-                        f"{self.description}{key} exists but may not be read: not replacing it"
-                    ) from None
+            except BaseChanged:  # someone else's update came first: read it and merge
+                lost_a_race = True
             except CorfsError as exc:
                 status = getattr(exc, "http_status", None)
                 if status == 501:  # an S3-compatible store without conditional writes

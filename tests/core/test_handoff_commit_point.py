@@ -1,6 +1,6 @@
-"""Review: the FINISH_TIMEOUT shield of a handoff's commit point applies on every handoff,
-not only during an unmount. A commit holding the store's commit lock for longer (a slow
-fdatasync) makes a normal, live handoff give up its commit point and still report success."""
+"""A live handoff's commit point has no deadline on a live mount: a commit holding the
+store's commit lock longer than FINISH_TIMEOUT (a slow fdatasync) must not make the handoff
+report success with its journal row unsettled (only an unmount bounds the wait)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Review: two publishes into a fresh S3 prefix without ListBucket (the least-privilege set-up
-README recommends). Both read index.json: 403 (missing). The other creates it first; this
-one's create-only PUT gets 412. The index can be read now: it must merge and retry, not fail
-with "exists but may not be read"."""
+"""Two publishes into a fresh S3 prefix without ListBucket (the least-privilege set-up README
+recommends), the race made deterministic with a dict standing in for S3 (moto answers 404,
+not 403, for a missing key; tests/core/test_publish_index.py races real processes on moto).
+Both read index.json: 403 (missing). The other creates it first; this one's create-only PUT
+gets 412. The index can be read now: it must merge and retry, not fail with "exists but may
+not be read"."""
 
 from __future__ import annotations
 
