@@ -265,6 +265,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             f"--chunk-size must be a power of two from 4k to {MAX_CHUNK_SIZE >> 20}M, "
             f"not {args.chunk_size}"
         )
+    if args.manifest_memory <= 0:  # 0 would leave out every published image, not lift the cap
+        raise UsageError(f"--manifest-memory must be above 0, not {args.manifest_memory}")
     if args.random_range < 4096 or args.random_range & (args.random_range - 1):
         raise UsageError(
             f"--random-range must be a power of two of at least 4k, not {args.random_range}"

@@ -1,7 +1,7 @@
 """Logging a failure that repeats at every retry (a commit each second while the cache disk is
 down, a stream backing off from a dead base) without flooding the log: the first failure, then
 at most one reminder per `remind_every` seconds saying how many attempts failed since the last
-line, and one line when the operation works again.
+line (at once if the cause changed), and one line when the operation works again.
 
 The caller retries as it likes; this only decides what reaches the log."""
 
@@ -32,24 +32,33 @@ class FailureLog:
         self._failures = 0  # attempts failed since the last success
         self._unsaid = 0  # ... of which no log line told yet
         self._first_at = self._said_at = 0.0
+        self._cause: tuple[type, object] | None = None  # the latest failure's kind
 
     @property
     def failing(self) -> bool:
         return self._failures > 0
 
-    def failed(self, error: object) -> None:
+    def failed(self, error: object, note: str = "") -> None:
+        """An attempt failed with `error`; `note` is said after it. A failure of another kind
+        (exception type and errno: "database is locked", then "No space left") is said at once;
+        the same kind with other details (a retry count in the text) waits for the reminder."""
         now = self._clock()
         self._failures += 1
+        cause, self._cause = self._cause, (type(error), getattr(error, "errno", None))
         if self._failures == 1:
             self._first_at = self._said_at = now
-            self._log.log(self._level, "%s failed (will retry): %s", self._what, error)
+            self._log.log(self._level, "%s failed (will retry): %s%s", self._what, error, note)
             return
         self._unsaid += 1
-        if now - self._said_at >= self._remind_every:
+        if cause != self._cause:
+            self._log.log(self._level, "%s fails differently now (will retry): %s%s",
+                          self._what, error, note)
+            self._said_at, self._unsaid = now, 0
+        elif now - self._said_at >= self._remind_every:
             self._log.log(
                 self._level,
-                "%s still fails: %d more attempts failed in the last %.0f s (will retry): %s",
-                self._what, self._unsaid, now - self._said_at, error,
+                "%s still fails: %d more attempts failed in the last %.0f s (will retry): %s%s",
+                self._what, self._unsaid, now - self._said_at, error, note,
             )
             self._said_at, self._unsaid = now, 0
 

@@ -339,7 +339,7 @@ class StreamWorker:
             backoff = min(MAX_BACKOFF, 2.0 ** min(stream.failures - 1, 16))
             stream.retry_at = now + backoff
             stream.error = str(error)
-            stream.failure_log.failed(f"{error} (next try in {backoff:.0f} s)")
+            stream.failure_log.failed(error, f" (next try in {backoff:.0f} s)")
         elif len(outcome.failed) < len(run):  # something filled: the base answers
             stream.failure_log.succeeded()
             if stream.failures:

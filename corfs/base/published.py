@@ -153,6 +153,9 @@ class PublishedStore:
         self.description = store.description
         self.manifest_memory = manifest_memory
         self._parse_limiter = trio.CapacityLimiter(1)
+        # One listing at a time (a forget and a reconnect may ask at once): two would each
+        # parse everything and each take a whole budget, twice --manifest-memory.
+        self._listing = trio.Lock()
         # manifest name -> (identity of the manifest object, image built from it, bytes held)
         self._cache: dict[str, tuple[str, PublishedImage, int]] = {}
 
@@ -203,7 +206,8 @@ class PublishedStore:
                     manifests.append((entry, name))
             elif entry.name != INDEX_KEY and valid_entry(self.description, entry.name, entry.size):
                 raw[entry.name] = entry
-        published = await self._published(manifests)
+        async with self._listing:
+            published = await self._published(manifests)
         for name in published:
             if name in raw:
                 log.info("%s: published image %r shadows the raw file of that name",

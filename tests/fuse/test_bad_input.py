@@ -218,6 +218,7 @@ def test_only_regular_files_and_inner_symlinks_are_exposed(dirs, tmp_path):
         ("--chunk-size", "128M"),  # beyond a manifest's largest chunk: memory per fill
         ("--random-range", "6k"),
         ("--random-range", "2k"),
+        ("--manifest-memory", "0"),  # would leave out every published image
     ],
 )
 def test_cli_itself_has_no_traceback_for_bad_options(dirs, option):

@@ -3,6 +3,7 @@ minute with the count of attempts since the last line, and its end is one line."
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import pytest
@@ -67,3 +68,20 @@ def test_a_new_outage_starts_afresh(caplog, clock) -> None:
         "stream of a failed (will retry): timed out",
     ]
     assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_a_change_of_cause_is_said_at_once(caplog, clock) -> None:
+    caplog.set_level(logging.INFO, logger="test.failure_log")
+    failures = FailureLog(logging.getLogger("test.failure_log"), "committing", clock=clock)
+    failures.failed(OSError(errno.EBUSY, "database is locked (1 try)"), " (next try in 1 s)")
+    clock.now += 1
+    # The same kind with other details, and another note: not a new cause.
+    failures.failed(OSError(errno.EBUSY, "database is locked (2 tries)"), " (next try in 2 s)")
+    clock.now += 1
+    failures.failed(OSError(errno.ENOSPC, "No space left on device"))
+    clock.now += 1
+    failures.failed(OSError(errno.ENOSPC, "No space left on device"))
+    assert _lines(caplog) == [
+        "committing failed (will retry): [Errno 16] database is locked (1 try) (next try in 1 s)",
+        "committing fails differently now (will retry): [Errno 28] No space left on device",
+    ]
