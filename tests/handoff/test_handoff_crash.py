@@ -49,15 +49,7 @@ def test_kill9_during_a_handoff_leaves_the_old_state_or_the_new(
     image = tmp_dirs.mnt / "disk.raw"
     with Qemu(tmp_path) as qemu:
         with tmp_dirs.mount(env={STALL_ENV: step}) as m:
-            wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
-                     30, "the stream to complete")
-            qemu.qmp("blockdev-add", driver="file", filename=str(image), **{"node-name": "f0"})
-            qemu.qmp("blockdev-add", driver="raw", file="f0", **{"node-name": "d0"})
-            qemu.qemu_io("d0", "write -P 0x5c 1M 64k")
-            cli = subprocess.Popen(
-                corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
-                env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )
+            cli = _qemu_writes_then_detach(m, qemu, dest)
             try:
                 wait_for(lambda: f"handoff stalled at {step}" in m.log_text(), 30,
                          f"the daemon to stall at {step}")
@@ -156,18 +148,9 @@ def test_an_unmount_during_a_handoff_settles_it(
     CLI waiting for the handoff says which, the log says why."""
     base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=12)
     dest = tmp_path / "vm.raw"
-    image = tmp_dirs.mnt / "disk.raw"
     with Qemu(tmp_path) as qemu:
         with tmp_dirs.mount(env={STALL_ENV: step}) as m:
-            wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
-                     30, "the stream to complete")
-            qemu.qmp("blockdev-add", driver="file", filename=str(image), **{"node-name": "f0"})
-            qemu.qmp("blockdev-add", driver="raw", file="f0", **{"node-name": "d0"})
-            qemu.qemu_io("d0", "write -P 0x5c 1M 64k")
-            cli = subprocess.Popen(
-                corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
-                env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
+            cli = _qemu_writes_then_detach(m, qemu, dest, text=True)
             try:
                 wait_for(lambda: f"handoff stalled at {step}" in m.log_text(), 30,
                          f"the daemon to stall at {step}")
@@ -345,3 +328,20 @@ def _handoff_stalled_at_journaled(tmp_dirs: CorfsDirs, tmp_path: Path) -> Iterat
         finally:
             cli.kill()
             cli.wait(10)
+
+
+def _qemu_writes_then_detach(
+    m: CorfsMount, qemu: Qemu, dest: Path, text: bool = False
+) -> subprocess.Popen:
+    """Once disk.raw is complete, QEMU opens it through the mount (nodes f0, d0) and writes
+    to it; then a `corfs detach` to DEST over QMP starts (its CLI process returned)."""
+    wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+             30, "the stream to complete")
+    image = m.mnt / "disk.raw"
+    qemu.qmp("blockdev-add", driver="file", filename=str(image), **{"node-name": "f0"})
+    qemu.qmp("blockdev-add", driver="raw", file="f0", **{"node-name": "d0"})
+    qemu.qemu_io("d0", "write -P 0x5c 1M 64k")
+    return subprocess.Popen(
+        corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
+        env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text,
+    )
