@@ -17,7 +17,7 @@ from .cache_layout import STATE_DB, is_cache_dir, private_open
 from .digest import chunk_digest
 from .errors import CacheError, CacheLocked, NotLocalError, UsageError
 from .fileio import pread_full
-from .handoff import check_dest_outside_base, unsettled
+from .handoff import check_dest_outside_base, check_dest_outside_cache, unsettled
 from .store import CacheStore, ChunkState, ImageRecord
 
 TMP_SUFFIX = ".corfs-tmp"
@@ -32,6 +32,7 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
         raise UsageError(f"the directory of {dest} does not exist")
     if not is_cache_dir(cache_dir):
         raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
+    check_dest_outside_cache(dest, cache_dir)
     # The lock keeps a mount off the cache while we copy: a live mount's newest writes may
     # not be committed yet, and the copy must not miss them.
     try:

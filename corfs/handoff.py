@@ -127,9 +127,7 @@ def check_dest(
     # Through a symlink DEST may still land in CACHE (e.g. data/OTHER, which a later mount
     # creates with O_TRUNC for a base image OTHER). The mount needs no such check: the
     # st_dev test below refuses it (and resolving it here could touch the mount).
-    real_cache = os.path.realpath(cache_dir)
-    if _within(os.path.realpath(dest_dir), real_cache):
-        raise UsageError(f"DEST {dest} must not be inside {cache_dir} (it is {real_cache})")
+    check_dest_outside_cache(dest, cache_dir)
     check_dest_outside_base(dest, bases)
     try:
         dest_dev = os.stat(dest_dir).st_dev
@@ -140,6 +138,14 @@ def check_dest(
             f"{dest} is on another file system than the cache {os.path.dirname(data_path)}: "
             "a live handoff renames the data file, it cannot copy it; choose DEST beside CACHE"
         )
+
+
+def check_dest_outside_cache(dest: str, cache_dir: str) -> None:
+    """UsageError if DEST would be a name in CACHE (symlinks resolved): the store owns its
+    names (data/OTHER is the data file a later mount creates for a base image OTHER)."""
+    real_cache = os.path.realpath(cache_dir)
+    if _within(os.path.realpath(os.path.dirname(os.path.abspath(dest))), real_cache):
+        raise UsageError(f"DEST {dest} must not be inside {cache_dir} (it is {real_cache})")
 
 
 def check_dest_outside_base(dest: str, bases: Iterable[str]) -> None:

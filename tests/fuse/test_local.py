@@ -161,3 +161,21 @@ def test_detach_refuses_a_dest_inside_the_base_directory(tmp_dirs, tmp_path):
         result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
         assert_one_line_error(result, "base directory")
         assert snapshot(tmp_dirs.base) == before
+
+
+def test_detach_refuses_a_dest_inside_the_cache(tmp_dirs, tmp_path):
+    """CACHE's names are the store's (data/OTHER is the data file a later mount makes for a
+    base image OTHER): a detach into it is refused however DEST names it (through a symlink
+    too), with one line, CACHE left as it was."""
+    make_image(tmp_dirs.base / "disk.raw", 2 * MIB, seed=44)
+    with tmp_dirs.mount() as m:
+        wait_complete(m.mnt, "disk.raw")
+        m.stop()
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_dirs.cache)
+    before = snapshot(tmp_dirs.cache)
+    for dest in (tmp_dirs.cache / "data" / "other.raw", alias / "data" / "other.raw",
+                 tmp_dirs.cache / "copy.raw"):
+        result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
+        assert_one_line_error(result, "must not be inside")
+        assert snapshot(tmp_dirs.cache) == before
