@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from . import control_client
 from .sizes import format_size
+
+# States --watch waits no longer for: nothing more will be fetched for the image.
+FINAL_STATES = ("complete", "error", "detached")
 
 
 def _eta(seconds: float | None) -> str:
@@ -61,7 +65,9 @@ def print_status(statuses: list[dict], *, as_json: bool) -> None:
 
 
 def watch_status(paths: list[str], interval: float = 1.0) -> int:
-    """Progress bars per image until every image is complete (or Ctrl-C)."""
+    """Progress bars per image until every image is complete, failed or handed over (0), or
+    Ctrl-C (130). Caches no mount serves are shown once: nothing would change (1 if one of
+    their images is not complete)."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -84,9 +90,13 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
     try:
         with Progress(*columns) as progress:
             while True:
-                done = True
+                done, live, unmounted = True, False, []
                 for path in paths:
                     status = control_client.status_of_path(path)
+                    if status.get("mounted", True):
+                        live = True
+                    else:
+                        unmounted.append(path)
                     for image in status["images"]:
                         key = f"{path}:{image['name']}"
                         if key not in tasks:
@@ -96,9 +106,14 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                         progress.update(
                             tasks[key], completed=image["local_bytes"], state=image["state"]
                         )
-                        done &= image["state"] in ("complete", "error")
+                        done &= image["state"] in FINAL_STATES
                 if done:
                     return 0
+                if not live:  # nothing will change: no daemon streams into these caches
+                    progress.stop()
+                    print(f"corfs: {', '.join(unmounted)}: not mounted, nothing streams "
+                          "into it (mount it to complete)", file=sys.stderr)
+                    return 1
                 time.sleep(interval)
     except KeyboardInterrupt:
         return 130

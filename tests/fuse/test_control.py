@@ -192,6 +192,19 @@ def test_status_watch_exits_once_complete(tmp_dirs: CorfsDirs) -> None:
         assert image_status(live_status(m.mnt), NAME)["state"] == "complete"
 
 
+def test_status_watch_of_a_cache_no_mount_serves_shows_it_once(tmp_dirs: CorfsDirs) -> None:
+    """Nothing streams into an unmounted cache: --watch shows it and ends (1: not complete),
+    saying why in one line, rather than wait for ever."""
+    make_image(tmp_dirs.base / NAME, 4 * MIB, seed=6)
+    with tmp_dirs.mount("--no-stream") as m:  # nothing read: nothing local
+        m.stop()
+    result = run_corfs("status", tmp_dirs.cache, "--watch", timeout=20)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert NAME in result.stdout and "offline" in result.stdout
+    assert result.stderr.strip().endswith("not mounted, nothing streams into it (mount it to "
+                                          "complete)")
+
+
 def test_rate_is_zero_once_complete(tmp_dirs: CorfsDirs) -> None:
     """The rate is of bytes being fetched: none once the image is complete (it showed the
     last 10 s of streaming, decaying, for 10 s after)."""

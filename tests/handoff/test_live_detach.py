@@ -158,8 +158,11 @@ def test_the_image_is_not_served_again_until_forget_detached(
         assert "disk.raw" not in os.listdir(m.mnt)  # a VM restarted on it fails to open it
         status = image_status(live_status(m.mnt), "disk.raw")
         assert status["state"] == "detached" and status["detached_to"] == str(dest)
+        # Nothing more will come for it: --watch ends (it waited for it forever).
+        assert run_corfs("status", m.mnt, "--watch", timeout=20).returncode == 0
         m.stop()
     assert f"handed over to QEMU as {dest}" in m.log_text()
+    assert run_corfs("status", tmp_dirs.cache, "--watch", timeout=20).returncode == 0
     offline = run_corfs("status", tmp_dirs.cache, "--json")
     assert '"detached_to"' in offline.stdout and str(dest) in offline.stdout
     table = run_corfs("status", tmp_dirs.cache)
