@@ -59,8 +59,11 @@ QMP_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 10.0  # asking a QEMU at mount whether a handoff cut short had switched it
 FINISH_TIMEOUT = 15.0  # for a handoff's last step while the mount is being unmounted
 # The crash tests (tests/handoff) kill -9 the daemon between two steps: set to a step's name,
-# the daemon logs "handoff stalled at STEP" there and waits forever.
+# the daemon logs "handoff stalled at STEP" there and waits forever. Set to "switching", the
+# switch's worker thread pauses SWITCH_PAUSE_S before it re-points QEMU (it cannot wait forever:
+# an unmount waits for the switch).
 STALL_ENV = "CORFS_TEST_HANDOFF_STALL_AT"
+SWITCH_PAUSE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -216,9 +219,13 @@ async def _hand_over(
         await trio.to_thread.run_sync(_link, data_path, dest)
         try:
             await _stall_for_tests("linked")
-            switched = await trio.to_thread.run_sync(
-                _switch_qemu, via, qemu_path, dest, store.data_fd(name), attempt
-            )
+            image.switching_qemu = True  # a SIGTERM waits for it (mount.py)
+            try:
+                switched = await trio.to_thread.run_sync(
+                    _switch_qemu, via, qemu_path, dest, store.data_fd(name), attempt
+                )
+            finally:
+                image.switching_qemu = False
         except _StillOnDest as still:
             log.error("%s: finishing the handoff to %s instead", still, dest)
             switched = -1
@@ -315,6 +322,9 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
     monitor = via.connect()
     try:
         plan = plan_switch(monitor, qemu_path, dest, started=started)
+        if os.environ.get(STALL_ENV) == "switching":
+            log.warning("handoff pausing at switching")
+            time.sleep(SWITCH_PAUSE_S)
         attempt.switch_started = True
         try:
             switch(monitor, plan)  # all or nothing itself

@@ -333,6 +333,7 @@ async def _commit_forever(
 async def _stop_on_signal(
     signals: AsyncIterator[int],
     session_over: trio.Event,
+    images: Sequence[Image],
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
@@ -340,6 +341,17 @@ async def _stop_on_signal(
         if session_over.is_set():  # unmounted already (fusermount3 -u): closing down
             return  # terminate() on a closed session would crash the daemon
         log.info("%s received: unmounting", signal.Signals(signum).name)
+        # A live handoff re-pointing QEMU: its reopen drains QEMU's I/O through this mount,
+        # which must still answer. Each QMP/virsh command of the switch is bounded.
+        said = False
+        while switching := [image.name for image in images if image.switching_qemu]:
+            if not said:
+                log.info("waiting for QEMU's switch of %s to its DEST first",
+                         ", ".join(switching))
+                said = True
+            await trio.sleep(0.05)
+        if session_over.is_set():
+            return
         pyfuse3.terminate()
         return
 
@@ -524,7 +536,7 @@ async def _serve_with(
             store.write_small_file(MOUNTPOINT_FILE, mountpoint)
             await nursery.start(_commit_forever, store, config.commit_interval)
             await nursery.start(stream.run)
-            await nursery.start(_stop_on_signal, signals, session_over)
+            await nursery.start(_stop_on_signal, signals, session_over, images)
             if down is not None:
                 log.warning(
                     "base %s does not answer (%s): serving the %d cached images, chunks not "

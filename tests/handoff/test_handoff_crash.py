@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -25,7 +26,15 @@ from corfs.control_client import CONTROL_XATTR
 from corfs.handoff import SETTLE_TIMEOUT, STALL_ENV, unsettled
 from corfs.store import CacheStore
 from tests.fuse.util import assert_one_line_error, image_status, live_status, wait_for
-from tests.mounting import CorfsDirs, CorfsMount, corfs_command, corfs_env, make_image, run_corfs
+from tests.mounting import (
+    CorfsDirs,
+    CorfsMount,
+    corfs_command,
+    corfs_env,
+    is_fuse_mounted,
+    make_image,
+    run_corfs,
+)
 
 from .qemu import Qemu
 
@@ -192,6 +201,50 @@ def test_an_unmount_during_a_handoff_settles_it(
             assert ("disk.raw" in os.listdir(m.mnt)) == (step == "linked")
             m.stop()
         assert "cut short" not in m.log_text()
+
+
+def test_a_sigterm_during_the_qemu_switch_waits_for_it(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """SIGTERM while QEMU is being re-pointed (its reopen drains I/O through the mount): the
+    daemon unmounts only once the switch is over, so the handoff ends as if nothing came: the
+    CLI says handed over, QEMU writes to DEST, nothing is left for the next mount."""
+    base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=13)
+    dest = tmp_path / "vm.raw"
+    with Qemu(tmp_path) as qemu:
+        with tmp_dirs.mount(env={STALL_ENV: "switching"}) as m:
+            cli = _qemu_writes_then_detach(m, qemu, dest, text=True)
+            try:
+                wait_for(lambda: "handoff pausing at switching" in m.log_text(), 30,
+                         "the switch to begin")
+                assert m.proc is not None
+                m.proc.send_signal(signal.SIGTERM)
+                # The switch pauses SWITCH_PAUSE_S: the mount stays until it is over (it was
+                # unmounted at once, under QEMU's reopen).
+                time.sleep(1.0)  # a daemon that does not wait has unmounted by now
+                mounted_during_switch = is_fuse_mounted(m.mnt)
+                switch_over = "QEMU now uses" in m.log_text()
+                m.stop()  # the daemon is ending: this waits for it
+                out, err = cli.communicate(timeout=60)
+            finally:
+                cli.kill()
+                cli.wait(10)
+        assert not switch_over, "the switch ended before the daemon saw the signal: no test"
+        assert mounted_during_switch, "unmounted while QEMU was being re-pointed"
+        assert "waiting for QEMU's switch of disk.raw" in m.log_text()
+        assert cli.returncode == 0 and "handed over" in out, err
+        assert list(qemu.file_nodes().values()) == [str(dest)]
+        qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
+        qemu.qemu_io("d0", "flush")
+        want = bytearray(base.read_bytes())
+        want[MIB : MIB + 65536] = b"\x5c" * 65536
+        want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
+        assert dest.read_bytes() == bytes(want)
+    store = CacheStore.open(str(tmp_dirs.cache), lock=False, create=False)
+    try:
+        assert unsettled(store, "disk.raw") is None
+    finally:
+        store.close()
 
 
 def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeout(
