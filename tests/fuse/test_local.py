@@ -12,6 +12,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from corfs.store import CacheStore, ChunkState
 from tests.mounting import make_image, run_corfs, sha256_file
 
@@ -145,37 +147,23 @@ def test_detach_refuses_a_chunk_whose_bytes_are_not_the_ones_recorded(tmp_dirs, 
     assert not dest.exists() and not list(tmp_path.glob("detached.raw*"))
 
 
-def test_detach_refuses_a_dest_inside_the_base_directory(tmp_dirs, tmp_path):
+@pytest.mark.parametrize(("inside", "said"), [("base", "base directory"),
+                                              ("cache", "must not be inside")])
+def test_detach_refuses_a_dest_inside_the_base_or_the_cache(tmp_dirs, tmp_path, inside, said):
     """BASE is never written to: a file detached into it would also be listed as a new base
-    image by the next mount. Refused however DEST names it (through a symlink too), with one
-    line, BASE and DEST's directory left as they were."""
+    image by the next mount. CACHE's names are the store's (data/OTHER is the data file a
+    later mount makes for a base image OTHER). Refused however DEST names them (through a
+    symlink too, in a directory below), with one line, the directory left as it was."""
     make_image(tmp_dirs.base / "disk.raw", 2 * MIB, seed=43)
     with tmp_dirs.mount() as m:
         wait_complete(m.mnt, "disk.raw")
         m.stop()
+    top = tmp_dirs.base if inside == "base" else tmp_dirs.cache
     alias = tmp_path / "alias"
-    alias.symlink_to(tmp_dirs.base)
-    (tmp_dirs.base / "sub").mkdir()
-    before = snapshot(tmp_dirs.base)
-    for dest in (tmp_dirs.base / "copy.raw", alias / "copy.raw", tmp_dirs.base / "sub" / "c.raw"):
+    alias.symlink_to(top)
+    (top / "sub").mkdir(exist_ok=True)
+    before = snapshot(top)
+    for dest in (top / "copy.raw", alias / "copy.raw", top / "sub" / "c.raw"):
         result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
-        assert_one_line_error(result, "base directory")
-        assert snapshot(tmp_dirs.base) == before
-
-
-def test_detach_refuses_a_dest_inside_the_cache(tmp_dirs, tmp_path):
-    """CACHE's names are the store's (data/OTHER is the data file a later mount makes for a
-    base image OTHER): a detach into it is refused however DEST names it (through a symlink
-    too), with one line, CACHE left as it was."""
-    make_image(tmp_dirs.base / "disk.raw", 2 * MIB, seed=44)
-    with tmp_dirs.mount() as m:
-        wait_complete(m.mnt, "disk.raw")
-        m.stop()
-    alias = tmp_path / "alias"
-    alias.symlink_to(tmp_dirs.cache)
-    before = snapshot(tmp_dirs.cache)
-    for dest in (tmp_dirs.cache / "data" / "other.raw", alias / "data" / "other.raw",
-                 tmp_dirs.cache / "copy.raw"):
-        result = run_corfs("detach", tmp_dirs.cache, "disk.raw", dest)
-        assert_one_line_error(result, "must not be inside")
-        assert snapshot(tmp_dirs.cache) == before
+        assert_one_line_error(result, said)
+        assert snapshot(top) == before

@@ -185,13 +185,7 @@ def test_an_unmount_during_a_handoff_settles_it(
             assert cli.returncode == 0 and "handed over" in out, err
             assert status["state"] == "detached" and status["detached_to"] == str(dest)
             assert not (tmp_dirs.cache / "data" / "disk.raw").exists()
-            assert list(qemu.file_nodes().values()) == [str(dest)]
-            qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
-            qemu.qemu_io("d0", "flush")
-            want = bytearray(base.read_bytes())
-            want[MIB : MIB + 65536] = b"\x5c" * 65536
-            want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
-            assert dest.read_bytes() == bytes(want)
+            _assert_qemu_runs_on(qemu, dest, base)
         else:
             assert "the mount is being unmounted: undoing the handoff" in log_text
             assert cli.returncode != 0 and len(err.strip().splitlines()) == 1, err
@@ -233,13 +227,7 @@ def test_a_sigterm_during_the_qemu_switch_waits_for_it(
         assert mounted_during_switch, "unmounted while QEMU was being re-pointed"
         assert "waiting for QEMU's switch of disk.raw" in m.log_text()
         assert cli.returncode == 0 and "handed over" in out, err
-        assert list(qemu.file_nodes().values()) == [str(dest)]
-        qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
-        qemu.qemu_io("d0", "flush")
-        want = bytearray(base.read_bytes())
-        want[MIB : MIB + 65536] = b"\x5c" * 65536
-        want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
-        assert dest.read_bytes() == bytes(want)
+        _assert_qemu_runs_on(qemu, dest, base)
     store = CacheStore.open(str(tmp_dirs.cache), lock=False, create=False)
     try:
         assert unsettled(store, "disk.raw") is None
@@ -398,3 +386,15 @@ def _qemu_writes_then_detach(
         corfs_command("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket),
         env=corfs_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text,
     )
+
+
+def _assert_qemu_runs_on(qemu: Qemu, dest: Path, base: Path) -> None:
+    """QEMU's only file node is DEST, and DEST holds the base with the write made before the
+    handoff (_qemu_writes_then_detach) and one made now."""
+    assert list(qemu.file_nodes().values()) == [str(dest)]
+    qemu.qemu_io("d0", "write -P 0x6d 2M 64k")
+    qemu.qemu_io("d0", "flush")
+    want = bytearray(base.read_bytes())
+    want[MIB : MIB + 65536] = b"\x5c" * 65536
+    want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
+    assert dest.read_bytes() == bytes(want)
