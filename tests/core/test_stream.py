@@ -299,7 +299,8 @@ def test_failing_base_backs_off_shows_error_and_recovers(rig_factory) -> None:
 
 
 def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> None:
-    """Backing off to 30 s, the stream logged every try: 20 lines in 10 minutes per image."""
+    """Backing off to 30 s, the stream logged every try (~12 lines in 4 minutes per image):
+    now the first, a reminder a minute at most, and the end."""
     caplog.set_level(logging.INFO, logger="corfs.stream")
 
     async def main() -> None:
@@ -310,7 +311,7 @@ def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> Non
             stream = StreamWorker([image], StreamConfig())
             async with trio.open_nursery() as nursery:
                 await nursery.start(stream.run)
-                await trio.sleep(600)
+                await trio.sleep(250)  # simulated: backing off to 30 s, ~12 tries
                 rig.source("a").faults.fail_next = 0
                 await wait_until(lambda: image.complete, timeout=120)
                 nursery.cancel_scope.cancel()
@@ -319,7 +320,7 @@ def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> Non
     lines = [r.getMessage() for r in caplog.records if r.name == "corfs.stream"]
     assert lines[0].startswith("stream of a failed (will retry): "), lines
     reminders = [line for line in lines[1:-1] if line.startswith("stream of a still fails: ")]
-    assert reminders == lines[1:-1] and 5 <= len(reminders) <= 10, lines
+    assert reminders == lines[1:-1] and 2 <= len(reminders) <= 4, lines
     assert lines[-1].startswith("stream of a works again, after "), lines
 
 
