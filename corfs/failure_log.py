@@ -1,7 +1,8 @@
 """Logging a failure that repeats at every retry (a commit each second while the cache disk is
 down, a stream backing off from a dead base) without flooding the log: the first failure, then
 at most one reminder per `remind_every` seconds saying how many attempts failed since the last
-line (at once if the cause changed), and one line when the operation works again.
+line (at once for a kind of failure not seen since the last success), and one line when the
+operation works again.
 
 The caller retries as it likes; this only decides what reaches the log."""
 
@@ -32,7 +33,7 @@ class FailureLog:
         self._failures = 0  # attempts failed since the last success
         self._unsaid = 0  # ... of which no log line told yet
         self._first_at = self._said_at = 0.0
-        self._cause: tuple[type, object] | None = None  # the latest failure's kind
+        self._kinds: set[tuple[type, object]] = set()  # of the failures since the last success
 
     @property
     def failing(self) -> bool:
@@ -44,13 +45,15 @@ class FailureLog:
         the same kind with other details (a retry count in the text) waits for the reminder."""
         now = self._clock()
         self._failures += 1
-        cause, self._cause = self._cause, (type(error), getattr(error, "errno", None))
+        kind = (type(error), getattr(error, "errno", None))
+        new_kind = kind not in self._kinds  # two kinds taking turns: said once each
+        self._kinds.add(kind)
         if self._failures == 1:
             self._first_at = self._said_at = now
             self._log.log(self._level, "%s failed (will retry): %s%s", self._what, error, note)
             return
         self._unsaid += 1
-        if cause != self._cause:
+        if new_kind:
             self._log.log(self._level, "%s fails differently now (will retry): %s%s",
                           self._what, error, note)
             self._said_at, self._unsaid = now, 0
@@ -70,3 +73,4 @@ class FailureLog:
             self._what, self._failures, self._clock() - self._first_at,
         )
         self._failures = self._unsaid = 0
+        self._kinds.clear()

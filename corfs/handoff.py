@@ -178,6 +178,8 @@ def claim_for_handoff(image: Image) -> None:
     (Image.forget_chunk) or a second handoff arriving meanwhile is refused (HandoffUnderWay,
     EBUSY) and never races the first steps. `hand_over` takes the claim over and ends it."""
     image.check_served()  # handed over already (ImageHandedOver)
+    if image.stopping:
+        raise UsageError(f"{image.name}: the mount is being unmounted")
     if image.handing_over:
         raise HandoffUnderWay(f"{image.name}: a live handoff of it is under way already")
     image.handing_over = True
@@ -219,7 +221,11 @@ async def _hand_over(
         await trio.to_thread.run_sync(_link, data_path, dest)
         try:
             await _stall_for_tests("linked")
-            image.switching_qemu = True  # a SIGTERM waits for it (mount.py)
+            # No await between this check and the flag: a SIGTERM either sees the switch and
+            # waits for it, or comes first and the handoff is undone (mount.py).
+            if image.stopping:
+                raise CorfsError(f"{name}: the mount is being unmounted; handoff undone")
+            image.switching_qemu = True
             try:
                 switched = await trio.to_thread.run_sync(
                     _switch_qemu, via, qemu_path, dest, store.data_fd(name), attempt

@@ -149,6 +149,7 @@ class Image:
         self.handed_over_to: str | None = None
         self.handing_over = False  # a live handoff is under way (handoff.py): no forget now
         self.switching_qemu = False  # ... and QEMU is being re-pointed: an unmount waits
+        self.stopping = False  # the mount is stopping (a signal): no QEMU switch starts now
         self.pages_stale = False  # the kernel's page cache of it may be stale (see above)
 
     def _forget_past_end(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -342,14 +343,18 @@ async def _stop_on_signal(
             return  # terminate() on a closed session would crash the daemon
         log.info("%s received: unmounting", signal.Signals(signum).name)
         # A live handoff re-pointing QEMU: its reopen drains QEMU's I/O through this mount,
-        # which must still answer. Each QMP/virsh command of the switch is bounded.
-        said = False
+        # which must still answer. No switch starts from now on (the handoffs before it are
+        # undone); those under way end first, each QMP/virsh command of theirs bounded.
+        for image in images:
+            image.stopping = True
+        waited, said_at = 0.0, -math.inf
         while switching := [image.name for image in images if image.switching_qemu]:
-            if not said:
-                log.info("waiting for QEMU's switch of %s to its DEST first",
-                         ", ".join(switching))
-                said = True
+            if waited - said_at >= 10:
+                log.info("waiting for QEMU's switch of %s to its DEST first (%.0f s; SIGKILL "
+                         "leaves it to the next mount)", ", ".join(switching), waited)
+                said_at = waited
             await trio.sleep(0.05)
+            waited += 0.05
         if session_over.is_set():
             return
         pyfuse3.terminate()

@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 
 import corfs.handoff as handoff
+from corfs.errors import CorfsError
 from corfs.handoff import Via, claim_for_handoff, hand_over
 from tests.core.rig import CS, random_bytes, run_with_mock_clock, wait_until
 
@@ -51,3 +52,42 @@ def test_commit_point_not_given_up_on_a_live_mount(rig_factory, tmp_path: Path, 
     # dropped from the cache.
     assert [h.done for h in outcome["rows"]] == [True], outcome["rows"]
     assert outcome["record"] is None
+
+
+def test_no_qemu_switch_starts_once_the_mount_is_stopping(rig_factory, tmp_path: Path,
+                                                          monkeypatch):
+    """A signal came (mount.py sets `stopping` on every image, then waits only for switches
+    under way): a handoff that reaches its switch afterwards is undone, never switches QEMU
+    (its drain would meet a mount that no longer answers), and no new one is accepted."""
+    data = random_bytes(4 * CS, seed=4)
+
+    def no_switch(*args):
+        raise AssertionError("QEMU switched while the mount was stopping")
+
+    monkeypatch.setattr(handoff, "_switch_qemu", no_switch)
+    dest = tmp_path / "vm.raw"
+    outcome = {}
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.fill_each(range(4))
+            await wait_until(lambda: image.complete)
+            claim_for_handoff(image)
+            image.stopping = True  # the signal came during the handoff's first steps
+            try:
+                await hand_over(image, rig.store, str(tmp_path / "mnt" / "a"), str(dest),
+                                Via(qmp="/nonexistent"), base="memory://")
+            except CorfsError as exc:
+                outcome["error"] = str(exc)
+            outcome["rows"] = rig.store.handoffs()
+            outcome["claimed"] = image.handing_over
+            try:
+                claim_for_handoff(image)
+            except CorfsError as exc:
+                outcome["second"] = str(exc)
+
+    run_with_mock_clock(main)
+    assert "being unmounted" in outcome["error"]
+    assert not dest.exists() and outcome["rows"] == [] and not outcome["claimed"]
+    assert "being unmounted" in outcome["second"]

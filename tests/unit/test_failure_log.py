@@ -81,6 +81,8 @@ def test_a_change_of_cause_is_said_at_once(caplog, clock) -> None:
     failures.failed(OSError(errno.ENOSPC, "No space left on device"))
     clock.now += 1
     failures.failed(OSError(errno.ENOSPC, "No space left on device"))
+    clock.now += 1
+    failures.failed(OSError(errno.EBUSY, "database is locked (3 tries)"))  # taking turns
     assert _lines(caplog) == [
         "committing failed (will retry): [Errno 16] database is locked (1 try) (next try in 1 s)",
         "committing fails differently now (will retry): [Errno 28] No space left on device",
