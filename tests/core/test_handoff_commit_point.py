@@ -22,9 +22,7 @@ def test_commit_point_not_given_up_on_a_live_mount(rig_factory, tmp_path: Path, 
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
-            image = rig.image("a")
-            await image.fill_each(range(4))
-            await wait_until(lambda: image.complete)
+            image = await _complete(rig.image("a"))
             store = rig.store
 
             async def slow_commit() -> None:  # a commit whose fdatasync takes 20 s
@@ -70,9 +68,7 @@ def test_no_qemu_switch_starts_once_the_mount_is_stopping(rig_factory, tmp_path:
 
     async def main() -> None:
         async with rig_factory({"a": data}) as rig:
-            image = rig.image("a")
-            await image.fill_each(range(4))
-            await wait_until(lambda: image.complete)
+            image = await _complete(rig.image("a"))
             claim_for_handoff(image)
             image.stopping = True  # the signal came during the handoff's first steps
             try:
@@ -91,3 +87,10 @@ def test_no_qemu_switch_starts_once_the_mount_is_stopping(rig_factory, tmp_path:
     assert "being unmounted" in outcome["error"]
     assert not dest.exists() and outcome["rows"] == [] and not outcome["claimed"]
     assert "being unmounted" in outcome["second"]
+
+
+async def _complete(image):
+    """`image` with all its 4 chunks local (a handoff needs a complete image)."""
+    await image.fill_each(range(4))
+    await wait_until(lambda: image.complete)
+    return image
