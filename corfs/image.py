@@ -621,7 +621,8 @@ class Image:
             raise OutOfImageError(f"write past the end of {self.name} ({self.size} bytes)")
         # A write across the end is cut at it and answered short, as a block device does
         # (the caller learns how much went in); only a write wholly past the end is ENOSPC.
-        data = memoryview(data)[: self.size - offset]
+        if offset + len(data) > self.size:  # most writes are inside: no view made for them
+            data = memoryview(data)[: self.size - offset]
         self.last_foreground = trio.current_time()
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
