@@ -3,7 +3,8 @@ error) to the waiting parent through a pipe, so the command returns once the mou
 
 The daemon works in "/", not in the directory it was started from (which it would keep busy:
 a file system that cannot be unmounted): every path of its config is made absolute before
-the fork, and --log-file is opened by the caller."""
+the fork (also those that libraries read from the environment later: botocore's credential
+and config files, OpenSSL's CA paths), and --log-file is opened by the caller."""
 
 from __future__ import annotations
 
@@ -11,16 +12,29 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 
 from .cache_layout import PRIVATE_UMASK
 from .config import MountConfig
 from .errors import CorfsError, error_line, leaf_error
 from .mount import run_mount
 
+# Paths read from the environment by botocore (credentials are re-read on refresh, a web
+# identity token on every renewal) and OpenSSL, after the daemon has left the caller's directory.
+PATH_VARIABLES = (
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+
 
 def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
     """`log_fd`: --log-file, opened by the caller (None: the daemon's output is discarded)."""
     config = config.with_absolute_paths()  # before the child leaves the caller's directory
+    make_environment_paths_absolute(os.environ)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -37,6 +51,21 @@ def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
         return int(code) if code.isdigit() else 1
     os.close(read_end)
     os._exit(_child(config, log_fd, write_end))
+
+
+def make_environment_paths_absolute(environ: MutableMapping[str, str]) -> None:
+    """Each relative path among PATH_VARIABLES made absolute, against the current directory
+    ("~/..." is left to botocore; SSL_CERT_DIR may list several directories)."""
+
+    def absolute(path: str) -> str:
+        return path if not path or path.startswith("~") else os.path.abspath(path)
+
+    for name in PATH_VARIABLES:
+        value = environ.get(name)
+        if value and name == "SSL_CERT_DIR":
+            environ[name] = os.pathsep.join(map(absolute, value.split(os.pathsep)))
+        elif value:
+            environ[name] = absolute(value)
 
 
 def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:

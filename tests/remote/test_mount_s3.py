@@ -230,3 +230,24 @@ def test_trickling_body_is_abandoned_at_io_timeout(moto_server, tmp_path: Path) 
             m.stop(timeout=10)
     finally:
         proxy.stop()
+
+
+def test_daemon_finds_credentials_named_by_a_relative_path(bucket: Bucket) -> None:
+    """AWS_SHARED_CREDENTIALS_FILE (like the other path variables botocore and OpenSSL read)
+    relative to the directory `mount --daemon` was started in: the daemon works in "/", yet
+    it still names the file it named there."""
+    one = bucket.put("one.raw", MIB, seed=26)
+    started_in = bucket.tmp / "work"
+    started_in.mkdir()
+    (started_in / "creds").write_text(
+        "[default]\naws_access_key_id = from-file\naws_secret_access_key = from-file\n"
+    )
+    no_env_keys = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                   "AWS_SESSION_TOKEN")}
+    with CorfsMount(
+        bucket.url, bucket.cache, bucket.mnt, "--endpoint-url", bucket.endpoint,
+        "--daemon", "--no-stream", log_dir=bucket.logs, cwd=started_in,
+        env={**no_env_keys, "AWS_SHARED_CREDENTIALS_FILE": "creds"},
+    ) as m:
+        assert sha256_file(m.mnt / "one.raw") == sha256_file(one)
+        m.stop()
