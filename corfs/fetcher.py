@@ -189,7 +189,9 @@ class Fetcher:
                     ) from None
                 self.retries += 1
                 self._on_request(trio.current_time() - started, "retried", exc)
-                log.info("%s: retrying in %.2f s: %s", source.name, backoff, exc)
+                # Counted (metrics: outcome "retried"), not said: a line per try flooded the
+                # log through an outage; giving up is said by who asked.
+                log.debug("%s: retrying in %.2f s: %s", source.name, backoff, exc)
                 await trio.sleep(backoff)
             except CorfsError as exc:  # refused for good (gone, denied, changed): no retry
                 self._on_request(trio.current_time() - started, "failed", exc)

@@ -400,7 +400,9 @@ class Image:
             self.fill_errors += 1
             self._failing.record(run, str(exc), whole_fill=True)
             fill.error = exc
-            log.error("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
+            # Said by who waits for it (a reader's request, the stream's failure log): a line
+            # here too was one per failed fill through a whole outage.
+            log.debug("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
             self.fill_errors += 1
             fill.error = CorfsError(f"internal error filling {self.name}: {exc!r}")

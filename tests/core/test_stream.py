@@ -300,8 +300,9 @@ def test_failing_base_backs_off_shows_error_and_recovers(rig_factory) -> None:
 
 def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> None:
     """Backing off to 30 s, the stream logged every try (~12 lines in 4 minutes per image):
-    now the first, a reminder a minute at most, and the end."""
-    caplog.set_level(logging.INFO, logger="corfs.stream")
+    now the first, a reminder a minute at most, and the end; and nothing else says each try
+    (the image said each failed fill as an error)."""
+    caplog.set_level(logging.INFO, logger="corfs")
 
     async def main() -> None:
         policy = RetryPolicy(io_timeout=2.0, first_backoff=0.1, max_backoff=1.0)
@@ -322,6 +323,9 @@ def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> Non
     reminders = [line for line in lines[1:-1] if line.startswith("stream of a still fails: ")]
     assert reminders == lines[1:-1] and 2 <= len(reminders) <= 4, lines
     assert lines[-1].startswith("stream of a works again, after "), lines
+    others = [r.getMessage() for r in caplog.records
+              if r.name != "corfs.stream" and r.levelno >= logging.WARNING]
+    assert others == [], others
 
 
 def test_failed_chunks_are_never_recorded_local(rig_factory) -> None:
