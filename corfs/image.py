@@ -232,6 +232,11 @@ class Image:
         """Whether the chunk is on its way to local: being fetched, or queued to be stored."""
         return index in self._fills or index in self._queue
 
+    @property
+    def storing(self) -> bool:
+        """Whether fetched chunks of this image wait to be stored (write_behind.py)."""
+        return bool(self._queue)
+
     async def wait_stored(self) -> None:
         """Until no fetched chunk of this image waits to be stored (write_behind.py)."""
         await self._queue.wait_empty()

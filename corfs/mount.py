@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 # SIGHUP too (as libfuse's handlers do): a foreground mount whose terminal went away (an ssh
 # session dropped) was killed by it, leaving a dead mount and its last marks uncommitted.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STORE_ON_STOP_TIMEOUT = 60.0  # a clean stop stores the write-behind queue, at most this long
 REOPEN_FIRST = 1.0  # seconds before trying a base that was down at mount again; doubles
 REOPEN_MAX = 60.0
 
@@ -313,6 +314,26 @@ def _load_traces(
     return orders
 
 
+async def _store_fetched(
+    stream: StreamWorker, images: Sequence[Image], write_behind: WriteBehind
+) -> None:
+    """On a clean stop, what was fetched and waits in the write-behind queue is stored before
+    the daemon exits (within STORE_ON_STOP_TIMEOUT): those bytes cost a fetch, and a user who
+    read an image and stopped finds it cached. The stream starts no more fills; one already
+    fetching may still queue its chunks, which are waited for too."""
+    stream.pause()
+    if not any(image.storing for image in images):
+        return
+    log.info("storing the fetched chunks first (%.1f MiB queued)",
+             write_behind.queued_bytes / (1 << 20))
+    with trio.move_on_after(STORE_ON_STOP_TIMEOUT):
+        while storing := [image for image in images if image.storing]:
+            await storing[0].wait_stored()
+        return
+    log.warning("stopping with fetched chunks not stored after %.0f s: they will be fetched "
+                "again", STORE_ON_STOP_TIMEOUT)
+
+
 async def _commit_forever(
     store: CacheStore, interval: float, task_status=trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -347,18 +368,40 @@ async def _stop_on_signal(
         # undone); those under way end first, each QMP/virsh command of theirs bounded.
         for image in images:
             image.stopping = True
-        waited, said_at = 0.0, -math.inf
-        while switching := [image.name for image in images if image.switching_qemu]:
-            if waited - said_at >= 10:
-                log.info("waiting for QEMU's switch of %s to its DEST first (%.0f s; SIGKILL "
-                         "leaves it to the next mount)", ", ".join(switching), waited)
-                said_at = waited
-            await trio.sleep(0.05)
-            waited += 0.05
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_answer_signals_while_switching, signals, images)
+            await _wait_for_switches(images)
+            nursery.cancel_scope.cancel()
         if session_over.is_set():
             return
         pyfuse3.terminate()
         return
+
+
+def _switching(images: Sequence[Image]) -> str:
+    return ", ".join(image.name for image in images if image.switching_qemu)
+
+
+async def _wait_for_switches(images: Sequence[Image]) -> None:
+    waited, said_at = 0.0, -math.inf
+    while switching := _switching(images):
+        if waited - said_at >= 10:
+            log.info("waiting for QEMU's switch of %s to its DEST first (%.0f s; SIGKILL "
+                     "leaves it to the next mount)", switching, waited)
+            said_at = waited
+        await trio.sleep(0.05)
+        waited += 0.05
+
+
+async def _answer_signals_while_switching(
+    signals: AsyncIterator[int], images: Sequence[Image]
+) -> None:
+    """Another signal while a switch is waited for (an impatient operator) is answered at
+    once; it does not cut the switch short: QEMU's reopen drains its I/O through the mount."""
+    async for signum in signals:
+        log.warning("%s received again: still waiting for QEMU's switch of %s to its DEST "
+                    "(SIGKILL leaves it to the next mount)",
+                    signal.Signals(signum).name, _switching(images) or "an image")
 
 
 def _read_ahead_file(mountpoint: str) -> str | None:
@@ -536,6 +579,7 @@ async def _serve_with(
             metrics=metrics,
         )
         pyfuse3.init(operations, mountpoint, _fuse_options(config))
+        unmounted = False
         nursery.start_soon(_raise_read_ahead, mountpoint)
         try:
             store.write_small_file(MOUNTPOINT_FILE, mountpoint)
@@ -553,12 +597,18 @@ async def _serve_with(
             if on_ready is not None:
                 on_ready()
             await pyfuse3.main()
+            session_over.set()
+            pyfuse3.close(unmount=True)  # no request comes from here on: MNT is free at once
+            unmounted = True
+            log.info("unmounted %s", mountpoint)
+            await _store_fetched(stream, images, write_behind)
         finally:
             session_over.set()
             nursery.cancel_scope.cancel()
-            pyfuse3.close(unmount=True)
+            if not unmounted:
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", mountpoint)
             if recorder is not None:
                 store.write_small_file(TRACE_FILE, recorder.to_json())
-            log.info("unmounted %s", mountpoint)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.mounting import CorfsMount, make_image, run_corfs
 
-from .util import KIB, MIB, direct_read, direct_write, live_status
+from .util import KIB, MIB, direct_read, direct_write, image_status, live_status, status
 
 BLOCK = 4 * KIB
 SIZE = 16 * MIB
@@ -180,6 +180,27 @@ def _slow(self, way, offset, pieces):
     return _real(self, way, offset, pieces)
 datafile.DataFile._write_run = _slow
 """
+
+
+def test_a_clean_stop_stores_what_was_fetched_first(tmp_dirs, tmp_path):
+    """SIGTERM while fetched chunks wait to be stored (stores crawl here): the daemon stores
+    them before it exits (it dropped them, to be fetched again), the mount gone at once."""
+    from tests.mounting import REPO_ROOT
+
+    size = 1 * MIB
+    base_path = make_image(tmp_dirs.base / "disk.raw", size, seed=24)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_STORES)
+    with CorfsMount(
+        base_path.parent, tmp_dirs.cache, tmp_dirs.mnt, "--chunk-size", "64k", "--no-stream",
+        log_dir=tmp_dirs.logs, env={"PYTHONPATH": f"{hook}:{REPO_ROOT}"},
+    ) as m:
+        assert direct_read(m.mnt / "disk.raw", 0, size) == base_path.read_bytes()
+        assert image_status(live_status(m.mnt), "disk.raw")["local_bytes"] < size, "no test"
+        m.stop(timeout=60)
+    assert "storing the fetched chunks first" in m.log_text()
+    assert image_status(status(tmp_dirs.cache), "disk.raw")["local_bytes"] == size
 
 
 def test_kill9_with_a_full_write_behind_queue_keeps_every_byte_right(tmp_dirs, tmp_path):

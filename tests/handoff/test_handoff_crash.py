@@ -201,8 +201,9 @@ def test_a_sigterm_during_the_qemu_switch_waits_for_it(
     tmp_dirs: CorfsDirs, tmp_path: Path
 ) -> None:
     """SIGTERM while QEMU is being re-pointed (its reopen drains I/O through the mount): the
-    daemon unmounts only once the switch is over, so the handoff ends as if nothing came: the
-    CLI says handed over, QEMU writes to DEST, nothing is left for the next mount."""
+    daemon unmounts only once the switch is over (a second SIGTERM is answered, not obeyed),
+    so the handoff ends as if nothing came: the CLI says handed over, QEMU writes to DEST,
+    nothing is left for the next mount."""
     base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=13)
     dest = tmp_path / "vm.raw"
     with Qemu(tmp_path) as qemu:
@@ -213,6 +214,8 @@ def test_a_sigterm_during_the_qemu_switch_waits_for_it(
                          "the switch to begin")
                 assert m.proc is not None
                 m.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                m.proc.send_signal(signal.SIGTERM)  # an impatient second one: answered
                 # The switch pauses SWITCH_PAUSE_S: the mount stays until it is over (it was
                 # unmounted at once, under QEMU's reopen).
                 time.sleep(1.0)  # a daemon that does not wait has unmounted by now
@@ -226,6 +229,9 @@ def test_a_sigterm_during_the_qemu_switch_waits_for_it(
         assert not switch_over, "the switch ended before the daemon saw the signal: no test"
         assert mounted_during_switch, "unmounted while QEMU was being re-pointed"
         assert "waiting for QEMU's switch of disk.raw" in m.log_text()
+        assert "SIGTERM received again: still waiting for QEMU's switch of disk.raw" in (
+            m.log_text()
+        )
         assert cli.returncode == 0 and "handed over" in out, err
         _assert_qemu_runs_on(qemu, dest, base)
     store = CacheStore.open(str(tmp_dirs.cache), lock=False, create=False)
