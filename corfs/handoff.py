@@ -424,8 +424,11 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
                     "more)", handoff.name, handoff.dest,
                     "after QEMU switched" if on_dest else "and QEMU's state is unknown")
         return True
-    _settle_definition(via, handoff.dest, handoff.qemu_path)  # it may name DEST already
-    if linked:  # QEMU may have had the shared inode open: see the module docstring
+    if linked:
+        # It may name DEST already (re-pointed after QEMU switched, then QEMU switched back
+        # when that failed); before DEST was linked it cannot, and libvirt is not asked.
+        _settle_definition(via, handoff.dest, handoff.qemu_path)
+        # QEMU may have had the shared inode open: see the module docstring
         store.mark_dirty(handoff.name)  # first: once DEST is gone, a crash would not tell
         _unlink_our_link(store.data_path(handoff.name), handoff.dest)
     store.end_handoff(handoff.name)

@@ -279,6 +279,42 @@ def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeou
     assert dest.exists()
 
 
+def test_a_virsh_handoff_cut_short_before_dest_was_linked_asks_libvirt_nothing(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """Killed before DEST was linked, a --virsh handoff is undone at the next mount without a
+    question to libvirt: QEMU cannot run on a DEST that never existed, and the domain's
+    definition is re-pointed only after QEMU switched. (The mount asked virsh to re-point it
+    back anyway, a libvirt that does not answer holding the mount SETTLE_TIMEOUT.)"""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=12)
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        command = {"op": "handoff", "image": "disk.raw", "dest": str(dest), "virsh": "vm1"}
+        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())
+        wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
+                 "the daemon to stall at journaled")
+        m.kill9()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "virsh-calls"
+    virsh = fake_bin / "virsh"
+    virsh.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec sleep 90\n')
+    virsh.chmod(0o755)
+    started = time.monotonic()
+    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"},
+                        timeout=4 * SETTLE_TIMEOUT) as m:
+        took = time.monotonic() - started
+        status = image_status(live_status(m.mnt), "disk.raw")
+        assert status["state"] == "complete", status
+        m.stop()
+    assert not calls.exists(), calls.read_text()
+    assert took < SETTLE_TIMEOUT, took
+    assert "was cut short before QEMU switched: undone" in m.log_text()
+    assert not dest.exists()
+
+
 def test_a_handoff_claims_its_image_when_it_is_accepted(
     tmp_dirs: CorfsDirs, tmp_path: Path
 ) -> None:
