@@ -70,9 +70,12 @@ class ManifestBudget:
         self.limit = limit
         self.used = 0
 
+    def fits(self, held: int) -> bool:
+        return self.used + held <= self.limit
+
     def admit(self, name: str, held: int) -> bool:
         """Take `held` bytes for image `name`, or leave it out with one line."""
-        if self.used + held > self.limit:
+        if not self.fits(held):
             leave_out(
                 self.description,
                 name,

@@ -158,12 +158,16 @@ class PublishedStore:
         self._listing = trio.Lock()
         # manifest name -> (identity of the manifest object, image built from it, bytes held)
         self._cache: dict[str, tuple[str, PublishedImage, int]] = {}
+        # manifest name -> (identity, bytes it would hold) of those left out for memory: not
+        # read again while unchanged and still too large for what the budget has left
+        self._too_large: dict[str, tuple[str, int]] = {}
 
     async def _published(self, manifests: list[tuple[BaseImage, str]]) -> dict[str, BaseImage]:
         """Image name -> image of each manifest that parses and fits: the ones served since
         the last listing and unchanged first, then the others by name (manifest_loading.py)."""
         budget = ManifestBudget(self.description, self.manifest_memory)
         cache, self._cache = self._cache, {}
+        too_large, self._too_large = self._too_large, {}
         published: dict[str, BaseImage] = {}
         to_load = []
         for entry, name in sorted(manifests, key=lambda m: m[1]):
@@ -174,11 +178,24 @@ class PublishedStore:
                 self._cache[entry.name] = cached
                 published[name] = cached[1]
 
+        def still_too_large(entry: BaseImage, name: str) -> bool:
+            """Left out last time and unchanged: the budget only fills from here, so one that
+            does not fit now would not at its turn either; said as left out, not read."""
+            known = too_large.get(entry.name)
+            if known is None or known[0] != entry.identity or budget.fits(known[1]):
+                return False
+            budget.admit(name, known[1])  # says it is left out
+            self._too_large[entry.name] = known
+            return True
+
+        to_load = [(entry, name) for entry, name in to_load if not still_too_large(entry, name)]
+
         def use(entry: BaseImage, name: str, parsed: ParsedManifest) -> None:
             manifest = parsed.manifest
             if not valid_entry(self.description, name, manifest.size):
                 return
             if not budget.admit(name, parsed.held):
+                self._too_large[entry.name] = (entry.identity, parsed.held)
                 return
             image = PublishedImage(
                 name=name,

@@ -94,3 +94,29 @@ def test_manifests_beyond_the_memory_bound_are_left_out_one_line_each(tmp_path: 
         named = [line for line in m.log_text().splitlines() if "'0.raw'" in line]
         assert len(named) == 1 and "--manifest-memory" in named[0], m.log_text()
         m.stop()
+
+
+def test_a_manifest_left_out_for_memory_is_not_read_again_while_it_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    """A manifest left out by --manifest-memory was read and parsed again at every listing
+    (up to 64 MiB each time) to be left out again. Unchanged (same identity), its known cost
+    decides: here its bytes are made garbage in place, size, mtime and inode kept, so a
+    re-read would say it does not parse."""
+    dirs = CorfsDirs.under(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    images = [make_image(src / f"{n}.raw", 256 * KIB, seed=i) for i, n in enumerate("abc")]
+    publish(dirs.base, *images, chunk_size=4 * KIB)
+    with dirs.mount("--no-stream", "--manifest-memory", "8K") as m:
+        assert sorted(os.listdir(m.mnt)) == ["a.raw", "b.raw"]
+        manifest = dirs.base / "c.raw.corfs.json"
+        st = manifest.stat()
+        with open(manifest, "r+b") as f:
+            f.write(b"x" * st.st_size)
+        os.utime(manifest, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _forget_nothing(m.mnt, "a.raw")
+        named = [line for line in m.log_text().splitlines() if "'c.raw'" in line]
+        assert len(named) == 2, m.log_text()
+        assert all("--manifest-memory" in line for line in named), named
+        m.stop()
