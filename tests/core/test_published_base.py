@@ -284,3 +284,28 @@ def test_open_base_dir_mixes_raw_and_published(tmp_path: Path) -> None:
         await store.aclose()
 
     trio.run(main)
+
+
+def test_two_listings_at_once_read_each_manifest_once() -> None:
+    """A forget and a reconnect may list the base at the same moment: one listing at a time,
+    so the second finds the first's images (each would read and parse every manifest, and
+    each take a whole --manifest-memory)."""
+
+    async def main() -> None:
+        inner = MemoryBase()
+        for n in range(3):
+            put_published(inner, f"p{n}.raw", sample(1))
+        store = await with_published_images(inner)
+        results: list[list[str]] = []
+
+        async def listing() -> None:
+            results.append(sorted(i.name for i in await store.list_images()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listing)
+            nursery.start_soon(listing)
+        assert results == [["p0.raw", "p1.raw", "p2.raw"]] * 2
+        manifests = [key for key in inner.object_reads if key.endswith(".corfs.json")]
+        assert sorted(manifests) == [manifest_key(f"p{n}.raw") for n in range(3)]
+
+    trio.run(main)
