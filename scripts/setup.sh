@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config
   qemu-utils qemu-system-x86
-  nginx-light fio attr busybox-static e2fsprogs cpio curl
+  nginx-light fio attr busybox-static e2fsprogs cpio curl strace
   libvirt-daemon-system libvirt-clients
   prometheus
 )

@@ -160,3 +160,48 @@ def test_s3_publish_needs_no_list_permission(tmp_path: Path, objects_only) -> No
     listings = [line for line, _ in proxy.requests
                 if line.startswith((f"GET /{TEST_BUCKET}?", f"GET /{TEST_BUCKET}/?"))]
     assert not listings
+
+
+def test_a_directory_index_update_is_durable_before_its_lock_is_released(
+    tmp_path: Path,
+) -> None:
+    """The order of the system calls of `corfs publish` into a directory, seen by strace: the
+    new index.json is fsynced before it is renamed into place, and DEST (the directory holding
+    its new name) is fsynced after the rename and before the index lock is let go; a power cut
+    after the publish returns cannot lose its entry (nothing lists DEST to mend it later)."""
+    image = make_image(tmp_path / "one.raw", 4096, seed=7)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    trace = tmp_path / "strace.log"
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e",
+         "trace=openat,rename,renameat,renameat2,fsync,fdatasync,flock,close",
+         *corfs_command("publish", image, dest, "--chunk-size", "4K", "-j", "1",
+                        "--no-progress")],
+        capture_output=True, text=True, env=corfs_env(), timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines()
+             if line.split(None, 1)[0].isdigit() and len(line.split(None, 1)) == 2]
+    lock_open = next(i for i, c in enumerate(calls) if "index.lock" in c and "openat(" in c)
+    lock_fd = calls[lock_open].rsplit("= ", 1)[1].strip()
+    lock_taken = next(i for i, c in enumerate(calls)
+                      if i > lock_open and c.startswith(f"flock({lock_fd}, LOCK_EX"))
+    lock_released = next(i for i, c in enumerate(calls)
+                         if i > lock_taken and c.startswith(f"close({lock_fd})"))
+    renamed = [i for i, c in enumerate(calls)
+               if c.startswith("rename") and f'"{dest}/index.json"' in c]
+    assert len(renamed) == 1 and lock_taken < renamed[0] < lock_released, calls
+    tmp_name = calls[renamed[0]].split('"')[1]
+    tmp_open = max(i for i, c in enumerate(calls[: renamed[0]])
+                   if c.startswith("openat(") and f'"{tmp_name}"' in c)
+    tmp_fd = calls[tmp_open].rsplit("= ", 1)[1].strip()
+    assert any(c.startswith(f"fsync({tmp_fd})")
+               for c in calls[tmp_open : renamed[0]]), calls[tmp_open : renamed[0]]
+    dir_opens = [i for i in range(renamed[0], lock_released)
+                 if calls[i].startswith("openat(") and f'"{dest}"' in calls[i]
+                 and "O_DIRECTORY" in calls[i]]
+    assert dir_opens, calls[renamed[0] : lock_released]
+    dir_fd = calls[dir_opens[-1]].rsplit("= ", 1)[1].strip()
+    assert any(c.startswith(f"fsync({dir_fd})")
+               for c in calls[dir_opens[-1] : lock_released]), calls[renamed[0] : lock_released]
