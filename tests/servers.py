@@ -5,14 +5,17 @@ The pytest fixtures that share one of each per session are in tests/conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -321,3 +324,37 @@ class Moto:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+
+
+@contextlib.contextmanager
+def unix_listener(path: Path, answer: bytes | None) -> Iterator[None]:
+    """A unix socket at `path` that is not QEMU's: each connection gets `answer` and a hang-up,
+    or (None) silence until the end."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the end
+                return
+            if answer is None:
+                held.append(conn)
+                continue
+            with contextlib.suppress(OSError):
+                conn.sendall(answer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+        for conn in held:
+            conn.close()

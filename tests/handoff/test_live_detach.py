@@ -21,6 +21,7 @@ from corfs.control_client import send_command
 from corfs.errors import CorfsError
 from tests.fuse.util import assert_one_line_error, image_status, live_status, snapshot
 from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
+from tests.servers import unix_listener
 
 from .qemu import Qemu
 
@@ -190,18 +191,13 @@ def test_bad_input_is_one_line_and_changes_nothing(
             "no QEMU there": ["--qmp", str(tmp_path / "nothing.sock")],
             "not QMP": ["--qmp", str(not_qmp)],
         }
-        import socket
-
-        listener = socket.socket(socket.AF_UNIX)
-        listener.bind(str(not_qmp))
-        listener.listen()
-        try:
+        # Not QEMU: a socket that answers something else (one that says nothing is given up
+        # at QMP_TIMEOUT: tests/unit/test_qmp_socket.py, which waits less)
+        with unix_listener(not_qmp, b"hello, I am not QEMU\r\n"):
             for what, args in cases.items():
                 result = run_corfs("detach", m.mnt, "disk.raw", dest, *args, timeout=60)
                 assert result.returncode != 0, what
                 assert len(result.stderr.strip().splitlines()) == 1, (what, result.stderr)
-        finally:
-            listener.close()
         dest.write_bytes(b"x")
         assert_one_line_error(detach(tmp_dirs, dest, qemu), "exists")
         dest.unlink()
