@@ -305,11 +305,13 @@ def test_a_long_outage_is_a_line_a_minute_in_the_log(rig_factory, caplog) -> Non
     caplog.set_level(logging.INFO, logger="corfs")
 
     async def main() -> None:
-        policy = RetryPolicy(io_timeout=2.0, first_backoff=0.1, max_backoff=1.0)
+        policy = RetryPolicy(io_timeout=2.0, first_backoff=0.5, max_backoff=1.0)
         async with rig_factory({"a": DATA}, policy=policy) as rig:
             image = rig.image("a")
             rig.source("a").faults.fail_next = 10**9
-            stream = StreamWorker([image], StreamConfig())
+            # One worker fetching single chunks: a failed run is not tried again chunk by
+            # chunk, so each clock jump (5 ms of real time each) is a try this test is about.
+            stream = StreamWorker([image], StreamConfig(workers=1, run_chunks=1))
             async with trio.open_nursery() as nursery:
                 await nursery.start(stream.run)
                 await trio.sleep(250)  # simulated: backing off to 30 s, ~12 tries
