@@ -118,6 +118,7 @@ def test_a_base_that_goes_down_while_streaming_shows_offline_until_it_answers(
         site.restart_nginx()
         wait_for(lambda: image_status(live_status(m.mnt), "part.raw")["state"] == "streaming",
                  timeout=60, what="part.raw streaming again")
+        run_corfs("stream", "bandwidth", m.mnt, "0", check=True)  # the slow stream has done
         wait_complete(m.mnt, "part.raw", timeout=60)
         assert sha256_file(m.mnt / "part.raw") == sha256_file(site.part)
         m.stop()
