@@ -149,7 +149,7 @@ def test_a_mark_taken_during_a_failing_commit_wins_over_the_marks_put_back(
                             await rig.store.commit()
 
                     nursery.start_soon(failing_commit)
-                    await trio.to_thread.run_sync(in_commit.wait, 10)
+                    assert await trio.to_thread.run_sync(in_commit.wait, 10), "in_commit never came"
                     await image.write(CS, b"w" * CS)
                     written.set()
                 monkeypatch.setattr(os, "fdatasync", real)

@@ -137,7 +137,7 @@ def test_a_client_write_waits_for_a_store_in_its_folio_span(rig_factory, monkeyp
             monkeypatch.setattr(DataFile, "_write_run", slow_write_run)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(image.read, 4 * CS, 10)  # fills chunk 4: its store blocks
-                await trio.to_thread.run_sync(storing.wait, 10)
+                assert await trio.to_thread.run_sync(storing.wait, 10), "storing never came"
                 done: list[str] = []
 
                 async def write(name: str, index: int) -> None:
@@ -298,7 +298,7 @@ def test_fills_in_one_folio_span(rig_factory, monkeypatch, first, second, second
             monkeypatch.setattr(DataFile, "_write_chunks", write_chunks)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(image.wait_local, range(first, first + 1))
-                await trio.to_thread.run_sync(first_started.wait, 10)
+                assert await trio.to_thread.run_sync(first_started.wait, 10), "no first store"
                 nursery.start_soon(image.wait_local, range(second, second + 1))
                 with trio.move_on_after(0.3):
                     while second not in started:
@@ -339,7 +339,7 @@ def test_a_reader_arriving_while_a_fill_stores_never_sees_zeros(rig_factory, mon
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read, "first")
-                await trio.to_thread.run_sync(storing.wait, 10)
+                assert await trio.to_thread.run_sync(storing.wait, 10), "storing never came"
                 nursery.start_soon(read, "second")
                 await trio.sleep(0.1)
                 release.set()
@@ -378,7 +378,7 @@ def test_a_refused_direct_store_falls_back_as_a_buffered_one(rig_factory, monkey
             monkeypatch.setattr(os, "pwritev", pwritev)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(image.wait_local, range(5, 6))
-                await trio.to_thread.run_sync(holding.wait, 10)
+                assert await trio.to_thread.run_sync(holding.wait, 10), "holding never came"
                 nursery.start_soon(image.wait_local, range(4, 5))
                 await trio.sleep(0.3)
                 release.set()
