@@ -124,6 +124,10 @@ class FaultProxy:
                     return
                 first, headers = _split_head(head)
                 length = int(next((v for k, v in headers if k.lower() == "content-length"), 0))
+                if any(k.lower() == "expect" and v.lower() == "100-continue" for k, v in headers):
+                    # As an HTTP/1.1 server does (botocore asks it of every PutObject): the
+                    # client waited a second for it before it sent the body.
+                    client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 while len(buf) < length:
                     buf += client.recv(65536)
                 body, buf[:] = bytes(buf[:length]), buf[length:]
@@ -159,7 +163,7 @@ class FaultProxy:
             return True
         if fault.startswith("delay:"):
             time.sleep(float(fault.split(":")[1]))
-        drop = {"connection", "keep-alive", "proxy-connection"}
+        drop = {"connection", "keep-alive", "proxy-connection", "expect"}  # body in hand
         if fault == "ignore_range":
             drop |= {"range", "if-range", "if-match"}
         fwd = [(k, v) for k, v in headers if k.lower() not in drop] + [("Connection", "close")]
