@@ -319,12 +319,13 @@ async def _store_fetched(
 ) -> None:
     """On a clean stop, what was fetched and waits in the write-behind queue is stored before
     the daemon exits (within STORE_ON_STOP_TIMEOUT): those bytes cost a fetch, and a user who
-    read an image and stopped finds it cached. The stream starts no more fills; one already
-    fetching may still queue its chunks, which are waited for too."""
+    read an image and stopped finds it cached. The stream starts no more fills; a fill still
+    fetching is not waited for (its chunks are fetched again), only what it queues meanwhile."""
     stream.pause()
     if not any(image.storing for image in images):
         return
-    log.info("storing the fetched chunks first (%.1f MiB queued)",
+    log.info("storing the fetched chunks first (%.1f MiB queued; SIGKILL leaves them to be "
+             "fetched again)",
              write_behind.queued_bytes / (1 << 20))
     with trio.move_on_after(STORE_ON_STOP_TIMEOUT):
         while storing := [image for image in images if image.storing]:
