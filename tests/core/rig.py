@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import mmap
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import trio
@@ -186,10 +189,11 @@ REAL_TIME_LIMIT_S = 30.0
 
 
 def run_with_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
-    """Run `main` in virtual time that jumps whenever every task waits. The threshold lets
-    worker threads (fills write data files in threads) finish before the clock jumps past
-    them; with 0 a thread's few milliseconds would count as idle time. Fails (rather than
-    hangs) if a task spins: see REAL_TIME_LIMIT_S."""
+    """Run `main` in virtual time that jumps whenever every task waits and no worker thread
+    runs (fills write data files in threads; a thread's milliseconds are no idle time). A
+    fixed threshold of real idle time before each jump (5 ms) made a test that backs off
+    through a long outage take 15 s of real time. Fails (rather than hangs) if a task spins:
+    see REAL_TIME_LIMIT_S."""
 
     async def guarded() -> None:
         token = trio.lowlevel.current_trio_token()
@@ -206,4 +210,20 @@ def run_with_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
                 "(a busy loop keeps the mock clock from advancing)"
             )
 
-    trio.run(guarded, clock=trio.testing.MockClock(autojump_threshold=0.005))
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    threads = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
+        nonlocal threads
+        threads += 1
+        clock.autojump_threshold = math.inf  # the thread's end wakes the loop
+        try:
+            return await run_sync(*args, **kwargs)
+        finally:
+            threads -= 1
+            if not threads:
+                clock.autojump_threshold = 0
+
+    with mock.patch.object(trio.to_thread, "run_sync", counted_run_sync):
+        trio.run(guarded, clock=clock)
