@@ -79,13 +79,9 @@ def test_boot_while_streaming_then_without_base(dirs: CorfsDirs, vm_artifacts: V
 
     # The cache now holds the whole image: BASE is no longer needed.
     (dirs.base / IMAGE).unlink()
-    with dirs.mount() as m:
+    with dirs.mount() as m:  # boot 3 reads back boot 2's write: kept across the restart
         assert_boot(boot(disk, artifacts=vm_artifacts), vm_artifacts, 3)
         assert is_complete(image_status(dirs.mnt))
-        m.stop()
-
-    with dirs.mount() as m:
-        assert_boot(boot(disk, artifacts=vm_artifacts), vm_artifacts, 4)
         m.stop()
 
 
@@ -111,7 +107,6 @@ def test_boot_through_qcow2_overlay(tmp_path: Path, dirs: CorfsDirs, vm_artifact
             check=True,
         )
         assert_boot(boot(overlay, fmt="qcow2", artifacts=vm_artifacts), vm_artifacts, 2)
-        assert_boot(boot(overlay, fmt="qcow2", artifacts=vm_artifacts), vm_artifacts, 3)
         # The overlay's writes stayed in the overlay: the raw image still says boot 1.
         assert_boot(boot(disk, artifacts=vm_artifacts), vm_artifacts, 2)
         m.stop()
