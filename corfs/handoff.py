@@ -338,14 +338,18 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
             _fail_closed(monitor, dest, nodes_on)
             raise
         renamed: list[str] = []
+        repointing = False
         try:
             rename_backing(monitor, qemu_path, dest, renamed)  # qcow2 overlays' headers
             os.fdatasync(data_fd)
             if via.virsh is not None:
                 from .virsh import repoint_persistent_disk
 
+                repointing = True
                 repoint_persistent_disk(via.virsh, qemu_path, dest)
         except BaseException:
+            if repointing:  # libvirt may have taken it and virsh timed out: point it back
+                _settle_definition(via, dest, qemu_path)
             try:
                 rename_backing(monitor, dest, qemu_path, [], only=renamed)
                 # Back with QEMU's defaults for what QMP does not report: only a definition

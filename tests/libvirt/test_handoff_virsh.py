@@ -8,6 +8,7 @@ that libvirt attached to a device by node name.)"""
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -66,4 +67,41 @@ def test_virsh_handoff_to_an_unknown_domain_changes_nothing(
         assert_one_line_error(result, "domain")
         assert not dest.exists()
         assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        m.stop()
+
+
+def test_a_definition_libvirt_took_when_virsh_failed_is_pointed_back(
+    tmp_dirs: CorfsDirs, tmp_path: Path, libvirt: Libvirt, define_domain: DefineDomain
+) -> None:
+    """`virsh define` applied the definition naming DEST and then failed (it stands in for a
+    virsh that timed out after libvirt took it): the handoff is rolled back, QEMU switched
+    back to the mount, and the definition names the mount's image again (it was left naming a
+    DEST that the rollback unlinked: a restart of the domain would not boot)."""
+    make_image(tmp_dirs.base / "disk.raw", 8 * MIB, seed=23)
+    dest = tmp_path / "vm.raw"
+    name = unique_name()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    virsh = fake_bin / "virsh"
+    virsh.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = define ] && { /usr/bin/virsh "$@"; '
+        'echo "error: injected after define" >&2; exit 1; }; done\n'
+        'exec /usr/bin/virsh "$@"\n'
+    )
+    virsh.chmod(0o755)
+    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}) as m:
+        image = str(m.mnt / "disk.raw")
+        define_domain(name, domain_xml(name, Path(image)))
+        libvirt.virsh("start", "--domain", name)
+        result = run_corfs("detach", m.mnt, "disk.raw", dest, "--virsh", name, "--wait",
+                           timeout=120)
+        assert_one_line_error(result, "injected after define")
+        assert list(file_nodes(VirshMonitor(name)).values()) == [image]
+        inactive = libvirt.virsh("dumpxml", "--inactive", "--domain", name)
+        sources = [s.get("file") for s in ET.fromstring(inactive).iter("source") if s.get("file")]
+        assert sources == [image]
+        assert not dest.exists()
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
+        libvirt.virsh("destroy", "--domain", name)
         m.stop()
