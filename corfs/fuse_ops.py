@@ -110,6 +110,7 @@ class CorfsOperations(TranslatedOperations):
         self._statfs_path = statfs_path
         self._mount_time_ns = time.time_ns()
         self._daemon_uid = os.getuid()  # with root, the only users who may send commands
+        self.session_closed = False  # set by mount.py before pyfuse3.close()
         self._unlisted: set[int] = set()  # images handed over whose names the kernel dropped
 
     # ---- attributes ----------------------------------------------------------------------
@@ -318,7 +319,11 @@ class CorfsOperations(TranslatedOperations):
 
     async def _after_command(self, forgotten: Sequence[str] = ()) -> None:
         """What the kernel must forget after a command (or a handoff it started): pages of
-        chunks forgotten or written by QEMU directly, names of images handed over."""
+        chunks forgotten or written by QEMU directly, names of images handed over. Nothing
+        once the session is closed (a handoff ending while the daemon stops): the kernel's
+        caches went with the mount."""
+        if self.session_closed:
+            return
         await self._drop_stale_pages()
         for forgotten_name in forgotten:
             await self._drop_cached_pages(self._by_name[os.fsencode(forgotten_name)])

@@ -315,24 +315,28 @@ def _load_traces(
 
 
 async def _store_fetched(
-    stream: StreamWorker, images: Sequence[Image], write_behind: WriteBehind
+    stream: StreamWorker,
+    images: Sequence[Image],
+    write_behind: WriteBehind,
+    store: CacheStore,
+    store_wait: trio.CancelScope,
 ) -> None:
     """On a clean stop, what was fetched and waits in the write-behind queue is stored before
-    the daemon exits (within STORE_ON_STOP_TIMEOUT): those bytes cost a fetch, and a user who
-    read an image and stopped finds it cached. The stream starts no more fills; a fill still
-    fetching is not waited for (its chunks are fetched again), only what it queues meanwhile."""
+    the daemon exits (within STORE_ON_STOP_TIMEOUT; another stop signal ends the wait): those
+    bytes cost a fetch, and a user who read an image and stopped finds it cached. The stream
+    starts no more fills; a fill still fetching is not waited for (its chunks are fetched
+    again), only what it queues meanwhile. Not once the cache cannot record chunks any more."""
     stream.pause()
-    if not any(image.storing for image in images):
+    if store.sync_failure is not None or not any(image.storing for image in images):
         return
-    log.info("storing the fetched chunks first (%.1f MiB queued; SIGKILL leaves them to be "
-             "fetched again)",
+    log.info("storing the fetched chunks first (%.1f MiB queued; another signal skips this)",
              write_behind.queued_bytes / (1 << 20))
-    with trio.move_on_after(STORE_ON_STOP_TIMEOUT):
+    with trio.move_on_after(STORE_ON_STOP_TIMEOUT) as deadline, store_wait:
         while storing := [image for image in images if image.storing]:
             await storing[0].wait_stored()
-        return
-    log.warning("stopping with fetched chunks not stored after %.0f s: they will be fetched "
-                "again", STORE_ON_STOP_TIMEOUT)
+    if deadline.cancelled_caught:
+        log.warning("stopping with fetched chunks not stored after %.0f s: they will be "
+                    "fetched again", STORE_ON_STOP_TIMEOUT)
 
 
 async def _commit_forever(
@@ -356,14 +360,25 @@ async def _commit_forever(
 async def _stop_on_signal(
     signals: AsyncIterator[int],
     session_over: trio.Event,
+    store_wait: trio.CancelScope,
     images: Sequence[Image],
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The first stop signal unmounts; one that comes while the fetched chunks are stored on
+    the way out (_store_fetched) ends that wait."""
     task_status.started()
+    terminated = False
     async for signum in signals:
-        if session_over.is_set():  # unmounted already (fusermount3 -u): closing down
-            return  # terminate() on a closed session would crash the daemon
-        log.info("%s received: unmounting", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if session_over.is_set():  # closing down: terminate() on a closed session would crash
+            if any(image.storing for image in images) and not store_wait.cancel_called:
+                log.warning("%s received: not waiting for the fetched chunks to be stored "
+                            "(they will be fetched again)", name)
+                store_wait.cancel()
+            continue
+        if terminated:
+            continue  # the session is ending
+        log.info("%s received: unmounting", name)
         # A live handoff re-pointing QEMU: its reopen drains QEMU's I/O through this mount,
         # which must still answer. No switch starts from now on (the handoffs before it are
         # undone); those under way end first, each QMP/virsh command of theirs bounded.
@@ -373,10 +388,9 @@ async def _stop_on_signal(
             nursery.start_soon(_answer_signals_while_switching, signals, images)
             await _wait_for_switches(images)
             nursery.cancel_scope.cancel()
-        if session_over.is_set():
-            return
-        pyfuse3.terminate()
-        return
+        if not session_over.is_set():
+            pyfuse3.terminate()
+            terminated = True
 
 
 def _switching(images: Sequence[Image]) -> str:
@@ -581,12 +595,13 @@ async def _serve_with(
         )
         pyfuse3.init(operations, mountpoint, _fuse_options(config))
         unmounted = False
+        store_wait = trio.CancelScope()  # _store_fetched's wait, which a signal may end
         nursery.start_soon(_raise_read_ahead, mountpoint)
         try:
             store.write_small_file(MOUNTPOINT_FILE, mountpoint)
             await nursery.start(_commit_forever, store, config.commit_interval)
             await nursery.start(stream.run)
-            await nursery.start(_stop_on_signal, signals, session_over, images)
+            await nursery.start(_stop_on_signal, signals, session_over, store_wait, images)
             if down is not None:
                 log.warning(
                     "base %s does not answer (%s): serving the %d cached images, chunks not "
@@ -599,12 +614,14 @@ async def _serve_with(
                 on_ready()
             await pyfuse3.main()
             session_over.set()
+            operations.session_closed = True  # a handoff ending now must not notify the kernel
+            unmounted = True  # first: a second close() would crash on the gone session
             pyfuse3.close(unmount=True)  # no request comes from here on: MNT is free at once
-            unmounted = True
             log.info("unmounted %s", mountpoint)
-            await _store_fetched(stream, images, write_behind)
+            await _store_fetched(stream, images, write_behind, store, store_wait)
         finally:
             session_over.set()
+            operations.session_closed = True
             nursery.cancel_scope.cancel()
             if not unmounted:
                 pyfuse3.close(unmount=True)

@@ -203,7 +203,10 @@ class CacheStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise CacheLocked(f"cache {cache_dir} is in use by another corfs process") from None
+            raise CacheLocked(
+                f"cache {cache_dir} is in use by another corfs process (a mount that is "
+                "stopping holds it until its fetched bytes are stored)"
+            ) from None
         return fd
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import sqlite3
 import struct
 import threading
@@ -16,7 +17,16 @@ import pytest
 
 from tests.mounting import CorfsMount, make_image, run_corfs
 
-from .util import KIB, MIB, direct_read, direct_write, image_status, live_status, status
+from .util import (
+    KIB,
+    MIB,
+    direct_read,
+    direct_write,
+    image_status,
+    live_status,
+    status,
+    wait_for,
+)
 
 BLOCK = 4 * KIB
 SIZE = 16 * MIB
@@ -182,9 +192,11 @@ datafile.DataFile._write_run = _slow
 """
 
 
-def test_a_clean_stop_stores_what_was_fetched_first(tmp_dirs, tmp_path):
+@pytest.mark.parametrize("signals", [1, 2], ids=["waits", "second-signal-skips"])
+def test_a_clean_stop_stores_what_was_fetched_first(tmp_dirs, tmp_path, signals):
     """SIGTERM while fetched chunks wait to be stored (stores crawl here): the daemon stores
-    them before it exits (it dropped them, to be fetched again), the mount gone at once."""
+    them before it exits (it dropped them, to be fetched again), the mount gone at once. A
+    second signal ends that wait: what was not stored is fetched again next time."""
     from tests.mounting import REPO_ROOT
 
     size = 1 * MIB
@@ -196,11 +208,26 @@ def test_a_clean_stop_stores_what_was_fetched_first(tmp_dirs, tmp_path):
         base_path.parent, tmp_dirs.cache, tmp_dirs.mnt, "--chunk-size", "64k", "--no-stream",
         log_dir=tmp_dirs.logs, env={"PYTHONPATH": f"{hook}:{REPO_ROOT}"},
     ) as m:
-        assert direct_read(m.mnt / "disk.raw", 0, size) == base_path.read_bytes()
+        for offset in range(0, size, size // 4):  # four fills: four stores of 2.5 s each
+            assert direct_read(m.mnt / "disk.raw", offset, size // 4) == (
+                base_path.read_bytes()[offset : offset + size // 4]
+            )
         assert image_status(live_status(m.mnt), "disk.raw")["local_bytes"] < size, "no test"
+        started = time.monotonic()
+        if signals == 2:
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "storing the fetched chunks first" in m.log_text(), 10,
+                     "the store wait")
         m.stop(timeout=60)
+        took = time.monotonic() - started
     assert "storing the fetched chunks first" in m.log_text()
-    assert image_status(status(tmp_dirs.cache), "disk.raw")["local_bytes"] == size
+    local = image_status(status(tmp_dirs.cache), "disk.raw")["local_bytes"]
+    if signals == 1:
+        assert local == size
+    else:
+        assert "not waiting for the fetched chunks to be stored" in m.log_text()
+        assert local < size and took < 4 * SLOW_STORE_S, (local, took)
 
 
 def test_kill9_with_a_full_write_behind_queue_keeps_every_byte_right(tmp_dirs, tmp_path):
