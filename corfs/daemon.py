@@ -26,9 +26,11 @@ PATH_VARIABLES = (
     "AWS_CONFIG_FILE",
     "AWS_CA_BUNDLE",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
+    "SSLKEYLOGFILE",
 )
+PATH_LIST_VARIABLES = ("SSL_CERT_DIR", "AWS_DATA_PATH")  # several, ":"-separated
 
 
 def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
@@ -54,18 +56,18 @@ def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
 
 
 def make_environment_paths_absolute(environ: MutableMapping[str, str]) -> None:
-    """Each relative path among PATH_VARIABLES made absolute, against the current directory
-    ("~/..." is left to botocore; SSL_CERT_DIR may list several directories)."""
+    """Each relative path among PATH_VARIABLES and PATH_LIST_VARIABLES made absolute, against
+    the current directory ("~/..." is left to botocore)."""
 
     def absolute(path: str) -> str:
         return path if not path or path.startswith("~") else os.path.abspath(path)
 
     for name in PATH_VARIABLES:
-        value = environ.get(name)
-        if value and name == "SSL_CERT_DIR":
-            environ[name] = os.pathsep.join(map(absolute, value.split(os.pathsep)))
-        elif value:
+        if value := environ.get(name):
             environ[name] = absolute(value)
+    for name in PATH_LIST_VARIABLES:
+        if value := environ.get(name):
+            environ[name] = os.pathsep.join(map(absolute, value.split(os.pathsep)))
 
 
 def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:

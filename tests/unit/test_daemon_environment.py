@@ -17,6 +17,7 @@ def test_relative_paths_become_absolute_and_others_stay(tmp_path, monkeypatch) -
         "SSL_CERT_FILE": "../ca:1.pem",
         "SSL_CERT_DIR": "certs:/etc/ssl/certs",
         "AWS_WEB_IDENTITY_TOKEN_FILE": "",
+        "AWS_DATA_PATH": "models",
         "HOME": "relative-but-not-ours",
     }
     make_environment_paths_absolute(environ)
@@ -27,5 +28,6 @@ def test_relative_paths_become_absolute_and_others_stay(tmp_path, monkeypatch) -
         "SSL_CERT_FILE": os.path.join(tmp_path.parent, "ca:1.pem"),
         "SSL_CERT_DIR": f"{tmp_path / 'certs'}:/etc/ssl/certs",
         "AWS_WEB_IDENTITY_TOKEN_FILE": "",
+        "AWS_DATA_PATH": str(tmp_path / "models"),
         "HOME": "relative-but-not-ours",
     }
