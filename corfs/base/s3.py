@@ -119,9 +119,10 @@ class S3Base:
             config=config,
             verify=options.ca_file if options.ca_file else None,
         )
-        self.wire = S3Wire(
-            self.client, session.get_credentials(), options.ca_file, stall, self.limiter
-        )
+        # The reads trust what botocore trusts: --ca-file, else AWS_CA_BUNDLE or the
+        # profile's ca_bundle, else the system's CAs.
+        ca_file = options.ca_file or session._session.get_config_variable("ca_bundle")
+        self.wire = S3Wire(self.client, session.get_credentials(), ca_file, stall, self.limiter)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(

@@ -6,6 +6,7 @@ denied one BaseAccessDenied."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -149,6 +150,24 @@ def test_signed_reads_go_through_the_lean_reader(signed: SignedS3, as_user, tls:
         assert store.wire.targets[image.key].url.startswith(options.endpoint_url)
 
     _with_image(prefix, options, check)
+
+
+def test_the_ca_bundle_of_the_aws_configuration_serves_the_reads_too(
+    signed: SignedS3, as_user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA given the AWS way (AWS_CA_BUNDLE, or a profile's ca_bundle) and not --ca-file:
+    botocore trusted it for the listing, the lean reader did not, so every read failed its
+    certificate check."""
+    _put(signed, "bundle/disk.raw", DATA)
+    as_user(signed.reader)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(signed.tls.ca_cert))
+    options = dataclasses.replace(_options(signed, tls=True), ca_file=None)
+
+    async def check(store, image) -> None:
+        assert bytes(await image.read(MiB - 5, 10)) == DATA[MiB - 5 : MiB + 5]
+        assert store.wire.reader.stats.answered == 1
+
+    _with_image("bundle/", options, check)
 
 
 def test_changed_object_is_base_changed(signed: SignedS3, as_user) -> None:
