@@ -353,8 +353,11 @@ def unix_listener(path: Path, answer: bytes | None) -> Iterator[None]:
     try:
         yield
     finally:
-        server.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
         server.close()
         thread.join(5)
         for conn in held:
             conn.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

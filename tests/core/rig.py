@@ -207,7 +207,8 @@ def run_with_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
         if scope.cancelled_caught:
             pytest.fail(
                 f"over {REAL_TIME_LIMIT_S:g} s of real time in virtual time: a task never waits "
-                "(a busy loop keeps the mock clock from advancing)"
+                "(a busy loop keeps the mock clock from advancing), or a worker thread never "
+                "ends (the clock does not jump while one runs)"
             )
 
     clock = trio.testing.MockClock(autojump_threshold=0)

@@ -172,17 +172,21 @@ def test_a_directory_index_update_is_durable_before_its_lock_is_released(
     image = make_image(tmp_path / "one.raw", 4096, seed=7)
     dest = tmp_path / "dest"
     dest.mkdir()
-    trace = tmp_path / "strace.log"
+    traces = tmp_path / "strace"
+    traces.mkdir()
     result = subprocess.run(
-        ["strace", "-f", "-qq", "-o", str(trace), "-e",
+        # -ff: a file per thread, so no call is split by another thread's
+        ["strace", "-ff", "-qq", "-o", str(traces / "t"), "-e",
          "trace=openat,rename,renameat,renameat2,fsync,fdatasync,flock,close",
          *corfs_command("publish", image, dest, "--chunk-size", "4K", "-j", "1",
                         "--no-progress")],
         capture_output=True, text=True, env=corfs_env(), timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines()
-             if line.split(None, 1)[0].isdigit() and len(line.split(None, 1)) == 2]
+    # The thread that updated the index made every call below.
+    per_thread = [trace.read_text().splitlines() for trace in traces.iterdir()]
+    (calls,) = [lines for lines in per_thread
+                if any(line.startswith("rename") and '/index.json"' in line for line in lines)]
     lock_open = next(i for i, c in enumerate(calls) if "index.lock" in c and "openat(" in c)
     lock_fd = calls[lock_open].rsplit("= ", 1)[1].strip()
     lock_taken = next(i for i, c in enumerate(calls)

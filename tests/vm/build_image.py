@@ -310,8 +310,10 @@ def make_disk(root: Path, disk: Path) -> None:
 
 def extract_vmlinux(bzimage: Path, out: Path) -> None:
     """The ELF kernel inside a bzImage (its payload: one compressed stream after the setup
-    code). xz, zstd and gzip are what Debian has used; the ELF must carry the PVH note
-    (XEN_ELFNOTE_PHYS32_ENTRY) for QEMU to boot it."""
+    code, whose magic bytes may also occur by chance before it). xz, zstd and gzip are what
+    Debian has used; QEMU boots the ELF only through its PVH note (a Xen ELF note)."""
+    import zstandard
+
     data = bzimage.read_bytes()
     for magic, decompress in (
         (b"\xfd7zXZ\x00", lambda b: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(b)),
@@ -319,14 +321,17 @@ def extract_vmlinux(bzimage: Path, out: Path) -> None:
         (b"\x1f\x8b\x08", lambda b: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(b)),
     ):
         at = data.find(magic)
-        if at < 0:
-            continue
-        elf = decompress(data[at:])
-        if elf[:4] == b"\x7fELF":
-            if b"Xen\x00" not in elf:
-                raise RuntimeError(f"{bzimage}: the kernel has no Xen ELF note (no PVH entry)")
-            out.write_bytes(elf)
-            return
+        while at >= 0:
+            try:
+                elf = decompress(data[at:])
+            except (lzma.LZMAError, zlib.error, zstandard.ZstdError):
+                elf = b""
+            if elf[:4] == b"\x7fELF":
+                if b"Xen\x00" not in elf:
+                    raise RuntimeError(f"{bzimage}: the kernel has no Xen ELF note (no PVH entry)")
+                out.write_bytes(elf)
+                return
+            at = data.find(magic, at + 1)
     raise RuntimeError(f"{bzimage}: no compressed ELF kernel found in it")
 
 
