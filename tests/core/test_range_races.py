@@ -20,6 +20,19 @@ def blocks_held(image: Image, chunk: int) -> int:
     return len(blocks) - len(ranges.missing(blocks))
 
 
+async def read_in_flight(nursery: trio.Nursery, image: Image, offset: int) -> list[bytes]:
+    """A 4 KiB read of `image` at `offset` started in `nursery` and given 0.1 s (its range
+    fetch is then in flight); the list gets its answer when it ends."""
+    answer: list[bytes] = []
+
+    async def read() -> None:
+        answer.append(bytes(await image.read(offset, 4096)))
+
+    nursery.start_soon(read)
+    await trio.sleep(0.1)
+    return answer
+
+
 def test_a_whole_chunk_write_while_a_range_is_fetched(rig_factory) -> None:
     """The write lands (no fill: it covers the chunk) before the range's answer: the answer
     is not kept as the chunk's blocks, and later reads see the write."""
@@ -30,14 +43,8 @@ def test_a_whole_chunk_write_while_a_range_is_fetched(rig_factory) -> None:
         async with rig_factory({"a": data}, chunk_size=BIG_CS) as rig:
             image, source = rig.image("a"), rig.source("a")
             source.faults.delay = 1.0
-            answer: list[bytes] = []
-
-            async def read() -> None:
-                answer.append(bytes(await image.read(at, 4096)))
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await trio.sleep(0.1)
+                answer = await read_in_flight(nursery, image, at)
                 assert source.reads == [(at, 4096)]  # a range, in flight
                 await image.write(3 * BIG_CS, b"w" * BIG_CS)
             assert answer[0] in (data[at : at + 4096], b"w" * 4096)  # it raced the write
@@ -59,14 +66,8 @@ def test_a_chunk_filled_forgotten_and_written_while_a_range_is_fetched(rig_facto
         async with rig_factory({"a": data}, chunk_size=BIG_CS) as rig:
             image, source = rig.image("a"), rig.source("a")
             source.faults.delay = 1.0
-            answer: list[bytes] = []
-
-            async def read() -> None:
-                answer.append(bytes(await image.read(at, 4096)))
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await trio.sleep(0.1)
+                answer = await read_in_flight(nursery, image, at)
                 source.faults.delay = 0.0  # the range's answer is still 0.9 s away
                 await image.fill_each(range(3, 4))
                 await image.wait_stored()
@@ -92,14 +93,8 @@ def test_a_range_answered_after_a_forget_is_the_bases_until_a_write(rig_factory)
         async with rig_factory({"a": data}, chunk_size=BIG_CS) as rig:
             image, source = rig.image("a"), rig.source("a")
             source.faults.delay = 1.0
-            answer: list[bytes] = []
-
-            async def read() -> None:
-                answer.append(bytes(await image.read(at, 4096)))
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await trio.sleep(0.1)
+                answer = await read_in_flight(nursery, image, at)
                 source.faults.delay = 0.0
                 await image.fill_each(range(3, 4))
                 await image.wait_stored()
@@ -144,14 +139,8 @@ def test_the_last_partial_block_while_a_range_is_fetched(rig_factory) -> None:
             assert bytes(await image.read(size - 50, 4096)) == data[size - 50 :]
             assert source.reads[-1] == (8 * BIG_CS, 100)
             source.faults.delay = 1.0
-            answer: list[bytes] = []
-
-            async def read() -> None:
-                answer.append(bytes(await image.read(size - 3000, 4096)))
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await trio.sleep(0.1)
+                answer = await read_in_flight(nursery, image, size - 3000)
                 await image.write(8 * BIG_CS, b"w" * 200)  # answered 100: cut at the end
             written = data[size - 3000 : 8 * BIG_CS] + b"w" * 100
             assert answer[0] in (data[size - 3000 :], written)

@@ -74,13 +74,19 @@ def test_a_large_manifest_is_parsed_while_reads_are_answered(tmp_dirs: CorfsDirs
         m.stop()
 
 
-def test_manifests_beyond_the_memory_bound_are_left_out_one_line_each(tmp_path: Path) -> None:
+def _three_published_two_fit(tmp_path: Path) -> tuple[CorfsDirs, Path, list[Path]]:
+    """a.raw, b.raw and c.raw published into BASE: 64 stored 4 KiB chunks each, 64 x 57 =
+    3648 bytes of digests; `--manifest-memory 8K` holds two. (dirs, their sources, images)"""
     dirs = CorfsDirs.under(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
-    # 64 stored 4 KiB chunks each: 64 x 57 = 3648 bytes of digests; 8K holds two.
     images = [make_image(src / f"{n}.raw", 256 * KIB, seed=i) for i, n in enumerate("abc")]
     publish(dirs.base, *images, chunk_size=4 * KIB)
+    return dirs, src, images
+
+
+def test_manifests_beyond_the_memory_bound_are_left_out_one_line_each(tmp_path: Path) -> None:
+    dirs, src, images = _three_published_two_fit(tmp_path)
     with dirs.mount("--no-stream", "--manifest-memory", "8K") as m:
         assert sorted(os.listdir(m.mnt)) == ["a.raw", "b.raw"]  # by name
         named = [line for line in m.log_text().splitlines() if "'c.raw'" in line]
@@ -103,11 +109,7 @@ def test_a_manifest_left_out_for_memory_is_not_read_again_while_it_is_unchanged(
     (up to 64 MiB each time) to be left out again. Unchanged (same identity), its known cost
     decides: here its bytes are made garbage in place, size, mtime and inode kept, so a
     re-read would say it does not parse."""
-    dirs = CorfsDirs.under(tmp_path)
-    src = tmp_path / "src"
-    src.mkdir()
-    images = [make_image(src / f"{n}.raw", 256 * KIB, seed=i) for i, n in enumerate("abc")]
-    publish(dirs.base, *images, chunk_size=4 * KIB)
+    dirs, _, _ = _three_published_two_fit(tmp_path)
     with dirs.mount("--no-stream", "--manifest-memory", "8K") as m:
         assert sorted(os.listdir(m.mnt)) == ["a.raw", "b.raw"]
         manifest = dirs.base / "c.raw.corfs.json"

@@ -241,6 +241,29 @@ def test_a_sigterm_during_the_qemu_switch_waits_for_it(
         store.close()
 
 
+def _virsh_handoff_killed_at(tmp_dirs: CorfsDirs, dest: Path, step: str, seed: int) -> None:
+    """A --virsh handoff of a complete disk.raw to `dest`, the daemon killed at `step`."""
+    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=seed)
+    with tmp_dirs.mount(env={STALL_ENV: step}) as m:
+        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
+                 30, "the stream to complete")
+        command = {"op": "handoff", "image": "disk.raw", "dest": str(dest), "virsh": "vm1"}
+        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())  # no virsh call yet
+        wait_for(lambda: f"handoff stalled at {step}" in m.log_text(), 30,
+                 f"the daemon to stall at {step}")
+        m.kill9()
+
+
+def _path_with_virsh(tmp_path: Path, script: str) -> dict[str, str]:
+    """The environment of a mount whose `virsh` is `script` (a stand-in for libvirt)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    virsh = fake_bin / "virsh"
+    virsh.write_text(script)
+    virsh.chmod(0o755)
+    return {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
+
+
 def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeout(
     tmp_dirs: CorfsDirs, tmp_path: Path
 ) -> None:
@@ -249,24 +272,12 @@ def test_a_libvirt_that_does_not_answer_holds_the_settling_mount_only_its_timeou
     that sleeps: it stands in for the external command) holds the mount SETTLE_TIMEOUT per
     question, not virsh's minute-long defaults; with no answer, DEST stays and the handoff is
     finished (QEMU may run on it)."""
-    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=10)
     dest = tmp_path / "vm.raw"
-    with tmp_dirs.mount(env={STALL_ENV: "linked"}) as m:
-        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
-                 30, "the stream to complete")
-        command = {"op": "handoff", "image": "disk.raw", "dest": str(dest), "virsh": "vm1"}
-        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())  # no virsh call yet
-        wait_for(lambda: "handoff stalled at linked" in m.log_text(), 30,
-                 "the daemon to stall at linked")
-        m.kill9()
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    virsh = fake_bin / "virsh"
-    virsh.write_text("#!/bin/sh\nexec sleep 90\n")  # longer than virsh.py's own timeouts
-    virsh.chmod(0o755)
+    _virsh_handoff_killed_at(tmp_dirs, dest, "linked", seed=10)
+    # longer than virsh.py's own timeouts
+    env = _path_with_virsh(tmp_path, "#!/bin/sh\nexec sleep 90\n")
     started = time.monotonic()
-    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"},
-                        timeout=4 * SETTLE_TIMEOUT) as m:
+    with tmp_dirs.mount(env=env, timeout=4 * SETTLE_TIMEOUT) as m:
         took = time.monotonic() - started
         status = image_status(live_status(m.mnt), "disk.raw")
         assert status["state"] == "detached" and status["detached_to"] == str(dest)
@@ -286,25 +297,12 @@ def test_a_virsh_handoff_cut_short_before_dest_was_linked_asks_libvirt_nothing(
     question to libvirt: QEMU cannot run on a DEST that never existed, and the domain's
     definition is re-pointed only after QEMU switched. (The mount asked virsh to re-point it
     back anyway, a libvirt that does not answer holding the mount SETTLE_TIMEOUT.)"""
-    make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=12)
     dest = tmp_path / "vm.raw"
-    with tmp_dirs.mount(env={STALL_ENV: "journaled"}) as m:
-        wait_for(lambda: image_status(live_status(m.mnt), "disk.raw")["fill_ratio"] == 1.0,
-                 30, "the stream to complete")
-        command = {"op": "handoff", "image": "disk.raw", "dest": str(dest), "virsh": "vm1"}
-        os.setxattr(m.mnt, CONTROL_XATTR, json.dumps(command).encode())
-        wait_for(lambda: "handoff stalled at journaled" in m.log_text(), 30,
-                 "the daemon to stall at journaled")
-        m.kill9()
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
+    _virsh_handoff_killed_at(tmp_dirs, dest, "journaled", seed=12)
     calls = tmp_path / "virsh-calls"
-    virsh = fake_bin / "virsh"
-    virsh.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec sleep 90\n')
-    virsh.chmod(0o755)
+    env = _path_with_virsh(tmp_path, f'#!/bin/sh\necho "$@" >> {calls}\nexec sleep 90\n')
     started = time.monotonic()
-    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"},
-                        timeout=4 * SETTLE_TIMEOUT) as m:
+    with tmp_dirs.mount(env=env, timeout=4 * SETTLE_TIMEOUT) as m:
         took = time.monotonic() - started
         status = image_status(live_status(m.mnt), "disk.raw")
         assert status["state"] == "complete", status
