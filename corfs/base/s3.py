@@ -42,7 +42,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
-from ..s3_errors import s3_error
+from ..s3_errors import refuse_blind_redirects, s3_error
 from . import MAX_IMAGE_SIZE, BaseOptions, skip_bad_entry, valid_entry
 from .http import stall_timeout
 from .http_wire import parse_content_range
@@ -119,6 +119,7 @@ class S3Base:
             config=config,
             verify=options.ca_file if options.ca_file else None,
         )
+        refuse_blind_redirects(self.client)
         # The reads trust what botocore trusts: --ca-file, else AWS_CA_BUNDLE or the
         # profile's ca_bundle, else the system's CAs.
         ca_file = options.ca_file or session._session.get_config_variable("ca_bundle")

@@ -133,3 +133,62 @@ def test_an_object_listed_without_a_size_leaves_out_only_itself(endpoint, caplog
     trio.run(main)
     left_out = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
     assert len(left_out) == 1 and "'nosize.raw'" in left_out[0]
+
+
+REDIRECT = [("Location", "https://127.0.0.1:1/elsewhere"), ("Content-Length", "0")]
+
+
+@pytest.mark.parametrize("status", [301, 307])
+def test_an_endpoint_that_redirects_its_listing_fails_it_in_one_error(endpoint, status) -> None:
+    """An http -> https redirect in front of an S3-compatible endpoint names no region:
+    botocore's region redirector asked HeadBucket for one, got redirected again, and recursed
+    (~80 requests, then a RecursionError: a traceback for `corfs mount`)."""
+    options = serve(endpoint, lambda method, path, headers: (status, REDIRECT, []))
+
+    async def main() -> None:
+        with pytest.raises(BaseUnavailable, match=f"redirects \\(HTTP {status}\\)"):
+            await open_s3_base("s3://b/p/", options)
+
+    trio.run(main)
+    assert len(endpoint[0].requests) <= 2  # the listing, no chase after a region
+
+
+def test_an_object_read_that_is_redirected_fails_that_read_in_one_error(endpoint) -> None:
+    options = serve(endpoint, listing(b"8192", lambda: (307, REDIRECT, [])))
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            (image,) = await store.list_images()
+            for lean in (True, False):  # the lean reader hands a 3xx to botocore
+                if not lean:
+                    store.wire.targets[image.key] = None
+                with pytest.raises(BaseUnavailable, match="redirects"):
+                    await image.read(0, 4096)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    assert len(endpoint[0].requests) <= 6
+
+
+def test_a_redirect_naming_the_buckets_region_is_still_followed(endpoint) -> None:
+    """AWS's own answer to a client signing for the wrong region: botocore re-signs for the
+    region named and asks again (the same endpoint here), once."""
+    doc = LISTING % b"8192"
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "eu-west-1" not in headers.get("authorization", ""):
+            return 301, [("x-amz-bucket-region", "eu-west-1"), ("Content-Length", "0")], []
+        return 200, [("Content-Length", str(len(doc)))], [doc]
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            assert [image.name for image in await store.list_images()] == ["disk.raw"]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
