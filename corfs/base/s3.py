@@ -169,7 +169,9 @@ class S3Base:
                     raise TransientBaseError(f"{what}: wrong Content-Range for {offset}-{end}")
                 if got[2] is not None and got[2] != image.size:
                     raise BaseChanged(f"{what}: size changed on the server")
-                data = body.read(length + 1)
+                # Within --io-timeout, as read_object's: an abandoned read (the fetcher's
+                # deadline) must not trickle on for hours holding a limiter slot.
+                data = _read_within(body, length + 1, self.options.io_timeout, what)
             finally:
                 body.close()
         except BaseError:

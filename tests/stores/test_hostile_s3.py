@@ -4,6 +4,8 @@ absurd sizes are BaseProtocolError, a trickling listing ends at --io-timeout."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 
@@ -13,6 +15,7 @@ import trio
 from corfs.base import BaseOptions, open_base
 from corfs.base.s3 import open_s3_base
 from corfs.errors import BaseProtocolError, BaseUnavailable
+from corfs.fetcher import Fetcher, RetryPolicy
 from tests.hostile import HostileServer, MiB, Route, huge_body, trickle
 from tests.servers import FAKE_AWS_ENV
 
@@ -188,6 +191,40 @@ def test_a_redirect_naming_the_buckets_region_is_still_followed(endpoint) -> Non
         store = await open_s3_base("s3://b/p/", options)
         try:
             assert [image.name for image in await store.list_images()] == ["disk.raw"]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_an_abandoned_read_through_botocore_frees_its_connection_slot(endpoint) -> None:
+    """An endpoint that sends no ETags is read through botocore in worker threads, abandoned
+    at --io-timeout. A body that trickles (a byte every 0.2 s) kept its thread reading, and
+    its limiter slot held, for as long as it trickled (here 800 s): with one connection,
+    every later read of the healed endpoint waited for that slot and failed."""
+    doc = (LISTING % b"8192").replace(b'<ETag>"e"</ETag>', b"")
+    data = bytes(range(256)) * 32
+    healed = threading.Event()
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        body = data[first : last + 1]
+        head = [("Content-Range", f"bytes {first}-{last}/8192"), ("Content-Length", str(len(body)))]
+        return 206, head, [body] if healed.is_set() else trickle(body, 0.2)
+
+    options = dataclasses.replace(serve(endpoint, route), max_connections=1)
+    fetcher = Fetcher(RetryPolicy(io_timeout=options.io_timeout))
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            (image,) = await store.list_images()
+            with pytest.raises(BaseUnavailable):
+                await fetcher.read_with_retry(image, 0, 4096)
+            healed.set()
+            assert bytes(await fetcher.read_with_retry(image, 4096, 4096)) == data[4096:]
         finally:
             await store.aclose()
 
