@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from corfs.base import BaseOptions, open_base
-from corfs.base.s3 import open_s3_base
+from corfs.base.s3 import MAX_BUFFERED_BYTES, open_s3_base
 from corfs.errors import BaseProtocolError, BaseUnavailable
 from corfs.fetcher import Fetcher, RetryPolicy
 from tests.hostile import HostileServer, MiB, Route, huge_body, trickle
@@ -229,3 +229,38 @@ def test_an_abandoned_read_through_botocore_frees_its_connection_slot(endpoint) 
             await store.aclose()
 
     trio.run(main)
+
+
+BIG = 64 * MiB  # past MAX_BUFFERED_BYTES and the socket buffers' slack
+
+
+@pytest.mark.parametrize(
+    "what", ["listing", "listing-close-delimited", "read-error"],
+)
+def test_a_huge_listing_or_error_body_is_read_to_its_cap_only(endpoint, what: str) -> None:
+    """botocore reads a listing page or an error body whole into memory, with no cap: a
+    400 MiB listing page grew the process by 1.6 GB (4x)."""
+    declared = [] if what == "listing-close-delimited" else [("Content-Length", str(BIG))]
+    doc = (LISTING % b"8192").replace(b'<ETag>"e"</ETag>', b"")  # reads go through botocore
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path and what != "read-error":
+            return 200, declared, huge_body(BIG)
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        return 403, declared, huge_body(BIG)
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        with pytest.raises(BaseProtocolError, match="cap|past"):
+            store = await open_s3_base("s3://b/p/", options)
+            try:
+                (image,) = await store.list_images()
+                await image.read(0, 4096)
+            finally:
+                await store.aclose()
+
+    trio.run(main)
+    time.sleep(0.2)
+    assert endpoint[0].body_bytes_sent < MAX_BUFFERED_BYTES + SLACK
