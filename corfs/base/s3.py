@@ -17,8 +17,10 @@ botocore's: env, shared config / profile, instance role. Invariants:
 - Messages name the bucket and key, never credentials. botocore's exceptions become the error
   tree in s3_errors.py, the one mapper (publishing to S3 uses it too).
 - Sizes are checked (0..MAX_IMAGE_SIZE, else BaseProtocolError for that object), a GetObject
-  body is read to at most its cap + 1 bytes, and a listing has a deadline (--io-timeout) and a
-  cap on its entries: a hostile endpoint cannot make corfs buffer or wait without bound.
+  body is read to at most its cap + 1 bytes within --io-timeout, any body botocore holds
+  whole (a listing page, an error) to MAX_BUFFERED_BYTES, and a listing has a deadline
+  (--io-timeout) and a cap on its entries: a hostile endpoint cannot make corfs buffer or
+  wait without bound.
 Ranged reads of image bytes go through s3_wire.py (botocore signs, the lean HTTP reader sends
 and receives); an answer it does not expect is redone here through botocore.
 """
