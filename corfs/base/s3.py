@@ -243,12 +243,23 @@ class S3Base:
             f"{self.description} (listing)", self._list_sync, self.prefix
         )
         images = []
+        deeper = 0
         for key, size, etag in objects:
-            name = key.rsplit("/", 1)[-1]
-            if key == self.prefix or key.endswith("/") or not valid_entry(self.description, name):
+            name = key.removeprefix(self.prefix)
+            if not key.startswith(self.prefix) or "/" in name:
+                # Not directly below the prefix: an endpoint that ignores Delimiter listed
+                # p/sub/disk.raw too, which then took the name disk.raw from p/disk.raw.
+                deeper += 1
+                continue
+            if not name or not valid_entry(self.description, name):
                 continue
             with skip_bad_entry(self.description, name):  # a size absent or absurd: this one
                 images.append(self._image(key, size, etag))
+        if deeper:
+            log.warning(
+                "%s: the endpoint listed %d objects that are not directly below the prefix "
+                "(does it ignore Delimiter?): left out", self.description, deeper,
+            )
         return sorted(images, key=lambda i: i.name)
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:

@@ -264,3 +264,34 @@ def test_a_huge_listing_or_error_body_is_read_to_its_cap_only(endpoint, what: st
     trio.run(main)
     time.sleep(0.2)
     assert endpoint[0].body_bytes_sent < MAX_BUFFERED_BYTES + SLACK
+
+
+def test_objects_listed_below_or_beside_the_prefix_are_left_out(endpoint, caplog) -> None:
+    """An endpoint that ignores Delimiter lists deeper keys too: p/sub/disk.raw was served as
+    disk.raw in place of p/disk.raw (the last of a name won), and q/x.raw beside it."""
+    doc = LISTING.replace(
+        b"</ListBucketResult>",
+        b'<Contents><Key>p/sub/disk.raw</Key><Size>4096</Size><ETag>"f"</ETag></Contents>'
+        b'<Contents><Key>q/x.raw</Key><Size>4096</Size><ETag>"g"</ETag></Contents>'
+        b"</ListBucketResult>",
+    ) % b"8192"
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        return None
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_base("s3://b/p/", options)  # as a mount does
+        try:
+            (image,) = await store.list_images()
+            assert (image.name, image.size, image.identity) == (
+                "disk.raw", 8192, 'size=8192;etag="e"'
+            )
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    assert any("2 objects that are not directly below" in r.getMessage() for r in caplog.records)
