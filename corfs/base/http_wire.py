@@ -459,13 +459,20 @@ def _request_target(url: str) -> _RequestTarget:
     the same URL, and parsing it (twice, with describe_url) cost ~10 % of a small read."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+    default_port = 443 if scheme == "https" else 80
+    key = (scheme, parts.hostname or "", parts.port or default_port)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    # The Host httpx sends, and botocore signs (SigV4 covers it): the host name in lower case,
+    # the port only if it is not the scheme's. The URL's own spelling (S3.Example.com:443)
+    # broke every signature: each read was refused, then redone through botocore.
+    host = f"[{key[1]}]" if ":" in key[1] else key[1]
+    if parts.port is not None and parts.port != default_port:
+        host += f":{parts.port}"
     return _RequestTarget(
         key,
-        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}",
+        f"GET {path} HTTP/1.1\r\nHost: {host}",
         describe_url(url),
         bool(parts.username or parts.password),
     )
