@@ -11,10 +11,15 @@ What an answer means does not depend on who asked:
 - 412 / 416: BaseChanged (a conditional read lost its object); 5xx, 429 and throttling:
   TransientBaseError, as are connection failures and timeouts (the caller's retry policy
   applies). No credentials at all is BaseAccessDenied too; an unknown profile is a UsageError.
+- A redirect that names no bucket region (an http -> https redirect in front of an
+  S3-compatible endpoint, a login page) is BaseUnavailable, never followed: botocore follows
+  only AWS's region redirects, and `refuse_blind_redirects` keeps it from chasing the others.
 Messages name the bucket and key (`what`), never credentials.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .errors import (
     BaseAccessDenied,
@@ -57,6 +62,31 @@ _TRANSIENT = {
 }
 
 
+_REDIRECTS = (301, 302, 307, 308)
+
+
+def refuse_blind_redirects(client: Any) -> None:
+    """Make `client` (a botocore S3 client) take a redirect that names no region as its answer.
+    botocore's region redirector asks HeadBucket for the region such a redirect does not name,
+    and an endpoint that redirects that HeadBucket too sent it into endless recursion: ~80
+    requests, then a RecursionError (a traceback for `corfs mount`, an internal error per
+    read). Marking the request as redirected already makes botocore raise the 3xx as a
+    ClientError instead; AWS's own region redirects (x-amz-bucket-region, an error naming the
+    Region) are still followed by botocore, to AWS only."""
+    client.meta.events.register_first("needs-retry.s3", _no_blind_redirect)
+
+
+def _no_blind_redirect(request_dict: dict, response: Any = None, **_: Any) -> None:
+    if response is None or response[0] is None or response[0].status_code not in _REDIRECTS:
+        return
+    parsed = response[1]
+    if "x-amz-bucket-region" in parsed.get("ResponseMetadata", {}).get("HTTPHeaders", {}):
+        return
+    if parsed.get("Error", {}).get("Region"):
+        return
+    request_dict.setdefault("context", {}).setdefault("s3_redirect", {})["redirected"] = True
+
+
 def s3_error(exc: Exception, what: str) -> CorfsError:
     """The error for botocore's `exc` on `what` (s3://bucket/key), with the HTTP status it came
     from (metrics count by it); any other exception that is not an OSError or a parse failure
@@ -84,6 +114,11 @@ def _mapped(exc: Exception, what: str) -> CorfsError:
             return BaseChanged(f"{what}: changed on the server ({code or status})")
         if code in _TRANSIENT or status >= 500 or status == 429:
             return TransientBaseError(f"{what}: server busy or failing ({code or status})")
+        if status in _REDIRECTS:
+            return BaseUnavailable(
+                f"{what}: the endpoint redirects (HTTP {status}), corfs does not follow: "
+                "check --endpoint-url and --region"
+            )
         return BaseUnavailable(f"{what}: S3 error {code or status}")
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return BaseAccessDenied(f"{what}: no S3 credentials found (env, profile or instance role)")

@@ -4,7 +4,7 @@ goes, and how much of a body it reads.
 Invariants:
 - Redirects are followed here, by hand (httpx's own following is off): at most MAX_REDIRECTS
   hops, only to http(s), never from https to http (a TLS downgrade is refused with an error
-  naming it), never to a URL carrying user info.
+  naming it), never to a URL carrying user info or a port beyond 65535.
 - The auth header (--auth-header-env) is sent only to the origin (scheme, host, port) of the
   base URL it was given for; a hop to another origin goes without it (curl's rule). Every
   request of the HTTP store, httpx or the lean reader, asks `AuthHeader.for_url` for it.
@@ -70,6 +70,10 @@ def redirect_target(url: str, location: str | None, status: int) -> str:
         raise BaseUnavailable(f"{what}: redirect (HTTP {status}) without a Location")
     target = urljoin(url, location.strip())
     parts = urlsplit(target)
+    try:
+        _ = parts.port  # a ValueError for a port beyond 65535: here, not in describe_url later
+    except ValueError:
+        raise BaseUnavailable(f"{what}: refusing a redirect to a URL with a bad port") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise BaseUnavailable(f"{what}: refusing a redirect to {describe_url(target)!r}")

@@ -48,6 +48,8 @@ from .lean_conn import Conn, ConnKey, connect
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$")
+_STATUS = re.compile(r"[0-9]{3}")
+_DECIMAL = re.compile(r"[0-9]{1,16}")
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The one TLS context of a base: the system's CAs plus `ca_file`, certificates and host
@@ -367,7 +369,10 @@ class PlainReader:
                     cut = head.find(b"\r\n\r\n")
                     if cut >= 0:
                         break
-                    if len(head) > self.HEAD_LIMIT:
+                    if len(head) > self.HEAD_LIMIT or b"\n\n" in head:
+                        # Too long, or lines ended by a bare LF (never in a CRLF head): a
+                        # keep-alive answer would leave us waiting for a CRLF CRLF until the
+                        # stall timeout, on every try.
                         return None, False
             except ConnectionResetError:
                 if not head:
@@ -406,8 +411,14 @@ class PlainReader:
                 )
             if got[2] is not None and got[2] != validator.size:
                 raise BaseChanged(f"{what}: size changed on the server")
-            if headers.get("content-length") != str(length):
-                raise TransientBaseError(f"{what}: answer has the wrong Content-Length")
+            declared = headers.get("content-length")
+            if declared != str(length):
+                if declared is None or not _DECIMAL.fullmatch(declared):
+                    # A body delimited by the end of the connection, a Content-Length sent
+                    # twice ("4096, 4096"): legal, and httpx knows what they mean.
+                    return None, False
+                if int(declared) != length:
+                    raise TransientBaseError(f"{what}: answer has the wrong Content-Length")
             out = view = aligned_buffer(length)
             body = head[cut + 4 :]
             have = len(body)
@@ -448,13 +459,20 @@ def _request_target(url: str) -> _RequestTarget:
     the same URL, and parsing it (twice, with describe_url) cost ~10 % of a small read."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+    default_port = 443 if scheme == "https" else 80
+    key = (scheme, parts.hostname or "", parts.port or default_port)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    # The Host httpx sends, and botocore signs (SigV4 covers it): the host name in lower case,
+    # the port only if it is not the scheme's. The URL's own spelling (S3.Example.com:443)
+    # broke every signature: each read was refused, then redone through botocore.
+    host = f"[{key[1]}]" if ":" in key[1] else key[1]
+    if parts.port is not None and parts.port != default_port:
+        host += f":{parts.port}"
     return _RequestTarget(
         key,
-        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}",
+        f"GET {path} HTTP/1.1\r\nHost: {host}",
         describe_url(url),
         bool(parts.username or parts.password),
     )
@@ -490,7 +508,7 @@ def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str]]:
     status_line = lines[0].split(" ", 2)
     if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
         return None, {}
-    if not status_line[1].isdigit():
+    if not _STATUS.fullmatch(status_line[1]):  # not isdigit(): it takes '²', int() does not
         return None, {}
     headers: dict[str, str] = {}
     for line in lines[1:]:

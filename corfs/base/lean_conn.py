@@ -153,25 +153,22 @@ Conn = PlainConn | TlsConn
 
 async def connect(key: ConnKey, stall: float, tls: ssl.SSLContext | None) -> Conn:
     """A new connection to `key`'s server (TLS for https, verified with `tls`), made within
-    `stall` seconds (trio.TooSlowError otherwise)."""
+    `stall` seconds (trio.TooSlowError otherwise). Every address of the host name is tried,
+    as httpx does (trio's happy eyeballs): with only the first, a name whose first address
+    the server does not listen on (localhost as ::1, a server on IPv4 only) failed every read
+    while the listing, through httpx, worked."""
     scheme, host, port = key
-    sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET)
-    sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+    sock = None
     try:
         with trio.fail_after(stall):
-            addr = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-            family, _, _, _, sockaddr = addr[0]
-            if family != sock.family:
-                sock.close()
-                sock = trio.socket.socket(family)
-                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-            await sock.connect(sockaddr)
+            stream = await trio.open_tcp_stream(host, port)
+            sock = stream.socket  # TCP_NODELAY set by trio's SocketStream
             if scheme == "https":
                 if tls is None:
                     raise ssl.SSLError("no TLS context")
                 return await TlsConn.handshake(sock, tls, host, key)
             return PlainConn(sock, key)
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
-

@@ -17,8 +17,10 @@ botocore's: env, shared config / profile, instance role. Invariants:
 - Messages name the bucket and key, never credentials. botocore's exceptions become the error
   tree in s3_errors.py, the one mapper (publishing to S3 uses it too).
 - Sizes are checked (0..MAX_IMAGE_SIZE, else BaseProtocolError for that object), a GetObject
-  body is read to at most its cap + 1 bytes, and a listing has a deadline (--io-timeout) and a
-  cap on its entries: a hostile endpoint cannot make corfs buffer or wait without bound.
+  body is read to at most its cap + 1 bytes within --io-timeout, any body botocore holds
+  whole (a listing page, an error) to MAX_BUFFERED_BYTES, and a listing has a deadline
+  (--io-timeout) and a cap on its entries: a hostile endpoint cannot make corfs buffer or
+  wait without bound.
 Ranged reads of image bytes go through s3_wire.py (botocore signs, the lean HTTP reader sends
 and receives); an answer it does not expect is redone here through botocore.
 """
@@ -42,15 +44,17 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
-from ..s3_errors import s3_error
-from . import MAX_IMAGE_SIZE, BaseOptions, skip_bad_entry, valid_entry
+from ..s3_errors import refuse_blind_redirects, s3_error
+from . import MAX_IMAGE_SIZE, BaseOptions, describe_url, skip_bad_entry, valid_entry
 from .http import stall_timeout
+from .http_policy import parse_byte_count
 from .http_wire import parse_content_range
 from .s3_wire import S3Wire
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED_OBJECTS = 100_000  # below one prefix; ListObjects pages hold 1000 each
+MAX_BUFFERED_BYTES = 16 << 20  # a ListObjectsV2 page (1000 keys) is ~300 KB, an error ~1 KB
 
 def checked_size(value: object, what: str) -> int:
     """An object size from the endpoint, if it is a plausible one."""
@@ -119,6 +123,8 @@ class S3Base:
             config=config,
             verify=options.ca_file if options.ca_file else None,
         )
+        refuse_blind_redirects(self.client)
+        cap_buffered_answers(self.client)
         # The reads trust what botocore trusts: --ca-file, else AWS_CA_BUNDLE or the
         # profile's ca_bundle, else the system's CAs.
         ca_file = options.ca_file or session._session.get_config_variable("ca_bundle")
@@ -168,7 +174,9 @@ class S3Base:
                     raise TransientBaseError(f"{what}: wrong Content-Range for {offset}-{end}")
                 if got[2] is not None and got[2] != image.size:
                     raise BaseChanged(f"{what}: size changed on the server")
-                data = body.read(length + 1)
+                # Within --io-timeout, as read_object's: an abandoned read (the fetcher's
+                # deadline) must not trickle on for hours holding a limiter slot.
+                data = _read_within(body, length + 1, self.options.io_timeout, what)
             finally:
                 body.close()
         except BaseError:
@@ -235,12 +243,23 @@ class S3Base:
             f"{self.description} (listing)", self._list_sync, self.prefix
         )
         images = []
+        deeper = 0
         for key, size, etag in objects:
-            name = key.rsplit("/", 1)[-1]
-            if key == self.prefix or key.endswith("/") or not valid_entry(self.description, name):
+            name = key.removeprefix(self.prefix)
+            if not key.startswith(self.prefix) or "/" in name:
+                # Not directly below the prefix: an endpoint that ignores Delimiter listed
+                # p/sub/disk.raw too, which then took the name disk.raw from p/disk.raw.
+                deeper += 1
+                continue
+            if not name or not valid_entry(self.description, name):
                 continue
             with skip_bad_entry(self.description, name):  # a size absent or absurd: this one
                 images.append(self._image(key, size, etag))
+        if deeper:
+            log.warning(
+                "%s: the endpoint listed %d objects that are not directly below the prefix "
+                "(does it ignore Delimiter?): left out", self.description, deeper,
+            )
         return sorted(images, key=lambda i: i.name)
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:
@@ -283,6 +302,77 @@ class S3Base:
         self.wire.close()
         # Not under the limiter: abandoned calls may still hold its slots.
         await trio.to_thread.run_sync(self.client.close, abandon_on_cancel=True)
+
+
+def cap_buffered_answers(client: Any) -> None:
+    """Make `client` (botocore's) read each answer body it holds whole (a listing page, an
+    error) to at most MAX_BUFFERED_BYTES. botocore has no such cap: a hostile endpoint's
+    400 MiB listing page grew the process by 1.6 GB, and an abandoned call reads on. Its
+    HTTP session is not public API: if it is not where it was, reads stay uncapped."""
+    endpoint: Any = getattr(client, "_endpoint", None)
+    inner = getattr(endpoint, "http_session", None)
+    if inner is None or not hasattr(inner, "send"):
+        log.debug("botocore's HTTP session not found: its answer bodies are not capped")
+        return
+    endpoint.http_session = _CappedSession(inner)
+
+
+class _CappedSession:
+    """botocore's HTTP session, reading the bodies botocore would buffer itself (all but a
+    GetObject's successful one, which stays a stream) to MAX_BUFFERED_BYTES."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def send(self, request: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        streamed = request.stream_output
+        request.stream_output = True  # the session leaves the body unread: read it here
+        try:
+            response = self.inner.send(request)
+        finally:
+            request.stream_output = streamed
+        if streamed and response.status_code < 300:
+            return response
+        body = _read_capped(response.raw, response.headers, describe_url(request.url))
+        return AWSResponse(response.url, response.status_code, response.headers, _Read(body))
+
+
+class _Read:
+    """A body read already, as AWSResponse.content reads a raw one (stream())."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, *_: Any, **__: Any) -> Any:
+        yield self.data
+
+
+def _read_capped(raw: Any, headers: Any, what: str) -> bytes:
+    declared = headers.get("content-length")
+    pieces: list[bytes] = []
+    got = 0
+    try:
+        if declared is not None and (
+            parse_byte_count(declared, what, "Content-Length") > MAX_BUFFERED_BYTES
+        ):
+            raise BaseProtocolError(f"{what}: answer of {declared} bytes is over the cap")
+        for piece in raw.stream(1 << 16):
+            got += len(piece)
+            if got > MAX_BUFFERED_BYTES:
+                raise BaseProtocolError(f"{what}: answer runs past {MAX_BUFFERED_BYTES} bytes")
+            pieces.append(piece)
+    except BaseError:
+        raw.close()  # never reuse a connection left mid-body
+        raise
+    except Exception as exc:  # urllib3's, as botocore's session would have mapped them
+        raw.close()
+        raise TransientBaseError(f"{what}: answer cut short ({type(exc).__name__})") from None
+    return b"".join(pieces)
 
 
 def _read_within(body: Any, limit: int, seconds: float, what: str) -> bytes:

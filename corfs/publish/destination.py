@@ -45,7 +45,7 @@ from typing import Protocol
 
 from ..durable import fsync_dir
 from ..errors import BaseAccessDenied, BaseChanged, BaseNotFound, CorfsError, UsageError
-from ..s3_errors import s3_error
+from ..s3_errors import refuse_blind_redirects, s3_error
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ class S3Destination:
         try:
             session = boto3.Session(profile_name=profile, region_name=region)
             client = session.client("s3", endpoint_url=endpoint_url, config=config)
+            refuse_blind_redirects(client)
         except Exception as exc:  # botocore.exceptions.ProfileNotFound and friends
             raise s3_error(exc, description) from None
         dest = cls(client, bucket, prefix, description)

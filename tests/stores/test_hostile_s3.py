@@ -4,6 +4,8 @@ absurd sizes are BaseProtocolError, a trickling listing ends at --io-timeout."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 
@@ -11,8 +13,9 @@ import pytest
 import trio
 
 from corfs.base import BaseOptions, open_base
-from corfs.base.s3 import open_s3_base
+from corfs.base.s3 import MAX_BUFFERED_BYTES, open_s3_base
 from corfs.errors import BaseProtocolError, BaseUnavailable
+from corfs.fetcher import Fetcher, RetryPolicy
 from tests.hostile import HostileServer, MiB, Route, huge_body, trickle
 from tests.servers import FAKE_AWS_ENV
 
@@ -133,3 +136,162 @@ def test_an_object_listed_without_a_size_leaves_out_only_itself(endpoint, caplog
     trio.run(main)
     left_out = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
     assert len(left_out) == 1 and "'nosize.raw'" in left_out[0]
+
+
+REDIRECT = [("Location", "https://127.0.0.1:1/elsewhere"), ("Content-Length", "0")]
+
+
+@pytest.mark.parametrize("status", [301, 307])
+def test_an_endpoint_that_redirects_its_listing_fails_it_in_one_error(endpoint, status) -> None:
+    """An http -> https redirect in front of an S3-compatible endpoint names no region:
+    botocore's region redirector asked HeadBucket for one, got redirected again, and recursed
+    (~80 requests, then a RecursionError: a traceback for `corfs mount`)."""
+    options = serve(endpoint, lambda method, path, headers: (status, REDIRECT, []))
+
+    async def main() -> None:
+        with pytest.raises(BaseUnavailable, match=f"redirects \\(HTTP {status}\\)"):
+            await open_s3_base("s3://b/p/", options)
+
+    trio.run(main)
+    assert len(endpoint[0].requests) <= 2  # the listing, no chase after a region
+
+
+def test_an_object_read_that_is_redirected_fails_that_read_in_one_error(endpoint) -> None:
+    options = serve(endpoint, listing(b"8192", lambda: (307, REDIRECT, [])))
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            (image,) = await store.list_images()
+            for lean in (True, False):  # the lean reader hands a 3xx to botocore
+                if not lean:
+                    store.wire.targets[image.key] = None
+                with pytest.raises(BaseUnavailable, match="redirects"):
+                    await image.read(0, 4096)
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    assert len(endpoint[0].requests) <= 6
+
+
+def test_a_redirect_naming_the_buckets_region_is_still_followed(endpoint) -> None:
+    """AWS's own answer to a client signing for the wrong region: botocore re-signs for the
+    region named and asks again (the same endpoint here), once."""
+    doc = LISTING % b"8192"
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "eu-west-1" not in headers.get("authorization", ""):
+            return 301, [("x-amz-bucket-region", "eu-west-1"), ("Content-Length", "0")], []
+        return 200, [("Content-Length", str(len(doc)))], [doc]
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            assert [image.name for image in await store.list_images()] == ["disk.raw"]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_an_abandoned_read_through_botocore_frees_its_connection_slot(endpoint) -> None:
+    """An endpoint that sends no ETags is read through botocore in worker threads, abandoned
+    at --io-timeout. A body that trickles (a byte every 0.2 s) kept its thread reading, and
+    its limiter slot held, for as long as it trickled (here 800 s): with one connection,
+    every later read of the healed endpoint waited for that slot and failed."""
+    doc = (LISTING % b"8192").replace(b'<ETag>"e"</ETag>', b"")
+    data = bytes(range(256)) * 32
+    healed = threading.Event()
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        body = data[first : last + 1]
+        head = [("Content-Range", f"bytes {first}-{last}/8192"), ("Content-Length", str(len(body)))]
+        return 206, head, [body] if healed.is_set() else trickle(body, 0.2)
+
+    options = dataclasses.replace(serve(endpoint, route), max_connections=1)
+    fetcher = Fetcher(RetryPolicy(io_timeout=options.io_timeout))
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            (image,) = await store.list_images()
+            with pytest.raises(BaseUnavailable):
+                await fetcher.read_with_retry(image, 0, 4096)
+            healed.set()
+            assert bytes(await fetcher.read_with_retry(image, 4096, 4096)) == data[4096:]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+BIG = 64 * MiB  # past MAX_BUFFERED_BYTES and the socket buffers' slack
+
+
+@pytest.mark.parametrize(
+    "what", ["listing", "listing-close-delimited", "read-error"],
+)
+def test_a_huge_listing_or_error_body_is_read_to_its_cap_only(endpoint, what: str) -> None:
+    """botocore reads a listing page or an error body whole into memory, with no cap: a
+    400 MiB listing page grew the process by 1.6 GB (4x)."""
+    declared = [] if what == "listing-close-delimited" else [("Content-Length", str(BIG))]
+    doc = (LISTING % b"8192").replace(b'<ETag>"e"</ETag>', b"")  # reads go through botocore
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path and what != "read-error":
+            return 200, declared, huge_body(BIG)
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        return 403, declared, huge_body(BIG)
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        with pytest.raises(BaseProtocolError, match="cap|past"):
+            store = await open_s3_base("s3://b/p/", options)
+            try:
+                (image,) = await store.list_images()
+                await image.read(0, 4096)
+            finally:
+                await store.aclose()
+
+    trio.run(main)
+    time.sleep(0.2)
+    assert endpoint[0].body_bytes_sent < MAX_BUFFERED_BYTES + SLACK
+
+
+def test_objects_listed_below_or_beside_the_prefix_are_left_out(endpoint, caplog) -> None:
+    """An endpoint that ignores Delimiter lists deeper keys too: p/sub/disk.raw was served as
+    disk.raw in place of p/disk.raw (the last of a name won), and q/x.raw beside it."""
+    doc = LISTING.replace(
+        b"</ListBucketResult>",
+        b'<Contents><Key>p/sub/disk.raw</Key><Size>4096</Size><ETag>"f"</ETag></Contents>'
+        b'<Contents><Key>q/x.raw</Key><Size>4096</Size><ETag>"g"</ETag></Contents>'
+        b"</ListBucketResult>",
+    ) % b"8192"
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" in path:
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        return None
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_base("s3://b/p/", options)  # as a mount does
+        try:
+            (image,) = await store.list_images()
+            assert (image.name, image.size, image.identity) == (
+                "disk.raw", 8192, 'size=8192;etag="e"'
+            )
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    assert any("2 objects that are not directly below" in r.getMessage() for r in caplog.records)

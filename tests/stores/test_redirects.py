@@ -205,3 +205,47 @@ def test_an_image_redirected_to_a_mirror_that_does_not_answer_is_left_out_alone(
     left_out = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
     assert len(left_out) == 1 and "'mirrored.raw'" in left_out[0], left_out
     assert "redirected to" in left_out[0] and "connection refused" in left_out[0]
+
+
+BAD_PORT = "http://127.0.0.1:99999/disk.raw"  # parses as a URL; its port does not
+
+
+def test_a_redirect_to_a_port_beyond_65535_fails_only_its_image(token) -> None:
+    """urlsplit parses such a Location; its .port raises ValueError, which escaped the store
+    (describe_url, origin_of): a dir base listing one such image failed the whole mount with
+    a traceback, and a read redirected so (with an auth header) was an internal error."""
+    redirect_reads = {"on": False}
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if path == "/index.json":
+            doc = b'{"images": [{"name": "bad.raw"}, {"name": "good.raw"}]}'
+            return 200, [("Content-Length", str(len(doc)))], [doc]
+        if path == "/bad.raw" or (redirect_reads["on"] and method == "GET"):
+            return 302, [("Location", BAD_PORT), ("Content-Length", "0")], []
+        if path != "/good.raw":
+            return None
+        if method == "HEAD":
+            return 200, [("Content-Length", str(len(DATA))), ("ETag", '"e"')], []
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        return 206, [("Content-Range", f"bytes {first}-{last}/{len(DATA)}"), ("ETag", '"e"'),
+                     ("Content-Length", str(last - first + 1))], [DATA[first : last + 1]]
+
+    server = HostileServer(route).start()
+    options = BaseOptions(io_timeout=3.0, auth_header_env="CORFS_TEST_REDIRECT_AUTH")
+
+    async def main() -> None:
+        store = await open_base(server.url, options)
+        try:
+            (image,) = await store.list_images()
+            assert image.name == "good.raw"
+            assert bytes(await image.read(0, 1000)) == DATA[:1000]
+            redirect_reads["on"] = True
+            with pytest.raises(BaseUnavailable, match="bad port"):
+                await image.read(4096, 1000)
+        finally:
+            await store.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        server.stop()

@@ -242,3 +242,22 @@ def test_expiring_credentials_are_refreshed_by_botocore(signed: SignedS3, as_use
         assert store.wire.reader.stats.answered == 1
 
     _with_image("refresh/", _options(signed), check)
+
+
+def test_an_endpoint_spelled_in_capitals_is_read_by_the_lean_reader(
+    signed: SignedS3, as_user
+) -> None:
+    """botocore signs the Host in lower case (without a default port); the lean reader sent
+    the URL's spelling, so moto refused every signature and each read was redone through
+    botocore, after a wasted request."""
+    _put(signed, "capitals/disk.raw", DATA)
+    as_user(signed.reader)
+    options = dataclasses.replace(
+        _options(signed), endpoint_url=f"http://LocalHost:{signed.moto.port}"
+    )
+
+    async def check(store, image) -> None:
+        assert bytes(await image.read(77, 1000)) == DATA[77:1077]
+        assert (store.wire.reader.stats.answered, store.wire.reader.stats.handed_back) == (1, 0)
+
+    _with_image("capitals/", options, check)
