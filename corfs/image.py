@@ -135,6 +135,7 @@ class Image:
         self._queue = StoreQueue(
             self.name, self.data, fill_nursery,
             is_absent=self._chunks.is_absent, on_stored=self._stored, on_failed=self._not_stored,
+            refused=lambda: store.sync_failure,
         )
         self.fills = 0
         self.fill_errors = 0
@@ -522,8 +523,18 @@ class Image:
                 "corfs no longer serves it"
             )
 
+    def _forget_unsynced(self) -> None:
+        """After a failed sync of the cache, the chunks filled since the last good commit are
+        absent again (CacheStore.take_unsynced): fetched anew, never served from a disk that
+        may have lost them (nothing is stored any more: store_queue.py)."""
+        for index in self.store.take_unsynced(self.name):
+            if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO):
+                self._set_state(index, ChunkState.ABSENT, None)
+
     async def read(self, offset: int, length: int) -> Buffer:
         self.check_served()
+        if self.store.sync_failure is not None:
+            self._forget_unsynced()
         length = self.geometry.clip(offset, length)
         if length <= 0:
             return b""
@@ -624,6 +635,8 @@ class Image:
             raise ReadOnlyError(f"{self.name} is mounted read-only")
         if not data:
             return 0
+        if self.store.sync_failure is not None:
+            self._forget_unsynced()
         if offset >= self.size:
             raise OutOfImageError(f"write past the end of {self.name} ({self.size} bytes)")
         # A write across the end is cut at it and answered short, as a block device does
@@ -635,6 +648,8 @@ class Image:
         partial = self.geometry.partly_covered(offset, len(data))
         while True:
             if any(self._chunks.is_absent(i) and i not in self._queue for i in partial):
+                if self.store.sync_failure is not None:  # its fill could not be stored
+                    raise CacheError(self.store.sync_failure)
                 await self.wait_local(partial, writing=True)
             elif (job := self._queue.job_in_span(touched)) is not None:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait

@@ -120,6 +120,9 @@ class CacheStore:
         self._touched: set[str] = set()
         self._crash_view = CrashView()  # of the images a mount serves (load_states(track=True))
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
+        # Chunks marked clean or zero that no successful sync covered once one failed: their
+        # bytes may never reach the disk (take_unsynced)
+        self._unsynced: dict[str, set[int]] = {}
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
         try:
@@ -441,6 +444,8 @@ class CacheStore:
         bytes to the data file (the commit syncs that file before the row is written)."""
         self._pending[(name, idx)] = (int(state), digest)
         self._touched.add(name)
+        if self.sync_failure is not None and state in (ChunkState.CLEAN, ChunkState.ZERO):
+            self._unsynced.setdefault(name, set()).add(idx)  # no commit will sync it
         self._digest_index.set(name, idx, digest if state == ChunkState.CLEAN else None)
 
     def has_uncommitted_mark(self, name: str, idx: int) -> bool:
@@ -448,6 +453,13 @@ class CacheStore:
         commit (filled or forgotten since the last one: its bytes may not be synced)."""
         mark = self._pending.get((name, idx))
         return mark is not None and mark[0] != ChunkState.DIRTY
+
+    def take_unsynced(self, name: str) -> list[int]:
+        """Once a data sync failed: the chunks of `name` marked clean or zero since the last
+        successful commit, not asked for before. Their bytes went to the page cache, whose
+        writeback may have failed (Linux then marks the pages clean: they read from the disk
+        once evicted), so they must not be served from the data file any more."""
+        return sorted(self._unsynced.pop(name, ()))
 
     def touch(self, name: str) -> None:
         """The data file of `name` changed: the next commit must sync it."""
@@ -559,6 +571,10 @@ class CacheStore:
                 "as local; restart the mount"
             )
             log.error("%s", self.sync_failure)
+            for marks in (batch.pending, self._pending):  # the batch's and those since
+                for (name, idx), (state, _) in marks.items():
+                    if state in (ChunkState.CLEAN, ChunkState.ZERO):
+                        self._unsynced.setdefault(name, set()).add(idx)
             raise failed.cause from None
         except BaseException:
             # Not durable: put the marks back (newer marks taken meanwhile win), and the

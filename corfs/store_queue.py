@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .datafile import DataFile
-from .errors import CorfsError
+from .errors import CacheError, CorfsError
 from .fetcher import FetchedChunk
 from .write_behind import WriteBehind
 
@@ -65,8 +65,10 @@ class StoreQueue:
         is_absent: Callable[[int], bool],
         on_stored: StoredFn,
         on_failed: FailedFn,
+        refused: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.name = name
+        self._refused = refused
         self.data = data
         self._nursery = nursery
         self._is_absent = is_absent
@@ -123,6 +125,8 @@ class StoreQueue:
             budget.stored(len(stored))
 
         try:
+            if (why := self._refused()) is not None:
+                raise CacheError(why)
             await self.data.store(
                 chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
             )

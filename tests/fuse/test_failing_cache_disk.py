@@ -1,0 +1,109 @@
+"""A cache disk that fails under a running mount, for real: CACHE on an ext2 file system on a
+loop device whose backing file is sparse on a small tmpfs. Once that tmpfs is full, every write
+to a block of the loop device not written before fails at the device (a thin-provisioned disk
+out of space): a buffered write lands in the page cache, its writeback fails, the next
+fdatasync reports it once (and Linux marks the pages clean: "fsyncgate"), and once those pages
+are evicted the file reads what the disk holds (zeros). ext2 has no journal to abort, and its
+metadata blocks are all written by mkfs (lazy_itable_init=0), so only data writes fail."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from corfs.cache_layout import data_path_in
+from tests.mounting import CorfsMount
+
+from .util import KIB, MIB, direct_read, image_status, live_status, wait_for
+
+CHUNK = 64 * KIB
+# The short last chunk (512 bytes) is stored through the page cache (datafile.py: not aligned)
+SIZE = MIB + 512
+
+
+@dataclass
+class ThinDisk:
+    backing: Path  # the tmpfs holding the loop device's sparse file
+    mountpoint: Path  # the ext2 file system on the loop device
+
+    def run_out_of_space(self) -> None:
+        """Fill the tmpfs: from now on, writes to blocks of the disk not written before fail."""
+        free = os.statvfs(self.backing)
+        with open(self.backing / "filler", "wb") as f:
+            f.write(bytes(free.f_bavail * free.f_frsize))
+
+    def make_room(self) -> None:
+        (self.backing / "filler").unlink()
+
+
+@pytest.fixture
+def thin_disk(tmp_path: Path) -> Iterator[ThinDisk]:
+    backing, mountpoint = tmp_path / "backing", tmp_path / "disk"
+    backing.mkdir()
+    mountpoint.mkdir()
+    with contextlib.ExitStack() as undo:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "corfs-thin", backing],
+                       check=True)
+        undo.callback(subprocess.run, ["umount", "-l", backing], check=False)
+        image = backing / "disk.img"
+        image.touch()
+        os.truncate(image, 64 * MIB)
+        device = subprocess.run(["losetup", "-f", "--show", image], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        undo.callback(subprocess.run, ["losetup", "-d", device], check=False)
+        subprocess.run(["mkfs.ext2", "-q", "-b", "4096", "-E", "lazy_itable_init=0", device],
+                       check=True)
+        subprocess.run(["mount", device, mountpoint], check=True)
+        undo.callback(subprocess.run, ["umount", "-l", mountpoint], check=False)
+        yield ThinDisk(backing, mountpoint)
+
+
+def _fsync_errno(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)
+    return None
+
+
+def _evict(path: str) -> None:
+    """Drop the page cache of one file (its pages are clean: written back or failed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_chunk_whose_writeback_failed_is_never_served_from_the_disk(tmp_dirs, thin_disk):
+    data = random.Random(5).randbytes(SIZE)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = thin_disk.mountpoint / "cache"
+    last = SIZE // CHUNK * CHUNK
+    options = ("--no-stream", "--chunk-size", "64K")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        image = m.mnt / "a.raw"
+        os.sync()  # what the mount wrote so far is on the disk
+        thin_disk.run_out_of_space()
+        assert direct_read(image, last, 4 * KIB) == data[last:]  # filled, stored buffered
+        # The writeback of that chunk fails: the commit's fdatasync says so, once.
+        wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["error"], what="sync error")
+        assert _fsync_errno(image) in (errno.EIO, errno.ENOSPC)
+        _evict(data_path_in(os.fspath(cache), "a.raw"))
+        assert direct_read(image, last, 4 * KIB) == data[last:], "served the disk's zeros"
+        assert direct_read(image, 0, SIZE) == data
+        assert _fsync_errno(image) in (errno.EIO, errno.ENOSPC), "an fsync after it succeeded"
+    thin_disk.make_room()
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        assert direct_read(m.mnt / "a.raw", 0, SIZE) == data
