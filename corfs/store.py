@@ -93,6 +93,15 @@ class _SyncFailed(Exception):
         self.cause = cause
 
 
+def _sql_error(exc: sqlite3.Error, what: str) -> CacheError:
+    """The error a failed statement on the state database becomes: CacheFull when the cache
+    disk is full (ENOSPC to a client: QEMU's default werror=enospc pauses the VM until there is
+    room, where EIO would reach the guest as a disk error)."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc):
+        return CacheFull(f"cache disk full while {what}: {exc}")
+    return CacheError(f"{what}: {exc}")
+
+
 @dataclass(frozen=True)
 class CacheHooks:
     """Told of cache I/O as it happens (metrics.py), possibly from worker threads."""
@@ -293,7 +302,7 @@ class CacheStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                raise CacheError(f"forgetting {name} in the cache database: {exc}") from None
+                raise _sql_error(exc, f"forgetting {name} in the cache database") from None
         self._records.pop(name, None)
         self._digest_index.drop_image(name)
         self._crash_view.forget(name)
@@ -355,7 +364,7 @@ class CacheStore:
             try:
                 self._db.execute(sql, args)
             except sqlite3.Error as exc:
-                raise CacheError(f"cache database: {exc}") from None
+                raise _sql_error(exc, "writing the cache database") from None
 
     def load_states(self, record: ImageRecord, *, track: bool = False) -> tuple[bytearray, int]:
         """Per-chunk states of an image (one byte each) and its count of dirty chunks. With
@@ -524,7 +533,7 @@ class CacheStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                raise CacheError(f"marking chunks of {name} dirty: {exc}") from None
+                raise _sql_error(exc, f"marking chunks of {name} dirty") from None
 
     def _sync_pending(self) -> bool:
         """A commit waits or runs (read by data-file write threads: an int, under the GIL)."""
@@ -617,9 +626,7 @@ class CacheStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                if "full" in str(exc):
-                    raise CacheFull(f"cache disk full while committing: {exc}") from None
-                raise CacheError(f"committing chunk state: {exc}") from None
+                raise _sql_error(exc, "committing chunk state") from None
         self.commits += 1
 
     # ---- small files beside the state ----------------------------------------------------

@@ -107,3 +107,45 @@ def test_a_chunk_whose_writeback_failed_is_never_served_from_the_disk(tmp_dirs, 
     thin_disk.make_room()
     with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
         assert direct_read(m.mnt / "a.raw", 0, SIZE) == data
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    top = tmp_path / "small"
+    top.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "corfs-small", top], check=True)
+    try:
+        yield top
+    finally:
+        subprocess.run(["umount", "-l", top], check=False)
+
+
+def test_a_write_that_the_full_cache_disk_refuses_is_enospc(tmp_dirs, small_tmpfs):
+    """A first write to a clean chunk makes its row dirty first (dirty_first.py): on a full
+    cache disk that SQL fails, and the write must say ENOSPC (QEMU's default werror=enospc
+    pauses the VM until there is room; EIO would go to the guest as a disk error)."""
+    data = random.Random(6).randbytes(16 * MIB)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = small_tmpfs / "cache"
+    options = ("--chunk-size", "64K")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        image = m.mnt / "a.raw"
+        wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["state"] == "complete",
+                 what="the image to be local")
+        assert _fsync_errno(image) is None
+        free = os.statvfs(small_tmpfs)
+        with open(small_tmpfs / "filler", "wb") as f:
+            f.write(bytes(free.f_bavail * free.f_frsize))
+        fd = os.open(image, os.O_RDWR)
+        try:
+            failed = None
+            for chunk in range(len(data) // CHUNK):  # each write: rows of a clean chunk
+                try:
+                    os.pwrite(fd, b"w" * 4 * KIB, chunk * CHUNK + 100)
+                except OSError as exc:
+                    failed = exc.errno
+                    break
+        finally:
+            os.close(fd)
+        assert failed is not None, "the state database never ran out of room"
+        assert failed == errno.ENOSPC, errno.errorcode[failed]
