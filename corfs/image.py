@@ -524,11 +524,13 @@ class Image:
             )
 
     def _forget_unsynced(self) -> None:
-        """After a failed sync of the cache, the chunks filled since the last good commit are
-        absent again (CacheStore.take_unsynced): fetched anew, never served from a disk that
-        may have lost them (nothing is stored any more: store_queue.py)."""
+        """After a failed sync of the cache, the chunks whose bytes no good commit synced are
+        absent again (CacheStore.take_unsynced): served from the base as a remount would,
+        never from a disk that may have lost them (zeros). Client writes to them since then
+        go with them: none was acknowledged (every fsync fails from then on). Nothing is
+        stored any more (store_queue.py), nor written to a chunk not local (`write`)."""
         for index in self.store.take_unsynced(self.name):
-            if self.state_of(index) in (ChunkState.CLEAN, ChunkState.ZERO):
+            if self.is_local(index):
                 self._set_state(index, ChunkState.ABSENT, None)
 
     async def read(self, offset: int, length: int) -> Buffer:
@@ -635,8 +637,6 @@ class Image:
             raise ReadOnlyError(f"{self.name} is mounted read-only")
         if not data:
             return 0
-        if self.store.sync_failure is not None:
-            self._forget_unsynced()
         if offset >= self.size:
             raise OutOfImageError(f"write past the end of {self.name} ({self.size} bytes)")
         # A write across the end is cut at it and answered short, as a block device does
@@ -647,9 +647,14 @@ class Image:
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
         while True:
-            if any(self._chunks.is_absent(i) and i not in self._queue for i in partial):
-                if self.store.sync_failure is not None:  # its fill could not be stored
+            if self.store.sync_failure is not None:
+                # Only over bytes a good commit synced: a chunk absent now could be filled
+                # but not stored, and a write's bytes alone, if their writeback fails, would
+                # leave the disk's zeros where the chunk's other bytes belong.
+                self._forget_unsynced()
+                if self._chunks.any_absent(touched):
                     raise CacheError(self.store.sync_failure)
+            if any(self._chunks.is_absent(i) and i not in self._queue for i in partial):
                 await self.wait_local(partial, writing=True)
             elif (job := self._queue.job_in_span(touched)) is not None:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait

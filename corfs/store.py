@@ -129,8 +129,7 @@ class CacheStore:
         self._touched: set[str] = set()
         self._crash_view = CrashView()  # of the images a mount serves (load_states(track=True))
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
-        # Chunks marked clean or zero that no successful sync covered once one failed: their
-        # bytes may never reach the disk (take_unsynced)
+        # Once a sync failed, the chunks whose bytes no successful sync covered (take_unsynced)
         self._unsynced: dict[str, set[int]] = {}
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
@@ -464,10 +463,14 @@ class CacheStore:
         return mark is not None and mark[0] != ChunkState.DIRTY
 
     def take_unsynced(self, name: str) -> list[int]:
-        """Once a data sync failed: the chunks of `name` marked clean or zero since the last
-        successful commit, not asked for before. Their bytes went to the page cache, whose
-        writeback may have failed (Linux then marks the pages clean: they read from the disk
-        once evicted), so they must not be served from the data file any more."""
+        """Once a data sync failed: the chunks of `name` not asked for before whose bytes no
+        successful sync covered: marked clean or zero since the last good commit (a fill), or
+        dirty with no dirty row committed (a client write to a chunk absent or filled since
+        then). Their bytes went to the page cache, whose writeback may have failed (Linux then
+        calls the pages clean: once evicted they read what the disk holds, zeros in a hole), so
+        they must not be served from the data file any more. Not a chunk with a dirty row:
+        under its unsynced writes are bytes an earlier sync made durable, which a failed
+        writeback leaves as they were (what a remount serves too)."""
         return sorted(self._unsynced.pop(name, ()))
 
     def touch(self, name: str) -> None:
@@ -582,7 +585,9 @@ class CacheStore:
             log.error("%s", self.sync_failure)
             for marks in (batch.pending, self._pending):  # the batch's and those since
                 for (name, idx), (state, _) in marks.items():
-                    if state in (ChunkState.CLEAN, ChunkState.ZERO):
+                    if state != ChunkState.ABSENT and (
+                        state != ChunkState.DIRTY or not self._crash_view.says_dirty(name, idx)
+                    ):
                         self._unsynced.setdefault(name, set()).add(idx)
             raise failed.cause from None
         except BaseException:

@@ -149,3 +149,33 @@ def test_a_write_that_the_full_cache_disk_refuses_is_enospc(tmp_dirs, small_tmpf
             os.close(fd)
         assert failed is not None, "the state database never ran out of room"
         assert failed == errno.ENOSPC, errno.errorcode[failed]
+
+
+def test_a_partial_write_over_a_fill_whose_writeback_failed_never_shows_the_disks_zeros(
+    tmp_dirs, thin_disk
+):
+    """A partial write to an absent chunk fills it first: its fill's bytes and the write's go
+    to the page cache together, and the chunk is dirty before any commit. If their writeback
+    fails, the bytes the client did not write must not come back as the disk's zeros: the
+    write was never acknowledged (every fsync fails), so the chunk may read as the base's
+    (what a remount serves), never as zeros."""
+    data = random.Random(7).randbytes(SIZE)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = thin_disk.mountpoint / "cache"
+    last = SIZE // CHUNK * CHUNK
+    options = ("--no-stream", "--chunk-size", "64K")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        image = m.mnt / "a.raw"
+        os.sync()
+        thin_disk.run_out_of_space()
+        fd = os.open(image, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"w" * 100, last)  # fills the last chunk (512 bytes), then writes
+        finally:
+            os.close(fd)
+        wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["error"], what="sync error")
+        assert _fsync_errno(image) in (errno.EIO, errno.ENOSPC)
+        _evict(data_path_in(os.fspath(cache), "a.raw"))
+        got = direct_read(image, last, 4 * KIB)
+        assert got[100:] == data[last + 100 :], "served the disk's zeros"
+        assert got[:100] in (b"w" * 100, data[last : last + 100])
