@@ -124,9 +124,10 @@ class StoreQueue:
                 self._on_stored(chunk, keep and not queued.read_to_end)
             budget.stored(len(stored))
 
+        refused = self._refused()
         try:
-            if (why := self._refused()) is not None:
-                raise CacheError(why)
+            if refused is not None:
+                raise CacheError(refused)
             await self.data.store(
                 chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
             )
@@ -137,7 +138,8 @@ class StoreQueue:
             )
             budget.store_failed()
             self._on_failed(failed, job.error)
-            log.error(
+            log.log(
+                logging.DEBUG if refused is not None else logging.ERROR,  # said once (store.py)
                 "storing %s chunks %d-%d: %s (left absent)",
                 self.name, chunks[0].index, chunks[-1].index, job.error,
                 exc_info=not isinstance(exc, CorfsError),
