@@ -290,6 +290,7 @@ class CacheStore:
         for key in [key for key in self._pending if key[0] == name]:
             del self._pending[key]  # a later commit must not bring rows of it back
         self._touched.discard(name)
+        self._unsynced.pop(name, None)
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
