@@ -149,6 +149,16 @@ def test_a_write_that_the_full_cache_disk_refuses_is_enospc(tmp_dirs, small_tmpf
             os.close(fd)
         assert failed is not None, "the state database never ran out of room"
         assert failed == errno.ENOSPC, errno.errorcode[failed]
+        # Room again: the writes that succeeded are kept, the refused one changed nothing.
+        (small_tmpfs / "filler").unlink()
+        assert _fsync_errno(image) is None
+        expected = bytearray(data)
+        for written in range(chunk):
+            start = written * CHUNK + 100
+            expected[start : start + 4 * KIB] = b"w" * 4 * KIB
+        assert direct_read(image, 0, len(data)) == expected
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        assert direct_read(m.mnt / "a.raw", 0, len(data)) == expected
 
 
 def test_a_partial_write_over_a_fill_whose_writeback_failed_never_shows_the_disks_zeros(
