@@ -638,12 +638,19 @@ class CacheStore:
     # ---- small files beside the state ----------------------------------------------------
 
     def write_small_file(self, relative: str, text: str) -> None:
+        """CacheFull / CacheError if it cannot be written (a full cache disk): the caller
+        decides what that costs; no temporary file is left behind."""
         path = os.path.join(self.cache_dir, relative)
-        ensure_private_dir(os.path.dirname(path))
         tmp = f"{path}.tmp"
-        with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            ensure_private_dir(os.path.dirname(path))
+            with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise cache_os_error(exc, f"writing {path}") from None
 
     def read_small_file(self, relative: str) -> str | None:
         try:

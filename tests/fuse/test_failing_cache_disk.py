@@ -189,3 +189,24 @@ def test_a_partial_write_over_a_fill_whose_writeback_failed_never_shows_the_disk
         got = direct_read(image, last, 4 * KIB)
         assert got[100:] == data[last + 100 :], "served the disk's zeros"
         assert got[:100] in (b"w" * 100, data[last : last + 100])
+
+
+def test_a_mount_on_a_full_cache_disk_serves_and_stops_cleanly(tmp_dirs, small_tmpfs):
+    """The small files beside the state (where the mount is, a recorded trace) cannot be
+    written on a full cache disk: that costs a warning, not the mount (a traceback, exit 1)."""
+    data = random.Random(8).randbytes(2 * MIB)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = small_tmpfs / "cache"
+    options = ("--no-stream", "--chunk-size", "64K", "--record-trace")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        assert direct_read(m.mnt / "a.raw", 0, MIB) == data[:MIB]
+        assert _fsync_errno(m.mnt / "a.raw") is None
+        free = os.statvfs(small_tmpfs)  # the disk fills up while mounted
+        with open(small_tmpfs / "filler", "wb") as f:
+            f.write(bytes(free.f_bavail * free.f_frsize))
+        m.stop()
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        assert direct_read(m.mnt / "a.raw", 0, len(data)) == data  # local, and not stored
+        m.stop()  # exit code 0
+        assert "Traceback" not in m.log_text()
+        assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []
