@@ -93,6 +93,15 @@ class _SyncFailed(Exception):
         self.cause = cause
 
 
+def _disk_full(path: str) -> bool:
+    """No room left for us on the file system of `path` (root may use the reserved blocks)."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return False
+    return (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) == 0
+
+
 def _sql_error(exc: sqlite3.Error, what: str) -> CacheError:
     """The error a failed statement on the state database becomes: CacheFull when the cache
     disk is full (ENOSPC to a client: QEMU's default werror=enospc pauses the VM until there is
@@ -193,6 +202,11 @@ class CacheStore:
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
+            if _disk_full(cache_dir):  # SQLite says "disk I/O error" when it cannot make its
+                # WAL or shared memory file: "unusable" would invite deleting the cache
+                raise CacheFull(
+                    f"cache disk full: the cache database {db_path} cannot be opened ({exc})"
+                ) from None
             raise CacheError(f"cache database {db_path} is unusable: {exc}") from None
         except OSError as exc:
             if lock_fd is not None:

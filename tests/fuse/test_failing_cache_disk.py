@@ -20,9 +20,17 @@ from pathlib import Path
 import pytest
 
 from corfs.cache_layout import data_path_in
-from tests.mounting import CorfsMount
+from tests.mounting import CorfsMount, run_corfs
 
-from .util import KIB, MIB, direct_read, image_status, live_status, wait_for
+from .util import (
+    KIB,
+    MIB,
+    assert_one_line_error,
+    direct_read,
+    image_status,
+    live_status,
+    wait_for,
+)
 
 CHUNK = 64 * KIB
 # The short last chunk (512 bytes) is stored through the page cache (datafile.py: not aligned)
@@ -210,3 +218,24 @@ def test_a_mount_on_a_full_cache_disk_serves_and_stops_cleanly(tmp_dirs, small_t
         m.stop()  # exit code 0
         assert "Traceback" not in m.log_text()
         assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_cache_that_cannot_open_its_database_on_a_full_disk_says_the_disk_is_full(
+    tmp_dirs, small_tmpfs
+):
+    """SQLite needs room for its WAL and shared memory files to open the state; on a full disk
+    it says "disk I/O error". "Unusable" would invite deleting a cache that may hold the only
+    copy of a guest's writes: the line must say the disk is full."""
+    (tmp_dirs.base / "a.raw").write_bytes(random.Random(9).randbytes(MIB))
+    cache = small_tmpfs / "cache"
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, "--no-stream", log_dir=tmp_dirs.logs) as m:
+        assert direct_read(m.mnt / "a.raw", 0, MIB)
+        m.stop()
+    assert not (cache / "state.db-wal").exists()  # a clean close removes it
+    free = os.statvfs(small_tmpfs)
+    with open(small_tmpfs / "filler", "wb") as f:
+        f.write(bytes(free.f_bavail * free.f_frsize))
+    result = run_corfs("mount", tmp_dirs.base, cache, tmp_dirs.mnt, "--no-stream", timeout=20)
+    line = assert_one_line_error(result, "full")
+    assert "unusable" not in line, line
+    assert result.returncode == 3
