@@ -30,6 +30,7 @@ from .util import (
     image_status,
     live_status,
     wait_for,
+    wait_stored,
 )
 
 CHUNK = 64 * KIB
@@ -207,14 +208,15 @@ def test_a_mount_on_a_full_cache_disk_serves_and_stops_cleanly(tmp_dirs, small_t
     cache = small_tmpfs / "cache"
     options = ("--no-stream", "--chunk-size", "64K", "--record-trace")
     with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
-        assert direct_read(m.mnt / "a.raw", 0, MIB) == data[:MIB]
+        assert direct_read(m.mnt / "a.raw", 0, len(data)) == data
+        wait_stored(m.mnt, "a.raw", len(data))  # then nothing is left to record at the stop
         assert _fsync_errno(m.mnt / "a.raw") is None
         free = os.statvfs(small_tmpfs)  # the disk fills up while mounted
         with open(small_tmpfs / "filler", "wb") as f:
             f.write(bytes(free.f_bavail * free.f_frsize))
         m.stop()
     with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
-        assert direct_read(m.mnt / "a.raw", 0, len(data)) == data  # local, and not stored
+        assert direct_read(m.mnt / "a.raw", 0, len(data)) == data
         m.stop()  # exit code 0
         assert "Traceback" not in m.log_text()
         assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []
