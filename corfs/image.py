@@ -681,8 +681,8 @@ class Image:
         self.store.touch(self.name)
         try:
             self.data.write(offset, data)
-        except ShortWrite:
-            self._mark_dirty(touched)  # some bytes changed: no longer equal to the base
+        except ShortWrite as short:
+            self._mark_written(offset, short.written)
             raise
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
@@ -691,6 +691,21 @@ class Image:
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:
             if self.state_of(index) != ChunkState.DIRTY:
+                self._set_state(index, ChunkState.DIRTY, None)
+
+    def _mark_written(self, offset: int, written: int) -> None:
+        """After a write cut short: the chunks whose bytes it changed are no longer the
+        base's, where their other bytes are right: local ones, and absent ones it wrote whole.
+        An absent chunk it wrote in part stays absent (the rest of it is a hole, not the
+        base's bytes: a fill writes it whole), and one it never reached is left as it was; as
+        on a disk, each block then holds its old bytes or the write's."""
+        if written <= 0:
+            return
+        end = offset + written
+        for index in self.geometry.chunks_of(offset, written):
+            start = self.geometry.chunk_start(index)
+            whole = offset <= start and start + self.geometry.chunk_length(index) <= end
+            if (whole or self.is_local(index)) and self.state_of(index) != ChunkState.DIRTY:
                 self._set_state(index, ChunkState.DIRTY, None)
 
     async def fsync(self) -> None:

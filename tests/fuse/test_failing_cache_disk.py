@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import random
 import subprocess
@@ -241,3 +242,46 @@ def test_a_cache_that_cannot_open_its_database_on_a_full_disk_says_the_disk_is_f
     line = assert_one_line_error(result, "full")
     assert "unusable" not in line, line
     assert result.returncode == 3
+
+
+def test_a_write_the_full_disk_cut_short_leaves_the_chunks_it_did_not_reach_as_they_were(
+    tmp_dirs, small_tmpfs
+):
+    """One write request over two absent chunks; the disk fills up a quarter of the way in.
+    The client gets ENOSPC, and every 4 KiB block of the range then holds its old bytes (the
+    base's) or the write's, as on a disk: never the zeros of the data file's holes, neither
+    in the chunk the write stopped in nor in the one it never reached."""
+    data = random.Random(10).randbytes(MIB)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = small_tmpfs / "cache"
+    at, length = 4 * CHUNK, 2 * CHUNK
+    options = ("--no-stream", "--chunk-size", "64K")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        image = m.mnt / "a.raw"
+        assert direct_read(image, 0, 4 * KIB) == data[: 4 * KIB]  # the data file exists
+        os.sync()
+        free = os.statvfs(small_tmpfs)
+        with open(small_tmpfs / "filler", "wb") as f:  # room for 32 KiB more
+            f.write(bytes(free.f_bavail * free.f_frsize - 32 * KIB))
+        fd = os.open(image, os.O_WRONLY | os.O_DIRECT)
+        buffer = mmap.mmap(-1, length)
+        buffer[:] = b"w" * length
+        try:
+            with pytest.raises(OSError) as failed:
+                os.pwritev(fd, [buffer], at)
+        finally:
+            os.close(fd)
+        assert failed.value.errno == errno.ENOSPC
+        (small_tmpfs / "filler").unlink()
+
+        def check(got: bytes) -> None:
+            for block in range(0, length, 4 * KIB):
+                piece = got[block : block + 4 * KIB]
+                old = data[at + block : at + block + 4 * KIB]
+                assert piece in (old, b"w" * 4 * KIB), f"block at {at + block}: neither"
+
+        check(direct_read(image, at, length))
+        assert _fsync_errno(image) is None
+        assert direct_read(image, 0, MIB)[:at] == data[:at]
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        check(direct_read(m.mnt / "a.raw", at, length))
