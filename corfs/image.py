@@ -308,6 +308,8 @@ class Image:
         wanted = list(indexes)
         held: dict[int, Buffer | None] = {}
         while missing := [i for i in wanted if self._needs_fill(i, reading=reading, held=held)]:
+            if writing and self.store.sync_failure is not None:  # a fill is no longer stored:
+                raise CacheError(self.store.sync_failure)  # a write's would be fetched again
             outcome = await self._fill_once(
                 missing, background=background, reading=reading, writing=writing,
                 first_error=True,
