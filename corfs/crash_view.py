@@ -37,6 +37,11 @@ class CrashView:
         states = self._states.get(name)
         return states is not None and states[index] in _EQUAL_TO_BASE
 
+    def says_dirty(self, name: str, index: int) -> bool:
+        """Whether its dirty row is committed (a dirty mark counts once committed)."""
+        states = self._states.get(name)
+        return states is not None and states[index] == ChunkState.DIRTY
+
     def note(self, marks: Marks, kinds: tuple[ChunkState, ...]) -> None:
         """Marks of these `kinds` may now be (or now are) what the rows say."""
         for (name, index), (state, _) in marks.items():

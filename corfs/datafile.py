@@ -219,11 +219,11 @@ class DataFile:
                 error = cache_os_error(exc, f"writing {self.name}")
                 if done:
                     short = f"short write to the data file of {self.name}: {error}"
-                    raise ShortWrite(short, error.errno) from None
+                    raise ShortWrite(short, error.errno, done) from None
                 raise error from None
             self._on_written(written)
             if written <= 0:
-                raise ShortWrite(f"short write to the data file of {self.name}")
+                raise ShortWrite(f"short write to the data file of {self.name}", written=done)
             done += written
             while todo and written >= len(todo[0]):
                 written -= len(todo.pop(0))

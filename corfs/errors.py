@@ -62,12 +62,14 @@ class CacheFull(CacheError):
 
 
 class ShortWrite(CacheFull):
-    """The data file took part of a write: some bytes changed, not all. Its errno is that of
-    the failure that stopped it (ENOSPC when the file just took no more)."""
+    """The data file took part of a write: its first `written` bytes changed, not the rest.
+    Its errno is that of the failure that stopped it (ENOSPC when the file just took no
+    more)."""
 
-    def __init__(self, message: str, errno_: int = errno.ENOSPC) -> None:
+    def __init__(self, message: str, errno_: int = errno.ENOSPC, written: int = 0) -> None:
         super().__init__(message)
         self.errno = errno_
+        self.written = written
 
 
 class ReadOnlyError(CorfsError):

@@ -135,6 +135,7 @@ class Image:
         self._queue = StoreQueue(
             self.name, self.data, fill_nursery,
             is_absent=self._chunks.is_absent, on_stored=self._stored, on_failed=self._not_stored,
+            refused=lambda: store.sync_failure,
         )
         self.fills = 0
         self.fill_errors = 0
@@ -307,6 +308,8 @@ class Image:
         wanted = list(indexes)
         held: dict[int, Buffer | None] = {}
         while missing := [i for i in wanted if self._needs_fill(i, reading=reading, held=held)]:
+            if writing and self.store.sync_failure is not None:  # a fill is no longer stored:
+                raise CacheError(self.store.sync_failure)  # a write's would be fetched again
             outcome = await self._fill_once(
                 missing, background=background, reading=reading, writing=writing,
                 first_error=True,
@@ -522,8 +525,20 @@ class Image:
                 "corfs no longer serves it"
             )
 
+    def _forget_unsynced(self) -> None:
+        """After a failed sync of the cache, the chunks whose bytes no good commit synced are
+        absent again (CacheStore.take_unsynced): served from the base as a remount would,
+        never from a disk that may have lost them (zeros). Client writes to them since then
+        go with them: none was acknowledged (every fsync fails from then on). Nothing is
+        stored any more (store_queue.py), nor written to a chunk not local (`write`)."""
+        for index in self.store.take_unsynced(self.name):
+            if self.is_local(index):
+                self._set_state(index, ChunkState.ABSENT, None)
+
     async def read(self, offset: int, length: int) -> Buffer:
         self.check_served()
+        if self.store.sync_failure is not None:
+            self._forget_unsynced()
         length = self.geometry.clip(offset, length)
         if length <= 0:
             return b""
@@ -634,6 +649,13 @@ class Image:
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
         while True:
+            if self.store.sync_failure is not None:
+                # Only over bytes a good commit synced: a chunk absent now could be filled
+                # but not stored, and a write's bytes alone, if their writeback fails, would
+                # leave the disk's zeros where the chunk's other bytes belong.
+                self._forget_unsynced()
+                if self._chunks.any_absent(touched):
+                    raise CacheError(self.store.sync_failure)
             if any(self._chunks.is_absent(i) and i not in self._queue for i in partial):
                 await self.wait_local(partial, writing=True)
             elif (job := self._queue.job_in_span(touched)) is not None:
@@ -661,8 +683,8 @@ class Image:
         self.store.touch(self.name)
         try:
             self.data.write(offset, data)
-        except ShortWrite:
-            self._mark_dirty(touched)  # some bytes changed: no longer equal to the base
+        except ShortWrite as short:
+            self._mark_written(offset, short.written)
             raise
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
@@ -671,6 +693,21 @@ class Image:
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:
             if self.state_of(index) != ChunkState.DIRTY:
+                self._set_state(index, ChunkState.DIRTY, None)
+
+    def _mark_written(self, offset: int, written: int) -> None:
+        """After a write cut short: the chunks whose bytes it changed are no longer the
+        base's, where their other bytes are right: local ones, and absent ones it wrote whole.
+        An absent chunk it wrote in part stays absent (the rest of it is a hole, not the
+        base's bytes: a fill writes it whole), and one it never reached is left as it was; as
+        on a disk, each block then holds its old bytes or the write's."""
+        if written <= 0:
+            return
+        end = offset + written
+        for index in self.geometry.chunks_of(offset, written):
+            start = self.geometry.chunk_start(index)
+            whole = offset <= start and start + self.geometry.chunk_length(index) <= end
+            if (whole or self.is_local(index)) and self.state_of(index) != ChunkState.DIRTY:
                 self._set_state(index, ChunkState.DIRTY, None)
 
     async def fsync(self) -> None:

@@ -598,7 +598,11 @@ async def _serve_with(
         store_wait = trio.CancelScope()  # _store_fetched's wait, which a signal may end
         nursery.start_soon(_raise_read_ahead, mountpoint)
         try:
-            store.write_small_file(MOUNTPOINT_FILE, mountpoint)
+            try:
+                store.write_small_file(MOUNTPOINT_FILE, mountpoint)
+            except CorfsError as exc:  # a full cache disk still serves (slower, never wrong)
+                log.warning("%s: `corfs status CACHE` and `corfs verify` will not find this "
+                            "mount", exc)
             await nursery.start(_commit_forever, store, config.commit_interval)
             await nursery.start(stream.run)
             await nursery.start(_stop_on_signal, signals, session_over, store_wait, images)
@@ -627,6 +631,9 @@ async def _serve_with(
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", mountpoint)
             if recorder is not None:
-                store.write_small_file(TRACE_FILE, recorder.to_json())
+                try:
+                    store.write_small_file(TRACE_FILE, recorder.to_json())
+                except CorfsError as exc:  # no chunk state lost: the stop is still clean
+                    log.error("the recorded trace is lost: %s", exc)
 
 

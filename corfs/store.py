@@ -93,6 +93,24 @@ class _SyncFailed(Exception):
         self.cause = cause
 
 
+def _disk_full(path: str) -> bool:
+    """No room left for us on the file system of `path` (root may use the reserved blocks)."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return False
+    return (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) == 0
+
+
+def _sql_error(exc: sqlite3.Error, what: str) -> CacheError:
+    """The error a failed statement on the state database becomes: CacheFull when the cache
+    disk is full (ENOSPC to a client: QEMU's default werror=enospc pauses the VM until there is
+    room, where EIO would reach the guest as a disk error)."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc):
+        return CacheFull(f"cache disk full while {what}: {exc}")
+    return CacheError(f"{what}: {exc}")
+
+
 @dataclass(frozen=True)
 class CacheHooks:
     """Told of cache I/O as it happens (metrics.py), possibly from worker threads."""
@@ -120,6 +138,8 @@ class CacheStore:
         self._touched: set[str] = set()
         self._crash_view = CrashView()  # of the images a mount serves (load_states(track=True))
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
+        # Once a sync failed, the chunks whose bytes no successful sync covered (take_unsynced)
+        self._unsynced: dict[str, set[int]] = {}
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
         try:
@@ -182,6 +202,11 @@ class CacheStore:
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
+            if _disk_full(cache_dir):  # SQLite says "disk I/O error" when it cannot make its
+                # WAL or shared memory file: "unusable" would invite deleting the cache
+                raise CacheFull(
+                    f"cache disk full: the cache database {db_path} cannot be opened ({exc})"
+                ) from None
             raise CacheError(f"cache database {db_path} is unusable: {exc}") from None
         except OSError as exc:
             if lock_fd is not None:
@@ -279,6 +304,7 @@ class CacheStore:
         for key in [key for key in self._pending if key[0] == name]:
             del self._pending[key]  # a later commit must not bring rows of it back
         self._touched.discard(name)
+        self._unsynced.pop(name, None)
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -290,7 +316,7 @@ class CacheStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                raise CacheError(f"forgetting {name} in the cache database: {exc}") from None
+                raise _sql_error(exc, f"forgetting {name} in the cache database") from None
         self._records.pop(name, None)
         self._digest_index.drop_image(name)
         self._crash_view.forget(name)
@@ -352,7 +378,7 @@ class CacheStore:
             try:
                 self._db.execute(sql, args)
             except sqlite3.Error as exc:
-                raise CacheError(f"cache database: {exc}") from None
+                raise _sql_error(exc, "writing the cache database") from None
 
     def load_states(self, record: ImageRecord, *, track: bool = False) -> tuple[bytearray, int]:
         """Per-chunk states of an image (one byte each) and its count of dirty chunks. With
@@ -441,6 +467,8 @@ class CacheStore:
         bytes to the data file (the commit syncs that file before the row is written)."""
         self._pending[(name, idx)] = (int(state), digest)
         self._touched.add(name)
+        if self.sync_failure is not None and state in (ChunkState.CLEAN, ChunkState.ZERO):
+            self._unsynced.setdefault(name, set()).add(idx)  # no commit will sync it
         self._digest_index.set(name, idx, digest if state == ChunkState.CLEAN else None)
 
     def has_uncommitted_mark(self, name: str, idx: int) -> bool:
@@ -448,6 +476,17 @@ class CacheStore:
         commit (filled or forgotten since the last one: its bytes may not be synced)."""
         mark = self._pending.get((name, idx))
         return mark is not None and mark[0] != ChunkState.DIRTY
+
+    def take_unsynced(self, name: str) -> list[int]:
+        """Once a data sync failed: the chunks of `name` not asked for before whose bytes no
+        successful sync covered: marked clean or zero since the last good commit (a fill), or
+        dirty with no dirty row committed (a client write to a chunk absent or filled since
+        then). Their bytes went to the page cache, whose writeback may have failed (Linux then
+        calls the pages clean: once evicted they read what the disk holds, zeros in a hole), so
+        they must not be served from the data file any more. Not a chunk with a dirty row:
+        under its unsynced writes are bytes an earlier sync made durable, which a failed
+        writeback leaves as they were (what a remount serves too)."""
+        return sorted(self._unsynced.pop(name, ()))
 
     def touch(self, name: str) -> None:
         """The data file of `name` changed: the next commit must sync it."""
@@ -512,7 +551,7 @@ class CacheStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                raise CacheError(f"marking chunks of {name} dirty: {exc}") from None
+                raise _sql_error(exc, f"marking chunks of {name} dirty") from None
 
     def _sync_pending(self) -> bool:
         """A commit waits or runs (read by data-file write threads: an int, under the GIL)."""
@@ -559,6 +598,12 @@ class CacheStore:
                 "as local; restart the mount"
             )
             log.error("%s", self.sync_failure)
+            for marks in (batch.pending, self._pending):  # the batch's and those since
+                for (name, idx), (state, _) in marks.items():
+                    if state != ChunkState.ABSENT and (
+                        state != ChunkState.DIRTY or not self._crash_view.says_dirty(name, idx)
+                    ):
+                        self._unsynced.setdefault(name, set()).add(idx)
             raise failed.cause from None
         except BaseException:
             # Not durable: put the marks back (newer marks taken meanwhile win), and the
@@ -601,20 +646,25 @@ class CacheStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                if "full" in str(exc):
-                    raise CacheFull(f"cache disk full while committing: {exc}") from None
-                raise CacheError(f"committing chunk state: {exc}") from None
+                raise _sql_error(exc, "committing chunk state") from None
         self.commits += 1
 
     # ---- small files beside the state ----------------------------------------------------
 
     def write_small_file(self, relative: str, text: str) -> None:
+        """CacheFull / CacheError if it cannot be written (a full cache disk): the caller
+        decides what that costs; no temporary file is left behind."""
         path = os.path.join(self.cache_dir, relative)
-        ensure_private_dir(os.path.dirname(path))
         tmp = f"{path}.tmp"
-        with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            ensure_private_dir(os.path.dirname(path))
+            with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise cache_os_error(exc, f"writing {path}") from None
 
     def read_small_file(self, relative: str) -> str | None:
         try:

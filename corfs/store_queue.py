@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .datafile import DataFile
-from .errors import CorfsError
+from .errors import CacheError, CorfsError
 from .fetcher import FetchedChunk
 from .write_behind import WriteBehind
 
@@ -65,8 +65,10 @@ class StoreQueue:
         is_absent: Callable[[int], bool],
         on_stored: StoredFn,
         on_failed: FailedFn,
+        refused: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.name = name
+        self._refused = refused
         self.data = data
         self._nursery = nursery
         self._is_absent = is_absent
@@ -122,7 +124,10 @@ class StoreQueue:
                 self._on_stored(chunk, keep and not queued.read_to_end)
             budget.stored(len(stored))
 
+        refused = self._refused()
         try:
+            if refused is not None:
+                raise CacheError(refused)
             await self.data.store(
                 chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
             )
@@ -133,7 +138,8 @@ class StoreQueue:
             )
             budget.store_failed()
             self._on_failed(failed, job.error)
-            log.error(
+            log.log(
+                logging.DEBUG if refused is not None else logging.ERROR,  # said once (store.py)
                 "storing %s chunks %d-%d: %s (left absent)",
                 self.name, chunks[0].index, chunks[-1].index, job.error,
                 exc_info=not isinstance(exc, CorfsError),

@@ -19,7 +19,7 @@ import trio
 from corfs.digest import chunk_digest
 from corfs.errors import CacheError
 from corfs.store import CacheStore, ChunkState
-from tests.core.rig import CS, committed_states, random_bytes
+from tests.core.rig import CS, committed_states, random_bytes, wait_until
 
 
 @contextlib.contextmanager
@@ -285,5 +285,48 @@ def test_after_a_failed_sync_a_write_still_makes_its_clean_chunk_dirty_first(
             assert rig.store.sync_failure is not None
             await image.write(CS + 10, b"w" * 100)
             assert committed_states(rig.store.cache_dir, "a")[1] == (ChunkState.DIRTY, None)
+
+    trio.run(main)
+
+
+def test_a_write_waiting_for_a_fill_when_a_sync_fails_fails_without_fetching_again(
+    rig_factory, monkeypatch
+) -> None:
+    """After a failed sync fills are no longer stored (store_queue.py): a partial write whose
+    chunk was being filled then fails with the sync error. Its fill's store is refused at
+    once, so without that the write, finding its chunk neither local nor queued, fetched it
+    again (and again, as the scheduler happened to order the refusal and the write)."""
+    trials = 8  # the order is the scheduler's (random) choice: each trial is one coin toss
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    async def trial() -> None:
+        async with rig_factory({"a": random_bytes(4 * CS)}) as rig:
+            image = await committed_clean(rig, "a", 1)
+            source = rig.source("a")
+            source.faults.delay = 0.2
+            failed: list[BaseException] = []
+
+            async def partial_write() -> None:
+                try:
+                    await image.write(2 * CS + 10, b"xyz")
+                except CacheError as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial_write)
+                await wait_until(lambda: source.in_flight == 1)
+                await image.write(0, b"w" * 10)  # something for the commit to sync
+                monkeypatch.setattr(os, "fdatasync", failing_sync)
+                with pytest.raises(CacheError):
+                    await rig.store.commit()
+                monkeypatch.undo()
+            assert failed, "the write went on after the sync failed"
+            assert [r for r in source.reads if r[0] == 2 * CS] == [(2 * CS, CS)]
+
+    async def main() -> None:
+        for _ in range(trials):
+            await trial()
 
     trio.run(main)
