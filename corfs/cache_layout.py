@@ -17,7 +17,11 @@ Privacy: CACHE holds the guest's bytes and the base's identity, so it is its own
 the directory and every directory in it 0700, every file 0600 (state.db's -wal and -shm take
 state.db's mode from SQLite). Everything in CACHE is created through `private_open` /
 `ensure_private_dir`, whose modes do not depend on the caller's umask; a mount tightens a cache
-made looser before (`tighten_private`).
+made looser before (`tighten_private`). A mount refuses a CACHE holding anything another user
+owns: while it was open to others they could plant files, directories or symbolic links in it
+(a `mountpoint.tmp` pointing at one of the user's files was overwritten at mount), and as
+their owner could open them again after any chmod. `private_open` does not follow a symbolic
+link either.
 """
 
 from __future__ import annotations
@@ -67,8 +71,10 @@ PRIVATE_UMASK = _GROUP_OTHER  # the CLI's and the daemon's: no file of theirs op
 
 def private_open(path: str, flags: int, *, dir_fd: int | None = None) -> int:
     """os.open of a file in CACHE (or of a detached image); one it creates is 0600 whatever
-    the umask (a umask only takes bits away from the mode given)."""
-    return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE, dir_fd=dir_fd)
+    the umask (a umask only takes bits away from the mode given). Never through a symbolic
+    link (ELOOP): one planted in CACHE would have its target truncated and written."""
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(path, flags, PRIVATE_FILE_MODE, dir_fd=dir_fd)
 
 
 def ensure_private_dir(path: str) -> None:
@@ -79,12 +85,22 @@ def ensure_private_dir(path: str) -> None:
 def tighten_private(cache_dir: str) -> list[str]:
     """Take group and other permissions off CACHE and everything in it (a cache made by an
     older corfs, or copied with a loose umask); what changed, as "path 0644->0600" with paths
-    relative to CACHE. Symbolic links in it are left alone (their mode means nothing; never
-    follow)."""
+    relative to CACHE. UsageError if any of it belongs to another user (see the module
+    docstring). Symbolic links of the user's own are left alone (their mode means nothing;
+    never follow)."""
     changed = []
+    user = os.geteuid()
 
     def tighten(path: str) -> None:
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:  # replaced meanwhile by the mount that holds CACHE
+            return
+        if st.st_uid != user:
+            raise UsageError(
+                f"cache {cache_dir}: {path} belongs to uid {st.st_uid}, not to uid {user} who "
+                "mounts: a cache must be its user's alone (remove it, or chown the cache)"
+            )
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISLNK(st.st_mode) or not mode & _GROUP_OTHER:
             return

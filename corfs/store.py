@@ -163,10 +163,11 @@ class CacheStore:
         db_path = os.path.join(cache_dir, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
+        if create:  # before the lock: a corfs.lock planted by another user is refused here
+            log_tightened(cache_dir, tighten_private(cache_dir))
         lock_fd = cls._take_lock(cache_dir) if lock else None
         try:
             if create:
-                log_tightened(cache_dir, tighten_private(cache_dir))
                 # SQLite would create it 0644 (less the umask); its -wal and -shm copy its mode.
                 os.close(private_open(db_path, os.O_RDWR | os.O_CREAT))
             db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
@@ -187,10 +188,6 @@ class CacheStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
-        except UsageError:  # tighten_private could not make an entry private
-            if lock_fd is not None:
-                os.close(lock_fd)
-            raise
         return cls(cache_dir, db, lock_fd, hooks)
 
     @staticmethod
