@@ -279,6 +279,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         raise UsageError(f"--mode must be a permission mode from 0 to 7777, not {args.mode:o}")
     if args.owner is not None and not all(0 <= i < MAX_ID for i in args.owner):
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
+    _check_base_url(args.base)
     from .metrics import parse_listen_address
 
     return MountConfig(
@@ -313,6 +314,29 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             record_trace=args.record_trace,
         ),
     ).with_absolute_paths()
+
+
+def _check_base_url(url: str) -> None:
+    """UsageError for a BASE URL that does not parse (an unclosed IPv6 bracket, a port out of
+    range: a ValueError and a traceback deep in the base), or an s3:// URL with user info in
+    it (its error line showed it whole, secret included). URLs are never quoted whole here:
+    they may carry credentials."""
+    from urllib.parse import urlsplit
+
+    from .base import describe_url
+
+    if "://" not in url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise UsageError(f"BASE is not a valid URL: {exc}") from None
+    if parts.scheme == "s3" and "@" in parts.netloc:
+        raise UsageError(
+            f"base URL {describe_url(url)!r} carries credentials: S3 takes them from the "
+            "environment or --profile"
+        )
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

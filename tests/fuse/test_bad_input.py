@@ -316,3 +316,29 @@ def test_detach_wait_timeout_nan_is_refused(dirs, tmp_path):
         assert_one_line_error(result, "--timeout")
         assert not (tmp_path / "vm.raw").exists()
         m.stop()
+
+
+@pytest.mark.parametrize(
+    ("base", "env", "needle"),
+    [
+        ("http://[::1/images/", {}, "not a valid URL"),  # urlsplit: ValueError, a traceback
+        ("https://127.0.0.1:99999/images/", {}, "not a valid URL"),  # .port: ValueError
+        ("s3://AKIAEXAMPLE:s3cr3t-key@bucket/images/", {}, "carries credentials"),
+        # httpx could not encode the header at the first request: UnicodeEncodeError
+        ("http://127.0.0.1:1/images/", {"CORFS_AUTH": "Authorization: Bearer s3cr3t-clé"},
+         "CORFS_AUTH"),
+    ],
+    ids=["ipv6-bracket", "port-range", "s3-userinfo", "auth-not-ascii"],
+)
+def test_bad_base_urls_are_one_line_without_their_secrets(dirs, base, env, needle):
+    """Refused in one line, with no traceback, and the line never shows the secret the user
+    put in the URL or the header (the s3:// one was echoed whole)."""
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    before = snapshot(dirs.base, dirs.cache)
+    auth = ("--auth-header-env", "CORFS_AUTH") if env else ()
+    result = run_corfs("mount", base, dirs.cache, dirs.mnt, "--daemon", "--io-timeout", "5",
+                       *auth, timeout=30, env=env)
+    assert_one_line_error(result, needle)
+    assert "s3cr3t" not in result.stderr
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base, dirs.cache) == before
