@@ -542,6 +542,20 @@ def _build_images(
     return images
 
 
+def _init_fuse(operations: CorfsOperations, mountpoint: str, config: MountConfig) -> None:
+    """pyfuse3.init, or UsageError: libfuse (or fusermount3, for a user who is not root)
+    refusing the mount (no access to /dev/fuse or MNT, --allow-other without
+    user_allow_other in /etc/fuse.conf) was a RuntimeError and its traceback. libfuse has
+    printed its reason on stderr already."""
+    try:
+        pyfuse3.init(operations, mountpoint, _fuse_options(config))
+    except RuntimeError as exc:
+        raise UsageError(
+            f"cannot mount on {mountpoint}: {exc} (FUSE's own message says why: on stderr, "
+            "or with --daemon in --log-file)"
+        ) from None
+
+
 async def _serve_with(
     config: MountConfig,
     mountpoint: str,
@@ -593,7 +607,7 @@ async def _serve_with(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir,
             metrics=metrics,
         )
-        pyfuse3.init(operations, mountpoint, _fuse_options(config))
+        _init_fuse(operations, mountpoint, config)
         unmounted = False
         store_wait = trio.CancelScope()  # _store_fetched's wait, which a signal may end
         nursery.start_soon(_raise_read_ahead, mountpoint)

@@ -5,9 +5,12 @@ a non-zero exit, and nothing in BASE or CACHE changed. Also: which base entries 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,8 @@ from tests.mounting import (
 )
 
 from .util import MIB, assert_one_line_error, snapshot
+
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -342,3 +347,37 @@ def test_bad_base_urls_are_one_line_without_their_secrets(dirs, base, env, needl
     assert "s3cr3t" not in result.stderr
     assert not is_mounted(dirs.mnt)
     assert snapshot(dirs.base, dirs.cache) == before
+
+
+def test_a_mount_fuse_refuses_is_one_line_not_a_traceback(tmp_path):
+    """A user who is not root, mounting on a directory of root's (0755): libfuse refuses
+    (here or there: /dev/fuse may be root's alone too), and pyfuse3.init raised RuntimeError,
+    a traceback. Now one line of corfs after FUSE's own, exit 2, nothing mounted."""
+    shared = Path(tempfile.mkdtemp(prefix="corfs-nobody-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        base, cache, mnt = shared / "base", shared / "cache", shared / "mnt"
+        for path in (base, cache, mnt):
+            path.mkdir(mode=0o755)
+        cache.chmod(0o700)  # else a warning that it was made private comes first
+        make_image(base / "a.raw", MIB, seed=93)
+        (base / "a.raw").chmod(0o644)
+        os.chown(cache, NOBODY, NOBODY)
+        # The interpreter lives below /root (0700): read and search only, as tests/fuse/
+        # test_control.py's commands of user nobody.
+        result = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+             *corfs_command("mount", base, cache, mnt, "--no-stream")],
+            capture_output=True, text=True, timeout=30, env=corfs_env(), check=False,
+        )
+        try:
+            assert result.returncode == 2, result.stderr
+            assert "Traceback" not in result.stderr, result.stderr
+            assert result.stderr.strip().splitlines()[-1].startswith(
+                f"corfs: cannot mount on {mnt}"), result.stderr
+            assert not is_mounted(mnt)
+        finally:
+            lazy_unmount(mnt)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
