@@ -277,6 +277,10 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     # every lookup of a mount that had come up (EIO); file type bits made images non-files.
     if not 0 <= args.mode <= 0o7777:
         raise UsageError(f"--mode must be a permission mode from 0 to 7777, not {args.mode:o}")
+    # Below 1 the HTTP client's pool got no connection at all (--connections -2): every
+    # request of a live server ended as "no answer within --io-timeout", the base blamed.
+    if args.connections < 1:
+        raise UsageError(f"--connections must be at least 1, not {args.connections}")
     if args.owner is not None and not all(0 <= i < MAX_ID for i in args.owner):
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
     _check_base_url(args.base)

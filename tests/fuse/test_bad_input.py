@@ -242,6 +242,7 @@ def test_cli_itself_has_no_traceback_for_bad_options(dirs, option):
         ("--mode", "40644"),  # S_IFDIR bits: the images would not be regular files
         ("--owner", "-5:-5"),
         ("--owner", "4294967296"),
+        ("--connections", "-2"),  # an HTTP pool of no connection: "no answer" from the base
     ],
 )
 def test_numbers_a_mount_cannot_serve_with_are_refused(dirs, option):
