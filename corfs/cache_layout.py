@@ -92,10 +92,7 @@ def tighten_private(cache_dir: str) -> list[str]:
     user = os.geteuid()
 
     def tighten(path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:  # replaced meanwhile by the mount that holds CACHE
-            return
+        st = os.lstat(path)
         if st.st_uid != user:
             raise UsageError(
                 f"cache {cache_dir}: {path} belongs to uid {st.st_uid}, not to uid {user} who "

@@ -23,6 +23,7 @@ trio thread is left to mount setup and offline tools, before any commit runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -163,11 +164,10 @@ class CacheStore:
         db_path = os.path.join(cache_dir, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
-        if create:  # before the lock: a corfs.lock planted by another user is refused here
-            log_tightened(cache_dir, tighten_private(cache_dir))
         lock_fd = cls._take_lock(cache_dir) if lock else None
         try:
             if create:
+                log_tightened(cache_dir, tighten_private(cache_dir))
                 # SQLite would create it 0644 (less the umask); its -wal and -shm copy its mode.
                 os.close(private_open(db_path, os.O_RDWR | os.O_CREAT))
             db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
@@ -188,6 +188,10 @@ class CacheStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
+        except UsageError:  # tighten_private: an entry it cannot make private, or another's
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
         return cls(cache_dir, db, lock_fd, hooks)
 
     @staticmethod
@@ -195,6 +199,10 @@ class CacheStore:
         try:
             fd = private_open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # private_open follows no symlink: one was planted
+                raise UsageError(
+                    f"cache {cache_dir}: {LOCK_FILE} is a symbolic link; a cache holds none"
+                ) from None
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
