@@ -170,6 +170,22 @@ def test_status_of_every_mount_finds_one_whose_path_has_a_space_and_utf8(tmp_pat
         m.stop()
 
 
+def test_status_of_the_cache_of_a_mountpoint_ending_in_a_space(tmp_path):
+    """CACHE records its mountpoint; reading it back stripped the trailing space, so
+    `corfs status CACHE` (and `corfs verify CACHE`) of a live mount on "mnt " asked "mnt",
+    which does not exist, and failed."""
+    dirs = CorfsDirs.under(tmp_path)
+    mnt = tmp_path / "mnt "
+    mnt.mkdir()
+    make_image(dirs.base / "a.raw", MIB, seed=4)
+    with CorfsMount(dirs.base, dirs.cache, mnt, "--no-stream", log_dir=dirs.logs) as m:
+        result = run_corfs("status", dirs.cache, "--json")
+        assert result.returncode == 0, result.stderr
+        st = json.loads(result.stdout)
+        assert st["mounted"] is True and st["mountpoint"] == str(mnt)
+        m.stop()
+
+
 def test_an_image_the_base_lost_is_offline_not_streaming(tmp_dirs: CorfsDirs) -> None:
     """Cached in part, then gone from the base: its local chunks are served, the missing ones
     cannot be fetched by anything, and the status says so (it said "streaming")."""
