@@ -95,7 +95,9 @@ def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
     """UsageError if BASE, CACHE and MNT (resolved) overlap where that breaks the mount: a
     CACHE at or below MNT is hidden by the mount, and the daemon touching it after mounting
     waits on itself for ever; a directory BASE at or below MNT would be read through the
-    mount; CACHE == BASE writes the cache into BASE (its files then listed as images)."""
+    mount; CACHE == BASE writes the cache into BASE (its files then listed as images); a
+    BASE below CACHE was made private with it (its files chmod'ed 0600, its directories 0700:
+    BASE changed, and refused if another user owns any of it)."""
     cache = os.path.realpath(cache_dir)
     if _at_or_below(cache, mountpoint):
         raise UsageError(f"CACHE {cache_dir} and MNT {mountpoint} overlap: keep them apart")
@@ -104,7 +106,7 @@ def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
     base = os.path.realpath(base_url)
     if _at_or_below(base, mountpoint):
         raise UsageError(f"BASE {base_url} and MNT {mountpoint} overlap: keep them apart")
-    if base == cache:
+    if _at_or_below(base, cache):
         raise UsageError(f"BASE {base_url} and CACHE {cache_dir} overlap: keep them apart")
 
 

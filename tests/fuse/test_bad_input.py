@@ -269,7 +269,7 @@ def test_trace_nested_too_deep_is_one_line(dirs, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt"]
+    "case", ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt", "base-below-cache"]
 )
 def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
     """CACHE == BASE wrote state.db, data/, corfs.lock into BASE (and made them images of the
@@ -284,6 +284,11 @@ def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
     elif case == "cache-below-mnt":
         cache = dirs.mnt / "cache"
         cache.mkdir()
+    elif case == "base-below-cache":  # the cache's walk made BASE's files 0600
+        base = dirs.cache / "images"
+        base.mkdir(parents=True)
+        make_image(base / "b.raw", MIB, seed=92)
+        (base / "b.raw").chmod(0o644)
     else:
         base = dirs.mnt
         make_image(base / "b.raw", MIB, seed=92)
