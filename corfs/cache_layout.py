@@ -18,10 +18,12 @@ the directory and every directory in it 0700, every file 0600 (state.db's -wal a
 state.db's mode from SQLite). Everything in CACHE is created through `private_open` /
 `ensure_private_dir`, whose modes do not depend on the caller's umask; a mount tightens a cache
 made looser before (`tighten_private`). A mount refuses a CACHE holding anything another user
-owns: while it was open to others they could plant files, directories or symbolic links in it
-(a `mountpoint.tmp` pointing at one of the user's files was overwritten at mount), and as
-their owner could open them again after any chmod. `private_open` does not follow a symbolic
-link either.
+(root aside) owns: while it was open to others they could plant files, directories or
+symbolic links in it (a `mountpoint.tmp` pointing at one of the user's files was overwritten
+at mount), and as their owner could open them again after any chmod. `private_open` does not
+follow a symbolic link either. A directory that is no cache yet must hold nothing but what a
+first mount cut short leaves (`check_new_cache`): the walk would make a stranger's files
+private too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,34 @@ TRACE_FILE = "trace.json"
 def is_cache_dir(path: str) -> bool:
     """Whether PATH is a corfs cache already initialised (checked without creating anything)."""
     return os.path.exists(os.path.join(path, STATE_DB))
+
+
+# What a cache that has no STATE_DB yet may hold (one whose first mount was cut short), and
+# the directory a file system's root comes with.
+_NAMES_BEFORE_STATE_DB = (LOCK_FILE, DATA_DIR, MOUNTPOINT_FILE, TRACE_FILE, "lost+found")
+
+
+def check_new_cache(cache_dir: str) -> None:
+    """UsageError if CACHE is not a corfs cache yet holds files corfs did not make: its first
+    mount would make all of them private (chmod go-rwx, recursively: CACHE=/var/cache, or a
+    home directory) and write its files among them."""
+    if is_cache_dir(cache_dir):
+        return
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return  # the opening that follows says why it cannot use it
+    foreign = sorted(
+        name for name in names
+        if name.removesuffix(".tmp") not in _NAMES_BEFORE_STATE_DB
+        and not name.startswith(f"{STATE_DB}-")  # -wal, -shm, -journal
+    )
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(
+            f"cache {cache_dir} is not a corfs cache and not empty (it holds {foreign[0]!r}"
+            f"{more}): name an empty or new directory"
+        )
 
 
 def recorded_mountpoint(cache_dir: str) -> str | None:
@@ -94,7 +124,7 @@ def tighten_private(cache_dir: str) -> list[str]:
 
     def tighten(path: str) -> None:
         st = os.lstat(path)
-        if st.st_uid != user:
+        if st.st_uid not in (user, 0):  # root's: no other user could have planted it
             raise UsageError(
                 f"cache {cache_dir}: {path} belongs to uid {st.st_uid}, not to uid {user} who "
                 "mounts: a cache must be its user's alone (remove it, or chown the cache)"

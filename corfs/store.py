@@ -40,6 +40,7 @@ from .cache_layout import (
     DATA_DIR,
     LOCK_FILE,
     STATE_DB,
+    check_new_cache,
     data_path_in,
     ensure_private_dir,
     log_tightened,
@@ -161,6 +162,8 @@ class CacheStore:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
         if create and not os.access(cache_dir, os.W_OK | os.X_OK):
             raise UsageError(f"cache {cache_dir} is not writable")
+        if create:
+            check_new_cache(cache_dir)
         db_path = os.path.join(cache_dir, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")

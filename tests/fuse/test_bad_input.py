@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounting import (
+    CorfsMount,
     corfs_command,
     corfs_env,
     is_mounted,
@@ -387,3 +388,28 @@ def test_a_mount_fuse_refuses_is_one_line_not_a_traceback(tmp_path):
             lazy_unmount(mnt)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_directory_that_is_no_cache_and_not_empty_is_refused(dirs, tmp_path):
+    """CACHE named a directory of other files (a home, /var/cache): the first mount made every
+    file in it 0600 and every directory 0700, recursively, and wrote its own among them.
+    Refused in one line, nothing changed; what a cut-short first mount leaves, and a file
+    system's lost+found, are still a cache to start."""
+    cache = tmp_path / "home"
+    (cache / "projects").mkdir(parents=True)
+    (cache / "projects" / "notes.txt").write_text("mine")
+    (cache / "projects" / "notes.txt").chmod(0o644)
+    (cache / "projects").chmod(0o755)
+    cache.chmod(0o755)
+    line = _mount_fails(dirs.base, cache, dirs.mnt, "not a corfs cache", "'projects'",
+                        watch=(dirs.base, cache))
+    assert "Traceback" not in line
+
+    started = tmp_path / "started"
+    (started / "lost+found").mkdir(parents=True, mode=0o700)
+    (started / "data").mkdir(mode=0o700)
+    (started / "corfs.lock").touch(mode=0o600)
+    started.chmod(0o700)
+    with CorfsMount(dirs.base, started, dirs.mnt, "--no-stream", log_dir=tmp_path) as m:
+        assert (m.mnt / "a.raw").read_bytes() == (dirs.base / "a.raw").read_bytes()
+        m.stop()
