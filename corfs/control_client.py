@@ -53,29 +53,37 @@ ANSWER_TIMEOUT_S = 10.0  # a live daemon answers a status in milliseconds
 T = TypeVar("T")
 
 
-def _ask(path: str, request: Callable[[str], T]) -> T:
-    """request(path), a call that the mount's daemon answers; ControlError if it does not
-    within ANSWER_TIMEOUT_S (see the module docstring)."""
+def call_bounded(call: Callable[[], T], seconds: float = ANSWER_TIMEOUT_S) -> T:
+    """call(), something a mount's daemon answers, in a daemon thread; TimeoutError if it has
+    not returned within `seconds` (see the module docstring). What it raises is raised here."""
     outcome: list = []
 
     def run() -> None:
         try:
-            outcome.append((True, request(path)))
+            outcome.append((True, call()))
         except BaseException as exc:  # raised again in the caller's thread
             outcome.append((False, exc))
 
     thread = threading.Thread(target=run, name="corfs-mount-request", daemon=True)
     thread.start()
-    thread.join(ANSWER_TIMEOUT_S)
+    thread.join(seconds)
     if not outcome:
-        raise ControlError(
-            f"{path}: its corfs daemon does not answer within {ANSWER_TIMEOUT_S:g} s "
-            "(stopped or hung)"
-        )
+        raise TimeoutError
     ok, value = outcome[0]
     if not ok:
         raise value
     return value
+
+
+def _ask(path: str, request: Callable[[str], T]) -> T:
+    """request(path) within ANSWER_TIMEOUT_S, else ControlError."""
+    try:
+        return call_bounded(lambda: request(path))
+    except TimeoutError:
+        raise ControlError(
+            f"{path}: its corfs daemon does not answer within {ANSWER_TIMEOUT_S:g} s "
+            "(stopped or hung)"
+        ) from None
 
 
 def read_status(mountpoint: str) -> dict:

@@ -27,6 +27,7 @@ from .base import BaseImage, BaseStore, describe_url, open_base
 from .cache_layout import MOUNTPOINT_FILE, TRACE_FILE, is_cache_dir
 from .config import MountConfig
 from .control import Controller
+from .control_client import ANSWER_TIMEOUT_S, call_bounded
 from .errors import (
     BaseChanged,
     BaseNotFound,
@@ -65,7 +66,19 @@ def check_mountpoint(path: str) -> str:
     already mounted. Checked with symlinks resolved (os.path.ismount() of a symlink is False:
     a second mount went on top of one reached through a symlink), but served as spelled: QEMU
     and libvirt name its images through that spelling, and a live handoff finds QEMU's nodes
-    by their file names as strings (handoff.py: resolving them could touch the mount)."""
+    by their file names as strings (handoff.py: resolving them could touch the mount).
+    Bounded: a FUSE mount at MNT whose daemon is stopped or hung would hold every stat of it
+    (and `corfs mount`) for ever."""
+    try:
+        return call_bounded(lambda: _check_mountpoint(path))
+    except TimeoutError:
+        raise UsageError(
+            f"{path} does not answer within {ANSWER_TIMEOUT_S:g} s: a mount whose daemon is "
+            f"stopped or hung? (fusermount3 -u -z {path} detaches it)"
+        ) from None
+
+
+def _check_mountpoint(path: str) -> str:
     mountpoint = os.path.realpath(path)  # strict=False: a dead mount still gets its hint below
     try:
         os.stat(mountpoint)

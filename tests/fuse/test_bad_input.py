@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -412,4 +413,24 @@ def test_a_directory_that_is_no_cache_and_not_empty_is_refused(dirs, tmp_path):
     started.chmod(0o700)
     with CorfsMount(dirs.base, started, dirs.mnt, "--no-stream", log_dir=tmp_path) as m:
         assert (m.mnt / "a.raw").read_bytes() == (dirs.base / "a.raw").read_bytes()
+        m.stop()
+
+
+def test_mounting_on_a_mount_whose_daemon_is_stopped_gives_up(dirs, tmp_path):
+    """The first stat of MNT waited for the stopped daemon for ever: `corfs mount` hung."""
+    with dirs.mount("--no-stream") as m:
+        pid = m.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            result = run_corfs("mount", dirs.base, tmp_path / "cache2", dirs.mnt, "--no-stream",
+                               timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("corfs mount on a stopped mount waited for ever")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert_one_line_error(result, "does not answer", "fusermount3 -u -z")
+        assert len(_mounts_at(dirs.mnt)) == 1
+        assert not (tmp_path / "cache2").exists()
+        assert (m.mnt / "a.raw").stat().st_size == MIB  # the first mount is unharmed
         m.stop()
