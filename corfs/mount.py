@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import signal
+import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pyfuse3
@@ -295,18 +296,30 @@ async def _open_and_list(config: MountConfig) -> tuple[BaseStore, Sequence[BaseI
         raise
 
 
+def _read_trace_file(path: str) -> str:
+    """The text of --trace FILE, or UsageError. A regular file only: /dev/zero filled memory
+    until the daemon died, a FIFO held the mount (and its CACHE locked) until a writer came."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: at once
+    except OSError as exc:
+        raise UsageError(f"cannot read trace {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"trace {path} is not a regular file")
+    # errors="replace": a binary file is then "not a corfs trace", not a UnicodeDecodeError.
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read trace {path}: {exc.strerror}") from None
+
+
 def _load_traces(
     config: MountConfig, store: CacheStore, images: list[Image]
 ) -> dict[str, list[int]]:
     text: str | None
     if config.stream.trace_file:
-        try:
-            with open(config.stream.trace_file) as f:
-                text, source = f.read(), config.stream.trace_file
-        except OSError as exc:
-            raise UsageError(
-                f"cannot read trace {config.stream.trace_file}: {exc.strerror}"
-            ) from None
+        text, source = _read_trace_file(config.stream.trace_file), config.stream.trace_file
         traces = load_trace(text, source)  # the user's file: refused as bad input
     else:
         text, source = store.read_small_file(TRACE_FILE), os.path.join(store.cache_dir, TRACE_FILE)

@@ -434,3 +434,24 @@ def test_mounting_on_a_mount_whose_daemon_is_stopped_gives_up(dirs, tmp_path):
         assert not (tmp_path / "cache2").exists()
         assert (m.mnt / "a.raw").stat().st_size == MIB  # the first mount is unharmed
         m.stop()
+
+
+@pytest.mark.parametrize("kind", ["binary", "fifo"])
+def test_a_trace_that_is_no_text_file_is_one_line(dirs, tmp_path, kind):
+    """--trace of a binary file failed with UnicodeDecodeError ('internal error', quoting
+    the file's bytes); of a FIFO it waited for a writer for ever, CACHE locked, deaf to
+    SIGTERM (/dev/zero filled memory the same way: not run here)."""
+    trace = tmp_path / "trace"
+    if kind == "binary":
+        trace.write_bytes(bytes(range(128, 256)) * 8)
+    else:
+        os.mkfifo(trace)
+    dirs.cache.chmod(0o700)  # else a warning that it was made private comes first
+    try:
+        result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--no-stream",
+                           "--trace", trace, timeout=20)  # killed (SIGKILL) if it hangs
+    except subprocess.TimeoutExpired:
+        pytest.fail("corfs mount --trace waited for ever")
+    assert_one_line_error(result, str(trace),
+                          "not a corfs trace" if kind == "binary" else "not a regular file")
+    assert not is_mounted(dirs.mnt)
