@@ -108,9 +108,18 @@ def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
     )
     logging.getLogger().handlers[:] = [handler]
 
+    reported = False
+
     def ready() -> None:
-        os.write(ready_fd, b"ok\n")
-        os.close(ready_fd)
+        nonlocal reported
+        reported = True
+        try:
+            os.write(ready_fd, b"ok\n")
+        except BrokenPipeError:  # killed while it waited: it reported a failure, not a mount
+            raise CorfsError("the corfs mount command that started this daemon is gone: "
+                             "not serving") from None
+        finally:
+            os.close(ready_fd)
 
     try:
         run_mount(config, ready)
@@ -122,6 +131,7 @@ def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
             error = CorfsError(f"internal error: {exc!r}")
         line = error_line(error)
         logging.getLogger(__name__).error("%s", line)
-        with contextlib.suppress(OSError):  # already reported ready: the log has it
-            os.write(ready_fd, f"{error.exit_code} {line}\n".encode())
+        if not reported:  # else the log has it; ready_fd's number may be another file's now
+            with contextlib.suppress(OSError):  # the command is gone
+                os.write(ready_fd, f"{error.exit_code} {line}\n".encode())
         return error.exit_code
