@@ -54,7 +54,7 @@ def is_cache_dir(path: str) -> bool:
 
 # What a cache that has no STATE_DB yet may hold (one whose first mount was cut short), and
 # the directory a file system's root comes with.
-_NAMES_BEFORE_STATE_DB = (LOCK_FILE, DATA_DIR, MOUNTPOINT_FILE, TRACE_FILE, "lost+found")
+_NAMES_BEFORE_STATE_DB = (LOCK_FILE, STATE_DB, DATA_DIR, MOUNTPOINT_FILE, TRACE_FILE, "lost+found")
 
 
 def check_new_cache(cache_dir: str) -> None:
