@@ -284,6 +284,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     if args.owner is not None and not all(0 <= i < MAX_ID for i in args.owner):
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
     _check_base_url(args.base)
+    if args.endpoint_url is not None:
+        _check_endpoint_url(args.endpoint_url)
     from .metrics import parse_listen_address
 
     return MountConfig(
@@ -341,6 +343,23 @@ def _check_base_url(url: str) -> None:
             f"base URL {describe_url(url)!r} carries credentials: S3 takes them from the "
             "environment or --profile"
         )
+
+
+def _check_endpoint_url(url: str) -> None:
+    """UsageError unless --endpoint-url is an http(s) URL with a host and no user info:
+    botocore raised ValueError for others (a traceback quoting the value)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise UsageError(f"--endpoint-url is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError("--endpoint-url must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("--endpoint-url carries credentials: S3 takes them from the "
+                         "environment or --profile")
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

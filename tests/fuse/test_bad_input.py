@@ -455,3 +455,24 @@ def test_a_trace_that_is_no_text_file_is_one_line(dirs, tmp_path, kind):
     assert_one_line_error(result, str(trace),
                           "not a corfs trace" if kind == "binary" else "not a regular file")
     assert not is_mounted(dirs.mnt)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "needle"),
+    [
+        ("http://AKIAEXAMPLE:s3cr3t@[::1/", "not a valid URL"),  # botocore: ValueError
+        ("s3cr3t endpoint", "http:// or https://"),  # "Invalid endpoint: <it>", a traceback
+        ("http://AKIAEXAMPLE:s3cr3t@127.0.0.1:1/", "carries credentials"),
+    ],
+    ids=["ipv6-bracket", "no-url", "userinfo"],
+)
+def test_bad_endpoint_urls_are_one_line_without_their_secrets(dirs, endpoint, needle):
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    before = snapshot(dirs.base, dirs.cache)
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    result = run_corfs("mount", "s3://bucket/images/", dirs.cache, dirs.mnt, "--daemon",
+                       "--io-timeout", "3", "--endpoint-url", endpoint, timeout=30, env=env)
+    assert_one_line_error(result, "--endpoint-url", needle)
+    assert "s3cr3t" not in result.stderr
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base, dirs.cache) == before
