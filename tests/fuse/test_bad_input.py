@@ -476,3 +476,30 @@ def test_bad_endpoint_urls_are_one_line_without_their_secrets(dirs, endpoint, ne
     assert "s3cr3t" not in result.stderr
     assert not is_mounted(dirs.mnt)
     assert snapshot(dirs.base, dirs.cache) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "needle"),
+    [
+        (("--region", "bad/region"), {"AWS_SECRET_ACCESS_KEY": "y"}, "InvalidRegionError"),
+        # No --endpoint-url: the endpoint botocore makes of an empty region is
+        # https://s3..amazonaws.com, refused as it builds the client (no request is sent).
+        (("--region", ""), {"AWS_SECRET_ACCESS_KEY": "y"}, "ValueError"),
+        ((), {}, "no S3 credentials"),  # an access key without its secret
+    ],
+    ids=["region-format", "region-empty", "half-credentials"],
+)
+def test_s3_settings_botocore_refuses_are_one_line(dirs, options, env, needle):
+    """botocore refused to make its client (InvalidRegionError, ValueError,
+    PartialCredentialsError) outside any error mapping: a traceback."""
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    env = {"AWS_ACCESS_KEY_ID": "x", **env, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+           "AWS_CONFIG_FILE": "/nonexistent"}
+    if "AWS_SECRET_ACCESS_KEY" not in env:
+        env["AWS_SECRET_ACCESS_KEY"] = ""  # set but empty: botocore takes it as missing
+    endpoint = () if options == ("--region", "") else ("--endpoint-url", "http://127.0.0.1:1")
+    result = run_corfs("mount", "s3://bucket/images/", dirs.cache, dirs.mnt, "--daemon",
+                       "--io-timeout", "3", *endpoint, *options, timeout=30, env=env)
+    line = assert_one_line_error(result, needle)
+    assert "internal error" not in line  # what --daemon makes of an exception it did not map
+    assert not is_mounted(dirs.mnt)
