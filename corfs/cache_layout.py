@@ -57,6 +57,15 @@ def is_cache_dir(path: str) -> bool:
 _NAMES_BEFORE_STATE_DB = (LOCK_FILE, STATE_DB, DATA_DIR, MOUNTPOINT_FILE, TRACE_FILE, "lost+found")
 
 
+def _ours_before_state_db(cache_dir: str, name: str) -> bool:
+    """Whether entry `name` of a CACHE with no STATE_DB yet may be there: corfs's own, or a
+    log file (--log-file CACHE/corfs.log is opened before the cache is)."""
+    if name.removesuffix(".tmp") in _NAMES_BEFORE_STATE_DB or name.startswith(f"{STATE_DB}-"):
+        return True  # STATE_DB's -wal, -shm, -journal
+    path = os.path.join(cache_dir, name)
+    return name.endswith(".log") and os.path.isfile(path) and not os.path.islink(path)
+
+
 def check_new_cache(cache_dir: str) -> None:
     """UsageError if CACHE is not a corfs cache yet holds files corfs did not make: its first
     mount would make all of them private (chmod go-rwx, recursively: CACHE=/var/cache, or a
@@ -67,11 +76,7 @@ def check_new_cache(cache_dir: str) -> None:
         names = os.listdir(cache_dir)
     except OSError:
         return  # the opening that follows says why it cannot use it
-    foreign = sorted(
-        name for name in names
-        if name.removesuffix(".tmp") not in _NAMES_BEFORE_STATE_DB
-        and not name.startswith(f"{STATE_DB}-")  # -wal, -shm, -journal
-    )
+    foreign = sorted(name for name in names if not _ours_before_state_db(cache_dir, name))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UsageError(

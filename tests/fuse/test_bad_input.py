@@ -411,7 +411,9 @@ def test_a_directory_that_is_no_cache_and_not_empty_is_refused(dirs, tmp_path):
     (started / "data").mkdir(mode=0o700)
     (started / "corfs.lock").touch(mode=0o600)
     started.chmod(0o700)
-    with CorfsMount(dirs.base, started, dirs.mnt, "--no-stream", log_dir=tmp_path) as m:
+    # --log-file in CACHE: opened (created) before the cache is
+    with CorfsMount(dirs.base, started, dirs.mnt, "--no-stream", "--daemon", "--log-file",
+                    started / "corfs.log", log_dir=tmp_path) as m:
         assert (m.mnt / "a.raw").read_bytes() == (dirs.base / "a.raw").read_bytes()
         m.stop()
 
