@@ -90,8 +90,8 @@ def recorded_mountpoint(cache_dir: str) -> str | None:
     still runs is for the lock to say (CacheStore.is_locked)."""
     try:
         with open(os.path.join(cache_dir, MOUNTPOINT_FILE)) as f:
-            # Not strip(): a mountpoint may end in a space ("mnt "); the file holds it as is.
-            return f.read().removesuffix("\n") or None
+            # As written, not strip()ped: a mountpoint may end in a space or a newline.
+            return f.read() or None
     except OSError:
         return None
 
