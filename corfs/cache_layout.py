@@ -17,7 +17,13 @@ Privacy: CACHE holds the guest's bytes and the base's identity, so it is its own
 the directory and every directory in it 0700, every file 0600 (state.db's -wal and -shm take
 state.db's mode from SQLite). Everything in CACHE is created through `private_open` /
 `ensure_private_dir`, whose modes do not depend on the caller's umask; a mount tightens a cache
-made looser before (`tighten_private`).
+made looser before (`tighten_private`). A mount refuses a CACHE holding anything another user
+(root aside) owns: while it was open to others they could plant files, directories or
+symbolic links in it (a `mountpoint.tmp` pointing at one of the user's files was overwritten
+at mount), and as their owner could open them again after any chmod. `private_open` does not
+follow a symbolic link either. A directory that is no cache yet must hold nothing but what a
+first mount cut short leaves (`check_new_cache`): the walk would make a stranger's files
+private too.
 """
 
 from __future__ import annotations
@@ -46,12 +52,46 @@ def is_cache_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, STATE_DB))
 
 
+# What a cache that has no STATE_DB yet may hold (one whose first mount was cut short), and
+# the directory a file system's root comes with.
+_NAMES_BEFORE_STATE_DB = (LOCK_FILE, STATE_DB, DATA_DIR, MOUNTPOINT_FILE, TRACE_FILE, "lost+found")
+
+
+def _ours_before_state_db(cache_dir: str, name: str) -> bool:
+    """Whether entry `name` of a CACHE with no STATE_DB yet may be there: corfs's own, or a
+    log file (--log-file CACHE/corfs.log is opened before the cache is)."""
+    if name.removesuffix(".tmp") in _NAMES_BEFORE_STATE_DB or name.startswith(f"{STATE_DB}-"):
+        return True  # STATE_DB's -wal, -shm, -journal
+    path = os.path.join(cache_dir, name)
+    return name.endswith(".log") and os.path.isfile(path) and not os.path.islink(path)
+
+
+def check_new_cache(cache_dir: str) -> None:
+    """UsageError if CACHE is not a corfs cache yet holds files corfs did not make: its first
+    mount would make all of them private (chmod go-rwx, recursively: CACHE=/var/cache, or a
+    home directory) and write its files among them."""
+    if is_cache_dir(cache_dir):
+        return
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return  # the opening that follows says why it cannot use it
+    foreign = sorted(name for name in names if not _ours_before_state_db(cache_dir, name))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(
+            f"cache {cache_dir} is not a corfs cache and not empty (it holds {foreign[0]!r}"
+            f"{more}): name an empty or new directory"
+        )
+
+
 def recorded_mountpoint(cache_dir: str) -> str | None:
     """Where the mount of CACHE said it is (MOUNTPOINT_FILE), or None; whether that mount
     still runs is for the lock to say (CacheStore.is_locked)."""
     try:
         with open(os.path.join(cache_dir, MOUNTPOINT_FILE)) as f:
-            return f.read().strip() or None
+            # As written, not strip()ped: a mountpoint may end in a space or a newline.
+            return f.read() or None
     except OSError:
         return None
 
@@ -67,8 +107,10 @@ PRIVATE_UMASK = _GROUP_OTHER  # the CLI's and the daemon's: no file of theirs op
 
 def private_open(path: str, flags: int, *, dir_fd: int | None = None) -> int:
     """os.open of a file in CACHE (or of a detached image); one it creates is 0600 whatever
-    the umask (a umask only takes bits away from the mode given)."""
-    return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE, dir_fd=dir_fd)
+    the umask (a umask only takes bits away from the mode given). Never through a symbolic
+    link (ELOOP): one planted in CACHE would have its target truncated and written."""
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(path, flags, PRIVATE_FILE_MODE, dir_fd=dir_fd)
 
 
 def ensure_private_dir(path: str) -> None:
@@ -79,12 +121,19 @@ def ensure_private_dir(path: str) -> None:
 def tighten_private(cache_dir: str) -> list[str]:
     """Take group and other permissions off CACHE and everything in it (a cache made by an
     older corfs, or copied with a loose umask); what changed, as "path 0644->0600" with paths
-    relative to CACHE. Symbolic links in it are left alone (their mode means nothing; never
-    follow)."""
+    relative to CACHE. UsageError if any of it belongs to another user (see the module
+    docstring). Symbolic links of the user's own are left alone (their mode means nothing;
+    never follow)."""
     changed = []
+    user = os.geteuid()
 
     def tighten(path: str) -> None:
         st = os.lstat(path)
+        if st.st_uid not in (user, 0):  # root's: no other user could have planted it
+            raise UsageError(
+                f"cache {cache_dir}: {path} belongs to uid {st.st_uid}, not to uid {user} who "
+                "mounts: a cache must be its user's alone (remove it, or chown the cache)"
+            )
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISLNK(st.st_mode) or not mode & _GROUP_OTHER:
             return

@@ -277,8 +277,15 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     # every lookup of a mount that had come up (EIO); file type bits made images non-files.
     if not 0 <= args.mode <= 0o7777:
         raise UsageError(f"--mode must be a permission mode from 0 to 7777, not {args.mode:o}")
+    # Below 1 the HTTP client's pool got no connection at all (--connections -2): every
+    # request of a live server ended as "no answer within --io-timeout", the base blamed.
+    if args.connections < 1:
+        raise UsageError(f"--connections must be at least 1, not {args.connections}")
     if args.owner is not None and not all(0 <= i < MAX_ID for i in args.owner):
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
+    _check_base_url(args.base)
+    if args.endpoint_url is not None:
+        _check_endpoint_url(args.endpoint_url)
     from .metrics import parse_listen_address
 
     return MountConfig(
@@ -313,6 +320,46 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             record_trace=args.record_trace,
         ),
     ).with_absolute_paths()
+
+
+def _check_base_url(url: str) -> None:
+    """UsageError for a BASE URL that does not parse (an unclosed IPv6 bracket, a port out of
+    range: a ValueError and a traceback deep in the base), or an s3:// URL with user info in
+    it (its error line showed it whole, secret included). URLs are never quoted whole here:
+    they may carry credentials."""
+    from urllib.parse import urlsplit
+
+    from .base import describe_url
+
+    if "://" not in url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise UsageError(f"BASE is not a valid URL: {exc}") from None
+    if parts.scheme == "s3" and "@" in parts.netloc:
+        raise UsageError(
+            f"base URL {describe_url(url)!r} carries credentials: S3 takes them from the "
+            "environment or --profile"
+        )
+
+
+def _check_endpoint_url(url: str) -> None:
+    """UsageError unless --endpoint-url is an http(s) URL with a host and no user info:
+    botocore raised ValueError for others (a traceback quoting the value)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise UsageError(f"--endpoint-url is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError("--endpoint-url must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("--endpoint-url carries credentials: S3 takes them from the "
+                         "environment or --profile")
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

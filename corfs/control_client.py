@@ -18,6 +18,12 @@ daemon's STATUS_PAGE_BYTES), with `image_count` and `images_next`: the index of 
 left out, or null; then `user.corfs.status.<N>` holds images from index N on, again with
 `images_next`. The image list of a mount never changes, so the pages always join up.
 `read_status` assembles them.
+
+Bounded waits: every request to a mount here (the stat, listxattr and getxattr of its root)
+gives up after ANSWER_TIMEOUT_S. A daemon that is stopped (SIGSTOP, a debugger) or whose
+loop hangs leaves the request waiting in the kernel, where only a fatal signal reaches it:
+`corfs status` waited for ever. The request runs in a daemon thread, left behind when the
+command exits with its one line (the exit ends it).
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from .cache_layout import is_cache_dir, recorded_mountpoint
 from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
@@ -39,6 +48,42 @@ HANDOFF_POLL_S = 0.1
 # How long a CLI whose mount is unmounted during a handoff waits for the daemon to settle it
 # and let go of CACHE: above handoff.FINISH_TIMEOUT, the daemon's bound for that.
 UNMOUNT_WAIT_S = 30.0
+ANSWER_TIMEOUT_S = 10.0  # a live daemon answers a status in milliseconds
+
+T = TypeVar("T")
+
+
+def call_bounded(call: Callable[[], T], seconds: float = ANSWER_TIMEOUT_S) -> T:
+    """call(), something a mount's daemon answers, in a daemon thread; TimeoutError if it has
+    not returned within `seconds` (see the module docstring). What it raises is raised here."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="corfs-mount-request", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _ask(path: str, request: Callable[[str], T]) -> T:
+    """request(path) within ANSWER_TIMEOUT_S, else ControlError."""
+    try:
+        return call_bounded(lambda: request(path))
+    except TimeoutError:
+        raise ControlError(
+            f"{path}: its corfs daemon does not answer within {ANSWER_TIMEOUT_S:g} s "
+            "(stopped or hung)"
+        ) from None
 
 
 def read_status(mountpoint: str) -> dict:
@@ -60,7 +105,7 @@ def read_status(mountpoint: str) -> dict:
 
 def _read_json(mountpoint: str, name: str) -> dict:
     try:
-        raw = os.getxattr(mountpoint, name)
+        raw = _ask(mountpoint, lambda path: os.getxattr(path, name))
     except OSError as exc:
         raise _not_a_mount(mountpoint, exc) from None
     try:
@@ -73,7 +118,7 @@ def check_corfs_mount(mountpoint: str) -> None:
     """ControlError (or UsageError) unless `mountpoint` is a live corfs mount. Cheap: it
     asks for the names of the root's xattrs, not for the status."""
     try:
-        names = os.listxattr(mountpoint)
+        names = _ask(mountpoint, os.listxattr)
     except OSError as exc:
         raise _not_a_mount(mountpoint, exc) from None
     if CONTROL_XATTR not in names:
@@ -227,10 +272,10 @@ def offline_status(cache_dir: str) -> MountStatus:
 def status_of_path(path: str) -> dict:
     """Status for PATH, a mountpoint or a cache dir, mounted or not."""
     try:
-        os.stat(path)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
+        _ask(path, os.stat)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
     except OSError as exc:
         raise _not_a_mount(path, exc) from None
-    if is_cache_dir(path):
+    if _ask(path, is_cache_dir):  # a lookup in the mount, when PATH is one
         if mountpoint := mountpoint_of_cache(path):
             try:
                 return read_status(mountpoint)

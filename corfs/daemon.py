@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import MutableMapping
 
 from .cache_layout import PRIVATE_UMASK
@@ -31,6 +33,7 @@ PATH_VARIABLES = (
     "SSLKEYLOGFILE",
 )
 PATH_LIST_VARIABLES = ("SSL_CERT_DIR", "AWS_DATA_PATH")  # several, ":"-separated
+STOP_CHILD_TIMEOUT = 30.0  # a daemon stopped while starting: how long its unmount may take
 
 
 def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
@@ -41,8 +44,15 @@ def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
     pid = os.fork()
     if pid > 0:
         os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            answer = pipe.read().decode(errors="replace")
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                answer = pipe.read().decode(errors="replace")
+        except BaseException:
+            # Ctrl-C (or a signal) while the daemon starts: it must not come up later behind
+            # the user's back (it left the terminal's session: the SIGINT reached us only).
+            # SIGTERM stops it at any point of its start, unmounting if it got that far.
+            _stop_child(pid)
+            raise
         if answer.startswith("ok"):
             return 0
         code, _, line = answer.partition(" ")
@@ -53,6 +63,19 @@ def run_mount_daemonized(config: MountConfig, log_fd: int | None) -> int:
         return int(code) if code.isdigit() else 1
     os.close(read_end)
     os._exit(_child(config, log_fd, write_end))
+
+
+def _stop_child(pid: int, timeout: float = STOP_CHILD_TIMEOUT) -> None:
+    """SIGTERM the daemon that is starting, and reap it if it ends within `timeout`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                time.sleep(0.05)
+                continue
+        return
 
 
 def make_environment_paths_absolute(environ: MutableMapping[str, str]) -> None:
@@ -85,9 +108,18 @@ def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
     )
     logging.getLogger().handlers[:] = [handler]
 
+    reported = False
+
     def ready() -> None:
-        os.write(ready_fd, b"ok\n")
-        os.close(ready_fd)
+        nonlocal reported
+        reported = True
+        try:
+            os.write(ready_fd, b"ok\n")
+        except BrokenPipeError:  # killed while it waited: it reported a failure, not a mount
+            raise CorfsError("the corfs mount command that started this daemon is gone: "
+                             "not serving") from None
+        finally:
+            os.close(ready_fd)
 
     try:
         run_mount(config, ready)
@@ -99,6 +131,7 @@ def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
             error = CorfsError(f"internal error: {exc!r}")
         line = error_line(error)
         logging.getLogger(__name__).error("%s", line)
-        with contextlib.suppress(OSError):  # already reported ready: the log has it
-            os.write(ready_fd, f"{error.exit_code} {line}\n".encode())
+        if not reported:  # else the log has it; ready_fd's number may be another file's now
+            with contextlib.suppress(OSError):  # the command is gone
+                os.write(ready_fd, f"{error.exit_code} {line}\n".encode())
         return error.exit_code

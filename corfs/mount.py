@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import signal
+import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pyfuse3
@@ -27,6 +28,7 @@ from .base import BaseImage, BaseStore, describe_url, open_base
 from .cache_layout import MOUNTPOINT_FILE, TRACE_FILE, is_cache_dir
 from .config import MountConfig
 from .control import Controller
+from .control_client import ANSWER_TIMEOUT_S, call_bounded
 from .errors import (
     BaseChanged,
     BaseNotFound,
@@ -65,7 +67,19 @@ def check_mountpoint(path: str) -> str:
     already mounted. Checked with symlinks resolved (os.path.ismount() of a symlink is False:
     a second mount went on top of one reached through a symlink), but served as spelled: QEMU
     and libvirt name its images through that spelling, and a live handoff finds QEMU's nodes
-    by their file names as strings (handoff.py: resolving them could touch the mount)."""
+    by their file names as strings (handoff.py: resolving them could touch the mount).
+    Bounded: a FUSE mount at MNT whose daemon is stopped or hung would hold every stat of it
+    (and `corfs mount`) for ever."""
+    try:
+        return call_bounded(lambda: _check_mountpoint(path))
+    except TimeoutError:
+        raise UsageError(
+            f"{path} does not answer within {ANSWER_TIMEOUT_S:g} s: a mount whose daemon is "
+            f"stopped or hung? (fusermount3 -u -z {path} detaches it)"
+        ) from None
+
+
+def _check_mountpoint(path: str) -> str:
     mountpoint = os.path.realpath(path)  # strict=False: a dead mount still gets its hint below
     try:
         os.stat(mountpoint)
@@ -95,7 +109,9 @@ def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
     """UsageError if BASE, CACHE and MNT (resolved) overlap where that breaks the mount: a
     CACHE at or below MNT is hidden by the mount, and the daemon touching it after mounting
     waits on itself for ever; a directory BASE at or below MNT would be read through the
-    mount; CACHE == BASE writes the cache into BASE (its files then listed as images)."""
+    mount; CACHE == BASE writes the cache into BASE (its files then listed as images); a
+    BASE below CACHE was made private with it (its files chmod'ed 0600, its directories 0700:
+    BASE changed, and refused if another user owns any of it)."""
     cache = os.path.realpath(cache_dir)
     if _at_or_below(cache, mountpoint):
         raise UsageError(f"CACHE {cache_dir} and MNT {mountpoint} overlap: keep them apart")
@@ -104,7 +120,7 @@ def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
     base = os.path.realpath(base_url)
     if _at_or_below(base, mountpoint):
         raise UsageError(f"BASE {base_url} and MNT {mountpoint} overlap: keep them apart")
-    if base == cache:
+    if _at_or_below(base, cache):
         raise UsageError(f"BASE {base_url} and CACHE {cache_dir} overlap: keep them apart")
 
 
@@ -280,18 +296,30 @@ async def _open_and_list(config: MountConfig) -> tuple[BaseStore, Sequence[BaseI
         raise
 
 
+def _read_trace_file(path: str) -> str:
+    """The text of --trace FILE, or UsageError. A regular file only: /dev/zero filled memory
+    until the daemon died, a FIFO held the mount (and its CACHE locked) until a writer came."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: at once
+    except OSError as exc:
+        raise UsageError(f"cannot read trace {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"trace {path} is not a regular file")
+    # errors="replace": a binary file is then "not a corfs trace", not a UnicodeDecodeError.
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read trace {path}: {exc.strerror}") from None
+
+
 def _load_traces(
     config: MountConfig, store: CacheStore, images: list[Image]
 ) -> dict[str, list[int]]:
     text: str | None
     if config.stream.trace_file:
-        try:
-            with open(config.stream.trace_file) as f:
-                text, source = f.read(), config.stream.trace_file
-        except OSError as exc:
-            raise UsageError(
-                f"cannot read trace {config.stream.trace_file}: {exc.strerror}"
-            ) from None
+        text, source = _read_trace_file(config.stream.trace_file), config.stream.trace_file
         traces = load_trace(text, source)  # the user's file: refused as bad input
     else:
         text, source = store.read_small_file(TRACE_FILE), os.path.join(store.cache_dir, TRACE_FILE)
@@ -542,6 +570,20 @@ def _build_images(
     return images
 
 
+def _init_fuse(operations: CorfsOperations, mountpoint: str, config: MountConfig) -> None:
+    """pyfuse3.init, or UsageError: libfuse (or fusermount3, for a user who is not root)
+    refusing the mount (no access to /dev/fuse or MNT, --allow-other without
+    user_allow_other in /etc/fuse.conf) was a RuntimeError and its traceback. libfuse has
+    printed its reason on stderr already."""
+    try:
+        pyfuse3.init(operations, mountpoint, _fuse_options(config))
+    except RuntimeError as exc:
+        raise UsageError(
+            f"cannot mount on {mountpoint}: {exc} (FUSE's own message says why: on stderr, "
+            "or with --daemon in --log-file)"
+        ) from None
+
+
 async def _serve_with(
     config: MountConfig,
     mountpoint: str,
@@ -593,7 +635,7 @@ async def _serve_with(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir,
             metrics=metrics,
         )
-        pyfuse3.init(operations, mountpoint, _fuse_options(config))
+        _init_fuse(operations, mountpoint, config)
         unmounted = False
         store_wait = trio.CancelScope()  # _store_fetched's wait, which a signal may end
         nursery.start_soon(_raise_read_ahead, mountpoint)

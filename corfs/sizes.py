@@ -18,6 +18,8 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (examples: 0, 64k, 50M, 2G)")
     if result < 0:
         raise ValueError(f"a size must not be negative: {text!r}")
+    if 0 < result < 1:  # int() made it 0: for --bandwidth, "unlimited"
+        raise ValueError(f"a size below one byte: {text!r}")
     return int(result)
 
 

@@ -23,6 +23,7 @@ trio thread is left to mount setup and offline tools, before any commit runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -39,6 +40,7 @@ from .cache_layout import (
     DATA_DIR,
     LOCK_FILE,
     STATE_DB,
+    check_new_cache,
     data_path_in,
     ensure_private_dir,
     log_tightened,
@@ -180,6 +182,8 @@ class CacheStore:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
         if create and not os.access(cache_dir, os.W_OK | os.X_OK):
             raise UsageError(f"cache {cache_dir} is not writable")
+        if create:
+            check_new_cache(cache_dir)
         db_path = os.path.join(cache_dir, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
@@ -212,7 +216,7 @@ class CacheStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
-        except UsageError:  # tighten_private could not make an entry private
+        except UsageError:  # tighten_private: an entry it cannot make private, or another's
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
@@ -223,6 +227,10 @@ class CacheStore:
         try:
             fd = private_open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # private_open follows no symlink: one was planted
+                raise UsageError(
+                    f"cache {cache_dir}: {LOCK_FILE} is a symbolic link; a cache holds none"
+                ) from None
             raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -99,8 +99,12 @@ def auth_header(options: BaseOptions, base_url: str) -> AuthHeader | None:
             f"environment variable {options.auth_header_env} must hold 'Header-Name: value'"
         )
     value = value.strip()
-    if "\r" in value or "\n" in value:
-        raise UsageError(f"environment variable {options.auth_header_env} holds a bad value")
+    # Not ASCII: httpx failed to encode it at the first request (a traceback).
+    if "\r" in value or "\n" in value or not value.isascii():
+        raise UsageError(
+            f"environment variable {options.auth_header_env} holds a bad value (line breaks "
+            "or characters that are not ASCII)"
+        )
     return AuthHeader(name, value, origin_of(base_url))
 
 

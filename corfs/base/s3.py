@@ -41,6 +41,7 @@ from ..errors import (
     BaseNotFound,
     BaseProtocolError,
     BaseUnreachable,
+    CorfsError,
     TransientBaseError,
     UsageError,
 )
@@ -90,6 +91,20 @@ class S3Image:
         return await self.store._run(self.store._read_sync, self, offset, length)
 
 
+def _setup_error(exc: Exception, what: str) -> CorfsError:
+    """The error for botocore refusing to make a client: missing credentials as s3_error says
+    (access denied), the rest is the user's settings (--region '' or 'a/b': InvalidRegionError,
+    ValueError), not a base that is down."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return s3_error(exc, what)
+    if isinstance(exc, (bx.BotoCoreError, ValueError)):
+        return UsageError(f"{what}: cannot set up the S3 client ({type(exc).__name__}): check "
+                          "--region, --endpoint-url, --profile and the AWS_* variables")
+    raise exc
+
+
 class S3Base:
     def __init__(self, bucket: str, prefix: str, options: BaseOptions) -> None:
         import boto3
@@ -116,19 +131,23 @@ class S3Base:
             max_pool_connections=max(1, options.max_connections) + 2,
             tcp_keepalive=True,
         )
-        self.client: Any = session.client(
-            "s3",
-            endpoint_url=options.endpoint_url,
-            region_name=options.region,
-            config=config,
-            verify=options.ca_file if options.ca_file else None,
-        )
+        try:
+            self.client: Any = session.client(
+                "s3",
+                endpoint_url=options.endpoint_url,
+                region_name=options.region,
+                config=config,
+                verify=options.ca_file if options.ca_file else None,
+            )
+            credentials = session.get_credentials()
+        except Exception as exc:  # a traceback before: bad --region, half the credentials
+            raise _setup_error(exc, self.description) from None
         refuse_blind_redirects(self.client)
         cap_buffered_answers(self.client)
         # The reads trust what botocore trusts: --ca-file, else AWS_CA_BUNDLE or the
         # profile's ca_bundle, else the system's CAs.
         ca_file = options.ca_file or session._session.get_config_variable("ca_bundle")
-        self.wire = S3Wire(self.client, session.get_credentials(), ca_file, stall, self.limiter)
+        self.wire = S3Wire(self.client, credentials, ca_file, stall, self.limiter)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(

@@ -5,13 +5,18 @@ a non-zero exit, and nothing in BASE or CACHE changed. Also: which base entries 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests.mounting import (
+    CorfsMount,
     corfs_command,
     corfs_env,
     is_mounted,
@@ -23,6 +28,8 @@ from tests.mounting import (
 )
 
 from .util import MIB, assert_one_line_error, snapshot
+
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -237,6 +244,7 @@ def test_cli_itself_has_no_traceback_for_bad_options(dirs, option):
         ("--mode", "40644"),  # S_IFDIR bits: the images would not be regular files
         ("--owner", "-5:-5"),
         ("--owner", "4294967296"),
+        ("--connections", "-2"),  # an HTTP pool of no connection: "no answer" from the base
     ],
 )
 def test_numbers_a_mount_cannot_serve_with_are_refused(dirs, option):
@@ -263,7 +271,7 @@ def test_trace_nested_too_deep_is_one_line(dirs, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt"]
+    "case", ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt", "base-below-cache"]
 )
 def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
     """CACHE == BASE wrote state.db, data/, corfs.lock into BASE (and made them images of the
@@ -278,6 +286,11 @@ def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
     elif case == "cache-below-mnt":
         cache = dirs.mnt / "cache"
         cache.mkdir()
+    elif case == "base-below-cache":  # the cache's walk made BASE's files 0600
+        base = dirs.cache / "images"
+        base.mkdir(parents=True)
+        make_image(base / "b.raw", MIB, seed=92)
+        (base / "b.raw").chmod(0o644)
     else:
         base = dirs.mnt
         make_image(base / "b.raw", MIB, seed=92)
@@ -316,3 +329,179 @@ def test_detach_wait_timeout_nan_is_refused(dirs, tmp_path):
         assert_one_line_error(result, "--timeout")
         assert not (tmp_path / "vm.raw").exists()
         m.stop()
+
+
+@pytest.mark.parametrize(
+    ("base", "env", "needle"),
+    [
+        ("http://[::1/images/", {}, "not a valid URL"),  # urlsplit: ValueError, a traceback
+        ("https://127.0.0.1:99999/images/", {}, "not a valid URL"),  # .port: ValueError
+        ("s3://AKIAEXAMPLE:s3cr3t-key@bucket/images/", {}, "carries credentials"),
+        # httpx could not encode the header at the first request: UnicodeEncodeError
+        ("http://127.0.0.1:1/images/", {"CORFS_AUTH": "Authorization: Bearer s3cr3t-clé"},
+         "CORFS_AUTH"),
+    ],
+    ids=["ipv6-bracket", "port-range", "s3-userinfo", "auth-not-ascii"],
+)
+def test_bad_base_urls_are_one_line_without_their_secrets(dirs, base, env, needle):
+    """Refused in one line, with no traceback, and the line never shows the secret the user
+    put in the URL or the header (the s3:// one was echoed whole)."""
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    before = snapshot(dirs.base, dirs.cache)
+    auth = ("--auth-header-env", "CORFS_AUTH") if env else ()
+    result = run_corfs("mount", base, dirs.cache, dirs.mnt, "--daemon", "--io-timeout", "5",
+                       *auth, timeout=30, env=env)
+    assert_one_line_error(result, needle)
+    assert "s3cr3t" not in result.stderr
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base, dirs.cache) == before
+
+
+def test_a_mount_fuse_refuses_is_one_line_not_a_traceback(tmp_path):
+    """A user who is not root, mounting on a directory of root's (0755): libfuse refuses
+    (here or there: /dev/fuse may be root's alone too), and pyfuse3.init raised RuntimeError,
+    a traceback. Now one line of corfs after FUSE's own, exit 2, nothing mounted."""
+    shared = Path(tempfile.mkdtemp(prefix="corfs-nobody-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        base, cache, mnt = shared / "base", shared / "cache", shared / "mnt"
+        for path in (base, cache, mnt):
+            path.mkdir(mode=0o755)
+        cache.chmod(0o700)  # else a warning that it was made private comes first
+        make_image(base / "a.raw", MIB, seed=93)
+        (base / "a.raw").chmod(0o644)
+        os.chown(cache, NOBODY, NOBODY)
+        # The interpreter lives below /root (0700): read and search only, as tests/fuse/
+        # test_control.py's commands of user nobody.
+        result = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+             *corfs_command("mount", base, cache, mnt, "--no-stream")],
+            capture_output=True, text=True, timeout=30, env=corfs_env(), check=False,
+        )
+        try:
+            assert result.returncode == 2, result.stderr
+            assert "Traceback" not in result.stderr, result.stderr
+            assert result.stderr.strip().splitlines()[-1].startswith(
+                f"corfs: cannot mount on {mnt}"), result.stderr
+            assert not is_mounted(mnt)
+        finally:
+            lazy_unmount(mnt)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_directory_that_is_no_cache_and_not_empty_is_refused(dirs, tmp_path):
+    """CACHE named a directory of other files (a home, /var/cache): the first mount made every
+    file in it 0600 and every directory 0700, recursively, and wrote its own among them.
+    Refused in one line, nothing changed; what a cut-short first mount leaves, and a file
+    system's lost+found, are still a cache to start."""
+    cache = tmp_path / "home"
+    (cache / "projects").mkdir(parents=True)
+    (cache / "projects" / "notes.txt").write_text("mine")
+    (cache / "projects" / "notes.txt").chmod(0o644)
+    (cache / "projects").chmod(0o755)
+    cache.chmod(0o755)
+    line = _mount_fails(dirs.base, cache, dirs.mnt, "not a corfs cache", "'projects'",
+                        watch=(dirs.base, cache))
+    assert "Traceback" not in line
+
+    started = tmp_path / "started"
+    (started / "lost+found").mkdir(parents=True, mode=0o700)
+    (started / "data").mkdir(mode=0o700)
+    (started / "corfs.lock").touch(mode=0o600)
+    started.chmod(0o700)
+    # --log-file in CACHE: opened (created) before the cache is
+    with CorfsMount(dirs.base, started, dirs.mnt, "--no-stream", "--daemon", "--log-file",
+                    started / "corfs.log", log_dir=tmp_path) as m:
+        assert (m.mnt / "a.raw").read_bytes() == (dirs.base / "a.raw").read_bytes()
+        m.stop()
+
+
+def test_mounting_on_a_mount_whose_daemon_is_stopped_gives_up(dirs, tmp_path):
+    """The first stat of MNT waited for the stopped daemon for ever: `corfs mount` hung."""
+    with dirs.mount("--no-stream") as m:
+        pid = m.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            result = run_corfs("mount", dirs.base, tmp_path / "cache2", dirs.mnt, "--no-stream",
+                               timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("corfs mount on a stopped mount waited for ever")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert_one_line_error(result, "does not answer", "fusermount3 -u -z")
+        assert len(_mounts_at(dirs.mnt)) == 1
+        assert not (tmp_path / "cache2").exists()
+        assert (m.mnt / "a.raw").stat().st_size == MIB  # the first mount is unharmed
+        m.stop()
+
+
+@pytest.mark.parametrize("kind", ["binary", "fifo"])
+def test_a_trace_that_is_no_text_file_is_one_line(dirs, tmp_path, kind):
+    """--trace of a binary file failed with UnicodeDecodeError ('internal error', quoting
+    the file's bytes); of a FIFO it waited for a writer for ever, CACHE locked, deaf to
+    SIGTERM (/dev/zero filled memory the same way: not run here)."""
+    trace = tmp_path / "trace"
+    if kind == "binary":
+        trace.write_bytes(bytes(range(128, 256)) * 8)
+    else:
+        os.mkfifo(trace)
+    dirs.cache.chmod(0o700)  # else a warning that it was made private comes first
+    try:
+        result = run_corfs("mount", dirs.base, dirs.cache, dirs.mnt, "--no-stream",
+                           "--trace", trace, timeout=20)  # killed (SIGKILL) if it hangs
+    except subprocess.TimeoutExpired:
+        pytest.fail("corfs mount --trace waited for ever")
+    assert_one_line_error(result, str(trace),
+                          "not a corfs trace" if kind == "binary" else "not a regular file")
+    assert not is_mounted(dirs.mnt)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "needle"),
+    [
+        ("http://AKIAEXAMPLE:s3cr3t@[::1/", "not a valid URL"),  # botocore: ValueError
+        ("s3cr3t endpoint", "http:// or https://"),  # "Invalid endpoint: <it>", a traceback
+        ("http://AKIAEXAMPLE:s3cr3t@127.0.0.1:1/", "carries credentials"),
+    ],
+    ids=["ipv6-bracket", "no-url", "userinfo"],
+)
+def test_bad_endpoint_urls_are_one_line_without_their_secrets(dirs, endpoint, needle):
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    before = snapshot(dirs.base, dirs.cache)
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    result = run_corfs("mount", "s3://bucket/images/", dirs.cache, dirs.mnt, "--daemon",
+                       "--io-timeout", "3", "--endpoint-url", endpoint, timeout=30, env=env)
+    assert_one_line_error(result, "--endpoint-url", needle)
+    assert "s3cr3t" not in result.stderr
+    assert not is_mounted(dirs.mnt)
+    assert snapshot(dirs.base, dirs.cache) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "needle"),
+    [
+        (("--region", "bad/region"), {"AWS_SECRET_ACCESS_KEY": "y"}, "InvalidRegionError"),
+        # No --endpoint-url: the endpoint botocore makes of an empty region is
+        # https://s3..amazonaws.com, refused as it builds the client (no request is sent).
+        (("--region", ""), {"AWS_SECRET_ACCESS_KEY": "y"}, "ValueError"),
+        ((), {}, "no S3 credentials"),  # an access key without its secret
+    ],
+    ids=["region-format", "region-empty", "half-credentials"],
+)
+def test_s3_settings_botocore_refuses_are_one_line(dirs, options, env, needle):
+    """botocore refused to make its client (InvalidRegionError, ValueError,
+    PartialCredentialsError) outside any error mapping: a traceback."""
+    dirs.cache.chmod(0o700)  # else a warning that it was made private could come first
+    env = {"AWS_ACCESS_KEY_ID": "x", **env, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+           "AWS_CONFIG_FILE": "/nonexistent"}
+    if "AWS_SECRET_ACCESS_KEY" not in env:
+        env["AWS_SECRET_ACCESS_KEY"] = ""  # set but empty: botocore takes it as missing
+    endpoint = () if options == ("--region", "") else ("--endpoint-url", "http://127.0.0.1:1")
+    result = run_corfs("mount", "s3://bucket/images/", dirs.cache, dirs.mnt, "--daemon",
+                       "--io-timeout", "3", *endpoint, *options, timeout=30, env=env)
+    line = assert_one_line_error(result, needle)
+    assert "internal error" not in line  # what --daemon makes of an exception it did not map
+    assert not is_mounted(dirs.mnt)

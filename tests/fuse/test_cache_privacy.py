@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from corfs.store import CacheStore, ChunkState
-from tests.mounting import CorfsMount, make_image, sha256_file
+from tests.mounting import CorfsMount, is_mounted, lazy_unmount, make_image, run_corfs, sha256_file
 
-from .util import MIB
+from .util import MIB, assert_one_line_error
 
 NOBODY = 65534
 
@@ -172,3 +172,45 @@ def test_a_cache_named_through_a_symlink_is_tightened_too(tmp_path: Path, shared
         (m.mnt / "disk.raw").read_bytes()
         assert_private(real, shared_dir)
         m.stop()
+
+
+def as_nobody_run(*command: str) -> None:
+    subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command],
+        check=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("planted", ["mountpoint.tmp", "corfs.lock", "data-dir", "state.db"])
+def test_what_another_user_planted_in_a_loose_cache_is_refused(
+    tmp_path: Path, shared_dir: Path, planted: str
+) -> None:
+    """A cache left open to others (0777) in which user nobody planted a symbolic link to a
+    file of the mounting user's, or a directory or database of its own. The symlink's target
+    was truncated and overwritten with the mountpoint (mountpoint.tmp); nobody's data/ or
+    state.db took the guest's bytes and chunk states, which nobody (their owner) could
+    replace for the next mount. Refused in one line; the user's file is intact."""
+    base, mnt, cache = tmp_path / "base", tmp_path / "mnt", shared_dir / "cache"
+    base.mkdir()
+    mnt.mkdir()
+    make_image(base / "disk.raw", 2 * MIB, seed=6)
+    cache.mkdir()
+    cache.chmod(0o777)
+    victim = shared_dir / "victim.txt"
+    victim.write_text("the user's own file\n")
+    if planted == "data-dir":
+        as_nobody_run("mkdir", "-m", "700", str(cache / "data"))
+    elif planted == "state.db":
+        as_nobody_run("sh", "-c", f"umask 077; : > {cache / 'state.db'}")
+    else:
+        as_nobody_run("ln", "-s", str(victim), str(cache / planted))
+    try:
+        result = run_corfs("mount", base, cache, mnt, "--no-stream", "--daemon", timeout=20)
+    finally:
+        lazy_unmount(mnt)
+    assert_one_line_error(
+        result, "is a symbolic link" if planted == "corfs.lock" else "belongs to uid 65534"
+    )
+    assert victim.read_text() == "the user's own file\n"
+    assert not is_mounted(mnt)

@@ -11,14 +11,18 @@ import re
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 
 import pytest
 
+from tests.hostile import Answer, HostileServer
 from tests.mounting import (
     CorfsMount,
     _find_daemon_pid,
     _wait_pid_gone,
+    corfs_command,
+    corfs_env,
     is_fuse_mounted,
     is_mounted,
     lazy_unmount,
@@ -232,3 +236,59 @@ def test_a_stop_whose_final_commit_fails_says_so_and_exits_non_zero(tmp_dirs):
         assert code != 0, m.log_tail()
         last = m.log_text().strip().splitlines()[-1]
         assert "not recorded" in last and "Traceback" not in m.log_text(), m.log_tail()
+
+
+@pytest.mark.parametrize("end", ["ctrl-c", "sigkill"])
+def test_a_daemon_whose_command_is_interrupted_while_it_starts_does_not_serve(tmp_dirs, end):
+    """`corfs mount --daemon` waits for its daemon (which left the terminal's session) to be
+    ready; Ctrl-C reached the waiting command only, which exited 130 while the daemon went on,
+    mounted a few seconds later, failed to say so to the gone command (BrokenPipeError, an
+    internal error and its traceback in the log) and unmounted. On Ctrl-C it is stopped at
+    once now; a command killed outright leaves it to find out: one line in its log."""
+    image = bytes(range(256)) * 256
+    slow_first = threading.Event()
+
+    def route(method: str, path: str, headers: dict[str, str]) -> Answer | None:
+        if path != "/disk.raw":
+            return None
+        if not slow_first.is_set():  # the listing at mount: slower than the user's patience
+            slow_first.set()
+            time.sleep(3)
+        common = [("ETag", '"v1"'), ("Accept-Ranges", "bytes")]
+        if method == "HEAD":
+            return 200, [*common, ("Content-Length", str(len(image)))], []
+        first, _, last = headers.get("range", "bytes=0-").removeprefix("bytes=").partition("-")
+        body = image[int(first) : int(last or len(image) - 1) + 1]
+        return 206, [*common, ("Content-Length", str(len(body))),
+                     ("Content-Range", f"bytes {first}-{int(first) + len(body) - 1}/{len(image)}")
+                     ], [body]
+
+    log_file = tmp_dirs.logs / "daemon.log"
+    server = HostileServer(route).start()
+    try:
+        command = subprocess.Popen(
+            corfs_command("mount", server.url + "disk.raw", tmp_dirs.cache, tmp_dirs.mnt,
+                          "--daemon", "--no-stream", "--io-timeout", "20",
+                          "--log-file", log_file),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=corfs_env(),
+        )
+        assert slow_first.wait(20), "the daemon never asked the base"
+        if end == "ctrl-c":
+            command.send_signal(signal.SIGINT)  # what the terminal sends to the foreground
+            assert command.wait(40) == 130
+        else:
+            command.kill()
+            command.wait(40)
+        time.sleep(4)  # the base has answered by now: a daemon still running would be mounted
+        assert not is_mounted(tmp_dirs.mnt)
+        assert _find_daemon_pid(tmp_dirs.mnt) is None
+        log = log_file.read_text()
+        assert "internal error" not in log and "Traceback" not in log, log
+        if end == "ctrl-c":
+            assert "mounted" not in log, log
+        else:
+            assert "the corfs mount command that started this daemon is gone" in log, log
+    finally:
+        lazy_unmount(tmp_dirs.mnt)  # a daemon that came up ends with its mount
+        server.stop()

@@ -6,15 +6,26 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from corfs.control_client import STATUS_XATTR
 from corfs.mountinfo import find_mount
-from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
+from tests.mounting import CorfsDirs, CorfsMount, corfs_command, corfs_env, make_image, run_corfs
 
-from .util import KIB, MIB, direct_read, image_status, live_status, wait_for
+from .util import (
+    KIB,
+    MIB,
+    assert_one_line_error,
+    direct_read,
+    image_status,
+    live_status,
+    wait_for,
+)
 
 SIZES = {"a.raw": 4 * MIB, "b.raw": 3 * MIB + 17}
 
@@ -159,6 +170,22 @@ def test_status_of_every_mount_finds_one_whose_path_has_a_space_and_utf8(tmp_pat
         m.stop()
 
 
+def test_status_of_the_cache_of_a_mountpoint_ending_in_a_space(tmp_path):
+    """CACHE records its mountpoint; reading it back stripped the trailing space, so
+    `corfs status CACHE` (and `corfs verify CACHE`) of a live mount on "mnt " asked "mnt",
+    which does not exist, and failed."""
+    dirs = CorfsDirs.under(tmp_path)
+    mnt = tmp_path / "mnt "
+    mnt.mkdir()
+    make_image(dirs.base / "a.raw", MIB, seed=4)
+    with CorfsMount(dirs.base, dirs.cache, mnt, "--no-stream", log_dir=dirs.logs) as m:
+        result = run_corfs("status", dirs.cache, "--json")
+        assert result.returncode == 0, result.stderr
+        st = json.loads(result.stdout)
+        assert st["mounted"] is True and st["mountpoint"] == str(mnt)
+        m.stop()
+
+
 def test_an_image_the_base_lost_is_offline_not_streaming(tmp_dirs: CorfsDirs) -> None:
     """Cached in part, then gone from the base: its local chunks are served, the missing ones
     cannot be fetched by anything, and the status says so (it said "streaming")."""
@@ -178,4 +205,41 @@ def test_an_image_the_base_lost_is_offline_not_streaming(tmp_dirs: CorfsDirs) ->
         assert "gone" in lost["error"]
         table = run_corfs("status", m.mnt).stdout
         assert re.search(r"^a\.raw .* offline ", table, re.M), table
+        m.stop()
+
+
+def test_status_of_a_stopped_daemon_gives_up_in_one_line(tmp_dirs):
+    """A daemon that does not answer (SIGSTOP here; a loop that hangs is the same to the
+    kernel) left `corfs status MNT`, `corfs status CACHE` and `corfs stream pause MNT`
+    waiting in the kernel for ever; each gives up after ANSWER_TIMEOUT_S, in one line."""
+    from corfs.control_client import ANSWER_TIMEOUT_S
+
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=57)
+    with tmp_dirs.mount("--stream-paused") as m:
+        pid = m.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            commands = [("status", m.mnt), ("status", tmp_dirs.cache, "--json"),
+                        ("stream", "pause", m.mnt)]
+            started = time.monotonic()
+            running = [subprocess.Popen(corfs_command(*args), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=corfs_env())
+                       for args in commands]
+            results = []
+            for proc in running:
+                try:
+                    out, err = proc.communicate(timeout=ANSWER_TIMEOUT_S + 20)
+                except subprocess.TimeoutExpired:
+                    for other in running:
+                        other.kill()  # our own children, by their Popen objects
+                    pytest.fail("a corfs command waited for ever on a stopped daemon")
+                results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+            assert time.monotonic() - started >= ANSWER_TIMEOUT_S
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for result in results:
+            assert_one_line_error(result, "does not answer", "stopped or hung")
+        assert live_status(m.mnt)["images"][0]["state"] == "paused"  # it answers again
         m.stop()

@@ -30,7 +30,13 @@ def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "M", "abc", "5X", "5 MBytes", "-1", "-5M", "1.2.3"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "M", "abc", "5X", "5 MBytes", "-1", "-5M", "1.2.3",
+        "0.5", "1e-3",  # int() made them 0: `corfs stream bandwidth MNT 0.5` lifted the limit
+    ],
+)
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
