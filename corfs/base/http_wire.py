@@ -47,7 +47,8 @@ from .lean_conn import Conn, ConnKey, connect
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$")
+# Range units are case-insensitive (RFC 9110 14.1): "Bytes 0-4095/8192" is a legal answer.
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$", re.IGNORECASE)
 _STATUS = re.compile(r"[0-9]{3}")
 _DECIMAL = re.compile(r"[0-9]{1,16}")
 
