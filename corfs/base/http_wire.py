@@ -192,13 +192,25 @@ class Validator:
         return headers
 
     def check(self, headers: httpx.Headers | dict[str, str], what: str) -> None:
-        """BaseChanged if an answer's validators say it is another version."""
+        """BaseChanged if an answer's validators say it is another version: its ETag, or its
+        Last-Modified when one side has no ETag (a weak ETag makes If-Range send the date,
+        and an answer without an ETag has only the date to tell)."""
         etag = headers.get("etag")
-        if self.etag and etag and etag != self.etag:
-            raise BaseChanged(f"{what}: changed on the server (ETag {etag} != {self.etag})")
+        if self.etag and etag:
+            if etag != self.etag:
+                raise BaseChanged(f"{what}: changed on the server (ETag {etag} != {self.etag})")
+            return
         modified = headers.get("last-modified")
-        if not self.etag and self.last_modified and modified and modified != self.last_modified:
+        if self.last_modified and modified and modified != self.last_modified:
             raise BaseChanged(f"{what}: changed on the server (Last-Modified moved)")
+
+    def proven_by(self, headers: httpx.Headers | dict[str, str]) -> bool:
+        """Whether an answer carries this version's own validator (its ETag, else its
+        Last-Modified): what a whole-image 200 must show, since If-Range failing (another
+        version) also gives a 200. A version known by neither can prove nothing."""
+        if self.etag:
+            return headers.get("etag") == self.etag
+        return bool(self.last_modified) and headers.get("last-modified") == self.last_modified
 
 
 YIELD_BYTES = 1 << 20  # a body received this far without a wait yields to other tasks
@@ -397,7 +409,7 @@ class PlainReader:
                         raise TransientBaseError(f"{what}: answer without Content-Range")
                 elif status == 200:
                     validator.check(headers, what)  # If-Range failed: another version
-                    if validator.etag and headers.get("etag") == validator.etag:
+                    if validator.proven_by(headers):
                         self.bypass.add(conn.key)  # same version, whole body: ignores Range
                 return None, False
             validator.check(headers, what)

@@ -11,11 +11,15 @@ import trio
 
 from corfs.base import BaseOptions
 from corfs.base.http import open_http_base
-from tests.hostile import serve
+from corfs.errors import BaseChanged
+from tests.hostile import Route, serve
 
 FAST = BaseOptions(io_timeout=3.0)  # a stall timeout of 1 s
 SIZE = 1 << 20
 OLD = os.urandom(SIZE)  # the version listed
+NEW = os.urandom(SIZE)  # the same image rewritten: same size, other bytes
+LISTED_AT = "Mon, 30 Nov 2026 10:00:00 GMT"
+CHANGED_AT = "Fri, 04 Dec 2026 04:00:00 GMT"
 
 Headers = list[tuple[str, str]]
 
@@ -23,6 +27,83 @@ Headers = list[tuple[str, str]]
 def _range_of(headers: dict[str, str]) -> tuple[int, int]:
     first, last = headers["range"].removeprefix("bytes=").split("-")
     return int(first), int(last)
+
+
+def rewritten(listed: Headers, answer: str) -> Route:
+    """/disk.raw listed (HEAD) with the `listed` validators, then rewritten with NEW bytes of
+    the same size before its first read, by a server (or a proxy in front of it) that answers
+    the read as `answer` says: "full" a 200 of the whole image with no validator at all,
+    "range-without-etag" a 206 that carries the new Last-Modified but no ETag."""
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if path != "/disk.raw":
+            return None
+        if method == "HEAD":
+            return 200, [("Content-Length", str(SIZE)), *listed], []
+        if answer == "full":
+            return 200, [("Content-Length", str(SIZE))], [NEW]
+        first, last = _range_of(headers)
+        return 206, [
+            ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
+            ("Content-Length", str(last - first + 1)),
+            ("Last-Modified", CHANGED_AT),
+        ], [NEW[first : last + 1]]
+
+    return route
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+@pytest.mark.parametrize(
+    "listed, answer",
+    [
+        ([("Last-Modified", LISTED_AT)], "full"),
+        ([("ETag", 'W/"old"'), ("Last-Modified", LISTED_AT)], "range-without-etag"),
+    ],
+    ids=["last-modified-only/full-answer", "weak-etag/range-without-etag"],
+)
+def test_an_answer_that_does_not_prove_the_listed_version_is_base_changed(
+    hostile, lean: bool, listed: Headers, answer: str
+) -> None:
+    """An image known by its Last-Modified (no ETag, or a weak one: If-Range then sends the
+    date) must not be served from an answer that does not carry that date: a whole-image 200
+    without it (If-Range failed, or a proxy dropped the header), or a 206 whose Last-Modified
+    moved and that has no ETag to compare. Both served NEW's bytes under OLD's cache."""
+    server = serve(hostile, rewritten(listed, answer))
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            store.reader.use_plain = lean
+            (image,) = await store.list_images()
+            with pytest.raises(BaseChanged):
+                got = bytes(await image.read(4096, 4096))
+                assert got != NEW[4096:8192], "bytes of another version were served"
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_a_full_answer_with_the_listed_date_is_still_served(hostile) -> None:
+    """The guard above must not refuse a server that ignores Range but proves the version."""
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if path != "/disk.raw":
+            return None
+        common = [("Content-Length", str(SIZE)), ("Last-Modified", LISTED_AT)]
+        return 200, common, [] if method == "HEAD" else [OLD]
+
+    server = serve(hostile, route)
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            (image,) = await store.list_images()
+            assert bytes(await image.read(4096, 4096)) == OLD[4096:8192]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
