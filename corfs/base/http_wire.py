@@ -395,7 +395,7 @@ class PlainReader:
                 raise _StaleConnection() from None
             except OSError as exc:
                 raise TransientBaseError(f"{what}: connection failed ({_reason(exc)})") from None
-            status, headers = _parse_head(bytes(head[:cut]))
+            status, headers, http10 = _parse_head(bytes(head[:cut]))
             if status is None:
                 return None, False
             if status != 206:
@@ -453,8 +453,7 @@ class PlainReader:
                         await trio.lowlevel.checkpoint()
             except OSError as exc:
                 raise TransientBaseError(f"{what}: connection failed ({_reason(exc)})") from None
-            keep = headers.get("connection", "").lower() != "close"
-            return out, keep
+            return out, _keeps_connection(http10, headers.get("connection", ""))
         raise TransientBaseError(f"{what}: no progress for {self.stall:g}s")
 
 
@@ -516,13 +515,24 @@ class _StaleConnection(Exception):
     pass
 
 
-def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str]]:
+def _keeps_connection(http10: bool, connection: str) -> bool:
+    """Whether the server keeps the connection open after this answer (RFC 9112 9.3): not
+    with a "close" option, and an HTTP/1.0 answer only with "keep-alive". A connection the
+    server ends, pooled, took the next read: sent there, it waited for the stall timeout."""
+    options = {option.strip().lower() for option in connection.split(",")}
+    if "close" in options:
+        return False
+    return not http10 or "keep-alive" in options
+
+
+def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str], bool]:
+    """(status, headers, whether the answer is HTTP/1.0); status None for no HTTP/1.x head."""
     lines = raw.decode("latin-1").split("\r\n")
     status_line = lines[0].split(" ", 2)
     if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
-        return None, {}
+        return None, {}, False
     if not _STATUS.fullmatch(status_line[1]):  # not isdigit(): it takes '²', int() does not
-        return None, {}
+        return None, {}, False
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -532,4 +542,4 @@ def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str]]:
         value = value.strip()
         # Repeated headers: keep them all visible so a double Content-Length is not trusted.
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return int(status_line[1]), headers
+    return int(status_line[1]), headers, status_line[0] == "HTTP/1.0"

@@ -5,6 +5,9 @@ holds, the range it is), and when the lean reader may keep its connection: real 
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 
 import pytest
 import trio
@@ -13,6 +16,7 @@ from corfs.base import BaseOptions
 from corfs.base.http import open_http_base
 from corfs.errors import BaseChanged
 from tests.hostile import Route, serve
+from tests.loopback import start_loopback_server
 
 FAST = BaseOptions(io_timeout=3.0)  # a stall timeout of 1 s
 SIZE = 1 << 20
@@ -136,3 +140,98 @@ def test_a_range_unit_in_another_case_is_accepted(hostile, lean: bool) -> None:
             await store.aclose()
 
     trio.run(main)
+
+
+class OneAnswerServer:
+    """Answers one ranged GET per connection with a 206 whose head starts with `status_line`
+    and carries `extra` header lines, then lingers `linger` seconds before it closes the
+    connection without reading another request (a server that said it would close, and does,
+    in its own time). With `keep` it serves further requests on the connection instead."""
+
+    def __init__(self, status_line: str, extra: list[str], keep: bool, linger: float) -> None:
+        self.status_line = status_line
+        self.extra = extra
+        self.keep = keep
+        self.linger = linger
+        self.connections = 0
+        self.lock = threading.Lock()
+        self.server = start_loopback_server(self._serve)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/disk.raw"
+
+    def _serve(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.connections += 1
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                raw, _, buf = buf.partition(b"\r\n\r\n")
+                lines = raw.decode("latin-1").split("\r\n")
+                if lines[0].startswith("HEAD"):
+                    sock.sendall(
+                        f'HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\nETag: "e"\r\n\r\n'.encode()
+                    )
+                    continue
+                (wanted,) = [x for x in lines if x.lower().startswith("range:")]
+                first, last = map(int, wanted.split("=", 1)[1].split("-"))
+                head = [
+                    self.status_line,
+                    f"Content-Range: bytes {first}-{last}/{SIZE}",
+                    f"Content-Length: {last - first + 1}",
+                    'ETag: "e"',
+                    *self.extra,
+                ]
+                sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + OLD[first : last + 1])
+                if not self.keep:
+                    time.sleep(self.linger)
+                    return
+        except OSError:
+            return
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    "status_line, extra, keep",
+    [
+        ("HTTP/1.0 206 Partial Content", [], False),
+        ("HTTP/1.1 206 Partial Content", ["Connection: close"], False),
+        ("HTTP/1.1 206 Partial Content", ["Connection: keep-alive, close"], False),
+        ("HTTP/1.0 206 Partial Content", ["Connection: keep-alive"], True),
+        ("HTTP/1.1 206 Partial Content", [], True),
+    ],
+    ids=["http1.0", "close", "close-in-a-list", "http1.0-keep-alive", "http1.1"],
+)
+def test_the_lean_reader_keeps_only_connections_the_server_keeps(
+    status_line: str, extra: list[str], keep: bool
+) -> None:
+    """An answer that ends its connection (HTTP/1.0 without keep-alive, Connection: close)
+    must not leave it in the pool: the next read was sent on it and waited for an answer that
+    never came, until the stall timeout failed it (or, with a prompt close, cost a resend)."""
+    server = OneAnswerServer(status_line, extra, keep, linger=4 * FAST.io_timeout)
+
+    async def main() -> None:
+        store = await open_http_base(server.url, FAST)
+        try:
+            (image,) = await store.list_images()
+            for offset in (0, 4096, 8192):
+                with trio.fail_after(FAST.io_timeout / 3):  # under one stall timeout
+                    assert bytes(await image.read(offset, 4096)) == OLD[offset : offset + 4096]
+            assert store.reader.plain.stats.answered == 3  # none handed to httpx
+        finally:
+            await store.aclose()
+
+    try:
+        trio.run(main)
+        # The listing's HEAD (httpx) on one connection; the reads on one more if kept.
+        assert server.connections == (2 if keep else 4)
+    finally:
+        server.stop()
