@@ -14,6 +14,7 @@ import trio
 
 from corfs.base import BaseOptions
 from corfs.base.s3 import open_s3_base
+from corfs.errors import BaseUnreachable
 from tests.servers import TEST_BUCKET, Moto
 
 IO_TIMEOUT = 2.0
@@ -72,5 +73,35 @@ def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
         finally:
             hang.unlink(missing_ok=True)
             await store.aclose()
+
+    trio.run(main)
+
+
+def test_opening_with_a_credential_source_that_hangs_fails_within_io_timeout(
+    moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore runs a credential_process when the store builds its client: a process that
+    hangs held `corfs mount` (and a mount's reconnection to its base) until it ended."""
+    script = tmp_path / "credentials.py"
+    script.write_text(CREDENTIAL_PROCESS)
+    hang = tmp_path / "hang"
+    hang.touch()
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {hang}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    options = BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
+                          region="us-east-1")
+
+    async def main() -> None:
+        start = time.monotonic()
+        try:
+            with pytest.raises(BaseUnreachable, match="within"):
+                await open_s3_base(f"s3://{TEST_BUCKET}/any/", options)
+        finally:
+            hang.unlink(missing_ok=True)
+        took = time.monotonic() - start
+        assert took < IO_TIMEOUT + 1, f"opening took {took:.1f} s"
 
     trio.run(main)
