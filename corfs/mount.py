@@ -152,7 +152,7 @@ def _match_images(
     on MNT/IMAGE must not boot a fresh copy of the base."""
     matched: list[tuple[ImageRecord, BaseImage | None]] = []
     seen = set()
-    for source in sources:
+    for source in _listed_once(sources):
         seen.add(source.name)
         if source.name in handed_over:
             log.warning(
@@ -194,6 +194,21 @@ def _match_images(
     return matched
 
 
+def _listed_once(sources: Sequence[BaseImage]) -> list[BaseImage]:
+    """The base images whose name the listing holds once: the one rule of `_match_images` and
+    `_attach_sources`. No store lists a name twice today (each keys its listing by name), but
+    should one, which object is the image cannot be told, and pairing a cache with one at
+    mount and the other on reconnection would mix two objects' bytes: both are left out."""
+    counts: dict[str, int] = {}
+    for source in sources:
+        counts[source.name] = counts.get(source.name, 0) + 1
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:
+        log.warning("the base lists these images more than once, leaving them out: %s",
+                    ", ".join(map(repr, twice)))
+    return [source for source in sources if counts[source.name] == 1]
+
+
 def _settle_handoffs(store: CacheStore, config: MountConfig) -> dict[str, str]:
     """Settle handoffs a killed daemon left under way (handoff.py), then drop the ones the
     user asked to forget; returns {image: DEST} of those still handed over."""
@@ -216,7 +231,7 @@ def _attach_sources(images: list[Image], sources: Sequence[BaseImage]) -> None:
     """The base answers again after it was down at mount: match its images to the ones served,
     as `_match_images` did at mount (a live image cannot be discarded, so --reset-stale does
     not apply: a changed image stays stale until remounted)."""
-    by_name = {source.name: source for source in sources}
+    by_name = {source.name: source for source in _listed_once(sources)}
     for image in images:
         source = by_name.get(image.name)
         if source is None:

@@ -5,8 +5,10 @@ Invariants:
 - An image's identity is its size plus its ETag (or Last-Modified when there is no ETag),
   learned when the base is listed. Every ranged GET is conditional on that validator
   (If-Match for a strong ETag, If-Range always) and every answer is checked: status,
-  Content-Range, exact body length, and the ETag / Last-Modified it carries. A base that
-  changed midway raises BaseChanged; bytes of another version are never returned.
+  Content-Range, exact body length, and the ETag / Last-Modified it carries (the date too
+  when the answer has no ETag); a whole-image 200 must carry the listed ETag, or the listed
+  date when there is no ETag (If-Range failing also gives a 200). A base that changed
+  midway raises BaseChanged; bytes of another version are never returned.
 - A server that ignores Range (200 with the whole body) still gives the right bytes: the
   prefix is read and discarded.
 - The store never retries a failed request (the fetcher does), except one resend on a pooled
@@ -211,9 +213,12 @@ class HttpReader:
                     return body, final
                 if resp.status_code == 200:
                     validator.check(resp.headers, what)
-                    if validator.etag and "etag" not in resp.headers:
-                        # If-Range failed silently, or a proxy dropped it: no proof of version.
-                        raise BaseChanged(f"{what}: full answer without the expected ETag")
+                    if (validator.etag or validator.last_modified) and not validator.proven_by(
+                        resp.headers
+                    ):
+                        # If-Range failed silently, or a proxy dropped the header: no proof
+                        # that these are the listed version's bytes.
+                        raise BaseChanged(f"{what}: full answer without the listed validator")
                     declared = resp.headers.get("content-length")
                     if declared is not None and (
                         parse_byte_count(declared, what, "Content-Length") != validator.size

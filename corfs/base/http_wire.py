@@ -47,7 +47,8 @@ from .lean_conn import Conn, ConnKey, connect
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$")
+# Range units are case-insensitive (RFC 9110 14.1): "Bytes 0-4095/8192" is a legal answer.
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$", re.IGNORECASE)
 _STATUS = re.compile(r"[0-9]{3}")
 _DECIMAL = re.compile(r"[0-9]{1,16}")
 
@@ -191,13 +192,25 @@ class Validator:
         return headers
 
     def check(self, headers: httpx.Headers | dict[str, str], what: str) -> None:
-        """BaseChanged if an answer's validators say it is another version."""
+        """BaseChanged if an answer's validators say it is another version: its ETag, or its
+        Last-Modified when one side has no ETag (a weak ETag makes If-Range send the date,
+        and an answer without an ETag has only the date to tell)."""
         etag = headers.get("etag")
-        if self.etag and etag and etag != self.etag:
-            raise BaseChanged(f"{what}: changed on the server (ETag {etag} != {self.etag})")
+        if self.etag and etag:
+            if etag != self.etag:
+                raise BaseChanged(f"{what}: changed on the server (ETag {etag} != {self.etag})")
+            return
         modified = headers.get("last-modified")
-        if not self.etag and self.last_modified and modified and modified != self.last_modified:
+        if self.last_modified and modified and modified != self.last_modified:
             raise BaseChanged(f"{what}: changed on the server (Last-Modified moved)")
+
+    def proven_by(self, headers: httpx.Headers | dict[str, str]) -> bool:
+        """Whether an answer carries this version's own validator (its ETag, else its
+        Last-Modified): what a whole-image 200 must show, since If-Range failing (another
+        version) also gives a 200. A version known by neither can prove nothing."""
+        if self.etag:
+            return headers.get("etag") == self.etag
+        return bool(self.last_modified) and headers.get("last-modified") == self.last_modified
 
 
 YIELD_BYTES = 1 << 20  # a body received this far without a wait yields to other tasks
@@ -382,7 +395,7 @@ class PlainReader:
                 raise _StaleConnection() from None
             except OSError as exc:
                 raise TransientBaseError(f"{what}: connection failed ({_reason(exc)})") from None
-            status, headers = _parse_head(bytes(head[:cut]))
+            status, headers, http10 = _parse_head(bytes(head[:cut]))
             if status is None:
                 return None, False
             if status != 206:
@@ -396,7 +409,7 @@ class PlainReader:
                         raise TransientBaseError(f"{what}: answer without Content-Range")
                 elif status == 200:
                     validator.check(headers, what)  # If-Range failed: another version
-                    if validator.etag and headers.get("etag") == validator.etag:
+                    if validator.proven_by(headers):
                         self.bypass.add(conn.key)  # same version, whole body: ignores Range
                 return None, False
             validator.check(headers, what)
@@ -440,8 +453,7 @@ class PlainReader:
                         await trio.lowlevel.checkpoint()
             except OSError as exc:
                 raise TransientBaseError(f"{what}: connection failed ({_reason(exc)})") from None
-            keep = headers.get("connection", "").lower() != "close"
-            return out, keep
+            return out, _keeps_connection(http10, headers.get("connection", ""))
         raise TransientBaseError(f"{what}: no progress for {self.stall:g}s")
 
 
@@ -503,13 +515,24 @@ class _StaleConnection(Exception):
     pass
 
 
-def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str]]:
+def _keeps_connection(http10: bool, connection: str) -> bool:
+    """Whether the server keeps the connection open after this answer (RFC 9112 9.3): not
+    with a "close" option, and an HTTP/1.0 answer only with "keep-alive". A connection the
+    server ends, pooled, took the next read: sent there, it waited for the stall timeout."""
+    options = {option.strip().lower() for option in connection.split(",")}
+    if "close" in options:
+        return False
+    return not http10 or "keep-alive" in options
+
+
+def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str], bool]:
+    """(status, headers, whether the answer is HTTP/1.0); status None for no HTTP/1.x head."""
     lines = raw.decode("latin-1").split("\r\n")
     status_line = lines[0].split(" ", 2)
     if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
-        return None, {}
+        return None, {}, False
     if not _STATUS.fullmatch(status_line[1]):  # not isdigit(): it takes '²', int() does not
-        return None, {}
+        return None, {}, False
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -519,4 +542,4 @@ def _parse_head(raw: bytes) -> tuple[int | None, dict[str, str]]:
         value = value.strip()
         # Repeated headers: keep them all visible so a double Content-Length is not trusted.
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return int(status_line[1]), headers
+    return int(status_line[1]), headers, status_line[0] == "HTTP/1.0"

@@ -7,7 +7,8 @@ socket operation (a body that trickles in never trips them), so calls are abando
 cancel: the fetcher's --io-timeout ends the wait at once and the thread's eventual result is
 dropped. That is safe because the calls only read and share no state with the trio side; an
 abandoned call keeps its limiter slot until its thread ends. Signing and credentials are
-botocore's: env, shared config / profile, instance role. Invariants:
+botocore's: env, shared config / profile, instance role; resolving them (building the client,
+a refresh while signing) is bounded by --io-timeout the same way. Invariants:
 - An image's identity is its ETag plus size, and every ranged GetObject carries IfMatch with
   that ETag and is checked (Content-Range, exact length, ETag): a changed object raises
   BaseChanged, never bytes of another version. An endpoint that sends no ETag (not S3 itself)
@@ -27,6 +28,7 @@ and receives); an answer it does not expect is redone here through botocore.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -418,7 +420,19 @@ async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
     """Open and list, so a wrong bucket, key or credentials fail here, in one line. That
     listing is the store's first list_images."""
     bucket, prefix = parse_s3_url(url)
-    store = await trio.to_thread.run_sync(S3Base, bucket, prefix, options)
+    await trio.to_thread.run_sync(importlib.import_module, "boto3")  # not timed: local work
+    store: S3Base | None = None
+    with trio.move_on_after(options.io_timeout):
+        # botocore resolves the credentials here (a credential_process, an instance role, a
+        # container endpoint): one that hangs held the mount, or its reconnection, until it
+        # ended. The abandoned thread's client is never used.
+        store = await trio.to_thread.run_sync(
+            S3Base, bucket, prefix, options, abandon_on_cancel=True
+        )
+    if store is None:
+        raise BaseUnreachable(
+            f"s3://{bucket}/{prefix}: no credentials within {options.io_timeout:g}s"
+        )
     try:
         store.listed_at_open = await store._list()
     except BaseNotFound:

@@ -8,7 +8,10 @@ Invariants:
   style) and the region and service of its SigV4 scope. Each read is then signed by botocore's
   S3SigV4Auth with the session's credentials (botocore refreshes them when they expire): on
   the trio thread (~90 us) while they are far from expiry, in a worker thread when botocore
-  may refresh them (that may go to the network). Only requests the client signs with
+  may refresh them (that may go to the network). Both threads (the capture and a signature)
+  are abandoned at the read's deadline, as s3.py's calls are: a credential source that hangs
+  (a credential_process, a container endpoint) must not hold a read past --io-timeout.
+  Only requests the client signs with
   plain SigV4 (AWS4-HMAC-SHA256) are taken over; anything else (anonymous, SigV4a, S3 Express)
   stays with botocore.
 - The signed headers go only to that URL: the lean reader follows no redirect.
@@ -116,7 +119,8 @@ class S3Wire:
         if image.key not in self.targets:
             try:
                 target = await trio.to_thread.run_sync(
-                    self._capture_sync, bucket, image.key, limiter=self.limiter
+                    self._capture_sync, bucket, image.key, limiter=self.limiter,
+                    abandon_on_cancel=True,
                 )
             except Exception:  # botocore's to report, on its own path
                 return None
@@ -128,7 +132,8 @@ class S3Wire:
             try:
                 if self._may_refresh():
                     headers = await trio.to_thread.run_sync(
-                        self._sign_sync, target, offset, length, image.etag
+                        self._sign_sync, target, offset, length, image.etag,
+                        abandon_on_cancel=True,
                     )
                 else:
                     headers = self._sign_sync(target, offset, length, image.etag)

@@ -1,0 +1,107 @@
+"""Credentials that botocore refreshes on a read's path (a credential_process, here a real one
+that can be made slow) must not hold a read past --io-timeout: the lean S3 path signs in a
+worker thread, which the read's deadline must be able to leave."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from corfs.base import BaseOptions
+from corfs.base.s3 import open_s3_base
+from corfs.errors import BaseUnreachable
+from tests.servers import TEST_BUCKET, Moto
+
+IO_TIMEOUT = 2.0
+SIZE = 1 << 16
+
+# Prints credentials that expire in 5 minutes (inside botocore's mandatory refresh window, so
+# every signature refreshes them, as it does near a role session's end); while the file named
+# by its argument exists, it hangs first (a credential endpoint that stopped answering).
+CREDENTIAL_PROCESS = textwrap.dedent(
+    """
+    import datetime, json, os, sys, time
+    deadline = time.monotonic() + 30
+    while os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+    print(json.dumps({"Version": 1, "AccessKeyId": "slow-key-id", "SecretAccessKey": "s",
+                      "SessionToken": "t", "Expiration": expires.isoformat()}))
+    """
+)
+
+
+@pytest.mark.parametrize("first_read", [True, False], ids=["first-read", "later-read"])
+def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
+    moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_read: bool
+) -> None:
+    """The first read of an object runs botocore's GetObject up to its signature (_capture);
+    later ones sign in a thread when the credentials are near expiry. Neither thread could be
+    left at the read's deadline: the read waited for the credential process (30 s here)."""
+    key = f"creds-{first_read}/disk.raw"
+    data = bytes(range(256)) * (SIZE // 256)
+    moto_server.client().put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
+    script = tmp_path / "credentials.py"
+    script.write_text(CREDENTIAL_PROCESS)
+    hang = tmp_path / "hang"
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {hang}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    options = BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
+                          region="us-east-1")
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
+        try:
+            (image,) = await store.list_images()
+            if not first_read:
+                assert bytes(await image.read(0, 4096)) == data[:4096]
+                assert store.wire.reader.stats.answered == 1  # the lean path, signed by us
+            hang.touch()
+            start = time.monotonic()
+            with trio.move_on_after(IO_TIMEOUT):  # the fetcher's deadline, as it sets it
+                await image.read(4096, 4096)
+            took = time.monotonic() - start
+            assert took < IO_TIMEOUT + 1, f"the read took {took:.1f} s past its deadline"
+        finally:
+            hang.unlink(missing_ok=True)
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_opening_with_a_credential_source_that_hangs_fails_within_io_timeout(
+    moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore runs a credential_process when the store builds its client: a process that
+    hangs held `corfs mount` (and a mount's reconnection to its base) until it ended."""
+    script = tmp_path / "credentials.py"
+    script.write_text(CREDENTIAL_PROCESS)
+    hang = tmp_path / "hang"
+    hang.touch()
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {hang}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    options = BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
+                          region="us-east-1")
+
+    async def main() -> None:
+        start = time.monotonic()
+        try:
+            with pytest.raises(BaseUnreachable, match="within"):
+                await open_s3_base(f"s3://{TEST_BUCKET}/any/", options)
+        finally:
+            hang.unlink(missing_ok=True)
+        took = time.monotonic() - start
+        assert took < IO_TIMEOUT + 1, f"opening took {took:.1f} s"
+
+    trio.run(main)
