@@ -322,7 +322,9 @@ class S3Base:
     async def aclose(self) -> None:
         self.wire.close()
         # Not under the limiter: abandoned calls may still hold its slots.
-        await trio.to_thread.run_sync(self.client.close, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(
+            self.client.close, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)
+        )
 
 
 def cap_buffered_answers(client: Any) -> None:
@@ -351,6 +353,8 @@ class _CappedSession:
     def send(self, request: Any) -> Any:
         from botocore.awsrequest import AWSResponse
 
+        if request.method == "HEAD":  # no body: its Content-Length is the object's size
+            return self.inner.send(request)
         streamed = request.stream_output
         request.stream_output = True  # the session leaves the body unread: read it here
         try:
@@ -426,8 +430,9 @@ async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
         # botocore resolves the credentials here (a credential_process, an instance role, a
         # container endpoint): one that hangs held the mount, or its reconnection, until it
         # ended. The abandoned thread's client is never used.
-        store = await trio.to_thread.run_sync(
-            S3Base, bucket, prefix, options, abandon_on_cancel=True
+        store = await trio.to_thread.run_sync(  # its own limiter: see S3Wire._signing
+            S3Base, bucket, prefix, options, abandon_on_cancel=True,
+            limiter=trio.CapacityLimiter(1),
         )
     if store is None:
         raise BaseUnreachable(

@@ -74,6 +74,10 @@ class S3Wire:
         self.client = client
         self.credentials = credentials
         self.limiter = limiter
+        # Signing threads that a read's deadline abandons (a credential refresh that hangs)
+        # run on holding a token: of this, never of trio's default limiter (the cache's
+        # commits use that one).
+        self._signing = trio.CapacityLimiter(max(1, limiter.total_tokens))
         self.reader = PlainReader(stall, None, tls_context(ca_file))
         self.targets: dict[str, SignedTarget | None] = {}
         self._capturing = threading.local()
@@ -133,7 +137,7 @@ class S3Wire:
                 if self._may_refresh():
                     headers = await trio.to_thread.run_sync(
                         self._sign_sync, target, offset, length, image.etag,
-                        abandon_on_cancel=True,
+                        limiter=self._signing, abandon_on_cancel=True,
                     )
                 else:
                     headers = self._sign_sync(target, offset, length, image.etag)

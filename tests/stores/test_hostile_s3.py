@@ -295,3 +295,31 @@ def test_objects_listed_below_or_beside_the_prefix_are_left_out(endpoint, caplog
 
     trio.run(main)
     assert any("2 objects that are not directly below" in r.getMessage() for r in caplog.records)
+
+
+def test_a_single_object_larger_than_the_cap_opens(endpoint) -> None:
+    """`s3://bucket/key` opens with a HEAD, whose Content-Length is the object's size, not a
+    body to buffer: the answer-body cap must not refuse an image larger than itself."""
+    payload = bytes(range(256)) * 16  # the object's first 4 KiB
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if method == "HEAD" and path.startswith("/b/p/disk.raw"):
+            return 200, [("Content-Length", str(BIG)), ("ETag", '"e"')], []
+        if method == "GET" and path.startswith("/b/p/disk.raw"):
+            span = f"bytes 0-{len(payload) - 1}/{BIG}"
+            return 206, [("Content-Length", str(len(payload))), ("Content-Range", span),
+                         ("ETag", '"e"')], [payload]
+        return None
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/disk.raw", options)
+        try:
+            (image,) = await store.list_images()
+            assert image.size == BIG
+            assert bytes(await image.read(0, len(payload))) == payload
+        finally:
+            await store.aclose()
+
+    trio.run(main)

@@ -70,6 +70,9 @@ def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
                 await image.read(4096, 4096)
             took = time.monotonic() - start
             assert took < IO_TIMEOUT + 1, f"the read took {took:.1f} s past its deadline"
+            # The abandoned thread runs on: not with a token of trio's default limiter, which
+            # the cache's commits share (enough such threads and fsync would wait for ever).
+            assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
         finally:
             hang.unlink(missing_ok=True)
             await store.aclose()
@@ -99,6 +102,7 @@ def test_opening_with_a_credential_source_that_hangs_fails_within_io_timeout(
         try:
             with pytest.raises(BaseUnreachable, match="within"):
                 await open_s3_base(f"s3://{TEST_BUCKET}/any/", options)
+            assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
         finally:
             hang.unlink(missing_ok=True)
         took = time.monotonic() - start
