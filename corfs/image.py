@@ -141,6 +141,8 @@ class Image:
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): no more fills (see invariants)
         self._failing = FailingChunks(self._chunks.is_absent)  # shown in status (failing.py)
+        # Chunks whose client writes a failed sync of the cache lost (_forget_unsynced)
+        self._lost_writes: set[int] = set()
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self._first_reads = first_reads
         # What fills raise while `source` is None: the base lost the image (this), the base
@@ -324,6 +326,8 @@ class Image:
     async def fill_each(self, indexes: Iterable[int]) -> FillOutcome:
         """The stream's fill: one pass over the absent chunks of `indexes` in the background,
         reporting what failed chunk by chunk instead of raising."""
+        if self.store.sync_failure is not None:  # a fill would be fetched, then not stored
+            return FillOutcome({}, CacheError(self.store.sync_failure))
         missing = [i for i in indexes if self._needs_fill(i, reading=False, held={})]
         return await self._fill_once(missing, background=True, reading=False, first_error=False)
 
@@ -529,11 +533,16 @@ class Image:
         """After a failed sync of the cache, the chunks whose bytes no good commit synced are
         absent again (CacheStore.take_unsynced): served from the base as a remount would,
         never from a disk that may have lost them (zeros). Client writes to them since then
-        go with them: none was acknowledged (every fsync fails from then on). Nothing is
-        stored any more (store_queue.py), nor written to a chunk not local (`write`)."""
+        go with them: none was fsynced (every fsync fails from then on), but a reader may
+        have seen them, so reads of those chunks fail (EIO) until a remount rather than turn
+        to the base's bytes unannounced; the kernel's cached pages go too. Nothing is stored
+        any more (store_queue.py), nor written to a chunk not local (`write`)."""
         for index in self.store.take_unsynced(self.name):
+            if self.state_of(index) == ChunkState.DIRTY:
+                self._lost_writes.add(index)
             if self.is_local(index):
                 self._set_state(index, ChunkState.ABSENT, None)
+                self.pages_stale = True
 
     async def read(self, offset: int, length: int) -> Buffer:
         self.check_served()
@@ -544,9 +553,19 @@ class Image:
             return b""
         self.last_foreground = trio.current_time()
         chunks = self.geometry.chunks_of(offset, length)
+        if self._lost_writes and not self._lost_writes.isdisjoint(chunks):
+            raise CacheError(
+                f"{self.name}: writes to this range were lost when the cache disk failed to "
+                f"sync ({self.store.sync_failure}); restart the mount"
+            )
         if self._first_reads is not None:
             self._first_reads(chunks)
-        fetching = not self.complete and self.source is not None and self.error is None
+        # Nothing read ahead once fills are no longer stored (a failed sync): fetched for
+        # nothing
+        fetching = (
+            not self.complete and self.source is not None and self.error is None
+            and self.store.sync_failure is None
+        )
         # With nothing to fetch, only a large read's run is followed (for the cache file's
         # read-ahead): following small ones cost ~5 us, 4 % of a local 4 KiB read.
         if fetching or length > SMALL_READ:

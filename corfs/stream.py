@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import StreamConfig
-from .errors import BaseChanged, BaseCorrupt, BaseError
+from .errors import BaseChanged, BaseCorrupt, BaseError, CacheError
 from .failure_log import FailureLog
 from .fill import FillOutcome
 from .image import Image
@@ -327,7 +327,9 @@ class StreamWorker:
             # Each chunk of a run failed on its own (chunk objects gone, say): the base is
             # broken as a whole more likely than not, so do not sweep the image at full speed.
             error = next(iter(outcome.failed.values()))
-        if isinstance(error, BaseChanged):
+        if isinstance(error, BaseChanged) or (
+            isinstance(error, CacheError) and image.store.sync_failure is not None
+        ):  # no more fills, or none stored any more (a failed sync of the cache): until restart
             stream.fatal = True
             stream.error = str(error)
         elif error is not None:

@@ -14,6 +14,7 @@ import mmap
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,14 +172,14 @@ def test_a_write_that_the_full_cache_disk_refuses_is_enospc(tmp_dirs, small_tmpf
         assert direct_read(m.mnt / "a.raw", 0, len(data)) == expected
 
 
-def test_a_partial_write_over_a_fill_whose_writeback_failed_never_shows_the_disks_zeros(
+def test_a_partial_write_over_a_fill_whose_writeback_failed_is_eio_never_the_disks_zeros(
     tmp_dirs, thin_disk
 ):
     """A partial write to an absent chunk fills it first: its fill's bytes and the write's go
     to the page cache together, and the chunk is dirty before any commit. If their writeback
-    fails, the bytes the client did not write must not come back as the disk's zeros: the
-    write was never acknowledged (every fsync fails), so the chunk may read as the base's
-    (what a remount serves), never as zeros."""
+    fails, the chunk must read neither as the disk's zeros nor, unannounced, as the base's
+    bytes (a reader may have seen the write): EIO until a remount. The write was never
+    acknowledged (every fsync fails): after the remount the chunk is the base's."""
     data = random.Random(7).randbytes(SIZE)
     (tmp_dirs.base / "a.raw").write_bytes(data)
     cache = thin_disk.mountpoint / "cache"
@@ -196,9 +197,37 @@ def test_a_partial_write_over_a_fill_whose_writeback_failed_never_shows_the_disk
         wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["error"], what="sync error")
         assert _fsync_errno(image) in (errno.EIO, errno.ENOSPC)
         _evict(data_path_in(os.fspath(cache), "a.raw"))
-        got = direct_read(image, last, 4 * KIB)
-        assert got[100:] == data[last + 100 :], "served the disk's zeros"
-        assert got[:100] in (b"w" * 100, data[last : last + 100])
+        with pytest.raises(OSError) as lost:
+            direct_read(image, last, 4 * KIB)
+        assert lost.value.errno == errno.EIO, "the lost write's chunk was served"
+        assert direct_read(image, 0, last) == data[:last]  # the other chunks are served
+    thin_disk.make_room()
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        assert direct_read(m.mnt / "a.raw", last, 4 * KIB) == data[last:]
+
+
+def test_after_a_failed_sync_the_stream_stops_instead_of_fetching_for_nothing(
+    tmp_dirs, thin_disk
+):
+    """Once the cache cannot sync, no fill is stored: a stream going on would fetch the whole
+    image again and again (every pass's chunks stay absent). It stops, saying why."""
+    data = random.Random(9).randbytes(4 * MIB + 512)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = thin_disk.mountpoint / "cache"
+    options = ("--stream-paused", "--chunk-size", "64K")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        image = m.mnt / "a.raw"
+        os.sync()
+        thin_disk.run_out_of_space()
+        assert direct_read(image, 4 * MIB, 512) == data[4 * MIB :]  # stored buffered
+        wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["error"], what="sync error")
+        run_corfs("stream", "resume", m.mnt, check=True)
+        wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["state"] == "error",
+                 what="the stream stopping")
+        fetched = live_status(m.mnt)["fetcher"]["bytes_fetched"]
+        time.sleep(1.5)  # a stream going on fetches the 4 MiB image in well under that
+        assert live_status(m.mnt)["fetcher"]["bytes_fetched"] == fetched
+        assert direct_read(image, 0, len(data)) == data  # readers are still served
 
 
 def test_a_mount_on_a_full_cache_disk_serves_and_stops_cleanly(tmp_dirs, small_tmpfs):
