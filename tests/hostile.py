@@ -105,3 +105,58 @@ def serve(servers: list[HostileServer], route: Route) -> HostileServer:
     server = HostileServer(route).start()
     servers.append(server)
     return server
+
+
+# A ranged GET's first and last byte -> the raw answer, and whether the connection ends then
+Answer = Callable[[int, int], tuple[bytes, bool]]
+
+
+class RawAnswerServer:
+    """/disk.raw of `size` bytes whose HEAD is plain (ETag "e") and whose ranged GETs are
+    answered with the raw bytes `answer` makes, on a connection kept open afterwards
+    (keep-alive) unless `answer` says to close it; then it lingers `linger` seconds first
+    without reading another request (a server that closes in its own time)."""
+
+    def __init__(self, answer: Answer, size: int, linger: float = 0.0) -> None:
+        self.answer = answer
+        self.size = size
+        self.linger = linger
+        self.connections = 0
+        self._lock = threading.Lock()
+        self.server = start_loopback_server(self._serve)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/disk.raw"
+
+    def _serve(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                if lines[0].startswith("HEAD"):
+                    sock.sendall(
+                        f'HTTP/1.1 200 OK\r\nContent-Length: {self.size}\r\nETag: "e"\r\n\r\n'
+                        .encode()
+                    )
+                    continue
+                (wanted,) = [x for x in lines if x.lower().startswith("range:")]
+                first, last = map(int, wanted.split("=", 1)[1].split("-"))
+                raw, close = self.answer(first, last)
+                sock.sendall(raw)
+                if close:
+                    time.sleep(self.linger)
+                    return
+        except OSError:
+            return
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -16,8 +16,7 @@ import trio
 from corfs.base import BaseOptions, open_base
 from corfs.base.http import open_http_base
 from corfs.errors import BaseProtocolError, BaseUnavailable, TransientBaseError
-from tests.hostile import Route, serve
-from tests.loopback import start_loopback_server
+from tests.hostile import Answer, RawAnswerServer, Route, serve
 
 FAST = BaseOptions(io_timeout=3.0)
 SIZE = 1 << 20
@@ -150,52 +149,6 @@ def test_a_base_whose_answers_trickle_their_heads_fails_to_open_within_io_timeou
         server.stop()
 
 
-# A ranged GET's first and last byte -> the raw answer, and whether the connection ends then
-Answer = Callable[[int, int], tuple[bytes, bool]]
-
-
-class RawAnswerServer:
-    """/disk.raw of SIZE bytes (DATA) whose HEAD is plain and whose ranged GETs are answered
-    with the raw bytes `answer` makes, on a connection kept open afterwards (keep-alive) unless
-    `answer` says to close it."""
-
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.server = start_loopback_server(self._serve)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/disk.raw"
-
-    def _serve(self, sock: socket.socket) -> None:
-        buf = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                if lines[0].startswith("HEAD"):
-                    sock.sendall(
-                        f'HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\nETag: "e"\r\n\r\n'.encode()
-                    )
-                    continue
-                (wanted,) = [x for x in lines if x.lower().startswith("range:")]
-                first, last = map(int, wanted.split("=", 1)[1].split("-"))
-                raw, close = self.answer(first, last)
-                sock.sendall(raw)
-                if close:
-                    return
-        except OSError:
-            return
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def raw_206(
     head_lines: Callable[[int, int], list[str]], eol: str = "\r\n", close: bool = False
 ) -> Answer:
@@ -238,7 +191,7 @@ def test_a_legal_answer_the_lean_reader_does_not_expect_is_served_through_httpx(
 ) -> None:
     """The lean reader's contract: what it does not expect, it hands to httpx (which reads
     HTTP whole); a refusal of its own failed every read of such a server with EIO."""
-    server = RawAnswerServer(answer)
+    server = RawAnswerServer(answer, SIZE)
 
     async def main() -> None:
         store = await open_http_base(server.url, FAST)
@@ -258,7 +211,7 @@ def test_a_legal_answer_the_lean_reader_does_not_expect_is_served_through_httpx(
 def test_a_status_of_digits_int_cannot_read_is_a_base_error() -> None:
     """'²' is a digit to str.isdigit (latin-1 0xB2), not to int(): the lean reader raised a
     ValueError, an internal error (a traceback in the log, and no retry) for every read."""
-    server = RawAnswerServer(raw_206(usual(status="HTTP/1.1 \xb206 Partial")))
+    server = RawAnswerServer(raw_206(usual(status="HTTP/1.1 \xb206 Partial")), SIZE)
 
     async def main() -> None:
         store = await open_http_base(server.url, FAST)

@@ -5,9 +5,6 @@ holds, the range it is), and when the lean reader may keep its connection: real 
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 
 import pytest
 import trio
@@ -15,8 +12,7 @@ import trio
 from corfs.base import BaseOptions
 from corfs.base.http import open_http_base
 from corfs.errors import BaseChanged
-from tests.hostile import Route, serve
-from tests.loopback import start_loopback_server
+from tests.hostile import Answer, RawAnswerServer, Route, serve
 
 FAST = BaseOptions(io_timeout=3.0)  # a stall timeout of 1 s
 SIZE = 1 << 20
@@ -142,61 +138,21 @@ def test_a_range_unit_in_another_case_is_accepted(hostile, lean: bool) -> None:
     trio.run(main)
 
 
-class OneAnswerServer:
-    """Answers one ranged GET per connection with a 206 whose head starts with `status_line`
-    and carries `extra` header lines, then lingers `linger` seconds before it closes the
-    connection without reading another request (a server that said it would close, and does,
-    in its own time). With `keep` it serves further requests on the connection instead."""
+def one_answer(status_line: str, extra: list[str], keep: bool) -> Answer:
+    """A 206 of OLD whose head starts with `status_line` and carries `extra` header lines,
+    the connection then closed unless `keep`."""
 
-    def __init__(self, status_line: str, extra: list[str], keep: bool, linger: float) -> None:
-        self.status_line = status_line
-        self.extra = extra
-        self.keep = keep
-        self.linger = linger
-        self.connections = 0
-        self.lock = threading.Lock()
-        self.server = start_loopback_server(self._serve)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/disk.raw"
+    def answer(first: int, last: int) -> tuple[bytes, bool]:
+        head = [
+            status_line,
+            f"Content-Range: bytes {first}-{last}/{SIZE}",
+            f"Content-Length: {last - first + 1}",
+            'ETag: "e"',
+            *extra,
+        ]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + OLD[first : last + 1], not keep
 
-    def _serve(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.connections += 1
-        buf = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                raw, _, buf = buf.partition(b"\r\n\r\n")
-                lines = raw.decode("latin-1").split("\r\n")
-                if lines[0].startswith("HEAD"):
-                    sock.sendall(
-                        f'HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\nETag: "e"\r\n\r\n'.encode()
-                    )
-                    continue
-                (wanted,) = [x for x in lines if x.lower().startswith("range:")]
-                first, last = map(int, wanted.split("=", 1)[1].split("-"))
-                head = [
-                    self.status_line,
-                    f"Content-Range: bytes {first}-{last}/{SIZE}",
-                    f"Content-Length: {last - first + 1}",
-                    'ETag: "e"',
-                    *self.extra,
-                ]
-                sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + OLD[first : last + 1])
-                if not self.keep:
-                    time.sleep(self.linger)
-                    return
-        except OSError:
-            return
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    return answer
 
 
 @pytest.mark.parametrize(
@@ -216,7 +172,9 @@ def test_the_lean_reader_keeps_only_connections_the_server_keeps(
     """An answer that ends its connection (HTTP/1.0 without keep-alive, Connection: close)
     must not leave it in the pool: the next read was sent on it and waited for an answer that
     never came, until the stall timeout failed it (or, with a prompt close, cost a resend)."""
-    server = OneAnswerServer(status_line, extra, keep, linger=4 * FAST.io_timeout)
+    server = RawAnswerServer(
+        one_answer(status_line, extra, keep), SIZE, linger=4 * FAST.io_timeout
+    )
 
     async def main() -> None:
         store = await open_http_base(server.url, FAST)
