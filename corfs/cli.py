@@ -94,6 +94,12 @@ def _add_mount(sub: _WithCommon) -> None:
     )
     p.add_argument("--ca-file", help="extra CA certificates for https bases")
     p.add_argument(
+        "--base-env",
+        metavar="VAR",
+        help="read BASE from environment variable VAR, BASE given as '-' (a signed URL "
+        "stays out of ps)",
+    )
+    p.add_argument(
         "--auth-header-env",
         metavar="VAR",
         help="environment variable holding an HTTP header 'Name: value' to send",
@@ -283,13 +289,14 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         raise UsageError(f"--connections must be at least 1, not {args.connections}")
     if args.owner is not None and not all(0 <= i < MAX_ID for i in args.owner):
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
-    _check_base_url(args.base)
+    base = _base_of(args)
+    _check_base_url(base)
     if args.endpoint_url is not None:
         _check_endpoint_url(args.endpoint_url)
     from .metrics import parse_listen_address
 
     return MountConfig(
-        base_url=args.base,
+        base_url=base,
         cache_dir=args.cache,
         mountpoint=args.mountpoint,
         chunk_size=args.chunk_size,
@@ -320,6 +327,21 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             record_trace=args.record_trace,
         ),
     ).with_absolute_paths()
+
+
+def _base_of(args: argparse.Namespace) -> str:
+    """BASE as given, or with --base-env read from that variable: a URL whose query string
+    signs it (a presigned URL) on the command line is in every local user's `ps`."""
+    if args.base_env is None:
+        if args.base == "-":
+            raise UsageError("BASE '-' means --base-env VAR names where BASE is")
+        return str(args.base)
+    if args.base != "-":
+        raise UsageError("with --base-env, give BASE as '-'")
+    value = os.environ.get(args.base_env, "").strip()
+    if not value:
+        raise UsageError(f"--base-env: environment variable {args.base_env} is not set or empty")
+    return value
 
 
 def _check_base_url(url: str) -> None:

@@ -268,6 +268,39 @@ def test_auth_header_from_env_not_in_argv_nor_log(nginx_server, tmp_path: Path) 
         assert "Bearer" not in m.log_text()
 
 
+def test_a_base_signed_in_its_query_string_stays_out_of_ps_with_base_env(
+    nginx_server, tmp_path: Path
+) -> None:
+    """A presigned URL's query string is a credential: on the command line every local user
+    reads it in `ps`. With --base-env it is read from the environment instead."""
+    web = Web(nginx_server, tmp_path, under="signed/")
+    base = web.image("disk.raw", 2 * MIB, seed=14)
+    signed = web.url + "disk.raw?X-Signature=s3cr3t-in-query"  # nginx serves it as the file
+    env = {"CORFS_TEST_BASE": signed}
+    with web.mount("-", "--base-env", "CORFS_TEST_BASE", "--daemon", env=env) as m:
+        assert sha256_file(m.mnt / "disk.raw") == sha256_file(base)
+        for pid in {m.pid, os.getpid()}:
+            assert b"s3cr3t" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ps = _run("ps", "-ww", "-e", "-o", "args=")
+        assert "CORFS_TEST_BASE" in ps.stdout and "s3cr3t" not in ps.stdout
+        status = run_corfs("status", m.mnt, "--json", check=True).stdout
+        assert "disk.raw" in status and "s3cr3t" not in status
+        m.stop()
+        assert "s3cr3t" not in m.log_text()
+    for args, extra_env, words in [
+        (("-", "--base-env", "CORFS_TEST_UNSET"), {}, ("CORFS_TEST_UNSET", "not set")),
+        ((signed, "--base-env", "CORFS_TEST_BASE"), env, ("'-'",)),
+        (("-",), {}, ("--base-env",)),
+    ]:
+        result = run_corfs(
+            "mount", args[0], web.cache, web.mnt, *args[1:], env=extra_env, timeout=30
+        )
+        lazy_unmount(web.mnt)
+        line = assert_one_line_error(result, *words)
+        assert "s3cr3t" not in line
+        assert result.returncode == 2
+
+
 @pytest.fixture(scope="module")
 def tls_nginx(tmp_path_factory):
     base = tmp_path_factory.mktemp("tls-mount")
