@@ -650,10 +650,13 @@ async def _serve_with(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir,
             metrics=metrics,
         )
+        # Where the mount table will show it (a symlinked MNT is followed by the kernel):
+        # resolved now, as MNT is not mounted yet; afterwards it would stat the mount itself.
+        mounted_at = os.path.realpath(mountpoint)
         _init_fuse(operations, mountpoint, config)
         unmounted = False
         store_wait = trio.CancelScope()  # _store_fetched's wait, which a signal may end
-        nursery.start_soon(_raise_read_ahead, mountpoint)
+        nursery.start_soon(_raise_read_ahead, mounted_at)
         try:
             try:
                 store.write_small_file(MOUNTPOINT_FILE, mountpoint)

@@ -170,6 +170,23 @@ def test_status_of_every_mount_finds_one_whose_path_has_a_space_and_utf8(tmp_pat
         m.stop()
 
 
+def test_a_mount_through_a_symlinked_mnt_gets_its_read_ahead_raised(tmp_path):
+    """The mount table shows the symlink's target, not MNT as spelled: the read-ahead (1 MiB
+    requests instead of 128 KiB) was looked up by the spelling and never raised."""
+    dirs = CorfsDirs.under(tmp_path)
+    target = tmp_path / "real-mnt"
+    target.mkdir()
+    dirs.mnt.rmdir()
+    dirs.mnt.symlink_to(target)
+    make_image(dirs.base / "a.raw", MIB, seed=5)
+    with CorfsMount(dirs.base, dirs.cache, dirs.mnt, "--no-stream", log_dir=dirs.logs) as m:
+        entry = find_mount(str(target))
+        assert entry is not None and entry.fstype == "fuse.corfs"
+        read_ahead = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+        wait_for(lambda: read_ahead.read_text().strip() == "1024", 5, "read-ahead 1024 KiB")
+        m.stop()
+
+
 def test_status_of_the_cache_of_a_mountpoint_ending_in_a_space(tmp_path):
     """CACHE records its mountpoint; reading it back stripped the trailing space, so
     `corfs status CACHE` (and `corfs verify CACHE`) of a live mount on "mnt " asked "mnt",
