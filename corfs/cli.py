@@ -291,6 +291,9 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
     base = _base_of(args)
     _check_base_url(base)
+    # A FIFO (or a device) as --ca-file held the mount for ever in the CA's read
+    if args.ca_file is not None and not os.path.isfile(args.ca_file):
+        raise UsageError(f"--ca-file {args.ca_file} is not a regular file")
     if args.endpoint_url is not None:
         _check_endpoint_url(args.endpoint_url)
     from .metrics import parse_listen_address

@@ -71,6 +71,18 @@ def test_base_not_a_directory(dirs):
     )
 
 
+def test_a_ca_file_that_is_no_regular_file_is_one_line(dirs, tmp_path):
+    """A FIFO as --ca-file held `corfs mount` for ever, reading the CA."""
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    before = _mounts_at(dirs.mnt)
+    result = run_corfs("mount", "https://127.0.0.1:9/images/", dirs.cache, dirs.mnt,
+                       "--ca-file", fifo, timeout=20)
+    assert_one_line_error(result, "--ca-file", "regular file")
+    assert result.returncode == 2
+    assert _mounts_at(dirs.mnt) == before
+
+
 def test_cache_is_a_file(dirs, tmp_path):
     cache = tmp_path / "cache-file"
     cache.write_bytes(b"not a cache")
