@@ -111,9 +111,11 @@ def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
     waits on itself for ever; a directory BASE at or below MNT would be read through the
     mount; CACHE == BASE writes the cache into BASE (its files then listed as images); a
     BASE below CACHE was made private with it (its files chmod'ed 0600, its directories 0700:
-    BASE changed, and refused if another user owns any of it)."""
+    BASE changed, and refused if another user owns any of it); a MNT below CACHE hides what
+    is there (MNT at CACHE/data: the data files a new image or a handoff makes would go
+    through the mount, served by the daemon that waits for them)."""
     cache = os.path.realpath(cache_dir)
-    if _at_or_below(cache, mountpoint):
+    if _at_or_below(cache, mountpoint) or _at_or_below(mountpoint, cache):
         raise UsageError(f"CACHE {cache_dir} and MNT {mountpoint} overlap: keep them apart")
     if "://" in base_url:
         return

@@ -283,14 +283,16 @@ def test_trace_nested_too_deep_is_one_line(dirs, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt", "base-below-cache"]
+    "case",
+    ["cache-is-base", "cache-is-mnt", "cache-below-mnt", "base-is-mnt", "base-below-cache",
+     "mnt-below-cache"],
 )
 def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
     """CACHE == BASE wrote state.db, data/, corfs.lock into BASE (and made them images of the
     next listing); a CACHE at or below MNT is hidden by the mount, and the daemon's first
     touch of it after mounting waited on itself for ever; a BASE at MNT is read through the
     mount (every image ESTALE)."""
-    base, cache = dirs.base, dirs.cache
+    base, cache, mnt = dirs.base, dirs.cache, dirs.mnt
     if case == "cache-is-base":
         cache = dirs.base
     elif case == "cache-is-mnt":
@@ -303,16 +305,19 @@ def test_overlapping_base_cache_and_mountpoint_are_refused(dirs, case):
         base.mkdir(parents=True)
         make_image(base / "b.raw", MIB, seed=92)
         (base / "b.raw").chmod(0o644)
+    elif case == "mnt-below-cache":  # at CACHE/data new data files went through the mount
+        mnt = dirs.cache / "data"
+        mnt.mkdir(parents=True)
     else:
         base = dirs.mnt
         make_image(base / "b.raw", MIB, seed=92)
     before = snapshot(base)
     try:
-        result = run_corfs("mount", base, cache, dirs.mnt, "--no-stream", timeout=10)
+        result = run_corfs("mount", base, cache, mnt, "--no-stream", timeout=10)
     except subprocess.TimeoutExpired:
         pytest.fail("corfs mount did not refuse (it hung, or mounted)")
     finally:
-        lazy_unmount(dirs.mnt)
+        lazy_unmount(mnt)
     assert_one_line_error(result, "overlap")
     assert snapshot(base) == before
 
