@@ -324,7 +324,7 @@ class CorfsOperations(TranslatedOperations):
         caches went with the mount."""
         if self.session_closed:
             return
-        await self._drop_stale_pages()
+        await self.drop_stale_pages()
         for forgotten_name in forgotten:
             await self._drop_cached_pages(self._by_name[os.fsencode(forgotten_name)])
         for name, inode in self._by_name.items():
@@ -335,8 +335,12 @@ class CorfsOperations(TranslatedOperations):
                 # would read the cached ones (keep_cache) rather than get ESTALE.
                 await self._drop_cached_pages(inode)
 
-    async def _drop_stale_pages(self) -> None:
-        """Images a rolled-back handoff let QEMU write directly: their cached pages go."""
+    async def drop_stale_pages(self) -> None:
+        """Images whose cached pages may be stale (a rolled-back handoff let QEMU write
+        directly, a failed sync lost writes): their cached pages go. Never awaited inside a
+        read or write request (the kernel may hold page locks until it is answered)."""
+        if self.session_closed:  # the kernel's caches went with the mount
+            return
         for inode, image in self._by_inode.items():
             if image.pages_stale:
                 image.pages_stale = False

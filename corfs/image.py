@@ -141,7 +141,7 @@ class Image:
         self.fill_errors = 0
         self.error: str | None = None  # fatal (base changed): no more fills (see invariants)
         self._failing = FailingChunks(self._chunks.is_absent)  # shown in status (failing.py)
-        # Chunks whose client writes a failed sync of the cache lost (_forget_unsynced)
+        # Chunks whose client writes a failed sync of the cache lost (forget_unsynced)
         self._lost_writes: set[int] = set()
         self.last_foreground = 0.0  # trio clock of the last client read or write
         self._first_reads = first_reads
@@ -309,7 +309,11 @@ class Image:
         those chunks stay absent. `writing`: a client write waits, its fills are stored."""
         wanted = list(indexes)
         held: dict[int, Buffer | None] = {}
-        while missing := [i for i in wanted if self._needs_fill(i, reading=reading, held=held)]:
+        while True:
+            self._refuse_lost_writes(wanted)  # a sync may have failed during the last pass
+            missing = [i for i in wanted if self._needs_fill(i, reading=reading, held=held)]
+            if not missing:
+                break
             if writing and self.store.sync_failure is not None:  # a fill is no longer stored:
                 raise CacheError(self.store.sync_failure)  # a write's would be fetched again
             outcome = await self._fill_once(
@@ -529,7 +533,7 @@ class Image:
                 "corfs no longer serves it"
             )
 
-    def _forget_unsynced(self) -> None:
+    def forget_unsynced(self) -> None:
         """After a failed sync of the cache, the chunks whose bytes no good commit synced are
         absent again (CacheStore.take_unsynced): served from the base as a remount would,
         never from a disk that may have lost them (zeros). Client writes to them since then
@@ -544,20 +548,26 @@ class Image:
                 self._set_state(index, ChunkState.ABSENT, None)
                 self.pages_stale = True
 
-    async def read(self, offset: int, length: int) -> Buffer:
-        self.check_served()
+    def _refuse_lost_writes(self, chunks: Iterable[int]) -> None:
+        """CacheError (EIO) if a failed sync of the cache lost client writes to `chunks`:
+        checked again after every await of a read (the sync may fail meanwhile), so that the
+        base's bytes are never served in their place."""
         if self.store.sync_failure is not None:
-            self._forget_unsynced()
-        length = self.geometry.clip(offset, length)
-        if length <= 0:
-            return b""
-        self.last_foreground = trio.current_time()
-        chunks = self.geometry.chunks_of(offset, length)
+            self.forget_unsynced()
         if self._lost_writes and not self._lost_writes.isdisjoint(chunks):
             raise CacheError(
                 f"{self.name}: writes to this range were lost when the cache disk failed to "
                 f"sync ({self.store.sync_failure}); restart the mount"
             )
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        self.check_served()
+        length = self.geometry.clip(offset, length)
+        if length <= 0:
+            return b""
+        self.last_foreground = trio.current_time()
+        chunks = self.geometry.chunks_of(offset, length)
+        self._refuse_lost_writes(chunks)
         if self._first_reads is not None:
             self._first_reads(chunks)
         # Nothing read ahead once fills are no longer stored (a failed sync): fetched for
@@ -582,6 +592,7 @@ class Image:
                 if self._takes_a_range(chunks, length):
                     return await self._read_range(chunks, offset, length)
                 held = await self.wait_local(chunks, reading=True)
+                self._refuse_lost_writes(chunks)
             # No await from here on: what is in memory now is served.
             return self._serve(chunks, offset, length, held)
         if self._fresh:
@@ -634,6 +645,7 @@ class Image:
                 self.error = f"base image changed: {exc}"
             log.error("%s", exc)
             raise
+        self._refuse_lost_writes(chunks)
         if not all(self._chunks.is_absent(i) for i in chunks):  # a write came meanwhile
             return await self.read(offset, length)
         view = memoryview(data)
@@ -672,7 +684,7 @@ class Image:
                 # Only over bytes a good commit synced: a chunk absent now could be filled
                 # but not stored, and a write's bytes alone, if their writeback fails, would
                 # leave the disk's zeros where the chunk's other bytes belong.
-                self._forget_unsynced()
+                self.forget_unsynced()
                 if self._chunks.any_absent(touched):
                     raise CacheError(self.store.sync_failure)
             if any(self._chunks.is_absent(i) and i not in self._queue for i in partial):

@@ -652,6 +652,12 @@ async def _serve_with(
             images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir,
             metrics=metrics,
         )
+        def forget_unsynced() -> None:  # the chunks a failed sync lost, at once (store.py)
+            for image in images:
+                image.forget_unsynced()
+            nursery.start_soon(operations.drop_stale_pages)
+
+        store.on_sync_failure = forget_unsynced
         # Where the mount table will show it (a symlinked MNT is followed by the kernel):
         # resolved now, as MNT is not mounted yet; afterwards it would stat the mount itself.
         mounted_at = os.path.realpath(mountpoint)

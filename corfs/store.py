@@ -142,6 +142,9 @@ class CacheStore:
         self.sync_failure: str | None = None  # set once a data sync failed: see commit()
         # Once a sync failed, the chunks whose bytes no successful sync covered (take_unsynced)
         self._unsynced: dict[str, set[int]] = {}
+        # Told once, on the trio thread, when a sync fails (mount.py: the images forget what it
+        # lost at once, and the kernel's cached pages of it go, before any reader comes back)
+        self.on_sync_failure: Callable[[], None] = lambda: None
         self.commits = 0
         # Read once here (no commit can run yet), then kept in memory: see the module docstring.
         try:
@@ -612,6 +615,7 @@ class CacheStore:
                         state != ChunkState.DIRTY or not self._crash_view.says_dirty(name, idx)
                     ):
                         self._unsynced.setdefault(name, set()).add(idx)
+            self.on_sync_failure()
             raise failed.cause from None
         except BaseException:
             # Not durable: put the marks back (newer marks taken meanwhile win), and the

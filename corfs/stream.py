@@ -183,7 +183,10 @@ class StreamWorker:
     def statistics(self, name: str) -> ImageStreamStatistics:
         stream = self._streams[name]
         image = stream.image
-        if stream.fatal or image.error:
+        # A failed sync of the cache ends streaming for good (no fill is stored any more),
+        # paused or not, whether a worker has tried since or not
+        unsyncable = image.store.sync_failure if not image.complete else None
+        if stream.fatal or image.error or unsyncable:
             state = "error"
         elif image.complete:
             state = "complete"
@@ -197,7 +200,7 @@ class StreamWorker:
             state = "offline"
         else:
             state = "streaming"
-        error = stream.error or image.error
+        error = stream.error or image.error or unsyncable
         if error is None and image.source is None and not image.complete:
             error = f"not fetching: {image.missing_source}"  # the base is down, or lost it
         # Complete: nothing is fetched any more, whatever the last sample (up to 1 s old) says.

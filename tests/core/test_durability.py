@@ -330,3 +330,46 @@ def test_a_write_waiting_for_a_fill_when_a_sync_fails_fails_without_fetching_aga
             await trial()
 
     trio.run(main)
+
+
+def test_a_read_waiting_when_a_sync_fails_never_serves_the_base_for_a_lost_write(
+    rig_factory, monkeypatch
+) -> None:
+    """A read of a chunk whose write the failed sync lost, and of a chunk it waits for: the
+    lost one was checked before the wait. If it is forgotten meanwhile (the mount forgets at
+    once; or another request), the read must fail, not fill it from the base and serve the
+    base's bytes where the client wrote."""
+    data = random_bytes(4 * CS)
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = await committed_clean(rig, "a", 1)
+            await image.write(CS + 10, b"xyz")  # fills chunk 1 (not committed), then writes
+            await image.wait_stored()
+            source = rig.source("a")
+            source.faults.delay = 0.2
+            outcome: list[object] = []
+
+            async def read_across() -> None:
+                try:
+                    outcome.append(bytes(await image.read(CS, 2 * CS)))
+                except CacheError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_across)
+                await wait_until(lambda: source.in_flight >= 1)  # chunk 2's fill
+                monkeypatch.setattr(os, "fdatasync", failing_sync)
+                with pytest.raises(CacheError):
+                    await rig.store.commit()
+                monkeypatch.undo()
+                image.forget_unsynced()
+            (got,) = outcome
+            assert isinstance(got, CacheError), "the read served bytes for a lost write"
+            with pytest.raises(CacheError):
+                await image.read(CS, 16)
+
+    trio.run(main)

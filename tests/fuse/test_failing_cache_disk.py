@@ -88,6 +88,17 @@ def _fsync_errno(path: Path) -> int | None:
     return None
 
 
+def _buffered_read_errno(path: Path, offset: int) -> int | None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 100, offset)
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)
+    return None
+
+
 def _evict(path: str) -> None:
     """Drop the page cache of one file (its pages are clean: written back or failed)."""
     fd = os.open(path, os.O_RDONLY)
@@ -189,9 +200,10 @@ def test_a_partial_write_over_a_fill_whose_writeback_failed_is_eio_never_the_dis
         image = m.mnt / "a.raw"
         os.sync()
         thin_disk.run_out_of_space()
-        fd = os.open(image, os.O_WRONLY)
+        fd = os.open(image, os.O_RDWR)
         try:
             os.pwrite(fd, b"w" * 100, last)  # fills the last chunk (512 bytes), then writes
+            assert os.pread(fd, 100, last) == b"w" * 100  # now in the kernel's page cache
         finally:
             os.close(fd)
         wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["error"], what="sync error")
@@ -200,6 +212,9 @@ def test_a_partial_write_over_a_fill_whose_writeback_failed_is_eio_never_the_dis
         with pytest.raises(OSError) as lost:
             direct_read(image, last, 4 * KIB)
         assert lost.value.errno == errno.EIO, "the lost write's chunk was served"
+        # ... and a buffered reader is not served the lost write from the kernel's page cache
+        wait_for(lambda: _buffered_read_errno(image, last) == errno.EIO, 5,
+                 "the kernel's cached pages of the lost write to go")
         assert direct_read(image, 0, last) == data[:last]  # the other chunks are served
     thin_disk.make_room()
     with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
@@ -221,6 +236,7 @@ def test_after_a_failed_sync_the_stream_stops_instead_of_fetching_for_nothing(
         thin_disk.run_out_of_space()
         assert direct_read(image, 4 * MIB, 512) == data[4 * MIB :]  # stored buffered
         wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["error"], what="sync error")
+        assert image_status(live_status(m.mnt), "a.raw")["state"] == "error"  # even paused
         run_corfs("stream", "resume", m.mnt, check=True)
         wait_for(lambda: image_status(live_status(m.mnt), "a.raw")["state"] == "error",
                  what="the stream stopping")
