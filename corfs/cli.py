@@ -53,7 +53,8 @@ def _mode(text: str) -> int:
 def _add_mount(sub: _WithCommon) -> None:
     p = sub.add_parser("mount", help="mount BASE's images in MNT, cached in CACHE")
     p.add_argument(
-        "base", metavar="BASE", help="/dir, http(s)://host/path[/] or s3://bucket/prefix/"
+        "base", metavar="BASE",
+        help="/dir, http(s)://host/path[/] or s3://bucket/prefix/; '-' with --base-env",
     )
     p.add_argument("cache", metavar="CACHE", help="local directory for the chunk store")
     p.add_argument("mountpoint", metavar="MNT")
@@ -291,9 +292,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         raise UsageError(f"--owner ids must be from 0 to {MAX_ID - 1}, not {args.owner}")
     base = _base_of(args)
     _check_base_url(base)
-    # A FIFO (or a device) as --ca-file held the mount for ever in the CA's read
-    if args.ca_file is not None and not os.path.isfile(args.ca_file):
-        raise UsageError(f"--ca-file {args.ca_file} is not a regular file")
+    if args.ca_file is not None:
+        _check_ca_file(args.ca_file)
     if args.endpoint_url is not None:
         _check_endpoint_url(args.endpoint_url)
     from .metrics import parse_listen_address
@@ -332,6 +332,19 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     ).with_absolute_paths()
 
 
+def _check_ca_file(path: str) -> None:
+    """A FIFO or a device as --ca-file held the mount for ever in the CA's read. A shell's
+    `<(...)` is a pipe too, refused with them: an S3 base reads the file twice."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UsageError(f"--ca-file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"--ca-file {path} is not a regular file")
+
+
 def _base_of(args: argparse.Namespace) -> str:
     """BASE as given, or with --base-env read from that variable: a URL whose query string
     signs it (a presigned URL) on the command line is in every local user's `ps`."""
@@ -341,7 +354,8 @@ def _base_of(args: argparse.Namespace) -> str:
         return str(args.base)
     if args.base != "-":
         raise UsageError("with --base-env, give BASE as '-'")
-    value = os.environ.get(args.base_env, "").strip()
+    # Out of the environment once read: a credential_process botocore starts inherits it
+    value = os.environ.pop(args.base_env, "").strip()
     if not value:
         raise UsageError(f"--base-env: environment variable {args.base_env} is not set or empty")
     return value

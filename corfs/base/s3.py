@@ -420,6 +420,21 @@ def _read_within(body: Any, limit: int, seconds: float, what: str) -> bytes:
     return b"".join(pieces)
 
 
+_OPENING: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("s3_opening")
+
+
+def _opening_limiter() -> trio.CapacityLimiter:
+    """One open at a time per trio run: an open abandoned on a credential source that hangs
+    keeps its thread (and the process it waits for); the next one (a mount's reconnection,
+    each minute) then waits for it, within its --io-timeout, instead of adding another."""
+    try:
+        return _OPENING.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _OPENING.set(limiter)
+        return limiter
+
+
 async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
     """Open and list, so a wrong bucket, key or credentials fail here, in one line. That
     listing is the store's first list_images."""
@@ -431,8 +446,7 @@ async def open_s3_base(url: str, options: BaseOptions) -> S3Base:
         # container endpoint): one that hangs held the mount, or its reconnection, until it
         # ended. The abandoned thread's client is never used.
         store = await trio.to_thread.run_sync(  # its own limiter: see S3Wire._signing
-            S3Base, bucket, prefix, options, abandon_on_cancel=True,
-            limiter=trio.CapacityLimiter(1),
+            S3Base, bucket, prefix, options, abandon_on_cancel=True, limiter=_opening_limiter(),
         )
     if store is None:
         raise BaseUnreachable(

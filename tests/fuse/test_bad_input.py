@@ -81,6 +81,9 @@ def test_a_ca_file_that_is_no_regular_file_is_one_line(dirs, tmp_path):
     assert_one_line_error(result, "--ca-file", "regular file")
     assert result.returncode == 2
     assert _mounts_at(dirs.mnt) == before
+    result = run_corfs("mount", "https://127.0.0.1:9/images/", dirs.cache, dirs.mnt,
+                       "--ca-file", tmp_path / "no-such-ca.pem", timeout=20)
+    assert_one_line_error(result, "no-such-ca.pem", "No such file")
 
 
 def test_cache_is_a_file(dirs, tmp_path):
