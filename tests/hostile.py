@@ -37,6 +37,22 @@ def trickle(data: bytes, every: float) -> Iterator[bytes]:
         yield data[i : i + 1]
 
 
+def request_heads(sock: socket.socket) -> Iterator[list[str]]:
+    """The head lines of each request on `sock` (bodies are not read: GET and HEAD only),
+    until the client closes."""
+    buf = bytearray()
+    while True:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        cut = buf.index(b"\r\n\r\n")
+        lines = bytes(buf[:cut]).decode("latin-1").split("\r\n")
+        del buf[: cut + 4]
+        yield lines
+
+
 @dataclass
 class HostileServer:
     route: Route
@@ -61,17 +77,8 @@ class HostileServer:
             self._server.server_close()
 
     def _serve(self, sock: socket.socket) -> None:
-        buf = bytearray()
         try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                cut = buf.index(b"\r\n\r\n")
-                lines = bytes(buf[:cut]).decode("latin-1").split("\r\n")
-                del buf[: cut + 4]
+            for lines in request_heads(sock):
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {}
                 for line in lines[1:]:
@@ -129,16 +136,8 @@ class RawAnswerServer:
     def _serve(self, sock: socket.socket) -> None:
         with self._lock:
             self.connections += 1
-        buf = b""
         try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
+            for lines in request_heads(sock):
                 if lines[0].startswith("HEAD"):
                     sock.sendall(
                         f'HTTP/1.1 200 OK\r\nContent-Length: {self.size}\r\nETag: "e"\r\n\r\n'
