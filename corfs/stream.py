@@ -200,7 +200,7 @@ class StreamWorker:
             state = "offline"
         else:
             state = "streaming"
-        error = stream.error or image.error or unsyncable
+        error = stream.error or image.error  # control.py adds a fill's error, then the sync's
         if error is None and image.source is None and not image.complete:
             error = f"not fetching: {image.missing_source}"  # the base is down, or lost it
         # Complete: nothing is fetched any more, whatever the last sample (up to 1 s old) says.

@@ -29,14 +29,15 @@ def _expected(cache: str) -> str:
         "bandwidth_bps": 7000,
         "images": [
             {"name": "a", "size": 5 * CS + 17, "chunk_size": CS, "local_bytes": 2 * CS,
-             "dirty_bytes": CS, "fill_ratio": 2 * CS / (5 * CS + 17), "state": "idle",
+             # "error", not "idle": after the failed sync below no image can fill any more
+             "dirty_bytes": CS, "fill_ratio": 2 * CS / (5 * CS + 17), "state": "error",
              "rate_bps": 0.0, "eta_s": None,
              "error": "a: chunk 3 failed its digest check twice (expected XXX)",
              "failing_chunks": 1, "fill_errors": 1, "failing_chunk_indexes": [3],
              "detached_to": None,
              "handoff_error": None, "handing_over": False},
             {"name": "b", "size": 2 * CS, "chunk_size": CS, "local_bytes": 0, "dirty_bytes": 0,
-             "fill_ratio": 0.0, "state": "idle", "rate_bps": 0.0, "eta_s": None,
+             "fill_ratio": 0.0, "state": "error", "rate_bps": 0.0, "eta_s": None,
              "error": "SYNC", "failing_chunks": 0, "fill_errors": 0, "failing_chunk_indexes": [],
              "detached_to": None, "handoff_error": None, "handing_over": False},
             {"name": "gone", "size": 3 * CS, "chunk_size": 0, "local_bytes": 3 * CS,
