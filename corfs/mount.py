@@ -655,7 +655,10 @@ async def _serve_with(
         def forget_unsynced() -> None:  # the chunks a failed sync lost, at once (store.py)
             for image in images:
                 image.forget_unsynced()
-            nursery.start_soon(operations.drop_stale_pages)
+            # Not after the unmount: the kernel's pages went with it, and the final commit
+            # runs once this nursery is closed (start_soon would raise out of that commit).
+            if not operations.session_closed:
+                nursery.start_soon(operations.drop_stale_pages)
 
         store.on_sync_failure = forget_unsynced
         # Where the mount table will show it (a symlinked MNT is followed by the kernel):

@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -219,6 +220,26 @@ def test_a_partial_write_over_a_fill_whose_writeback_failed_is_eio_never_the_dis
     thin_disk.make_room()
     with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
         assert direct_read(m.mnt / "a.raw", last, 4 * KIB) == data[last:]
+
+
+def test_a_final_commit_whose_sync_fails_is_one_line_and_exit_3(tmp_dirs, thin_disk):
+    """Stopped before the periodic commit, the final commit's sync is the one that fails: the
+    mount ends with its one-line error (exit 3), no traceback from what a failed sync does
+    while the mount still runs."""
+    data = random.Random(11).randbytes(SIZE)
+    (tmp_dirs.base / "a.raw").write_bytes(data)
+    cache = thin_disk.mountpoint / "cache"
+    last = SIZE // CHUNK * CHUNK
+    options = ("--no-stream", "--chunk-size", "64K")
+    with CorfsMount(tmp_dirs.base, cache, tmp_dirs.mnt, *options, log_dir=tmp_dirs.logs) as m:
+        os.sync()
+        thin_disk.run_out_of_space()
+        assert direct_read(m.mnt / "a.raw", last, 4 * KIB) == data[last:]  # stored buffered
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGTERM)  # at once: before the periodic commit, mostly
+        assert m.proc.wait(30) == 3
+        log = m.log_text()
+        assert "Traceback" not in log and "RuntimeError" not in log, log
 
 
 def test_after_a_failed_sync_the_stream_stops_instead_of_fetching_for_nothing(
