@@ -87,7 +87,7 @@ def check_new_cache(cache_dir: str) -> None:
 
 def recorded_mountpoint(cache_dir: str) -> str | None:
     """Where the mount of CACHE said it is (MOUNTPOINT_FILE), or None; whether that mount
-    still runs is for the lock to say (CacheStore.is_locked)."""
+    still runs is for the lock to say (cache_files.is_locked)."""
     try:
         with open(os.path.join(cache_dir, MOUNTPOINT_FILE)) as f:
             # As written, not strip()ped: a mountpoint may end in a space or a newline.

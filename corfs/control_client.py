@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from . import cache_files
 from .cache_layout import is_cache_dir, recorded_mountpoint
 from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
 from .mountinfo import read_mounts
@@ -191,7 +192,7 @@ def _wait_handoff(mountpoint: str, name: str, dest: str) -> None:
 def _wait_released(cache_dir: str) -> bool:
     """Whether CACHE's mount ends (its lock freed) within UNMOUNT_WAIT_S."""
     deadline = time.monotonic() + UNMOUNT_WAIT_S
-    while CacheStore.is_locked(cache_dir):
+    while cache_files.is_locked(cache_dir):
         if time.monotonic() > deadline:
             return False
         time.sleep(HANDOFF_POLL_S)
@@ -291,7 +292,7 @@ def status_of_path(path: str) -> dict:
 
 def mountpoint_of_cache(cache_dir: str) -> str | None:
     """Where CACHE is mounted, or None if it is not (its lock is free)."""
-    if not CacheStore.is_locked(cache_dir):
+    if not cache_files.is_locked(cache_dir):
         return None
     return recorded_mountpoint(cache_dir)
 

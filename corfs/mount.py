@@ -5,7 +5,7 @@ nursery, handles SIGINT/SIGTERM/SIGHUP, and on the way out unmounts and commits 
 A base that does not answer at mount (BaseUnreachable: refused, DNS, timeout, 5xx) does not
 stop a cache that holds images: they are served (local chunks as ever, missing ones EIO), and
 the base is tried again in the background (1 s doubling to 60 s). When it answers, its images
-are matched exactly as at mount (`_same_image`): unchanged ones get their source back, changed
+are matched exactly as at mount (base_images.py): unchanged ones get their source back, changed
 ones turn stale (ESTALE for missing chunks), never mixing versions. Anything else the base
 says (403, 404, a bad certificate, a bad URL) refuses the mount, cache or not: it needs the
 user. One bad image (its data file gone, its cache not creatable) is left out, not the mount.
@@ -13,7 +13,6 @@ user. One bad image (its data file gone, its cache not creatable) is left out, n
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -24,28 +23,20 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import pyfuse3
 import trio
 
-from .base import BaseImage, BaseStore, describe_url, open_base
+from .base import BaseImage
+from .base_images import BaseLink, down_error, match_images, open_and_list
+from .cache_files import read_small_file, remove_small_file, write_small_file
 from .cache_layout import MOUNTPOINT_FILE, TRACE_FILE, is_cache_dir
 from .config import MountConfig
 from .control import Controller
-from .control_client import ANSWER_TIMEOUT_S, call_bounded
-from .errors import (
-    BaseChanged,
-    BaseNotFound,
-    BaseUnreachable,
-    CacheError,
-    CacheFull,
-    CorfsError,
-    TransientBaseError,
-    UsageError,
-    leaf_error,
-)
+from .errors import BaseUnreachable, CacheError, CacheFull, CorfsError, UsageError
 from .failure_log import FailureLog
 from .fetcher import Fetcher, RetryPolicy
 from .fuse_ops import CorfsOperations
 from .handoff import settle_handoffs
 from .image import Image
 from .metrics import Metrics, MountSnapshot, serve_metrics
+from .mount_paths import check_mountpoint, check_overlaps
 from .mountinfo import find_mount
 from .store import CacheHooks, CacheStore, ImageRecord
 from .stream import StreamWorker
@@ -58,72 +49,6 @@ log = logging.getLogger(__name__)
 # session dropped) was killed by it, leaving a dead mount and its last marks uncommitted.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STORE_ON_STOP_TIMEOUT = 60.0  # a clean stop stores the write-behind queue, at most this long
-REOPEN_FIRST = 1.0  # seconds before trying a base that was down at mount again; doubles
-REOPEN_MAX = 60.0
-
-
-def check_mountpoint(path: str) -> str:
-    """The absolute mountpoint as the user spells it, or UsageError: missing, not a directory,
-    already mounted. Checked with symlinks resolved (os.path.ismount() of a symlink is False:
-    a second mount went on top of one reached through a symlink), but served as spelled: QEMU
-    and libvirt name its images through that spelling, and a live handoff finds QEMU's nodes
-    by their file names as strings (handoff.py: resolving them could touch the mount).
-    Bounded: a FUSE mount at MNT whose daemon is stopped or hung would hold every stat of it
-    (and `corfs mount`) for ever."""
-    try:
-        return call_bounded(lambda: _check_mountpoint(path))
-    except TimeoutError:
-        raise UsageError(
-            f"{path} does not answer within {ANSWER_TIMEOUT_S:g} s: a mount whose daemon is "
-            f"stopped or hung? (fusermount3 -u -z {path} detaches it)"
-        ) from None
-
-
-def _check_mountpoint(path: str) -> str:
-    mountpoint = os.path.realpath(path)  # strict=False: a dead mount still gets its hint below
-    try:
-        os.stat(mountpoint)
-    except FileNotFoundError:
-        raise UsageError(f"mountpoint {path} does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise UsageError(
-                f"{path} is a dead FUSE mount (its daemon was killed); clear it with: "
-                f"fusermount3 -u -z {path}"
-            ) from None
-        raise UsageError(f"mountpoint {path}: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"mountpoint {path} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{path} is already a mountpoint")
-    if not os.path.exists("/dev/fuse"):
-        raise UsageError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
-    return os.path.abspath(path)
-
-
-def _at_or_below(path: str, top: str) -> bool:
-    return os.path.commonpath([path, top]) == top
-
-
-def check_overlaps(base_url: str, cache_dir: str, mountpoint: str) -> None:
-    """UsageError if BASE, CACHE and MNT (resolved) overlap where that breaks the mount: a
-    CACHE at or below MNT is hidden by the mount, and the daemon touching it after mounting
-    waits on itself for ever; a directory BASE at or below MNT would be read through the
-    mount; CACHE == BASE writes the cache into BASE (its files then listed as images); a
-    BASE below CACHE was made private with it (its files chmod'ed 0600, its directories 0700:
-    BASE changed, and refused if another user owns any of it); a MNT below CACHE hides what
-    is there (MNT at CACHE/data: the data files a new image or a handoff makes would go
-    through the mount, served by the daemon that waits for them)."""
-    cache = os.path.realpath(cache_dir)
-    if _at_or_below(cache, mountpoint) or _at_or_below(mountpoint, cache):
-        raise UsageError(f"CACHE {cache_dir} and MNT {mountpoint} overlap: keep them apart")
-    if "://" in base_url:
-        return
-    base = os.path.realpath(base_url)
-    if _at_or_below(base, mountpoint):
-        raise UsageError(f"BASE {base_url} and MNT {mountpoint} overlap: keep them apart")
-    if _at_or_below(base, cache):
-        raise UsageError(f"BASE {base_url} and CACHE {cache_dir} overlap: keep them apart")
 
 
 def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
@@ -140,77 +65,6 @@ def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -
             stop_serving()
 
 
-def _match_images(
-    store: CacheStore,
-    sources: Sequence[BaseImage],
-    config: MountConfig,
-    base_name: str,
-    handed_over: dict[str, str],
-) -> list[tuple[ImageRecord, BaseImage | None]]:
-    """Pair each base image with its cache record, creating new ones; refuse (or with
-    --reset-stale, discard) a cache whose base image changed; keep cached images the base no
-    longer has (a fully local image works without its base). An image handed over to QEMU
-    (`handed_over`: name -> DEST) is never served: its writes live in DEST, and a VM restarted
-    on MNT/IMAGE must not boot a fresh copy of the base."""
-    matched: list[tuple[ImageRecord, BaseImage | None]] = []
-    seen = set()
-    for source in _listed_once(sources):
-        seen.add(source.name)
-        if source.name in handed_over:
-            log.warning(
-                "not serving image %s: it was handed over to QEMU as %s (mount with "
-                "--forget-detached %s to serve it from the base again)",
-                source.name, handed_over[source.name], source.name,
-            )
-            continue
-        chunk_size = source.layout.chunk_size if source.layout else config.chunk_size
-        record = store.record_of(source.name)
-        if record is not None and not _same_image(record, source):
-            if not config.reset_stale:
-                log.error(
-                    "refusing image %s: it changed in the base since it was cached "
-                    "(mount with --reset-stale to discard its cache)",
-                    source.name,
-                )
-                continue
-            log.warning("image %s changed in the base: discarding its cache", source.name)
-            store.drop_image(source.name)
-            record = None
-        if record is None:
-            try:
-                record = store.create_image(
-                    source.name, source.size, chunk_size, source.identity, base_name
-                )
-            except CorfsError as exc:
-                log.error("leaving out image %r: cannot create its cache: %s", source.name, exc)
-                continue
-        elif record.chunk_size != chunk_size and source.layout is None:
-            log.info("%s: keeping the cache's chunk size of %d", source.name, record.chunk_size)
-        matched.append((record, source))
-    for record in store.records():
-        if record.name not in seen:
-            log.warning(
-                "image %s is not in the base any more; serving it from the cache", record.name
-            )
-            matched.append((record, None))
-    return matched
-
-
-def _listed_once(sources: Sequence[BaseImage]) -> list[BaseImage]:
-    """The base images whose name the listing holds once: the one rule of `_match_images` and
-    `_attach_sources`. No store lists a name twice today (each keys its listing by name), but
-    should one, which object is the image cannot be told, and pairing a cache with one at
-    mount and the other on reconnection would mix two objects' bytes: both are left out."""
-    counts: dict[str, int] = {}
-    for source in sources:
-        counts[source.name] = counts.get(source.name, 0) + 1
-    twice = sorted(name for name, count in counts.items() if count > 1)
-    if twice:
-        log.warning("the base lists these images more than once, leaving them out: %s",
-                    ", ".join(map(repr, twice)))
-    return [source for source in sources if counts[source.name] == 1]
-
-
 def _settle_handoffs(store: CacheStore, config: MountConfig) -> dict[str, str]:
     """Settle handoffs a killed daemon left under way (handoff.py), then drop the ones the
     user asked to forget; returns {image: DEST} of those still handed over."""
@@ -222,95 +76,6 @@ def _settle_handoffs(store: CacheStore, config: MountConfig) -> dict[str, str]:
         log.warning("serving %s from the base again (its handoff to %s is forgotten)",
                     name, handed_over.pop(name))
     return handed_over
-
-
-def _same_image(record: ImageRecord, source: BaseImage) -> bool:
-    """Whether the base image is the version the cache holds chunks of."""
-    return record.identity == source.identity and record.size == source.size
-
-
-def _attach_sources(images: list[Image], sources: Sequence[BaseImage]) -> None:
-    """The base answers again after it was down at mount: match its images to the ones served,
-    as `_match_images` did at mount (a live image cannot be discarded, so --reset-stale does
-    not apply: a changed image stays stale until remounted)."""
-    by_name = {source.name: source for source in _listed_once(sources)}
-    for image in images:
-        source = by_name.get(image.name)
-        if source is None:
-            image.missing_source = BaseNotFound("the base image is gone")
-            log.warning(
-                "image %s is not in the base any more; serving it from the cache", image.name
-            )
-        elif not _same_image(image.record, source):
-            image.missing_source = BaseChanged("it changed in the base since it was cached")
-            image.error = "base image changed since it was cached: remount (--reset-stale)"
-            log.error(
-                "refusing the missing chunks of image %s: it changed in the base since it was "
-                "cached (remount with --reset-stale to discard its cache)",
-                image.name,
-            )
-        else:
-            image.attach_source(source)
-    new = sorted(set(by_name) - {image.name for image in images})
-    if new:
-        log.info("the base has %d images this mount does not serve (remount to see them): %s",
-                 len(new), ", ".join(map(repr, new)))
-
-
-class _BaseLink:
-    """The base of a mount, which may only come up after the mount (closed at unmount)."""
-
-    def __init__(self, config: MountConfig, store: BaseStore | None) -> None:
-        self.config = config
-        self.store = store
-        self.description = store.description if store else describe_url(config.base_url)
-
-    async def reopen_when_back(
-        self, images: list[Image], task_status=trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Try the base with backoff until it answers, then give the images their sources."""
-        task_status.started()
-        delay, last_refusal = REOPEN_FIRST, ""
-        while True:
-            await trio.sleep(delay)
-            delay = min(REOPEN_MAX, delay * 2)
-            try:
-                self.store, sources = await _open_and_list(self.config)
-            except Exception as exc:
-                if (still_down := _down_error(exc)) is not None:
-                    log.debug("base %s still does not answer: %s", self.description, still_down)
-                    continue
-                # It answers, but no (or a bug): say so once per reason, keep trying.
-                reason = str(leaf_error(exc) or repr(exc))
-                if reason != last_refusal:
-                    last_refusal = reason
-                    log.warning("base %s refuses: %s (retrying)", self.description, reason)
-                continue
-            log.info("base %s answers again: missing chunks are fetched from it", self.description)
-            _attach_sources(images, sources)
-            return
-
-    async def aclose(self) -> None:
-        if self.store is not None:
-            await self.store.aclose()
-
-
-def _down_error(exc: BaseException) -> CorfsError | None:
-    """The error if `exc` says the base does not answer (possibly grouped by a nursery: every
-    listing request failing so), else None."""
-    if isinstance(exc, BaseExceptionGroup):
-        found = [_down_error(inner) for inner in exc.exceptions]
-        return found[0] if found and all(found) else None
-    return exc if isinstance(exc, (BaseUnreachable, TransientBaseError)) else None
-
-
-async def _open_and_list(config: MountConfig) -> tuple[BaseStore, Sequence[BaseImage]]:
-    base = await open_base(config.base_url, config.base)
-    try:
-        return base, await base.list_images()
-    except BaseException:
-        await base.aclose()
-        raise
 
 
 def _read_trace_file(path: str) -> str:
@@ -339,7 +104,8 @@ def _load_traces(
         text, source = _read_trace_file(config.stream.trace_file), config.stream.trace_file
         traces = load_trace(text, source)  # the user's file: refused as bad input
     else:
-        text, source = store.read_small_file(TRACE_FILE), os.path.join(store.cache_dir, TRACE_FILE)
+        text = read_small_file(store.cache_dir, TRACE_FILE)
+        source = os.path.join(store.cache_dir, TRACE_FILE)
         if text is None or config.stream.record_trace:
             return {}
         try:
@@ -511,15 +277,15 @@ async def _serve(
 ) -> None:
     down: CorfsError | None = None
     try:
-        base, sources = await _open_and_list(config)
+        base, sources = await open_and_list(config)
     except Exception as exc:
-        down = _down_error(exc)
+        down = down_error(exc)
         if down is None:
             raise
         if not is_cache_dir(config.cache_dir):
             raise BaseUnreachable(str(down)) from None  # nothing cached to serve
         base, sources = None, []
-    link = _BaseLink(config, base)
+    link = BaseLink(config, base)
     # The stop signals are ours from here to the end, not only while serving: one that
     # arrives while the session closes (after fusermount3 -u) must neither crash the daemon
     # nor kill it before the final commit. The receiver puts back the handlers it found when
@@ -539,7 +305,7 @@ async def _serve(
                                   signals, metrics)
             finally:
                 final_error = _final_commit(store)
-                store.remove_small_file(MOUNTPOINT_FILE)
+                remove_small_file(store.cache_dir, MOUNTPOINT_FILE)
                 store.close()
             if final_error is not None:  # a stop that lost chunk states must not look clean
                 raise final_error
@@ -605,7 +371,7 @@ async def _serve_with(
     config: MountConfig,
     mountpoint: str,
     on_ready: Callable[[], None] | None,
-    link: _BaseLink,
+    link: BaseLink,
     sources: Sequence[BaseImage],
     store: CacheStore,
     down: CorfsError | None,
@@ -614,7 +380,7 @@ async def _serve_with(
 ) -> None:
     handed_over = _settle_handoffs(store, config)
     matched: list[tuple[ImageRecord, BaseImage | None]] = (
-        _match_images(store, sources, config, link.description, handed_over)
+        match_images(store, sources, config, link.description, handed_over)
         if down is None
         else [(record, None) for record in store.records()]
     )
@@ -670,7 +436,7 @@ async def _serve_with(
         nursery.start_soon(_raise_read_ahead, mounted_at)
         try:
             try:
-                store.write_small_file(MOUNTPOINT_FILE, mountpoint)
+                write_small_file(store.cache_dir, MOUNTPOINT_FILE, mountpoint)
             except CorfsError as exc:  # a full cache disk still serves (slower, never wrong)
                 log.warning("%s: `corfs status CACHE` and `corfs verify` will not find this "
                             "mount", exc)
@@ -703,7 +469,7 @@ async def _serve_with(
                 log.info("unmounted %s", mountpoint)
             if recorder is not None:
                 try:
-                    store.write_small_file(TRACE_FILE, recorder.to_json())
+                    write_small_file(store.cache_dir, TRACE_FILE, recorder.to_json())
                 except CorfsError as exc:  # no chunk state lost: the stop is still clean
                     log.error("the recorded trace is lost: %s", exc)
 

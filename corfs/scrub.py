@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import trio
 
-from . import control_client
+from . import cache_files, control_client
 from .base import BaseOptions, BaseStore, open_base
 from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
@@ -80,7 +80,7 @@ def verify_cache(
 ) -> list[ScrubReport]:
     """Scrub CACHE (or one image of it). `base`: the base of an unmounted cache, asked before
     a bad chunk is forgotten; by default the one the cache recorded is opened."""
-    mounted = CacheStore.is_locked(cache_dir)
+    mounted = cache_files.is_locked(cache_dir)
     mountpoint = _mount_serving(cache_dir) if mounted else None
     store = CacheStore.open(cache_dir, lock=not mounted, create=False)
     try:

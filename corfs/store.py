@@ -1,8 +1,9 @@
 """The local chunk store in CACHE: one sparse data file per image plus the chunk state of every
 image in one SQLite database (WAL).
 
-The layout of CACHE and the privacy of what is in it: cache_layout.py. The schema and the
-rows' types and checks: store_rows.py. What the rows may say after a crash: crash_view.py.
+The layout of CACHE and the privacy of what is in it: cache_layout.py; its lock and small files:
+cache_files.py. The schema and the rows' types and checks: store_rows.py. What the rows may say
+after a crash: crash_view.py.
 
 Data files are DataFiles (datafile.py: descriptors, how bytes reach them, stores in flight), one
 per image, opened here on first use (`data_file`) so that `commit` can sync those touched.
@@ -23,8 +24,6 @@ trio thread is left to mount setup and offline tools, before any commit runs.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -36,9 +35,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from .buffers import aligned_copy
+from .cache_files import take_lock
 from .cache_layout import (
     DATA_DIR,
-    LOCK_FILE,
     STATE_DB,
     check_new_cache,
     data_path_in,
@@ -51,7 +50,7 @@ from .crash_view import CrashView, Marks
 from .digest import Buffer, chunk_digest
 from .digest_index import DigestIndex
 from .durable import fsync_dir
-from .errors import CacheError, CacheFull, CacheLocked, UsageError, cache_os_error
+from .errors import CacheError, CacheFull, UsageError, cache_os_error
 from .store_rows import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -190,7 +189,7 @@ class CacheStore:
         db_path = os.path.join(cache_dir, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
-        lock_fd = cls._take_lock(cache_dir) if lock else None
+        lock_fd = take_lock(cache_dir) if lock else None
         try:
             if create:
                 log_tightened(cache_dir, tighten_private(cache_dir))
@@ -224,41 +223,6 @@ class CacheStore:
                 os.close(lock_fd)
             raise
         return cls(cache_dir, db, lock_fd, hooks)
-
-    @staticmethod
-    def _take_lock(cache_dir: str) -> int:
-        try:
-            fd = private_open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:  # private_open follows no symlink: one was planted
-                raise UsageError(
-                    f"cache {cache_dir}: {LOCK_FILE} is a symbolic link; a cache holds none"
-                ) from None
-            raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheLocked(
-                f"cache {cache_dir} is in use by another corfs process (a mount that is "
-                "stopping holds it until its fetched bytes are stored)"
-            ) from None
-        return fd
-
-    @staticmethod
-    def is_locked(cache_dir: str) -> bool:
-        """True when a live process holds CACHE's lock (a mount is running on it)."""
-        try:
-            fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         for data_file in self._data_files.values():
@@ -660,34 +624,6 @@ class CacheStore:
                     self._db.execute("ROLLBACK")
                 raise _sql_error(exc, "committing chunk state") from None
         self.commits += 1
-
-    # ---- small files beside the state ----------------------------------------------------
-
-    def write_small_file(self, relative: str, text: str) -> None:
-        """CacheFull / CacheError if it cannot be written (a full cache disk): the caller
-        decides what that costs; no temporary file is left behind."""
-        path = os.path.join(self.cache_dir, relative)
-        tmp = f"{path}.tmp"
-        try:
-            ensure_private_dir(os.path.dirname(path))
-            with os.fdopen(private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise cache_os_error(exc, f"writing {path}") from None
-
-    def read_small_file(self, relative: str) -> str | None:
-        try:
-            with open(os.path.join(self.cache_dir, relative)) as f:
-                return f.read()
-        except OSError:
-            return None
-
-    def remove_small_file(self, relative: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.cache_dir, relative))
 
     @cached_property
     def _commit_lock(self) -> trio.Lock:

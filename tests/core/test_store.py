@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 import trio
 
+from corfs import cache_files
 from corfs.digest import chunk_digest
 from corfs.errors import CacheError, CacheLocked, UsageError
 from corfs.store import CacheStore, ChunkState
@@ -154,11 +155,11 @@ def test_lock_keeps_a_second_store_off(tmp_path) -> None:
     try:
         with pytest.raises(CacheLocked):
             CacheStore.open(str(tmp_path / "c"))
-        assert CacheStore.is_locked(str(tmp_path / "c"))
+        assert cache_files.is_locked(str(tmp_path / "c"))
         CacheStore.open(str(tmp_path / "c"), lock=False).close()
     finally:
         first.close()
-    assert not CacheStore.is_locked(str(tmp_path / "c"))
+    assert not cache_files.is_locked(str(tmp_path / "c"))
     CacheStore.open(str(tmp_path / "c")).close()
 
 

@@ -12,7 +12,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from corfs import scrub
+from corfs import cache_files, scrub
 from corfs.base.memory import MemoryBase
 from corfs.config import StreamConfig
 from corfs.control import Controller
@@ -227,7 +227,7 @@ def test_verify_of_a_mounted_cache_sends_forgets_the_kernel_accepts(
         assert command["op"] == "forget" and command["image"] == "a"
         sent.extend(command["chunks"])
 
-    monkeypatch.setattr(CacheStore, "is_locked", staticmethod(lambda cache_dir: True))
+    monkeypatch.setattr(cache_files, "is_locked", lambda cache_dir: True)
     monkeypatch.setattr(scrub, "_mount_serving", lambda cache_dir: "/nowhere")
     monkeypatch.setattr(scrub.control_client, "send_command", send_command)
     (report,) = scrub.verify_cache(cache)

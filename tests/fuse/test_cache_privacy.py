@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from corfs.cache_files import write_small_file
 from corfs.store import CacheStore, ChunkState
 from tests.mounting import CorfsMount, is_mounted, lazy_unmount, make_image, run_corfs, sha256_file
 
@@ -147,7 +148,7 @@ def test_library_caller_with_a_loose_umask_still_gets_a_private_cache(tmp_path: 
             store.write_data("disk.raw", 0, b"guest bytes")
             store.record("disk.raw", 0, ChunkState.DIRTY)
             store.commit_sync()
-            store.write_small_file("mountpoint", "/somewhere\n")
+            write_small_file(str(cache), "mountpoint", "/somewhere\n")
             entries = cache_entries(cache)
         finally:
             store.close()

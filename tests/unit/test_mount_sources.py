@@ -1,5 +1,5 @@
 """How a mount pairs its cache with the base's listing, at mount and when the base comes back:
-one rule for both (mount._listed_once). A real cache store in tmp_path, memory base images."""
+one rule for both (base_images._listed_once). A real cache store in tmp_path, memory base images."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import trio
 
 from corfs.base.memory import MemoryImage
+from corfs.base_images import attach_sources, match_images
 from corfs.config import MountConfig
 from corfs.fetcher import Fetcher, RetryPolicy
 from corfs.image import Image
-from corfs.mount import _attach_sources, _match_images
 from corfs.store import CacheStore
 
 SIZE = 1 << 20
@@ -32,19 +32,19 @@ def test_a_name_listed_twice_is_paired_with_neither_object(tmp_path: Path) -> No
     config = MountConfig(base_url="memory://", cache_dir=str(tmp_path / "cache"),
                          mountpoint=str(tmp_path / "mnt"))
     try:
-        matched = _match_images(store, _twice(), config, "memory://", {})
+        matched = match_images(store, _twice(), config, "memory://", {})
         assert matched == [] and store.record_of("disk.raw") is None
 
         # A cache made when the base listed the name once, then reconnected to a base that
         # lists it twice: the image stays without a source.
         once = MemoryImage("disk.raw", bytearray(b"a" * SIZE), identity="first")
-        ((record, source),) = _match_images(store, [once], config, "memory://", {})
+        ((record, source),) = match_images(store, [once], config, "memory://", {})
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
                 image = Image(record, store, Fetcher(RetryPolicy(io_timeout=1.0)), None,
                               nursery)
-                _attach_sources([image], _twice()[::-1])  # the cached one listed last
+                attach_sources([image], _twice()[::-1])  # the cached one listed last
                 assert image.source is None
                 nursery.cancel_scope.cancel()
 
