@@ -47,12 +47,15 @@ class BlockingRanges:
             try:
                 return self._exchange(offset, length)
             except OSError:
-                if self.sock is not None:
-                    self.sock.close()
-                self.sock = None
+                self.close()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def _exchange(self, offset: int, length: int) -> bytes:
         if self.sock is None:

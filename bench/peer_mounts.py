@@ -207,7 +207,7 @@ MOUNTS: dict[str, MountFn] = {
     "floor": mount_floor,
     "floor-blocking": functools.partial(mount_floor, blocking=True),
 }
-FLOORS = ["floor", "floor-blocking"]  # not peers: the random workload's baselines only
+FLOORS = ["floor", "floor-blocking", "exchange"]  # not peers: the random workload's baselines only
 LABELS = {
     "corfs": "corfs (--no-stream)",
     "corfs+stream": "corfs (default: streaming on)",
@@ -217,4 +217,5 @@ LABELS = {
     "qemu": "QEMU copy-on-read (qsd FUSE export)",
     "floor": "floor: pyfuse3 + trio, fetch only (corfs's lean reader)",
     "floor-blocking": "floor: pyfuse3, fetch only, blocking socket",
+    "exchange": "floor: the ranged GET alone, no FUSE (blocking socket)",
 }

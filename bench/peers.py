@@ -10,7 +10,9 @@ the cache device under test):
 - random: --random-reads cold 4 KiB reads, one at a time (QD1), at seeded offsets, O_DIRECT
   where the mount takes it: IOPS, p99, base bytes fetched per byte read (nginx's log), corfs
   `--no-stream` against nbdkit, and beside them the floors (bench/floor_fs.py: pyfuse3
-  daemons that only fetch, one awaiting corfs's lean reader on trio, one a blocking socket);
+  daemons that only fetch, one awaiting corfs's lean reader on trio, one a blocking socket)
+  and `exchange`: the same reads as bare ranged GETs from the benchmark itself (no FUSE), the
+  ceiling of any design that fetches a cold read when it is read;
 - concurrent: 8 readers at once, each reading its own eighth of the image, one mount:
   aggregate MB/s against one reader (the seq figure), corfs `--no-stream` and the best peer;
 - concurrent-random: 8 random readers at once (VMs booting together), each as the random
@@ -33,7 +35,8 @@ Limits printed per device: dd 1 MiB O_DIRECT write MB/s on it, `curl -o /dev/nul
 `curl -o FILE && sync` with FILE on it.
 
     python -m bench.peers [--cache-device disk|throttled|both] [--workloads seq,random,...]
-        [--only corfs,corfs+stream,httpdirfs,rclone,nbdkit,qemu,floor,floor-blocking] [--runs 3]
+        [--only corfs,corfs+stream,httpdirfs,rclone,nbdkit,qemu,floor,floor-blocking,exchange]
+        [--runs 3]
         [--seq-mib 1024] [--stream-mib 1024] [--random-reads 2000] [--range-sizes 16K,64K]
         [--markdown FILE]
 
@@ -67,6 +70,7 @@ from tests.mounting import lazy_unmount
 from tests.servers import Nginx, stop_process
 
 from .cachedev import DEFAULT_RATE, CacheDevice, throttled_device
+from .floor_fs import BlockingRanges
 from .harness import (
     MiB,
     corfs_argv,
@@ -86,11 +90,13 @@ from .harness import (
 from .peer_mounts import FLOORS, LABELS, MOUNTS, Target, qemu_overlay
 from .tls import TlsSite, https_jobs, tls_site
 
-PEERS = list(MOUNTS)
+EXCHANGE = "exchange"  # not a mount: the random workload's reads as bare ranged GETs
+PEERS = [*MOUNTS, EXCHANGE]
 WORKLOADS = ["seq", "random", "concurrent", "concurrent-random", "https", "stream"]
 DEVICES = {"disk": ["disk"], "throttled": ["throttled"], "both": ["disk", "throttled"]}
 RANDOM_SYSTEMS = ["corfs", "nbdkit"]  # the random-read target compares these
 READERS = 8
+RANDOM_SEED = 4  # the random workload's offsets (its concurrent readers: 100 + reader)
 CORFS_STREAM = "corfs (resume → complete → fsync)"
 QEMU_STREAM = "QEMU block-stream (→ closed → fsync)"
 MAIN_KEY = {"random": "IOPS", "concurrent-random": "IOPS"}  # the figure of a workload (MB/s)
@@ -163,11 +169,32 @@ def sequential_read(path: str, progress: list[int], begin: Callable[[], None]) -
         os.close(fd)
 
 
-def random_reads(path: str, count: int, progress: list[int], seed: int = 4) -> dict:
-    """`count` 4 KiB reads at random 4 KiB-aligned offsets, O_DIRECT when the mount allows."""
-    size = os.stat(path).st_size
+def random_offsets(size: int, count: int, seed: int) -> list[int]:
+    """The workload's `count` 4 KiB-aligned offsets below `size`, the same for every system."""
     rng = random.Random(seed)
-    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(count)]
+    return [rng.randrange(size // 4096) * 4096 for _ in range(count)]
+
+
+def timed_reads(offsets: list[int], read: Callable[[int], object],
+                progress: list[int]) -> dict:
+    """`read(offset)` for each offset in turn: their summed seconds, p50 and p99 in ms."""
+    latencies = []
+    for offset in offsets:
+        t0 = time.perf_counter()
+        read(offset)
+        latencies.append(time.perf_counter() - t0)
+        progress[0] += 1
+    latencies.sort()
+    return {
+        "seconds": sum(latencies),
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+    }
+
+
+def random_reads(path: str, count: int, progress: list[int], seed: int = RANDOM_SEED) -> dict:
+    """`count` 4 KiB reads at random 4 KiB-aligned offsets, O_DIRECT when the mount allows."""
+    offsets = random_offsets(os.stat(path).st_size, count, seed)
     buf = mmap.mmap(-1, 4096)
     direct = True
     try:
@@ -176,33 +203,44 @@ def random_reads(path: str, count: int, progress: list[int], seed: int = 4) -> d
         direct = False
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def read(offset: int) -> None:
+        nonlocal fd, direct
+        try:
+            n = os.preadv(fd, [buf], offset)
+        except OSError:
+            if not direct:
+                raise
+            # Some FUSE mounts accept O_DIRECT at open and refuse it at read.
+            os.close(fd)
+            direct = False
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            n = os.preadv(fd, [buf], offset)
+        assert n == 4096, n
+
     try:
-        latencies = []
-        for offset in offsets:
-            t0 = time.perf_counter()
-            try:
-                n = os.preadv(fd, [buf], offset)
-            except OSError:
-                if not direct:
-                    raise
-                # Some FUSE mounts accept O_DIRECT at open and refuse it at read.
-                os.close(fd)
-                direct = False
-                fd = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                n = os.preadv(fd, [buf], offset)
-            latencies.append(time.perf_counter() - t0)
-            progress[0] += 1
-            assert n == 4096, n
+        figures = timed_reads(offsets, read, progress)
     finally:
         os.close(fd)
-    latencies.sort()
-    return {
-        "seconds": sum(latencies),
-        "p50_ms": latencies[len(latencies) // 2] * 1e3,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
-        "direct": direct,
-    }
+    return {**figures, "direct": direct}
+
+
+def exchange_reads(site: Site, count: int) -> dict:
+    """The random workload's reads as bare ranged GETs from this process (a blocking socket,
+    no FUSE, no daemon), origin page cache dropped: the ceiling of any file system that
+    fetches each cold read from this origin when it is read."""
+    ranges = BlockingRanges(site.target.url)
+    offsets = random_offsets(site.size, count, RANDOM_SEED)
+    drop_caches()
+    mark = site.nginx.log_mark()
+    try:
+        figures = timed_reads(offsets, lambda offset: ranges.read(offset, 4096), [0])
+    finally:
+        ranges.close()
+    figures["IOPS"] = count / figures.pop("seconds")
+    figures["fetched / read"] = site.fetched(mark) / (count * 4096)
+    return figures
 
 
 def clear_device(cache_root: str) -> None:
@@ -474,7 +512,10 @@ def run_device(args: argparse.Namespace, device: CacheDevice, site: Site,
 
     def random_jobs() -> dict[str, Callable[[], dict]]:
         # beside them, the floors: what a fetch-only pyfuse3 daemon gets (bench/floor_fs.py)
-        jobs = {n: rand(n) for n in [*RANDOM_SYSTEMS, *FLOORS] if n in systems}
+        jobs = {n: rand(n) for n in [*RANDOM_SYSTEMS, *FLOORS] if n in systems and n in MOUNTS}
+        if EXCHANGE in systems:  # and under them all, the exchange alone
+            jobs[EXCHANGE] = lambda: guarded(
+                lambda: exchange_reads(site, args.random_reads), device.path)
         for size in args.range_sizes:  # corfs with other --random-range sizes beside
             options = ("--random-range", size)
             jobs[f"corfs --random-range {size}"] = rand(
@@ -586,11 +627,16 @@ def target_rows(results: Results) -> list[Row]:
                 "16 (nbdkit: {})".format(_fmt(fig("random", "nbdkit", "fetched / read"))),
                 16.0, 1.0, at_most=True, unit="×"),
         ]
-    # What the design allows: corfs against fetch-only pyfuse3 daemons (bench/floor_fs.py).
+    # What the design allows: corfs against fetch-only pyfuse3 daemons (bench/floor_fs.py),
+    # and what any fetch-on-read design allows: the exchange alone against nbdkit.
     for floor in FLOORS:
         if floor in results.get("random", {}):
             rows.append(Row("cold random 4 KiB QD1 IOPS", fig("random", "corfs", "IOPS"),
                             LABELS[floor], fig("random", floor, "IOPS"), None, unit="IOPS"))
+    if {EXCHANGE, "nbdkit"} <= set(results.get("random", {})):
+        rows.append(Row("cold random 4 KiB QD1 IOPS, the exchange alone",
+                        fig("random", EXCHANGE, "IOPS"), "nbdkit",
+                        fig("random", "nbdkit", "IOPS"), None, unit="IOPS"))
     if "https" in results:
         curl = fig("https", "curl -o /dev/null")
         rows += [
