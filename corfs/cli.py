@@ -424,14 +424,12 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     mounts = control_client.corfs_mounts()
     if not mounts:
         raise UsageError("no corfs mount is running")
-    failed = None
-    for mountpoint in mounts:  # one that refuses (another user's) leaves the others done
-        try:
-            control_client.send_command(mountpoint, {"op": args.op, "image": args.image})
-        except CorfsError as exc:
-            print(error_line(exc), file=sys.stderr)
-            failed = exc
-    return 0 if failed is None else failed.exit_code
+    command = {"op": args.op, "image": args.image}
+    # One that refuses (another user's) or does not answer leaves the others done.
+    answers = control_client.ask_every(
+        mounts, lambda mountpoint: control_client.send_command(mountpoint, command)
+    )
+    return _say_failures(answers)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -447,15 +445,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     # Every mount of the machine: one that cannot be read (a dead daemon, another user's
     # mount) is one line on stderr, the others are still shown.
-    statuses, failed = [], None
-    for path in paths:
-        try:
-            statuses.append(control_client.status_of_path(path))
-        except CorfsError as exc:
-            print(error_line(exc), file=sys.stderr)
-            failed = exc
-    print_status(statuses, as_json=args.json)
-    return 0 if failed is None else failed.exit_code
+    answers = control_client.ask_every(paths, control_client.status_of_path)
+    print_status([a for a in answers if not isinstance(a, CorfsError)], as_json=args.json)
+    return _say_failures(answers)
+
+
+def _say_failures(answers: list) -> int:
+    """One line on stderr per failed answer of `ask_every`; the exit code of the last one
+    (0 if none failed)."""
+    code = 0
+    for answer in answers:
+        if isinstance(answer, CorfsError):
+            print(error_line(answer), file=sys.stderr)
+            code = answer.exit_code
+    return code
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

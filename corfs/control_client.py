@@ -23,7 +23,9 @@ Bounded waits: every request to a mount here (the stat, listxattr and getxattr o
 gives up after ANSWER_TIMEOUT_S. A daemon that is stopped (SIGSTOP, a debugger) or whose
 loop hangs leaves the request waiting in the kernel, where only a fatal signal reaches it:
 `corfs status` waited for ever. The request runs in a daemon thread, left behind when the
-command exits with its one line (the exit ends it).
+command exits with its one line (the exit ends it). Every mount of the machine is asked at
+once (`ask_every`): a host with several hung daemons waits ANSWER_TIMEOUT_S, not that times
+their number.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from . import cache_files
@@ -50,6 +53,7 @@ HANDOFF_POLL_S = 0.1
 # and let go of CACHE: above handoff.FINISH_TIMEOUT, the daemon's bound for that.
 UNMOUNT_WAIT_S = 30.0
 ANSWER_TIMEOUT_S = 10.0  # a live daemon answers a status in milliseconds
+ASKED_AT_ONCE = 32  # mounts `ask_every` asks at the same time
 
 T = TypeVar("T")
 
@@ -74,6 +78,21 @@ def call_bounded(call: Callable[[], T], seconds: float = ANSWER_TIMEOUT_S) -> T:
     if not ok:
         raise value
     return value
+
+
+def ask_every(paths: list[str], request: Callable[[str], T]) -> list[T | CorfsError]:
+    """request(path) for every path at once, the answers in the order of `paths`: a path's
+    CorfsError (a hung or dead daemon, another user's mount) in place of its answer, so that
+    one mount that does not answer neither holds nor hides the others."""
+    with ThreadPoolExecutor(max_workers=max(1, min(ASKED_AT_ONCE, len(paths)))) as pool:
+        asked = [pool.submit(request, path) for path in paths]
+    answers: list[T | CorfsError] = []
+    for answer in asked:
+        try:
+            answers.append(answer.result())
+        except CorfsError as exc:
+            answers.append(exc)
+    return answers
 
 
 def _ask(path: str, request: Callable[[str], T]) -> T:

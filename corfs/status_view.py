@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import control_client
+from .errors import CorfsError, error_line
 from .sizes import format_size
 
 # States --watch waits no longer for: nothing more will be fetched for the image.
@@ -67,7 +68,8 @@ def print_status(statuses: list[dict], *, as_json: bool) -> None:
 def watch_status(paths: list[str], interval: float = 1.0) -> int:
     """Progress bars per image until every image is complete, failed or handed over (0), or
     Ctrl-C (130). Caches no mount serves are shown once: nothing would change (1 if one of
-    their images is not complete)."""
+    their images is not complete). A path that cannot be read is said once on stderr and the
+    others are watched on (the exit code is then its error's); if none can be, its error."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -87,12 +89,22 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
         TextColumn("{task.fields[state]}"),
     )
     tasks: dict[str, TaskID] = {}
+    said: set[str] = set()  # error lines already printed
     try:
         with Progress(*columns) as progress:
             while True:
                 done, live, unmounted = True, False, []
-                for path in paths:
-                    status = control_client.status_of_path(path)
+                answers = control_client.ask_every(paths, control_client.status_of_path)
+                failed = [answer for answer in answers if isinstance(answer, CorfsError)]
+                if len(failed) == len(answers):
+                    raise failed[0]  # nothing to show: its one line, as for one PATH
+                for error in failed:  # the others are still watched
+                    if (line := error_line(error)) not in said:
+                        said.add(line)
+                        print(line, file=sys.stderr)
+                for path, status in zip(paths, answers, strict=True):
+                    if isinstance(status, CorfsError):
+                        continue
                     if status.get("mounted", True):
                         live = True
                     else:
@@ -108,7 +120,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                         )
                         done &= image["state"] in FINAL_STATES
                 if done:
-                    return 0
+                    return failed[-1].exit_code if failed else 0
                 if not live:  # nothing will change: no daemon streams into these caches
                     progress.stop()
                     print(f"corfs: {', '.join(unmounted)}: not mounted, nothing streams "
