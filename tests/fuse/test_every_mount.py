@@ -78,9 +78,8 @@ def test_hung_daemons_cost_one_wait_and_hide_no_other_mount(tmp_path: Path) -> N
 def test_watch_goes_on_past_a_mount_that_does_not_answer(tmp_path: Path) -> None:
     """`status --watch` of every mount: the stopped ones are said once each, the live one is
     watched to its end, and the exit code says some could not be read."""
-    with _three_mounts(tmp_path) as mounts:
-        with _stopped(mounts[1:]):
-            watch = run_corfs("status", "--watch", timeout=6 * ANSWER_TIMEOUT_S)
+    with _three_mounts(tmp_path) as mounts, _stopped(mounts[1:]):
+        watch = run_corfs("status", "--watch", timeout=6 * ANSWER_TIMEOUT_S)
     assert watch.returncode not in (0, 130) and "Traceback" not in watch.stderr, watch.stderr
     for hung in mounts[1:]:
         said = [line for line in watch.stderr.splitlines() if str(hung.mnt) in line]
