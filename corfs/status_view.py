@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -14,10 +15,11 @@ from .sizes import format_size
 FINAL_STATES = ("complete", "error", "detached")
 
 
-def _eta(seconds: float | None) -> str:
+def eta_text(seconds: float | None) -> str:
+    """H:MM:SS, rounded up: 0:00:00 only once nothing is left (0.9 s to go showed 0:00:00)."""
     if seconds is None:
         return "-"
-    seconds = int(seconds)
+    seconds = math.ceil(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
@@ -40,7 +42,7 @@ def format_table(status: dict) -> str:
         lines.append(
             f"{_printable(image['name']):<24} {format_size(image['size']):>10} "
             f"{format_size(image['local_bytes']):>10} {image['fill_ratio'] * 100:6.1f}% "
-            f"{image['state']:<10} {rate:>12} {_eta(image['eta_s']):>9}"
+            f"{image['state']:<10} {rate:>12} {eta_text(image['eta_s']):>9}"
         )
         if image.get("failing_chunks"):
             listed = image["failing_chunk_indexes"]

@@ -14,6 +14,7 @@ from corfs.stats import (
     eta_seconds,
     fill_ratio,
 )
+from corfs.status_view import eta_text
 
 
 def test_rate_meter_needs_two_samples() -> None:
@@ -70,6 +71,14 @@ def test_eta_and_fill_ratio() -> None:
     assert fill_ratio(0, 0) == 1.0
     assert fill_ratio(50, 200) == 0.25
     assert fill_ratio(300, 200) == 1.0
+
+
+def test_eta_text_rounds_up_while_anything_is_left() -> None:
+    assert eta_text(0.0) == "0:00:00"
+    assert eta_text(0.4) == "0:00:01"
+    assert eta_text(59.01) == "0:01:00"
+    assert eta_text(3600 + 61) == "1:01:01"
+    assert eta_text(None) == "-"
 
 
 def test_mount_status_serialises_with_schema_version() -> None:
