@@ -201,8 +201,10 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
 
 def parse_index(data: bytes) -> dict[str, int | None]:
     """{entry name: size, or None where the entry gives none} from index.json bytes;
-    BaseCorrupt if it is not an index. The size is optional, as for the HTTP base that reads
-    it (it asks each entry's size): an index listing names only is one too."""
+    BaseCorrupt if it is not an index. The HTTP base that reads it takes names alone (it asks
+    each entry's size), so one bad entry costs only itself, as there: a size that is no byte
+    count is dropped (the entry kept by name), an entry with no name a mount serves is left
+    out. Publish rewrites the index from these: the images a mount lists stay listed."""
     try:
         doc = json.loads(data)
     except JSON_ERRORS as exc:
@@ -212,14 +214,10 @@ def parse_index(data: bytes) -> dict[str, int | None]:
         raise BaseCorrupt(f"{INDEX_KEY} has no 'images' list")
     entries: dict[str, int | None] = {}
     for item in images:
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("name"), str)
-            or "/" in item["name"]
-            or ("size" in item and not (_is_int(item["size"]) and item["size"] >= 0))
-        ):
-            raise BaseCorrupt(f"{INDEX_KEY} has an invalid entry {str(item)[:80]!r}")
-        entries[item["name"]] = item.get("size")
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str) and image_name_problem(name) is None:
+            size = item.get("size")
+            entries[name] = size if _is_int(size) and size >= 0 else None
     return entries
 
 
