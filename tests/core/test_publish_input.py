@@ -113,3 +113,15 @@ def test_a_manifest_larger_than_a_mount_reads_is_never_written(
 
     (summary,) = publish_to([str(image)], DirDestination.open(str(dest)), chunk_size=64 * KIB)
     assert parse_manifest(manifest.read_bytes(), "a.raw").size == summary.size
+
+
+def test_an_empty_destination_is_refused_not_the_current_directory(tmp_path: Path) -> None:
+    """`corfs publish disk.raw "$DEST"` with DEST unset published into the current directory:
+    its chunks, manifest, index and temp dir among the user's files."""
+    image = make_image(tmp_path / "a.raw", 256 * KIB, seed=4)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = run_corfs("publish", image, "", "--chunk-size", "64K", "--no-progress", cwd=cwd)
+    assert_one_line_error(result, "empty")
+    assert result.returncode == 2
+    assert os.listdir(cwd) == []
