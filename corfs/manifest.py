@@ -201,10 +201,11 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
 
 def parse_index(data: bytes) -> dict[str, int | None]:
     """{entry name: size, or None where the entry gives none} from index.json bytes;
-    BaseCorrupt if it is not an index. The HTTP base that reads it takes names alone (it asks
-    each entry's size), so one bad entry costs only itself, as there: a size that is no byte
-    count is dropped (the entry kept by name), an entry with no name a mount serves is left
-    out. Publish rewrites the index from these: the images a mount lists stay listed."""
+    BaseCorrupt if it is not an index. The one reader of index.json: the HTTP base lists these
+    names (it asks each entry's size and checks each name, leaving a bad one out with a
+    warning), publish rewrites the index from them. So one bad entry costs only itself: a size
+    that is no byte count is dropped (the entry kept by name), and an entry that is no object
+    with a string name, naming nothing, is skipped."""
     try:
         doc = json.loads(data)
     except JSON_ERRORS as exc:
@@ -215,7 +216,7 @@ def parse_index(data: bytes) -> dict[str, int | None]:
     entries: dict[str, int | None] = {}
     for item in images:
         name = item.get("name") if isinstance(item, dict) else None
-        if isinstance(name, str) and image_name_problem(name) is None:
+        if isinstance(name, str):
             size = item.get("size")
             entries[name] = size if _is_int(size) and size >= 0 else None
     return entries

@@ -414,9 +414,10 @@ def test_publishing_keeps_every_entry_an_http_mount_serves_beside_a_bad_one(
     tmp_path: Path,
 ) -> None:
     """One entry of index.json publish could not take (a size that is no byte count: null, a
-    string; a name no mount serves) made the whole index "invalid", rewritten with this run's
-    manifests only: every other image vanished from the HTTP mounts of DEST, which read names
-    alone. A bad size costs the entry its size, a bad name the entry alone."""
+    string; a name no mount serves; no name at all) made the whole index "invalid", rewritten
+    with this run's manifests only: every other image vanished from the HTTP mounts of DEST,
+    which read names alone. A bad size costs the entry its size, no name the entry; a bad name
+    stays for the mounts to leave out, as before."""
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "index.json").write_text(json.dumps({"images": [
@@ -424,6 +425,7 @@ def test_publishing_keeps_every_entry_an_http_mount_serves_beside_a_bad_one(
         {"name": "old.raw.corfs.json", "size": "123"},
         {"name": "sized.img", "size": 4096},
         {"name": "sub/x.raw"},
+        {"size": 7},
     ]}))
     images = make_images(tmp_path / "src")
     publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
@@ -431,4 +433,4 @@ def test_publishing_keeps_every_entry_an_http_mount_serves_beside_a_bad_one(
               for entry in json.loads((dest / "index.json").read_text())["images"]}
     manifest_size = (dest / "a.raw.corfs.json").stat().st_size
     assert listed == {"a.raw.corfs.json": manifest_size, "old.raw.corfs.json": None,
-                      "raw.img": None, "sized.img": 4096}
+                      "raw.img": None, "sized.img": 4096, "sub/x.raw": None}
