@@ -434,3 +434,22 @@ def test_publishing_keeps_every_entry_an_http_mount_serves_beside_a_bad_one(
     manifest_size = (dest / "a.raw.corfs.json").stat().st_size
     assert listed == {"a.raw.corfs.json": manifest_size, "old.raw.corfs.json": None,
                       "raw.img": None, "sized.img": 4096, "sub/x.raw": None}
+
+
+def test_an_index_entry_whose_name_is_no_text_is_kept_not_a_traceback(tmp_path: Path) -> None:
+    """JSON can escape a lone surrogate ("\\ud800"), which no UTF-8 text holds: rewriting
+    the index raised UnicodeEncodeError, a traceback, and this run's images went unlisted.
+    The entry is kept as it was (mounts leave it out, naming it), others and this run's too."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "index.json").write_text(
+        '{"images": [{"name": "\\ud800x.raw"}, {"name": "d\\u00e9j\\u00e0.raw", "size": 5}]}'
+    )
+    images = make_images(tmp_path / "src")
+    publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
+    index = (dest / "index.json").read_bytes()
+    listed = {entry["name"]: entry.get("size") for entry in json.loads(index)["images"]}
+    assert listed == {"\ud800x.raw": None, "déjà.raw": 5,
+                      "a.raw.corfs.json": (dest / "a.raw.corfs.json").stat().st_size}
+    publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
+    assert (dest / "index.json").read_bytes() == index  # unchanged: not written again
