@@ -391,7 +391,7 @@ def run_publish(
     profile: str | None = None,
 ) -> list[PublishSummary]:
     """`corfs publish`: bad input raises UsageError, failures CorfsError, one line each."""
-    jobs = jobs or os.cpu_count() or 1
+    jobs = (os.cpu_count() or 1) if jobs is None else jobs  # 0 is refused, not "all"
     _check_options(chunk_size, level, jobs)
     sources = _check_sources(images, chunk_size)
     destination = open_destination(

@@ -125,3 +125,13 @@ def test_an_empty_destination_is_refused_not_the_current_directory(tmp_path: Pat
     assert_one_line_error(result, "empty")
     assert result.returncode == 2
     assert os.listdir(cwd) == []
+
+
+def test_jobs_zero_is_refused_not_taken_for_every_cpu(tmp_path: Path) -> None:
+    """`-j 0` passed for "not given" (`jobs or cpu_count`): its one line was never said."""
+    image = make_image(tmp_path / "a.raw", 64 * KIB, seed=5)
+    dest = tmp_path / "dest"
+    result = run_corfs("publish", image, dest, "-j", "0", "--no-progress")
+    assert_one_line_error(result, "--jobs")
+    assert result.returncode == 2
+    assert not dest.exists()
