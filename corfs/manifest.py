@@ -229,6 +229,6 @@ def render_index(entries: dict[str, int | None]) -> bytes:
             for n in sorted(entries)
         ]
     }
-    # ASCII: a name read from an index may hold a lone surrogate ("\\ud800" is valid JSON),
+    # ASCII: a name read from an index may hold a lone surrogate ("\ud800" is valid JSON),
     # which no UTF-8 text can; escaped, it is kept as it was.
     return (json.dumps(doc, indent=1) + "\n").encode()

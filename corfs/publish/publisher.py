@@ -5,6 +5,9 @@ are only noted in the manifest; every other distinct chunk is stored once, zstd-
 at chunks/<hex[:2]>/<hex>.zst. The manifest comes last, then index.json.
 
 Invariants:
+- Bad input is refused before anything is written: every image is opened and sized first, and
+  one no mount could serve (over MAX_IMAGE_SIZE, or more chunks than a manifest can name) is
+  refused; a manifest over MAX_MANIFEST_BYTES (mounts refuse it) is never written.
 - No half-written object is ever visible: a directory DEST gets each object under a temp name
   in DEST/.corfs-tmp (not an image, not a chunk) and renamed into place; S3 PUTs are whole.
 - A manifest is visible only after every chunk it names is stored (and, for a directory,
