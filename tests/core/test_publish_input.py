@@ -1,7 +1,8 @@
 """`corfs publish` refuses what it cannot publish before it writes anything: an image it may
 not open, one no mount could serve (too large for a base image, or so many chunks that its
-manifest would pass what a mount reads), a name whose manifest cannot be a file name. One
-line on stderr, exit 2, nothing in DEST; and a manifest over the limit is never written."""
+manifest would pass what a mount reads), a name whose manifest cannot be a file name, an
+empty DEST, -j 0. One line on stderr, exit 2, nothing in DEST; and a manifest over the limit
+is never written."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from tests.mounting import make_image, run_corfs
 KIB = 1 << 10
 GIB = 1 << 30
 TIB = 1 << 40
-# A regular file that even root may not open for reading (write-only sysctl): as a user's
-# image he may not read.
+# A regular file that even root may not open for reading (a write-only sysctl): like an image
+# its user may not read.
 UNREADABLE = Path("/proc/sys/vm/compact_memory")
 
 
