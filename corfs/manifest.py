@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .base import image_name_problem
+from .base import MAX_NAME_BYTES, image_name_problem
 from .digest import DIGEST_HEX_LENGTH, DIGEST_SIZE, digest_hex
 from .errors import BaseCorrupt
 from .geometry import ChunkGeometry
@@ -40,7 +40,10 @@ ZERO_CHUNK = "zero"
 COMPRESSION = "zstd"
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 64 << 20  # also bounds what one chunk object may decompress to
-MAX_MANIFEST_BYTES = 64 << 20  # 2 TiB at 4 KiB chunks; anything larger is not a manifest
+MAX_MANIFEST_BYTES = 64 << 20  # ~1.7 M stored chunks; anything larger is not a manifest
+# The fewest bytes one chunk takes in a manifest (to_json's last line, '  "zero"' and its line
+# break): an image of more chunks than MAX_MANIFEST_BYTES holds at this rate cannot be published.
+MIN_CHUNK_LINE_BYTES = 9
 
 # What json.loads raises for bytes that are no JSON document. RecursionError too: nesting a
 # few thousand deep ('[[[[...') is not a ValueError, and it escaped every per-entry handler.
@@ -65,11 +68,26 @@ def image_name_of(key: str) -> str | None:
     return key[: -len(MANIFEST_SUFFIX)]
 
 
+def manifest_size_problem(size: int) -> str | None:
+    """Why a manifest of `size` bytes is refused (by mounts; publish never writes one), or None."""
+    if size > MAX_MANIFEST_BYTES:
+        return f"{size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may take"
+    return None
+
+
+def max_manifest_chunks() -> int:
+    """More chunks than this never fit in a manifest, even all of them zero."""
+    return MAX_MANIFEST_BYTES // MIN_CHUNK_LINE_BYTES
+
+
 def check_image_name(name: str) -> str | None:
     """Why `name` cannot be a published image name, or None if it can: any image name
-    (base.image_name_problem), not hidden, not a name publish itself uses."""
+    (base.image_name_problem) whose manifest's name is one too, not hidden, not a name publish
+    itself uses."""
     if (problem := image_name_problem(name)) is not None:
         return problem
+    if len(manifest_key(name).encode()) > MAX_NAME_BYTES:
+        return f"its manifest's name would be longer than {MAX_NAME_BYTES} bytes"
     if name.startswith("."):
         return "it starts with '.'"
     if name == INDEX_KEY or name.endswith(MANIFEST_SUFFIX):
@@ -122,8 +140,8 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
     def corrupt(why: str) -> BaseCorrupt:
         return BaseCorrupt(f"manifest of published image {image!r} is invalid: {why}")
 
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise corrupt(f"{len(data)} bytes is too large for a manifest")
+    if (problem := manifest_size_problem(len(data))) is not None:
+        raise corrupt(f"it is {problem}")
     try:
         doc = json.loads(data)
     except JSON_ERRORS as exc:
@@ -183,8 +201,11 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
 
 def parse_index(data: bytes) -> dict[str, int | None]:
     """{entry name: size, or None where the entry gives none} from index.json bytes;
-    BaseCorrupt if it is not an index. The size is optional, as for the HTTP base that reads
-    it (it asks each entry's size): an index listing names only is one too."""
+    BaseCorrupt if it is not an index. The one reader of index.json: the HTTP base lists these
+    names (it asks each entry's size and checks each name, leaving a bad one out with a
+    warning), publish rewrites the index from them. So one bad entry costs only itself: a size
+    that is no byte count is dropped (the entry kept by name), and an entry that is no object
+    with a string name, naming nothing, is skipped."""
     try:
         doc = json.loads(data)
     except JSON_ERRORS as exc:
@@ -194,14 +215,10 @@ def parse_index(data: bytes) -> dict[str, int | None]:
         raise BaseCorrupt(f"{INDEX_KEY} has no 'images' list")
     entries: dict[str, int | None] = {}
     for item in images:
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("name"), str)
-            or "/" in item["name"]
-            or ("size" in item and not (_is_int(item["size"]) and item["size"] >= 0))
-        ):
-            raise BaseCorrupt(f"{INDEX_KEY} has an invalid entry {str(item)[:80]!r}")
-        entries[item["name"]] = item.get("size")
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str):
+            size = item.get("size")
+            entries[name] = size if _is_int(size) and size >= 0 else None
     return entries
 
 
@@ -212,4 +229,6 @@ def render_index(entries: dict[str, int | None]) -> bytes:
             for n in sorted(entries)
         ]
     }
-    return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()
+    # ASCII: a name read from an index may hold a lone surrogate ("\ud800" is valid JSON),
+    # which no UTF-8 text can; escaped, it is kept as it was.
+    return (json.dumps(doc, indent=1) + "\n").encode()

@@ -47,6 +47,7 @@ from ..digest import Buffer
 from ..errors import (
     BaseAccessDenied,
     BaseChanged,
+    BaseCorrupt,
     BaseError,
     BaseNotFound,
     BaseProtocolError,
@@ -56,7 +57,7 @@ from ..errors import (
     TransientBaseError,
     UsageError,
 )
-from ..manifest import JSON_ERRORS
+from ..manifest import JSON_ERRORS, parse_index
 from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
 from .http_policy import (
     AuthHeader,
@@ -376,10 +377,9 @@ class HttpBase:
                                          MAX_LISTING_BYTES)
         if status == 200:
             try:
-                doc = json.loads(body)
-                return [str(entry["name"]) for entry in doc["images"]]
-            except (*JSON_ERRORS, KeyError, TypeError):
-                raise BaseError(f"{what}index.json is not a valid image index") from None
+                return list(parse_index(body))
+            except BaseCorrupt as exc:
+                raise BaseError(f"{what}index.json is not a valid image index ({exc})") from None
         if status not in (403, 404, 410):
             raise status_error(status, f"{what}index.json")
         status, body = await self._fetch(

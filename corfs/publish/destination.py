@@ -110,6 +110,8 @@ class DirDestination:
 
     @classmethod
     def open(cls, path: str) -> DirDestination:
+        if not path:  # abspath('') is the current directory: an unset "$DEST" in a script
+            raise UsageError("the destination is empty: name a directory or s3://bucket/prefix")
         root = os.path.abspath(path)
         if os.path.exists(root) and not os.path.isdir(root):
             raise UsageError(f"destination {path} is not a directory")

@@ -5,6 +5,9 @@ are only noted in the manifest; every other distinct chunk is stored once, zstd-
 at chunks/<hex[:2]>/<hex>.zst. The manifest comes last, then index.json.
 
 Invariants:
+- Bad input is refused before anything is written: every image is opened and sized first, and
+  one no mount could serve (over MAX_IMAGE_SIZE, or more chunks than a manifest can name) is
+  refused; a manifest over MAX_MANIFEST_BYTES (mounts refuse it) is never written.
 - No half-written object is ever visible: a directory DEST gets each object under a temp name
   in DEST/.corfs-tmp (not an image, not a chunk) and renamed into place; S3 PUTs are whole.
 - A manifest is visible only after every chunk it names is stored (and, for a directory,
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from ..base import MAX_IMAGE_SIZE
 from ..base.published import decompress_chunk
 from ..digest import chunk_digest, is_zero
 from ..errors import BaseCorrupt, CorfsError, UsageError
@@ -50,6 +54,8 @@ from ..manifest import (
     check_image_name,
     chunk_key,
     manifest_key,
+    manifest_size_problem,
+    max_manifest_chunks,
     parse_index,
     render_index,
 )
@@ -168,10 +174,7 @@ class _Publisher:
 
     def publish(self, path: str, name: str) -> PublishSummary:
         started = time.monotonic()
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(f"cannot open image {path}: {exc.strerror}") from None
+        fd = _open_image(path)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
             count = -(-size // self.chunk_size)
@@ -213,6 +216,9 @@ class _Publisher:
             name=name, size=size, chunk_size=self.chunk_size, digests=tuple(digests)
         )
         key, data = manifest_key(name), manifest.to_json()
+        if (problem := manifest_size_problem(len(data))) is not None:  # mounts would refuse it
+            raise CorfsError(f"cannot publish {path}: its manifest would be {problem}; use a "
+                             "larger --chunk-size")
         written = self._write_manifest(key, data)
         self._add_to_index(key, len(data))  # after each image: a later failure keeps it listed
         unique = {d for d in digests if d is not None}
@@ -271,11 +277,50 @@ def _is_chunk(packed: bytes, digest: bytes, length: int, key: str) -> bool:
         return False
 
 
-def _check_sources(images: list[str]) -> list[tuple[str, str]]:
-    """(path, name) per image, or UsageError for the first bad one."""
+@dataclass(frozen=True)
+class _Source:
+    path: str
+    name: str
+    size: int
+
+
+def _open_image(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot open image {path}: {exc.strerror}") from None
+
+
+def _image_size(path: str) -> int:
+    fd = _open_image(path)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)  # a block device's too (st_size is 0)
+    finally:
+        os.close(fd)
+
+
+def _check_size(path: str, size: int, chunk_size: int) -> None:
+    """UsageError for an image no mount could serve: it would be read for hours, then left out
+    (and at small chunk sizes its list of digests alone could take gigabytes)."""
+    if size > MAX_IMAGE_SIZE:
+        raise UsageError(
+            f"image {path} is {format_size(size)}: a base image may be "
+            f"{format_size(MAX_IMAGE_SIZE)} at most"
+        )
+    chunks = -(-size // chunk_size)
+    if chunks > max_manifest_chunks():
+        raise UsageError(
+            f"image {path} is {chunks} chunks of {format_size(chunk_size)}, more than a manifest "
+            f"can name ({max_manifest_chunks()}): use a larger --chunk-size"
+        )
+
+
+def _check_sources(images: list[str], chunk_size: int) -> list[_Source]:
+    """Each image, or UsageError for the first bad one: all are checked (opened too) before
+    any is published."""
     if not images:
         raise UsageError("nothing to publish: name at least one image")
-    sources: list[tuple[str, str]] = []
+    sources: list[_Source] = []
     names: set[str] = set()
     for path in images:
         try:
@@ -291,7 +336,9 @@ def _check_sources(images: list[str]) -> list[tuple[str, str]]:
         if name in names:
             raise UsageError(f"two images are named {name!r}: names must be distinct")
         names.add(name)
-        sources.append((path, name))
+        size = _image_size(path)
+        _check_size(path, size, chunk_size)
+        sources.append(_Source(path, name, size))
     return sources
 
 
@@ -318,7 +365,7 @@ def publish_to(
 ) -> list[PublishSummary]:
     """Publish `images` to an open destination (the seam tests use to inject faults)."""
     _check_options(chunk_size, level, jobs)
-    sources = _check_sources(images)
+    sources = _check_sources(images, chunk_size)
     summaries = []
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="corfs-publish") as pool:
         publisher = _Publisher(
@@ -329,8 +376,8 @@ def publish_to(
             window=2 * jobs + 2,
             on_bytes=on_bytes,
         )
-        for path, name in sources:
-            summaries.append(publisher.publish(path, name))
+        for source in sources:
+            summaries.append(publisher.publish(source.path, source.name))
     return summaries
 
 
@@ -347,9 +394,9 @@ def run_publish(
     profile: str | None = None,
 ) -> list[PublishSummary]:
     """`corfs publish`: bad input raises UsageError, failures CorfsError, one line each."""
-    jobs = jobs or os.cpu_count() or 1
+    jobs = (os.cpu_count() or 1) if jobs is None else jobs  # 0 is refused, not "all"
     _check_options(chunk_size, level, jobs)
-    sources = _check_sources(images)
+    sources = _check_sources(images, chunk_size)
     destination = open_destination(
         dest, endpoint_url=endpoint_url, region=region, profile=profile, connections=2 * jobs
     )
@@ -365,7 +412,7 @@ def run_publish(
         TransferSpeedColumn,
     )
 
-    total = sum(_image_size(path) for path, _ in sources)
+    total = sum(source.size for source in sources)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -384,11 +431,6 @@ def run_publish(
             jobs=jobs,
             on_bytes=lambda n: bar.advance(task, n),
         )
-
-
-def _image_size(path: str) -> int:
-    with open(path, "rb") as f:
-        return f.seek(0, os.SEEK_END)
 
 
 # ---- CLI glue (the CLI owns printing and exit codes) ---------------------------------------

@@ -408,3 +408,48 @@ def test_publishing_keeps_the_entries_of_an_index_listing_names_only(tmp_path: P
     publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
     listed = [entry["name"] for entry in json.loads((dest / "index.json").read_text())["images"]]
     assert listed == ["a.raw.corfs.json", "raw.img"]
+
+
+def test_publishing_keeps_every_entry_an_http_mount_serves_beside_a_bad_one(
+    tmp_path: Path,
+) -> None:
+    """One entry of index.json publish could not take (a size that is no byte count: null, a
+    string; a name no mount serves; no name at all) made the whole index "invalid", rewritten
+    with this run's manifests only: every other image vanished from the HTTP mounts of DEST,
+    which read names alone. A bad size costs the entry its size, no name the entry; a bad name
+    stays for the mounts to leave out, as before."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "index.json").write_text(json.dumps({"images": [
+        {"name": "raw.img", "size": None},
+        {"name": "old.raw.corfs.json", "size": "123"},
+        {"name": "sized.img", "size": 4096},
+        {"name": "sub/x.raw"},
+        {"size": 7},
+    ]}))
+    images = make_images(tmp_path / "src")
+    publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
+    listed = {entry["name"]: entry.get("size")
+              for entry in json.loads((dest / "index.json").read_text())["images"]}
+    manifest_size = (dest / "a.raw.corfs.json").stat().st_size
+    assert listed == {"a.raw.corfs.json": manifest_size, "old.raw.corfs.json": None,
+                      "raw.img": None, "sized.img": 4096, "sub/x.raw": None}
+
+
+def test_an_index_entry_whose_name_is_no_text_is_kept_not_a_traceback(tmp_path: Path) -> None:
+    """JSON can escape a lone surrogate ("\\ud800"), which no UTF-8 text holds: rewriting
+    the index raised UnicodeEncodeError, a traceback, and this run's images went unlisted.
+    The entry is kept as it was (mounts leave it out, naming it), others and this run's too."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "index.json").write_text(
+        '{"images": [{"name": "\\ud800x.raw"}, {"name": "d\\u00e9j\\u00e0.raw", "size": 5}]}'
+    )
+    images = make_images(tmp_path / "src")
+    publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
+    index = (dest / "index.json").read_bytes()
+    listed = {entry["name"]: entry.get("size") for entry in json.loads(index)["images"]}
+    assert listed == {"\ud800x.raw": None, "déjà.raw": 5,
+                      "a.raw.corfs.json": (dest / "a.raw.corfs.json").stat().st_size}
+    publish(tmp_path / "src", {"a.raw": images["a.raw"]}, str(dest))
+    assert (dest / "index.json").read_bytes() == index  # unchanged: not written again

@@ -345,6 +345,30 @@ def test_index_json_preferred_over_autoindex(nginx_server) -> None:
     trio.run(main)
 
 
+def test_an_index_entry_that_names_nothing_costs_only_itself(nginx_server) -> None:
+    """index.json is written by hand and by other tools too: one entry with no name, or that
+    is no object, made the whole index "not a valid image index" and the base served nothing.
+    Now the image entries are served, as publish (corfs.manifest.parse_index) reads them."""
+    d = nginx_server.root / "oddindex"
+    d.mkdir(exist_ok=True)
+    (d / "a.raw").write_bytes(b"a" * 10)
+    (d / "b.raw").write_bytes(b"b" * 20)
+    (d / "index.json").write_text(
+        '{"images": [{"size": 3}, "c.raw", {"name": "a.raw", "size": null}, {"name": 5},'
+        ' {"name": "b.raw", "size": "20"}]}'
+    )
+
+    async def main() -> None:
+        store = await open_base(nginx_server.url + "oddindex/", FAST)
+        try:
+            listed = [(i.name, i.size) for i in await store.list_images()]
+            assert listed == [("a.raw", 10), ("b.raw", 20)]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
 def test_listing_that_is_not_json_is_a_clear_error(nginx_server) -> None:
     d = nginx_server.root / "htmlindex"
     d.mkdir(exist_ok=True)

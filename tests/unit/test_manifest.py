@@ -118,10 +118,14 @@ def test_index_round_trip_and_errors() -> None:
     names_only = b'{"images": [{"name": "x"}]}'  # what the HTTP base needs: one too
     assert parse_index(names_only) == {"x": None}
     assert json.loads(render_index({"x": None})) == json.loads(names_only)
-    for bad in (b"[]", b"{}", b'{"images": [{"name": "x", "size": -1}]}', b'{"images": [{"name":'
-                b' "a/b", "size": 1}]}', b"nope"):
+    for bad in (b"[]", b"{}", b'{"images": {}}', b"nope"):
         with pytest.raises(BaseCorrupt):
             parse_index(bad)
+    # A bad entry costs only itself: its size, or the entry where it names nothing (a name a
+    # mount cannot serve is the mount's to leave out, with a warning naming it).
+    assert parse_index(b'{"images": [{"name": "x", "size": -1}, {"name": "a/b", "size": 1},'
+                       b' 7, {"name": 5}, {"size": 3}, {"name": "y", "size": 2}]}'
+                       ) == {"x": None, "a/b": 1, "y": 2}
 
 
 def test_digest_helpers() -> None:
