@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -501,6 +503,16 @@ COMMANDS = {
 }
 
 
+def _stdout_unread() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR for such a pipe)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout at all
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)  # CACHE, logs, a detached image: the user's alone (cache_layout.py)
     args = build_parser().parse_args(argv)
@@ -512,6 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not _stdout_unread():
+            raise
+        # `corfs status | head -1`: the reader is gone, as for any Unix tool. Nothing more
+        # can be said there, and Python's flush of stdout at exit would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except BaseException as exc:  # the one place errors become exit codes
         error = leaf_error(exc)
         if error is None:
