@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 
 import pytest
@@ -130,4 +131,40 @@ def test_a_write_across_the_end_is_cut_short_there(tmp_dirs):
         assert os.stat(m.mnt / "a.raw").st_size == MIB
         drop_caches()
         assert (m.mnt / "a.raw").read_bytes() == want
+        m.stop()
+
+
+def test_a_direct_write_across_the_end_is_enospc_not_eio(tmp_dirs):
+    """With O_DIRECT (QEMU's cache=none, dd oflag=direct) the kernel counts a short write as
+    failed and answers EIO, an I/O error where nothing failed: a direct write across the end
+    is ENOSPC, as one wholly past it is, with the bytes before the end written (where a block
+    device's next write says ENOSPC). Buffered writes keep their short count."""
+    base = make_image(tmp_dirs.base / "a.raw", 1 * MIB, seed=16)
+    want = bytearray(base.read_bytes())
+    with tmp_dirs.mount("--no-stream") as m:
+        image = m.mnt / "a.raw"
+        buf = mmap.mmap(-1, 3 * 4096)  # page aligned, as O_DIRECT wants
+        buf[:] = b"D" * len(buf)
+        fd = os.open(image, os.O_RDWR | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError) as err:
+                os.pwritev(fd, [buf], MIB - 4096)
+            assert err.value.errno == errno.ENOSPC
+            want[MIB - 4096 :] = b"D" * 4096
+            with pytest.raises(OSError) as err:
+                os.pwritev(fd, [buf], MIB)
+            assert err.value.errno == errno.ENOSPC
+            assert os.pwritev(fd, [memoryview(buf)[:4096]], MIB - 8192) == 4096  # inside: fine
+            want[MIB - 8192 : MIB - 4096] = b"D" * 4096
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(image, "r+b") as f:  # the same image, buffered: still a short count
+            f.seek(MIB - 100)
+            assert f.raw.write(b"B" * 8192) == 100
+            want[MIB - 100 :] = b"B" * 100
+        assert "across the end of a.raw" in m.log_text()
+        assert os.stat(image).st_size == MIB
+        drop_caches()
+        assert image.read_bytes() == want
         m.stop()
