@@ -278,7 +278,7 @@ class CorfsOperations(TranslatedOperations):
         if written < len(buf) and fh & DIRECT_HANDLE:
             raise OutOfImageError(
                 f"direct write across the end of {image.name} ({image.size} bytes): "
-                f"the {written} bytes before it written, the rest refused"
+                f"{written} of its {len(buf)} bytes written, up to the end"
             )
         return written
 
