@@ -4,6 +4,7 @@ first, fsync through MNT is durable across kill -9, --read-only refuses writes (
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -167,4 +168,53 @@ def test_a_direct_write_across_the_end_is_enospc_not_eio(tmp_dirs):
         assert os.stat(image).st_size == MIB
         drop_caches()
         assert image.read_bytes() == want
+        m.stop()
+
+
+def test_an_image_keeps_its_size_and_mmap_writes_land(tmp_dirs):
+    """What a file system call that would change an image's size or allocation answers:
+    ftruncate to another size and O_TRUNC are EPERM (to its own size: fine), an O_APPEND write
+    starts at the end (ENOSPC), fallocate in any mode is EOPNOTSUPP (the kernel's answer:
+    pyfuse3 has no fallocate), and the bytes stay as they were. Writes through a shared mapping
+    land, and survive a kill -9 once msync returned."""
+    base = make_image(tmp_dirs.base / "a.raw", 4 * MIB + 777, seed=17)
+    want = bytearray(base.read_bytes())
+    size = len(want)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        image = m.mnt / "a.raw"
+        fd = os.open(image, os.O_RDWR)
+        try:
+            os.ftruncate(fd, size)
+            for other in (0, size - 1, size + 1):
+                with pytest.raises(OSError) as err:
+                    os.ftruncate(fd, other)
+                assert err.value.errno == errno.EPERM
+            # plain, keep size, punch hole, zero range, collapse range, insert range
+            for mode in (0x00, 0x01, 0x03, 0x10, 0x08, 0x20):
+                assert libc.fallocate(fd, mode, 65536, 65536) == -1
+                assert ctypes.get_errno() == errno.EOPNOTSUPP, mode
+            with mmap.mmap(fd, size) as mapping:
+                for offset, length in ((10, 5), (70000, 9000), (size - 700, 700)):
+                    mapping[offset : offset + length] = b"M" * length
+                    want[offset : offset + length] = b"M" * length
+                mapping.flush()  # msync(MS_SYNC): written back, then fsync
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as err:
+            os.close(os.open(image, os.O_WRONLY | os.O_TRUNC))
+        assert err.value.errno == errno.EPERM
+        fd = os.open(image, os.O_WRONLY | os.O_APPEND)
+        try:
+            with pytest.raises(OSError) as err:
+                os.write(fd, b"A")
+            assert err.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert os.stat(image).st_size == size
+        m.kill9()
+    drop_caches()
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        assert (m.mnt / "a.raw").read_bytes() == want
         m.stop()
