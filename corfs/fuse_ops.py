@@ -27,13 +27,16 @@ import trio
 from .control import Controller
 from .control_client import CONTROL_XATTR, STATUS_XATTR
 from .digest import Buffer
-from .errors import ControlError, CorfsError
+from .errors import ControlError, CorfsError, OutOfImageError
 from .image import Image
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
+# Set in the handle (fh: the inode and this bit) of an open with O_DIRECT: see `write`. A later
+# fcntl(F_SETFL) of O_DIRECT is not seen (the kernel does not tell), a rare way to open.
+DIRECT_HANDLE = 1 << 48
 T = TypeVar("T")
 _XATTRS = (STATUS_XATTR.encode(), CONTROL_XATTR.encode())
 
@@ -260,17 +263,27 @@ class CorfsOperations(TranslatedOperations):
             raise pyfuse3.FUSEError(errno.EPERM)
         # keep_cache: every change to an image goes through this mount, so the kernel's page
         # cache of it never goes stale.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        fh = inode | (DIRECT_HANDLE if flags & os.O_DIRECT else 0)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         # pyfuse3 takes any contiguous buffer: a slice of a fill's buffer goes out uncopied.
-        return await self._image(fh).read(off, size)
+        return await self._image(fh & ~DIRECT_HANDLE).read(off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._image(fh).write(off, buf)
+        image = self._image(fh & ~DIRECT_HANDLE)
+        written = await image.write(off, buf)
+        # The kernel answers a short O_DIRECT write with EIO (async direct I/O counts it as
+        # failed): across the end, a direct write is ENOSPC, as one wholly past it is.
+        if written < len(buf) and fh & DIRECT_HANDLE:
+            raise OutOfImageError(
+                f"direct write across the end of {image.name} ({image.size} bytes): "
+                f"{written} of its {len(buf)} bytes written, up to the end"
+            )
+        return written
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._image(fh).fsync()
+        await self._image(fh & ~DIRECT_HANDLE).fsync()
 
     async def flush(self, fh: int) -> None:
         pass

@@ -4,7 +4,9 @@ first, fsync through MNT is durable across kill -9, --read-only refuses writes (
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import mmap
 import os
 
 import pytest
@@ -129,5 +131,90 @@ def test_a_write_across_the_end_is_cut_short_there(tmp_dirs):
         want[MIB - 4096 :] = b"E" * 4096
         assert os.stat(m.mnt / "a.raw").st_size == MIB
         drop_caches()
+        assert (m.mnt / "a.raw").read_bytes() == want
+        m.stop()
+
+
+def test_a_direct_write_across_the_end_is_enospc_not_eio(tmp_dirs):
+    """With O_DIRECT (QEMU's cache=none, dd oflag=direct) the kernel counts a short write as
+    failed and answers EIO, an I/O error where nothing failed: a direct write across the end
+    is ENOSPC, as one wholly past it is, with the bytes before the end written (where a block
+    device's next write says ENOSPC). Buffered writes keep their short count."""
+    base = make_image(tmp_dirs.base / "a.raw", 1 * MIB, seed=16)
+    want = bytearray(base.read_bytes())
+    with tmp_dirs.mount("--no-stream") as m:
+        image = m.mnt / "a.raw"
+        buf = mmap.mmap(-1, 3 * 4096)  # page aligned, as O_DIRECT wants
+        buf[:] = b"D" * len(buf)
+        fd = os.open(image, os.O_RDWR | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError) as err:
+                os.pwritev(fd, [buf], MIB - 4096)
+            assert err.value.errno == errno.ENOSPC
+            want[MIB - 4096 :] = b"D" * 4096
+            with pytest.raises(OSError) as err:
+                os.pwritev(fd, [buf], MIB)
+            assert err.value.errno == errno.ENOSPC
+            assert os.pwritev(fd, [memoryview(buf)[:4096]], MIB - 8192) == 4096  # inside: fine
+            want[MIB - 8192 : MIB - 4096] = b"D" * 4096
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(image, "r+b") as f:  # the same image, buffered: still a short count
+            f.seek(MIB - 100)
+            assert f.raw.write(b"B" * 8192) == 100
+            want[MIB - 100 :] = b"B" * 100
+        assert "across the end of a.raw" in m.log_text()
+        assert os.stat(image).st_size == MIB
+        drop_caches()
+        assert image.read_bytes() == want
+        m.stop()
+
+
+def test_an_image_keeps_its_size_and_mmap_writes_land(tmp_dirs):
+    """What a file system call that would change an image's size or allocation answers:
+    ftruncate to another size and O_TRUNC are EPERM (to its own size: fine), an O_APPEND write
+    starts at the end (ENOSPC), fallocate in any mode is EOPNOTSUPP (the kernel's answer:
+    pyfuse3 has no fallocate), and the bytes stay as they were. Writes through a shared mapping
+    land, and survive a kill -9 once msync returned."""
+    base = make_image(tmp_dirs.base / "a.raw", 4 * MIB + 777, seed=17)
+    want = bytearray(base.read_bytes())
+    size = len(want)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        image = m.mnt / "a.raw"
+        fd = os.open(image, os.O_RDWR)
+        try:
+            os.ftruncate(fd, size)
+            for other in (0, size - 1, size + 1):
+                with pytest.raises(OSError) as err:
+                    os.ftruncate(fd, other)
+                assert err.value.errno == errno.EPERM
+            # plain, keep size, punch hole, zero range, collapse range, insert range
+            for mode in (0x00, 0x01, 0x03, 0x10, 0x08, 0x20):
+                assert libc.fallocate(fd, mode, 65536, 65536) == -1
+                assert ctypes.get_errno() == errno.EOPNOTSUPP, mode
+            with mmap.mmap(fd, size) as mapping:
+                for offset, length in ((10, 5), (70000, 9000), (size - 700, 700)):
+                    mapping[offset : offset + length] = b"M" * length
+                    want[offset : offset + length] = b"M" * length
+                mapping.flush()  # msync(MS_SYNC): written back, then fsync
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as err:
+            os.close(os.open(image, os.O_WRONLY | os.O_TRUNC))
+        assert err.value.errno == errno.EPERM
+        fd = os.open(image, os.O_WRONLY | os.O_APPEND)
+        try:
+            with pytest.raises(OSError) as err:
+                os.write(fd, b"A")
+            assert err.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert os.stat(image).st_size == size
+        m.kill9()
+    drop_caches()
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
         assert (m.mnt / "a.raw").read_bytes() == want
         m.stop()
