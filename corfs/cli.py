@@ -488,6 +488,8 @@ def _cmd_detach(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from . import publish
 
+    if args.endpoint_url is not None:
+        _check_endpoint_url(args.endpoint_url)
     for summary in publish.publish_from_args(args):
         print(publish.format_summary(summary))
     return 0

@@ -132,6 +132,8 @@ def _mapped(exc: Exception, what: str) -> CorfsError:
         return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
     if isinstance(exc, bx.SSLError):
         return BaseUnavailable(f"{what}: TLS failure talking to the S3 endpoint")
+    if isinstance(exc, bx.ParamValidationError):  # a bucket name S3 cannot have: the user's
+        return UsageError(f"{what}: {' '.join(str(exc).split())}")  # one line
     if isinstance(exc, bx.BotoCoreError):
         return TransientBaseError(f"{what}: {type(exc).__name__}")
     if isinstance(exc, (ValueError, OverflowError)):  # botocore parsing an absurd answer

@@ -498,6 +498,31 @@ def test_bad_endpoint_urls_are_one_line_without_their_secrets(dirs, endpoint, ne
     assert "s3cr3t" not in result.stderr
     assert not is_mounted(dirs.mnt)
     assert snapshot(dirs.base, dirs.cache) == before
+    # publish takes the same option: it said "answer does not parse (ValueError)", exit 5
+    image = dirs.base / "disk.raw"
+    image.write_bytes(b"x" * 4096)
+    result = run_corfs("publish", image, "s3://bucket/images", "--endpoint-url", endpoint,
+                       timeout=30, env=env)
+    assert_one_line_error(result, "--endpoint-url", needle)
+    assert result.returncode == 2 and "s3cr3t" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["mount", "publish"])
+def test_a_bucket_name_s3_cannot_have_is_bad_input(dirs, command):
+    """botocore refuses it before any request (ParamValidationError): that was exit 5, "the
+    base failed", with the class name for all it said."""
+    dirs.cache.chmod(0o700)
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    image = dirs.base / "disk.raw"
+    image.write_bytes(b"x" * 4096)
+    where = (dirs.cache, dirs.mnt, "--daemon", "--io-timeout", "3") if command == "mount" else ()
+    args = ("s3://Bad_Bucket!/images/", *where) if command == "mount" else (
+        image, "s3://Bad_Bucket!/images")
+    result = run_corfs(command, *args, "--endpoint-url", "http://127.0.0.1:1", timeout=30,
+                       env=env)
+    assert_one_line_error(result, "Invalid bucket name")
+    assert result.returncode == 2
+    assert not is_mounted(dirs.mnt)
 
 
 @pytest.mark.parametrize(
