@@ -33,6 +33,7 @@ from .stats import (
     ImageStatistics,
     ImageStatus,
     MountStatus,
+    bounded_error,
     detached_status,
     eta_seconds,
     fill_ratio,
@@ -126,11 +127,11 @@ class Controller:
             state=stream.state,
             rate_bps=stream.rate_bps,
             eta_s=eta,
-            error=stream.error or image.fill_error or sync_failure,
+            error=bounded_error(stream.error or image.fill_error or sync_failure),
             failing_chunks=image.failing_chunks,
             fill_errors=image.fill_errors,
             failing_chunk_indexes=image.failing_chunk_indexes[:MAX_LISTED_CHUNKS],
-            handoff_error=self._handoff_errors.get(image.name),
+            handoff_error=bounded_error(self._handoff_errors.get(image.name)),
             handing_over=image.name in self._handing_over,
         )
 

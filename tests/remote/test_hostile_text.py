@@ -1,12 +1,14 @@
 """Text a hostile base makes up reaches the admin escaped and bounded. An HTTP server chooses
 the ETag of its answers, and a read whose ETag is not the listed one fails with an error that
 quotes it: the mount logs that error and `corfs status` shows it. A terminal escape sequence
-in it must not reach the admin's terminal raw."""
+in it must not reach the admin's terminal raw, and a long one must not make the mount's
+status too large for the kernel's 64 KiB xattr limit (`corfs status` then read nothing)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +64,16 @@ def test_control_characters_a_server_sends_are_shown_escaped(tmp_path: Path) -> 
     for shown in (result.stdout, m.log_text()):
         assert "owned" in shown, shown  # the error is there ...
         assert not any(c in shown for c in "\x1b\x07\r"), repr(shown)  # ... escaped
+
+
+def test_a_long_error_text_leaves_the_status_readable(tmp_path: Path) -> None:
+    # 20 000 control characters: 120 000 bytes of JSON as \u001b escapes, in one error.
+    with _mount_with_a_failed_read('"' + "\x1b" * 20_000 + '"', tmp_path) as m:
+        table = run_corfs("status", m.mnt)
+        as_json = run_corfs("status", m.mnt, "--json")
+    assert table.returncode == 0, table.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    (image,) = json.loads(as_json.stdout)["images"]
+    assert "changed on the server" in image["error"]
+    assert len(image["error"]) <= 1024
+    assert len(table.stdout) < 4096, len(table.stdout)
