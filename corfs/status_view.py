@@ -64,6 +64,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
     """Progress bars per image until every image is complete, failed or handed over (0), or
     Ctrl-C (130). Caches no mount serves are shown once: nothing would change (1 if one of
     their images is not complete)."""
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -96,8 +97,10 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                     for image in status["images"]:
                         key = f"{path}:{image['name']}"
                         if key not in tasks:
+                            # escape: rich reads "[...]" as markup ("disk[server].raw"
+                            # was shown as "disk.raw", another image's name).
                             tasks[key] = progress.add_task(
-                                printable(image["name"]), total=image["size"], state=""
+                                escape(printable(image["name"])), total=image["size"], state=""
                             )
                         progress.update(
                             tasks[key], completed=image["local_bytes"], state=image["state"]
