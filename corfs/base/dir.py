@@ -44,7 +44,11 @@ class DirImage:
     def _open(self) -> int:
         if self._fd is None:
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO put in the image's place since the listing blocked open()
+                # for ever, in a thread keeping one of _READ_LIMITER's slots (every image's):
+                # eight reads of it and the whole base stalled. The identity check below
+                # refuses whatever is there now that is not the listed file.
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise BaseNotFound(f"base image {self.path} is gone") from None
             if _identity(os.fstat(fd)) != self.identity:

@@ -4,12 +4,14 @@ one printable line). The HTTP and S3 cases are in tests/remote/test_bad_entries_
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
 
 from tests.mounting import make_image, run_corfs, sha256_file
 
-from .util import MIB
+from .util import KIB, MIB, direct_read
 
 LONG_NAME = "é" * 100  # 200 bytes of UTF-8: a fine file name, but quoted it is 600 bytes
 
@@ -70,3 +72,43 @@ def test_control_characters_and_bad_utf8_are_left_out_with_an_escaped_warning(
     assert "\x1b" not in log
     assert log.count("leaving out image 'evil\\x1b[2Jname.raw'") == 1, log
     assert log.count("leaving out image 'latin1-\\udce9.raw': it is not valid UTF-8") == 1, log
+
+
+def _wake_openers(fifo) -> None:
+    """Open the FIFO for writing, which lets whoever waits in an open() of it for reading go
+    on (nobody waits: ENXIO)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        assert exc.errno == errno.ENXIO
+
+
+def test_an_image_replaced_by_a_fifo_fails_alone(tmp_dirs) -> None:
+    """A base image swapped for a FIFO after the listing: each read of it opened the FIFO,
+    which blocks until a writer comes, in a thread holding one of the directory base's 8
+    read slots; 8 such reads and every image of the base failed with EIO."""
+    make_image(tmp_dirs.base / "swapped.raw", MIB, seed=8)
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=9)
+    fifo = tmp_dirs.base / "swapped.raw"
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k", "--io-timeout", "2") as m:
+        fifo.unlink()
+        os.mkfifo(fifo)
+        errors: list[int] = []
+
+        def read(index: int) -> None:
+            try:
+                direct_read(m.mnt / "swapped.raw", index * 64 * KIB, 4096)
+            except OSError as exc:
+                errors.append(exc.errno)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(10)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
+            assert errors == [errno.ESTALE] * 10  # it changed: not this version any more
+        finally:
+            _wake_openers(fifo)
+        m.stop()
