@@ -4,7 +4,7 @@ meter behind each image's current rate and ETA."""
 from __future__ import annotations
 
 import collections
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 STATUS_SCHEMA_VERSION = 1
 MAX_LISTED_CHUNKS = 32  # chunk indexes listed in a status (a dead base can fail thousands)
@@ -55,7 +55,9 @@ class MountStatus:
     schema_version: int = STATUS_SCHEMA_VERSION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Shallow: the fields are plain values, tuples and dicts of numbers. asdict's deep copy
+        # was three quarters of the time of a status of 10 000 images.
+        return {**vars(self), "images": [dict(vars(image)) for image in self.images]}
 
 
 def bounded_error(text: str | None) -> str | None:
