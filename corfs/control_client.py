@@ -38,10 +38,11 @@ from typing import TypeVar
 
 from . import cache_files
 from .cache_layout import is_cache_dir, recorded_mountpoint
+from .chunk_table import ChunkTable
 from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
 from .mountinfo import read_mounts
 from .stats import ImageStatus, MountStatus, detached_status, fill_ratio
-from .store import CacheStore, ChunkState
+from .store import CacheStore
 
 STATUS_XATTR = "user.corfs.status"
 CONTROL_XATTR = "user.corfs.control"
@@ -236,9 +237,7 @@ def offline_status(cache_dir: str) -> MountStatus:
         for record in store.records():
             geometry = record.geometry
             states, dirty = store.load_states(record)
-            local = geometry.length_of_chunks(
-                i for i, state in enumerate(states) if state != ChunkState.ABSENT
-            )
+            local = ChunkTable(geometry, states).local_bytes
             ratio = fill_ratio(local, record.size)
             images.append(
                 ImageStatus(
