@@ -5,10 +5,11 @@ status answers."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from tests.mounting import CorfsDirs, CorfsMount
+from tests.mounting import CorfsDirs, CorfsMount, make_image, sha256_file
 from tests.prometheus import samples, scrape
 from tests.servers import Nginx, free_port
 
@@ -80,6 +81,22 @@ def test_a_16_tib_image_at_64k_chunks_mounts_and_shows_its_status_at_once(tmp_di
     showing = time.monotonic() - started
     assert cached["size"] == size and cached["local_bytes"] == live["local_bytes"] > 0
     assert mounting < 5 and showing < 5, (mounting, showing)
+
+
+def test_an_image_of_more_chunks_than_a_mount_keeps_is_left_out_alone(tmp_dirs):
+    """Chunk states take two bytes a chunk in memory: a base's largest image (64 TiB) at 4 KiB
+    chunks asked for 32 GiB, a MemoryError (or the OOM killer) for the whole mount. Now an
+    image of more than 2^28 chunks at the mount's chunk size is left out, saying what would
+    do; here 2 TiB at 4 KiB chunks (2^29: 1 GiB)."""
+    with open(tmp_dirs.base / "huge.raw", "wb") as f:
+        f.truncate(2 * TIB)
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=3)
+    with tmp_dirs.mount("--stream-paused", "--chunk-size", "4k") as m:
+        assert os.listdir(m.mnt) == ["good.raw"]
+        assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
+        m.stop()
+    refused = [line for line in m.log_text().splitlines() if "'huge.raw'" in line]
+    assert len(refused) == 1 and refused[0].endswith("--chunk-size 8K or more"), refused
 
 
 def test_an_http_base_of_1000_images_mounts(tmp_path):
