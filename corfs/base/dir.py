@@ -1,7 +1,8 @@
 """A local directory of raw images as a base. Only regular files directly in the directory
 are images; symlinks are followed only when they stay inside BASE, devices and fifos are
-never exposed, and neither are names or sizes `entry_problem` refuses. Reads run in worker
-threads because a cold read from a NAS can block."""
+never exposed, and neither are names or sizes `entry_problem` refuses nor files the mounting
+user may not read (each left out with a warning). Reads run in worker threads because a cold
+read from a NAS can block."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import trio
 
 from ..buffers import aligned_buffer
 from ..errors import (
+    BaseAccessDenied,
     BaseChanged,
     BaseNotFound,
     BaseProtocolError,
@@ -21,7 +23,7 @@ from ..errors import (
     UsageError,
 )
 from ..fileio import preadv_full
-from . import valid_entry
+from . import leave_out, valid_entry
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class DirImage:
                 fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise BaseNotFound(f"base image {self.path} is gone") from None
+            except PermissionError:  # unreadable since the listing: not an internal error
+                raise BaseAccessDenied(f"base image {self.path}: permission denied") from None
+            except OSError as exc:
+                raise TransientBaseError(f"opening {self.path}: {exc.strerror}") from None
             if _identity(os.fstat(fd)) != self.identity:
                 os.close(fd)
                 raise BaseChanged(f"base image {self.path} changed since it was opened")
@@ -117,6 +123,9 @@ class DirBase:
                 log.warning("not exposing %s: not a regular file", entry.path)
             return None
         if not valid_entry(self.description, entry.name, st.st_size):
+            return None
+        if not os.access(path, os.R_OK):  # a mount by a user the file is not for
+            leave_out(self.description, entry.name, "permission denied")
             return None
         return DirImage(name=entry.name, size=st.st_size, identity=_identity(st), path=path)
 
