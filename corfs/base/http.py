@@ -257,6 +257,13 @@ class HttpReader:
         return out
 
 
+def _listing_text(body: bytes) -> str:
+    """A listing as text. nginx's JSON autoindex writes file names as their bytes: one name
+    that is not UTF-8 made the whole listing undecodable and the mount failed. Undecodable
+    bytes become surrogate escapes, which `valid_entry` refuses for that name alone."""
+    return body.decode("utf-8-sig", "surrogateescape")
+
+
 def _raise_if_redirect_target(exc: httpx.TransportError, url: str, what: str) -> None:
     """RedirectTargetDown if `exc` is a redirect's target, at another origin than `url`,
     not answering (a bad certificate there stays what it is: no retry helps)."""
@@ -376,7 +383,7 @@ class HttpBase:
                                          MAX_LISTING_BYTES)
         if status == 200:
             try:
-                doc = json.loads(body)
+                doc = json.loads(_listing_text(body))
                 return [str(entry["name"]) for entry in doc["images"]]
             except (*JSON_ERRORS, KeyError, TypeError):
                 raise BaseError(f"{what}index.json is not a valid image index") from None
@@ -388,7 +395,7 @@ class HttpBase:
         if status != 200:
             raise status_error(status, what)
         try:
-            entries = json.loads(body)
+            entries = json.loads(_listing_text(body))
             return [str(e["name"]) for e in entries if e.get("type") == "file"]
         except (*JSON_ERRORS, KeyError, TypeError, AttributeError):
             raise BaseError(

@@ -82,3 +82,25 @@ def test_s3_key_dotdot_is_left_out(moto_server, tmp_path: Path) -> None:
         m.stop()
     log = m.log_text()
     assert len(_warnings_naming(log, "..")) == 1, log
+
+
+def test_http_listing_a_name_that_is_not_utf8_leaves_out_that_name_only(
+    nginx_server, tmp_path: Path
+) -> None:
+    """nginx's JSON autoindex writes file names as their bytes: one name in Latin-1 made the
+    whole listing undecodable, and the mount failed ("the directory listing is not JSON")."""
+    sub = f"bad{next(_serial)}-{os.getpid()}/"
+    root = nginx_server.root / sub
+    root.mkdir(parents=True)
+    good = make_image(root / "good.raw", MIB, seed=34)
+    latin1 = os.fsdecode(b"latin1-\xe9.raw")
+    make_image(root / latin1, MIB, seed=35)
+    mnt, cache, logs = tmp_path / "mnt", tmp_path / "cache", tmp_path / "logs"
+    mnt.mkdir()
+    logs.mkdir()
+    with CorfsMount(nginx_server.url + sub, cache, mnt, "--no-stream", log_dir=logs) as m:
+        assert os.listdir(mnt) == ["good.raw"]
+        assert sha256_file(mnt / "good.raw") == sha256_file(good)
+        m.stop()
+    log = m.log_text()
+    assert len(_warnings_naming(log, latin1)) == 1, log
