@@ -57,7 +57,14 @@ from ..errors import (
     UsageError,
 )
 from ..manifest import JSON_ERRORS
-from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
+from . import (
+    BaseOptions,
+    describe_url,
+    image_name_problem,
+    one_error_per_listing,
+    skip_bad_entry,
+    valid_entry,
+)
 from .http_policy import (
     AuthHeader,
     encoded,
@@ -295,6 +302,15 @@ class HttpBase:
         self.dir_url = url if self.is_dir else urljoin(url, ".")
         self.listed_at_open: list[HttpImage] | None = None  # list_images: given out once
 
+    def _single_name(self) -> str:
+        """The image name of a URL to one file: its last path segment, %-decoded. UsageError
+        if that is no image name (a%2Fb.raw, %2E%2E, x%0A.raw): the mount came up empty,
+        exit 0, the one image left out with a warning in its log."""
+        name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1], errors="surrogateescape")
+        if (problem := image_name_problem(name)) is not None:
+            raise UsageError(f"base URL {self.description!r} names no image: {name!r}: {problem}")
+        return name
+
     async def _request(
         self, method: str, url: str, what: str, headers: dict[str, str] | None = None
     ) -> httpx.Response:
@@ -411,8 +427,7 @@ class HttpBase:
 
     async def _list(self) -> list[HttpImage]:
         if not self.is_dir:
-            name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
-            return [await self._image(name, self.url)]
+            return [await self._image(self._single_name(), self.url)]
         names = [n for n in await self._list_names() if valid_entry(self.description, n)]
         images: dict[str, HttpImage] = {}
         limiter = trio.CapacityLimiter(max(1, self.options.max_connections))

@@ -10,7 +10,11 @@ import json
 import os
 from pathlib import Path
 
-from tests.mounting import CorfsMount, make_image, sha256_file
+import pytest
+
+from tests.fuse.util import assert_one_line_error
+from tests.hostile import HostileServer
+from tests.mounting import CorfsMount, is_mounted, lazy_unmount, make_image, run_corfs, sha256_file
 from tests.proxy import FaultProxy
 from tests.servers import TEST_BUCKET
 
@@ -104,3 +108,35 @@ def test_http_listing_a_name_that_is_not_utf8_leaves_out_that_name_only(
         m.stop()
     log = m.log_text()
     assert len(_warnings_naming(log, latin1)) == 1, log
+
+
+@pytest.mark.parametrize(
+    ("tail", "needle"),
+    [
+        ("a%2Fb.raw", "'a/b.raw'"),
+        ("%2E%2E", "'..'"),
+        ("x%1B.raw", "control characters"),
+        ("%FF.raw", "not valid UTF-8"),
+    ],
+    ids=["slash", "dotdot", "control", "not-utf8"],
+)
+def test_a_url_to_one_file_named_no_image_name_is_refused_in_one_line(
+    tmp_path: Path, tail: str, needle: str
+) -> None:
+    """%-decoded, the last segment of a URL to one image is that image's name. One that is no
+    name (a '/', '..', a control character) was left out with a warning in the log, and the
+    mount came up empty, exit 0; a byte that is not UTF-8 became U+FFFD."""
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        return 200, [("Content-Length", "4096"), ("ETag", '"e"')], [bytes(4096)]
+
+    server = HostileServer(route).start()
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    try:
+        result = run_corfs("mount", server.url + tail, cache, mnt, "--daemon", timeout=30)
+        assert result.returncode == 2 and not is_mounted(mnt), result.stderr
+        assert_one_line_error(result, "names no image", needle)
+    finally:
+        lazy_unmount(mnt)
+        server.stop()
