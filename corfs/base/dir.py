@@ -6,6 +6,7 @@ read from a NAS can block."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -17,6 +18,7 @@ from ..buffers import aligned_buffer
 from ..errors import (
     BaseAccessDenied,
     BaseChanged,
+    BaseError,
     BaseNotFound,
     BaseProtocolError,
     TransientBaseError,
@@ -28,6 +30,7 @@ from . import leave_out, valid_entry
 log = logging.getLogger(__name__)
 
 _READ_LIMITER = trio.CapacityLimiter(8)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def _identity(st: os.stat_result) -> str:
@@ -46,22 +49,29 @@ class DirImage:
     def _open(self) -> int:
         if self._fd is None:
             try:
-                # O_NONBLOCK: a FIFO put in the image's place since the listing blocked open()
-                # for ever, in a thread keeping one of _READ_LIMITER's slots (every image's):
-                # eight reads of it and the whole base stalled. The identity check below
-                # refuses whatever is there now that is not the listed file.
-                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise BaseNotFound(f"base image {self.path} is gone") from None
-            except PermissionError:  # unreadable since the listing: not an internal error
-                raise BaseAccessDenied(f"base image {self.path}: permission denied") from None
+                # What was put in the image's place since the listing is refused, never used:
+                # O_NONBLOCK, a FIFO blocked open() for ever, in a thread keeping one of
+                # _READ_LIMITER's slots (every image's): eight reads and the whole base
+                # stalled; O_NOFOLLOW, `path` is resolved: a symbolic link there now would
+                # have the daemon open whatever it names (a device: /dev/watchdog arms on
+                # open). The identity check below refuses anything else.
+                fd = os.open(self.path, _OPEN_FLAGS)
             except OSError as exc:
-                raise TransientBaseError(f"opening {self.path}: {exc.strerror}") from None
+                raise self._open_error(exc) from None
             if _identity(os.fstat(fd)) != self.identity:
                 os.close(fd)
                 raise BaseChanged(f"base image {self.path} changed since it was opened")
             self._fd = fd
         return self._fd
+
+    def _open_error(self, exc: OSError) -> BaseError:
+        if isinstance(exc, FileNotFoundError):
+            return BaseNotFound(f"base image {self.path} is gone")
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a symbolic link now
+            return BaseChanged(f"base image {self.path} changed since it was listed")
+        if isinstance(exc, PermissionError):  # unreadable since the listing: not a bug
+            return BaseAccessDenied(f"base image {self.path}: permission denied")
+        return TransientBaseError(f"opening {self.path}: {exc.strerror}")
 
     def _read_sync(self, offset: int, length: int) -> memoryview:
         fd = self._open()

@@ -9,6 +9,8 @@ import json
 import os
 import threading
 
+import pytest
+
 from tests.mounting import make_image, run_corfs, sha256_file
 
 from .util import KIB, MIB, direct_read
@@ -111,4 +113,35 @@ def test_an_image_replaced_by_a_fifo_fails_alone(tmp_dirs) -> None:
             assert errors == [errno.ESTALE] * 10  # it changed: not this version any more
         finally:
             _wake_openers(fifo)
+        m.stop()
+
+
+def test_a_symlink_put_in_an_images_place_is_not_followed(tmp_dirs, tmp_path) -> None:
+    """The listing resolved the image's path; a symbolic link put there since was followed by
+    the daemon (root) to whatever it names, opened before the identity check refused it: a
+    device opened for nothing (an open of /dev/watchdog arms it), here a FIFO outside BASE
+    whose waiting writer that open let go."""
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=10)
+    fifo = tmp_path / "outside.fifo"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:  # waits in open() until someone opens the FIFO for reading
+        os.close(os.open(fifo, os.O_WRONLY))
+        opened.set()
+
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        (tmp_dirs.base / "a.raw").unlink()
+        (tmp_dirs.base / "a.raw").symlink_to(fifo)
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(OSError) as failed:
+                direct_read(m.mnt / "a.raw", 0, 4096)
+            assert failed.value.errno == errno.ESTALE
+            assert not opened.wait(1), "the daemon opened what the symbolic link names"
+        finally:
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go
+            opened.wait(5)
+            os.close(reader)
         m.stop()
