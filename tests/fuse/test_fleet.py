@@ -6,6 +6,7 @@ status answers."""
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -97,6 +98,26 @@ def test_an_image_of_more_chunks_than_a_mount_keeps_is_left_out_alone(tmp_dirs):
         m.stop()
     refused = [line for line in m.log_text().splitlines() if "'huge.raw'" in line]
     assert len(refused) == 1 and refused[0].endswith("--chunk-size 8K or more"), refused
+
+
+def test_1500_images_mount_under_a_soft_limit_of_1024_open_files(tmp_dirs):
+    """A mount holds a descriptor per image (its data file), and systemd starts services
+    (corfs@.service too) with a soft limit of 1024 open files: images past ~1000 were left
+    out ("Too many open files"), then FUSE could not open /dev/fuse and the mount failed."""
+    names = [f"img-{i:04d}.raw" for i in range(1500)]
+    for name in names:
+        with open(tmp_dirs.base / name, "wb") as f:
+            f.truncate(64 * KIB)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= 4096, f"this test needs a hard limit of open files above 1500, not {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the mount inherits it
+    try:
+        with tmp_dirs.mount("--stream-paused", timeout=120) as m:
+            assert sorted(os.listdir(m.mnt)) == names
+            assert (m.mnt / names[-1]).read_bytes() == bytes(64 * KIB)
+            m.stop()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_an_http_base_of_1000_images_mounts(tmp_path):
