@@ -127,6 +127,16 @@ def check_corfs_mount(mountpoint: str) -> None:
         raise ControlError(f"{mountpoint} is not a corfs mount")
 
 
+def is_corfs_mount(path: str) -> bool:
+    """Whether PATH is the root of a live corfs mount. Asked before looking into PATH for a
+    cache's files: a mount's images may be named state.db, corfs.lock or mountpoint, and
+    one named state.db had `corfs status MNT` open it as the cache's database."""
+    try:
+        return CONTROL_XATTR in _ask(path, os.listxattr)
+    except OSError:
+        return False
+
+
 def send_command(mountpoint: str, command: dict) -> None:
     check_corfs_mount(mountpoint)  # never set our xattr on an ordinary directory
     try:
@@ -275,7 +285,9 @@ def status_of_path(path: str) -> dict:
         _ask(path, os.stat)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
     except OSError as exc:
         raise _not_a_mount(path, exc) from None
-    if _ask(path, is_cache_dir):  # a lookup in the mount, when PATH is one
+    if is_corfs_mount(path):
+        return read_status(path)
+    if _ask(path, is_cache_dir):
         if mountpoint := mountpoint_of_cache(path):
             try:
                 return read_status(mountpoint)
