@@ -21,13 +21,20 @@ from .errors import (
     TransientBaseError,
     leaf_error,
 )
+from .geometry import ChunkGeometry
 from .image import Image
+from .sizes import format_size
 from .store import CacheStore, ImageRecord
 
 log = logging.getLogger(__name__)
 
 REOPEN_FIRST = 1.0  # seconds before trying a base that was down at mount again; doubles
 REOPEN_MAX = 60.0
+# Chunks an image may have: a mount keeps two bytes a chunk in memory (its state, and what a
+# crash could leave of it), 512 MiB at most: a 16 TiB image at 64 KiB chunks. A 64 TiB image
+# (a base's largest) at 4 KiB chunks asked for 32 GiB: a MemoryError ended the mount, or the
+# OOM killer did, for every image.
+MAX_CHUNKS = 1 << 28
 
 
 def match_images(
@@ -66,6 +73,9 @@ def match_images(
             log.warning("image %s changed in the base: discarding its cache", source.name)
             store.drop_image(source.name)
             record = None
+        if record is None and (too_many := _too_many_chunks(source.size, chunk_size)):
+            log.error("leaving out image %r: %s", source.name, too_many)
+            continue
         if record is None:
             try:
                 record = store.create_image(
@@ -84,6 +94,20 @@ def match_images(
             )
             matched.append((record, None))
     return matched
+
+
+def _too_many_chunks(size: int, chunk_size: int) -> str | None:
+    """Why an image of `size` bytes cannot be cached at `chunk_size`, or None if it can."""
+    count = ChunkGeometry(size, chunk_size).chunk_count
+    if count <= MAX_CHUNKS:
+        return None
+    enough = chunk_size
+    while enough * MAX_CHUNKS < size:
+        enough *= 2
+    return (
+        f"{count} chunks of {format_size(chunk_size)} are more than {MAX_CHUNKS} (a mount "
+        f"keeps two bytes a chunk in memory): mount with --chunk-size {enough >> 10}K or more"
+    )
 
 
 def _listed_once(sources: Sequence[BaseImage]) -> list[BaseImage]:

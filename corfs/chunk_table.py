@@ -14,10 +14,13 @@ class ChunkTable:
     def __init__(self, geometry: ChunkGeometry, states: bytearray) -> None:
         self._geometry = geometry
         self._states = states
-        self._local = geometry.chunk_count - states.count(_ABSENT)
-        self._local_bytes = sum(
-            geometry.chunk_length(i) for i in range(geometry.chunk_count) if states[i]
-        )
+        count = geometry.chunk_count
+        self._local = count - states.count(_ABSENT)
+        # Whole chunks, but for a short last one: no Python loop over every chunk (a 16 TiB
+        # image at 64 KiB chunks took 7 s to mount and `corfs status CACHE` 38 s).
+        last_local = count > 0 and states[-1] != ChunkState.ABSENT
+        short = geometry.chunk_size - geometry.chunk_length(count - 1) if last_local else 0
+        self._local_bytes = self._local * geometry.chunk_size - short
         self._dirty = states.count(bytes([ChunkState.DIRTY]))
 
     @property

@@ -23,6 +23,7 @@ from .config import (
     StreamConfig,
 )
 from .errors import CorfsError, UsageError, error_line, leaf_error
+from .printable import PrintableFormatter
 from .sizes import parse_size
 
 log = logging.getLogger("corfs")
@@ -255,7 +256,7 @@ def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
         if log_file
         else logging.StreamHandler(sys.stderr)
     )
-    handler.setFormatter(logging.Formatter("corfs: %(levelname)s %(message)s"))
+    handler.setFormatter(PrintableFormatter("corfs: %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

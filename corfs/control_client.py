@@ -41,10 +41,11 @@ from typing import TypeVar
 
 from . import cache_files
 from .cache_layout import is_cache_dir, recorded_mountpoint
+from .chunk_table import ChunkTable
 from .errors import ControlError, CorfsError, ForgetRefused, HandoffFailed, UsageError
 from .mountinfo import read_mounts
 from .stats import ImageStatus, MountStatus, detached_status, fill_ratio
-from .store import CacheStore, ChunkState
+from .store import CacheStore
 
 STATUS_XATTR = "user.corfs.status"
 CONTROL_XATTR = "user.corfs.control"
@@ -143,6 +144,16 @@ def check_corfs_mount(mountpoint: str) -> None:
         raise _not_a_mount(mountpoint, exc) from None
     if CONTROL_XATTR not in names:
         raise ControlError(f"{mountpoint} is not a corfs mount")
+
+
+def is_corfs_mount(path: str) -> bool:
+    """Whether PATH is the root of a live corfs mount. Asked before looking into PATH for a
+    cache's files: a mount's images may be named state.db, corfs.lock or mountpoint, and
+    one named state.db had `corfs status MNT` open it as the cache's database."""
+    try:
+        return CONTROL_XATTR in _ask(path, os.listxattr)
+    except OSError:
+        return False
 
 
 def send_command(mountpoint: str, command: dict) -> None:
@@ -255,9 +266,7 @@ def offline_status(cache_dir: str) -> MountStatus:
         for record in store.records():
             geometry = record.geometry
             states, dirty = store.load_states(record)
-            local = geometry.length_of_chunks(
-                i for i, state in enumerate(states) if state != ChunkState.ABSENT
-            )
+            local = ChunkTable(geometry, states).local_bytes
             ratio = fill_ratio(local, record.size)
             images.append(
                 ImageStatus(
@@ -295,7 +304,9 @@ def status_of_path(path: str) -> dict:
         _ask(path, os.stat)  # not os.path.exists: it says False for a dead mount (ENOTCONN)
     except OSError as exc:
         raise _not_a_mount(path, exc) from None
-    if _ask(path, is_cache_dir):  # a lookup in the mount, when PATH is one
+    if is_corfs_mount(path):
+        return read_status(path)
+    if _ask(path, is_cache_dir):
         if mountpoint := mountpoint_of_cache(path):
             try:
                 return read_status(mountpoint)

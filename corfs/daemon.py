@@ -20,6 +20,7 @@ from .cache_layout import PRIVATE_UMASK
 from .config import MountConfig
 from .errors import CorfsError, error_line, leaf_error
 from .mount import run_mount
+from .printable import PrintableFormatter
 
 # Paths read from the environment by botocore (credentials are re-read on refresh, a web
 # identity token on every renewal) and OpenSSL, after the daemon has left the caller's directory.
@@ -104,7 +105,7 @@ def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
     os.dup2(out, 2)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s corfs[%(process)d]: %(levelname)s %(message)s")
+        PrintableFormatter("%(asctime)s corfs[%(process)d]: %(levelname)s %(message)s")
     )
     logging.getLogger().handlers[:] = [handler]
 

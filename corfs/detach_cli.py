@@ -60,6 +60,8 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
 
 def _live_mountpoint(path: str) -> str | None:
     """The mountpoint if PATH is a live corfs mount or a cache dir mounted now, else None."""
+    if control_client.is_corfs_mount(path):  # first: see is_corfs_mount
+        return path
     if is_cache_dir(path):
         return control_client.mountpoint_of_cache(path)
     control_client.check_corfs_mount(path)  # not a cache: it must be a mount (else a clear error)

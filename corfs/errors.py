@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import errno
 
+from .printable import printable
+
 
 class CorfsError(Exception):
     errno: int = errno.EIO
@@ -182,8 +184,9 @@ def leaf_error(exc: BaseException) -> CorfsError | None:
 def error_line(error: CorfsError) -> str:
     """The one line a user reads for `error`: the CLI prints it on stderr; the mount daemon
     logs it and hands it to the command waiting for it, which prints it the same way. Line
-    breaks in a message from elsewhere (a path, a server, QEMU) become spaces."""
-    return "corfs: " + " ".join(str(error).splitlines())
+    breaks in a message from elsewhere (a path, a server, QEMU) become spaces, other control
+    characters escapes."""
+    return "corfs: " + printable(" ".join(str(error).splitlines()))
 
 
 class QmpError(CorfsError):

@@ -199,8 +199,9 @@ def parse_manifest(data: bytes, image: str) -> Manifest:
 # ---- index.json ----------------------------------------------------------------------------
 
 
-def parse_index(data: bytes) -> dict[str, int | None]:
-    """{entry name: size, or None where the entry gives none} from index.json bytes;
+def parse_index(data: bytes | str) -> dict[str, int | None]:
+    """{entry name: size, or None where the entry gives none} from index.json (bytes, or text
+    whose undecodable bytes are surrogate escapes: the HTTP base's listing text);
     BaseCorrupt if it is not an index. The one reader of index.json: the HTTP base lists these
     names (it asks each entry's size and checks each name, leaving a bad one out with a
     warning), publish rewrites the index from them. So one bad entry costs only itself: a size

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import signal
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -55,6 +56,7 @@ def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -
     """Mount and serve until unmounted or signalled. Raises CorfsError for bad input."""
     mountpoint = check_mountpoint(config.mountpoint)
     check_overlaps(config.base_url, config.cache_dir, os.path.realpath(mountpoint))
+    _take_the_open_files_limit()
     metrics = Metrics(base_speaks_http="://" in config.base_url)
     # Listening first: a port in use is refused before anything is mounted.
     stop_serving = serve_metrics(config.metrics, metrics.registry) if config.metrics else None
@@ -63,6 +65,20 @@ def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -
     finally:
         if stop_serving is not None:
             stop_serving()
+
+
+def _take_the_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one. A mount holds a descriptor per
+    image (its data file; a directory base's file too, once read), and systemd starts every
+    service (corfs@.service too) with a soft limit of 1024: images past ~1000 were left out
+    and FUSE then could not open /dev/fuse, failing the mount. The soft limit is low for
+    programs that use select(); trio waits with epoll."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # a container may refuse: the soft one serves
+            log.debug("cannot raise the limit of open files to %d: %s", hard, exc)
 
 
 def _settle_handoffs(store: CacheStore, config: MountConfig) -> dict[str, str]:

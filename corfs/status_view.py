@@ -9,6 +9,7 @@ import time
 
 from . import control_client
 from .errors import CorfsError, error_line
+from .printable import printable
 from .sizes import format_size
 
 # States --watch waits no longer for: nothing more will be fetched for the image.
@@ -23,24 +24,19 @@ def eta_text(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _printable(name: str) -> str:
-    """A path or name as a terminal can show it: bytes that are not UTF-8 (surrogateescape'd
-    by os.fsdecode) become U+FFFD instead of failing the print."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def format_table(status: dict) -> str:
     mounted = status.get("mounted")
-    where = _printable(
+    # Every text shown is printable(): paths, and errors quoting what a base answered.
+    where = printable(
         str(status.get("mountpoint")) if mounted else f"{status['cache']} (not mounted)"
     )
-    lines = [f"{where}  base: {status.get('base') or '-'}"]
+    lines = [f"{where}  base: {printable(status.get('base') or '-')}"]
     columns = ("IMAGE", "SIZE", "LOCAL", "FILL", "STATE", "RATE", "ETA")
     lines.append("{:<24} {:>10} {:>10} {:>7} {:<10} {:>12} {:>9}".format(*columns))
     for image in status["images"]:
         rate = f"{format_size(image['rate_bps'])}/s" if image["rate_bps"] else "-"
         lines.append(
-            f"{_printable(image['name']):<24} {format_size(image['size']):>10} "
+            f"{printable(image['name']):<24} {format_size(image['size']):>10} "
             f"{format_size(image['local_bytes']):>10} {image['fill_ratio'] * 100:6.1f}% "
             f"{image['state']:<10} {rate:>12} {eta_text(image['eta_s']):>9}"
         )
@@ -50,11 +46,11 @@ def format_table(status: dict) -> str:
             indexes = ", ".join(str(index) for index in listed)
             lines.append(f"  failing chunks: {image['failing_chunks']} ({indexes}{more})")
         if image.get("detached_to"):
-            lines.append(f"  handed over to QEMU: {_printable(image['detached_to'])}")
+            lines.append(f"  handed over to QEMU: {printable(image['detached_to'])}")
         if image.get("handoff_error"):
-            lines.append(f"  last handoff failed: {image['handoff_error']}")
+            lines.append(f"  last handoff failed: {printable(image['handoff_error'])}")
         if image.get("error"):
-            lines.append(f"  error: {image['error']}")
+            lines.append(f"  error: {printable(image['error'])}")
     return "\n".join(lines)
 
 
@@ -72,6 +68,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
     Ctrl-C (130). Caches no mount serves are shown once: nothing would change (1 if one of
     their images is not complete). A path that cannot be read is said once on stderr and the
     others are watched on (the exit code is then its error's); if none can be, its error."""
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -114,8 +111,10 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                     for image in status["images"]:
                         key = f"{path}:{image['name']}"
                         if key not in tasks:
+                            # escape: rich reads "[...]" as markup ("disk[server].raw"
+                            # was shown as "disk.raw", another image's name).
                             tasks[key] = progress.add_task(
-                                image["name"], total=image["size"], state=""
+                                escape(printable(image["name"])), total=image["size"], state=""
                             )
                         progress.update(
                             tasks[key], completed=image["local_bytes"], state=image["state"]
@@ -125,7 +124,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                     return failed[-1].exit_code if failed else 0
                 if not live:  # nothing will change: no daemon streams into these caches
                     progress.stop()
-                    print(f"corfs: {', '.join(unmounted)}: not mounted, nothing streams "
+                    print(f"corfs: {printable(', '.join(unmounted))}: not mounted, nothing streams "
                           "into it (mount it to complete)", file=sys.stderr)
                     return 1
                 time.sleep(interval)

@@ -1,10 +1,12 @@
 """A local directory of raw images as a base. Only regular files directly in the directory
 are images; symlinks are followed only when they stay inside BASE, devices and fifos are
-never exposed, and neither are names or sizes `entry_problem` refuses. Reads run in worker
-threads because a cold read from a NAS can block."""
+never exposed, and neither are names or sizes `entry_problem` refuses nor files the mounting
+user may not read (each left out with a warning). Reads run in worker threads because a cold
+read from a NAS can block."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -14,18 +16,21 @@ import trio
 
 from ..buffers import aligned_buffer
 from ..errors import (
+    BaseAccessDenied,
     BaseChanged,
+    BaseError,
     BaseNotFound,
     BaseProtocolError,
     TransientBaseError,
     UsageError,
 )
 from ..fileio import preadv_full
-from . import valid_entry
+from . import leave_out, valid_entry
 
 log = logging.getLogger(__name__)
 
 _READ_LIMITER = trio.CapacityLimiter(8)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def _identity(st: os.stat_result) -> str:
@@ -44,14 +49,29 @@ class DirImage:
     def _open(self) -> int:
         if self._fd is None:
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise BaseNotFound(f"base image {self.path} is gone") from None
+                # What was put in the image's place since the listing is refused, never used:
+                # O_NONBLOCK, a FIFO blocked open() for ever, in a thread keeping one of
+                # _READ_LIMITER's slots (every image's): eight reads and the whole base
+                # stalled; O_NOFOLLOW, `path` is resolved: a symbolic link there now would
+                # have the daemon open whatever it names (a device: /dev/watchdog arms on
+                # open). The identity check below refuses anything else.
+                fd = os.open(self.path, _OPEN_FLAGS)
+            except OSError as exc:
+                raise self._open_error(exc) from None
             if _identity(os.fstat(fd)) != self.identity:
                 os.close(fd)
                 raise BaseChanged(f"base image {self.path} changed since it was opened")
             self._fd = fd
         return self._fd
+
+    def _open_error(self, exc: OSError) -> BaseError:
+        if isinstance(exc, FileNotFoundError):
+            return BaseNotFound(f"base image {self.path} is gone")
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a symbolic link now
+            return BaseChanged(f"base image {self.path} changed since it was listed")
+        if isinstance(exc, PermissionError):  # unreadable since the listing: not a bug
+            return BaseAccessDenied(f"base image {self.path}: permission denied")
+        return TransientBaseError(f"opening {self.path}: {exc.strerror}")
 
     def _read_sync(self, offset: int, length: int) -> memoryview:
         fd = self._open()
@@ -113,6 +133,9 @@ class DirBase:
                 log.warning("not exposing %s: not a regular file", entry.path)
             return None
         if not valid_entry(self.description, entry.name, st.st_size):
+            return None
+        if not os.access(path, os.R_OK):  # a mount by a user the file is not for
+            leave_out(self.description, entry.name, "permission denied")
             return None
         return DirImage(name=entry.name, size=st.st_size, identity=_identity(st), path=path)
 

@@ -58,7 +58,14 @@ from ..errors import (
     UsageError,
 )
 from ..manifest import JSON_ERRORS, parse_index
-from . import BaseOptions, describe_url, one_error_per_listing, skip_bad_entry, valid_entry
+from . import (
+    BaseOptions,
+    describe_url,
+    image_name_problem,
+    one_error_per_listing,
+    skip_bad_entry,
+    valid_entry,
+)
 from .http_policy import (
     AuthHeader,
     encoded,
@@ -258,6 +265,13 @@ class HttpReader:
         return out
 
 
+def _listing_text(body: bytes) -> str:
+    """A listing as text. nginx's JSON autoindex writes file names as their bytes: one name
+    that is not UTF-8 made the whole listing undecodable and the mount failed. Undecodable
+    bytes become surrogate escapes, which `valid_entry` refuses for that name alone."""
+    return body.decode("utf-8-sig", "surrogateescape")
+
+
 def _raise_if_redirect_target(exc: httpx.TransportError, url: str, what: str) -> None:
     """RedirectTargetDown if `exc` is a redirect's target, at another origin than `url`,
     not answering (a bad certificate there stays what it is: no retry helps)."""
@@ -288,6 +302,15 @@ class HttpBase:
         self.is_dir = urlsplit(url).path.endswith("/") or urlsplit(url).path == ""
         self.dir_url = url if self.is_dir else urljoin(url, ".")
         self.listed_at_open: list[HttpImage] | None = None  # list_images: given out once
+
+    def _single_name(self) -> str:
+        """The image name of a URL to one file: its last path segment, %-decoded. UsageError
+        if that is no image name (a%2Fb.raw, %2E%2E, x%0A.raw): the mount came up empty,
+        exit 0, the one image left out with a warning in its log."""
+        name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1], errors="surrogateescape")
+        if (problem := image_name_problem(name)) is not None:
+            raise UsageError(f"base URL {self.description!r} names no image: {name!r}: {problem}")
+        return name
 
     async def _request(
         self, method: str, url: str, what: str, headers: dict[str, str] | None = None
@@ -377,7 +400,7 @@ class HttpBase:
                                          MAX_LISTING_BYTES)
         if status == 200:
             try:
-                return list(parse_index(body))
+                return list(parse_index(_listing_text(body)))
             except BaseCorrupt as exc:
                 raise BaseError(f"{what}index.json is not a valid image index ({exc})") from None
         if status not in (403, 404, 410):
@@ -388,7 +411,7 @@ class HttpBase:
         if status != 200:
             raise status_error(status, what)
         try:
-            entries = json.loads(body)
+            entries = json.loads(_listing_text(body))
             return [str(e["name"]) for e in entries if e.get("type") == "file"]
         except (*JSON_ERRORS, KeyError, TypeError, AttributeError):
             raise BaseError(
@@ -404,8 +427,7 @@ class HttpBase:
 
     async def _list(self) -> list[HttpImage]:
         if not self.is_dir:
-            name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
-            return [await self._image(name, self.url)]
+            return [await self._image(self._single_name(), self.url)]
         names = [n for n in await self._list_names() if valid_entry(self.description, n)]
         images: dict[str, HttpImage] = {}
         limiter = trio.CapacityLimiter(max(1, self.options.max_connections))

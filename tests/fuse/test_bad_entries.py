@@ -4,12 +4,16 @@ one printable line). The HTTP and S3 cases are in tests/remote/test_bad_entries_
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
+
+import pytest
 
 from tests.mounting import make_image, run_corfs, sha256_file
 
-from .util import MIB
+from .util import KIB, MIB, direct_read
 
 LONG_NAME = "é" * 100  # 200 bytes of UTF-8: a fine file name, but quoted it is 600 bytes
 
@@ -70,3 +74,74 @@ def test_control_characters_and_bad_utf8_are_left_out_with_an_escaped_warning(
     assert "\x1b" not in log
     assert log.count("leaving out image 'evil\\x1b[2Jname.raw'") == 1, log
     assert log.count("leaving out image 'latin1-\\udce9.raw': it is not valid UTF-8") == 1, log
+
+
+def _wake_openers(fifo) -> None:
+    """Open the FIFO for writing, which lets whoever waits in an open() of it for reading go
+    on (nobody waits: ENXIO)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        assert exc.errno == errno.ENXIO
+
+
+def test_an_image_replaced_by_a_fifo_fails_alone(tmp_dirs) -> None:
+    """A base image swapped for a FIFO after the listing: each read of it opened the FIFO,
+    which blocks until a writer comes, in a thread holding one of the directory base's 8
+    read slots; 8 such reads and every image of the base failed with EIO."""
+    make_image(tmp_dirs.base / "swapped.raw", MIB, seed=8)
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=9)
+    fifo = tmp_dirs.base / "swapped.raw"
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k", "--io-timeout", "2") as m:
+        fifo.unlink()
+        os.mkfifo(fifo)
+        errors: list[int] = []
+
+        def read(index: int) -> None:
+            try:
+                direct_read(m.mnt / "swapped.raw", index * 64 * KIB, 4096)
+            except OSError as exc:
+                errors.append(exc.errno)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(10)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
+            assert errors == [errno.ESTALE] * 10  # it changed: not this version any more
+        finally:
+            _wake_openers(fifo)
+        m.stop()
+
+
+def test_a_symlink_put_in_an_images_place_is_not_followed(tmp_dirs, tmp_path) -> None:
+    """The listing resolved the image's path; a symbolic link put there since was followed by
+    the daemon (root) to whatever it names, opened before the identity check refused it: a
+    device opened for nothing (an open of /dev/watchdog arms it), here a FIFO outside BASE
+    whose waiting writer that open let go."""
+    make_image(tmp_dirs.base / "a.raw", MIB, seed=10)
+    fifo = tmp_path / "outside.fifo"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:  # waits in open() until someone opens the FIFO for reading
+        os.close(os.open(fifo, os.O_WRONLY))
+        opened.set()
+
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
+        (tmp_dirs.base / "a.raw").unlink()
+        (tmp_dirs.base / "a.raw").symlink_to(fifo)
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(OSError) as failed:
+                direct_read(m.mnt / "a.raw", 0, 4096)
+            assert failed.value.errno == errno.ESTALE
+            assert not opened.wait(1), "the daemon opened what the symbolic link names"
+        finally:
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go
+            opened.wait(5)
+            os.close(reader)
+        m.stop()

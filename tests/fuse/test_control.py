@@ -205,6 +205,20 @@ def test_status_watch_of_a_cache_no_mount_serves_shows_it_once(tmp_dirs: CorfsDi
                                           "complete)")
 
 
+def test_status_watch_shows_names_with_brackets_as_they_are(tmp_dirs: CorfsDirs) -> None:
+    """rich reads [...] in a progress bar's text as markup: "disk[server].raw" was shown as
+    "disk.raw", another image's name, and "vm[bold]2.raw" as "vm2.raw" in bold."""
+    names = ["disk[server].raw", "vm[bold]2.raw", NAME]
+    for seed, name in enumerate(names):
+        make_image(tmp_dirs.base / name, MIB, seed=20 + seed)
+    with tmp_dirs.mount("--no-stream") as m:
+        m.stop()
+    result = run_corfs("status", tmp_dirs.cache, "--watch", timeout=20)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    shown = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    assert sorted(shown) == sorted(names), result.stdout
+
+
 def test_rate_is_zero_once_complete(tmp_dirs: CorfsDirs) -> None:
     """The rate is of bytes being fetched: none once the image is complete (it showed the
     last 10 s of streaming, decaying, for 10 s after)."""

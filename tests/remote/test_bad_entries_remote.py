@@ -10,7 +10,11 @@ import json
 import os
 from pathlib import Path
 
-from tests.mounting import CorfsMount, make_image, sha256_file
+import pytest
+
+from tests.fuse.util import assert_one_line_error
+from tests.hostile import HostileServer
+from tests.mounting import CorfsMount, is_mounted, lazy_unmount, make_image, run_corfs, sha256_file
 from tests.proxy import FaultProxy
 from tests.servers import TEST_BUCKET
 
@@ -82,3 +86,57 @@ def test_s3_key_dotdot_is_left_out(moto_server, tmp_path: Path) -> None:
         m.stop()
     log = m.log_text()
     assert len(_warnings_naming(log, "..")) == 1, log
+
+
+def test_http_listing_a_name_that_is_not_utf8_leaves_out_that_name_only(
+    nginx_server, tmp_path: Path
+) -> None:
+    """nginx's JSON autoindex writes file names as their bytes: one name in Latin-1 made the
+    whole listing undecodable, and the mount failed ("the directory listing is not JSON")."""
+    sub = f"bad{next(_serial)}-{os.getpid()}/"
+    root = nginx_server.root / sub
+    root.mkdir(parents=True)
+    good = make_image(root / "good.raw", MIB, seed=34)
+    latin1 = os.fsdecode(b"latin1-\xe9.raw")
+    make_image(root / latin1, MIB, seed=35)
+    mnt, cache, logs = tmp_path / "mnt", tmp_path / "cache", tmp_path / "logs"
+    mnt.mkdir()
+    logs.mkdir()
+    with CorfsMount(nginx_server.url + sub, cache, mnt, "--no-stream", log_dir=logs) as m:
+        assert os.listdir(mnt) == ["good.raw"]
+        assert sha256_file(mnt / "good.raw") == sha256_file(good)
+        m.stop()
+    log = m.log_text()
+    assert len(_warnings_naming(log, latin1)) == 1, log
+
+
+@pytest.mark.parametrize(
+    ("tail", "needle"),
+    [
+        ("a%2Fb.raw", "'a/b.raw'"),
+        ("%2E%2E", "'..'"),
+        ("x%1B.raw", "control characters"),
+        ("%FF.raw", "not valid UTF-8"),
+    ],
+    ids=["slash", "dotdot", "control", "not-utf8"],
+)
+def test_a_url_to_one_file_named_no_image_name_is_refused_in_one_line(
+    tmp_path: Path, tail: str, needle: str
+) -> None:
+    """%-decoded, the last segment of a URL to one image is that image's name. One that is no
+    name (a '/', '..', a control character) was left out with a warning in the log, and the
+    mount came up empty, exit 0; a byte that is not UTF-8 became U+FFFD."""
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        return 200, [("Content-Length", "4096"), ("ETag", '"e"')], [bytes(4096)]
+
+    server = HostileServer(route).start()
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    try:
+        result = run_corfs("mount", server.url + tail, cache, mnt, "--daemon", timeout=30)
+        assert result.returncode == 2 and not is_mounted(mnt), result.stderr
+        assert_one_line_error(result, "names no image", needle)
+    finally:
+        lazy_unmount(mnt)
+        server.stop()
