@@ -69,6 +69,7 @@ from .stats import ImageStatistics
 from .store import CacheStore, ChunkState, ImageRecord
 from .store_queue import StoreQueue
 from .write_behind import WriteBehind
+from .writes_in_flight import WritesInFlight
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Image:
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
+        self._writes_in_flight = WritesInFlight()  # a read waits for earlier writes to its bytes
         self.read_ahead = ReadAhead(
             self.geometry.chunk_count, FRESH_BYTES // self.geometry.chunk_size
         )
@@ -561,6 +563,8 @@ class Image:
             )
 
     async def read(self, offset: int, length: int) -> Buffer:
+        if self._writes_in_flight:  # the kernel keeps what a read gets (writes_in_flight.py)
+            await self._writes_in_flight.wait_before(offset, offset + length)
         self.check_served()
         length = self.geometry.clip(offset, length)
         if length <= 0:
@@ -676,6 +680,11 @@ class Image:
         # (the caller learns how much went in); only a write wholly past the end is ENOSPC.
         if offset + len(data) > self.size:  # most writes are inside: no view made for them
             data = memoryview(data)[: self.size - offset]
+        with self._writes_in_flight.writing(offset, offset + len(data)):
+            return await self._write_inside(offset, data)
+
+    async def _write_inside(self, offset: int, data: bytes | memoryview) -> int:
+        """A write of at least one byte, all inside the image."""
         self.last_foreground = trio.current_time()
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
