@@ -22,6 +22,8 @@ Invariants:
 - A write that covers a chunk only partly makes that chunk local first (its fill is stored,
   never dropped). A write whose folio span holds chunks queued to be stored waits for their
   store: base bytes never land after it, and no store is in flight beside it.
+- A read that arrives while client writes of its bytes are in flight is answered after them
+  (writes_in_flight.py): the kernel keeps what a read gets.
 - Once the base changed under an image (`error`), it starts no more fills: local chunks are
   served, missing ones fail with ESTALE.
 - One bad chunk fails only itself: a fill stores every chunk the fetcher verified even when
