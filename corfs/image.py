@@ -703,7 +703,8 @@ class Image:
             elif (job := self._queue.job_in_span(touched)) is not None:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait
                 # to be stored: the write goes after them (never under base bytes, and never
-                # beside a store in flight in its span).
+                # beside a store in flight in its span), which now go first.
+                job.turn.hurry()
                 await job.done.wait()
                 if job.error is not None and any(
                     i in job.indexes and self._chunks.is_absent(i) for i in partial

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .datafile import DataFile
+from .datafile import DataFile, StreamTurn
 from .errors import CacheError, CorfsError
 from .fetcher import FetchedChunk
 from .write_behind import WriteBehind
@@ -37,6 +37,7 @@ class StoreJob:
     indexes: frozenset[int]
     done: trio.Event = field(default_factory=trio.Event)
     error: CorfsError | None = None
+    turn: StreamTurn = field(default_factory=StreamTurn)  # hurried when a client write waits
 
 
 @dataclass
@@ -129,7 +130,8 @@ class StoreQueue:
             if refused is not None:
                 raise CacheError(refused)
             await self.data.store(
-                chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
+                chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background,
+                turn=job.turn,
             )
         except Exception as exc:
             failed = [chunk.index for chunk in chunks if queued_by_job(chunk.index)]

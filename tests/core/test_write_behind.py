@@ -347,3 +347,41 @@ def test_a_partial_write_after_a_store_that_failed_past_its_chunk_goes_on(
             assert not image.is_local(1) and image.failing_chunks == [1]
 
     trio.run(main)
+
+
+def test_a_client_write_waiting_for_queued_base_bytes_does_not_wait_behind_the_stream(
+    rig_factory, monkeypatch
+) -> None:
+    """Stream stores go one at a time (datafile.py). A partial write into a chunk the stream
+    queued last waited for every stream store queued before it; its chunk's store goes at once
+    now (StreamTurn.hurry), and the stores left behind still land."""
+    chunk = FOLIO_SPAN  # one chunk per folio span: only the written chunk's store is waited for
+    data = random_bytes(8 * chunk, seed=36)
+    order: list[int] = []
+    real = DataFile._write_run
+
+    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+        order.append(offset // chunk)
+        threading.Event().wait(0.3)  # a slow cache disk
+        return real(datafile, way, offset, pieces)
+
+    monkeypatch.setattr(DataFile, "_write_run", slow)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            async with trio.open_nursery() as nursery:
+                for index in range(8):  # the stream's fills, one store job each
+                    nursery.start_soon(image.fill_each, range(index, index + 1))
+                await wait_until(lambda: image.write_behind.queued_bytes == 8 * chunk)
+                with trio.fail_after(1.5):  # not 8 stores of 0.3 s
+                    await image.write(7 * chunk + 10, b"x")
+            assert bytes(await image.read(7 * chunk, 20)) == data[7 * chunk : 7 * chunk + 10] + (
+                b"x" + data[7 * chunk + 11 : 7 * chunk + 20]
+            )
+            await image.wait_stored()
+            assert all(image.is_local(i) for i in range(8))
+            assert 7 in order[:2] and sorted(order) == list(range(8))
+            assert rig.data_file("a")[: 7 * chunk] == data[: 7 * chunk]
+
+    trio.run(main)
