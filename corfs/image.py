@@ -704,7 +704,7 @@ class Image:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait
                 # to be stored: the write goes after them (never under base bytes, and never
                 # beside a store in flight in its span), which now go first.
-                job.turn.hurry()
+                self._queue.hurry_span(touched)
                 await job.done.wait()
                 if job.error is not None and any(
                     i in job.indexes and self._chunks.is_absent(i) for i in partial

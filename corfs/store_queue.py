@@ -94,6 +94,13 @@ class StoreQueue:
                 return queued.job
         return None
 
+    def hurry_span(self, chunks: range) -> None:
+        """A client write waits for the stores in the span of `chunks`: they all go now, not in
+        the stream's line (StreamTurn), a buffered one waiting for another of them too."""
+        for index in self.data.span(chunks):
+            if (queued := self._queued.get(index)) is not None:
+                queued.job.turn.hurry()
+
     async def wait_empty(self) -> None:
         """Until no chunk waits to be stored."""
         while self._queued:

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from corfs.base.memory import MemoryImage
-from corfs.datafile import FOLIO_SPAN, DataFile
+from corfs.datafile import FOLIO_SPAN, DataFile, Way
 from corfs.errors import CacheFull
 from corfs.image import Image
 from corfs.store import ChunkState
@@ -383,5 +383,45 @@ def test_a_client_write_waiting_for_queued_base_bytes_does_not_wait_behind_the_s
             assert all(image.is_local(i) for i in range(8))
             assert 7 in order[:2] and sorted(order) == list(range(8))
             assert rig.data_file("a")[: 7 * chunk] == data[: 7 * chunk]
+
+    trio.run(main)
+
+
+def test_a_write_waiting_for_buffered_stream_stores_of_its_span_does_not_wait_behind_the_stream(
+    rig_factory, monkeypatch
+) -> None:
+    """Where the cache refuses O_DIRECT, a stream store waits for every store of its folio span
+    before it takes its place in the line. A partial write into chunk 4, whose store waits so
+    for the store of chunk 5 (same span, in the line behind the stores of chunks 0 and 2), is
+    answered once 5 and 4 are stored: every store of its span goes first, not just 4's."""
+    chunk = FOLIO_SPAN // 2  # two chunks per span
+    data = random_bytes(6 * chunk, seed=37)
+    order: list[int] = []
+    real = DataFile._write_run
+
+    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+        assert way is Way.BUFFERED
+        order.append(offset // chunk)
+        threading.Event().wait(0.5)  # a slow cache disk
+        return real(datafile, way, offset, pieces)
+
+    monkeypatch.setattr(DataFile, "_write_run", slow)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            image.data.refused.add(Way.DIRECT)  # a cache file system without O_DIRECT
+            async with trio.open_nursery() as nursery:
+                for index in (0, 1, 2, 3, 5, 4):  # the stream's fills, one store job each
+                    nursery.start_soon(image.fill_each, range(index, index + 1))
+                    await wait_until(lambda i=index: i in image._queue)
+                with trio.fail_after(1.6):  # 5's store and 4's, not 0's, 2's, 5's and 4's
+                    await image.write(4 * chunk + 10, b"x")
+            await image.wait_stored()
+            assert sorted(order) == list(range(6))
+            assert bytes(await image.read(4 * chunk, 20)) == data[4 * chunk : 4 * chunk + 10] + (
+                b"x" + data[4 * chunk + 11 : 4 * chunk + 20]
+            )
+            assert rig.data_file("a")[: 4 * chunk] == data[: 4 * chunk]
 
     trio.run(main)
