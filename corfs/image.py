@@ -22,6 +22,8 @@ Invariants:
 - A write that covers a chunk only partly makes that chunk local first (its fill is stored,
   never dropped). A write whose folio span holds chunks queued to be stored waits for their
   store: base bytes never land after it, and no store is in flight beside it.
+- A read that arrives while client writes of its bytes are in flight is answered after them
+  (writes_in_flight.py): the kernel keeps what a read gets.
 - Once the base changed under an image (`error`), it starts no more fills: local chunks are
   served, missing ones fail with ESTALE.
 - One bad chunk fails only itself: a fill stores every chunk the fetcher verified even when
@@ -69,6 +71,7 @@ from .stats import ImageStatistics
 from .store import CacheStore, ChunkState, ImageRecord
 from .store_queue import StoreQueue
 from .write_behind import WriteBehind
+from .writes_in_flight import WritesInFlight
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ class Image:
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
         self._fresh = FreshChunks(FRESH_BYTES)
         self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
+        self._writes_in_flight = WritesInFlight()  # a read waits for earlier writes to its bytes
         self.read_ahead = ReadAhead(
             self.geometry.chunk_count, FRESH_BYTES // self.geometry.chunk_size
         )
@@ -561,6 +565,8 @@ class Image:
             )
 
     async def read(self, offset: int, length: int) -> Buffer:
+        if self._writes_in_flight:  # the kernel keeps what a read gets (writes_in_flight.py)
+            await self._writes_in_flight.wait_before(offset, offset + length)
         self.check_served()
         length = self.geometry.clip(offset, length)
         if length <= 0:
@@ -676,6 +682,11 @@ class Image:
         # (the caller learns how much went in); only a write wholly past the end is ENOSPC.
         if offset + len(data) > self.size:  # most writes are inside: no view made for them
             data = memoryview(data)[: self.size - offset]
+        with self._writes_in_flight.writing(offset, offset + len(data)):
+            return await self._write_inside(offset, data)
+
+    async def _write_inside(self, offset: int, data: bytes | memoryview) -> int:
+        """A write of at least one byte, all inside the image."""
         self.last_foreground = trio.current_time()
         touched = self.geometry.chunks_of(offset, len(data))
         partial = self.geometry.partly_covered(offset, len(data))
@@ -692,7 +703,8 @@ class Image:
             elif (job := self._queue.job_in_span(touched)) is not None:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait
                 # to be stored: the write goes after them (never under base bytes, and never
-                # beside a store in flight in its span).
+                # beside a store in flight in its span), which now go first.
+                self._queue.hurry_span(touched)
                 await job.done.wait()
                 if job.error is not None and any(
                     i in job.indexes and self._chunks.is_absent(i) for i in partial

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .datafile import DataFile
+from .datafile import DataFile, StreamTurn
 from .errors import CacheError, CorfsError
 from .fetcher import FetchedChunk
 from .write_behind import WriteBehind
@@ -37,6 +37,7 @@ class StoreJob:
     indexes: frozenset[int]
     done: trio.Event = field(default_factory=trio.Event)
     error: CorfsError | None = None
+    turn: StreamTurn = field(default_factory=StreamTurn)  # hurried when a client write waits
 
 
 @dataclass
@@ -93,6 +94,13 @@ class StoreQueue:
                 return queued.job
         return None
 
+    def hurry_span(self, chunks: range) -> None:
+        """A client write waits for the stores in the span of `chunks`: they all go now, not in
+        the stream's line (StreamTurn), a buffered one waiting for another of them too."""
+        for index in self.data.span(chunks):
+            if (queued := self._queued.get(index)) is not None:
+                queued.job.turn.hurry()
+
     async def wait_empty(self) -> None:
         """Until no chunk waits to be stored."""
         while self._queued:
@@ -129,7 +137,8 @@ class StoreQueue:
             if refused is not None:
                 raise CacheError(refused)
             await self.data.store(
-                chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background
+                chunks, wanted=queued_by_job, stored=mark_stored, coalesce=not background,
+                turn=job.turn,
             )
         except Exception as exc:
             failed = [chunk.index for chunk in chunks if queued_by_job(chunk.index)]

@@ -261,6 +261,37 @@ def test_partial_write_waits_for_the_fill_in_flight(rig_factory) -> None:
     run(main)
 
 
+def test_a_read_that_comes_after_a_waiting_write_is_answered_after_it(rig_factory) -> None:
+    """The kernel keeps what a read gets (writes_in_flight.py): a read of bytes whose write
+    waits for its fill gets the write's bytes, not the fill's, and neither a read that came
+    first nor one of other bytes waits for the write."""
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            source.faults.delay = 1.0
+            answers: dict[str, bytes] = {}
+
+            async def read(name: str, offset: int, length: int) -> None:
+                answers[name] = bytes(await image.read(offset, length))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "first", 3 * CS, 1)  # before the write: the base's
+                await wait_until(lambda: source.in_flight == 1)
+                nursery.start_soon(image.write, 3 * CS + 100, b"xyz")
+                await trio.sleep(0.1)
+                nursery.start_soon(read, "after", 3 * CS + 50, 100)
+                nursery.start_soon(read, "beside", 3 * CS + 200, 10)
+            assert answers["first"] == data[3 * CS : 3 * CS + 1]
+            assert answers["after"] == data[3 * CS + 50 : 3 * CS + 100] + b"xyz" + data[
+                3 * CS + 103 : 3 * CS + 150
+            ]
+            assert answers["beside"] == data[3 * CS + 200 : 3 * CS + 210]
+
+    run(main)
+
+
 def test_read_only_and_out_of_range_writes(rig_factory) -> None:
     data = random_bytes(SIZE)
 

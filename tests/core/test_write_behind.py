@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from corfs.base.memory import MemoryImage
-from corfs.datafile import FOLIO_SPAN, DataFile
+from corfs.datafile import FOLIO_SPAN, DataFile, Way
 from corfs.errors import CacheFull
 from corfs.image import Image
 from corfs.store import ChunkState
@@ -345,5 +345,83 @@ def test_a_partial_write_after_a_store_that_failed_past_its_chunk_goes_on(
             assert image.state_of(0) == ChunkState.DIRTY
             assert bytes(await image.read(0, 20)) == data[:10] + b"x" + data[11:20]
             assert not image.is_local(1) and image.failing_chunks == [1]
+
+    trio.run(main)
+
+
+def test_a_client_write_waiting_for_queued_base_bytes_does_not_wait_behind_the_stream(
+    rig_factory, monkeypatch
+) -> None:
+    """Stream stores go one at a time (datafile.py). A partial write into a chunk the stream
+    queued last waited for every stream store queued before it; its chunk's store goes at once
+    now (StreamTurn.hurry), and the stores left behind still land."""
+    chunk = FOLIO_SPAN  # one chunk per folio span: only the written chunk's store is waited for
+    data = random_bytes(8 * chunk, seed=36)
+    order: list[int] = []
+    real = DataFile._write_run
+
+    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+        order.append(offset // chunk)
+        threading.Event().wait(0.3)  # a slow cache disk
+        return real(datafile, way, offset, pieces)
+
+    monkeypatch.setattr(DataFile, "_write_run", slow)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            async with trio.open_nursery() as nursery:
+                for index in range(8):  # the stream's fills, one store job each, 7 queued last
+                    nursery.start_soon(image.fill_each, range(index, index + 1))
+                    await wait_until(lambda i=index: i in image._queue or image.is_local(i))
+                with trio.fail_after(1.5):  # not 8 stores of 0.3 s
+                    await image.write(7 * chunk + 10, b"x")
+            assert bytes(await image.read(7 * chunk, 20)) == data[7 * chunk : 7 * chunk + 10] + (
+                b"x" + data[7 * chunk + 11 : 7 * chunk + 20]
+            )
+            await image.wait_stored()
+            assert all(image.is_local(i) for i in range(8))
+            assert 7 in order[:2] and sorted(order) == list(range(8))
+            assert rig.data_file("a")[: 7 * chunk] == data[: 7 * chunk]
+
+    trio.run(main)
+
+
+def test_a_write_waiting_for_buffered_stream_stores_of_its_span_does_not_wait_behind_the_stream(
+    rig_factory, monkeypatch
+) -> None:
+    """Where the cache refuses O_DIRECT, a stream store waits for every store of its folio span
+    before it takes its place in the line. A partial write into chunk 4, whose store waits so
+    for the store of chunk 5 (same span, in the line behind the stores of chunks 0 and 2), is
+    answered once 5 and 4 are stored: every store of its span goes first, not just 4's."""
+    chunk = FOLIO_SPAN // 2  # two chunks per span
+    data = random_bytes(6 * chunk, seed=37)
+    order: list[int] = []
+    real = DataFile._write_run
+
+    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+        assert way is Way.BUFFERED
+        order.append(offset // chunk)
+        threading.Event().wait(0.5)  # a slow cache disk
+        return real(datafile, way, offset, pieces)
+
+    monkeypatch.setattr(DataFile, "_write_run", slow)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            image.data.refused.add(Way.DIRECT)  # a cache file system without O_DIRECT
+            async with trio.open_nursery() as nursery:
+                for index in (0, 1, 2, 3, 5, 4):  # the stream's fills, one store job each
+                    nursery.start_soon(image.fill_each, range(index, index + 1))
+                    await wait_until(lambda i=index: i in image._queue)
+                with trio.fail_after(1.6):  # 5's store and 4's, not 0's, 2's, 5's and 4's
+                    await image.write(4 * chunk + 10, b"x")
+            await image.wait_stored()
+            assert sorted(order) == list(range(6))
+            assert bytes(await image.read(4 * chunk, 20)) == data[4 * chunk : 4 * chunk + 10] + (
+                b"x" + data[4 * chunk + 11 : 4 * chunk + 20]
+            )
+            assert rig.data_file("a")[: 4 * chunk] == data[: 4 * chunk]
 
     trio.run(main)
