@@ -32,6 +32,7 @@ def take_lock(cache_dir: str) -> int:
         ) from None
     return fd
 
+
 def is_locked(cache_dir: str) -> bool:
     """True when a live process holds CACHE's lock (a mount is running on it)."""
     try:
@@ -62,12 +63,14 @@ def write_small_file(cache_dir: str, relative: str, text: str) -> None:
             os.unlink(tmp)
         raise cache_os_error(exc, f"writing {path}") from None
 
+
 def read_small_file(cache_dir: str, relative: str) -> str | None:
     try:
         with open(os.path.join(cache_dir, relative)) as f:
             return f.read()
     except OSError:
         return None
+
 
 def remove_small_file(cache_dir: str, relative: str) -> None:
     with contextlib.suppress(OSError):

@@ -449,8 +449,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     # Every mount of the machine: one that cannot be read (a dead daemon, another user's
     # mount) is one line on stderr, the others are still shown.
     answers = control_client.ask_every(paths, control_client.status_of_path)
+    code = _say_failures(answers)  # first: a reader of stdout that goes away loses no error
     print_status([a for a in answers if not isinstance(a, CorfsError)], as_json=args.json)
-    return _say_failures(answers)
+    return code
 
 
 def _say_failures(answers: list) -> int:

@@ -36,7 +36,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from . import cache_files
@@ -54,7 +53,6 @@ HANDOFF_POLL_S = 0.1
 # and let go of CACHE: above handoff.FINISH_TIMEOUT, the daemon's bound for that.
 UNMOUNT_WAIT_S = 30.0
 ANSWER_TIMEOUT_S = 10.0  # a live daemon answers a status in milliseconds
-ASKED_AT_ONCE = 32  # mounts `ask_every` asks at the same time
 
 T = TypeVar("T")
 
@@ -84,15 +82,25 @@ def call_bounded(call: Callable[[], T], seconds: float = ANSWER_TIMEOUT_S) -> T:
 def ask_every(paths: list[str], request: Callable[[str], T]) -> list[T | CorfsError]:
     """request(path) for every path at once, the answers in the order of `paths`: a path's
     CorfsError (a hung or dead daemon, another user's mount) in place of its answer, so that
-    one mount that does not answer neither holds nor hides the others."""
-    with ThreadPoolExecutor(max_workers=max(1, min(ASKED_AT_ONCE, len(paths)))) as pool:
-        asked = [pool.submit(request, path) for path in paths]
-    answers: list[T | CorfsError] = []
-    for answer in asked:
+    one mount that does not answer neither holds nor hides the others. Daemon threads, like
+    call_bounded's: Ctrl-C ends the command at once, not after the last hung request."""
+    answers: list = [None] * len(paths)
+
+    def ask(position: int, path: str) -> None:
         try:
-            answers.append(answer.result())
-        except CorfsError as exc:
-            answers.append(exc)
+            answers[position] = request(path)
+        except BaseException as exc:  # a CorfsError is its answer, anything else raised below
+            answers[position] = exc
+
+    threads = [threading.Thread(target=ask, args=(position, path), daemon=True,
+                                name="corfs-ask-mount") for position, path in enumerate(paths)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for answer in answers:
+        if isinstance(answer, BaseException) and not isinstance(answer, CorfsError):
+            raise answer
     return answers
 
 

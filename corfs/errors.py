@@ -125,8 +125,8 @@ class BaseUnavailable(BaseError):
 
 class BaseUnreachable(BaseUnavailable):
     """The base did not answer, or only with server failures: it may answer later. A mount
-    then serves what its cache holds and keeps trying (mount.py); anything else a base says
-    (403, 404, a bad certificate) needs the user and refuses the mount."""
+    then serves what its cache holds and keeps trying (base_images.BaseLink); anything else a
+    base says (403, 404, a bad certificate) needs the user and refuses the mount."""
 
 
 class BaseNotFound(BaseError):

@@ -189,7 +189,7 @@ class Image:
             raise cache_os_error(exc, f"extending the data file of {self.name}") from None
 
     def attach_source(self, source: BaseImage) -> None:
-        """The base answers again with this image unchanged (mount.py checked its identity):
+        """The base answers again with this image unchanged (base_images.py checked its identity):
         missing chunks fill from it from now on."""
         self.source = source
 

@@ -75,6 +75,11 @@ def manifest_size_problem(size: int) -> str | None:
     return None
 
 
+def chunk_line_bytes(digest: bytes | None) -> int:
+    """The fewest bytes a chunk of this digest (None: zero) takes in a manifest (to_json)."""
+    return MIN_CHUNK_LINE_BYTES + (0 if digest is None else DIGEST_HEX_LENGTH - len(ZERO_CHUNK))
+
+
 def max_manifest_chunks() -> int:
     """More chunks than this never fit in a manifest, even all of them zero."""
     return MAX_MANIFEST_BYTES // MIN_CHUNK_LINE_BYTES

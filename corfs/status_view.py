@@ -66,8 +66,8 @@ def print_status(statuses: list[dict], *, as_json: bool) -> None:
 def watch_status(paths: list[str], interval: float = 1.0) -> int:
     """Progress bars per image until every image is complete, failed or handed over (0), or
     Ctrl-C (130). Caches no mount serves are shown once: nothing would change (1 if one of
-    their images is not complete). A path that cannot be read is said once on stderr and the
-    others are watched on (the exit code is then its error's); if none can be, its error."""
+    their images is not complete). A path that cannot be read is said once on stderr and
+    asked no more, the others are watched on; the exit code is then its error's."""
     from rich.markup import escape
     from rich.progress import (
         BarColumn,
@@ -88,20 +88,23 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
         TextColumn("{task.fields[state]}"),
     )
     tasks: dict[str, TaskID] = {}
-    said: set[str] = set()  # error lines already printed
+    watched, failed = list(paths), list[CorfsError]()  # the paths still asked; errors said
     try:
         with Progress(*columns) as progress:
             while True:
                 done, live, unmounted = True, False, []
-                answers = control_client.ask_every(paths, control_client.status_of_path)
-                failed = [answer for answer in answers if isinstance(answer, CorfsError)]
-                if len(failed) == len(answers):
-                    raise failed[0]  # nothing to show: its one line, as for one PATH
-                for error in failed:  # the others are still watched
-                    if (line := error_line(error)) not in said:
-                        said.add(line)
-                        print(line, file=sys.stderr)
-                for path, status in zip(paths, answers, strict=True):
+                answers = control_client.ask_every(watched, control_client.status_of_path)
+                for error in answers:
+                    if isinstance(error, CorfsError):  # said once; asked no more (a hung
+                        print(error_line(error), file=sys.stderr)  # daemon: 10 s a tick)
+                        failed.append(error)
+                asked, watched = watched, [
+                    path for path, answer in zip(watched, answers, strict=True)
+                    if not isinstance(answer, CorfsError)
+                ]
+                if not watched:
+                    return failed[-1].exit_code
+                for path, status in zip(asked, answers, strict=True):
                     if isinstance(status, CorfsError):
                         continue
                     if status.get("mounted", True):

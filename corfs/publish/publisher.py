@@ -6,8 +6,9 @@ at chunks/<hex[:2]>/<hex>.zst. The manifest comes last, then index.json.
 
 Invariants:
 - Bad input is refused before anything is written: every image is opened and sized first, and
-  one no mount could serve (over MAX_IMAGE_SIZE, or more chunks than a manifest can name) is
-  refused; a manifest over MAX_MANIFEST_BYTES (mounts refuse it) is never written.
+  one no mount could serve (over MAX_IMAGE_SIZE, or more chunks than a manifest can name even
+  all zero) is refused. A manifest over MAX_MANIFEST_BYTES (mounts refuse it) is never written:
+  the run stops as soon as the digests so far make it too large (their chunks stay stored).
 - No half-written object is ever visible: a directory DEST gets each object under a temp name
   in DEST/.corfs-tmp (not an image, not a chunk) and renamed into place; S3 PUTs are whole.
 - A manifest is visible only after every chunk it names is stored (and, for a directory,
@@ -53,6 +54,7 @@ from ..manifest import (
     Manifest,
     check_image_name,
     chunk_key,
+    chunk_line_bytes,
     manifest_key,
     manifest_size_problem,
     max_manifest_chunks,
@@ -180,12 +182,16 @@ class _Publisher:
             count = -(-size // self.chunk_size)
             digests: list[bytes | None] = [None] * count
             uploaded = uploaded_raw = bytes_out = 0
+            manifest_bytes = 0  # at least: a manifest too large stops the run before the rest
             pending: deque[Future[_ChunkResult]] = deque()
 
             def collect(future: Future[_ChunkResult]) -> None:
-                nonlocal uploaded, uploaded_raw, bytes_out
+                nonlocal uploaded, uploaded_raw, bytes_out, manifest_bytes
                 result = future.result()
                 digests[result.index] = result.digest
+                manifest_bytes += chunk_line_bytes(result.digest)
+                if (problem := manifest_size_problem(manifest_bytes)) is not None:
+                    raise _manifest_too_large(path, f"at least {problem}")
                 if result.uploaded_raw:
                     uploaded += 1
                     uploaded_raw += result.uploaded_raw
@@ -217,8 +223,7 @@ class _Publisher:
         )
         key, data = manifest_key(name), manifest.to_json()
         if (problem := manifest_size_problem(len(data))) is not None:  # mounts would refuse it
-            raise CorfsError(f"cannot publish {path}: its manifest would be {problem}; use a "
-                             "larger --chunk-size")
+            raise _manifest_too_large(path, problem)
         written = self._write_manifest(key, data)
         self._add_to_index(key, len(data))  # after each image: a later failure keeps it listed
         unique = {d for d in digests if d is not None}
@@ -282,6 +287,12 @@ class _Source:
     path: str
     name: str
     size: int
+
+
+def _manifest_too_large(path: str, size: str) -> CorfsError:
+    return CorfsError(
+        f"cannot publish {path}: its manifest would be {size}; use a larger --chunk-size"
+    )
 
 
 def _open_image(path: str) -> int:
