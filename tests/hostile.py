@@ -18,7 +18,38 @@ from tests.loopback import start_loopback_server
 Answer = tuple[int, list[tuple[str, str]], Iterable[bytes]]
 Route = Callable[[str, str, dict[str, str]], Answer | None]
 
+Headers = list[tuple[str, str]]
+
 MiB = 1 << 20
+
+
+def exact_range(data: bytes) -> tuple[Headers, bytes]:
+    """A range answered as it should be: its bytes and their Content-Length."""
+    return [("Content-Length", str(len(data)))], data
+
+
+def ranged_image(
+    data: bytes,
+    shape: Callable[[bytes], tuple[Headers, bytes]] = exact_range,
+    *,
+    read_etag: str = '"e"',
+) -> Route:
+    """/disk.raw holding `data`: its HEAD tells the size with ETag "e"; a ranged GET is
+    answered 206 with the range's Content-Range, ETag `read_etag`, and the headers and body
+    `shape` makes of the range's bytes."""
+
+    def route(method: str, path: str, headers: dict[str, str]) -> Answer | None:
+        if path != "/disk.raw":
+            return None
+        if method == "HEAD":
+            return 200, [("Content-Length", str(len(data))), ("ETag", '"e"')], []
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        more, body = shape(data[first : last + 1])
+        return 206, [
+            ("Content-Range", f"bytes {first}-{last}/{len(data)}"), ("ETag", read_etag), *more
+        ], [body]
+
+    return route
 
 
 def huge_body(total: int, piece: int = 64 << 10) -> Iterator[bytes]:

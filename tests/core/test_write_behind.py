@@ -349,6 +349,24 @@ def test_a_partial_write_after_a_store_that_failed_past_its_chunk_goes_on(
     trio.run(main)
 
 
+def _slow_stores(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, seconds: float, way: Way | None = None
+) -> list[int]:
+    """A slow cache disk: every write to the data file takes `seconds` more (and is of `way`
+    when given). Returns the list the chunk index of each write is appended to, in order."""
+    order: list[int] = []
+    real = DataFile._write_run
+
+    def slow(datafile, written_way, offset, pieces):  # noqa: ANN001, ANN202
+        assert way is None or written_way is way
+        order.append(offset // chunk)
+        threading.Event().wait(seconds)
+        return real(datafile, written_way, offset, pieces)
+
+    monkeypatch.setattr(DataFile, "_write_run", slow)
+    return order
+
+
 def test_a_client_write_waiting_for_queued_base_bytes_does_not_wait_behind_the_stream(
     rig_factory, monkeypatch
 ) -> None:
@@ -357,15 +375,7 @@ def test_a_client_write_waiting_for_queued_base_bytes_does_not_wait_behind_the_s
     now (StreamTurn.hurry), and the stores left behind still land."""
     chunk = FOLIO_SPAN  # one chunk per folio span: only the written chunk's store is waited for
     data = random_bytes(8 * chunk, seed=36)
-    order: list[int] = []
-    real = DataFile._write_run
-
-    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
-        order.append(offset // chunk)
-        threading.Event().wait(0.3)  # a slow cache disk
-        return real(datafile, way, offset, pieces)
-
-    monkeypatch.setattr(DataFile, "_write_run", slow)
+    order = _slow_stores(monkeypatch, chunk, 0.3)
 
     async def main() -> None:
         async with rig_factory({"a": data}, chunk_size=chunk) as rig:
@@ -396,16 +406,7 @@ def test_a_write_waiting_for_buffered_stream_stores_of_its_span_does_not_wait_be
     answered once 5 and 4 are stored: every store of its span goes first, not just 4's."""
     chunk = FOLIO_SPAN // 2  # two chunks per span
     data = random_bytes(6 * chunk, seed=37)
-    order: list[int] = []
-    real = DataFile._write_run
-
-    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
-        assert way is Way.BUFFERED
-        order.append(offset // chunk)
-        threading.Event().wait(0.5)  # a slow cache disk
-        return real(datafile, way, offset, pieces)
-
-    monkeypatch.setattr(DataFile, "_write_run", slow)
+    order = _slow_stores(monkeypatch, chunk, 0.5, way=Way.BUFFERED)
 
     async def main() -> None:
         async with rig_factory({"a": data}, chunk_size=chunk) as rig:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.util import direct_read
-from tests.hostile import HostileServer
+from tests.hostile import HostileServer, ranged_image
 from tests.mounting import CorfsDirs, CorfsMount, run_corfs
 
 SIZE = 1 << 20
@@ -24,20 +24,7 @@ ESCAPES = "\x1b]0;owned\x07\x1b[2J\rfake line"  # retitle, clear the screen, ove
 
 def _etag_on_reads(etag: str) -> HostileServer:
     """/disk.raw, listed with ETag "e", whose ranged reads answer with ETag `etag`."""
-
-    def route(method: str, path: str, headers: dict[str, str]):
-        if path != "/disk.raw":
-            return None
-        if method == "HEAD":
-            return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
-        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
-        return 206, [
-            ("Content-Range", f"bytes {first}-{last}/{SIZE}"),
-            ("Content-Length", str(last - first + 1)),
-            ("ETag", etag),
-        ], [bytes(last - first + 1)]
-
-    return HostileServer(route).start()
+    return HostileServer(ranged_image(bytes(SIZE), read_etag=etag)).start()
 
 
 @contextlib.contextmanager

@@ -16,32 +16,11 @@ import trio
 from corfs.base import BaseOptions, open_base
 from corfs.base.http import open_http_base
 from corfs.errors import BaseProtocolError, BaseUnavailable, TransientBaseError
-from tests.hostile import Answer, RawAnswerServer, Route, serve
+from tests.hostile import Answer, Headers, RawAnswerServer, Route, ranged_image, serve
 
 FAST = BaseOptions(io_timeout=3.0)
 SIZE = 1 << 20
 DATA = os.urandom(SIZE)  # incompressible: gzip of a range is longer than the range
-
-
-Headers = list[tuple[str, str]]
-
-
-def range_route(shape: Callable[[bytes], tuple[Headers, bytes]]) -> Route:
-    """/disk.raw: its HEAD tells SIZE; a ranged GET is answered 206 with the range's
-    Content-Range, and the headers and body `shape` makes of the range's bytes."""
-
-    def route(method: str, path: str, headers: dict[str, str]):
-        if path != "/disk.raw":
-            return None
-        if method == "HEAD":
-            return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
-        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
-        more, body = shape(DATA[first : last + 1])
-        return 206, [
-            ("Content-Range", f"bytes {first}-{last}/{SIZE}"), ("ETag", '"e"'), *more
-        ], [body]
-
-    return route
 
 
 def gzipped(data: bytes) -> tuple[Headers, bytes]:
@@ -68,9 +47,9 @@ def chunked_longer(data: bytes) -> tuple[Headers, bytes]:
 @pytest.mark.parametrize(
     "route, refusal, says",
     [
-        (range_route(gzipped), BaseProtocolError, "compressed"),  # never the gzip bytes
-        (range_route(longer), TransientBaseError, "Content-Length"),
-        (range_route(chunked_longer), TransientBaseError, "past the range"),  # not JUNK...
+        (ranged_image(DATA, gzipped), BaseProtocolError, "compressed"),  # never the gzip bytes
+        (ranged_image(DATA, longer), TransientBaseError, "Content-Length"),
+        (ranged_image(DATA, chunked_longer), TransientBaseError, "past the range"),  # not JUNK...
     ],
     ids=["compressed", "longer", "chunked-longer"],
 )
