@@ -14,7 +14,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1: what a terminal m
 def printable(text: str) -> str:
     """`text` with control characters escaped as repr() escapes them (ESC as `\\x1b`), and
     bytes that are not UTF-8 (surrogateescape'd by os.fsdecode) as U+FFFD."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate no file name makes ("\ud800" is valid JSON)
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 

@@ -24,6 +24,7 @@ from .digest import chunk_digest, is_zero
 from .errors import CacheError, CacheLocked, CorfsError, ForgetRefused, UsageError
 from .fileio import pread_full
 from .handoff import unsettled
+from .printable import printable
 from .refetch import why_base_cannot_supply
 from .store import CacheStore, ChunkState, ImageRecord
 
@@ -193,8 +194,9 @@ def print_reports(reports: list[ScrubReport], *, as_json: bool) -> None:
         print(json.dumps({"images": [asdict(r) for r in reports]}))
         return
     for r in reports:
+        image = printable(r.image)  # a name (or an error quoting a server) is the base's text
         if r.error:
-            print(f"{r.image}: not checked: {r.error}")
+            print(f"{image}: not checked: {printable(r.error)}")
             continue
         if not r.bad:
             verdict = "ok"
@@ -202,6 +204,6 @@ def print_reports(reports: list[ScrubReport], *, as_json: bool) -> None:
             verdict = f"{r.bad} bad, kept (the base cannot supply them): {r.bad_chunks[:20]}"
         else:
             verdict = f"{r.bad} bad, marked absent: {r.bad_chunks[:20]}"
-        print(f"{r.image}: {r.checked} local chunks checked, {verdict}")
+        print(f"{image}: {r.checked} local chunks checked, {verdict}")
         if r.kept:
-            print(f"  {r.kept}")
+            print(f"  {printable(r.kept)}")

@@ -87,7 +87,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
         TimeRemainingColumn(),
         TextColumn("{task.fields[state]}"),
     )
-    tasks: dict[str, TaskID] = {}
+    tasks: dict[tuple[str, str], TaskID] = {}
     watched, failed = list(paths), list[CorfsError]()  # the paths still asked; errors said
     try:
         with Progress(*columns) as progress:
@@ -112,7 +112,7 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                     else:
                         unmounted.append(path)
                     for image in status["images"]:
-                        key = f"{path}:{image['name']}"
+                        key = (path, image["name"])  # "/a:b" + "c" is not "/a" + "b:c"
                         if key not in tasks:
                             # escape: rich reads "[...]" as markup ("disk[server].raw"
                             # was shown as "disk.raw", another image's name).

@@ -89,3 +89,27 @@ def test_watch_says_a_failing_mount_once_and_asks_it_no_more(
     assert asked == {"/live": 3, "/hung": 1}
     said = [line for line in capsys.readouterr().err.splitlines() if "does not answer" in line]
     assert len(said) == 1, said
+
+
+def test_watch_keeps_apart_images_whose_path_and_name_join_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its bars were keyed "PATH:NAME": image "c" of /a:b and image "b:c" of /a shared one."""
+    from rich.progress import Progress
+
+    def status_of_path(path: str) -> dict:
+        name = "c" if path == "/a:b" else "b:c"
+        image = {"name": name, "size": 1, "local_bytes": 1, "state": "complete"}
+        return {"mounted": True, "images": [image]}
+
+    added: list[str] = []
+    real_add_task = Progress.add_task
+
+    def add_task(self: Progress, description: str, *args: object, **kwargs: object) -> object:
+        added.append(description)
+        return real_add_task(self, description, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(control_client, "status_of_path", status_of_path)
+    monkeypatch.setattr(Progress, "add_task", add_task)
+    assert status_view.watch_status(["/a:b", "/a"], interval=0.01) == 0
+    assert sorted(added) == ["b:c", "c"]
