@@ -426,3 +426,38 @@ def test_a_write_waiting_for_buffered_stream_stores_of_its_span_does_not_wait_be
             assert rig.data_file("a")[: 4 * chunk] == data[: 4 * chunk]
 
     trio.run(main)
+
+
+def test_review2_a_hurried_store_waiting_for_a_store_of_another_span_waits_behind_the_stream(
+    rig_factory, monkeypatch
+) -> None:
+    """Review finding: a stream job of two chunks (3, 4) spans two folio spans. Where the
+    cache refuses O_DIRECT it waits (wait_span_quiet) for the store of chunk 5 (span of 4,
+    not of 3), which is in the stream's line behind 0, 6, 8 and 10. A partial write into
+    chunk 3 hurries the job of 3 (hurry_span of span [2, 3]) but not 5's: it still waits
+    behind the whole line (about 3 s, where 5's and 3-4's stores take 1 s)."""
+    chunk = FOLIO_SPAN // 2  # two chunks per span
+    data = random_bytes(12 * chunk, seed=38)
+    real = DataFile._write_run
+
+    def slow(datafile, way, offset, pieces):  # noqa: ANN001, ANN202
+        threading.Event().wait(0.5)  # a slow cache disk
+        return real(datafile, way, offset, pieces)
+
+    monkeypatch.setattr(DataFile, "_write_run", slow)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            image.data.refused.add(Way.DIRECT)
+            async with trio.open_nursery() as nursery:
+                for run in (range(0, 1), range(6, 7), range(8, 9), range(10, 11), range(5, 6),
+                            range(3, 5)):
+                    nursery.start_soon(image.fill_each, run)
+                    await wait_until(lambda r=run: all(i in image._queue for i in r))
+                    await trio.sleep(0.05)
+                with trio.fail_after(1.6):
+                    await image.write(3 * chunk + 10, b"x")
+            await image.wait_stored()
+
+    trio.run(main)

@@ -1,0 +1,59 @@
+"""Review finding: os.getxattr (CPython) asks with a 128-byte buffer first and again with
+XATTR_SIZE_MAX on ERANGE, and pyfuse3 runs the getxattr handler for each ask. The first ask
+of the last page clears `_paged`, so the second (the one whose answer is read) takes a new
+status of the whole mount: the last page is not from the reading's snapshot, and each
+reading costs a second full status."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from corfs import control
+from corfs.config import StreamConfig
+from corfs.control import Controller
+from corfs.control_client import STATUS_XATTR
+from corfs.stream import StreamWorker
+from tests.core.rig import CS, random_bytes
+
+
+def _getxattr_like_cpython(controller: Controller, name: str) -> dict:
+    for size in (128, 64 << 10):  # posixmodule.c: buffer_sizes = {128, XATTR_SIZE_MAX}
+        value = controller.status_xattr(name)
+        assert value is not None
+        if len(value) <= size:  # pyfuse3 answers ERANGE when the value does not fit
+            return json.loads(value)
+    raise AssertionError("too large")
+
+
+def test_review2_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
+    monkeypatch.setattr(control, "STATUS_PAGE_BYTES", 700)  # about one image a page
+
+    async def main() -> None:
+        images = {name: random_bytes(2 * CS, seed=i) for i, name in enumerate("abcd")}
+        async with rig_factory(images) as rig:
+            served = list(rig.images.values())
+            controller = Controller(
+                served, StreamWorker(served, StreamConfig(enabled=False)), store=rig.store,
+                base="memory://", mountpoint="/mnt", fetcher=rig.fetcher,
+            )
+            calls = 0
+            real = controller.status
+
+            def counted():  # noqa: ANN202
+                nonlocal calls
+                calls += 1
+                return real()
+
+            controller.status = counted  # type: ignore[method-assign]
+            page = _getxattr_like_cpython(controller, STATUS_XATTR)
+            pages = 1
+            while page["images_next"] is not None:
+                page = _getxattr_like_cpython(controller, f"{STATUS_XATTR}.{page['images_next']}")
+                pages += 1
+            assert pages > 2
+            # page 0 is asked twice (two statuses, as before); the pages after it, none
+            assert calls == 2, calls
+
+    trio.run(main)
