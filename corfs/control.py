@@ -77,7 +77,7 @@ class Controller:
         self._fetcher = fetcher
         self._write_behind = write_behind
         self._base, self._mountpoint = base, mountpoint
-        self._paged: list[dict] | None = None  # the images of a status being read (status_xattr)
+        self._paged: list[dict] | None = None  # the images of the latest status read by pages
         # Asked before a forget: can the base supply the chunk again? (A callable: a base that
         # was down at mount comes up later.)
         self._current_base = current_base
@@ -140,26 +140,21 @@ class Controller:
         """The value of status xattr `name`: the first page (STATUS_XATTR) or the page of
         images from index N on (STATUS_XATTR.N); None if `name` is no status xattr.
         The later pages of a reading come from the images its first page was taken with
-        (`_paged`, kept until its last page is served): a status per page made reading
+        (`_paged`, kept until the next reading's first page: a page is asked twice when the
+        reader's first buffer is too small, the last one too): a status per page made reading
         10 000 images' status quadratic, over a minute of the event loop (every VM's I/O)
         blocked half a second per page."""
         if name == STATUS_XATTR:
             summary = self.status().to_dict()
             self._paged = images = summary.pop("images")
             summary["image_count"] = len(images)
-            return self._page(summary, images, 0)
+            return _status_page(summary, images, 0)[0]
         prefix, _, start = name.rpartition(".")
         # ASCII digits only: str.isdigit() passes '²', which int() refuses (EIO, traceback).
         if prefix != STATUS_XATTR or not (start.isascii() and start.isdigit()):
             return None
         images = self._paged if self._paged is not None else self.status().to_dict()["images"]
-        return self._page({}, images, min(int(start), len(images)))
-
-    def _page(self, head: dict, images: list[dict], start: int) -> bytes:
-        page, next_index = _status_page(head, images, start)
-        if next_index is None and images is self._paged:
-            self._paged = None  # its reading is over (another one takes a status of its own)
-        return page
+        return _status_page({}, images, min(int(start), len(images)))[0]
 
     async def apply(
         self, raw: bytes, after_handoff: Callable[[], Awaitable[None]] | None = None

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -33,6 +34,26 @@ _READ_LIMITER = trio.CapacityLimiter(8)
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
+def open_beneath(root: str, path: str, flags: int) -> int:
+    """open(path, flags) for a `path` below the directory `root` (both resolved), following
+    no symbolic link below `root`: O_NOFOLLOW guards only the last component, and a directory
+    on the way swapped for a link would lead the open anywhere. OSError as open() raises it
+    (ELOOP or ENOTDIR where a link now stands)."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    if parts[0] in (os.curdir, os.pardir):
+        raise OSError(errno.EXDEV, "not below the base", path)
+    walk = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    at = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, walk, dir_fd=at)
+            os.close(at)
+            at = inner
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=at)
+    finally:
+        os.close(at)
+
+
 def _identity(st: os.stat_result) -> str:
     return f"size={st.st_size};mtime_ns={st.st_mtime_ns};ino={st.st_ino}"
 
@@ -43,31 +64,39 @@ class DirImage:
     size: int
     identity: str
     path: str
+    root: str  # BASE, resolved: `path` is opened beneath it (open_beneath)
     layout: None = None
     _fd: int | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _open(self) -> int:
-        if self._fd is None:
-            try:
-                # What was put in the image's place since the listing is refused, never used:
-                # O_NONBLOCK, a FIFO blocked open() for ever, in a thread keeping one of
-                # _READ_LIMITER's slots (every image's): eight reads and the whole base
-                # stalled; O_NOFOLLOW, `path` is resolved: a symbolic link there now would
-                # have the daemon open whatever it names (a device: /dev/watchdog arms on
-                # open). The identity check below refuses anything else.
-                fd = os.open(self.path, _OPEN_FLAGS)
-            except OSError as exc:
-                raise self._open_error(exc) from None
-            if _identity(os.fstat(fd)) != self.identity:
-                os.close(fd)
-                raise BaseChanged(f"base image {self.path} changed since it was opened")
-            self._fd = fd
+        if self._fd is not None:
+            return self._fd
+        try:
+            # What was put in the image's place since the listing is refused, never used:
+            # O_NONBLOCK, a FIFO blocked open() for ever, in a thread keeping one of
+            # _READ_LIMITER's slots (every image's): eight reads and the whole base stalled;
+            # no symbolic link followed on the way (open_beneath): one there now would have
+            # the daemon open whatever it names (a device: /dev/watchdog arms on open). The
+            # identity check below refuses anything else.
+            fd = open_beneath(self.root, self.path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise self._open_error(exc) from None
+        if _identity(os.fstat(fd)) != self.identity:
+            os.close(fd)
+            raise BaseChanged(f"base image {self.path} changed since it was opened")
+        with self._lock:  # first reads open at once, in up to 8 threads: one fd is kept
+            if self._fd is None:
+                self._fd = fd
+                return fd
+        os.close(fd)
         return self._fd
 
     def _open_error(self, exc: OSError) -> BaseError:
         if isinstance(exc, FileNotFoundError):
             return BaseNotFound(f"base image {self.path} is gone")
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a symbolic link now
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):  # a symbolic link now (or
+            # one on the way, or a file where a directory was), a socket
             return BaseChanged(f"base image {self.path} changed since it was listed")
         if isinstance(exc, PermissionError):  # unreadable since the listing: not a bug
             return BaseAccessDenied(f"base image {self.path}: permission denied")
@@ -94,9 +123,10 @@ class DirImage:
         )
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class DirBase:
@@ -134,10 +164,13 @@ class DirBase:
             return None
         if not valid_entry(self.description, entry.name, st.st_size):
             return None
-        if not os.access(path, os.R_OK):  # a mount by a user the file is not for
+        # effective_ids: as open() will ask (a daemon given CAP_DAC_READ_SEARCH may read it)
+        if not os.access(path, os.R_OK, effective_ids=True):  # a user the file is not for
             leave_out(self.description, entry.name, "permission denied")
             return None
-        return DirImage(name=entry.name, size=st.st_size, identity=_identity(st), path=path)
+        return DirImage(
+            name=entry.name, size=st.st_size, identity=_identity(st), path=path, root=self.root
+        )
 
     async def list_images(self) -> list[DirImage]:
         try:
@@ -157,7 +190,9 @@ class DirBase:
                 # O_NONBLOCK: a FIFO put in an object's place would block open() for ever, in a
                 # thread that keeps a slot of _READ_LIMITER (every base read's) after its
                 # caller gave up; a few such reads stalled the whole mount.
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = open_beneath(
+                    self.root, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+                )
                 with open(fd, "rb") as f:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise BaseProtocolError(f"{path} is not a regular file")

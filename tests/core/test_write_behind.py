@@ -428,7 +428,7 @@ def test_a_write_waiting_for_buffered_stream_stores_of_its_span_does_not_wait_be
     trio.run(main)
 
 
-def test_review2_a_hurried_store_waiting_for_a_store_of_another_span_waits_behind_the_stream(
+def test_a_hurried_store_waiting_for_a_store_of_another_span_waits_behind_the_stream(
     rig_factory, monkeypatch
 ) -> None:
     """Review finding: a stream job of two chunks (3, 4) spans two folio spans. Where the

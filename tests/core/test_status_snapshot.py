@@ -27,7 +27,7 @@ def _getxattr_like_cpython(controller: Controller, name: str) -> dict:
     raise AssertionError("too large")
 
 
-def test_review2_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
+def test_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
     monkeypatch.setattr(control, "STATUS_PAGE_BYTES", 700)  # about one image a page
 
     async def main() -> None:

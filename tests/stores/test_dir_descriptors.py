@@ -22,7 +22,7 @@ def _open_fds_to(path: str) -> int:
     return count
 
 
-def test_review2_concurrent_first_reads_leak_no_descriptor(tmp_path) -> None:
+def test_concurrent_first_reads_leak_no_descriptor(tmp_path) -> None:
     path = tmp_path / "disk.raw"
     path.write_bytes(os.urandom(1 << 20))
 

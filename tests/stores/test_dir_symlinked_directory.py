@@ -15,7 +15,7 @@ from corfs.base.dir import DirBase
 from corfs.errors import BaseChanged
 
 
-def test_review2_a_directory_swapped_for_a_symlink_is_not_followed(tmp_path) -> None:
+def test_a_directory_swapped_for_a_symlink_is_not_followed(tmp_path) -> None:
     base, outside = tmp_path / "base", tmp_path / "outside"
     (base / "sub").mkdir(parents=True)
     outside.mkdir()
