@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from tests.fifo import fifo_opened
 from tests.mounting import make_image, run_corfs, sha256_file
 
 from .util import KIB, MIB, direct_read
@@ -124,24 +125,12 @@ def test_a_symlink_put_in_an_images_place_is_not_followed(tmp_dirs, tmp_path) ->
     make_image(tmp_dirs.base / "a.raw", MIB, seed=10)
     fifo = tmp_path / "outside.fifo"
     os.mkfifo(fifo)
-    opened = threading.Event()
-
-    def writer() -> None:  # waits in open() until someone opens the FIFO for reading
-        os.close(os.open(fifo, os.O_WRONLY))
-        opened.set()
-
     with tmp_dirs.mount("--no-stream", "--chunk-size", "64k") as m:
         (tmp_dirs.base / "a.raw").unlink()
         (tmp_dirs.base / "a.raw").symlink_to(fifo)
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
-        try:
+        with fifo_opened(fifo) as opened:
             with pytest.raises(OSError) as failed:
                 direct_read(m.mnt / "a.raw", 0, 4096)
             assert failed.value.errno == errno.ESTALE
             assert not opened.wait(1), "the daemon opened what the symbolic link names"
-        finally:
-            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go
-            opened.wait(5)
-            os.close(reader)
         m.stop()

@@ -6,13 +6,13 @@ opens what it names (here a FIFO outside BASE, whose waiting writer that open le
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import trio
 
 from corfs.base.dir import DirBase
 from corfs.errors import BaseChanged
+from tests.fifo import fifo_opened
 
 
 def test_a_directory_swapped_for_a_symlink_is_not_followed(tmp_path) -> None:
@@ -23,11 +23,6 @@ def test_a_directory_swapped_for_a_symlink_is_not_followed(tmp_path) -> None:
     (base / "link.raw").symlink_to("sub/img.raw")
     fifo = outside / "img.raw"
     os.mkfifo(fifo)
-    opened = threading.Event()
-
-    def writer() -> None:  # waits in open() until someone opens the FIFO for reading
-        os.close(os.open(fifo, os.O_WRONLY))
-        opened.set()
 
     async def main() -> None:
         store = DirBase.open(str(base))
@@ -38,12 +33,6 @@ def test_a_directory_swapped_for_a_symlink_is_not_followed(tmp_path) -> None:
             await images["link.raw"].read(0, 4096)
         await store.aclose()
 
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
+    with fifo_opened(fifo) as opened:
         trio.run(main)
         assert not opened.wait(1), "the base opened what the swapped directory names"
-    finally:
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        opened.wait(5)
-        os.close(reader)
