@@ -88,11 +88,23 @@ class StreamTurn:
     def __init__(self) -> None:
         self.hurried = False
         self._wait: trio.CancelScope | None = None
+        self._ahead: list[StreamTurn] = []  # the stores in flight this one waits for now
 
     def hurry(self) -> None:
+        """Also hurries the stores this one waits for (DataFile.wait_span_quiet): the write
+        that hurried it waits for them too, and only for them (no whole queue goes first)."""
         self.hurried = True
         if self._wait is not None:
             self._wait.cancel()
+        for ahead in self._ahead:
+            if not ahead.hurried:
+                ahead.hurry()
+
+    def waits_for(self, ahead: list[StreamTurn]) -> None:
+        """This store now waits for the stores of `ahead` (hurried with it, at once if it is)."""
+        self._ahead = ahead
+        if self.hurried:
+            self.hurry()
 
     async def take(self, after_syncs: Callable[[], Awaitable[None]]) -> bool:
         """Wait for the turn; True if the limiter was taken (release it), False if hurried."""
@@ -203,6 +215,7 @@ class DataFile:
         self._direct_fd: int | None = None  # opened on the first direct store
         self.refused: set[Way] = set()  # ways the file system refused: for good (docstring)
         self._storing: dict[int, trio.Event] = {}  # chunks a store is writing right now
+        self._storing_turn: dict[int, StreamTurn] = {}  # ... and that store's turn
         self._storing_buffered: set[int] = set()  # ... through the page cache (⊆ _storing)
 
     def close(self) -> None:
@@ -275,11 +288,20 @@ class DataFile:
         """Whether a store is in flight in the span of `chunks`."""
         return any(i in self._storing for i in self.span(chunks))
 
-    async def wait_span_quiet(self, chunks: range, stores: Iterable[int] | None = None) -> None:
-        """Wait until no chunk in the span of `chunks` is in `stores` (default: any store)."""
+    async def wait_span_quiet(
+        self, chunks: range, stores: Iterable[int] | None = None, turn: StreamTurn | None = None
+    ) -> None:
+        """Wait until no chunk in the span of `chunks` is in `stores` (default: any store); a
+        store waiting so names its `turn`, which hurries the stores it waits for when hurried."""
         stores = self._storing if stores is None else stores
-        while busy := [self._storing[i] for i in self.span(chunks) if i in stores]:
-            await busy[0].wait()
+        try:
+            while busy := [i for i in self.span(chunks) if i in stores]:
+                if turn is not None:
+                    turn.waits_for([self._storing_turn[i] for i in busy])
+                await self._storing[busy[0]].wait()
+        finally:
+            if turn is not None:
+                turn.waits_for([])
 
     def _way_of(self, chunk: ChunkBytes) -> Way:
         """How this chunk will be written; the one place that decides (module docstring)."""
@@ -332,12 +354,15 @@ class DataFile:
             buffered = {index for index, way in ways.items() if way is Way.BUFFERED}
             run = range(todo[0].index, todo[-1].index + 1)
             # A buffered store waits for every store in its span, a direct one for buffered ones.
-            await self.wait_span_quiet(run, self._storing if buffered else self._storing_buffered)
+            await self.wait_span_quiet(
+                run, self._storing if buffered else self._storing_buffered, turn
+            )
             # No await from here until the chunks are registered.
             todo = [chunk for chunk in todo if wanted(chunk.index)]
             in_flight = trio.Event()
             for chunk in todo:
                 self._storing[chunk.index] = in_flight
+                self._storing_turn[chunk.index] = turn
             buffered.intersection_update(chunk.index for chunk in todo)
             self._storing_buffered.update(buffered)
             try:
@@ -356,6 +381,7 @@ class DataFile:
             finally:
                 for chunk in todo:
                     del self._storing[chunk.index]
+                    del self._storing_turn[chunk.index]
                 self._storing_buffered.difference_update(buffered)
                 in_flight.set()
             todo = left  # refused: stored anew, as buffered chunks; or after a sync

@@ -90,7 +90,9 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
     tasks: dict[tuple[str, str], TaskID] = {}
     watched, failed = list(paths), list[CorfsError]()  # the paths still asked; errors said
     try:
-        with Progress(*columns) as progress:
+        # Lines for stderr go above the bars when stderr is the terminal too; rich would send
+        # them to the terminal (stdout) even when stderr goes elsewhere (`2>log`).
+        with Progress(*columns, redirect_stderr=sys.stderr.isatty()) as progress:
             while True:
                 done, live, unmounted = True, False, []
                 answers = control_client.ask_every(watched, control_client.status_of_path)

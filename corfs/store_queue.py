@@ -96,19 +96,11 @@ class StoreQueue:
 
     def hurry_span(self, chunks: range) -> None:
         """A client write waits for the stores in the span of `chunks`: they go now, not in the
-        stream's line (StreamTurn), and so do the stores they wait for in turn (a buffered
-        store waits for every store of the spans its chunks share, which may reach further)."""
-        spans = [self.data.span(chunks)]
-        hurried: set[int] = set()
-        while spans:
-            for index in spans.pop():
-                queued = self._queued.get(index)
-                if queued is None or id(queued.job) in hurried:
-                    continue
-                hurried.add(id(queued.job))
+        stream's line (StreamTurn), and so do the stores in flight they wait for
+        (StreamTurn.hurry): those only, not every store whose span touches theirs."""
+        for index in self.data.span(chunks):
+            if (queued := self._queued.get(index)) is not None:
                 queued.job.turn.hurry()
-                job_chunks = range(min(queued.job.indexes), max(queued.job.indexes) + 1)
-                spans.append(self.data.span(job_chunks))
 
     async def wait_empty(self) -> None:
         """Until no chunk waits to be stored."""

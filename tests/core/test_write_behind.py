@@ -461,3 +461,39 @@ def test_a_hurried_store_waiting_for_a_store_of_another_span_waits_behind_the_st
             await image.wait_stored()
 
     trio.run(main)
+
+
+def test_a_write_hurries_only_the_stores_it_waits_for(rig_factory, monkeypatch) -> None:
+    """Review finding: hurrying followed the spans of every hurried job, so with stream runs
+    not aligned to folio spans (two chunks per span, runs 1-2, 3-4, ...) one partial write
+    hurried the whole queue past the stream's line and the wait for syncs. A write into chunk 3
+    waits for the jobs of its span (1-2 and 3-4); 3-4 waits (buffered) for the stores in flight
+    in its spans, 1-2's and 5-6's, which wait for nothing but their turn: those three are
+    hurried, no other."""
+    chunk = FOLIO_SPAN // 2  # two chunks per span
+    data = random_bytes(22 * chunk, seed=39)
+    _slow_stores(monkeypatch, chunk, 0.2, way=Way.BUFFERED)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            image.data.refused.add(Way.DIRECT)
+            jobs = {}
+            async with trio.open_nursery() as nursery:
+                for first in range(1, 21, 2):  # ten stream jobs of two chunks, misaligned by one
+                    run = range(first, first + 2)
+                    nursery.start_soon(image.fill_each, run)
+                    await wait_until(lambda r=run: all(i in image._queue for i in r))
+                    jobs[first] = image._queue.get(first).job
+                    await trio.sleep(0.02)
+                with trio.fail_after(1.5):  # three stores of 0.2 s, not the line's ten
+                    await image.write(3 * chunk + 10, b"x")
+                hurried = sorted(first for first, job in jobs.items() if job.turn.hurried)
+                assert hurried == [1, 3, 5]
+            await image.wait_stored()
+            assert bytes(await image.read(3 * chunk, 20)) == data[3 * chunk : 3 * chunk + 10] + (
+                b"x" + data[3 * chunk + 11 : 3 * chunk + 20]
+            )
+            assert rig.data_file("a")[chunk : 3 * chunk] == data[chunk : 3 * chunk]
+
+    trio.run(main)

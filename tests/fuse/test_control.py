@@ -205,6 +205,24 @@ def test_status_watch_of_a_cache_no_mount_serves_shows_it_once(tmp_dirs: CorfsDi
                                           "complete)")
 
 
+def test_status_watch_on_a_terminal_says_a_failing_path_on_stderr(tmp_path) -> None:
+    """Review finding: rich sends what is written to stderr during its live display to the
+    console (stdout) when that is a terminal, so `corfs status --watch PATH 2>log` lost the
+    line saying why PATH failed. stdout on a pseudo-terminal, stderr to a pipe."""
+    missing = tmp_path / "no-such-mount"
+    controller, terminal = os.openpty()
+    try:
+        result = subprocess.run(
+            corfs_command("status", missing, "--watch"), stdout=terminal,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=corfs_env(), text=True,
+            timeout=20,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert_one_line_error(result, str(missing))
+
+
 def test_status_watch_shows_names_with_brackets_as_they_are(tmp_dirs: CorfsDirs) -> None:
     """rich reads [...] in a progress bar's text as markup: "disk[server].raw" was shown as
     "disk.raw", another image's name, and "vm[bold]2.raw" as "vm2.raw" in bold."""
