@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import trio
@@ -22,6 +23,7 @@ from ..errors import (
     BaseError,
     BaseNotFound,
     BaseProtocolError,
+    BaseUnavailable,
     TransientBaseError,
     UsageError,
 )
@@ -68,6 +70,7 @@ class DirImage:
     layout: None = None
     _fd: int | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _closed: bool = field(default=False, repr=False)
 
     def _open(self) -> int:
         if self._fd is not None:
@@ -86,11 +89,14 @@ class DirImage:
             os.close(fd)
             raise BaseChanged(f"base image {self.path} changed since it was opened")
         with self._lock:  # first reads open at once, in up to 8 threads: one fd is kept
-            if self._fd is None:
+            kept = self._fd
+            if kept is None and not self._closed:
                 self._fd = fd
                 return fd
         os.close(fd)
-        return self._fd
+        if kept is None:  # closed meanwhile (a read abandoned at --io-timeout): none leaks
+            raise BaseUnavailable(f"base image {self.path}: the base is closed")
+        return kept
 
     def _open_error(self, exc: OSError) -> BaseError:
         if isinstance(exc, FileNotFoundError):
@@ -123,8 +129,10 @@ class DirImage:
         )
 
     def close(self) -> None:
+        """For good: a read still in a worker thread (abandoned at --io-timeout) opens no
+        descriptor after this (it would leak)."""
         with self._lock:
-            fd, self._fd = self._fd, None
+            fd, self._fd, self._closed = self._fd, None, True
         if fd is not None:
             os.close(fd)
 
@@ -133,7 +141,10 @@ class DirBase:
     def __init__(self, root: str) -> None:
         self.root = root
         self.description = root
-        self._images: list[DirImage] = []
+        # Every image listed and still used: a listing replaces none of the served ones
+        # (refetch.py lists again), and aclose closes them all. By id: DirImage compares by
+        # value, so it has no hash.
+        self._images: weakref.WeakValueDictionary[int, DirImage] = weakref.WeakValueDictionary()
 
     @classmethod
     def open(cls, path: str) -> DirBase:
@@ -177,8 +188,9 @@ class DirBase:
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as exc:
             raise BaseNotFound(f"cannot list base directory {self.root}: {exc.strerror}") from exc
-        self._images = [img for e in entries if (img := self._entry_image(e)) is not None]
-        return list(self._images)
+        images = [img for e in entries if (img := self._entry_image(e)) is not None]
+        self._images.update((id(image), image) for image in images)
+        return images
 
     async def read_object(self, key: str, max_bytes: int) -> bytes:
         path = os.path.realpath(os.path.join(self.root, key))
@@ -208,5 +220,5 @@ class DirBase:
         return await trio.to_thread.run_sync(read, limiter=_READ_LIMITER, abandon_on_cancel=True)
 
     async def aclose(self) -> None:
-        for image in self._images:
+        for image in list(self._images.values()):
             image.close()
