@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUS_PAGE_BYTES = 60 << 10  # under the kernel's XATTR_SIZE_MAX (64 KiB), with room to spare
+# A reading's later pages come from its first page's snapshot for this long at most (a reader
+# asks its pages at once; the client gives each ask 10 s): a page asked later, or by a reader
+# that never asked the first, gets a fresh status, and the snapshot is not kept for good.
+PAGED_FOR = 30.0
 
 
 class Controller:
@@ -78,6 +82,7 @@ class Controller:
         self._write_behind = write_behind
         self._base, self._mountpoint = base, mountpoint
         self._paged: list[dict] | None = None  # the images of the latest status read by pages
+        self._paged_at = 0.0  # when (trio.current_time)
         # Asked before a forget: can the base supply the chunk again? (A callable: a base that
         # was down at mount comes up later.)
         self._current_base = current_base
@@ -140,19 +145,23 @@ class Controller:
         """The value of status xattr `name`: the first page (STATUS_XATTR) or the page of
         images from index N on (STATUS_XATTR.N); None if `name` is no status xattr.
         The later pages of a reading come from the images its first page was taken with
-        (`_paged`, kept until the next reading's first page: a page is asked twice when the
-        reader's first buffer is too small, the last one too): a status per page made reading
+        (`_paged`, kept until the next reading's first page or PAGED_FOR: a page is asked
+        twice when the reader's first buffer is too small, the last one too): a status per
+        page made reading
         10 000 images' status quadratic, over a minute of the event loop (every VM's I/O)
         blocked half a second per page."""
         if name == STATUS_XATTR:
             summary = self.status().to_dict()
             self._paged = images = summary.pop("images")
+            self._paged_at = trio.current_time()
             summary["image_count"] = len(images)
             return _status_page(summary, images, 0)[0]
         prefix, _, start = name.rpartition(".")
         # ASCII digits only: str.isdigit() passes '²', which int() refuses (EIO, traceback).
         if prefix != STATUS_XATTR or not (start.isascii() and start.isdigit()):
             return None
+        if trio.current_time() - self._paged_at > PAGED_FOR:
+            self._paged = None
         images = self._paged if self._paged is not None else self.status().to_dict()["images"]
         return _status_page({}, images, min(int(start), len(images)))[0]
 

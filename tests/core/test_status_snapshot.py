@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import trio
+import trio.testing
 
 from corfs import control
 from corfs.config import StreamConfig
@@ -57,3 +58,32 @@ def test_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
             assert calls == 2, calls
 
     trio.run(main)
+
+
+def test_a_page_asked_long_after_the_first_is_a_fresh_status(rig_factory, monkeypatch) -> None:
+    """Review finding: the snapshot of a reading was kept for good, and a page asked without
+    its first (or minutes later) showed images as they were then. After PAGED_FOR, a fresh
+    status (trio's clock: autojump makes the wait instant)."""
+    monkeypatch.setattr(control, "STATUS_PAGE_BYTES", 700)
+
+    async def main() -> None:
+        images = {name: random_bytes(2 * CS, seed=i) for i, name in enumerate("abcd")}
+        async with rig_factory(images) as rig:
+            served = list(rig.images.values())
+            controller = Controller(
+                served, StreamWorker(served, StreamConfig(enabled=False)), store=rig.store,
+                base="memory://", mountpoint="/mnt", fetcher=rig.fetcher,
+            )
+            first = _getxattr_like_cpython(controller, STATUS_XATTR)
+            second = f"{STATUS_XATTR}.{first['images_next']}"
+            before = _getxattr_like_cpython(controller, second)["images"][0]
+            assert before["local_bytes"] == 0
+            read = rig.image(before["name"])
+            await read.read(0, CS)
+            await read.wait_stored()  # its first chunk is local now
+            assert _getxattr_like_cpython(controller, second)["images"][0] == before  # snapshot
+            await trio.sleep(control.PAGED_FOR + 1)
+            after = _getxattr_like_cpython(controller, second)["images"][0]
+            assert after["name"] == before["name"] and after["local_bytes"] == CS
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
