@@ -227,7 +227,10 @@ class DataFile:
     # ---- plain I/O -----------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:  # the cache disk failing under a reader: EIO, said as such
+            raise cache_os_error(exc, f"reading the data file of {self.name}") from None
 
     def read_soon(self, offset: int, length: int) -> None:
         """Have the kernel start reading these bytes into the page cache, so that `read` of

@@ -86,3 +86,34 @@ def test_a_bug_inside_a_handler_becomes_eio_and_the_next_request_is_served(
             assert await ops.getxattr(ROOT_INODE, STATUS_XATTR.encode(), None)
 
     run_with_mock_clock(main)
+
+
+def test_a_failing_read_of_the_cache_is_a_cache_error_not_a_bug(rig_factory, caplog) -> None:
+    """The cache disk failing under a reader (pread of the data file: EIO) is EIO with a line
+    naming the image, not an "internal error" with a traceback (the log's word for a bug).
+    The failure here: the data file's descriptor made a directory's (pread: EISDIR)."""
+    data = random_bytes(2 * CS)
+
+    async def main() -> None:
+        async with rig_factory({"a.raw": data}) as rig:
+            ops = _operations(rig)
+            image = rig.image("a.raw")
+            inode = (await ops.lookup(ROOT_INODE, b"a.raw", None)).st_ino
+            fh = (await ops.open(inode, os.O_RDONLY, None)).fh
+            await ops.write(fh, 0, data[:CS])  # chunk 0 local, written by a client
+            directory = os.open(rig.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
+            saved = os.dup(image.data.fd)
+            try:
+                os.dup2(directory, image.data.fd)
+                with pytest.raises(pyfuse3.FUSEError) as caught:
+                    await ops.read(fh, 0, 10)
+            finally:
+                os.dup2(saved, image.data.fd)
+                os.close(saved)
+                os.close(directory)
+            assert caught.value.errno == errno.EIO
+            assert "internal error" not in caplog.text
+            assert "reading the data file of a.raw" in caplog.text
+            assert await ops.read(fh, 0, 10) == data[:10]
+
+    run_with_mock_clock(main)
