@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import threading
 
 import pytest
@@ -133,4 +134,21 @@ def test_a_symlink_put_in_an_images_place_is_not_followed(tmp_dirs, tmp_path) ->
                 direct_read(m.mnt / "a.raw", 0, 4096)
             assert failed.value.errno == errno.ESTALE
             assert not opened.wait(1), "the daemon opened what the symbolic link names"
+        m.stop()
+
+
+def test_an_image_replaced_by_a_socket_fails_alone(tmp_dirs) -> None:
+    """A base image swapped for a bound Unix socket after the listing: its open (O_NONBLOCK)
+    fails with ENXIO, which was taken for a passing trouble of the base (TransientBaseError,
+    EIO) where the image changed: ESTALE for it alone, the other image read as before."""
+    make_image(tmp_dirs.base / "swapped.raw", MIB, seed=11)
+    good = make_image(tmp_dirs.base / "good.raw", MIB, seed=12)
+    with tmp_dirs.mount("--no-stream", "--chunk-size", "64k", "--io-timeout", "2") as m:
+        (tmp_dirs.base / "swapped.raw").unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(os.fspath(tmp_dirs.base / "swapped.raw"))
+            with pytest.raises(OSError) as failed:
+                direct_read(m.mnt / "swapped.raw", 0, 4096)
+            assert failed.value.errno == errno.ESTALE, failed.value
+            assert sha256_file(m.mnt / "good.raw") == sha256_file(good)
         m.stop()

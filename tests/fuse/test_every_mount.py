@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from corfs.control_client import ANSWER_TIMEOUT_S, corfs_mounts
-from tests.mounting import CorfsDirs, CorfsMount, make_image, run_corfs
+from tests.mounting import (
+    CLI_TIMEOUT,
+    CorfsDirs,
+    CorfsMount,
+    corfs_command,
+    corfs_env,
+    make_image,
+    run_corfs,
+)
 
 from .util import MIB, wait_for
 
@@ -84,3 +93,30 @@ def test_watch_goes_on_past_a_mount_that_does_not_answer(tmp_path: Path) -> None
     for hung in mounts[1:]:
         said = [line for line in watch.stderr.splitlines() if str(hung.mnt) in line]
         assert len(said) == 1 and "does not answer" in said[0], watch.stderr
+
+
+def test_failures_are_said_before_the_table_a_gone_reader_stops(tmp_path: Path) -> None:
+    """`corfs status | head -1`: the reader of stdout gone, printing the table ends the
+    command (141); a mount that could not be read was said after the table, so never. Here
+    the reader is gone before the table is printed, stdout unbuffered (as corfs_env runs it;
+    a table larger than stdout's buffer meets the reader's end as well). Other corfs mounts
+    of the machine only add lines: this one's dead daemon must be said all the same."""
+    live, dead = CorfsDirs.under(tmp_path / "live"), CorfsDirs.under(tmp_path / "dead")
+    for seed, dirs in enumerate((live, dead)):
+        make_image(dirs.base / "a.raw", MIB, seed=80 + seed)
+    with live.mount("--no-stream") as shown, dead.mount("--no-stream") as gone:
+        gone.kill9(unmount=False)  # its mount stays: ENOTCONN to every request
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            result = subprocess.run(
+                corfs_command("status"), stdin=subprocess.DEVNULL, stdout=writer,
+                stderr=subprocess.PIPE, text=True, timeout=CLI_TIMEOUT,
+                env=corfs_env({"PYTHONUNBUFFERED": "1"}), check=False,
+            )
+        finally:
+            os.close(writer)
+        shown.stop()
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    said = [line for line in result.stderr.splitlines() if str(gone.mnt) in line]
+    assert len(said) == 1 and "the corfs daemon is gone" in said[0], result.stderr

@@ -362,3 +362,22 @@ def test_verify_while_another_command_holds_the_cache_says_so(tmp_dirs) -> None:
         holder.wait()
     assert_one_line_error(result, "in use by another corfs command")
     assert chunk_rows(tmp_dirs.cache, "a.raw") == rows
+
+
+def test_verify_escapes_the_reasons_it_prints(tmp_path: Path) -> None:
+    """Why verify kept bad chunks quotes the base's path (here: it cannot be opened), and a
+    path may hold control characters: its ESC [31m is printed escaped, not sent to the
+    terminal."""
+    dirs = CorfsDirs.under(tmp_path / "evil\x1b[31m")
+    size = 4 * CHUNK
+    make_image(dirs.base / "a.raw", size, seed=30, block_size=CHUNK)
+    with dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        (m.mnt / "a.raw").read_bytes()
+        wait_stored(m.mnt, "a.raw", size)
+        m.stop()
+    damage(dirs.cache / "data" / "a.raw", CHUNK + 9)
+    dirs.base.rename(tmp_path / "moved")
+    text = run_corfs("verify", dirs.cache)
+    assert text.returncode == 1 and "Traceback" not in text.stderr, text
+    assert "\x1b" not in text.stdout + text.stderr, text
+    assert "evil\\x1b[31m/base cannot be opened" in text.stdout, text

@@ -1,7 +1,8 @@
 """Review finding: O_NOFOLLOW guards only the last component of DirImage.path. A symlinked
 entry (link.raw -> sub/img.raw, inside BASE) is stored as its resolved path BASE/sub/img.raw;
 a directory `sub` swapped for a symbolic link since the listing is followed, and the daemon
-opens what it names (here a FIFO outside BASE, whose waiting writer that open lets go)."""
+opens what it names (here a FIFO outside BASE, whose waiting writer that open lets go). The
+same for an object (read_object): its path is resolved, then opened in a worker thread."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
+from corfs.base import dir as dir_base
 from corfs.base.dir import DirBase
-from corfs.errors import BaseChanged
+from corfs.errors import BaseChanged, TransientBaseError
 from tests.fifo import fifo_opened
 
 
@@ -36,3 +39,49 @@ def test_a_directory_swapped_for_a_symlink_is_not_followed(tmp_path) -> None:
     with fifo_opened(fifo) as opened:
         trio.run(main)
         assert not opened.wait(1), "the base opened what the swapped directory names"
+
+
+def test_a_directory_swapped_for_a_symlink_before_an_object_is_opened_is_not_followed(
+    tmp_path,
+) -> None:
+    """read_object checks that the resolved path of its key stays in BASE, then opens it when
+    a read slot is free: with every slot taken (eight slow base reads), a directory on the way
+    swapped for a link meanwhile was followed out of BASE. The slots are taken here as those
+    reads would hold them."""
+    base, outside = tmp_path / "base", tmp_path / "outside"
+    (base / "chunks" / "ab").mkdir(parents=True)
+    (outside / "ab").mkdir(parents=True)
+    (base / "chunks" / "ab" / "x.zst").write_bytes(b"inside")
+    fifo = outside / "ab" / "x.zst"
+    os.mkfifo(fifo)
+    failed: list[Exception] = []
+
+    async def main() -> None:
+        store = DirBase.open(str(base))
+        limiter, readers = dir_base._READ_LIMITER, []
+        while limiter.available_tokens:
+            readers.append(object())
+            await limiter.acquire_on_behalf_of(readers[-1])
+
+        async def read() -> None:
+            try:
+                await store.read_object("chunks/ab/x.zst", 100)
+            except Exception as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            try:  # the limiter is every base read's in this process: its slots go back
+                await trio.testing.wait_all_tasks_blocked()  # resolved, waiting for a slot
+                (base / "chunks").rename(base / "old-chunks")
+                (base / "chunks").symlink_to(outside)
+            finally:
+                for reader in readers:
+                    limiter.release_on_behalf_of(reader)
+        await store.aclose()
+
+    with fifo_opened(fifo) as opened:
+        trio.run(main)
+        assert not opened.wait(1), "the base opened what the swapped directory names"
+    # a base error of that object (the next read finds its key outside BASE): no bytes
+    assert [type(exc) for exc in failed] == [TransientBaseError], failed
