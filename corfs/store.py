@@ -182,7 +182,7 @@ class CacheStore:
                 ensure_private_dir(cache_dir)
             except OSError as exc:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
-        if create and not os.access(cache_dir, os.W_OK | os.X_OK):
+        if create and not os.access(cache_dir, os.W_OK | os.X_OK, effective_ids=True):
             raise UsageError(f"cache {cache_dir} is not writable")
         if create:
             check_new_cache(cache_dir)

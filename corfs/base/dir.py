@@ -153,7 +153,7 @@ class DirBase:
             raise UsageError(f"base directory {path} does not exist")
         if not os.path.isdir(root):
             raise UsageError(f"base {path} is not a directory")
-        if not os.access(root, os.R_OK | os.X_OK):
+        if not os.access(root, os.R_OK | os.X_OK, effective_ids=True):  # as listing will
             raise UsageError(f"base directory {path} is not readable")
         return cls(root)
 

@@ -108,11 +108,13 @@ def test_an_image_its_user_cannot_read_is_left_out_or_refused(shared_base: Path)
 
 def test_an_image_read_by_a_capability_is_listed(shared_base: Path) -> None:
     """A mount run as nobody with CAP_DAC_READ_SEARCH (systemd's AmbientCapabilities) opens a
-    root-only image, and lists it: the listing asks access() with the effective ids, as open()
-    checks. With the real ids, access() leaves every capability out for a user that is not
-    root, and the image was left out as "permission denied"."""
+    root-only image in a root-only BASE, and lists it: the checks ask access() with the
+    effective ids, as open() checks. With the real ids, access() leaves every capability out
+    for a user that is not root: the image was left out as "permission denied", and BASE
+    itself refused as "not readable"."""
     (shared_base / "root-only.raw").write_bytes(os.urandom(8192))
     (shared_base / "root-only.raw").chmod(0o600)
+    shared_base.chmod(0o700)
     proc = _as_nobody(
         _WITH_CAPABILITY, shared_base,
         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
