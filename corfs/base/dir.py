@@ -60,6 +60,18 @@ def _identity(st: os.stat_result) -> str:
     return f"size={st.st_size};mtime_ns={st.st_mtime_ns};ino={st.st_ino}"
 
 
+def _open_error(what: str, exc: OSError) -> BaseError:
+    """What a failed open of `what` (an image or object of BASE, by open_beneath) means."""
+    if isinstance(exc, FileNotFoundError):
+        return BaseNotFound(f"{what} does not exist")
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):  # a symbolic link now (or
+        # one on the way, or a file where a directory was), a socket
+        return BaseChanged(f"{what} changed since it was listed")
+    if isinstance(exc, PermissionError):  # unreadable since the listing: not a bug
+        return BaseAccessDenied(f"{what}: permission denied")
+    return TransientBaseError(f"opening {what}: {exc.strerror}")
+
+
 @dataclass
 class DirImage:
     name: str
@@ -84,7 +96,7 @@ class DirImage:
             # identity check below refuses anything else.
             fd = open_beneath(self.root, self.path, _OPEN_FLAGS)
         except OSError as exc:
-            raise self._open_error(exc) from None
+            raise _open_error(f"base image {self.path}", exc) from None
         if _identity(os.fstat(fd)) != self.identity:
             os.close(fd)
             raise BaseChanged(f"base image {self.path} changed since it was opened")
@@ -97,16 +109,6 @@ class DirImage:
         if kept is None:  # closed meanwhile (a read abandoned at --io-timeout): none leaks
             raise BaseUnavailable(f"base image {self.path}: the base is closed")
         return kept
-
-    def _open_error(self, exc: OSError) -> BaseError:
-        if isinstance(exc, FileNotFoundError):
-            return BaseNotFound(f"base image {self.path} is gone")
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):  # a symbolic link now (or
-            # one on the way, or a file where a directory was), a socket
-            return BaseChanged(f"base image {self.path} changed since it was listed")
-        if isinstance(exc, PermissionError):  # unreadable since the listing: not a bug
-            return BaseAccessDenied(f"base image {self.path}: permission denied")
-        return TransientBaseError(f"opening {self.path}: {exc.strerror}")
 
     def _read_sync(self, offset: int, length: int) -> memoryview:
         fd = self._open()
@@ -205,6 +207,9 @@ class DirBase:
                 fd = open_beneath(
                     self.root, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
                 )
+            except OSError as exc:
+                raise _open_error(path, exc) from None
+            try:
                 with open(fd, "rb") as f:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise BaseProtocolError(f"{path} is not a regular file")
