@@ -48,6 +48,7 @@ from .datafile import DataFile
 from .digest import Buffer
 from .dirty_first import DirtyFirst
 from .errors import (
+    BaseAccessDenied,
     BaseChanged,
     BaseNotFound,
     CacheError,
@@ -651,6 +652,8 @@ class Image:
                 self.error = f"base image changed: {exc}"
             log.error("%s", exc)
             raise
+        except (BaseNotFound, BaseAccessDenied) as exc:  # as a fill's: EIO, the disk's data
+            raise chunk_error(exc) from None
         self._refuse_lost_writes(chunks)
         if not all(self._chunks.is_absent(i) for i in chunks):  # a write came meanwhile
             return await self.read(offset, length)

@@ -4,8 +4,12 @@ the base's bytes of chunks absent since they were fetched (a chunk changing stat
 
 from __future__ import annotations
 
+import errno
+
+import pytest
 import trio
 
+from corfs.errors import BaseAccessDenied, BaseError, BaseNotFound, ChunkUnavailable
 from corfs.image import Image
 from corfs.store import ChunkState
 from tests.core.rig import random_bytes, run_with_mock_clock
@@ -148,5 +152,34 @@ def test_the_last_partial_block_while_a_range_is_fetched(rig_factory) -> None:
             with trio.fail_after(10):
                 assert bytes(await image.read(size - 50, 4096)) == b"w" * 50
                 assert bytes(await image.read(size - 3000, 4096)) == written
+
+    run_with_mock_clock(main)
+
+
+@pytest.mark.parametrize("missing", [BaseNotFound, BaseAccessDenied])
+def test_a_range_the_base_lacks_or_forbids_fails_eio(
+    rig_factory, missing: type[BaseError]
+) -> None:
+    """A small random miss takes a range (ranges.py), not a fill: when the base lacks or
+    forbids the image (deleted on the server mid-run: 404; 403) its read fails as a fill's
+    does, EIO (ChunkUnavailable), never ENOENT/EACCES, which QEMU takes for the image file
+    itself. Found with many VMs on one HTTP mount and an image deleted on the server: 4 KiB
+    reads of it failed ENOENT, 1 MiB ones EIO."""
+    data = random_bytes(8 * BIG_CS, seed=46)
+    at = 3 * BIG_CS + 8192
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=BIG_CS) as rig:
+            image, source = rig.image("a"), rig.source("a")
+            source.faults.fail_with = missing
+            source.faults.fail_next = 10**6
+            with pytest.raises(ChunkUnavailable) as info:
+                await image.read(at, 4096)
+            assert source.reads and source.reads[0] == (at, 4096)  # a range, not the chunk
+            assert info.value.errno == errno.EIO
+            with pytest.raises(ChunkUnavailable):  # and so does a whole chunk's fill
+                await image.read(5 * BIG_CS, BIG_CS)
+            source.faults.fail_next = 0
+            assert bytes(await image.read(at, 4096)) == data[at : at + 4096]
 
     run_with_mock_clock(main)
