@@ -112,14 +112,16 @@ class DirImage:
 
     def _read_sync(self, offset: int, length: int) -> memoryview:
         fd = self._open()
-        # The identity check on each read catches an image rewritten in place (mtime moves).
-        if _identity(os.fstat(fd)) != self.identity:
-            raise BaseChanged(f"base image {self.path} changed since it was opened")
         data = aligned_buffer(length)
         try:
             got = preadv_full(fd, data, offset)
         except OSError as exc:
             raise TransientBaseError(f"reading {self.path}: {exc.strerror}") from exc
+        # The identity check on each read catches an image rewritten in place (mtime moves),
+        # after the read: a write before it or during it moved mtime by now (checked before,
+        # one landing between the check and the read mixed two versions in one chunk).
+        if _identity(os.fstat(fd)) != self.identity:
+            raise BaseChanged(f"base image {self.path} changed since it was opened")
         if got != length:
             raise BaseChanged(f"base image {self.path} is shorter than it was")
         return data
