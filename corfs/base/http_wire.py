@@ -214,6 +214,7 @@ class Validator:
 
 
 YIELD_BYTES = 1 << 20  # a body received this far without a wait yields to other tasks
+IGNORED_RANGES = 3  # whole answers in a row before a server is taken to ignore Range
 
 
 @dataclass
@@ -243,6 +244,10 @@ class PlainReader:
         self.tls = tls
         self.idle: dict[ConnKey, list[Conn]] = {}
         self.bypass: set[ConnKey] = set()  # servers that ignore Range: httpx only
+        # Whole answers to ranged GETs by server since its last 206: IGNORED_RANGES in a row
+        # make it one that ignores Range (one could be a proxy's glitch, and the bypass is
+        # for the mount's life: every read through httpx, ~5x the CPU per byte)
+        self._ignored_range: dict[ConnKey, int] = {}
         # The header lines of an image's reads but the Range, by URL and version (read_range)
         self._fixed_headers: dict[tuple[str, Validator], str] = {}
         self.stats = LeanStatistics()
@@ -409,10 +414,14 @@ class PlainReader:
                         raise TransientBaseError(f"{what}: answer without Content-Range")
                 elif status == 200:
                     validator.check(headers, what)  # If-Range failed: another version
-                    if validator.proven_by(headers):
-                        self.bypass.add(conn.key)  # same version, whole body: ignores Range
+                    if validator.proven_by(headers):  # same version, whole body
+                        ignored = self._ignored_range.get(conn.key, 0) + 1
+                        self._ignored_range[conn.key] = ignored
+                        if ignored >= IGNORED_RANGES:
+                            self.bypass.add(conn.key)
                 return None, False
             validator.check(headers, what)
+            self._ignored_range.pop(conn.key, None)  # it does answer ranges
             # S3 serves an object's stored bytes whatever Content-Encoding its metadata says.
             if "transfer-encoding" in headers or (http_rules and "content-encoding" in headers):
                 return None, False
