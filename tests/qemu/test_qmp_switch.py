@@ -70,7 +70,14 @@ def qemu(sock_dir: Path) -> Iterator[Callable[..., Qemu]]:
                 pytest.fail(f"QEMU did not start: {proc.communicate()[1].decode()}")
             time.sleep(0.02)
         try:
-            monitor = connect_socket(str(sock), timeout=10)
+            while True:  # QEMU binds its socket before it listens: refused in between
+                try:
+                    monitor = connect_socket(str(sock), timeout=10)
+                    break
+                except QmpError as exc:
+                    if "refused" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except BaseException:
             proc.kill()  # not in `started` yet: nothing else would stop it
             proc.wait()
