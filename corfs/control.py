@@ -95,7 +95,9 @@ class Controller:
             if stats.handed_over_to is not None:
                 detached = detached_status(stats.name, stats.size, stats.handed_over_to)
                 images.append(dataclasses.replace(
-                    detached, handing_over=stats.name in self._handing_over
+                    detached, handing_over=stats.name in self._handing_over,
+                    # one finished unconfirmed (handoff.HandoffUnconfirmed) says why
+                    handoff_error=bounded_error(self._handoff_errors.get(stats.name)),
                 ))
                 continue
             stream = self._stream.statistics(stats.name)

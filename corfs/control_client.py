@@ -219,6 +219,8 @@ def _wait_handoff(mountpoint: str, name: str, dest: str) -> None:
             raise ControlError(f"{mountpoint} has no image {name!r}")
         if not image.get("handing_over"):
             if image["state"] == "detached" and image.get("detached_to") == dest:
+                if image.get("handoff_error"):  # finished, but QEMU's switch unconfirmed
+                    raise HandoffFailed(image["handoff_error"])
                 return
             if image["state"] == "detached":
                 raise HandoffFailed(f"{name} was handed over to {image.get('detached_to')}")

@@ -82,6 +82,11 @@ def _wait_complete(mountpoint: str, image: str, timeout: float) -> None:
     while (status := _image_status(mountpoint, image))["fill_ratio"] < 1.0:
         if status["state"] == "error":
             raise NotLocalError(f"{image} cannot be completed: {status['error']}")
+        if status["state"] == "paused":  # nothing would fill it: --timeout waited for nothing
+            raise NotLocalError(
+                f"{image} is {status['fill_ratio']:.1%} local and its stream is paused: "
+                f"corfs stream resume {mountpoint} {image}, then detach again"
+            )
         if time.monotonic() > deadline:
             raise NotLocalError(
                 f"{image} is still {status['fill_ratio']:.1%} local after {timeout:g} s"

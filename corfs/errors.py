@@ -9,6 +9,8 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     ├── ReadOnlyError               EROFS, exit 1
     ├── ImageHandedOver             ESTALE, exit 1   its data file is QEMU's now (detach --qmp)
     ├── HandoffFailed               EIO, exit 1      a live handoff failed and was rolled back
+    │   └── HandoffUnconfirmed      EIO, exit 1      ... its QEMU switch failed unconfirmed:
+    │                                                finished instead (DEST kept)
     ├── OutOfImageError             ENOSPC, exit 1   a write wholly past the end of an image
     ├── NotLocalError               EIO, exit 1      detach of an image that is not fully local
     ├── ControlError                EINVAL, exit 4   a control command refused, or aimed at
@@ -86,6 +88,11 @@ class ImageHandedOver(CorfsError):
 
 class HandoffFailed(CorfsError):
     """A live handoff to QEMU failed at some step; everything done was undone."""
+
+
+class HandoffUnconfirmed(HandoffFailed):
+    """A live handoff's QEMU switch failed and QEMU could not be got off DEST (or could not
+    be asked): the handoff was finished (DEST kept, the image no longer served), unconfirmed."""
 
 
 class OutOfImageError(CorfsError):

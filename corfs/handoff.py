@@ -46,7 +46,14 @@ from dataclasses import asdict, dataclass
 import trio
 
 from .durable import fsync_dir
-from .errors import CorfsError, HandoffUnderWay, NotLocalError, QmpError, UsageError
+from .errors import (
+    CorfsError,
+    HandoffUnconfirmed,
+    HandoffUnderWay,
+    NotLocalError,
+    QmpError,
+    UsageError,
+)
 from .image import Image
 from .qemu_cmdline import qemu_pid_for_socket, started_options
 from .store import CacheStore, HandoffRecord
@@ -204,6 +211,7 @@ async def _hand_over(
     image: Image, store: CacheStore, qemu_path: str, dest: str, via: Via, bases: tuple[str, ...]
 ) -> int:
     name = image.name
+    unconfirmed = ""  # why QEMU's switch could not be confirmed (finished all the same)
     if not image.complete:
         raise NotLocalError(
             f"{name} is not fully local ({image.local_bytes / image.size:.1%}): "
@@ -235,6 +243,7 @@ async def _hand_over(
         except _StillOnDest as still:
             log.error("%s: finishing the handoff to %s instead", still, dest)
             switched = -1
+            unconfirmed = str(still)
         except BaseException:
             try:
                 if attempt.switch_started:  # QEMU may have written to the shared inode
@@ -265,6 +274,12 @@ async def _hand_over(
                 f"the handoff of {name} to {dest} was cut short by the unmount: QEMU runs on "
                 "DEST; the next mount of the cache settles it"
             )
+    if unconfirmed:  # finished to keep DEST, but no QEMU said it runs on it: never a success
+        raise HandoffUnconfirmed(
+            f"QEMU's switch of {name} to {dest} could not be confirmed ({unconfirmed}): the "
+            f"handoff was finished so that DEST stays (QEMU may run on it) and {name} is no "
+            "longer served; check the VM"
+        )
     return switched
 
 

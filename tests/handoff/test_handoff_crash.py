@@ -451,3 +451,39 @@ def _assert_qemu_runs_on(qemu: Qemu, dest: Path, base: Path) -> None:
     want[MIB : MIB + 65536] = b"\x5c" * 65536
     want[2 * MIB : 2 * MIB + 65536] = b"\x6d" * 65536
     assert dest.read_bytes() == bytes(want)
+
+
+def test_a_qemu_that_dies_during_the_switch_is_not_reported_as_handed_over(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    """QEMU dies (its QMP socket with it) while it is being re-pointed: corfs cannot tell
+    whether it had switched, so it keeps DEST and finishes the handoff (DEST is never removed
+    under a QEMU that may use it). But nothing confirmed the switch: `corfs detach` must not
+    say "handed over" and exit 0 as if it had, and the status must say so, not just
+    "detached"."""
+    base = make_image(tmp_dirs.base / "disk.raw", 4 * MIB, seed=17)
+    dest = tmp_path / "vm.raw"
+    with Qemu(tmp_path) as qemu, tmp_dirs.mount(env={STALL_ENV: "switching"}) as m:
+        cli = _qemu_writes_then_detach(m, qemu, dest, text=True)
+        try:
+            wait_for(lambda: "handoff pausing at switching" in m.log_text(), 30,
+                     "the switch to begin")
+            assert qemu.proc is not None
+            qemu.proc.kill()  # QEMU crashes mid-handoff
+            qemu.proc.wait(10)
+            out, err = cli.communicate(timeout=60)
+        finally:
+            cli.kill()
+            cli.wait(10)
+        status = image_status(live_status(m.mnt), "disk.raw")
+        # The data is kept: DEST is the whole image (the write made before included).
+        want = bytearray(base.read_bytes())
+        want[MIB : MIB + 65536] = b"\x5c" * 65536
+        assert dest.read_bytes() == bytes(want)
+        assert status["state"] == "detached" and status["detached_to"] == str(dest)
+        assert_one_line_error(
+            subprocess.CompletedProcess(cli.args, cli.returncode, out, err),
+            "could not be confirmed", str(dest),
+        )
+        assert "could not be confirmed" in (status["handoff_error"] or ""), status
+        m.stop()

@@ -371,3 +371,27 @@ def test_a_mount_named_through_a_symlink_hands_over_what_qemu_opened_through_it(
         qemu.qemu_io("drv0", "flush")
         m.stop()
         assert dest.read_bytes() == expected(base_image, WRITES_BEFORE + WRITES_AFTER)
+
+
+def test_wait_with_the_stream_paused_says_so_at_once(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """`detach --wait` of an image whose stream is paused would wait for nothing (--timeout,
+    10 minutes by default) and then blame only the fill: it says at once that the stream is
+    paused and how to resume it, nothing changed; once resumed, the handoff goes through."""
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount("--stream-paused") as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        write_all(qemu, "drv0", WRITES_BEFORE)
+        result = run_corfs("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket, "--wait",
+                           timeout=30)
+        assert_one_line_error(result, "paused", "corfs stream resume")
+        assert not dest.exists()
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "paused"
+        run_corfs("stream", "resume", m.mnt, "disk.raw", check=True)
+        result = detach(tmp_dirs, dest, qemu, "--wait")
+        assert result.returncode == 0, result.stderr + m.log_tail()
+        write_all(qemu, "drv0", WRITES_AFTER)
+        qemu.qemu_io("drv0", "flush")
+        assert dest.read_bytes() == expected(base_image, WRITES_BEFORE + WRITES_AFTER)
