@@ -600,7 +600,9 @@ class Image:
                     return await self._read_range(chunks, offset, length)
                 held = await self.wait_local(chunks, reading=True)
                 self._refuse_lost_writes(chunks)
-            # No await from here on: what is in memory now is served.
+            # No await from here on: what is in memory now is served (if the image is still
+            # ours: a handoff may have finished while this read waited).
+            self.check_served()
             return self._serve(chunks, offset, length, held)
         if self._fresh:
             return self._serve(chunks, offset, length, held)
@@ -721,7 +723,9 @@ class Image:
                 await self._dirty_first.make(said_clean)
             else:
                 break
-        # No await from here on: the write and the dirty marks are one atomic step.
+        # No await from here on: the write and the dirty marks are one atomic step. A handoff
+        # finished while this write waited: the data file is QEMU's DEST now, not ours to write.
+        self.check_served()
         for index in touched:
             self._fresh.drop(index)  # even if the write fails half-way
         # The next commit syncs the data file even when every chunk was dirty already (no new

@@ -17,6 +17,7 @@ from corfs.errors import (
     CacheFull,
     ChunkUnavailable,
     CorfsError,
+    ImageHandedOver,
     ReadOnlyError,
 )
 from corfs.image import Image
@@ -540,5 +541,34 @@ def test_a_chunk_written_whole_while_its_fill_fails_is_read_and_not_failing(rig_
             assert got == [written]
             assert image.failing_chunks == [] and image.fill_error is None
             assert image.state_of(1) == ChunkState.DIRTY
+
+    run(main)
+
+
+def test_a_read_that_waited_across_a_handoff_is_refused(rig_factory) -> None:
+    """A read waiting for a fill while a handoff finishes (image.handed_over_to set at its
+    commit point, as handoff.py does; the data file is QEMU's DEST from then on, and the store
+    closes its descriptor) is refused (ESTALE), not served from that file."""
+    data = random_bytes(SIZE)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}) as rig:
+            image = rig.image("a")
+            await image.read(CS, CS)
+            await image.wait_stored()  # chunk 1 local: the read below needs the data file
+            rig.source("a").faults.delay = 1.0
+            refused = []
+
+            async def read() -> None:
+                try:
+                    await image.read(0, 2 * CS)
+                except ImageHandedOver as exc:
+                    refused.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.sleep(0.5)  # it waits for chunk 0's fill
+                image.handed_over_to = "/var/lib/vms/dest.raw"
+            assert len(refused) == 1 and refused[0].errno == errno.ESTALE
 
     run(main)

@@ -17,7 +17,7 @@ import trio
 
 from corfs.base.memory import MemoryImage
 from corfs.datafile import FOLIO_SPAN, DataFile, Way
-from corfs.errors import CacheFull
+from corfs.errors import CacheFull, ImageHandedOver
 from corfs.image import Image
 from corfs.store import ChunkState
 from corfs.write_behind import WriteBehind
@@ -495,5 +495,39 @@ def test_a_write_hurries_only_the_stores_it_waits_for(rig_factory, monkeypatch) 
                 b"x" + data[3 * chunk + 11 : 3 * chunk + 20]
             )
             assert rig.data_file("a")[chunk : 3 * chunk] == data[chunk : 3 * chunk]
+
+    trio.run(main)
+
+
+def test_a_write_that_waited_across_a_handoff_does_not_reach_the_data_file(
+    rig_factory, monkeypatch
+) -> None:
+    """Hunt's finding: a write is checked for a handed-over image on entry only. One that
+    waits (here for its chunk's queued base bytes) while a handoff finishes (the data file is
+    QEMU's DEST from then on, image.handed_over_to set at the commit point, as handoff.py
+    does) wrote into QEMU's live disk behind its back. It is refused (ESTALE) instead."""
+    chunk = FOLIO_SPAN
+    data = random_bytes(2 * chunk, seed=40)
+    _slow_stores(monkeypatch, chunk, 0.5)
+
+    async def main() -> None:
+        async with rig_factory({"a": data}, chunk_size=chunk) as rig:
+            image = rig.image("a")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(image.fill_each, range(0, 1))
+                await wait_until(lambda: 0 in image._queue)
+                refused = []
+
+                async def write() -> None:
+                    try:
+                        await image.write(10, b"late")
+                    except ImageHandedOver as exc:
+                        refused.append(exc)
+
+                nursery.start_soon(write)
+                await trio.sleep(0.1)  # the write waits for the store of chunk 0
+                image.handed_over_to = "/var/lib/vms/dest.raw"
+            assert len(refused) == 1 and refused[0].errno == errno.ESTALE
+            assert rig.data_file("a")[:chunk] == data[:chunk]  # the stored base bytes only
 
     trio.run(main)
