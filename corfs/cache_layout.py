@@ -35,6 +35,7 @@ import re
 import stat
 from urllib.parse import quote
 
+from .durable import fsync_dir
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,26 @@ def private_open(path: str, flags: int, *, dir_fd: int | None = None) -> int:
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create a directory of CACHE (0700 whatever the umask) unless it is there already."""
-    os.makedirs(path, mode=PRIVATE_DIR_MODE, exist_ok=True)
+    """Create a directory of CACHE (0700 whatever the umask) unless it is there already, and
+    its missing parents as mkdir -p does (their mode the umask's); each new name is made
+    durable in its parent, or a power cut could take CACHE/data away under chunks recorded
+    local."""
+    _make_dir_durably(os.path.abspath(path), PRIVATE_DIR_MODE)
+
+
+def _make_dir_durably(path: str, mode: int) -> None:
+    parent = os.path.dirname(path)
+    if os.path.isdir(path) or parent == path:
+        return
+    if not os.path.isdir(parent):
+        _make_dir_durably(parent, 0o777)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if os.path.isdir(path):  # made meanwhile by another
+            return
+        raise
+    fsync_dir(parent)
 
 
 def tighten_private(cache_dir: str) -> list[str]:

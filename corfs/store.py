@@ -205,6 +205,7 @@ class CacheStore:
                     "INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
                 ensure_private_dir(os.path.join(cache_dir, DATA_DIR))
+                fsync_dir(cache_dir)  # state.db's name (SQLite syncs only its journals')
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)

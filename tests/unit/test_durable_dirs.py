@@ -1,0 +1,38 @@
+"""CACHE's directories are made durable in their parents when created (cache_layout
+.ensure_private_dir): the data file names were synced in CACHE/data, but CACHE/data itself
+(and CACHE, and state.db's name) were not, so a power cut on a file system that does not
+order directory operations (ext2) could take them away under chunks recorded local. The
+real fsync runs; the spy records which directories it synced."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from corfs import cache_layout, durable, store
+from corfs.store import CacheStore
+
+
+def test_a_new_cache_syncs_every_directory_it_adds_a_name_to(tmp_path, monkeypatch) -> None:
+    synced: list[str] = []
+    real = durable.fsync_dir
+
+    def spy(path: str) -> None:
+        synced.append(os.path.abspath(path))
+        real(path)
+
+    monkeypatch.setattr(cache_layout, "fsync_dir", spy)
+    monkeypatch.setattr(store, "fsync_dir", spy)
+    cache = tmp_path / "a" / "b" / "cache"
+    CacheStore.open(str(cache), lock=False, create=True).close()
+    for name in (tmp_path, tmp_path / "a", tmp_path / "a" / "b", cache):
+        assert str(name) in synced, (name, synced)  # a name was added to each
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(cache / "data").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
