@@ -82,10 +82,18 @@ def _wait_complete(mountpoint: str, image: str, timeout: float) -> None:
     while (status := _image_status(mountpoint, image))["fill_ratio"] < 1.0:
         if status["state"] == "error":
             raise NotLocalError(f"{image} cannot be completed: {status['error']}")
-        if status["state"] == "paused":  # nothing would fill it: --timeout waited for nothing
+        # Nothing would fill it: --timeout waited for nothing (a base that is down may come
+        # back: "offline" is waited for)
+        if status["state"] == "paused":
             raise NotLocalError(
                 f"{image} is {status['fill_ratio']:.1%} local and its stream is paused: "
                 f"corfs stream resume {mountpoint} {image}, then detach again"
+            )
+        if status["state"] == "idle":
+            raise NotLocalError(
+                f"{image} is {status['fill_ratio']:.1%} local and its mount streams nothing "
+                f"(--no-stream): read it whole (cat {mountpoint}/{image} >/dev/null), then "
+                "detach again"
             )
         if time.monotonic() > deadline:
             raise NotLocalError(

@@ -8,7 +8,7 @@ exit code the CLI ends with; they are translated in exactly two places, fuse_ops
     │   └── CacheFull               ENOSPC, exit 3
     ├── ReadOnlyError               EROFS, exit 1
     ├── ImageHandedOver             ESTALE, exit 1   its data file is QEMU's now (detach --qmp)
-    ├── HandoffFailed               EIO, exit 1      a live handoff failed and was rolled back
+    ├── HandoffFailed               EIO, exit 1      a live handoff failed (rolled back, but:)
     │   └── HandoffUnconfirmed      EIO, exit 1      ... its QEMU switch failed unconfirmed:
     │                                                finished instead (DEST kept)
     ├── OutOfImageError             ENOSPC, exit 1   a write wholly past the end of an image
@@ -87,7 +87,8 @@ class ImageHandedOver(CorfsError):
 
 
 class HandoffFailed(CorfsError):
-    """A live handoff to QEMU failed at some step; everything done was undone."""
+    """A live handoff to QEMU failed at some step; everything done was undone (but for
+    HandoffUnconfirmed)."""
 
 
 class HandoffUnconfirmed(HandoffFailed):

@@ -30,7 +30,8 @@ class ImageStatus:
     fill_errors: int = 0  # fills of it that failed since the mount began
     failing_chunk_indexes: tuple[int, ...] = ()  # the first MAX_LISTED_CHUNKS of them
     detached_to: str | None = None  # handed over to QEMU live: its data file is this now
-    handoff_error: str | None = None  # why the latest live handoff failed (rolled back)
+    handoff_error: str | None = None  # why the latest live handoff failed (rolled back, or
+    # finished unconfirmed: errors.HandoffUnconfirmed)
     handing_over: bool = False  # a live handoff of it is under way
 
 

@@ -60,12 +60,16 @@ def _identity(st: os.stat_result) -> str:
     return f"size={st.st_size};mtime_ns={st.st_mtime_ns};ino={st.st_ino}"
 
 
+# An open beneath BASE refused: a symbolic link now (or one on the way, or a file where a
+# directory was), a socket
+_NOT_A_FILE = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO)
+
+
 def _open_error(what: str, exc: OSError) -> BaseError:
     """What a failed open of `what` (an image or object of BASE, by open_beneath) means."""
     if isinstance(exc, FileNotFoundError):
         return BaseNotFound(f"{what} does not exist")
-    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):  # a symbolic link now (or
-        # one on the way, or a file where a directory was), a socket
+    if exc.errno in _NOT_A_FILE:
         return BaseChanged(f"{what} changed since it was listed")
     if isinstance(exc, PermissionError):  # unreadable since the listing: not a bug
         return BaseAccessDenied(f"{what}: permission denied")
@@ -210,6 +214,9 @@ class DirBase:
                     self.root, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
                 )
             except OSError as exc:
+                if exc.errno in _NOT_A_FILE:  # a bad object, as a FIFO there is (below): a
+                    # chunk object was never listed, so not "changed" (that fails its image)
+                    raise BaseProtocolError(f"{path} is not a regular file") from None
                 raise _open_error(path, exc) from None
             try:
                 with open(fd, "rb") as f:

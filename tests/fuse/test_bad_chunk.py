@@ -5,6 +5,8 @@ status (JSON and the table) names the failing chunk and its error."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 
 import pytest
@@ -63,3 +65,27 @@ def test_a_bad_chunk_fails_only_itself(tmp_dirs, damage: str, reason: str) -> No
         assert table.returncode == 0, table.stderr
         assert f"failing chunks: 1 ({BAD})" in table.stdout
         m.stop()
+
+
+def test_a_chunk_object_that_is_a_socket_fails_only_itself(tmp_dirs) -> None:
+    """Review finding: an object's failed open was mapped as an image's, so a chunk object
+    that is a socket (ENXIO), or whose fan-out directory is a file (ENOTDIR), was BaseChanged:
+    the image's error for good, every absent chunk of it ESTALE until a remount. A
+    content-addressed object was never listed, so never "changed": EIO for it alone."""
+    p = published_image(tmp_dirs, size=CHUNKS * CHUNK, zero=())
+    bad = object_path(tmp_dirs.base, p.digests[BAD])
+    bad.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        short = tmp_dirs.base / "s"  # AF_UNIX paths are short: bound here, moved in place
+        sock.bind(os.fspath(short))
+        os.rename(short, bad)
+        with tmp_dirs.mount("--no-stream") as m:
+            image = str(m.mnt / "a.raw")
+            result = dd_direct(image, BAD)
+            assert result.returncode != 0
+            assert b"Input/output error" in result.stderr, result.stderr  # not ESTALE
+            after = BAD + 3  # another absent chunk, its object fine
+            result = dd_direct(image, after)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == p.want[after * CHUNK : (after + 1) * CHUNK]
+            m.stop()

@@ -395,3 +395,19 @@ def test_wait_with_the_stream_paused_says_so_at_once(
         write_all(qemu, "drv0", WRITES_AFTER)
         qemu.qemu_io("drv0", "flush")
         assert dest.read_bytes() == expected(base_image, WRITES_BEFORE + WRITES_AFTER)
+
+
+def test_wait_on_a_mount_that_streams_nothing_says_so_at_once(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """Review finding: as with a paused stream, `detach --wait` on a --no-stream mount waited
+    out --timeout for a fill nothing drives; it says at once how to make the image whole."""
+    dest = tmp_path / "vm.raw"
+    with tmp_dirs.mount("--no-stream") as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        result = run_corfs("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket, "--wait",
+                           timeout=30)
+        assert_one_line_error(result, "--no-stream", "read it whole")
+        assert not dest.exists()
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "idle"

@@ -14,7 +14,7 @@ import trio.testing
 
 from corfs.base import dir as dir_base
 from corfs.base.dir import DirBase
-from corfs.errors import BaseChanged
+from corfs.errors import BaseChanged, BaseProtocolError
 from tests.fifo import fifo_opened
 
 
@@ -84,4 +84,4 @@ def test_a_directory_swapped_for_a_symlink_before_an_object_is_opened_is_not_fol
         trio.run(main)
         assert not opened.wait(1), "the base opened what the swapped directory names"
     # a base error of that object (the next read finds its key outside BASE): no bytes
-    assert [type(exc) for exc in failed] == [BaseChanged], failed
+    assert [type(exc) for exc in failed] == [BaseProtocolError], failed
