@@ -471,8 +471,9 @@ def test_a_write_hurries_only_the_stores_it_waits_for(rig_factory, monkeypatch) 
     in its spans, 1-2's and 5-6's, which wait for nothing but their turn: those three are
     hurried, no other."""
     chunk = FOLIO_SPAN // 2  # two chunks per span
-    data = random_bytes(22 * chunk, seed=39)
-    _slow_stores(monkeypatch, chunk, 0.2, way=Way.BUFFERED)
+    data = random_bytes(14 * chunk, seed=39)
+    # 0.5 s a store: the job of 1-2 is still in flight when the write comes (~0.3 s in)
+    _slow_stores(monkeypatch, chunk, 0.5, way=Way.BUFFERED)
 
     async def main() -> None:
         async with rig_factory({"a": data}, chunk_size=chunk) as rig:
@@ -480,13 +481,13 @@ def test_a_write_hurries_only_the_stores_it_waits_for(rig_factory, monkeypatch) 
             image.data.refused.add(Way.DIRECT)
             jobs = {}
             async with trio.open_nursery() as nursery:
-                for first in range(1, 21, 2):  # ten stream jobs of two chunks, misaligned by one
+                for first in range(1, 13, 2):  # six stream jobs of two chunks, misaligned by one
                     run = range(first, first + 2)
                     nursery.start_soon(image.fill_each, run)
                     await wait_until(lambda r=run: all(i in image._queue for i in r))
                     jobs[first] = image._queue.get(first).job
                     await trio.sleep(0.02)
-                with trio.fail_after(1.5):  # three stores of 0.2 s, not the line's ten
+                with trio.fail_after(2.5):  # three stores of 0.5 s, not the line's six
                     await image.write(3 * chunk + 10, b"x")
                 hurried = sorted(first for first, job in jobs.items() if job.turn.hurried)
                 assert hurried == [1, 3, 5]
