@@ -28,17 +28,21 @@ def _getxattr_like_cpython(controller: Controller, name: str) -> dict:
     raise AssertionError("too large")
 
 
+def _controller(rig) -> Controller:  # noqa: ANN001
+    served = list(rig.images.values())
+    return Controller(
+        served, StreamWorker(served, StreamConfig(enabled=False)), store=rig.store,
+        base="memory://", mountpoint="/mnt", fetcher=rig.fetcher,
+    )
+
+
 def test_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
     monkeypatch.setattr(control, "STATUS_PAGE_BYTES", 700)  # about one image a page
 
     async def main() -> None:
         images = {name: random_bytes(2 * CS, seed=i) for i, name in enumerate("abcd")}
         async with rig_factory(images) as rig:
-            served = list(rig.images.values())
-            controller = Controller(
-                served, StreamWorker(served, StreamConfig(enabled=False)), store=rig.store,
-                base="memory://", mountpoint="/mnt", fetcher=rig.fetcher,
-            )
+            controller = _controller(rig)
             calls = 0
             real = controller.status
 
@@ -69,11 +73,7 @@ def test_a_page_asked_long_after_the_first_is_a_fresh_status(rig_factory, monkey
     async def main() -> None:
         images = {name: random_bytes(2 * CS, seed=i) for i, name in enumerate("abcd")}
         async with rig_factory(images) as rig:
-            served = list(rig.images.values())
-            controller = Controller(
-                served, StreamWorker(served, StreamConfig(enabled=False)), store=rig.store,
-                base="memory://", mountpoint="/mnt", fetcher=rig.fetcher,
-            )
+            controller = _controller(rig)
             first = _getxattr_like_cpython(controller, STATUS_XATTR)
             second = f"{STATUS_XATTR}.{first['images_next']}"
             before = _getxattr_like_cpython(controller, second)["images"][0]

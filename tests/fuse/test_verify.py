@@ -65,6 +65,18 @@ def damage(path: Path, offset: int, length: int = 16) -> None:
         os.close(fd)
 
 
+def cached_then_damaged(dirs: CorfsDirs, *, seed: int, at: int) -> None:
+    """a.raw of 4 chunks read whole through a mount (all stored), then the mount stopped and
+    its data file damaged at byte `at`."""
+    size = 4 * CHUNK
+    make_image(dirs.base / "a.raw", size, seed=seed, block_size=CHUNK)
+    with dirs.mount("--no-stream", "--chunk-size", "64K") as m:
+        (m.mnt / "a.raw").read_bytes()
+        wait_stored(m.mnt, "a.raw", size)
+        m.stop()
+    damage(dirs.cache / "data" / "a.raw", at)
+
+
 def publish_into(tmp_dirs) -> bytes:
     src = tmp_dirs.base.parent / "src"
     src.mkdir()
@@ -340,13 +352,7 @@ def test_an_image_whose_data_file_is_gone_fails_only_itself(tmp_dirs) -> None:
 def test_verify_while_another_command_holds_the_cache_says_so(tmp_dirs) -> None:
     """The cache's lock held by a corfs process that is no mount (another verify, a detach):
     verify took it for a mount and sent its forgets to "" (\"corfs:  does not exist\")."""
-    size = 4 * CHUNK
-    make_image(tmp_dirs.base / "a.raw", size, seed=22, block_size=CHUNK)
-    with tmp_dirs.mount("--no-stream", "--chunk-size", "64K") as m:
-        (m.mnt / "a.raw").read_bytes()
-        wait_stored(m.mnt, "a.raw", size)
-        m.stop()
-    damage(tmp_dirs.cache / "data" / "a.raw", CHUNK + 5)
+    cached_then_damaged(tmp_dirs, seed=22, at=CHUNK + 5)
     rows = chunk_rows(tmp_dirs.cache, "a.raw")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom corfs.store import CacheStore\n"
@@ -369,13 +375,7 @@ def test_verify_escapes_the_reasons_it_prints(tmp_path: Path) -> None:
     path may hold control characters: its ESC [31m is printed escaped, not sent to the
     terminal."""
     dirs = CorfsDirs.under(tmp_path / "evil\x1b[31m")
-    size = 4 * CHUNK
-    make_image(dirs.base / "a.raw", size, seed=30, block_size=CHUNK)
-    with dirs.mount("--no-stream", "--chunk-size", "64K") as m:
-        (m.mnt / "a.raw").read_bytes()
-        wait_stored(m.mnt, "a.raw", size)
-        m.stop()
-    damage(dirs.cache / "data" / "a.raw", CHUNK + 9)
+    cached_then_damaged(dirs, seed=30, at=CHUNK + 9)
     dirs.base.rename(tmp_path / "moved")
     text = run_corfs("verify", dirs.cache)
     assert text.returncode == 1 and "Traceback" not in text.stderr, text
