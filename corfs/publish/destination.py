@@ -56,6 +56,8 @@ PUBLIC_FILE_MODE = 0o644
 PUBLIC_DIR_MODE = 0o755
 _TMP_DIR_MODE = 0o700  # half-written objects are nobody's business
 _UPDATE_ATTEMPTS = 20  # conditional writes of index.json lost to other publishes, at most
+DEFAULT_IO_TIMEOUT = 60.0  # S3: seconds without a connection or answer bytes (botocore's)
+S3_ATTEMPTS = 5  # S3: attempts of each request (botocore's standard retries)
 
 # ---- destinations --------------------------------------------------------------------------
 
@@ -241,6 +243,7 @@ class S3Destination:
         region: str | None,
         profile: str | None,
         connections: int,
+        io_timeout: float,
     ) -> S3Destination:
         import boto3
         import botocore.config
@@ -252,7 +255,11 @@ class S3Destination:
         prefix = prefix + "/" if prefix else ""
         config = botocore.config.Config(
             max_pool_connections=max(10, connections),
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+            # botocore's timeouts are per connect and per socket read: a stalled endpoint
+            # held each request 60 s an attempt (5 minutes a chunk) whatever the user needed
+            connect_timeout=io_timeout,
+            read_timeout=io_timeout,
         )
         description = f"s3://{bucket}/{prefix}"
         try:
@@ -370,6 +377,7 @@ def open_destination(
     region: str | None = None,
     profile: str | None = None,
     connections: int = 10,
+    io_timeout: float = DEFAULT_IO_TIMEOUT,
 ) -> Destination:
     if dest.startswith("s3://"):
         return S3Destination.open(
@@ -378,6 +386,7 @@ def open_destination(
             region=region,
             profile=profile,
             connections=connections,
+            io_timeout=io_timeout,
         )
     if "://" in dest:
         raise UsageError(f"cannot publish to {dest!r}: use a directory or s3://bucket/prefix")

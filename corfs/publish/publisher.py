@@ -62,7 +62,7 @@ from ..manifest import (
     render_index,
 )
 from ..sizes import format_size, parse_size
-from .destination import Destination, open_destination
+from .destination import DEFAULT_IO_TIMEOUT, S3_ATTEMPTS, Destination, open_destination
 
 log = logging.getLogger(__name__)
 
@@ -403,13 +403,17 @@ def run_publish(
     endpoint_url: str | None = None,
     region: str | None = None,
     profile: str | None = None,
+    io_timeout: float = DEFAULT_IO_TIMEOUT,
 ) -> list[PublishSummary]:
     """`corfs publish`: bad input raises UsageError, failures CorfsError, one line each."""
     jobs = (os.cpu_count() or 1) if jobs is None else jobs  # 0 is refused, not "all"
     _check_options(chunk_size, level, jobs)
+    if not io_timeout > 0:  # nan too
+        raise UsageError(f"--io-timeout must be positive, not {io_timeout}")
     sources = _check_sources(images, chunk_size)
     destination = open_destination(
-        dest, endpoint_url=endpoint_url, region=region, profile=profile, connections=2 * jobs
+        dest, endpoint_url=endpoint_url, region=region, profile=profile, connections=2 * jobs,
+        io_timeout=io_timeout,
     )
     if not progress:
         return publish_to(images, destination, chunk_size=chunk_size, level=level, jobs=jobs)
@@ -489,6 +493,14 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint URL")
     parser.add_argument("--region", default=None, help="S3 region")
     parser.add_argument("--profile", default=None, help="AWS profile for S3")
+    parser.add_argument(
+        "--io-timeout",
+        type=float,
+        default=DEFAULT_IO_TIMEOUT,
+        metavar="SECONDS",
+        help="S3: a request that gets no connection or no answer bytes for this long is "
+        f"retried, {S3_ATTEMPTS} attempts in all (default {DEFAULT_IO_TIMEOUT:g})",
+    )
 
 
 def publish_from_args(args: argparse.Namespace) -> list[PublishSummary]:
@@ -506,4 +518,5 @@ def publish_from_args(args: argparse.Namespace) -> list[PublishSummary]:
         endpoint_url=args.endpoint_url,
         region=args.region,
         profile=args.profile,
+        io_timeout=args.io_timeout,
     )

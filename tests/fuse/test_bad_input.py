@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -505,6 +507,30 @@ def test_bad_endpoint_urls_are_one_line_without_their_secrets(dirs, endpoint, ne
                        timeout=30, env=env)
     assert_one_line_error(result, "--endpoint-url", needle)
     assert result.returncode == 2 and "s3cr3t" not in result.stderr
+
+
+def test_publish_to_an_s3_endpoint_that_never_answers_ends_within_its_io_timeout(dirs):
+    """botocore waits 60 s for each connection and each read of an answer, five attempts a
+    request: a stalled endpoint held `corfs publish` about 5 minutes for its first request.
+    --io-timeout sets both: here 1 s, five attempts and their backoff, then one line. The
+    endpoint: a socket that listens and never accepts (the kernel completes the handshake)."""
+    image = dirs.base / "disk.raw"
+    image.write_bytes(b"x" * 4096)
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(64)
+        endpoint = f"http://127.0.0.1:{stalled.getsockname()[1]}"
+        started = time.monotonic()
+        result = run_corfs("publish", image, "s3://bucket/images", "--endpoint-url", endpoint,
+                           "--io-timeout", "1", timeout=120, env=env)
+        took = time.monotonic() - started
+    assert_one_line_error(result, "bucket")
+    assert result.returncode == 5
+    assert took < 60, took  # not one default timeout, let alone five
+    result = run_corfs("publish", image, "s3://bucket/images", "--io-timeout", "0", env=env)
+    assert_one_line_error(result, "--io-timeout must be positive")
+    assert result.returncode == 2
 
 
 @pytest.mark.parametrize("command", ["mount", "publish"])
