@@ -134,7 +134,10 @@ def _make_dir_durably(path: str, mode: int) -> None:
         if os.path.isdir(path):  # made meanwhile by another
             return
         raise
-    fsync_dir(parent)
+    try:
+        fsync_dir(parent)
+    except PermissionError:  # a parent we may write but not read (mode -wx): as before
+        log.debug("cannot sync %s (not readable): %s is not durable yet", parent, path)
 
 
 def tighten_private(cache_dir: str) -> list[str]:

@@ -7,10 +7,16 @@ real fsync runs; the spy records which directories it synced."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
 
 from corfs import cache_layout, durable, store
 from corfs.store import CacheStore
+from tests.mounting import REPO_ROOT
 
 
 def test_a_new_cache_syncs_every_directory_it_adds_a_name_to(tmp_path, monkeypatch) -> None:
@@ -36,3 +42,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_cache_under_a_directory_it_cannot_read_is_still_made() -> None:
+    """A parent the user may write and enter but not read (mode 0333): its name cannot be
+    synced (opening it to fsync needs read), and the cache is made all the same, as before.
+    The user is nobody (root reads everything), under a directory it may enter."""
+    root = Path(tempfile.mkdtemp(prefix="corfs-durable-", dir="/tmp"))
+    root.chmod(0o755)
+    parent = root / "drop-box"
+    parent.mkdir()
+    parent.chmod(0o333)
+    script = (
+        "import sys\nfrom corfs.store import CacheStore\n"
+        "CacheStore.open(sys.argv[1], lock=False, create=True).close()\nprint('made')"
+    )
+    try:
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "/usr/bin/python3", "-c", script, str(parent / "cache")],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), sysconfig.get_paths()["purelib"]])},
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert result.stdout.strip() == "made", result.stderr
