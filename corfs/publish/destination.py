@@ -58,6 +58,9 @@ _TMP_DIR_MODE = 0o700  # half-written objects are nobody's business
 _UPDATE_ATTEMPTS = 20  # conditional writes of index.json lost to other publishes, at most
 DEFAULT_IO_TIMEOUT = 60.0  # S3: seconds without a connection or answer bytes (botocore's)
 S3_ATTEMPTS = 5  # S3: attempts of each request (botocore's standard retries)
+# A socket timeout past ~1e9 s overflows in the layers below (inf: an HTTPClientError that
+# says nothing of why); `--io-timeout inf` asks for none, and three years is none.
+_NEVER = 1e8
 
 # ---- destinations --------------------------------------------------------------------------
 
@@ -258,8 +261,8 @@ class S3Destination:
             retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
             # botocore's timeouts are per connect and per socket read: a stalled endpoint
             # held each request 60 s an attempt (5 minutes a chunk) whatever the user needed
-            connect_timeout=io_timeout,
-            read_timeout=io_timeout,
+            connect_timeout=min(io_timeout, _NEVER),
+            read_timeout=min(io_timeout, _NEVER),
         )
         description = f"s3://{bucket}/{prefix}"
         try:

@@ -531,6 +531,11 @@ def test_publish_to_an_s3_endpoint_that_never_answers_ends_within_its_io_timeout
     result = run_corfs("publish", image, "s3://bucket/images", "--io-timeout", "0", env=env)
     assert_one_line_error(result, "--io-timeout must be positive")
     assert result.returncode == 2
+    # no timeout at all: the endpoint's own failure is said (inf overflowed a socket timeout:
+    # "HTTPClientError")
+    result = run_corfs("publish", image, "s3://bucket/images", "--endpoint-url",
+                       "http://127.0.0.1:1", "--io-timeout", "inf", env=env)
+    assert_one_line_error(result, "cannot connect to the S3 endpoint")
 
 
 @pytest.mark.parametrize("command", ["mount", "publish"])
