@@ -126,7 +126,7 @@ def _make_dir_durably(path: str, mode: int) -> None:
     parent = os.path.dirname(path)
     if os.path.isdir(path) or parent == path:
         return
-    if not os.path.isdir(parent):
+    if not os.path.lexists(parent):  # a file there: mkdir below says "Not a directory"
         _make_dir_durably(parent, 0o777)
     try:
         os.mkdir(path, mode)

@@ -14,7 +14,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from corfs import cache_layout, durable, store
+from corfs.errors import UsageError
 from corfs.store import CacheStore
 from tests.mounting import REPO_ROOT
 
@@ -68,3 +71,13 @@ def test_a_cache_under_a_directory_it_cannot_read_is_still_made() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     assert result.stdout.strip() == "made", result.stderr
+
+
+@pytest.mark.parametrize("under", ["cache", "x/cache"])
+def test_a_file_on_the_way_to_cache_is_not_a_directory(tmp_path, under) -> None:
+    """Review finding: a regular file where CACHE needs a directory was said as "File exists"
+    of a path that does not exist (the creation recursed into the file); as os.makedirs
+    said: "Not a directory"."""
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UsageError, match="Not a directory"):
+        CacheStore.open(str(tmp_path / "f" / under), lock=False, create=True)
