@@ -149,9 +149,8 @@ class Controller:
         The later pages of a reading come from the images its first page was taken with
         (`_paged`, kept until the next reading's first page or PAGED_FOR: a page is asked
         twice when the reader's first buffer is too small, the last one too): a status per
-        page made reading
-        10 000 images' status quadratic, over a minute of the event loop (every VM's I/O)
-        blocked half a second per page."""
+        page made reading 10 000 images' status quadratic, over a minute of the event loop
+        (every VM's I/O) blocked half a second per page."""
         if name == STATUS_XATTR:
             summary = self.status().to_dict()
             self._paged = images = summary.pop("images")

@@ -226,8 +226,6 @@ class DirBase:
                 if len(data) > max_bytes:
                     raise BaseProtocolError(f"{path} is larger than {max_bytes} bytes")
                 return data
-            except FileNotFoundError:
-                raise BaseNotFound(f"{path} does not exist") from None
             except OSError as exc:
                 raise TransientBaseError(f"reading {path}: {exc.strerror}") from exc
 
