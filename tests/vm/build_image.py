@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import json
@@ -345,7 +346,15 @@ def _zstd_decompress(data: bytes) -> bytes:
 
 
 def build_test_image(out: Path | None = None) -> VmArtifacts:
-    """Build (or reuse) the test VM artifacts; ``out`` defaults to CACHE/vm/<key>."""
+    """Build (or reuse) the test VM artifacts; ``out`` defaults to CACHE/vm/<key>. One build
+    at a time on the machine (pytest-xdist workers ask together): the second finds the first's."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_test_image(out)
+
+
+def _build_test_image(out: Path | None) -> VmArtifacts:
     package = kernel_package_name()
     ktree = fetch_kernel(package)
     kver = kernel_version_of(ktree)
