@@ -13,21 +13,23 @@ from .cache_layout import LOCK_FILE, ensure_private_dir, private_open
 from .errors import CacheLocked, UsageError, cache_os_error
 
 
-def take_lock(cache_dir: str) -> int:
+def take_lock(cache_dir: str, shown: str | None = None) -> int:
+    """The lock's descriptor, locked; `shown`: CACHE as the user named it, for messages."""
+    shown = shown or cache_dir
     try:
         fd = private_open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # private_open follows no symlink: one was planted
             raise UsageError(
-                f"cache {cache_dir}: {LOCK_FILE} is a symbolic link; a cache holds none"
+                f"cache {shown}: {LOCK_FILE} is a symbolic link; a cache holds none"
             ) from None
-        raise UsageError(f"cache {cache_dir} is not writable: {exc.strerror}") from None
+        raise UsageError(f"cache {shown} is not writable: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise CacheLocked(
-            f"cache {cache_dir} is in use by another corfs process (a mount that is "
+            f"cache {shown} is in use by another corfs process (a mount that is "
             "stopping holds it until its fetched bytes are stored)"
         ) from None
     return fd

@@ -67,10 +67,11 @@ def _ours_before_state_db(cache_dir: str, name: str) -> bool:
     return name.endswith(".log") and os.path.isfile(path) and not os.path.islink(path)
 
 
-def check_new_cache(cache_dir: str) -> None:
+def check_new_cache(cache_dir: str, shown: str | None = None) -> None:
     """UsageError if CACHE is not a corfs cache yet holds files corfs did not make: its first
     mount would make all of them private (chmod go-rwx, recursively: CACHE=/var/cache, or a
-    home directory) and write its files among them."""
+    home directory) and write its files among them. `shown`: CACHE as the user named it, for
+    the message (cache_dir may be a held_path)."""
     if is_cache_dir(cache_dir):
         return
     try:
@@ -81,7 +82,8 @@ def check_new_cache(cache_dir: str) -> None:
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UsageError(
-            f"cache {cache_dir} is not a corfs cache and not empty (it holds {foreign[0]!r}"
+            f"cache {shown or cache_dir} is not a corfs cache and not empty (it holds "
+            f"{foreign[0]!r}"
             f"{more}): name an empty or new directory"
         )
 
@@ -104,6 +106,16 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 _GROUP_OTHER = 0o077
 PRIVATE_UMASK = _GROUP_OTHER  # the CLI's and the daemon's: no file of theirs open to others
+
+
+def held_path(fd: int) -> str:
+    """A path to the file or directory open as `fd` that no rename and no symbolic link can
+    re-point: the kernel resolves /proc/self/fd/N to the open file itself. A mount reaches CACHE
+    only through it once CACHE was checked (CacheStore.open): a name of CACHE that another
+    user controls (a link of theirs in /tmp, a parent directory of theirs) could otherwise
+    be pointed at a directory of theirs mid-mount, whose data/IMAGE links to a file of the
+    user's, and the next store would write that file."""
+    return f"/proc/self/fd/{fd}"
 
 
 def private_open(path: str, flags: int, *, dir_fd: int | None = None) -> int:
@@ -140,21 +152,29 @@ def _make_dir_durably(path: str, mode: int) -> None:
         log.debug("cannot sync %s (not readable): %s is not durable yet", parent, path)
 
 
-def tighten_private(cache_dir: str) -> list[str]:
+def tighten_private(cache_dir: str, shown: str | None = None) -> list[str]:
     """Take group and other permissions off CACHE and everything in it (a cache made by an
     older corfs, or copied with a loose umask); what changed, as "path 0644->0600" with paths
     relative to CACHE. UsageError if any of it belongs to another user (see the module
     docstring). Symbolic links of the user's own are left alone (their mode means nothing;
-    never follow)."""
+    never follow). `shown`: CACHE as the user named it, for messages (cache_dir may be a
+    held_path: the directory that was opened, whatever its name names meanwhile)."""
     changed = []
     user = os.geteuid()
 
-    def tighten(path: str) -> None:
-        st = os.lstat(path)
+    def relative(path: str) -> str:
+        return os.path.relpath(path, cache_dir)
+
+    def named(path: str) -> str:  # as the user would name it
+        return os.path.normpath(os.path.join(shown or cache_dir, relative(path)))
+
+    def tighten(path: str, follow: bool = False) -> None:
+        st = os.stat(path, follow_symlinks=follow)
         if st.st_uid not in (user, 0):  # root's: no other user could have planted it
             raise UsageError(
-                f"cache {cache_dir}: {path} belongs to uid {st.st_uid}, not to uid {user} who "
-                "mounts: a cache must be its user's alone (remove it, or chown the cache)"
+                f"cache {shown or cache_dir}: {named(path)} belongs to uid {st.st_uid}, not to "
+                f"uid {user} who mounts: a cache must be its user's alone (remove it, or chown "
+                "the cache)"
             )
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISLNK(st.st_mode) or not mode & _GROUP_OTHER:
@@ -162,15 +182,15 @@ def tighten_private(cache_dir: str) -> list[str]:
         try:
             os.chmod(path, mode & ~_GROUP_OTHER)
         except OSError as exc:  # another user's file in CACHE: refuse rather than expose it
-            raise UsageError(f"cannot make {path} private to its owner: {exc.strerror}") from None
+            raise UsageError(
+                f"cannot make {named(path)} private to its owner: {exc.strerror}"
+            ) from None
         kind = "/" if stat.S_ISDIR(st.st_mode) else ""
-        relative = os.path.relpath(path, cache_dir)
-        changed.append(f"{relative}{kind} {mode:04o}->{mode & ~_GROUP_OTHER:04o}")
+        changed.append(f"{relative(path)}{kind} {mode:04o}->{mode & ~_GROUP_OTHER:04o}")
 
-    # CACHE itself may be named through a symbolic link (to a cache on another disk): the
-    # directory it names is the one to make private.
-    cache_dir = os.path.realpath(cache_dir)
-    tighten(cache_dir)
+    # CACHE itself may be named through a symbolic link (to a cache on another disk, or a
+    # held_path): the directory it names is the one to make private.
+    tighten(cache_dir, follow=True)
     for top, dirs, files in os.walk(cache_dir):  # os.walk does not follow links to dirs
         for name in dirs + files:
             tighten(os.path.join(top, name))
@@ -181,7 +201,8 @@ def log_tightened(cache_dir: str, changed: list[str]) -> None:
     if changed:
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         log.warning(
-            "cache %s was open to other users; made it private to its owner: %s%s",
+            "cache %s was open to other users; made it private to its owner (a file another "
+            "user opened before stays open to them: start the cache anew if one may have): %s%s",
             cache_dir,
             ", ".join(changed[:5]),
             more,

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import trio
 
 from .buffers import ALIGNMENT, is_aligned
+from .cache_layout import held_path
 from .errors import CacheError, ShortWrite, cache_os_error
 
 if TYPE_CHECKING:  # only the type: the arithmetic is the caller's object's
@@ -207,7 +208,7 @@ class DataFile:
         self.name = name
         self.geometry = geometry
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise CacheError(f"data file of {name} is missing from the cache") from None
         except OSError as exc:
@@ -320,7 +321,10 @@ class DataFile:
             return Way.BUFFERED
         if self._direct_fd is None:
             try:
-                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                # The open file itself, not its name again (held_path in cache_layout.py)
+                self._direct_fd = os.open(
+                    held_path(self.fd), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+                )
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
                     self._refuse(Way.DIRECT)

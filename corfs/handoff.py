@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 
 import trio
 
+from .cache_layout import data_path_in
 from .durable import fsync_dir
 from .errors import (
     CorfsError,
@@ -217,9 +218,11 @@ async def _hand_over(
             f"{name} is not fully local ({image.local_bytes / image.size:.1%}): "
             "wait for the stream (--wait)"
         )
-    data_path = store.data_path(name)
-    # Off the trio thread: a DEST on a hung file system must not stall the mount's I/O.
-    await trio.to_thread.run_sync(check_dest, data_path, dest, os.path.dirname(qemu_path), bases)
+    data_path = store.data_path(name)  # the held CACHE's: what is linked
+    # Off the trio thread: a DEST on a hung file system must not stall the mount's I/O. By
+    # the names the user knows, as `corfs detach` checks them (its messages name them).
+    named = data_path_in(store.cache_dir, name)
+    await trio.to_thread.run_sync(check_dest, named, dest, os.path.dirname(qemu_path), bases)
     await store.commit()
     record = HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
     await trio.to_thread.run_sync(store.begin_handoff, record)

@@ -120,7 +120,7 @@ def _load_traces(
         text, source = _read_trace_file(config.stream.trace_file), config.stream.trace_file
         traces = load_trace(text, source)  # the user's file: refused as bad input
     else:
-        text = read_small_file(store.cache_dir, TRACE_FILE)
+        text = read_small_file(store.root, TRACE_FILE)
         source = os.path.join(store.cache_dir, TRACE_FILE)
         if text is None or config.stream.record_trace:
             return {}
@@ -321,7 +321,7 @@ async def _serve(
                                   signals, metrics)
             finally:
                 final_error = _final_commit(store)
-                remove_small_file(store.cache_dir, MOUNTPOINT_FILE)
+                remove_small_file(store.root, MOUNTPOINT_FILE)
                 store.close()
             if final_error is not None:  # a stop that lost chunk states must not look clean
                 raise final_error
@@ -431,7 +431,7 @@ async def _serve_with(
             lambda: MountSnapshot(controller.status(), store.sync_failure is not None)
         )
         operations = CorfsOperations(
-            images, controller, owner=owner, mode=config.mode, statfs_path=store.cache_dir,
+            images, controller, owner=owner, mode=config.mode, statfs_path=store.root,
             metrics=metrics,
         )
         def forget_unsynced() -> None:  # the chunks a failed sync lost, at once (store.py)
@@ -452,7 +452,7 @@ async def _serve_with(
         nursery.start_soon(_raise_read_ahead, mounted_at)
         try:
             try:
-                write_small_file(store.cache_dir, MOUNTPOINT_FILE, mountpoint)
+                write_small_file(store.root, MOUNTPOINT_FILE, mountpoint)
             except CorfsError as exc:  # a full cache disk still serves (slower, never wrong)
                 log.warning("%s: `corfs status CACHE` and `corfs verify` will not find this "
                             "mount", exc)
@@ -485,7 +485,7 @@ async def _serve_with(
                 log.info("unmounted %s", mountpoint)
             if recorder is not None:
                 try:
-                    write_small_file(store.cache_dir, TRACE_FILE, recorder.to_json())
+                    write_small_file(store.root, TRACE_FILE, recorder.to_json())
                 except CorfsError as exc:  # no chunk state lost: the stop is still clean
                     log.error("the recorded trace is lost: %s", exc)
 

@@ -42,6 +42,7 @@ from .cache_layout import (
     check_new_cache,
     data_path_in,
     ensure_private_dir,
+    held_path,
     log_tightened,
     private_open,
     tighten_private,
@@ -124,11 +125,14 @@ class CacheStore:
     def __init__(
         self,
         cache_dir: str,
+        root_fd: int,
         db: sqlite3.Connection,
         lock_fd: int | None,
         hooks: CacheHooks = CacheHooks(),
     ) -> None:
-        self.cache_dir = cache_dir
+        self.cache_dir = cache_dir  # as the user named it: for messages and status
+        self.root = held_path(root_fd)  # CACHE as checked at open: for every access
+        self._root_fd: int | None = None  # owned once __init__ succeeded (open closes it if not)
         self._hooks = hooks
         self._db = db
         self._db_lock = threading.Lock()
@@ -164,6 +168,7 @@ class CacheStore:
         except CacheError:
             self.close()
             raise
+        self._root_fd = root_fd
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -182,17 +187,33 @@ class CacheStore:
                 ensure_private_dir(cache_dir)
             except OSError as exc:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
-        if create and not os.access(cache_dir, os.W_OK | os.X_OK, effective_ids=True):
+        try:  # CACHE is reached through this descriptor from now on (held_path says why)
+            root_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cache {cache_dir} cannot be opened: {exc.strerror}") from None
+        try:
+            store = cls._open_held(cache_dir, root_fd, lock=lock, create=create, hooks=hooks)
+        except BaseException:
+            os.close(root_fd)
+            raise
+        return store
+
+    @classmethod
+    def _open_held(
+        cls, cache_dir: str, root_fd: int, *, lock: bool, create: bool, hooks: CacheHooks
+    ) -> CacheStore:
+        root = held_path(root_fd)
+        if create and not os.access(root, os.W_OK | os.X_OK, effective_ids=True):
             raise UsageError(f"cache {cache_dir} is not writable")
         if create:
-            check_new_cache(cache_dir)
-        db_path = os.path.join(cache_dir, STATE_DB)
+            check_new_cache(root, cache_dir)
+        db_path = os.path.join(root, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
-        lock_fd = take_lock(cache_dir) if lock else None
+        lock_fd = take_lock(root, cache_dir) if lock else None
         try:
             if create:
-                log_tightened(cache_dir, tighten_private(cache_dir))
+                log_tightened(cache_dir, tighten_private(root, cache_dir))
                 # SQLite would create it 0644 (less the umask); its -wal and -shm copy its mode.
                 os.close(private_open(db_path, os.O_RDWR | os.O_CREAT))
             db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
@@ -204,17 +225,18 @@ class CacheStore:
                 db.execute(
                     "INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
-                ensure_private_dir(os.path.join(cache_dir, DATA_DIR))
-                fsync_dir(cache_dir)  # state.db's name (SQLite syncs only its journals')
+                ensure_private_dir(os.path.join(root, DATA_DIR))
+                fsync_dir(root)  # state.db's name (SQLite syncs only its journals')
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
-            if _disk_full(cache_dir):  # SQLite says "disk I/O error" when it cannot make its
+            shown_db = os.path.join(cache_dir, STATE_DB)
+            if _disk_full(root):  # SQLite says "disk I/O error" when it cannot make its
                 # WAL or shared memory file: "unusable" would invite deleting the cache
                 raise CacheFull(
-                    f"cache disk full: the cache database {db_path} cannot be opened ({exc})"
+                    f"cache disk full: the cache database {shown_db} cannot be opened ({exc})"
                 ) from None
-            raise CacheError(f"cache database {db_path} is unusable: {exc}") from None
+            raise CacheError(f"cache database {shown_db} is unusable: {exc}") from None
         except OSError as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -223,7 +245,7 @@ class CacheStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        return cls(cache_dir, db, lock_fd, hooks)
+        return cls(cache_dir, root_fd, db, lock_fd, hooks)
 
     def close(self) -> None:
         for data_file in self._data_files.values():
@@ -233,6 +255,9 @@ class CacheStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
 
     # ---- image records -------------------------------------------------------------------
 
@@ -386,7 +411,7 @@ class CacheStore:
     # ---- data files ----------------------------------------------------------------------
 
     def data_path(self, name: str) -> str:
-        return data_path_in(self.cache_dir, name)
+        return data_path_in(self.root, name)
 
     def data_file(self, name: str) -> DataFile:
         """Image `name`'s data file, opened on first use (the one place data files are opened

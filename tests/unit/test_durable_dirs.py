@@ -27,7 +27,7 @@ def test_a_new_cache_syncs_every_directory_it_adds_a_name_to(tmp_path, monkeypat
     real = durable.fsync_dir
 
     def spy(path: str) -> None:
-        synced.append(os.path.abspath(path))
+        synced.append(os.path.realpath(path))  # CACHE is synced through its held path
         real(path)
 
     monkeypatch.setattr(cache_layout, "fsync_dir", spy)
