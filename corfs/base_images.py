@@ -19,6 +19,7 @@ from .errors import (
     BaseUnreachable,
     CorfsError,
     TransientBaseError,
+    internal_error,
     leaf_error,
 )
 from .geometry import ChunkGeometry
@@ -182,7 +183,7 @@ class BaseLink:
                     log.debug("base %s still does not answer: %s", self.description, still_down)
                     continue
                 # It answers, but no (or a bug): say so once per reason, keep trying.
-                reason = str(leaf_error(exc) or repr(exc))
+                reason = str(leaf_error(exc) or internal_error(exc))
                 if reason != last_refusal:
                     last_refusal = reason
                     log.warning("base %s refuses: %s (retrying)", self.description, reason)

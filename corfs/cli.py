@@ -4,6 +4,7 @@ Every CorfsError ends as one line on stderr and its exit code; no traceback for 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import select
@@ -243,10 +244,17 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_log_file(path: str) -> int:
     """The descriptor of --log-file, opened for appending; UsageError (one line) if it cannot
-    be, rather than a traceback."""
+    be, rather than a traceback. Never through a symbolic link: it is opened before CACHE is
+    checked, and a log in CACHE is allowed, where another user may have planted a link (in a
+    cache left open to them) to a file of the user's."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        return os.open(path, flags, 0o600)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(
+                f"--log-file {path} is a symbolic link: name the file it points to"
+            ) from None
         raise UsageError(f"--log-file {path}: {exc.strerror}") from None
 
 
@@ -371,20 +379,19 @@ def _check_base_url(url: str) -> None:
     they may carry credentials."""
     from urllib.parse import urlsplit
 
-    from .base import describe_url
+    from .base import parse_s3_url
 
     if "://" not in url:
         return
+    if url.startswith("s3://"):
+        parse_s3_url(url)  # a bucket name first: no user info
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port out of range)
-    except ValueError as exc:
-        raise UsageError(f"BASE is not a valid URL: {exc}") from None
-    if parts.scheme == "s3" and "@" in parts.netloc:
+        urlsplit(url).port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError:  # its text quotes the "port": a password's start, when it holds '/'
         raise UsageError(
-            f"base URL {describe_url(url)!r} carries credentials: S3 takes them from the "
-            "environment or --profile"
-        )
+            "BASE is not a valid URL: its host or port does not parse (a password holding "
+            "'/', '?' or '#' must be %-encoded)"
+        ) from None
 
 
 def _check_endpoint_url(url: str) -> None:
@@ -395,8 +402,10 @@ def _check_endpoint_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port out of range)
-    except ValueError as exc:
-        raise UsageError(f"--endpoint-url is not a valid URL: {exc}") from None
+    except ValueError:  # its text may quote a password's start (see _check_base_url)
+        raise UsageError(
+            "--endpoint-url is not a valid URL: its host or port does not parse"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError("--endpoint-url must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:

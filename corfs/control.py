@@ -23,7 +23,7 @@ import trio
 
 from .base import BaseStore
 from .control_client import STATUS_XATTR
-from .errors import ControlError, CorfsError, ForgetRefused, HandoffUnderWay
+from .errors import ControlError, CorfsError, ForgetRefused, HandoffUnderWay, internal_error
 from .geometry import ChunkGeometry
 from .handoff import Via, claim_for_handoff, hand_over
 from .image import Image
@@ -246,7 +246,7 @@ class Controller:
             self._handoff_errors[image.name] = str(exc)
             log.warning("handoff of %s to %s failed: %s", image.name, dest, exc)
         except Exception as exc:  # a bug: said in the status and the log, the mount goes on
-            self._handoff_errors[image.name] = f"internal error: {exc!r}"
+            self._handoff_errors[image.name] = str(internal_error(exc))
             log.exception("handoff of %s to %s", image.name, dest)
         finally:
             try:

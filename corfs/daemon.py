@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 
 from .cache_layout import PRIVATE_UMASK
 from .config import MountConfig
-from .errors import CorfsError, error_line, leaf_error
+from .errors import CorfsError, error_line, internal_error, leaf_error
 from .mount import run_mount
 from .printable import PrintableFormatter
 
@@ -129,7 +129,7 @@ def _child(config: MountConfig, log_fd: int | None, ready_fd: int) -> int:
         error = leaf_error(exc)
         if error is None:  # a bug: its traceback goes to the log, as the CLI's to stderr
             logging.getLogger(__name__).exception("internal error")
-            error = CorfsError(f"internal error: {exc!r}")
+            error = internal_error(exc)
         line = error_line(error)
         logging.getLogger(__name__).error("%s", line)
         if not reported:  # else the log has it; ready_fd's number may be another file's now

@@ -181,6 +181,14 @@ def chunk_error(error: CorfsError) -> CorfsError:
     return type(error)(str(error))
 
 
+def internal_error(exc: BaseException, doing: str = "") -> CorfsError:
+    """What a bug becomes where it must fail one operation, not the daemon (the caller logs
+    its traceback): its type, never its repr. An exception's arguments hold whatever it was
+    handed (a UnicodeEncodeError, the whole text it could not encode: a request with its
+    credentials), and this text reaches the status, which other users may read."""
+    return CorfsError(f"internal error{' ' + doing if doing else ''}: {type(exc).__name__}")
+
+
 def leaf_error(exc: BaseException) -> CorfsError | None:
     """The CorfsError inside (possibly nested) single-member exception groups, if that is
     all there is; trio wraps errors raised inside nurseries."""

@@ -60,6 +60,7 @@ from .errors import (
     ShortWrite,
     cache_os_error,
     chunk_error,
+    internal_error,
 )
 from .failing import FailingChunks
 from .fetcher import FetchedChunk, Fetcher
@@ -426,7 +427,7 @@ class Image:
             log.debug("filling %s chunks %d-%d: %s", self.name, run.start, run.stop - 1, exc)
         except Exception as exc:  # a bug must fail this read, not the daemon
             self.fill_errors += 1
-            fill.error = CorfsError(f"internal error filling {self.name}: {exc!r}")
+            fill.error = internal_error(exc, f"filling {self.name}")
             log.exception("filling %s chunks %d-%d", self.name, run.start, run.stop - 1)
         finally:
             self.write_behind.release(room)

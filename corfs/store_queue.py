@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .datafile import DataFile, StreamTurn
-from .errors import CacheError, CorfsError
+from .errors import CacheError, CorfsError, internal_error
 from .fetcher import FetchedChunk
 from .write_behind import WriteBehind
 
@@ -143,8 +143,8 @@ class StoreQueue:
             )
         except Exception as exc:
             failed = [chunk.index for chunk in chunks if queued_by_job(chunk.index)]
-            job.error = exc if isinstance(exc, CorfsError) else CorfsError(
-                f"internal error storing {self.name}: {exc!r}"
+            job.error = exc if isinstance(exc, CorfsError) else internal_error(
+                exc, f"storing {self.name}"
             )
             budget.store_failed()
             self._on_failed(failed, job.error)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -187,14 +188,40 @@ class BaseStore(Protocol):
 
 
 def describe_url(url: str) -> str:
-    """The URL without user info or query, fit for a log line."""
+    """The URL without user info or query, fit for a log line. One that does not parse (a
+    password holding '/', '?' or '#' ends the authority early: its start reads as a port) is
+    shown as its scheme alone: what follows may be a secret."""
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return f"{url.partition('://')[0]}://..."
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# What an s3:// URL's first part may be: S3's bucket names, loosely (older buckets and
+# S3-compatible stores allow capitals and '_'). Never ':' or '@': user info typed into the
+# URL (s3://KEY:SECRET@bucket/, where SECRET may hold '/') is refused, not quoted.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def parse_s3_url(url: str, role: str = "base URL") -> tuple[str, str]:
+    """(bucket, prefix) of s3://BUCKET/PREFIX; UsageError, quoting none of the URL, if it
+    does not start with a bucket name."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        if not bucket:
+            why = "has no bucket (s3://bucket/prefix)"
+        elif ":" in bucket or "@" in url:
+            why = "carries credentials: S3 takes them from the environment or --profile"
+        else:
+            why = "does not start with a bucket name (s3://bucket/prefix)"
+        raise UsageError(f"{role} s3://... {why}")
+    return bucket, prefix
 
 
 async def open_base(url: str, options: BaseOptions = BaseOptions()) -> BaseStore:

@@ -82,6 +82,7 @@ from .http_wire import (
     parse_content_range,
     status_error,
     tls_context,
+    usable_validator,
 )
 
 log = logging.getLogger(__name__)
@@ -375,8 +376,10 @@ class HttpBase:
             raise BaseUnavailable(f"{what}: server does not tell the size of the image")
         validator = Validator(
             size=size,
-            etag=resp.headers.get("etag"),
-            last_modified=resp.headers.get("last-modified"),
+            etag=usable_validator(resp.headers.get("etag"), "ETag", what),
+            last_modified=usable_validator(
+                resp.headers.get("last-modified"), "Last-Modified", what
+            ),
         )
         if not validator.etag and not validator.last_modified:
             log.warning("%s has no ETag or Last-Modified: changes cannot be detected", what)

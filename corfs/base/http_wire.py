@@ -162,9 +162,27 @@ def parse_content_range(value: str | None, what: str) -> tuple[int, int, int | N
     return first, last, total
 
 
+def sendable(value: str) -> bool:
+    """Whether a value a server sent may go back to it as a header value: visible ASCII and
+    spaces (httpx sends ASCII only; a CR or LF would end the header, or the request)."""
+    return value.isascii() and value.isprintable()
+
+
+def usable_validator(value: str | None, header: str, what: str) -> str | None:
+    """An ETag or Last-Modified of an HTTP server's answer, or None (with a warning) for one
+    that cannot go back in If-Match / If-Range (`sendable`). Not ASCII, it would not even read
+    the same twice: httpx decodes a head as UTF-8 where it can, the lean reader as latin-1."""
+    if value is None or sendable(value):
+        return value
+    log.warning("%s: its %s is not ASCII: ignored (changes are told by the other validator, "
+                "if any)", what, header)
+    return None
+
+
 @dataclass(frozen=True)
 class Validator:
-    """What identifies one version of an image on the server."""
+    """What identifies one version of an image on the server. Its ETag and Last-Modified go
+    back to the server as they came (`sendable`: `usable_validator` keeps out others)."""
 
     size: int
     etag: str | None
@@ -316,7 +334,10 @@ class PlainReader:
         if key in self.bypass or key[0] not in ("http", "https"):
             self.stats.handed_back += 1
             return None
-        request = f"{target.request_line}\r\n{header_lines}\r\n".encode("latin-1")
+        try:
+            request = f"{target.request_line}\r\n{header_lines}\r\n".encode("latin-1")
+        except UnicodeEncodeError:  # its text holds the request, credentials included
+            raise BaseProtocolError(f"{target.what}: a request header is not latin-1") from None
         what = target.what
 
         for _attempt in range(2):

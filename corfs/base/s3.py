@@ -48,10 +48,17 @@ from ..errors import (
     UsageError,
 )
 from ..s3_errors import refuse_blind_redirects, s3_error
-from . import MAX_IMAGE_SIZE, BaseOptions, describe_url, skip_bad_entry, valid_entry
+from . import (
+    MAX_IMAGE_SIZE,
+    BaseOptions,
+    describe_url,
+    parse_s3_url,
+    skip_bad_entry,
+    valid_entry,
+)
 from .http import stall_timeout
 from .http_policy import parse_byte_count
-from .http_wire import parse_content_range
+from .http_wire import parse_content_range, sendable
 from .s3_wire import S3Wire
 
 log = logging.getLogger(__name__)
@@ -64,14 +71,6 @@ def checked_size(value: object, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_IMAGE_SIZE:
         raise BaseProtocolError(f"{what}: size {str(value)[:24]!r} is not a plausible byte count")
     return value
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    rest = url[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise UsageError(f"base URL {url!r} has no bucket")
-    return bucket, prefix
 
 
 @dataclass
@@ -235,8 +234,11 @@ class S3Base:
         return found
 
     def _image(self, key: str, sent_size: object, etag: str) -> S3Image:
-        """BaseProtocolError (for this object only) if its size is absurd."""
+        """BaseProtocolError (for this object only) if its size is absurd, or its ETag cannot
+        go back in If-Match (S3's are quoted hex; an endpoint that lists another is broken)."""
         size = checked_size(sent_size, self._what(key))
+        if etag and not sendable(etag):
+            raise BaseProtocolError(f"{self._what(key)}: its ETag is not a header value")
         if not etag:  # S3 always sends one; an S3-compatible endpoint may not
             log.warning("%s has no ETag: changes cannot be detected", self._what(key))
         return S3Image(

@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from ..base import describe_url, parse_s3_url
 from ..durable import fsync_dir
 from ..errors import BaseAccessDenied, BaseChanged, BaseNotFound, CorfsError, UsageError
 from ..s3_errors import refuse_blind_redirects, s3_error
@@ -251,9 +252,7 @@ class S3Destination:
         import boto3
         import botocore.config
 
-        bucket, _, prefix = url.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise UsageError(f"destination {url!r} names no bucket (s3://bucket/prefix)")
+        bucket, prefix = parse_s3_url(url, "destination")
         prefix = prefix.strip("/")
         prefix = prefix + "/" if prefix else ""
         config = botocore.config.Config(
@@ -392,5 +391,7 @@ def open_destination(
             io_timeout=io_timeout,
         )
     if "://" in dest:
-        raise UsageError(f"cannot publish to {dest!r}: use a directory or s3://bucket/prefix")
+        raise UsageError(
+            f"cannot publish to {describe_url(dest)}: use a directory or s3://bucket/prefix"
+        )
     return DirDestination.open(dest)

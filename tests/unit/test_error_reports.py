@@ -59,6 +59,6 @@ def test_a_bug_in_the_daemon_leaves_its_traceback_in_the_log(tmp_path: Path) -> 
         timeout=60,
     )
     assert result.returncode == 1
-    assert result.stderr == "corfs: internal error: ZeroDivisionError('a bug')\n"
+    assert result.stderr == "corfs: internal error: ZeroDivisionError\n"  # its text: the log's
     text = log.read_text()
     assert "Traceback" in text and "ZeroDivisionError: a bug" in text
