@@ -11,9 +11,9 @@ MYPY := $(VENV)/bin/mypy
 LINT_PATHS = $(wildcard corfs tests bench scripts)
 PYTEST_ARGS ?=
 # One pytest-xdist worker per core: most tests wait on QEMU, servers or the disk, so two
-# workers on two cores take ~0.6x the time of one. Tests that share a machine-wide resource
-# go to one worker (xdist_group, tests/conftest.py). PYTEST_ARGS="-n 0" runs them serially.
-XDIST := -n auto --dist loadgroup
+# workers on two cores take ~0.6x the time of one. A machine-wide resource (the tests'
+# libvirtd) is taken in turns through a lock. PYTEST_ARGS="-n 0" runs them serially.
+XDIST := -n auto
 # Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only:
 # nbdkit has its curl plugin, libnbd-bin nbdfuse, qemu-block-extra QEMU's http(s) driver.
 BENCH_PACKAGES := httpdirfs rclone nbdkit libnbd-bin qemu-block-extra

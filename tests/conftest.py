@@ -21,17 +21,6 @@ from tests.mounting import CorfsDirs, CorfsMount, fuse_mounts_below, lazy_unmoun
 from tests.servers import FAKE_AWS_ENV, TEST_BUCKET, Moto, Nginx
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs two workers), the libvirt tests share one worker:
-    a machine runs one libvirtd of the tests' at a time (tests/libvirt/libvirtd.py holds a
-    lock for the session that started it), so a second worker's would wait for the first's
-    session to end."""
-    libvirt_dir = Path(__file__).parent / "libvirt"
-    for item in items:
-        if libvirt_dir in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("libvirt"))
-
-
 @pytest.fixture
 def tmp_dirs(tmp_path: Path) -> CorfsDirs:
     """Empty base/, cache/, mnt/ (and logs/ for corfs logs) under this test's tmp_path."""

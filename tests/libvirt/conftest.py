@@ -1,4 +1,4 @@
-"""Fixtures for the libvirt tests: a libvirtd of our own for the session (tests/libvirt/
+"""Fixtures for the libvirt tests: a libvirtd of our own for each module (tests/libvirt/
 libvirtd.py says how it is run), and domains that are destroyed and undefined after each test,
 whether it passed or not. libvirtd that cannot run fails the tests with the reason."""
 
@@ -11,7 +11,10 @@ import pytest
 from tests.libvirt.libvirtd import Libvirt, LibvirtUnavailable, running_libvirt
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: a machine runs one libvirtd of the tests' at a time (libvirtd.py
+# takes a lock for it), and under pytest-xdist (`make test`) another worker's module may need
+# one too: it waits for this module's tests (seconds), not for this worker's whole session.
+@pytest.fixture(scope="module")
 def libvirt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirt]:
     try:
         with running_libvirt(tmp_path_factory.mktemp("libvirtd")) as daemon:
