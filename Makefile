@@ -10,10 +10,10 @@ RUFF := $(VENV)/bin/ruff
 MYPY := $(VENV)/bin/mypy
 LINT_PATHS = $(wildcard corfs tests bench scripts)
 PYTEST_ARGS ?=
-# One pytest-xdist worker per core: most tests wait on QEMU, servers or the disk, so two
-# workers on two cores take ~0.6x the time of one. A machine-wide resource (the tests'
-# libvirtd) is taken in turns through a lock. PYTEST_ARGS="-n 0" runs them serially.
-XDIST := -n auto
+# One pytest-xdist worker per core: most tests wait on QEMU, servers or the disk. A module
+# stays on one worker (loadfile: the tests' libvirtd, one per machine, per module); tests
+# that ask every mount of the machine (marker `alone`) run after the others, in one process.
+XDIST := -n auto --dist loadfile
 # Peers compared by bench/peers.py (Debian 12 packages), installed by `make bench` only:
 # nbdkit has its curl plugin, libnbd-bin nbdfuse, qemu-block-extra QEMU's http(s) driver.
 BENCH_PACKAGES := httpdirfs rclone nbdkit libnbd-bin qemu-block-extra
@@ -30,10 +30,12 @@ setup:
 	@scripts/setup.sh
 
 test: setup
-	@$(call RUN_PYTEST,$(XDIST))
+	@$(call RUN_PYTEST,$(XDIST) -m "not alone")
+	@$(call RUN_PYTEST,-m alone)
 
 check: setup
-	@$(call RUN_PYTEST,$(XDIST) -m "not slow")
+	@$(call RUN_PYTEST,$(XDIST) -m "not slow and not alone")
+	@$(call RUN_PYTEST,-m "alone and not slow")
 	$(RUFF) check $(LINT_PATHS)
 	$(MYPY)
 

@@ -50,9 +50,10 @@ def is_locked(cache_dir: str) -> bool:
         os.close(fd)
 
 
-def write_small_file(cache_dir: str, relative: str, text: str) -> None:
+def write_small_file(cache_dir: str, relative: str, text: str, shown: str | None = None) -> None:
     """CacheFull / CacheError if it cannot be written (a full cache disk): the caller
-    decides what that costs; no temporary file is left behind."""
+    decides what that costs; no temporary file is left behind. `shown`: CACHE as the user
+    named it, for the message (cache_dir may be a held_path)."""
     path = os.path.join(cache_dir, relative)
     tmp = f"{path}.tmp"
     try:
@@ -63,7 +64,7 @@ def write_small_file(cache_dir: str, relative: str, text: str) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise cache_os_error(exc, f"writing {path}") from None
+        raise cache_os_error(exc, f"writing {os.path.join(shown or cache_dir, relative)}") from None
 
 
 def read_small_file(cache_dir: str, relative: str) -> str | None:

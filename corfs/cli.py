@@ -244,17 +244,31 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_log_file(path: str) -> int:
     """The descriptor of --log-file, opened for appending; UsageError (one line) if it cannot
-    be, rather than a traceback. Never through a symbolic link: it is opened before CACHE is
-    checked, and a log in CACHE is allowed, where another user may have planted a link (in a
-    cache left open to them) to a file of the user's."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    be, rather than a traceback. Through a symbolic link only if it is the user's or root's
+    (/dev/stderr, a log moved to another disk): the log is opened before CACHE is checked, and
+    a log in CACHE is allowed, where another user may have planted a link to a file of the
+    user's (in a cache left open to them). The kernel's protected_symlinks, for sticky
+    directories only, does the same."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     try:
-        return os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        try:
+            return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+        link = os.lstat(path)
+        if link.st_uid not in (os.geteuid(), 0):
             raise UsageError(
-                f"--log-file {path} is a symbolic link: name the file it points to"
-            ) from None
+                f"--log-file {path} is a symbolic link of uid {link.st_uid}'s: name the file "
+                "it points to"
+            )
+        fd = os.open(path, flags, 0o600)
+        again = os.lstat(path)
+        if (again.st_dev, again.st_ino) != (link.st_dev, link.st_ino):  # replaced meanwhile
+            os.close(fd)
+            raise UsageError(f"--log-file {path} changed while it was opened")
+        return fd
+    except OSError as exc:
         raise UsageError(f"--log-file {path}: {exc.strerror}") from None
 
 
@@ -377,21 +391,36 @@ def _check_base_url(url: str) -> None:
     range: a ValueError and a traceback deep in the base), or an s3:// URL with user info in
     it (its error line showed it whole, secret included). URLs are never quoted whole here:
     they may carry credentials."""
-    from urllib.parse import urlsplit
-
     from .base import parse_s3_url
 
     if "://" not in url:
         return
     if url.startswith("s3://"):
         parse_s3_url(url)  # a bucket name first: no user info
+        return
+    _check_authority(url, "BASE")
+
+
+_PASSWORD_HINT = "a password holding '/', '?' or '#' must be %-encoded, an '@' in a path %40"
+
+
+def _check_authority(url: str, role: str) -> None:
+    """UsageError, quoting nothing of it, if URL's host part does not parse, or its path holds
+    an '@' while the host part has none. A password holding '/' ends the host part early: what
+    precedes it reads as a port (ValueError quoting it), or, all digits, as a valid one, the
+    rest of the password then in the path, sent to the wrong host and shown in every line
+    naming the base. (The query may hold an '@': presigned URLs.)"""
+    from urllib.parse import urlsplit
+
     try:
-        urlsplit(url).port  # noqa: B018 (raises ValueError for a port out of range)
-    except ValueError:  # its text quotes the "port": a password's start, when it holds '/'
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError:  # its text quotes the "port": a password's start
         raise UsageError(
-            "BASE is not a valid URL: its host or port does not parse (a password holding "
-            "'/', '?' or '#' must be %-encoded)"
+            f"{role} is not a valid URL: its host or port does not parse ({_PASSWORD_HINT})"
         ) from None
+    if "@" in parts.path and "@" not in parts.netloc:
+        raise UsageError(f"{role} has an '@' after its host part ({_PASSWORD_HINT})")
 
 
 def _check_endpoint_url(url: str) -> None:
@@ -399,13 +428,8 @@ def _check_endpoint_url(url: str) -> None:
     botocore raised ValueError for others (a traceback quoting the value)."""
     from urllib.parse import urlsplit
 
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port out of range)
-    except ValueError:  # its text may quote a password's start (see _check_base_url)
-        raise UsageError(
-            "--endpoint-url is not a valid URL: its host or port does not parse"
-        ) from None
+    _check_authority(url, "--endpoint-url")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError("--endpoint-url must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:

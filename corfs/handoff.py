@@ -220,8 +220,8 @@ async def _hand_over(
         )
     data_path = store.data_path(name)  # the held CACHE's: what is linked
     # Off the trio thread: a DEST on a hung file system must not stall the mount's I/O. By
-    # the names the user knows, as `corfs detach` checks them (its messages name them).
-    named = data_path_in(store.cache_dir, name)
+    # the held CACHE's present name (the one the user gave may be gone or point elsewhere).
+    named = data_path_in(os.path.realpath(store.root), name)
     await trio.to_thread.run_sync(check_dest, named, dest, os.path.dirname(qemu_path), bases)
     await store.commit()
     record = HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())

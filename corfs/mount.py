@@ -452,7 +452,7 @@ async def _serve_with(
         nursery.start_soon(_raise_read_ahead, mounted_at)
         try:
             try:
-                write_small_file(store.root, MOUNTPOINT_FILE, mountpoint)
+                write_small_file(store.root, MOUNTPOINT_FILE, mountpoint, store.cache_dir)
             except CorfsError as exc:  # a full cache disk still serves (slower, never wrong)
                 log.warning("%s: `corfs status CACHE` and `corfs verify` will not find this "
                             "mount", exc)
@@ -485,7 +485,9 @@ async def _serve_with(
                 log.info("unmounted %s", mountpoint)
             if recorder is not None:
                 try:
-                    write_small_file(store.root, TRACE_FILE, recorder.to_json())
+                    write_small_file(
+                        store.root, TRACE_FILE, recorder.to_json(), store.cache_dir
+                    )
                 except CorfsError as exc:  # no chunk state lost: the stop is still clean
                     log.error("the recorded trace is lost: %s", exc)
 

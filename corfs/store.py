@@ -104,6 +104,23 @@ def _disk_full(path: str) -> bool:
     return (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) == 0
 
 
+def _sqlite_opened_held(root: str) -> bool:
+    """Whether SQLite has the held CACHE's own state.db, -wal and -shm open (those there).
+    It resolves the path it is given (/proc/self/fd/N/state.db) to the directory's name and
+    opens by that name: a CACHE re-pointed in between (another user's parent directory) gave
+    it another directory's files. Compared by inode with this process's open descriptors."""
+    wanted = set()
+    for name in (STATE_DB, f"{STATE_DB}-wal", f"{STATE_DB}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(os.path.join(root, name), follow_symlinks=False)
+            wanted.add((st.st_dev, st.st_ino))
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/self/fd/{fd}")
+            wanted.discard((st.st_dev, st.st_ino))
+    return not wanted
+
+
 def _sql_error(exc: sqlite3.Error, what: str) -> CacheError:
     """The error a failed statement on the state database becomes: CacheFull when the cache
     disk is full (ENOSPC to a client: QEMU's default werror=enospc pauses the VM until there is
@@ -188,7 +205,7 @@ class CacheStore:
             except OSError as exc:
                 raise UsageError(f"cannot create cache {cache_dir}: {exc.strerror}") from None
         try:  # CACHE is reached through this descriptor from now on (held_path says why)
-            root_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            root_fd = os.open(cache_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise UsageError(f"cache {cache_dir} cannot be opened: {exc.strerror}") from None
         try:
@@ -227,6 +244,10 @@ class CacheStore:
                 )
                 ensure_private_dir(os.path.join(root, DATA_DIR))
                 fsync_dir(root)  # state.db's name (SQLite syncs only its journals')
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens -wal, -shm
+            if not _sqlite_opened_held(root):
+                db.close()
+                raise UsageError(f"cache {cache_dir} moved while it was opened: mount again")
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -283,7 +304,7 @@ class CacheStore:
             # The new name must survive a power cut before any chunk of it is recorded.
             fsync_dir(os.path.dirname(path))
         except OSError as exc:
-            raise cache_os_error(exc, f"creating {path}") from None
+            raise cache_os_error(exc, f"creating {data_path_in(self.cache_dir, name)}") from None
         with self._db_lock:
             self._db.execute("DELETE FROM chunks WHERE image = ?", (name,))
             self._db.execute(

@@ -216,7 +216,7 @@ def parse_s3_url(url: str, role: str = "base URL") -> tuple[str, str]:
     if not _BUCKET_NAME.fullmatch(bucket):
         if not bucket:
             why = "has no bucket (s3://bucket/prefix)"
-        elif ":" in bucket or "@" in url:
+        elif "@" in url:
             why = "carries credentials: S3 takes them from the environment or --profile"
         else:
             why = "does not start with a bucket name (s3://bucket/prefix)"

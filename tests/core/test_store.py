@@ -177,7 +177,8 @@ def test_records_and_drop(tmp_path) -> None:
         rec = store.create_image("a/b c", 10 * CS + 5, CS, "v1", "memory://")
         assert store.record_of("a/b c") == rec
         assert os.path.getsize(store.data_path("a/b c")) == 10 * CS + 5
-        assert os.path.dirname(store.data_path("a/b c")) == str(tmp_path / "c" / "data")
+        data_dir = os.path.dirname(store.data_path("a/b c"))  # through the held CACHE
+        assert os.path.realpath(data_dir) == str(tmp_path / "c" / "data")
         states, dirty = store.load_states(rec)
         assert states == bytearray(11) and dirty == 0
         store.record("a/b c", 3, ChunkState.DIRTY)
@@ -277,3 +278,23 @@ def test_the_trio_thread_never_waits_for_a_commit(rig_factory) -> None:
             assert sorted(committed_states(rig.cache_dir, "b")) == [0]
 
     trio.run(main)
+
+
+def test_a_cache_whose_database_is_opened_elsewhere_is_refused(tmp_path, monkeypatch) -> None:
+    """SQLite resolves the held path it is given to the directory's name and opens by name:
+    another user who owns a parent of CACHE could swap another directory in between. Here
+    SQLite is given another cache's state.db, as that swap would: the open is refused, and a
+    plain open still checks out."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    CacheStore.open(str(other)).close()
+    CacheStore.open(str(mine)).close()
+    connect = sqlite3.connect
+
+    def swapped(path: str, *args, **kw):
+        return connect(str(other / "state.db"), *args, **kw)
+
+    monkeypatch.setattr(sqlite3, "connect", swapped)
+    with pytest.raises(UsageError, match="moved while it was opened"):
+        CacheStore.open(str(mine))
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    CacheStore.open(str(mine)).close()

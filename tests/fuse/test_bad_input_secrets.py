@@ -43,11 +43,15 @@ KEY_WITH_SLASH = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented 
          "pubSecretKey"),
         (("publish", "IMAGE", "https://alice:hunter2@files.example.com/images/"), {},
          "hunter2"),
+        # all digits before the '/': a valid "port", the rest of the password in the path
+        (("mount", "https://alice:123/abcSecret@files.example.com/disk.raw"), {}, "abcSecret"),
+        (("mount", "s3://bucket/images/", "--endpoint-url",
+          "http://ak:123/epSecret2@127.0.0.1:9/"), {}, "epSecret2"),
     ],
     ids=["s3-key-with-slash", "https-password-with-hash", "base-env-password-with-query",
          "endpoint-password-with-slash", "s3-key-digits-then-slash", "s3-triple-slash",
          "publish-s3-userinfo",
-         "publish-https-userinfo"],
+         "publish-https-userinfo", "https-digits-then-slash", "endpoint-digits-then-slash"],
 )
 def test_refused_urls_do_not_show_their_secret(tmp_path: Path, args, env, secret) -> None:
     image = tmp_path / "img.raw"

@@ -105,3 +105,20 @@ def test_a_log_file_in_cache_is_not_opened_through_another_users_symlink(
         lazy_unmount(mnt)
     assert result.returncode != 0, result.stderr
     assert victim.read_text() == "the user's own file\n"
+
+
+def test_a_log_file_through_the_users_own_link_is_followed(tmp_path: Path) -> None:
+    """The user's own link (a log moved to another disk, /dev/stderr) is followed: what the
+    mount says reaches the file it points to."""
+    target = tmp_path / "elsewhere.log"
+    link = tmp_path / "corfs.log"
+    link.symlink_to(target)
+    (tmp_path / "cache").mkdir(mode=0o700)
+    (tmp_path / "mnt").mkdir()
+    result = run_corfs(
+        "mount", tmp_path / "no-such-base", tmp_path / "cache", tmp_path / "mnt", "--daemon",
+        "--log-file", link, timeout=20,
+    )
+    assert result.returncode != 0
+    assert "no-such-base" in target.read_text()
+    assert link.is_symlink()

@@ -29,6 +29,8 @@ from tests.mounting import (
 
 from .util import MIB, wait_for
 
+pytestmark = pytest.mark.alone  # every mount of the machine is asked: none of another test's
+
 
 @contextlib.contextmanager
 def _stopped(mounts: list[CorfsMount]) -> Iterator[None]:

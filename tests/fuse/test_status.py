@@ -196,6 +196,7 @@ def st_first_page(mnt) -> int:
     return first["images_next"]
 
 
+@pytest.mark.alone  # asks every mount: another test's stopped daemon would cost it a wait
 def test_status_of_every_mount_finds_one_whose_path_has_a_space_and_utf8(tmp_path):
     """Issue 10, point 14: `corfs status` (no PATH) crashed on a non-ASCII mountpoint, and a
     mountpoint with a space never got its read-ahead raised (mountinfo escapes it)."""

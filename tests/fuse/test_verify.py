@@ -286,8 +286,9 @@ def test_verify_of_a_mounted_cache_does_not_call_a_chunk_written_meanwhile_bad(
 def test_verify_takes_a_chunk_its_disk_cannot_read_for_bad(tmp_path: Path) -> None:
     """A chunk of the data file whose read fails (EIO: a bad sector) is the very thing verify
     looks for: reported bad and forgotten (a refill rewrites it), the other chunks checked;
-    never a traceback. The failing disk: the data file is a file of another corfs mount, a
-    published copy of the same bytes whose chunk object BAD is gone (reading it: EIO)."""
+    never a traceback. The failing disk: a file of another corfs mount bound over the data
+    file (not a symbolic link: none is followed in CACHE), a published copy of the same bytes
+    whose chunk object BAD is gone (reading it: EIO)."""
     bad = 5
     disk = CorfsDirs.under(tmp_path / "disk")
     p = published_image(disk, size=8 * CHUNK, zero=())
@@ -301,9 +302,11 @@ def test_verify_takes_a_chunk_its_disk_cannot_read_for_bad(tmp_path: Path) -> No
     assert len(chunk_rows(dirs.cache, "a.raw")) == 8
     with disk.mount("--no-stream") as failing:
         data = dirs.cache / "data" / "a.raw"
-        data.unlink()
-        data.symlink_to(failing.mnt / "a.raw")
-        code, report = verify(dirs.cache)
+        subprocess.run(["mount", "--bind", failing.mnt / "a.raw", data], check=True)
+        try:
+            code, report = verify(dirs.cache)
+        finally:
+            subprocess.run(["umount", data], check=True)
         assert code == 1
         (image,) = report["images"]
         assert (image["checked"], image["bad_chunks"], image["kept"]) == (8, [bad], None)
