@@ -1,10 +1,13 @@
 """Issue 10, item 1: the cache is its owner's alone. With `--allow-other --mode 600` another
 user cannot read MNT/disk.raw, so it must not read the same bytes in CACHE/data/ either, nor
 the base's identity in state.db. The other user here is `nobody` (uid 65534), run through
-`setpriv`; a world-readable file beside CACHE shows that nobody does reach that far."""
+`setpriv`; a world-readable file beside CACHE shows that nobody does reach that far. Nor may
+nobody redirect a running mount (CACHE is reached through the directory it opened) or have it
+write through a link of theirs (no file in CACHE is opened through another user's link)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -183,7 +186,9 @@ def as_nobody_run(*command: str) -> None:
     )
 
 
-@pytest.mark.parametrize("planted", ["mountpoint.tmp", "corfs.lock", "data-dir", "state.db"])
+@pytest.mark.parametrize(
+    "planted", ["mountpoint.tmp", "corfs.lock", "data-dir", "state.db", "corfs.log"]
+)
 def test_what_another_user_planted_in_a_loose_cache_is_refused(
     tmp_path: Path, shared_dir: Path, planted: str
 ) -> None:
@@ -191,7 +196,9 @@ def test_what_another_user_planted_in_a_loose_cache_is_refused(
     file of the mounting user's, or a directory or database of its own. The symlink's target
     was truncated and overwritten with the mountpoint (mountpoint.tmp); nobody's data/ or
     state.db took the guest's bytes and chunk states, which nobody (their owner) could
-    replace for the next mount. Refused in one line; the user's file is intact."""
+    replace for the next mount. corfs.log: `--log-file CACHE/corfs.log` (a log may live in
+    CACHE) is opened before CACHE is checked, and the refusal was appended to the user's file
+    through the link. Refused in one line; the user's file is intact."""
     base, mnt, cache = tmp_path / "base", tmp_path / "mnt", shared_dir / "cache"
     base.mkdir()
     mnt.mkdir()
@@ -206,12 +213,82 @@ def test_what_another_user_planted_in_a_loose_cache_is_refused(
         as_nobody_run("sh", "-c", f"umask 077; : > {cache / 'state.db'}")
     else:
         as_nobody_run("ln", "-s", str(victim), str(cache / planted))
+    log = ("--log-file", cache / planted) if planted == "corfs.log" else ()
     try:
-        result = run_corfs("mount", base, cache, mnt, "--no-stream", "--daemon", timeout=20)
+        result = run_corfs(
+            "mount", base, cache, mnt, "--no-stream", "--daemon", *log, timeout=20
+        )
     finally:
         lazy_unmount(mnt)
-    assert_one_line_error(
-        result, "is a symbolic link" if planted == "corfs.lock" else "belongs to uid 65534"
-    )
+    assert_one_line_error(result, {
+        "corfs.lock": "is a symbolic link", "corfs.log": "is a symbolic link of uid 65534's"
+    }.get(planted, "belongs to uid 65534"))
     assert victim.read_text() == "the user's own file\n"
     assert not is_mounted(mnt)
+
+
+@pytest.fixture
+def sticky_dir() -> Iterator[Path]:
+    """A directory like /tmp: everyone may create names in it (sticky: only their own may be
+    removed). pytest's tmp dirs are 0700, which would keep nobody out by themselves."""
+    root = Path(tempfile.mkdtemp(prefix="corfs-isolation-", dir="/tmp"))
+    try:
+        root.chmod(0o1777)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_cache_named_through_another_users_symlink_cannot_be_redirected(
+    tmp_path: Path, sticky_dir: Path
+) -> None:
+    """CACHE named through a symbolic link that another user owns (planted in a shared
+    directory before the user mounted; it names an empty directory of the user's, so every
+    check at mount passes: the directory it names is the user's alone). The link stays its
+    planter's: once the mount runs, nobody points it at a directory of theirs whose
+    data/disk.raw is a symbolic link to a file of the mounting user's. The data file was
+    opened at mount, but the descriptor for direct stores is opened later, by path
+    (DataFile._way_of: os.open(self.path, O_WRONLY | O_DIRECT), no O_NOFOLLOW), through
+    the re-pointed link: the first whole chunk fetched was written into the user's file.
+    (A parent directory of CACHE that another user owns does the same: they rename CACHE
+    away and put their own directory in its place.) The cache must not be reached again
+    through a name another user controls once it was checked."""
+    base, mnt = tmp_path / "base", tmp_path / "mnt"
+    base.mkdir()
+    mnt.mkdir()
+    make_image(base / "disk.raw", 2 * MIB, seed=11)
+    real = sticky_dir / "users-empty-dir"  # the user's: root's, empty
+    real.mkdir(mode=0o700)
+    victim = sticky_dir / "victim.txt"  # a file of the mounting user's
+    victim.write_text("the user's own file\n")
+    victim.chmod(0o644)
+    cache = sticky_dir / "cache"
+    as_nobody_run("ln", "-s", str(real), str(cache))
+    evil = sticky_dir / "nobodys"
+    as_nobody_run("mkdir", "-p", "-m", "777", str(evil / "data"))
+    as_nobody_run("ln", "-s", str(victim), str(evil / "data" / "disk.raw"))
+
+    with CorfsMount(base, cache, mnt, "--no-stream", log_dir=tmp_path) as m:
+        # nobody re-points the link it owns (allowed in a sticky directory: it is its own)
+        as_nobody_run("ln", "-sfn", str(evil), str(cache))
+        with contextlib.suppress(OSError):  # refusing the read is fine, writing the file not
+            (m.mnt / "disk.raw").read_bytes()
+        m.stop()
+    assert victim.read_bytes() == b"the user's own file\n", "the user's file was written"
+
+
+def test_a_log_file_through_the_users_own_link_is_followed(tmp_path: Path) -> None:
+    """The user's own link (a log moved to another disk, /dev/stderr) is followed: what the
+    mount says reaches the file it points to."""
+    target = tmp_path / "elsewhere.log"
+    link = tmp_path / "corfs.log"
+    link.symlink_to(target)
+    (tmp_path / "cache").mkdir(mode=0o700)
+    (tmp_path / "mnt").mkdir()
+    result = run_corfs(
+        "mount", tmp_path / "no-such-base", tmp_path / "cache", tmp_path / "mnt", "--daemon",
+        "--log-file", link, timeout=20,
+    )
+    assert result.returncode != 0
+    assert "no-such-base" in target.read_text()
+    assert link.is_symlink()
