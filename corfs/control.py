@@ -52,6 +52,10 @@ STATUS_PAGE_BYTES = 60 << 10  # under the kernel's XATTR_SIZE_MAX (64 KiB), with
 # asks its pages at once; the client gives each ask 10 s): a page asked later, or by a reader
 # that never asked the first, gets a fresh status, and the snapshot is not kept for good.
 PAGED_FOR = 30.0
+# Other users' status readings (--allow-other lets any user read it) share one snapshot for
+# this long: a loop of reads by another user built a full status on the trio thread each time
+# (twice per first page: CPython asks with a small buffer first), every VM's I/O waiting.
+SHARED_STATUS_FOR = 1.0
 
 
 class Controller:
@@ -83,6 +87,8 @@ class Controller:
         self._base, self._mountpoint = base, mountpoint
         self._paged: list[dict] | None = None  # the images of the latest status read by pages
         self._paged_at = 0.0  # when (trio.current_time)
+        self._shared: tuple[dict, list[dict]] | None = None  # other users' (SHARED_STATUS_FOR)
+        self._shared_at = 0.0
         # Asked before a forget: can the base supply the chunk again? (A callable: a base that
         # was down at mount comes up later.)
         self._current_base = current_base
@@ -143,28 +149,43 @@ class Controller:
             handing_over=image.name in self._handing_over,
         )
 
-    def status_xattr(self, name: str) -> bytes | None:
+    def status_xattr(self, name: str, *, owner: bool = True) -> bytes | None:
         """The value of status xattr `name`: the first page (STATUS_XATTR) or the page of
         images from index N on (STATUS_XATTR.N); None if `name` is no status xattr.
         The later pages of a reading come from the images its first page was taken with
         (`_paged`, kept until the next reading's first page or PAGED_FOR: a page is asked
         twice when the reader's first buffer is too small, the last one too): a status per
         page made reading 10 000 images' status quadratic, over a minute of the event loop
-        (every VM's I/O) blocked half a second per page."""
+        (every VM's I/O) blocked half a second per page. Not the mount's `owner` (nor root):
+        pages of one snapshot shared for SHARED_STATUS_FOR."""
         if name == STATUS_XATTR:
-            summary = self.status().to_dict()
-            self._paged = images = summary.pop("images")
-            self._paged_at = trio.current_time()
-            summary["image_count"] = len(images)
-            return _status_page(summary, images, 0)[0]
-        prefix, _, start = name.rpartition(".")
-        # ASCII digits only: str.isdigit() passes '²', which int() refuses (EIO, traceback).
-        if prefix != STATUS_XATTR or not (start.isascii() and start.isdigit()):
-            return None
-        if trio.current_time() - self._paged_at > PAGED_FOR:
-            self._paged = None
-        images = self._paged if self._paged is not None else self.status().to_dict()["images"]
-        return _status_page({}, images, min(int(start), len(images)))[0]
+            start = 0
+        else:
+            prefix, _, digits = name.rpartition(".")
+            # ASCII digits only: str.isdigit() passes '²', which int() refuses (EIO, traceback)
+            if prefix != STATUS_XATTR or not (digits.isascii() and digits.isdigit()):
+                return None
+            start = int(digits)
+        now = trio.current_time()
+        if not owner:
+            if self._shared is None or now - self._shared_at > SHARED_STATUS_FOR:
+                self._shared, self._shared_at = self._status_snapshot(), now
+            summary, images = self._shared
+        elif name == STATUS_XATTR:
+            summary, images = self._status_snapshot()
+            self._paged, self._paged_at = images, now
+        else:
+            if now - self._paged_at > PAGED_FOR:
+                self._paged = None
+            summary = {}
+            images = self._paged if self._paged is not None else self._status_snapshot()[1]
+        head = dict(summary, image_count=len(images)) if name == STATUS_XATTR else {}
+        return _status_page(head, images, min(start, len(images)))[0]
+
+    def _status_snapshot(self) -> tuple[dict, list[dict]]:
+        """(the mount's status without its images, the images), as status_xattr pages them."""
+        summary = self.status().to_dict()
+        return summary, summary.pop("images")
 
     async def apply(
         self, raw: bytes, after_handoff: Callable[[], Awaitable[None]] | None = None

@@ -297,7 +297,13 @@ class CorfsOperations(TranslatedOperations):
         return list(_XATTRS) if inode == ROOT_INODE else []
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self._controller.status_xattr(os.fsdecode(name)) if inode == ROOT_INODE else None
+        value = (
+            self._controller.status_xattr(
+                os.fsdecode(name), owner=ctx is None or ctx.uid in (0, self._daemon_uid)
+            )
+            if inode == ROOT_INODE
+            else None
+        )
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value

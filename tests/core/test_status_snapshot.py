@@ -87,3 +87,39 @@ def test_a_page_asked_long_after_the_first_is_a_fresh_status(rig_factory, monkey
             assert after["name"] == before["name"] and after["local_bytes"] == CS
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_other_users_share_one_status_a_second(rig_factory) -> None:
+    """Isolation hunt: with --allow-other any user may read the status, and each read built a
+    full status on the trio thread (a loop of them kept every VM's I/O waiting). Readers other
+    than the mount's owner share one snapshot for SHARED_STATUS_FOR; the owner's stay fresh."""
+
+    async def main() -> None:
+        async with rig_factory({"a": random_bytes(2 * CS, seed=1)}) as rig:
+            controller = _controller(rig)
+            calls = 0
+            real = controller.status
+
+            def counted():  # noqa: ANN202
+                nonlocal calls
+                calls += 1
+                return real()
+
+            controller.status = counted  # type: ignore[method-assign]
+
+            def local_bytes(owner: bool) -> int:
+                value = controller.status_xattr(STATUS_XATTR, owner=owner)
+                assert value is not None
+                return json.loads(value)["images"][0]["local_bytes"]
+
+            assert [local_bytes(owner=False) for _ in range(100)] == [0] * 100
+            assert calls == 1
+            image = rig.image("a")
+            await image.read(0, CS)
+            await image.wait_stored()
+            assert local_bytes(owner=True) == CS  # fresh for the owner
+            assert local_bytes(owner=False) == 0  # the others' snapshot, under a second old
+            await trio.sleep(control.SHARED_STATUS_FOR + 0.1)
+            assert local_bytes(owner=False) == CS
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
