@@ -252,7 +252,8 @@ def test_a_cache_named_through_another_users_symlink_cannot_be_redirected(
     the re-pointed link: the first whole chunk fetched was written into the user's file.
     (A parent directory of CACHE that another user owns does the same: they rename CACHE
     away and put their own directory in its place.) The cache must not be reached again
-    through a name another user controls once it was checked."""
+    through a name another user controls once it was checked; nor is what the mount writes
+    at its end (--record-trace's trace.json) written into nobody's directory."""
     base, mnt = tmp_path / "base", tmp_path / "mnt"
     base.mkdir()
     mnt.mkdir()
@@ -268,13 +269,15 @@ def test_a_cache_named_through_another_users_symlink_cannot_be_redirected(
     as_nobody_run("mkdir", "-p", "-m", "777", str(evil / "data"))
     as_nobody_run("ln", "-s", str(victim), str(evil / "data" / "disk.raw"))
 
-    with CorfsMount(base, cache, mnt, "--no-stream", log_dir=tmp_path) as m:
+    with CorfsMount(base, cache, mnt, "--no-stream", "--record-trace", log_dir=tmp_path) as m:
         # nobody re-points the link it owns (allowed in a sticky directory: it is its own)
         as_nobody_run("ln", "-sfn", str(evil), str(cache))
         with contextlib.suppress(OSError):  # refusing the read is fine, writing the file not
             (m.mnt / "disk.raw").read_bytes()
         m.stop()
     assert victim.read_bytes() == b"the user's own file\n", "the user's file was written"
+    assert sorted(os.listdir(evil)) == ["data"], "the mount wrote into nobody's directory"
+    assert (real / "trace.json").exists()
 
 
 def test_a_log_file_through_the_users_own_link_is_followed(tmp_path: Path) -> None:
