@@ -210,14 +210,12 @@ class HttpReader:
                         )
                     if got[2] is not None and got[2] != validator.size:
                         raise BaseChanged(f"{what}: size changed on the server")
-                    declared = resp.headers.get("content-length")
-                    if declared is not None and (
-                        parse_byte_count(declared, what, "Content-Length") != length
-                    ):
+                    declared = _declared_length(resp.headers, what)
+                    if declared is not None and declared != length:
                         # As the lean reader: a body that is not exactly the range is no
                         # proof of which of its bytes are the range's.
                         raise TransientBaseError(f"{what}: answer has the wrong Content-Length")
-                    # Without a Content-Length (chunked), the body must end with the range.
+                    # Framed otherwise (chunks), the body must end with the range.
                     body = await self._collect(resp, 0, length, what, whole=declared is None)
                     return body, final
                 if resp.status_code == 200:
@@ -228,10 +226,12 @@ class HttpReader:
                         # If-Range failed silently, or a proxy dropped the header: no proof
                         # that these are the listed version's bytes.
                         raise BaseChanged(f"{what}: full answer without the listed validator")
-                    declared = resp.headers.get("content-length")
-                    if declared is not None and (
-                        parse_byte_count(declared, what, "Content-Length") != validator.size
-                    ):
+                    declared = _declared_length(resp.headers, what)
+                    if declared is None:
+                        # Chunks, or to the connection's end: nothing says this body is the
+                        # listed size before it ends, and the range is placed by it.
+                        raise BaseProtocolError(f"{what}: whole answer of no declared length")
+                    if declared != validator.size:
                         raise BaseChanged(f"{what}: size changed on the server")
                     if not self._warned_no_range:
                         self._warned_no_range = True
@@ -264,6 +264,16 @@ class HttpReader:
         if whole and (pos > length or len(await anext(pieces, b""))):
             raise TransientBaseError(f"{what}: answer runs past the range")
         return out
+
+
+def _declared_length(headers: httpx.Headers, what: str) -> int | None:
+    """The body's length as its Content-Length declares it, or None when the body is framed
+    otherwise: no Content-Length, or a Transfer-Encoding, which overrides it (RFC 9112 6.3:
+    h11 reads the chunks, whatever length was declared beside them)."""
+    value = headers.get("content-length")
+    if value is None or "transfer-encoding" in headers:
+        return None
+    return parse_byte_count(value, what, "Content-Length")
 
 
 def _listing_text(body: bytes) -> str:

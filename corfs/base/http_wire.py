@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$", re.IGNORECASE)
 _STATUS = re.compile(r"[0-9]{3}")
 _DECIMAL = re.compile(r"[0-9]{1,16}")
+_BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended by LF alone: never in a CRLF head
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The one TLS context of a base: the system's CAs plus `ca_file`, certificates and host
@@ -341,8 +342,7 @@ class PlainReader:
         what = target.what
 
         for _attempt in range(2):
-            pool = self.idle.setdefault(key, [])
-            conn = pool.pop() if pool else None
+            conn = self._idle_connection(key)
             reused = conn is not None
             try:
                 if conn is None:
@@ -382,6 +382,20 @@ class PlainReader:
             return data
         raise TransientBaseError(f"{what}: connection closed before an answer")
 
+    def _idle_connection(self, key: ConnKey) -> Conn | None:
+        """A pooled connection to `key` with nothing waiting to be read, the newest first.
+        One with bytes waiting holds an answer nobody asked for (a server or proxy that sent
+        one twice): read as the next request's answer, another range's or image's bytes were
+        served (httpcore drops a connection readable while idle, too). One the server closed
+        goes as well."""
+        pool = self.idle.get(key)
+        while pool:
+            conn = pool.pop()
+            if conn.quiet():
+                return conn
+            conn.close()
+        return None
+
     async def _exchange(
         self,
         conn: Conn,
@@ -408,10 +422,10 @@ class PlainReader:
                     cut = head.find(b"\r\n\r\n")
                     if cut >= 0:
                         break
-                    if len(head) > self.HEAD_LIMIT or b"\n\n" in head:
-                        # Too long, or lines ended by a bare LF (never in a CRLF head): a
-                        # keep-alive answer would leave us waiting for a CRLF CRLF until the
-                        # stall timeout, on every try.
+                    if len(head) > self.HEAD_LIMIT or _BARE_LF.search(head):
+                        # Too long, or a line ended by a bare LF (legal; its head may then end
+                        # in LF LF or LF CRLF): a keep-alive answer would leave us waiting for
+                        # a CRLF CRLF until the stall timeout, on every try.
                         return None, False
             except ConnectionResetError:
                 if not head:

@@ -57,6 +57,16 @@ class Wire:
             except BlockingIOError:
                 await ready(self.fd)
 
+    def quiet(self) -> bool:
+        """Whether nothing is waiting to be read, the connection still open (no EOF)."""
+        try:
+            self.raw.recv(1, socket.MSG_PEEK)  # b"": closed; a byte: not asked for
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def close(self) -> None:
         self.raw.close()
         self.sock.close()
@@ -143,6 +153,32 @@ class TlsConn:
             return await self._drive(self.tls.read, len(view), view)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return 0
+
+    def quiet(self) -> bool:
+        """Whether no application data is waiting to be read, the connection still open.
+        Records already received are decrypted first: after an answer a server may still send
+        TLS's own (a session ticket), which leave the connection fit for the next request."""
+        if self.tls.pending():
+            return False
+        while True:  # what the socket holds, into the BIO
+            try:
+                data = self.wire.raw.recv(self.RECV_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.incoming.write(data)
+        if not self.incoming.pending:
+            return True
+        try:
+            self.tls.read(1)
+        except ssl.SSLWantReadError:
+            return True  # TLS's own records only
+        except ssl.SSLError:
+            return False
+        return False  # application data nobody asked for, or close_notify (read gave b"")
 
     def close(self) -> None:
         self.wire.close()

@@ -12,7 +12,7 @@ import time
 import pytest
 import trio
 
-from corfs.base import BaseOptions, open_base
+from corfs.base import BaseOptions, http_wire, open_base
 from corfs.base.http import HttpBase, open_http_base
 from corfs.base.http_wire import LeanStatistics, PlainReader, Validator, tls_context
 from corfs.errors import (
@@ -250,6 +250,37 @@ def test_tls_verified_by_default_and_ca_file_accepted(tls_nginx) -> None:
             await open_base(tls_nginx.url, BaseOptions(ca_file="/nonexistent/ca.pem"))
 
     trio.run(main)
+
+
+def test_a_tls_connection_is_reused_read_after_read(tls_nginx, monkeypatch) -> None:
+    """A pooled connection is checked for bytes nobody asked for before it is reused
+    (test_lean_pool.py); over TLS the server's own records (TLS 1.3 session tickets) may
+    still arrive after an answer, and must not make every read a new handshake."""
+    made = 0
+    real = http_wire.connect
+
+    async def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        nonlocal made
+        made += 1
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(http_wire, "connect", counted)
+    data = b"0123456789" * 100_000
+
+    async def main() -> None:
+        options = BaseOptions(io_timeout=3.0, ca_file=str(tls_nginx.tls.ca_cert))
+        store = await open_base(tls_nginx.url, options)
+        try:
+            (image,) = await store.list_images()
+            for offset in range(0, 20 * 4096, 4096):
+                assert bytes(await image.read(offset, 4096)) == data[offset : offset + 4096]
+                await trio.sleep(0.02)  # room for anything the server sends after
+            assert image.reader.plain.stats.answered == 20
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    assert made == 1
 
 
 def _lean_read(url: str, ca_file: str | None) -> bytes:

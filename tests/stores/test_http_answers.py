@@ -156,14 +156,26 @@ def twice_the_length(first: int, last: int) -> list[str]:
     return [*usual()(first, last), f"Content-Length: {last - first + 1}"]
 
 
+def last_line_ends_in_a_bare_lf(first: int, last: int) -> tuple[bytes, bool]:
+    """A 206 whose lines end in CRLF but the last header line, ended by a bare LF, then the
+    blank line's CRLF: "...Content-Length: 4096\n\r\n". RFC 9112 2.2 lets a recipient take
+    a lone LF as a line end and h11 does (its head ends at LF CRLF). The lean reader waits for
+    CRLF CRLF, which never comes, or LF LF (its hand-back test), not there either: each read
+    stalls for a whole stall timeout and fails, on every try, so every read of such a server
+    is EIO while httpx reads it at once."""
+    head = "\r\n".join(usual()(first, last)) + "\n\r\n"
+    return head.encode("latin-1") + DATA[first : last + 1], False
+
+
 @pytest.mark.parametrize(
     "answer",
     [
         raw_206(usual(length=False), close=True),  # no Content-Length: ends with the connection
         raw_206(twice_the_length),  # the same Content-Length twice: RFC 9110 lets it be
         raw_206(usual(), eol="\n"),  # lines ended by a bare LF, which h11 takes
+        last_line_ends_in_a_bare_lf,  # "...\n\r\n": h11 ends the head there too
     ],
-    ids=["no-length", "length-twice", "bare-lf"],
+    ids=["no-length", "length-twice", "bare-lf", "bare-lf-then-crlf"],
 )
 def test_a_legal_answer_the_lean_reader_does_not_expect_is_served_through_httpx(
     answer: Answer,
@@ -205,3 +217,38 @@ def test_a_status_of_digits_int_cannot_read_is_a_base_error() -> None:
         trio.run(main)
     finally:
         server.stop()
+
+
+def chunked_with_the_ranges_length(data: bytes) -> tuple[Headers, bytes]:
+    """Chunked AND a Content-Length of the range: Content-Range and Content-Length say it is
+    the range, the framing that counts (Transfer-Encoding overrides Content-Length, RFC 9112
+    6.3; h11 reads the chunks) carries four more bytes before it."""
+    body = b"JUNK" + data
+    return [("Transfer-Encoding", "chunked"), ("Content-Length", str(len(data)))], (
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
+def test_a_chunked_answer_that_also_declares_the_ranges_length_is_refused(
+    hostile, lean: bool
+) -> None:
+    """RFC 9112 6.3: a message with both Transfer-Encoding and Content-Length "ought to be
+    handled as an error". The lean reader hands it to httpx, and _read_httpx checks the
+    Content-Length (ignored by the framing) and then takes the first `length` decoded bytes
+    without checking that the body ends there (`whole` only when there is no Content-Length):
+    JUNK plus the range's first 4092 bytes were served as the range (through a mount too)."""
+    server = serve(hostile, ranged_image(DATA, chunked_with_the_ranges_length))
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            store.reader.use_plain = lean
+            (image,) = await store.list_images()
+            with pytest.raises((TransientBaseError, BaseProtocolError)):
+                got = bytes(await image.read(4096, 4096))
+                assert got == DATA[4096:8192], f"wrong bytes served: {got[:8]!r}..."
+        finally:
+            await store.aclose()
+
+    trio.run(main)

@@ -11,7 +11,7 @@ import trio
 
 from corfs.base import BaseOptions
 from corfs.base.http import open_http_base
-from corfs.errors import BaseChanged
+from corfs.errors import BaseChanged, BaseProtocolError, TransientBaseError
 from tests.hostile import Answer, RawAnswerServer, Route, serve
 
 FAST = BaseOptions(io_timeout=3.0)  # a stall timeout of 1 s
@@ -100,6 +100,48 @@ def test_a_full_answer_with_the_listed_date_is_still_served(hostile) -> None:
         try:
             (image,) = await store.list_images()
             assert bytes(await image.read(4096, 4096)) == OLD[4096:8192]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def whole_body_of_another_size(declared: bool) -> Route:
+    """/disk.raw listed with ETag "e" and SIZE bytes; every GET is answered with a whole-image
+    200 carrying ETag "e", chunked, whose body is four bytes more than the listed size (JUNK,
+    then OLD) and, with `declared`, a Content-Length of the listed size as well (ignored by
+    the framing: Transfer-Encoding overrides it)."""
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if path != "/disk.raw":
+            return None
+        if method == "HEAD":
+            return 200, [("Content-Length", str(SIZE)), ("ETag", '"e"')], []
+        body = b"JUNK" + OLD
+        length = [("Content-Length", str(SIZE))] if declared else []
+        return 200, [("ETag", '"e"'), ("Transfer-Encoding", "chunked"), *length], [
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        ]
+
+    return route
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["chunked", "chunked-and-length"])
+def test_a_whole_answer_that_is_not_the_listed_size_is_never_served(
+    hostile, declared: bool
+) -> None:
+    """A whole-image 200 of another size is another version (_read_httpx raises BaseChanged
+    when its Content-Length says so), but a 200 framed by chunks is never measured: its bytes
+    from `offset` were served whatever its length, here OLD shifted by four bytes."""
+    server = serve(hostile, whole_body_of_another_size(declared))
+
+    async def main() -> None:
+        store = await open_http_base(server.url + "disk.raw", FAST)
+        try:
+            (image,) = await store.list_images()
+            with pytest.raises((BaseChanged, TransientBaseError, BaseProtocolError)):
+                got = bytes(await image.read(4096, 4096))
+                assert got == OLD[4096:8192], f"wrong bytes served: {got[:8]!r}..."
         finally:
             await store.aclose()
 
