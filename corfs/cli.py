@@ -24,6 +24,7 @@ from .config import (
     StreamConfig,
 )
 from .errors import CorfsError, UsageError, error_line, leaf_error
+from .failure_log import QuietRepeats
 from .printable import PrintableFormatter
 from .sizes import parse_size
 
@@ -284,6 +285,7 @@ def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("botocore.credentials").addFilter(QuietRepeats())
 
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:

@@ -9,6 +9,7 @@ The caller retries as it likes; this only decides what reaches the log."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -74,3 +75,28 @@ class FailureLog:
         )
         self._failures = self._unsaid = 0
         self._kinds.clear()
+
+
+class QuietRepeats(logging.Filter):
+    """For a library's logger that says each failed retry with its traceback (botocore: every
+    failed credential refresh, a dozen within one read's --io-timeout, the credential
+    process's stderr in the traceback): each message at most once per `every` seconds, and
+    without the traceback. The failure itself reaches corfs's own errors as they are."""
+
+    def __init__(self, every: float = REMIND_EVERY, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._every, self._clock = every, clock
+        self._said: dict[str, float] = {}
+        self._lock = threading.Lock()  # the library logs from worker threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        message, now = record.getMessage(), self._clock()
+        with self._lock:
+            said = self._said.get(message)
+            if said is not None and now - said < self._every:
+                return False
+            if len(self._said) > 1000:  # messages naming changing things: keep it bounded
+                self._said.clear()
+            self._said[message] = now
+        return True

@@ -140,4 +140,9 @@ def _mapped(exc: Exception, what: str) -> CorfsError:
         return BaseProtocolError(f"{what}: answer does not parse ({type(exc).__name__})")
     if isinstance(exc, OSError):
         return TransientBaseError(f"{what}: connection failed ({type(exc).__name__})")
+    if isinstance(exc, RuntimeError) and "credentials are still expired" in str(exc):
+        # botocore's own, bare: a credential source handing out expired credentials
+        return BaseAccessDenied(
+            f"{what}: the S3 credentials the credential source gives are expired"
+        )
     raise exc

@@ -183,7 +183,7 @@ class S3Base:
             body = resp["Body"]
             try:
                 etag = resp.get("ETag")
-                if etag and etag != image.etag:
+                if etag and image.etag and etag != image.etag:  # listed without one: no check
                     raise BaseChanged(f"{what}: changed on the server (ETag moved)")
                 got = parse_content_range(resp.get("ContentRange"), what)
                 if got is None:
@@ -220,6 +220,11 @@ class S3Base:
         """(key, size as sent, etag) of the objects directly below `prefix` (Delimiter '/')."""
         found: list[tuple[str, object, str]] = []
         what = f"s3://{self.bucket}/{prefix}"
+        # As the caller's (_run_within): this thread goes on after the caller gave up, and an
+        # endpoint whose continuation tokens loop (A, B, A, ...: botocore catches only one
+        # repeated at once) kept it asking for good, one more thread at each reconnection.
+        deadline = time.monotonic() + self.options.io_timeout
+        tokens: set[str] = set()
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
@@ -227,6 +232,14 @@ class S3Base:
                     found.append((str(obj["Key"]), obj.get("Size"), str(obj.get("ETag", ""))))
                 if len(found) > MAX_LISTED_OBJECTS:
                     raise BaseProtocolError(f"{what}: more than {MAX_LISTED_OBJECTS} objects")
+                token = page.get("NextContinuationToken")
+                if token is not None and token in tokens:
+                    raise BaseProtocolError(f"{what}: the listing's pages go round in a loop")
+                tokens.add(str(token))
+                if time.monotonic() > deadline:
+                    raise TransientBaseError(
+                        f"{what}: listing not done within {self.options.io_timeout:g}s"
+                    )
         except BaseError:
             raise
         except Exception as exc:

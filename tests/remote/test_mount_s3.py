@@ -10,6 +10,7 @@ import errno
 import itertools
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -251,3 +252,77 @@ def test_daemon_finds_credentials_named_by_a_relative_path(bucket: Bucket) -> No
     ) as m:
         assert sha256_file(m.mnt / "one.raw") == sha256_file(one)
         m.stop()
+
+
+def test_expired_credentials_from_the_credential_source_fail_the_mount_cleanly(
+    moto_server, tmp_path: Path
+) -> None:
+    """A credential_process that hands out credentials already expired (a stale credential
+    cache, a clock set wrong): botocore raises a bare RuntimeError, which s3_errors re-raises
+    as a bug: `corfs mount` ended with exit 1 and a Python traceback instead of exit 5 and a
+    line about the credentials."""
+    script = tmp_path / "credentials.py"
+    script.write_text(
+        "import datetime, json\n"
+        "expires = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)\n"
+        'print(json.dumps({"Version": 1, "AccessKeyId": "key-id", "SecretAccessKey": "s",\n'
+        '                  "SessionToken": "t", "Expiration": expires.isoformat()}))\n'
+    )
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script}\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {"AWS_CONFIG_FILE": str(config), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+           "AWS_SESSION_TOKEN": ""}
+    try:
+        result = run_corfs(
+            "mount", f"s3://{TEST_BUCKET}/x/", tmp_path / "cache", mnt,
+            "--endpoint-url", moto_server.endpoint, "--io-timeout", "5", timeout=30, env=env,
+        )
+    finally:
+        lazy_unmount(mnt)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 5, result.stderr
+    assert "credentials" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_a_failing_credential_source_is_told_in_the_log_without_tracebacks(
+    bucket: Bucket,
+) -> None:
+    """Credentials near their expiry (a role session's end: every signature refreshes them)
+    whose credential_process starts failing: each try of a read (a dozen within a 3 s
+    --io-timeout) made botocore log 'Refreshing temporary credentials failed' with a whole
+    traceback and the process's stderr (cli.py lets botocore's warnings through), where
+    corfs's own retries are counted, not said."""
+    base = bucket.put("disk.raw", 4 * MIB, seed=28)
+    data = base.read_bytes()
+    failing = bucket.tmp / "failing"
+    script = bucket.tmp / "credentials.py"
+    script.write_text(
+        "import datetime, json, os, sys\n"
+        f"if os.path.exists({str(failing)!r}):\n"
+        "    sys.exit('the credential source is down')\n"
+        "expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"
+        'print(json.dumps({"Version": 1, "AccessKeyId": "key-id", "SecretAccessKey": "s",\n'
+        '                  "SessionToken": "t", "Expiration": expires.isoformat()}))\n'
+    )
+    config = bucket.tmp / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script}\n")
+    env = {"AWS_CONFIG_FILE": str(config), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+           "AWS_SESSION_TOKEN": ""}
+    with CorfsMount(
+        bucket.url, bucket.cache, bucket.mnt, "--endpoint-url", bucket.endpoint,
+        "--chunk-size", "64K", "--no-stream", "--io-timeout", "3", log_dir=bucket.logs, env=env,
+    ) as m:
+        path = m.mnt / "disk.raw"
+        assert direct_read(path, 0, 4096) == data[:4096]
+        failing.touch()
+        with pytest.raises(OSError) as info:
+            direct_read(path, 3 * MIB, 4096)
+        assert info.value.errno == errno.EIO
+        failing.unlink()
+        assert direct_read(path, 3 * MIB, 4096) == data[3 * MIB : 3 * MIB + 4096]
+        m.stop()
+        log = m.log_text()
+    assert "Traceback" not in log, log
+    assert log.count("the credential source is down") <= 1, log

@@ -14,7 +14,7 @@ import trio
 
 from corfs.base import BaseOptions
 from corfs.base.s3 import open_s3_base
-from corfs.errors import BaseUnreachable
+from corfs.errors import BaseError, BaseUnreachable
 from tests.servers import TEST_BUCKET, Moto
 
 IO_TIMEOUT = 2.0
@@ -118,5 +118,58 @@ def test_opening_with_a_credential_source_that_hangs_fails_within_io_timeout(
             assert starts.read_text().count("started") == 1
         finally:
             hang.unlink(missing_ok=True)
+
+    trio.run(main)
+
+
+# Credentials that expire in 5 minutes (every signature refreshes them), or, while the file
+# named by its argument exists, credentials that expired a minute ago: a credential cache
+# that hands out stale ones, a clock set wrong.
+EXPIRED_PROCESS = textwrap.dedent(
+    """
+    import datetime, json, os, sys
+    minutes = -1 if os.path.exists(sys.argv[1]) else 5
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=minutes)
+    print(json.dumps({"Version": 1, "AccessKeyId": "key-id", "SecretAccessKey": "s",
+                      "SessionToken": "t", "Expiration": expires.isoformat()}))
+    """
+)
+
+
+@pytest.mark.parametrize("first_read", [True, False], ids=["first-read", "later-read"])
+def test_a_credential_source_that_gives_expired_credentials_is_a_base_error(
+    moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_read: bool
+) -> None:
+    """botocore raises a bare RuntimeError ("the refreshed credentials are still expired")
+    when a refresh brings expired credentials. s3_errors re-raises what it does not know as
+    a bug: the read failed as an internal error (a traceback in the mount's log) instead of
+    a base error of the credentials, as a refresh that fails is."""
+    key = f"expired-{first_read}/disk.raw"
+    data = bytes(range(256)) * (SIZE // 256)
+    moto_server.client().put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
+    script = tmp_path / "credentials.py"
+    script.write_text(EXPIRED_PROCESS)
+    expired = tmp_path / "expired"
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {expired}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    options = BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
+                          region="us-east-1")
+
+    async def main() -> None:
+        store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
+        try:
+            (image,) = await store.list_images()
+            if not first_read:
+                assert bytes(await image.read(0, 4096)) == data[:4096]
+            expired.touch()
+            with pytest.raises(BaseError):
+                await image.read(4096, 4096)
+            expired.unlink()
+            assert bytes(await image.read(4096, 4096)) == data[4096:8192]
+        finally:
+            await store.aclose()
 
     trio.run(main)
