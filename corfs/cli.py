@@ -285,7 +285,8 @@ def _setup_logging(verbose: bool, log_file: str | None = None) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("botocore.credentials").addFilter(QuietRepeats())
+    for refreshing in ("botocore.credentials", "botocore.tokens"):  # tokens: SSO's
+        logging.getLogger(refreshing).addFilter(QuietRepeats())
 
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:

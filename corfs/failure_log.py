@@ -80,8 +80,9 @@ class FailureLog:
 class QuietRepeats(logging.Filter):
     """For a library's logger that says each failed retry with its traceback (botocore: every
     failed credential refresh, a dozen within one read's --io-timeout, the credential
-    process's stderr in the traceback): each message at most once per `every` seconds, and
-    without the traceback. The failure itself reaches corfs's own errors as they are."""
+    process's stderr in the traceback): the exception's first line instead of its traceback
+    (corfs's own error names only its type), each such message at most once per `every`
+    seconds."""
 
     def __init__(self, every: float = REMIND_EVERY, clock: Callable[[], float] = time.monotonic):
         super().__init__()
@@ -90,6 +91,10 @@ class QuietRepeats(logging.Filter):
         self._lock = threading.Lock()  # the library logs from worker threads
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            cause = str(record.exc_info[1]).strip().splitlines()
+            if cause:
+                record.msg, record.args = f"{record.getMessage()}: {cause[0][:200]}", None
         record.exc_info, record.exc_text = None, None
         message, now = record.getMessage(), self._clock()
         with self._lock:

@@ -366,6 +366,16 @@ class PlainReader:
                         old.close()
                     continue
                 raise TransientBaseError(f"{what}: connection closed before an answer") from None
+            except (BaseChanged, TransientBaseError):
+                conn.close()
+                if reused:
+                    # Perhaps not this request's answer: one sent twice that came after
+                    # _idle_connection looked (another range: the wrong Content-Range;
+                    # another image: another ETag). A fresh connection tells.
+                    for old in self.idle.pop(key, []):
+                        old.close()
+                    continue
+                raise
             except BaseException:
                 conn.close()
                 raise
@@ -435,6 +445,10 @@ class PlainReader:
                 raise _StaleConnection() from None
             except OSError as exc:
                 raise TransientBaseError(f"{what}: connection failed ({_reason(exc)})") from None
+            if head.count(b"\n", 0, cut) != head.count(b"\r\n", 0, cut):
+                # A bare-LF line within a CRLF head: h11 takes it as a line of its own, and
+                # _parse_head would glue it to the line before (a Transfer-Encoding unseen)
+                return None, False
             status, headers, http10 = _parse_head(bytes(head[:cut]))
             if status is None:
                 return None, False

@@ -155,30 +155,11 @@ class TlsConn:
             return 0
 
     def quiet(self) -> bool:
-        """Whether no application data is waiting to be read, the connection still open.
-        Records already received are decrypted first: after an answer a server may still send
-        TLS's own (a session ticket), which leave the connection fit for the next request."""
-        if self.tls.pending():
-            return False
-        while True:  # what the socket holds, into the BIO
-            try:
-                data = self.wire.raw.recv(self.RECV_BYTES)
-            except BlockingIOError:
-                break
-            except OSError:
-                return False
-            if not data:
-                return False
-            self.incoming.write(data)
-        if not self.incoming.pending:
-            return True
-        try:
-            self.tls.read(1)
-        except ssl.SSLWantReadError:
-            return True  # TLS's own records only
-        except ssl.SSLError:
-            return False
-        return False  # application data nobody asked for, or close_notify (read gave b"")
+        """Whether nothing at all is waiting to be read, the connection still open: neither
+        decrypted bytes nor received ones. Part of a record tells nothing of what it holds (an
+        answer nobody asked for, or TLS's own, a session ticket): either way the connection
+        goes (a reconnection the rare time it is TLS's own)."""
+        return not self.tls.pending() and not self.incoming.pending and self.wire.quiet()
 
     def close(self) -> None:
         self.wire.close()

@@ -233,9 +233,10 @@ class S3Base:
                 if len(found) > MAX_LISTED_OBJECTS:
                     raise BaseProtocolError(f"{what}: more than {MAX_LISTED_OBJECTS} objects")
                 token = page.get("NextContinuationToken")
-                if token is not None and token in tokens:
-                    raise BaseProtocolError(f"{what}: the listing's pages go round in a loop")
-                tokens.add(str(token))
+                if page.get("IsTruncated") and token is not None:  # else the last page
+                    if token in tokens:
+                        raise BaseProtocolError(f"{what}: the listing's pages go round in a loop")
+                    tokens.add(token)
                 if time.monotonic() > deadline:
                     raise TransientBaseError(
                         f"{what}: listing not done within {self.options.io_timeout:g}s"

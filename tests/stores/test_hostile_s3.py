@@ -370,6 +370,36 @@ def test_a_listing_whose_continuation_tokens_loop_stops_asking_at_io_timeout(
     assert later == asked, f"the abandoned listing still pages: {later - asked} requests more"
 
 
+def test_a_last_page_that_echoes_the_token_it_was_asked_with_ends_the_listing(endpoint) -> None:
+    """A complete listing whose last page (IsTruncated false) names the token it was asked
+    with as its NextContinuationToken (an S3-compatible endpoint's echo): botocore stops at
+    IsTruncated, and so must the loop check (review finding)."""
+    second = (LISTING % b"4096").replace(b"p/disk.raw", b"p/two.raw").replace(
+        b"</Contents>", b"</Contents><NextContinuationToken>A</NextContinuationToken>"
+    )
+
+    def route(method: str, path: str, headers: dict[str, str]):
+        if "list-type=2" not in path:
+            return None
+        if "continuation-token=A" in path:
+            return 200, [("Content-Length", str(len(second)))], [second]
+        first = (LISTING % b"4096").replace(b"<IsTruncated>false", b"<IsTruncated>true").replace(
+            b"</Contents>", b"</Contents><NextContinuationToken>A</NextContinuationToken>"
+        )
+        return 200, [("Content-Length", str(len(first)))], [first]
+
+    options = serve(endpoint, route)
+
+    async def main() -> None:
+        store = await open_s3_base("s3://b/p/", options)
+        try:
+            assert sorted(i.name for i in await store.list_images()) == ["disk.raw", "two.raw"]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
 def test_an_object_listed_without_an_etag_is_read_when_its_gets_carry_one(endpoint) -> None:
     """An endpoint that lists no ETag leaves the image only its size (a warning says changes
     cannot be detected); a GET that does carry an ETag is no evidence of a change. The read

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from corfs.failure_log import FailureLog
+from corfs.failure_log import FailureLog, QuietRepeats
 
 
 class Clock:
@@ -87,3 +87,26 @@ def test_a_change_of_cause_is_said_at_once(caplog, clock) -> None:
         "committing failed (will retry): [Errno 16] database is locked (1 try) (next try in 1 s)",
         "committing fails differently now (will retry): [Errno 28] No space left on device",
     ]
+
+
+def test_quiet_repeats_says_a_library_failure_once_a_while_with_its_cause_not_its_traceback(
+    caplog,
+) -> None:
+    """botocore logs each failed credential refresh with a traceback (a dozen within one read):
+    said once per `every` seconds, the exception's first line in place of its traceback."""
+    now = [0.0]
+    library = logging.getLogger("tests.quiet_repeats")
+    library.addFilter(QuietRepeats(every=60, clock=lambda: now[0]))
+    for _ in range(12):
+        try:
+            raise RuntimeError("the credential source is down\nits stderr, line two")
+        except RuntimeError:
+            library.warning("Refreshing temporary credentials failed.", exc_info=True)
+    now[0] = 61.0
+    library.warning("Refreshing temporary credentials failed.")
+    said = [r.getMessage() for r in caplog.records if r.name == "tests.quiet_repeats"]
+    assert said == [
+        "Refreshing temporary credentials failed.: the credential source is down",
+        "Refreshing temporary credentials failed.",
+    ]
+    assert "Traceback" not in caplog.text
