@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,7 @@ class S3Base:
         self.description = f"s3://{bucket}/{prefix}"
         self.options = options
         self.listed_at_open: list[S3Image] | None = None  # list_images: given out once
+        self._first_etags = threading.Lock()  # see _check_etag
         self.limiter = trio.CapacityLimiter(max(1, options.max_connections))
         # Calls outside the fetcher queue here before their --io-timeout starts (_run_within)
         self._queued = trio.Semaphore(max(1, options.max_connections))
@@ -182,9 +184,7 @@ class S3Base:
             )
             body = resp["Body"]
             try:
-                etag = resp.get("ETag")
-                if etag and image.etag and etag != image.etag:  # listed without one: no check
-                    raise BaseChanged(f"{what}: changed on the server (ETag moved)")
+                self._check_etag(image, resp.get("ETag"), what)
                 got = parse_content_range(resp.get("ContentRange"), what)
                 if got is None:
                     if offset != 0 or resp.get("ContentLength") != image.size:
@@ -207,6 +207,18 @@ class S3Base:
             raise TransientBaseError(f"{what}: body of {len(data)} bytes, expected {length}")
         # One memcpy (botocore gives bytes) buys a direct write past the page cache.
         return aligned_copy(data)
+
+    def _check_etag(self, image: S3Image, etag: str | None, what: str) -> None:
+        """BaseChanged if an answer's ETag is not the image's. An image listed without one
+        takes the first an answer carries (a sendable one), so that a change within the mount
+        is still told, and reads get If-Match (the lean reader's too) from then on."""
+        if not etag:
+            return
+        with self._first_etags:  # reads run in threads: one first ETag, not one each
+            if not image.etag and sendable(etag):
+                image.etag = etag
+        if image.etag and etag != image.etag:
+            raise BaseChanged(f"{what}: changed on the server (ETag moved)")
 
     def _head_sync(self, key: str) -> tuple[object, str]:
         try:
