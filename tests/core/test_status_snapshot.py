@@ -7,6 +7,7 @@ reading costs a second full status."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -36,6 +37,20 @@ def _controller(rig) -> Controller:  # noqa: ANN001
     )
 
 
+def _counted_statuses(controller: Controller) -> Callable[[], int]:
+    """From now on, how many full statuses `controller` has built."""
+    calls = 0
+    real = controller.status
+
+    def counted():  # noqa: ANN202
+        nonlocal calls
+        calls += 1
+        return real()
+
+    controller.status = counted  # type: ignore[method-assign]
+    return lambda: calls
+
+
 def test_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
     monkeypatch.setattr(control, "STATUS_PAGE_BYTES", 700)  # about one image a page
 
@@ -43,15 +58,7 @@ def test_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
         images = {name: random_bytes(2 * CS, seed=i) for i, name in enumerate("abcd")}
         async with rig_factory(images) as rig:
             controller = _controller(rig)
-            calls = 0
-            real = controller.status
-
-            def counted():  # noqa: ANN202
-                nonlocal calls
-                calls += 1
-                return real()
-
-            controller.status = counted  # type: ignore[method-assign]
+            calls = _counted_statuses(controller)
             page = _getxattr_like_cpython(controller, STATUS_XATTR)
             pages = 1
             while page["images_next"] is not None:
@@ -59,7 +66,7 @@ def test_a_status_reading_takes_one_snapshot(rig_factory, monkeypatch) -> None:
                 pages += 1
             assert pages > 2
             # page 0 is asked twice (two statuses, as before); the pages after it, none
-            assert calls == 2, calls
+            assert calls() == 2, calls()
 
     trio.run(main)
 
@@ -97,15 +104,7 @@ def test_other_users_share_one_status_a_second(rig_factory) -> None:
     async def main() -> None:
         async with rig_factory({"a": random_bytes(2 * CS, seed=1)}) as rig:
             controller = _controller(rig)
-            calls = 0
-            real = controller.status
-
-            def counted():  # noqa: ANN202
-                nonlocal calls
-                calls += 1
-                return real()
-
-            controller.status = counted  # type: ignore[method-assign]
+            calls = _counted_statuses(controller)
 
             def local_bytes(owner: bool) -> int:
                 value = controller.status_xattr(STATUS_XATTR, owner=owner)
@@ -113,7 +112,7 @@ def test_other_users_share_one_status_a_second(rig_factory) -> None:
                 return json.loads(value)["images"][0]["local_bytes"]
 
             assert [local_bytes(owner=False) for _ in range(100)] == [0] * 100
-            assert calls == 1
+            assert calls() == 1
             image = rig.image("a")
             await image.read(0, CS)
             await image.wait_stored()

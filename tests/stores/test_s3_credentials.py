@@ -39,6 +39,26 @@ CREDENTIAL_PROCESS = textwrap.dedent(
 )
 
 
+def _object_and_process(
+    moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str,
+    script_text: str, flag: Path,
+) -> tuple[bytes, BaseOptions]:
+    """(the bytes of `key`, put in the test bucket; the options to read it), the environment's
+    credentials coming from a credential_process running `script_text` with `flag` as its
+    argument."""
+    data = bytes(range(256)) * (SIZE // 256)
+    moto_server.client().put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
+    script = tmp_path / "credentials.py"
+    script.write_text(script_text)
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {flag}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    return data, BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
+                             region="us-east-1")
+
+
 @pytest.mark.parametrize("first_read", [True, False], ids=["first-read", "later-read"])
 def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
     moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_read: bool
@@ -47,18 +67,9 @@ def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
     later ones sign in a thread when the credentials are near expiry. Neither thread could be
     left at the read's deadline: the read waited for the credential process (30 s here)."""
     key = f"creds-{first_read}/disk.raw"
-    data = bytes(range(256)) * (SIZE // 256)
-    moto_server.client().put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
-    script = tmp_path / "credentials.py"
-    script.write_text(CREDENTIAL_PROCESS)
     hang = tmp_path / "hang"
-    config = tmp_path / "config"
-    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {hang}\n")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    options = BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
-                          region="us-east-1")
+    data, options = _object_and_process(moto_server, tmp_path, monkeypatch, key,
+                                        CREDENTIAL_PROCESS, hang)
 
     async def main() -> None:
         store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
@@ -145,18 +156,9 @@ def test_a_credential_source_that_gives_expired_credentials_is_a_base_error(
     a bug: the read failed as an internal error (a traceback in the mount's log) instead of
     a base error of the credentials, as a refresh that fails is."""
     key = f"expired-{first_read}/disk.raw"
-    data = bytes(range(256)) * (SIZE // 256)
-    moto_server.client().put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
-    script = tmp_path / "credentials.py"
-    script.write_text(EXPIRED_PROCESS)
     expired = tmp_path / "expired"
-    config = tmp_path / "config"
-    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {expired}\n")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    options = BaseOptions(io_timeout=IO_TIMEOUT, endpoint_url=moto_server.endpoint,
-                          region="us-east-1")
+    data, options = _object_and_process(moto_server, tmp_path, monkeypatch, key,
+                                        EXPIRED_PROCESS, expired)
 
     async def main() -> None:
         store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
