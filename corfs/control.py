@@ -56,6 +56,9 @@ PAGED_FOR = 30.0
 # this long: a loop of reads by another user built a full status on the trio thread each time
 # (twice per first page: CPython asks with a small buffer first), every VM's I/O waiting.
 SHARED_STATUS_FOR = 1.0
+# A stream rate beyond any disk, and within a float (the metrics and the limiter compute with
+# one: 10**400 bytes per second made every scrape fail with OverflowError).
+MAX_BANDWIDTH = 1 << 60
 
 
 class Controller:
@@ -216,8 +219,8 @@ class Controller:
                 await self._start_handoff(self._images[image], command, after_handoff)
             elif op == "bandwidth":
                 rate = int(command["rate"])
-                if rate < 0:
-                    raise ValueError("negative rate")
+                if not 0 <= rate <= MAX_BANDWIDTH:  # JSON's ints are unbounded; a float is not
+                    raise ValueError(f"rate not within 0..{MAX_BANDWIDTH} bytes per second")
                 self._stream.set_bandwidth(rate)
             else:
                 raise ValueError(f"unknown op {op!r}")
