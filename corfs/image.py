@@ -122,7 +122,6 @@ class Image:
         self.fetcher = fetcher
         self.source = source
         self.read_only = read_only
-        self.mtime_ns = mtime_ns
         self._nursery = fill_nursery
         self._chunks = ChunkTable(self.geometry, store.load_states(record, track=True)[0])
         self._fills: dict[int, Fill] = {}
@@ -135,6 +134,8 @@ class Image:
         )
         self._local_ahead_chunks = max(1, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)
+        if mtime_ns:
+            self.mtime_ns = mtime_ns
         self._forget_past_end()
         self._dirty_first = DirtyFirst(self.name, store, self._chunks, self._set_state)
         # fetched, verified, waiting to be stored (store_queue.py)
@@ -740,6 +741,16 @@ class Image:
         self._mark_dirty(touched)
         self.mtime_ns = time.time_ns()
         return len(data)
+
+    @property
+    def mtime_ns(self) -> int:
+        """When a client last changed the image (a write, utime): kept by its data file."""
+        return self.data.mtime_ns
+
+    @mtime_ns.setter
+    def mtime_ns(self, value: int) -> None:
+        self.data.mtime_ns = value
+        self.store.touch(self.name)  # the next commit keeps it
 
     def _mark_dirty(self, chunks: range) -> None:
         for index in chunks:

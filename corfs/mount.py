@@ -361,7 +361,6 @@ def _build_images(
                 read_only=config.read_only, first_reads=first_reads, write_behind=write_behind,
                 random_range=config.random_range,
             )
-            image.mtime_ns = os.fstat(store.data_fd(record.name)).st_mtime_ns
         except (CorfsError, OSError) as exc:
             log.error("leaving out image %r: %s", record.name, exc)
             continue

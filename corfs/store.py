@@ -85,6 +85,9 @@ class _Batch:
     touched: set[str]  # images whose data files changed
     fds: list[int]  # their open data files
     pending: Marks
+    # (data file, the image's modification time) of the images written or stored into: the
+    # kernel moved the file's mtime (DataFile.mtime_ns)
+    stamps: list[tuple[int, int]]
 
 
 class _SyncFailed(Exception):
@@ -606,7 +609,13 @@ class CacheStore:
         pending, self._pending = self._pending, {}
         touched, self._touched = self._touched, set()
         fds = [self._data_files[name].fd for name in touched if name in self._data_files]
-        batch = _Batch(touched, fds, pending)
+        changed = touched | {name for name, _ in pending}
+        stamps = [
+            (self._data_files[name].fd, self._data_files[name].mtime_ns)
+            for name in changed
+            if name in self._data_files
+        ]
+        batch = _Batch(touched, fds, pending, stamps)
         self._crash_view.note(pending, (ChunkState.CLEAN, ChunkState.ZERO))  # durable any moment
         return batch if batch.pending or batch.fds else None
 
@@ -646,6 +655,9 @@ class CacheStore:
     def _sync_and_write_rows(self, batch: _Batch) -> None:
         pending = batch.pending
         try:
+            for fd, mtime_ns in batch.stamps:
+                with contextlib.suppress(OSError):  # a time, not data: never a sync failure
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
             for fd in batch.fds:
                 os.fdatasync(fd)
         except OSError as exc:
