@@ -215,8 +215,8 @@ class DataFile:
             raise cache_os_error(exc, f"opening the data file of {name}") from None
         self._direct_fd: int | None = None  # opened on the first direct store
         # The image's modification time as clients see it (their writes, utime): kept as the
-        # data file's own, which the kernel also moves at every store (CacheStore's commits
-        # set it back, `stamp_mtime`), so that a remount shows it again.
+        # data file's own, which the kernel also moves at every store (each CacheStore commit
+        # sets it back: _Batch.stamps), so that a remount shows it again.
         self.mtime_ns = os.fstat(self.fd).st_mtime_ns
         self.refused: set[Way] = set()  # ways the file system refused: for good (docstring)
         self._storing: dict[int, trio.Event] = {}  # chunks a store is writing right now

@@ -110,7 +110,6 @@ class Image:
         fill_nursery: trio.Nursery,
         *,
         read_only: bool = False,
-        mtime_ns: int = 0,
         first_reads: Callable[[range], None] | None = None,
         write_behind: WriteBehind | None = None,
         random_range: int = DEFAULT_RANDOM_RANGE,
@@ -134,8 +133,6 @@ class Image:
         )
         self._local_ahead_chunks = max(1, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)
-        if mtime_ns:
-            self.mtime_ns = mtime_ns
         self._forget_past_end()
         self._dirty_first = DirtyFirst(self.name, store, self._chunks, self._set_state)
         # fetched, verified, waiting to be stored (store_queue.py)
