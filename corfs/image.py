@@ -736,7 +736,7 @@ class Image:
             self._mark_written(offset, short.written)
             raise
         self._mark_dirty(touched)
-        self.mtime_ns = time.time_ns()
+        self.data.mtime_ns = time.time_ns()  # touched above: the next commit keeps it
         return len(data)
 
     @property

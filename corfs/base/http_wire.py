@@ -355,26 +355,23 @@ class PlainReader:
                 result = await self._exchange(
                     conn, request, validator, offset, length, what, http_rules
                 )
-            except _StaleConnection:
+            except (_StaleConnection, BaseChanged, TransientBaseError) as exc:
                 conn.close()
                 if reused:
-                    # The server closed an idle keep-alive connection: the others idle for it
-                    # are older (the pool is last in, first out), so closed too after an idle
-                    # spell (keepalive_timeout). Drop them and resend once, on a fresh one: a
-                    # resend on the next stale one failed a lone reader's read after a pause.
+                    # Asked again, once, on a fresh connection. Stale: the server closed an
+                    # idle keep-alive connection, and the others idle for it are older (the
+                    # pool is last in, first out), so closed too after an idle spell (a resend
+                    # on the next stale one failed a lone reader's read after a pause). A
+                    # failed check: perhaps not this request's answer, but one sent twice that
+                    # came after _idle_connection looked (another range: the wrong
+                    # Content-Range; another image: another ETag). A fresh connection tells.
                     for old in self.idle.pop(key, []):
                         old.close()
                     continue
-                raise TransientBaseError(f"{what}: connection closed before an answer") from None
-            except (BaseChanged, TransientBaseError):
-                conn.close()
-                if reused:
-                    # Perhaps not this request's answer: one sent twice that came after
-                    # _idle_connection looked (another range: the wrong Content-Range;
-                    # another image: another ETag). A fresh connection tells.
-                    for old in self.idle.pop(key, []):
-                        old.close()
-                    continue
+                if isinstance(exc, _StaleConnection):
+                    raise TransientBaseError(
+                        f"{what}: connection closed before an answer"
+                    ) from None
                 raise
             except BaseException:
                 conn.close()
