@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.qmp_client import GreetingError
 
 from .errors import NoNodesOnPath, QmpError, SwitchFailed
 
@@ -73,7 +74,17 @@ class SocketMonitor:
 
     def connect(self) -> None:
         try:
-            self._run(self._client.connect(self._path), "the QMP greeting")
+            try:
+                self._run(self._client.connect(self._path), "the QMP greeting")
+            except ConnectError as e:
+                if not isinstance(e.exc, GreetingError):
+                    raise
+                # QEMU 7.2 sends events to a QMP monitor from its start, and a first client
+                # whose connection is accepted just before the open handler runs gets an
+                # event ahead of the greeting (seen: RESUME at boot). A second connection
+                # gets the greeting first; something that is not QEMU fails again.
+                log.debug("QMP %s: %s; connecting again", self._path, e)
+                self._run(self._client.connect(self._path), "the QMP greeting")
         except ConnectError as e:
             self.close()
             cause = e.exc if isinstance(e.exc, OSError) else None

@@ -6,6 +6,7 @@ The pytest fixtures that share one of each per session are in tests/conftest.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -324,6 +325,58 @@ class Moto:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+
+
+QMP_GREETING = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, ' \
+    b'"package": ""}, "capabilities": []}}\r\n'
+
+
+@contextlib.contextmanager
+def qmp_speaker(path: Path, before_first_greeting: bytes) -> Iterator[list[dict]]:
+    """A unix socket at `path` that speaks just enough QMP: a greeting, then `{"return": {}}`
+    to every command. Its first connection gets `before_first_greeting` ahead of the greeting
+    (as QEMU 7.2 can send an event there). Yields the commands received."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    received: list[bytes] = []
+
+    def converse(conn: socket.socket, first: bool) -> None:
+        decoder = json.JSONDecoder()
+        with conn:
+            conn.sendall((before_first_greeting if first else b"") + QMP_GREETING)
+            pending = ""
+            while data := conn.recv(4096):  # commands come unterminated: split by parsing
+                pending += data.decode()
+                with contextlib.suppress(json.JSONDecodeError):
+                    while pending.strip():
+                        command, end = decoder.raw_decode(pending.lstrip())
+                        pending = pending.lstrip()[end:]
+                        received.append(command)
+                        answer = {"return": {}, "id": command.get("id")}
+                        conn.sendall(json.dumps(answer).encode() + b"\r\n")
+
+    def serve() -> None:
+        first = True
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the end
+                return
+            threading.Thread(target=converse, args=(conn, first), daemon=True).start()
+            first = False
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ class Qemu:
         self.log = workdir / "qemu.log"
         self.args = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
                      "-qmp", f"unix:{self.socket},server=on,wait=off",
-                     "-qmp", f"unix:{self._test_socket},server=on,wait=off", *args]
+                     "-qmp", f"unix:{self._test_socket},server=on,wait=off",
+                     "-S", *args]  # paused until our QMP session is up: see __enter__
         if as_nobody:
             self.args = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                          *self.args]
@@ -44,8 +45,11 @@ class Qemu:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"QEMU did not start: {self.log.read_text()}")
             time.sleep(0.05)
+        # QEMU 7.2 can send its RESUME at start ahead of the greeting to a client that
+        # connects just then, which qemu.qmp refuses: resume after connecting.
         self._qmp = QEMUMonitorProtocol(self._test_socket)
         self._qmp.connect()
+        self.qmp("cont")
         return self
 
     def __exit__(self, *exc: object) -> None:

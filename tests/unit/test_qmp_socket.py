@@ -11,7 +11,7 @@ import pytest
 
 from corfs.errors import QmpError
 from corfs.qmp_switch import connect_socket
-from tests.servers import unix_listener
+from tests.servers import qmp_speaker, unix_listener
 
 
 def test_a_socket_that_says_nothing_is_given_up_at_the_timeout(tmp_path: Path) -> None:
@@ -42,3 +42,18 @@ def test_no_socket_and_a_refused_one_say_so(tmp_path: Path) -> None:
             connect_socket(str(tmp_path / "stale.sock"), 1)
     finally:
         stale.close()
+
+
+def test_an_event_ahead_of_the_first_greeting_is_met_by_connecting_again(tmp_path: Path) -> None:
+    """What QEMU 7.2 sent a client that connected as the guest started (CI, 2026-12-04)."""
+    path = tmp_path / "qmp.sock"
+    resume = b'{"timestamp": {"seconds": 1796409494, "microseconds": 83303}, "event": "RESUME"}\r\n'
+    with qmp_speaker(path, resume) as received:
+        monitor = connect_socket(str(path), 10)
+        try:
+            assert monitor.command("query-status") == {}
+        finally:
+            monitor.close()
+    assert [command["execute"] for command in received] == [
+        "qmp_capabilities", "query-status"
+    ]

@@ -47,6 +47,7 @@ class LiveVm:
             *qemu_command(disk_path, artifacts, cache=cache, append=append),
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-qmp", f"unix:{self._test_socket},server=on,wait=off",
+            "-S",  # paused until our QMP session is up: see __enter__
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
@@ -71,8 +72,11 @@ class LiveVm:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise BootError("QEMU did not start", self.console())
                 time.sleep(0.05)
+            # QEMU 7.2 can send the RESUME of a starting guest ahead of the greeting to a
+            # client that connects just then, which qemu.qmp refuses: start it after.
             self._qmp = QEMUMonitorProtocol(str(self._test_socket))
             self._qmp.connect()
+            self.qmp("cont")
         except BaseException:
             self._kill()
             raise
