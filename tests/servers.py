@@ -271,6 +271,17 @@ http {{
             return []
         return [("" if v == "-" else v) for v in self.auth_log.read_text().splitlines()]
 
+    def authorizations_since(self, before: int, at_least: int, timeout: float = 10) -> list[str]:
+        """Those logged after the first `before`, once there are `at_least` of them or at the
+        timeout: nginx logs a request after it sent the answer, which its client may have
+        read in full by then (seen in CI)."""
+        deadline = time.monotonic() + timeout
+        while len(seen := self.authorizations()[before:]) < at_least:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return seen
+
 
 @dataclass
 class Moto:

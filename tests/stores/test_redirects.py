@@ -132,7 +132,7 @@ def test_cross_origin_redirect_works_without_the_header(servers, token, front: s
             await store.aclose()
 
     trio.run(main)
-    seen = target.authorizations()[before:]
+    seen = target.authorizations_since(before, 4)
     assert len(seen) >= 4  # HEAD and three reads reached the target
     assert all(TOKEN not in value for value in seen)
 
