@@ -92,7 +92,7 @@ class StreamTurn:
         self._ahead: list[StreamTurn] = []  # the stores in flight this one waits for now
 
     def hurry(self) -> None:
-        """Also hurries the stores this one waits for (DataFile.wait_span_quiet): the write
+        """Also hurries the stores this one waits for (DataFile._wait_span_quiet): the write
         that hurried it waits for them too, and only for them (no whole queue goes first)."""
         self.hurried = True
         if self._wait is not None:
@@ -252,8 +252,8 @@ class DataFile:
             log.debug("%s: read-ahead hint refused: %s", self.name, exc)
 
     def write(self, offset: int, data: Buffer) -> None:
-        """A client's write, buffered, inline. The caller waits for the span to be quiet first
-        (`wait_span_quiet`): this write must not overlap a store (folio-span rule)."""
+        """A client's write, buffered, inline. It must not overlap a store (folio-span rule):
+        the caller first waits for every queued store in the span (StoreQueue.job_in_span)."""
         self._write_all(self.fd, offset, [data])
 
     def _write_all(self, fd: int, offset: int, pieces: Sequence[Buffer]) -> None:
@@ -292,24 +292,17 @@ class DataFile:
         stop = min(self.geometry.chunk_count, -(-chunks.stop // per) * per)
         return range(chunks.start // per * per, stop)
 
-    def storing_in_span(self, chunks: range) -> bool:
-        """Whether a store is in flight in the span of `chunks`."""
-        return any(i in self._storing for i in self.span(chunks))
-
-    async def wait_span_quiet(
-        self, chunks: range, stores: Iterable[int] | None = None, turn: StreamTurn | None = None
+    async def _wait_span_quiet(
+        self, chunks: range, stores: Iterable[int], turn: StreamTurn
     ) -> None:
-        """Wait until no chunk in the span of `chunks` is in `stores` (default: any store); a
-        store waiting so names its `turn`, which hurries the stores it waits for when hurried."""
-        stores = self._storing if stores is None else stores
+        """Wait until no chunk in the span of `chunks` is in `stores`; the store waiting so
+        names its `turn`, which hurries the stores it waits for when hurried."""
         try:
             while busy := [i for i in self.span(chunks) if i in stores]:
-                if turn is not None:
-                    turn.waits_for([self._storing_turn[i] for i in busy])
+                turn.waits_for([self._storing_turn[i] for i in busy])
                 await self._storing[busy[0]].wait()
         finally:
-            if turn is not None:
-                turn.waits_for([])
+            turn.waits_for([])
 
     def _way_of(self, chunk: ChunkBytes) -> Way:
         """How this chunk will be written; the one place that decides (module docstring)."""
@@ -365,7 +358,7 @@ class DataFile:
             buffered = {index for index, way in ways.items() if way is Way.BUFFERED}
             run = range(todo[0].index, todo[-1].index + 1)
             # A buffered store waits for every store in its span, a direct one for buffered ones.
-            await self.wait_span_quiet(
+            await self._wait_span_quiet(
                 run, self._storing if buffered else self._storing_buffered, turn
             )
             # No await from here until the chunks are registered.

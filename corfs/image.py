@@ -707,17 +707,14 @@ class Image:
             elif (job := self._queue.job_in_span(touched)) is not None:
                 # Base bytes of these chunks (or of a neighbour sharing a folio with them) wait
                 # to be stored: the write goes after them (never under base bytes, and never
-                # beside a store in flight in its span), which now go first.
+                # beside a store in flight in its span), which now go first. Every store is a
+                # queued job's and stays queued while in flight (store_queue.py).
                 self._queue.hurry_span(touched)
                 await job.done.wait()
                 if job.error is not None and any(
                     i in job.indexes and self._chunks.is_absent(i) for i in partial
                 ):  # a chunk of the job stored before its store failed is local: go on
                     raise job.error
-            elif self.data.storing_in_span(touched):
-                # A fill is storing there (base bytes into these chunks, or a direct write that
-                # may share a page-cache folio with them): let it finish first.
-                await self.data.wait_span_quiet(touched)
             elif said_clean := self._dirty_first.needed(touched):
                 await self._dirty_first.make(said_clean)
             else:

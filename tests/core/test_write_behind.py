@@ -432,8 +432,8 @@ def test_a_hurried_store_waiting_for_a_store_of_another_span_waits_behind_the_st
     rig_factory, monkeypatch
 ) -> None:
     """Review finding: a stream job of two chunks (3, 4) spans two folio spans. Where the
-    cache refuses O_DIRECT it waits (wait_span_quiet) for the store of chunk 5 (span of 4,
-    not of 3), which is in the stream's line behind 0, 6, 8 and 10. A partial write into
+    cache refuses O_DIRECT it waits (DataFile._wait_span_quiet) for the store of chunk 5
+    (span of 4, not of 3), which is in the stream's line behind 0, 6, 8 and 10. A partial write into
     chunk 3 hurries the job of 3 (hurry_span of span [2, 3]) but not 5's: it still waits
     behind the whole line (about 3 s, where 5's and 3-4's stores take 1 s)."""
     chunk = FOLIO_SPAN // 2  # two chunks per span
