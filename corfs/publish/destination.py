@@ -33,6 +33,7 @@ the cache). Who may read them is up to DEST's own directory: an existing DEST ke
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,6 +41,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -106,11 +108,38 @@ def _make_dirs(path: str, mode: int) -> None:
     os.chmod(path, mode)  # mkdir's mode went through the umask
 
 
+def _hold_tmp_dir(path: str) -> int:
+    """DEST/.corfs-tmp opened once, refused unless it is a directory of this user's that no
+    other may write: DEST may be a directory others can write (a web root, a directory in
+    /tmp), and a link of theirs there made a publish remove the user's own files (those older
+    than an hour, as stale temp files) where it pointed. Every later use of it (temp files,
+    the index lock, the removal of stale temp files) goes through this descriptor."""
+    remove = "remove it: corfs makes its own"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UsageError(f"{path} is a link or not a directory: {remove}") from None
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UsageError(f"{path} belongs to another user (uid {st.st_uid}): {remove}")
+    if st.st_mode & 0o022:
+        os.close(fd)
+        raise UsageError(
+            f"{path} may be written by other users (mode {st.st_mode & 0o777:o}): {remove}"
+        )
+    return fd
+
+
 class DirDestination:
     def __init__(self, root: str) -> None:
         self.root = root
         self.description = root
         self._tmp = os.path.join(root, TMP_DIR)
+        self._tmp_fd = _hold_tmp_dir(self._tmp)
+        self.close = weakref.finalize(self, os.close, self._tmp_fd)  # also when dropped
         self._unsynced_dirs: set[str] = set()  # directories that got a name since `sync`
         self._dirs_lock = threading.Lock()  # puts run in worker threads
 
@@ -123,27 +152,34 @@ class DirDestination:
             raise UsageError(f"destination {path} is not a directory")
         try:
             _make_dirs(root, PUBLIC_DIR_MODE)
-            _make_dirs(os.path.join(root, TMP_DIR), _TMP_DIR_MODE)
-            probe = os.path.join(root, TMP_DIR, f"probe-{uuid.uuid4().hex}")
-            with open(probe, "wb"):
-                pass
-            os.unlink(probe)
+            _make_dirs(os.path.join(root, TMP_DIR), _TMP_DIR_MODE)  # (a link: refused below)
         except OSError as exc:
             raise UsageError(f"destination {path} is not writable: {exc.strerror}") from None
         dest = cls(root)
+        try:
+            probe = f"probe-{uuid.uuid4().hex}"
+            os.close(dest._create_tmp(probe))
+            os.unlink(probe, dir_fd=dest._tmp_fd)
+        except OSError as exc:
+            dest.close()
+            raise UsageError(f"destination {path} is not writable: {exc.strerror}") from None
         dest._remove_stale_tmp()
         return dest
+
+    def _create_tmp(self, name: str) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, 0o600, dir_fd=self._tmp_fd)
 
     def _remove_stale_tmp(self) -> None:
         """Temp files of runs that were killed; a concurrent run's are younger than this."""
         cutoff = time.time() - _STALE_TMP_SECONDS
-        with os.scandir(self._tmp) as entries:
+        with os.scandir(self._tmp_fd) as entries:
             for entry in entries:
                 if entry.name == INDEX_LOCK:
                     continue
                 with contextlib.suppress(OSError):
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.name, dir_fd=self._tmp_fd)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
@@ -174,9 +210,9 @@ class DirDestination:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        tmp = os.path.join(self._tmp, f"{uuid.uuid4().hex}.tmp")
+        tmp = f"{uuid.uuid4().hex}.tmp"  # in the held temp dir
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = self._create_tmp(tmp)
             try:
                 os.fchmod(fd, PUBLIC_FILE_MODE)  # os.open's mode went through the umask
                 view = memoryview(data)
@@ -186,10 +222,10 @@ class DirDestination:
             finally:
                 os.close(fd)
             _make_dirs(os.path.dirname(path), PUBLIC_DIR_MODE)
-            os.replace(tmp, path)
+            os.replace(tmp, path, src_dir_fd=self._tmp_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=self._tmp_fd)
             raise CorfsError(f"writing {path}: {exc.strerror}") from None
         self._note_name(path)
 
@@ -203,9 +239,10 @@ class DirDestination:
             raise CorfsError(f"reading {self._path(key)}: {exc.strerror}") from None
 
     def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> None:
-        lock = os.path.join(self._tmp, INDEX_LOCK)
+        lock = os.path.join(self._tmp, INDEX_LOCK)  # for messages: opened in the held dir
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(INDEX_LOCK, flags, 0o600, dir_fd=self._tmp_fd)
         except OSError as exc:
             raise CorfsError(f"opening {lock}: {exc.strerror}") from None
         try:
