@@ -19,6 +19,7 @@ from .cache_layout import PRIVATE_UMASK, TRACE_FILE
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_RANDOM_RANGE,
+    DEFAULT_READ_MEMORY,
     DEFAULT_WRITE_BEHIND,
     MountConfig,
     StreamConfig,
@@ -133,6 +134,14 @@ def _add_mount(sub: _WithCommon) -> None:
         default=DEFAULT_WRITE_BEHIND,
         metavar="SIZE",
         help="memory for fetched bytes waiting to be stored in CACHE, e.g. 1G (default 256M)",
+    )
+    p.add_argument(
+        "--read-memory",
+        type=_size,
+        default=DEFAULT_READ_MEMORY,
+        metavar="SIZE",
+        help="memory for fetched bytes kept for client reads (read ahead of sequential readers, "
+        "blocks of random ones), all images together (default 128M; see README)",
     )
     p.add_argument(
         "--random-range",
@@ -350,6 +359,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         ),
         write_behind=args.write_behind,
         random_range=args.random_range,
+        read_memory=args.read_memory,
         stream=StreamConfig(
             enabled=not args.no_stream,
             start_paused=args.stream_paused,

@@ -10,6 +10,7 @@ from .base import BaseOptions
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_WRITE_BEHIND = 256 << 20  # write_behind.py: fetched bytes waiting to be stored
 DEFAULT_RANDOM_RANGE = 4 << 10  # ranges.py: bytes fetched around a small random miss
+DEFAULT_READ_MEMORY = 128 << 20  # read_memory.py: kept for client reads, all images together
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class MountConfig:
     metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus metrics on
     write_behind: int = DEFAULT_WRITE_BEHIND  # bytes of fetched chunks waiting to be stored
     random_range: int = DEFAULT_RANDOM_RANGE  # bytes fetched around a small random miss
+    read_memory: int = DEFAULT_READ_MEMORY  # kept for client reads, all images together
     base: BaseOptions = field(default_factory=BaseOptions)
     stream: StreamConfig = field(default_factory=StreamConfig)
 

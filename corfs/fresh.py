@@ -11,10 +11,33 @@ changed since they were verified; every state change of a chunk drops its entry 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 from .buffers import aligned_copy
 from .digest import Buffer
+
+
+class KeptMemory:
+    """The memory that the FreshChunks maps of every image of a mount keep alive, bounded
+    together (read_memory.py): past the limit, the entry kept longest ago goes first, whichever
+    image's it is. Each map keeps its own limit too."""
+
+    def __init__(self, limit_bytes: float = math.inf) -> None:
+        self.limit_bytes = limit_bytes
+        self.bytes = 0  # the sizes of the distinct buffers the maps keep alive
+        self._order: OrderedDict[tuple[FreshChunks, int], None] = OrderedDict()
+
+    def kept(self, chunks: FreshChunks, index: int) -> None:
+        self._order[(chunks, index)] = None
+
+    def forgotten(self, chunks: FreshChunks, index: int) -> None:
+        self._order.pop((chunks, index), None)
+
+    def trim(self) -> None:
+        while self.bytes > self.limit_bytes and self._order:
+            (chunks, index), _ = self._order.popitem(last=False)
+            chunks.drop(index)
 
 
 class FreshChunks:
@@ -25,8 +48,9 @@ class FreshChunks:
     counted whole, once, while one is. Counting each chunk's own length instead let the
     real memory grow to a multiple of the limit (one chunk kept from each of many runs)."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, shared: KeptMemory | None = None) -> None:
         self.limit_bytes = limit_bytes
+        self._shared = shared if shared is not None else KeptMemory()
         self._chunks: OrderedDict[int, Buffer] = OrderedDict()
         self._buffers: dict[int, list[int]] = {}  # id(buffer) -> [entries of it, its size]
         self._bytes = 0  # the sizes of the distinct buffers kept alive
@@ -55,20 +79,23 @@ class FreshChunks:
             key, size = _buffer_of(data)
         self._chunks[index] = data
         self._hold(key, size)
+        self._shared.kept(self, index)
         while self._bytes > self.limit_bytes and self._chunks:
-            _, oldest = self._chunks.popitem(last=False)
-            self._let_go(oldest)
+            self.drop(next(iter(self._chunks)))
+        self._shared.trim()
 
     def drop(self, index: int) -> None:
         data = self._chunks.pop(index, None)
         if data is not None:
             self._let_go(data)
+            self._shared.forgotten(self, index)
 
     def _hold(self, key: int, size: int) -> None:
         counted = self._buffers.get(key)
         if counted is None:
             self._buffers[key] = [1, size]
             self._bytes += size
+            self._shared.bytes += size
         else:
             counted[0] += 1
 
@@ -79,6 +106,7 @@ class FreshChunks:
         if not counted[0]:
             del self._buffers[key]
             self._bytes -= counted[1]
+            self._shared.bytes -= counted[1]
 
 
 def _buffer_of(data: Buffer) -> tuple[int, int]:

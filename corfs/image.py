@@ -69,6 +69,7 @@ from .fresh import FreshChunks
 from .geometry import contiguous_runs
 from .ranges import SMALL_READ, RangeCache
 from .read_ahead import READ_AHEAD_RUN, ReadAhead
+from .read_memory import ReadMemory
 from .stats import ImageStatistics
 from .store import CacheStore, ChunkState, ImageRecord
 from .store_queue import StoreQueue
@@ -113,6 +114,7 @@ class Image:
         first_reads: Callable[[range], None] | None = None,
         write_behind: WriteBehind | None = None,
         random_range: int = DEFAULT_RANDOM_RANGE,
+        read_memory: ReadMemory | None = None,
     ) -> None:
         self.name = record.name
         self.record = record
@@ -125,11 +127,15 @@ class Image:
         self._chunks = ChunkTable(self.geometry, store.load_states(record, track=True)[0])
         self._fills: dict[int, Fill] = {}
         self.write_behind = write_behind if write_behind is not None else WriteBehind()
-        self._fresh = FreshChunks(FRESH_BYTES)
-        self._ranges = RangeCache(block=random_range)  # for random readers (ranges.py)
+        # Bounded alone and, with the other images' of the mount, by `read_memory`
+        kept = read_memory.kept if read_memory is not None else None
+        self._fresh = FreshChunks(FRESH_BYTES, kept)
+        self._ranges = RangeCache(block=random_range, shared=kept)  # random readers (ranges.py)
         self._writes_in_flight = WritesInFlight()  # a read waits for earlier writes to its bytes
         self.read_ahead = ReadAhead(
-            self.geometry.chunk_count, FRESH_BYTES // self.geometry.chunk_size
+            self.geometry.chunk_count, FRESH_BYTES // self.geometry.chunk_size,
+            chunk_size=self.geometry.chunk_size,
+            share=read_memory.read_ahead if read_memory is not None else None,
         )
         self._local_ahead_chunks = max(1, LOCAL_AHEAD_BYTES // self.geometry.chunk_size)
         self.data: DataFile = store.data_file(self.name)

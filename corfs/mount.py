@@ -39,6 +39,7 @@ from .image import Image
 from .metrics import Metrics, MountSnapshot, serve_metrics
 from .mount_paths import check_mountpoint, check_overlaps
 from .mountinfo import find_mount
+from .read_memory import ReadMemory
 from .store import CacheHooks, CacheStore, ImageRecord
 from .stream import StreamWorker
 from .trace import TraceRecorder, convert_order, load_trace
@@ -353,13 +354,14 @@ def _build_images(
     write_behind: WriteBehind,
 ) -> list[Image]:
     images = []
+    read_memory = ReadMemory.bounded(config.read_memory)
     for record, source in matched:
         try:
             first_reads = recorder.hook_for(record.name, record.chunk_size) if recorder else None
             image = Image(
                 record, store, fetcher, source, nursery,
                 read_only=config.read_only, first_reads=first_reads, write_behind=write_behind,
-                random_range=config.random_range,
+                random_range=config.random_range, read_memory=read_memory,
             )
         except (CorfsError, OSError) as exc:
             log.error("leaving out image %r: %s", record.name, exc)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from .config import DEFAULT_RANDOM_RANGE
 from .digest import Buffer
-from .fresh import FreshChunks
+from .fresh import FreshChunks, KeptMemory
 
 SMALL_READ = 64 << 10  # a miss up to this size (or one block) may take a range
 # Memory of the blocks kept for re-reads, per image, counted as the buffers they keep alive
@@ -42,10 +42,11 @@ class RangeCache:
     (a FreshChunks map of blocks: the same bounded map as the fresh chunks')."""
 
     def __init__(
-        self, limit_bytes: int = RANGE_CACHE_BYTES, block: int = DEFAULT_RANDOM_RANGE
+        self, limit_bytes: int = RANGE_CACHE_BYTES, block: int = DEFAULT_RANDOM_RANGE,
+        shared: KeptMemory | None = None,
     ) -> None:
         self.block = block
-        self._blocks = FreshChunks(limit_bytes)
+        self._blocks = FreshChunks(limit_bytes, shared)
 
     def blocks_of(self, offset: int, length: int) -> range:
         return range(offset // self.block, (offset + length - 1) // self.block + 1)

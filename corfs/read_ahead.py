@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,35 @@ MISS_HINT_CHUNKS = 8  # chunks after a foreground miss hinted to the stream
 _MAX_HINTS = 256
 MAX_RUNS = 64  # runs followed at once: sequential readers, and random reads that may become one
 STALE_READS = 1024  # a run not read during this many reads of the image has stopped
+ACTIVE_SECONDS = 1.0  # an image whose readers did not read ahead this long takes no share
+
+
+class ReadAheadShare:
+    """The read-ahead of all the images of a mount, bounded together (read_memory.py): what
+    is fetched ahead is kept in memory for its readers, and each image's own bound (its
+    `budget_chunks`) let the memory grow with the number of images read at once. Each image
+    reading ahead lately gets an equal share of the bytes."""
+
+    def __init__(
+        self, budget_bytes: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.budget_bytes = budget_bytes
+        self._clock = clock
+        self._active: dict[int, float] = {}  # id(ReadAhead) -> when it last read ahead
+
+    def chunks_of(self, reader: ReadAhead, chunk_size: int) -> int:
+        """The chunks `reader` may have ahead of its readers now (it reads ahead, so it is
+        active). Less than its share of the bytes: what is kept for a reader is more than its
+        window, as counted (fresh.py): the buffer of the run being read, whole, until the run
+        is read through (READ_AHEAD_RUN chunks), another run that arrived before its turn,
+        and for small chunks the page each fetch buffer has beyond its bytes (buffers.py)."""
+        now = self._clock()
+        self._active[id(reader)] = now
+        if len(self._active) > 1:
+            for key in [k for k, t in self._active.items() if now - t > ACTIVE_SECONDS]:
+                del self._active[key]
+        share = self.budget_bytes // len(self._active)
+        return share * 3 // 4 // chunk_size - 2 * READ_AHEAD_RUN
 
 
 @dataclass
@@ -44,8 +74,13 @@ class ReadAhead:
     the run it continues (`_run_of`); up to MAX_RUNS runs are followed (`_to_forget`). With a
     single run, 8 readers of one image reset each other's window on every read."""
 
-    def __init__(self, chunk_count: int, budget_chunks: int = 2 * READ_AHEAD_MAX) -> None:
+    def __init__(
+        self, chunk_count: int, budget_chunks: int = 2 * READ_AHEAD_MAX, *,
+        chunk_size: int = 1, share: ReadAheadShare | None = None,
+    ) -> None:
         self._chunk_count = chunk_count
+        self._chunk_size = chunk_size
+        self._share = share  # the mount's bound over all images, with this one's below
         # The bytes fetched ahead are kept in memory for their readers (Image's fresh chunks,
         # bounded): the windows of all runs together stay within that, or chunks fetched for
         # one reader push out another's before it reads them (then each of its reads goes to
@@ -153,11 +188,12 @@ class ReadAhead:
 
     def _max_window(self, run: _Run) -> int:
         """READ_AHEAD_MAX for a reader alone, else its share of the budget among the live
-        runs reading ahead."""
+        runs reading ahead; and the image's share of the mount's (ReadAheadShare)."""
         others = sum(1 for r in self._runs.values() if r.window and r is not run and self._live(r))
-        if not others:
-            return READ_AHEAD_MAX
-        return max(2, min(READ_AHEAD_MAX, self._budget // (others + 1)))
+        window = READ_AHEAD_MAX if not others else min(READ_AHEAD_MAX, self._budget // (others + 1))
+        if self._share is not None:
+            window = min(window, self._share.chunks_of(self, self._chunk_size) // (others + 1))
+        return max(2, window)
 
     @property
     def sequential(self) -> bool:

@@ -30,7 +30,9 @@ from corfs.config import DEFAULT_RANDOM_RANGE
 from corfs.digest import chunk_digest, is_zero
 from corfs.fetcher import Fetcher, RetryPolicy
 from corfs.image import Image
+from corfs.read_memory import ReadMemory
 from corfs.store import CacheStore, ChunkState
+from corfs.write_behind import WriteBehind
 
 CS = 4096
 DEFAULT_POLICY = RetryPolicy(io_timeout=10.0)
@@ -130,10 +132,13 @@ async def open_rig(
     store: CacheStore | None = None,
     connections: int = 8,
     random_range: int = DEFAULT_RANDOM_RANGE,
+    read_memory: int | None = None,
+    write_behind: int | None = None,
 ) -> AsyncIterator[Rig]:
     """A Rig over `images` (name -> bytes), its cache in `cache_dir` or tmp_path/cache;
     `connections`: the fetcher's requests in flight at once (--connections); `random_range`:
-    --random-range."""
+    --random-range; `read_memory`, `write_behind`: as the options, one for all the images
+    (by default none, and one write-behind budget per image)."""
     base = MemoryBase()
     for name, data in images.items():
         layout = layout_of(data, chunk_size) if published else None
@@ -144,6 +149,8 @@ async def open_rig(
     if store is None:
         store = CacheStore.open(str(cache))
     fetcher = Fetcher(policy, slots=connections)
+    shared_memory = ReadMemory.bounded(read_memory) if read_memory is not None else None
+    shared_budget = WriteBehind(write_behind) if write_behind is not None else None
     try:
         async with trio.open_nursery() as nursery:
             rig = Rig(base, store, fetcher, nursery, cache, chunk_size)
@@ -155,7 +162,8 @@ async def open_rig(
                     )
                 rig.images[source.name] = Image(
                     record, store, fetcher, source, nursery, read_only=read_only,
-                    random_range=random_range,
+                    random_range=random_range, read_memory=shared_memory,
+                    write_behind=shared_budget,
                 )
             yield rig
             nursery.cancel_scope.cancel()
