@@ -29,10 +29,11 @@ deletes the nodes it added) and raises SwitchFailed naming the step and QEMU's m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -75,7 +76,9 @@ class SocketMonitor:
     def connect(self) -> None:
         try:
             try:
-                self._run(self._client.connect(self._path), "the QMP greeting")
+                # qemu.qmp logs a failed session as errors of its own: this one is met below
+                with _silenced(self._client.logger):
+                    self._run(self._client.connect(self._path), "the QMP greeting")
             except ConnectError as e:
                 if not isinstance(e.exc, GreetingError):
                     raise
@@ -112,6 +115,23 @@ class SocketMonitor:
             log.debug("QMP disconnect from %s: %s", self._path, e)
         finally:
             self._loop.close()
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger) -> Iterator[None]:
+    """Nothing `logger` says gets out meanwhile (what matters is raised, and said by the
+    caller)."""
+    drop = _DropAll()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def connect_socket(path: str, timeout: float) -> SocketMonitor:

@@ -33,7 +33,6 @@ the cache). Who may read them is up to DEST's own directory: an existing DEST ke
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -49,6 +48,7 @@ from ..base import describe_url, parse_s3_url
 from ..durable import fsync_dir
 from ..errors import BaseAccessDenied, BaseChanged, BaseNotFound, CorfsError, UsageError
 from ..s3_errors import refuse_blind_redirects, s3_error
+from .dest_dirs import PUBLIC_DIR_MODE, TEMP_NAME, hold_tmp_dir, open_key_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ TMP_DIR = ".corfs-tmp"
 INDEX_LOCK = "index.lock"  # in TMP_DIR; never removed, as a lock file must not be
 _STALE_TMP_SECONDS = 3600
 PUBLIC_FILE_MODE = 0o644
-PUBLIC_DIR_MODE = 0o755
 _TMP_DIR_MODE = 0o700  # half-written objects are nobody's business
 _UPDATE_ATTEMPTS = 20  # conditional writes of index.json lost to other publishes, at most
 DEFAULT_IO_TIMEOUT = 60.0  # S3: seconds without a connection or answer bytes (botocore's)
@@ -105,32 +104,16 @@ def _make_dirs(path: str, mode: int) -> None:
         os.mkdir(path, mode)
     except FileExistsError:
         return  # another worker made it
-    os.chmod(path, mode)  # mkdir's mode went through the umask
-
-
-def _hold_tmp_dir(path: str) -> int:
-    """DEST/.corfs-tmp opened once, refused unless it is a directory of this user's that no
-    other may write: DEST may be a directory others can write (a web root, a directory in
-    /tmp), and a link of theirs there made a publish remove the user's own files (those older
-    than an hour, as stale temp files) where it pointed. Every later use of it (temp files,
-    the index lock, the removal of stale temp files) goes through this descriptor."""
-    remove = "remove it: corfs makes its own"
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UsageError(f"{path} is a link or not a directory: {remove}") from None
-        raise UsageError(f"{path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid():
+        os.fchmod(fd, mode)  # mkdir's mode went through the umask; never through a link
+    finally:
         os.close(fd)
-        raise UsageError(f"{path} belongs to another user (uid {st.st_uid}): {remove}")
-    if st.st_mode & 0o022:
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
         os.close(fd)
-        raise UsageError(
-            f"{path} may be written by other users (mode {st.st_mode & 0o777:o}): {remove}"
-        )
-    return fd
 
 
 class DirDestination:
@@ -138,8 +121,15 @@ class DirDestination:
         self.root = root
         self.description = root
         self._tmp = os.path.join(root, TMP_DIR)
-        self._tmp_fd = _hold_tmp_dir(self._tmp)
-        self.close = weakref.finalize(self, os.close, self._tmp_fd)  # also when dropped
+        # Held by descriptor, as the key directories below (dest_dirs.py); DEST itself is
+        # the user's name, followed where it is a link.
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._tmp_fd, _ = hold_tmp_dir(self._tmp)
+        except BaseException:
+            os.close(self._root_fd)
+            raise
+        self.close = weakref.finalize(self, _close_all, self._root_fd, self._tmp_fd)
         self._unsynced_dirs: set[str] = set()  # directories that got a name since `sync`
         self._dirs_lock = threading.Lock()  # puts run in worker threads
 
@@ -155,14 +145,10 @@ class DirDestination:
             _make_dirs(os.path.join(root, TMP_DIR), _TMP_DIR_MODE)  # (a link: refused below)
         except OSError as exc:
             raise UsageError(f"destination {path} is not writable: {exc.strerror}") from None
-        dest = cls(root)
         try:
-            probe = f"probe-{uuid.uuid4().hex}"
-            os.close(dest._create_tmp(probe))
-            os.unlink(probe, dir_fd=dest._tmp_fd)
+            dest = cls(root)  # and whether the temp dir is writable (dest_dirs.py)
         except OSError as exc:
-            dest.close()
-            raise UsageError(f"destination {path} is not writable: {exc.strerror}") from None
+            raise UsageError(f"destination {path}: {exc.strerror}") from None
         dest._remove_stale_tmp()
         return dest
 
@@ -171,14 +157,18 @@ class DirDestination:
         return os.open(name, flags, 0o600, dir_fd=self._tmp_fd)
 
     def _remove_stale_tmp(self) -> None:
-        """Temp files of runs that were killed; a concurrent run's are younger than this."""
+        """Temp files of runs that were killed; a concurrent run's are younger than this. Only
+        files named as ours: whatever else is there is left alone."""
         cutoff = time.time() - _STALE_TMP_SECONDS
         with os.scandir(self._tmp_fd) as entries:
             for entry in entries:
-                if entry.name == INDEX_LOCK:
+                if not TEMP_NAME.fullmatch(entry.name):
                     continue
                 with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    if (
+                        entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < cutoff
+                    ):
                         os.unlink(entry.name, dir_fd=self._tmp_fd)
 
     def _path(self, key: str) -> str:
@@ -221,11 +211,17 @@ class DirDestination:
                 os.fsync(fd)  # before the rename: the name never points at unwritten blocks
             finally:
                 os.close(fd)
-            _make_dirs(os.path.dirname(path), PUBLIC_DIR_MODE)
-            os.replace(tmp, path, src_dir_fd=self._tmp_fd)
-        except OSError as exc:
+            *parts, leaf = key.split("/")
+            key_dir = open_key_dir(self._root_fd, self.root, parts)
+            try:
+                os.replace(tmp, leaf, src_dir_fd=self._tmp_fd, dst_dir_fd=key_dir)
+            finally:
+                os.close(key_dir)
+        except (OSError, CorfsError) as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self._tmp_fd)
+            if isinstance(exc, CorfsError):
+                raise
             raise CorfsError(f"writing {path}: {exc.strerror}") from None
         self._note_name(path)
 

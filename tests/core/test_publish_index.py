@@ -176,7 +176,8 @@ def test_a_directory_index_update_is_durable_before_its_lock_is_released(
     traces.mkdir()
     result = subprocess.run(
         # -ff: a file per thread, so no call is split by another thread's
-        ["strace", "-ff", "-qq", "-o", str(traces / "t"), "-e",
+        # -y: descriptors shown with their paths (names are given relative to held dirs)
+        ["strace", "-ff", "-qq", "-y", "-o", str(traces / "t"), "-e",
          "trace=openat,rename,renameat,renameat2,fsync,fdatasync,flock,close",
          *corfs_command("publish", image, dest, "--chunk-size", "4K", "-j", "1",
                         "--no-progress")],
@@ -186,7 +187,7 @@ def test_a_directory_index_update_is_durable_before_its_lock_is_released(
     # The thread that updated the index made every call below.
     per_thread = [trace.read_text().splitlines() for trace in traces.iterdir()]
     (calls,) = [lines for lines in per_thread
-                if any(line.startswith("rename") and '/index.json"' in line for line in lines)]
+                if any(line.startswith("rename") and '"index.json"' in line for line in lines)]
     lock_open = next(i for i, c in enumerate(calls) if "index.lock" in c and "openat(" in c)
     lock_fd = calls[lock_open].rsplit("= ", 1)[1].strip()
     lock_taken = next(i for i, c in enumerate(calls)
@@ -194,7 +195,7 @@ def test_a_directory_index_update_is_durable_before_its_lock_is_released(
     lock_released = next(i for i, c in enumerate(calls)
                          if i > lock_taken and c.startswith(f"close({lock_fd})"))
     renamed = [i for i, c in enumerate(calls)
-               if c.startswith("rename") and f'"{dest}/index.json"' in c]
+               if c.startswith("rename") and f'<{dest}>, "index.json"' in c]
     assert len(renamed) == 1 and lock_taken < renamed[0] < lock_released, calls
     tmp_name = calls[renamed[0]].split('"')[1]
     tmp_open = max(i for i, c in enumerate(calls[: renamed[0]])

@@ -81,7 +81,7 @@ def test_the_users_own_temp_dir_is_used_and_stale_temp_files_removed(tmp_path: P
     dest = tmp_path / "dest"
     first = make_image(tmp_path / "a.raw", 64 * KIB, seed=3)
     assert run_corfs("publish", first, dest, "--chunk-size", "16K", "--no-progress").returncode == 0
-    stale = dest / ".corfs-tmp" / "0123.tmp"
+    stale = dest / ".corfs-tmp" / ("0123" * 8 + ".tmp")  # a uuid4 hex, as a run names them
     stale.write_bytes(b"half an object")
     os.utime(stale, (HOURS_AGO, HOURS_AGO))
     second = make_image(tmp_path / "b.raw", 64 * KIB, seed=4)
@@ -92,3 +92,46 @@ def test_the_users_own_temp_dir_is_used_and_stale_temp_files_removed(tmp_path: P
     assert not stale.exists()
     assert sorted(os.listdir(dest / ".corfs-tmp")) == ["index.lock"]
     assert (dest / "b.raw.corfs.json").exists()
+
+
+def test_only_temp_files_of_killed_runs_are_removed_from_the_temp_dir(tmp_path: Path) -> None:
+    """Review: where DEST may be written by others but is not sticky, one could rename the
+    user's temp dir away and a directory of the user's into its place: its files older than
+    an hour went as stale temp files."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    docs = dest / ".corfs-tmp"  # the user's own directory, where the temp dir was
+    docs.mkdir(mode=0o700)
+    report = docs / "report.txt"
+    report.write_text("quarterly")
+    stale = docs / ("ab" * 16 + ".tmp")
+    stale.write_bytes(b"half an object")
+    for path in (report, stale):
+        os.utime(path, (HOURS_AGO, HOURS_AGO))
+    image = make_image(tmp_path / "a.raw", 64 * KIB, seed=5)
+
+    result = run_corfs("publish", image, dest, "--chunk-size", "16K", "--no-progress")
+
+    assert result.returncode == 0, result.stderr
+    assert report.read_text() == "quarterly"
+    assert not stale.exists()
+
+
+def test_a_link_in_place_of_a_key_directory_is_refused_and_nothing_written_there(
+    tmp_path: Path,
+) -> None:
+    """Review: DEST/chunks planted as a link took every object (and the mode of each new
+    directory) wherever it pointed."""
+    dest = _shared_dest(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (dest / "chunks").symlink_to(elsewhere)
+    os.lchown(dest / "chunks", NOBODY, NOBODY)
+    image = make_image(tmp_path / "a.raw", 64 * KIB, seed=6)
+
+    result = run_corfs("publish", image, dest, "--chunk-size", "16K", "--no-progress")
+
+    assert_one_line_error(result, "chunks", "is a link")
+    assert result.returncode != 0
+    assert os.listdir(elsewhere) == []
+    assert not (dest / "a.raw.corfs.json").exists()
