@@ -4,6 +4,7 @@ and the aggregate of N concurrent cold sequential readers (one image each) again
     python -m bench.cold_readers random --reads 2000
     python -m bench.cold_readers many --readers 8 --mib 128 [--base nginx|dir]
                                       [--modes no-stream,default] [--runs 3]
+                                      [--corfs-option=--read-memory=64M ...]
 
 `random`: BASE is a directory, page cache dropped; the base bytes counted are the mount's
 fetcher statistics (a single run: a figure to compare code with).
@@ -15,6 +16,8 @@ directory), `--no-stream` and/or the default mount (its stream resumed as the re
 page cache is dropped and the base images are read back into it, so that the readers compete
 in corfs, not for the disk's seeks. `--probe` adds, beside the readers, one more client doing
 random 4 KiB O_DIRECT reads of another cold image (a VM booting among them): its latency.
+Each figure comes with the daemon's peak RSS (VmHWM) and the base bytes it fetched per byte
+read (1.00: nothing fetched twice).
 `--limit-rate 12m` paces each nginx connection (a base far away: there, requests queue).
 Printed beside: the cache disk's O_DIRECT speeds and, for
 nginx, the aggregate of 1 and N `curl -o /dev/null` at once (the day's limits).
@@ -166,7 +169,7 @@ def _served(kind: str, root: str, limit_rate: str = "") -> Iterator[Callable[[st
 
 def many_readers(
     readers: int, mib: int, kind: str, modes: list[str], runs: int, probe: bool,
-    limit_rate: str = "",
+    limit_rate: str = "", options: tuple[str, ...] = (),
 ) -> None:
     root = workdir(f"cold-readers/base{readers}x{mib}")
     names = [f"img{i}.raw" for i in range(readers)]
@@ -203,12 +206,12 @@ def many_readers(
             flags = ["--no-stream"] if mode == "no-stream" else ["--stream-paused"]
             results: dict[int, float] = {}
             for count in counts:
-                figures, cpu, waits = [], [], []
+                figures, cpu, waits, rss, fetched = [], [], [], [], []
                 for _ in range(runs):
                     fresh_dir(cache)
                     drop_caches()  # then BASE's images into it: readers compete in corfs
                     _warm([os.path.join(root, n) for n in [*names[:count], *[PROBE][:probe]]])
-                    argv = corfs_argv(base_of(f"n{count}"), cache, mnt, *flags)
+                    argv = corfs_argv(base_of(f"n{count}"), cache, mnt, *flags, *options)
                     with mounted(argv, mnt, log) as d:
                         done: list[float] = []
                         threads = [
@@ -229,13 +232,17 @@ def many_readers(
                             prober.join()
                             waits.append(prober)
                         cpu.append((d.cpu_seconds() - cpu0) / (sum(done) / 1e9))
+                        rss.append(d.peak_rss_bytes() / MiB)
+                        fetched.append(corfs_status(mnt)["fetcher"]["bytes_fetched"] / sum(done))
                     figures.append(sum(done) / elapsed / 1e6)
                 results[count] = statistics.median(figures)
                 print(
                     f"{kind} base, {mode}: {count} cold sequential reader(s): "
                     f"{results[count]:.0f} MB/s aggregate (median of "
                     f"{' '.join(f'{f:.0f}' for f in figures)}), daemon CPU "
-                    f"{statistics.median(cpu):.2f} s/GB",
+                    f"{statistics.median(cpu):.2f} s/GB, peak RSS {statistics.median(rss):.0f} MiB "
+                    f"(of {' '.join(f'{r:.0f}' for r in rss)}), base bytes per byte read "
+                    f"{statistics.median(fetched):.2f}",
                     flush=True,
                 )
                 if waits:
@@ -264,13 +271,15 @@ def main() -> None:
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--probe", action="store_true", help="random 4 KiB reads beside the readers")
     m.add_argument("--limit-rate", default="", help="nginx limit_rate per connection, e.g. 12m")
+    m.add_argument("--corfs-option", action="append", default=[], metavar="OPTION",
+                   help="passed to corfs mount, e.g. --corfs-option=--read-memory=64M")
     args = parser.parse_args()
     if args.what == "random":
         random_reads(args.reads, args.mib * MiB)
     else:
         many_readers(
             args.readers, args.mib, args.base, args.modes.split(","), args.runs, args.probe,
-            args.limit_rate,
+            args.limit_rate, tuple(args.corfs_option),
         )
 
 
