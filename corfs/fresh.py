@@ -67,7 +67,11 @@ class FreshChunks:
     def get(self, index: int) -> Buffer | None:
         return self._chunks.get(index)
 
-    def keep(self, index: int, data: Buffer) -> None:
+    def keep(self, index: int, data: Buffer, *, only_copy: bool = False) -> None:
+        """`only_copy`: the chunk is neither local nor on its way there (no write-behind
+        room): pushed out, it would be fetched again, maybe while its reader is half-way
+        through. The mount's bound (KeptMemory) counts it but never pushes it out; this
+        map's own limit still does."""
         self.drop(index)
         key, size = _buffer_of(data)
         if size > self.limit_bytes:
@@ -79,7 +83,8 @@ class FreshChunks:
             key, size = _buffer_of(data)
         self._chunks[index] = data
         self._hold(key, size)
-        self._shared.kept(self, index)
+        if not only_copy:
+            self._shared.kept(self, index)
         while self._bytes > self.limit_bytes and self._chunks:
             self.drop(next(iter(self._chunks)))
         self._shared.trim()

@@ -457,7 +457,7 @@ class Image:
             dropped = [chunk for chunk in chunks if chunk.data is not None]
             self.write_behind.dropped(len(dropped))
             for chunk in dropped:
-                self._fresh.keep(chunk.index, chunk.data)  # type: ignore[arg-type]
+                self._fresh.keep(chunk.index, chunk.data, only_copy=True)  # type: ignore[arg-type]
             chunks = [chunk for chunk in chunks if chunk.data is None]
             nbytes = 0
         if chunks:
@@ -592,7 +592,8 @@ class Image:
         # read-ahead): following small ones cost ~5 us, 4 % of a local 4 KiB read.
         if fetching or length > SMALL_READ:
             ahead = self.read_ahead.after_read(
-                chunks, self._fetchable if fetching else _never, (offset, offset + length)
+                chunks, self._fetchable if fetching else _never, (offset, offset + length),
+                fetching=fetching,
             )
             if ahead:
                 self._start_fills(ahead, READ_AHEAD_RUN, for_readers=True)

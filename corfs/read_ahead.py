@@ -81,6 +81,10 @@ class ReadAhead:
         self._chunk_count = chunk_count
         self._chunk_size = chunk_size
         self._share = share  # the mount's bound over all images, with this one's below
+        # How far ahead of a reader a stream fill is kept for it: twice the window it may
+        # grow to, within the image's share of the mount's memory (review: 64 chunks whatever
+        # the share, which pushed other images' read-ahead out).
+        self._reach = 2 * READ_AHEAD_MAX
         # The bytes fetched ahead are kept in memory for their readers (Image's fresh chunks,
         # bounded): the windows of all runs together stay within that, or chunks fetched for
         # one reader push out another's before it reads them (then each of its reads goes to
@@ -143,10 +147,13 @@ class ReadAhead:
         return id(current) if not current.window else next(iter(self._runs))
 
     def after_read(
-        self, chunks: range, fetchable: Callable[[int], bool], span: tuple[int, int] = (-2, -1)
+        self, chunks: range, fetchable: Callable[[int], bool], span: tuple[int, int] = (-2, -1),
+        *, fetching: bool = True,
     ) -> list[int]:
         """A client reads `chunks` (bytes `span`, start and end): the chunks to fetch for it
-        now (`fetchable`: absent and not being filled), possibly none."""
+        now (`fetchable`: absent and not being filled), possibly none. Not `fetching` (the
+        image is complete): the window only hints local chunks to the page cache, and takes
+        no share of the mount's memory."""
         run = self._latest = self._run_of(chunks, span[0])
         self._reads += 1
         if self._by_end.get(run.last_end) is run:
@@ -159,7 +166,7 @@ class ReadAhead:
         # A window opens only for a read that starts at the very byte the last one ended at: a
         # random reader landing in the next chunk by chance must not fetch ahead (amplification).
         if chunks.start == run.next_sequential and (run.window or self._continued):
-            run.window = min(self._max_window(run), max(2, run.window * 2))
+            run.window = min(self._max_window(run, fetching), max(2, run.window * 2))
         else:
             run.window = 0
         run.next_sequential = chunks.stop
@@ -186,14 +193,19 @@ class ReadAhead:
         run.hinted = max(run.hinted, stop)
         return range(start, stop)
 
-    def _max_window(self, run: _Run) -> int:
+    def _max_window(self, run: _Run, fetching: bool = True) -> int:
         """READ_AHEAD_MAX for a reader alone, else its share of the budget among the live
-        runs reading ahead; and the image's share of the mount's (ReadAheadShare)."""
+        runs reading ahead (at least 2); and within the image's share of the mount's
+        (ReadAheadShare), which may be none at all: then nothing is read ahead, and each
+        chunk is fetched when its reader gets there."""
         others = sum(1 for r in self._runs.values() if r.window and r is not run and self._live(r))
         window = READ_AHEAD_MAX if not others else min(READ_AHEAD_MAX, self._budget // (others + 1))
-        if self._share is not None:
-            window = min(window, self._share.chunks_of(self, self._chunk_size) // (others + 1))
-        return max(2, window)
+        window = max(2, window)
+        if self._share is not None and fetching:
+            shared = self._share.chunks_of(self, self._chunk_size)
+            self._reach = 2 * max(0, min(READ_AHEAD_MAX, shared))  # see ahead_of_reader
+            window = min(window, shared // (others + 1))
+        return max(0, window)
 
     @property
     def sequential(self) -> bool:
@@ -202,12 +214,12 @@ class ReadAhead:
         return self._latest.window > 0 or self._continued
 
     def ahead_of_reader(self, chunks: range) -> bool:
-        """A sequential reader will soon read these chunks (a stream fill that landed in its
-        read-ahead window): worth keeping their bytes for it."""
+        """A sequential reader will soon read these chunks (a stream fill that landed within
+        twice the window it may grow to): worth keeping their bytes for it."""
         return any(
             run.window > 0
             and self._live(run)
-            and run.next_sequential <= chunks.start < run.next_sequential + 2 * READ_AHEAD_MAX
+            and run.next_sequential <= chunks.start < run.next_sequential + self._reach
             for run in self._runs.values()
         )
 

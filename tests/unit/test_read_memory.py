@@ -73,3 +73,44 @@ def test_images_reading_ahead_at_once_share_the_read_ahead_bytes_and_one_alone_h
 def test_without_a_share_an_image_alone_reads_ahead_as_far_as_before() -> None:
     policy = ReadAhead(10_000, 64, chunk_size=CS)
     assert max(window_now(policy, chunk) for chunk in range(80)) == READ_AHEAD_MAX
+
+
+def test_an_only_copy_is_counted_but_never_pushed_out_by_the_shared_limit() -> None:
+    """Review: a chunk kept only in memory (no write-behind room), pushed out, was fetched
+    again, up to 10 times with a reader half-way through it."""
+    kept = KeptMemory(limit_bytes=200)
+    a, b = FreshChunks(1000, kept), FreshChunks(1000, kept)
+    a.keep(0, b"a" * 100, only_copy=True)
+    b.keep(0, b"b" * 100)
+    b.keep(1, b"c" * 100)  # over: b's 0 goes, not a's only copy
+    assert a.get(0) == b"a" * 100 and b.get(0) is None and kept.bytes == 200
+    small = FreshChunks(150, kept)
+    small.keep(0, b"d" * 100, only_copy=True)
+    small.keep(1, b"e" * 100, only_copy=True)  # the map's own limit still pushes it out
+    assert small.get(0) is None and small.get(1) == b"e" * 100
+
+
+def test_an_image_that_fetches_nothing_takes_no_share() -> None:
+    """Review: local images read in large requests (their windows only hint the page cache)
+    took shares: one cold image among seven local ones read ahead 4 chunks, not 32."""
+    share = ReadAheadShare(64 * CS)
+    cold = ReadAhead(10_000, 64, chunk_size=CS, share=share)
+    local = [ReadAhead(10_000, 64, chunk_size=CS, share=share) for _ in range(7)]
+    windows = []
+    for chunk in range(20):
+        for policy in local:
+            policy.after_read(range(chunk, chunk + 1), lambda i: False,
+                              (chunk * CS, (chunk + 1) * CS), fetching=False)
+        windows.append(window_now(cold, chunk))
+    assert max(windows) == READ_AHEAD_MAX
+
+
+def test_a_stream_fill_is_kept_for_a_reader_only_within_its_window() -> None:
+    """Review: fills landing up to 64 chunks ahead were kept whatever the reader's window, and
+    pushed other images' read-ahead out of the shared memory."""
+    share = ReadAheadShare(32 * CS)  # alone: 3/4 of 32 MiB, less 8 chunks: a 16-chunk window
+    policy = ReadAhead(10_000, 64, chunk_size=CS, share=share)
+    for chunk in range(10):
+        window_now(policy, chunk)
+    assert policy.ahead_of_reader(range(20, 21))
+    assert not policy.ahead_of_reader(range(50, 51))
