@@ -37,12 +37,16 @@ class Ownership:
 
 
 def _probe(dir_fd: int) -> Ownership:
+    """A file made there and looked at by its own descriptor (review: a directory made, then
+    looked at by name, could be swapped for another user's in between)."""
     name = f"probe-{uuid.uuid4().hex}"
-    os.mkdir(name, 0o700, dir_fd=dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st = os.fstat(fd)
     finally:
-        os.rmdir(name, dir_fd=dir_fd)
+        os.close(fd)
+        os.unlink(name, dir_fd=dir_fd)
     return Ownership(st.st_uid, not st.st_mode & 0o077)
 
 
@@ -73,18 +77,19 @@ def hold_tmp_dir(path: str) -> tuple[int, Ownership]:
     return fd, own
 
 
-def open_key_dir(root_fd: int, root: str, parts: list[str]) -> int:
-    """The directory `parts` below DEST (`root_fd`), each made where missing with
-    PUBLIC_DIR_MODE, entered by descriptor; CorfsError where one is a link or not a
-    directory. The caller closes the descriptor returned."""
+def open_key_dir(root_fd: int, root: str, parts: list[str], *, make: bool = True) -> int:
+    """The directory `parts` below DEST (`root_fd`), entered by descriptor, each made where
+    missing with PUBLIC_DIR_MODE (`make`; else FileNotFoundError); CorfsError where one is a
+    link or not a directory. The caller closes the descriptor returned."""
     fd = os.dup(root_fd)
     try:
         for depth, part in enumerate(parts):
-            made = True
-            try:
-                os.mkdir(part, PUBLIC_DIR_MODE, dir_fd=fd)
-            except FileExistsError:
-                made = False
+            made = make
+            if make:
+                try:
+                    os.mkdir(part, PUBLIC_DIR_MODE, dir_fd=fd)
+                except FileExistsError:
+                    made = False
             try:
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:

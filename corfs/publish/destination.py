@@ -33,6 +33,7 @@ the cache). Who may read them is up to DEST's own directory: an existing DEST ke
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -45,7 +46,6 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ..base import describe_url, parse_s3_url
-from ..durable import fsync_dir
 from ..errors import BaseAccessDenied, BaseChanged, BaseNotFound, CorfsError, UsageError
 from ..s3_errors import refuse_blind_redirects, s3_error
 from .dest_dirs import PUBLIC_DIR_MODE, TEMP_NAME, hold_tmp_dir, open_key_dir
@@ -130,7 +130,7 @@ class DirDestination:
             os.close(self._root_fd)
             raise
         self.close = weakref.finalize(self, _close_all, self._root_fd, self._tmp_fd)
-        self._unsynced_dirs: set[str] = set()  # directories that got a name since `sync`
+        self._unsynced_dirs: set[tuple[str, ...]] = set()  # those that got a name since `sync`
         self._dirs_lock = threading.Lock()  # puts run in worker threads
 
     @classmethod
@@ -174,18 +174,28 @@ class DirDestination:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
 
-    def _note_name(self, path: str) -> None:
-        """`path` got a name, perhaps in directories just made: `sync` fsyncs all of them."""
+    def _note_name(self, key: str) -> None:
+        """`key` got a name, perhaps in directories just made: `sync` fsyncs all of them."""
+        parts = tuple(key.split("/")[:-1])
         with self._dirs_lock:
-            parent = os.path.dirname(path)
-            while len(parent) >= len(self.root):
-                self._unsynced_dirs.add(parent)
-                parent = os.path.dirname(parent)
+            for depth in range(len(parts) + 1):
+                self._unsynced_dirs.add(parts[:depth])
+
+    def _open_object(self, key: str) -> int:
+        """The object at `key`, read-only, through the key's directories by descriptor (as
+        `put` writes it: review, a link at DEST/chunks showed objects that put refuses);
+        FileNotFoundError where it is not, ELOOP where it is a link."""
+        *parts, leaf = key.split("/")
+        key_dir = open_key_dir(self._root_fd, self.root, parts, make=False)
+        try:
+            return os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=key_dir)
+        finally:
+            os.close(key_dir)
 
     def holds(self, key: str, intact: Callable[[bytes], bool]) -> bool:
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
+            with open(self._open_object(key), "rb") as f:
                 data = f.read()
                 if not intact(data):
                     log.warning("%s is damaged (%d bytes): writing it again", path, len(data))
@@ -194,8 +204,10 @@ class DirDestination:
         except FileNotFoundError:
             return False
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False  # a link where an object belongs: `put` replaces it
             raise CorfsError(f"reading {path}: {exc.strerror}") from None
-        self._note_name(path)
+        self._note_name(key)
         return True
 
     def put(self, key: str, data: bytes) -> None:
@@ -223,15 +235,17 @@ class DirDestination:
             if isinstance(exc, CorfsError):
                 raise
             raise CorfsError(f"writing {path}: {exc.strerror}") from None
-        self._note_name(path)
+        self._note_name(key)
 
     def get(self, key: str) -> bytes | None:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(self._open_object(key), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorfsError(f"{self._path(key)} is a link: refused") from None
             raise CorfsError(f"reading {self._path(key)}: {exc.strerror}") from None
 
     def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> None:
@@ -256,8 +270,12 @@ class DirDestination:
         with self._dirs_lock:
             dirs, self._unsynced_dirs = self._unsynced_dirs, set()
         try:
-            for path in sorted(dirs, reverse=True):  # deeper ones first, DEST itself last
-                fsync_dir(path)
+            for parts in sorted(dirs, key=len, reverse=True):  # deeper first, DEST itself last
+                fd = open_key_dir(self._root_fd, self.root, list(parts), make=False)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             with self._dirs_lock:
                 self._unsynced_dirs |= dirs

@@ -135,3 +135,21 @@ def test_a_link_in_place_of_a_key_directory_is_refused_and_nothing_written_there
     assert result.returncode != 0
     assert os.listdir(elsewhere) == []
     assert not (dest / "a.raw.corfs.json").exists()
+
+
+def test_objects_behind_a_link_are_not_taken_as_published(tmp_path: Path) -> None:
+    """Review: a link at DEST/chunks to a directory already holding the image's objects
+    made them count as there (read by path), so nothing was written and the refusal never
+    came: the manifest named objects only the link's owner kept."""
+    image = make_image(tmp_path / "a.raw", 64 * KIB, seed=7)
+    theirs = tmp_path / "theirs"
+    assert run_corfs("publish", image, theirs, "--chunk-size", "16K",
+                     "--no-progress").returncode == 0
+    dest = _shared_dest(tmp_path)
+    (dest / "chunks").symlink_to(theirs / "chunks")
+    os.lchown(dest / "chunks", NOBODY, NOBODY)
+
+    result = run_corfs("publish", image, dest, "--chunk-size", "16K", "--no-progress")
+
+    assert_one_line_error(result, "chunks", "is a link")
+    assert not (dest / "a.raw.corfs.json").exists()
