@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -237,6 +237,26 @@ def chunked_behind_a_bare_lf(data: bytes) -> tuple[Headers, bytes]:
     return [length, ("X-Cgi", f"1\n{encoding[0]}: {encoding[1]}")], body
 
 
+def pausing_after(route: Route, sent: int, pause: float = 0.3) -> Route:
+    """`route`'s answers, their bodies pausing after `sent` bytes."""
+
+    def paused(method: str, path: str, headers: dict[str, str]) -> Answer | None:
+        answer = route(method, path, headers)
+        if answer is None or method == "HEAD":
+            return answer
+        status, more, pieces = answer
+        body = b"".join(pieces)
+
+        def slowly() -> Iterator[bytes]:
+            yield body[:sent]
+            time.sleep(pause)
+            yield body[sent:]
+
+        return status, more, slowly()
+
+    return paused
+
+
 @pytest.mark.parametrize("shape", [chunked_with_the_ranges_length, chunked_behind_a_bare_lf],
                          ids=["chunked", "chunked-behind-a-bare-lf"])
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
@@ -247,8 +267,11 @@ def test_a_chunked_answer_that_also_declares_the_ranges_length_is_refused(
     handled as an error". The lean reader hands it to httpx, and _read_httpx checks the
     Content-Length (ignored by the framing) and then takes the first `length` decoded bytes
     without checking that the body ends there (`whole` only when there is no Content-Length):
-    JUNK plus the range's first 4092 bytes were served as the range (through a mount too)."""
-    server = serve(hostile, ranged_image(DATA, shape))
+    JUNK plus the range's first 4092 bytes were served as the range (through a mount too).
+    The body pauses after its first 4096 bytes: a reader that took the Content-Length for the
+    framing has its "range" then, and nothing after it to tell it otherwise (mutants: without
+    the pause, the rest sometimes came in the same recv and gave it away)."""
+    server = serve(hostile, pausing_after(ranged_image(DATA, shape), 4096))
 
     async def main() -> None:
         store = await open_http_base(server.url + "disk.raw", FAST)
