@@ -10,12 +10,14 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +165,7 @@ class Nginx:
     log_requests: bool = False
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _id: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False)
 
     @property
     def url(self) -> str:
@@ -226,25 +229,48 @@ http {{
     location /gone-if-missing/ {{
       if (!-f $request_filename) {{ return 403; }}
     }}
+    location = /.test-server-id {{ access_log off; return 200 "{self._id}"; }}
     {self.locations}
   }}
 }}
 """
 
     def start(self) -> Nginx:
+        """On a free port; again on another if that one was taken before nginx bound it (by
+        another test worker's server or a client's connection): the server answering is
+        checked to be this one, not only something on the port."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(self.config())
-        log = self.workdir / "error.log"
-        self.proc = subprocess.Popen(
-            [NGINX, "-e", str(log), "-p", str(self.workdir), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "stderr.log", "wb"),  # noqa: SIM115
+        for attempt in range(3):
+            self.port = free_port()
+            conf = self.workdir / "nginx.conf"
+            conf.write_text(self.config())
+            log = self.workdir / "error.log"
+            self.proc = subprocess.Popen(
+                [NGINX, "-e", str(log), "-p", str(self.workdir), "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.workdir / "stderr.log", "wb"),  # noqa: SIM115
+            )
+            try:
+                wait_port(self.port, self.proc, self.workdir / "stderr.log")
+                if self._answers_as_itself():
+                    return self
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+            stop_process(self.proc)
+        raise RuntimeError(f"nginx in {self.workdir} found no port of its own")
+
+    def _answers_as_itself(self) -> bool:
+        context = ssl._create_unverified_context() if self.tls else None  # its own test cert
+        direct = urllib.request.build_opener(  # never through a proxy of the environment
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
         )
-        wait_port(self.port, self.proc, self.workdir / "stderr.log")
-        return self
+        try:
+            with direct.open(f"{self.url}.test-server-id", timeout=10) as answer:
+                return answer.read().decode() == self._id
+        except (OSError, ValueError):
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:
