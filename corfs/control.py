@@ -251,7 +251,11 @@ class Controller:
         except HandoffUnderWay:
             raise  # the handoff under way keeps its own status
         except CorfsError as exc:
-            self._handoff_errors[name] = str(exc)  # fuse_ops logs it
+            # The CLI reads the reason in the status (a setxattr returns an errno only); not
+            # where a handoff is under way or done: that one's status is its own (hunt: a
+            # malformed or second command made a confirmed handoff read as unconfirmed).
+            if name not in self._handing_over and image.handed_over_to is None:
+                self._handoff_errors[name] = str(exc)  # fuse_ops logs it
             raise
         self._handoff_errors.pop(name, None)
         self._handing_over.add(name)

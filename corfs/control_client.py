@@ -190,6 +190,12 @@ def send_command(mountpoint: str, command: dict) -> None:
                           if i["name"] == command["image"]), None)
             if image is None:
                 raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None
+            if image.get("handing_over"):
+                raise HandoffFailed(f"a live handoff of {command['image']} is under way "
+                                    "already") from None
+            if image["state"] == "detached":
+                raise HandoffFailed(f"{command['image']} was handed over to "
+                                    f"{image.get('detached_to')} already") from None
             raise HandoffFailed(image.get("handoff_error") or exc.strerror) from None
         if exc.errno == errno.EINVAL and command.get("image") is not None:
             raise ControlError(f"{mountpoint} has no image {command['image']!r}") from None

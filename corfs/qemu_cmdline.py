@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 
 from .qmp_switch import same_path
 
@@ -16,7 +15,6 @@ log = logging.getLogger(__name__)
 
 FILE_KEYS = ("aio", "locking")  # options of the `file` node
 NODE_KEYS = ("discard",)  # options of every node (file and format)
-_UNESCAPED_COMMA = re.compile(r"(?<!,),(?!,)")
 
 
 def qemu_pid_for_socket(socket_path: str) -> int | None:
@@ -42,7 +40,7 @@ Started = dict[str | None, tuple[dict, dict]]  # qmp_switch.plan_switch's `start
 
 def _names_socket(arg: str, socket_path: str) -> bool:
     """Whether a -qmp / -chardev argument is that unix socket (`unix:PATH[,...]`, `path=PATH`)."""
-    items = _UNESCAPED_COMMA.split(arg)
+    items = _split_options(arg)
     return f"unix:{socket_path}" in items[:1] or f"path={socket_path}" in items
 
 
@@ -90,11 +88,33 @@ def _parse(value: str) -> dict:
             return {}
         return parsed if isinstance(parsed, dict) else {}
     out = {}
-    for item in _UNESCAPED_COMMA.split(value):
+    for item in _split_options(value):
         key, sep, val = item.partition("=")
         if sep:
-            out[key] = val.replace(",,", ",")
+            out[key] = val
     return out
+
+
+def _split_options(value: str) -> list[str]:
+    """QEMU's option list, read as QEMU does, left to right: ",," is a comma of the value,
+    a single "," ends it (hunt: a lookaround split nothing in "disk,,,discard=unmap", a file
+    name ending in a comma, and its options were lost across a handoff)."""
+    items: list[str] = []
+    current: list[str] = []
+    at = 0
+    while at < len(value):
+        if value[at] != ",":
+            current.append(value[at])
+            at += 1
+        elif value.startswith(",,", at):
+            current.append(",")
+            at += 2
+        else:
+            items.append("".join(current))
+            current = []
+            at += 1
+    items.append("".join(current))
+    return items
 
 
 def _pick(options: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
