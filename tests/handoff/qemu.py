@@ -18,6 +18,20 @@ START_TIMEOUT_S = 20.0
 NOBODY = 65534
 
 
+def new_log_text(log: Path, start: int, quiet: float = 0.05, most: float = 2.0) -> str:
+    """What `log` got past `start`, once it stopped growing for `quiet` seconds."""
+    deadline = time.monotonic() + most
+    size = log.stat().st_size
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        if (now := log.stat().st_size) == size:
+            break
+        size = now
+    with open(log, "rb") as f:
+        f.seek(start)
+        return f.read().decode(errors="replace")
+
+
 class Qemu:
     def __init__(self, workdir: Path, *args: str, as_nobody: bool = False) -> None:
         if as_nobody:  # as libvirt's QEMU user would: it can create its sockets here only
@@ -71,9 +85,15 @@ class Qemu:
         return out
 
     def qemu_io(self, device: str, command: str) -> str:
+        """Its output, which HMP does not return (hunt: "" for every command, so a failed
+        write or a `read -P` that found other bytes passed): QEMU prints it on its stdout,
+        our log. AssertionError where it says the command failed."""
+        start = self.log.stat().st_size
         out = self.hmp(f'qemu-io {device} "{command}"')
-        assert "error" not in out.lower() and "fail" not in out.lower(), out
-        return out
+        printed = new_log_text(self.log, start)
+        said = (out + printed).lower()
+        assert "error" not in said and "fail" not in said, out + printed
+        return out + printed
 
     def file_nodes(self) -> dict[str, str]:
         """{node name: filename} of every `file` node."""

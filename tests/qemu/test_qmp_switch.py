@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,15 @@ from corfs.qmp_switch import (
     plan_switch,
     switch,
 )
+from tests.handoff.qemu import new_log_text
 
 MIB = 1024 * 1024
 SIZE = 4 * MIB
 MARK_OFFSET = 2 * MIB  # NEW alone holds 0x4e here
 MARK = b"\x4e" * 65536
+
+
+_STDOUT_OF: weakref.WeakKeyDictionary[Monitor, Path] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -62,7 +67,9 @@ def qemu(sock_dir: Path) -> Iterator[Callable[..., Qemu]]:
         sock = sock_dir / f"q{len(started)}.sock"
         cmd = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
         cmd += ["-qmp", f"unix:{sock},server=on,wait=off", *args]
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        log = sock_dir / f"q{len(started)}.out"  # qemu-io's output (see qemu_io)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -83,6 +90,7 @@ def qemu(sock_dir: Path) -> Iterator[Callable[..., Qemu]]:
             proc.wait()
             raise
         q = Qemu(proc, monitor)
+        _STDOUT_OF[monitor] = log
         started.append(q)
         return q
 
@@ -97,10 +105,15 @@ def qemu(sock_dir: Path) -> Iterator[Callable[..., Qemu]]:
 
 
 def qemu_io(monitor: Monitor, target: str, command: str) -> None:
+    """HMP answers "" and QEMU prints qemu-io's output on its stdout (hunt: a failed write
+    or a `read -P` that found other bytes passed here): read there."""
+    log = _STDOUT_OF[monitor]
+    start = log.stat().st_size
     out = monitor.command(
         "human-monitor-command", {"command-line": f'qemu-io {target} "{command}"'}
     )
     assert isinstance(out, str)
+    out += new_log_text(log, start)
     assert "fail" not in out.lower() and "error" not in out.lower() and "only" not in out, out
 
 
