@@ -479,10 +479,11 @@ def _settle_definition(via: Via, old_path: str, new_path: str) -> None:
 def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:
     """The QEMU's nodes on DEST; if it has any, move what is left on the old path there too
     and name DEST in overlay headers. CorfsError if QEMU cannot be asked."""
-    from .qmp_switch import nodes_on, plan_switch, rename_backing, switch
+    from .qmp_switch import finish_cut_mirrors, nodes_on, plan_switch, rename_backing, switch
 
     monitor = via.connect(SETTLE_TIMEOUT)
     try:
+        finish_cut_mirrors(monitor)  # a node on DEST is then QEMU's, not a job's target
         on_dest = nodes_on(monitor, handoff.dest)
         if on_dest:
             with contextlib.suppress(CorfsError):  # nodes left on the dead mount, if any

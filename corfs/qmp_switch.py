@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -483,6 +484,44 @@ def _mirror(monitor: Monitor, source: str, target: str, job: str) -> None:
     finally:
         if _job(monitor, job):
             monitor.command("job-dismiss", {"id": job})
+
+
+_OUR_MIRROR = re.compile(r"corfsx*\d+-job")  # `_mirror`'s job ids (switch's prefixes)
+
+
+def finish_cut_mirrors(monitor: Monitor) -> None:
+    """A switch cut short during its sync=none mirror (the daemon killed between
+    blockdev-mirror and block-job-complete) leaves the job running and the BlockBackend on
+    OLD, with the job's target on NEW (hunt: the next mount took that node for QEMU switched
+    and recorded the handoff finished). Complete it now: NEW holds the bytes; if QEMU cannot,
+    cancel it and delete the nodes it was to switch to."""
+    for job in monitor.command("query-jobs"):
+        name = job["id"]
+        if job.get("type") != "mirror" or not _OUR_MIRROR.fullmatch(name):
+            continue
+        prefix = name.removesuffix("-job")
+        try:
+            if job.get("status") != "concluded":
+                _wait_job(monitor, name, "ready")
+                monitor.command("block-job-complete", {"device": name})
+                _wait_job(monitor, name, "concluded")
+            if error := _job(monitor, name).get("error"):
+                raise QmpError(str(error))
+            log.info("completed the mirror %s of a handoff cut short", name)
+        except QmpError as e:
+            log.warning("the mirror %s of a handoff cut short cannot complete (%s): "
+                        "cancelled", name, e)
+            if _job(monitor, name).get("status") not in ("concluded", None):
+                monitor.command("block-job-cancel", {"device": name, "force": True})
+                _wait_job(monitor, name, "concluded")
+            if _job(monitor, name):
+                monitor.command("job-dismiss", {"id": name})
+            for node in (f"{prefix}-r", f"{prefix}-f"):  # its target, on NEW
+                with contextlib.suppress(QmpError):
+                    monitor.command("blockdev-del", {"node-name": node})
+        else:
+            if _job(monitor, name):
+                monitor.command("job-dismiss", {"id": name})
 
 
 def _job(monitor: Monitor, job: str) -> dict:
