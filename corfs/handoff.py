@@ -340,7 +340,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
     """Worker thread: re-point every node of QEMU on `qemu_path` to `dest`, then sync what the
     reopen drained. With --virsh, the domain's persistent definition follows; if that fails,
     QEMU is switched back. _StillOnDest if it cannot be."""
-    from .qmp_switch import nodes_on, plan_switch, rename_backing, switch
+    from .qmp_switch import plan_switch, rename_backing, switch
 
     started = started_options(via.qemu_pid(), qemu_path)
     monitor = via.connect()
@@ -353,7 +353,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
         try:
             switch(monitor, plan)  # all or nothing itself
         except BaseException:
-            _fail_closed(monitor, dest, nodes_on)
+            _fail_closed(monitor, via, dest)
             raise
         renamed: list[str] = []
         repointing = False
@@ -375,7 +375,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
                 switch(monitor, plan_switch(monitor, dest, qemu_path))
             except Exception as exc:
                 log.error("switching QEMU back to %s failed: %s", qemu_path, exc)
-            _fail_closed(monitor, dest, nodes_on)
+            _fail_closed(monitor, via, dest)
             raise
         return len(plan.old_file_nodes)
     finally:
@@ -383,12 +383,27 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
             monitor.close()
 
 
-def _fail_closed(monitor, dest: str, nodes_on) -> None:
-    """After a failed switch or rollback: if QEMU still has a node on DEST, DEST must stay."""
+def _fail_closed(monitor, via: Via, dest: str) -> None:
+    """After a failed switch or rollback: if QEMU still has a node on DEST, DEST must stay.
+    What failed may be the connection, not QEMU (hunt: one dropped before the reopen finished
+    the handoff "unconfirmed", and the guest, never switched, got ESTALE from then on): QEMU
+    is asked again on a new one, once the nodes the cut switch added and no one uses are
+    deleted there."""
+    from .qmp_switch import drop_unused_nodes_on, nodes_on
+
     try:
         left = nodes_on(monitor, dest)
-    except CorfsError as exc:
-        raise _StillOnDest(f"cannot tell whether QEMU still uses {dest} ({exc})") from None
+    except CorfsError:
+        try:
+            fresh = via.connect(SETTLE_TIMEOUT)
+            try:
+                drop_unused_nodes_on(fresh, dest)
+                left = nodes_on(fresh, dest)
+            finally:
+                with contextlib.suppress(Exception):
+                    fresh.close()
+        except CorfsError as exc:
+            raise _StillOnDest(f"cannot tell whether QEMU still uses {dest} ({exc})") from None
     if left:
         raise _StillOnDest(f"QEMU still has node(s) {', '.join(left)} on {dest}")
 

@@ -212,6 +212,17 @@ def nodes_on(monitor: Monitor, path: str) -> list[str]:
     return [n.name for n in _file_nodes_on(read_graph(monitor), path)]
 
 
+def drop_unused_nodes_on(monitor: Monitor, path: str) -> None:
+    """Delete the nodes a switch added on `path` (its prefix's) that nothing uses: a switch
+    cut off from QEMU could not undo them. One in use stays (QEMU refuses to delete it)."""
+    for node in _file_nodes_on(read_graph(monitor), path):
+        if not (node.name.startswith("corfs") and node.name.endswith("-f")):
+            continue  # not a switch's (NewChild.add names them PREFIX-f, PREFIX-r)
+        for name in (f"{node.name.removesuffix('-f')}-r", node.name):  # format node first
+            with contextlib.suppress(QmpError):
+                monitor.command("blockdev-del", {"node-name": name})
+
+
 def rename_backing(
     monitor: Monitor, old: str, new: str, changed: list[str], only: list[str] | None = None
 ) -> None:
