@@ -43,10 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _settle(log: Path, quiet: float = 0.05, most: float = 2.0) -> None:
-    """Until `log` has not grown for `quiet` seconds (at most `most`): nginx logs a request
-    after sending its answer, which the client may have read in full by then (a test saw 3
-    of 4 lines), so a count right after a read may miss the last one."""
+def settle_log(log: Path, quiet: float = 0.05, most: float = 2.0) -> None:
+    """Until `log` has not grown for `quiet` seconds (at most `most`): a server may write it
+    after its client has what it asked for (nginx logs a request after sending its answer:
+    a test saw 3 of 4 lines; QEMU prints qemu-io's output after HMP answered)."""
     deadline = time.monotonic() + most
     size = log.stat().st_size
     while time.monotonic() < deadline:
@@ -289,7 +289,7 @@ http {{
         for URIs under `prefix`, of any method or only `method`."""
         if not self.access_log.exists():
             return []
-        _settle(self.access_log)
+        settle_log(self.access_log)
         with open(self.access_log, "rb") as f:
             f.seek(since)
             lines = f.read().decode().splitlines()
@@ -309,7 +309,7 @@ http {{
         """The Authorization header of each request logged so far ("" when there was none)."""
         if not self.auth_log.exists():
             return []
-        _settle(self.auth_log)
+        settle_log(self.auth_log)
         return [("" if v == "-" else v) for v in self.auth_log.read_text().splitlines()]
 
     def authorizations_since(self, before: int, at_least: int, timeout: float = 10) -> list[str]:

@@ -12,21 +12,17 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from tests.servers import settle_log
+
 START_TIMEOUT_S = 20.0
 
 
 NOBODY = 65534
 
 
-def new_log_text(log: Path, start: int, quiet: float = 0.05, most: float = 2.0) -> str:
-    """What `log` got past `start`, once it stopped growing for `quiet` seconds."""
-    deadline = time.monotonic() + most
-    size = log.stat().st_size
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        if (now := log.stat().st_size) == size:
-            break
-        size = now
+def new_log_text(log: Path, start: int) -> str:
+    """What `log` got past `start`, once it stopped growing."""
+    settle_log(log)
     with open(log, "rb") as f:
         f.seek(start)
         return f.read().decode(errors="replace")
