@@ -40,7 +40,8 @@ def _probe(dir_fd: int) -> Ownership:
     """A file made there and looked at by its own descriptor (review: a directory made, then
     looked at by name, could be swapped for another user's in between)."""
     name = f"probe-{uuid.uuid4().hex}"
-    fd = create_new(name, dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
     finally:
@@ -49,14 +50,7 @@ def _probe(dir_fd: int) -> Ownership:
     return Ownership(st.st_uid, not st.st_mode & 0o077)
 
 
-def create_new(name: str, dir_fd: int) -> int:
-    """A new private file `name` in the directory `dir_fd`, for writing (never through a link,
-    never one that was there)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(name, flags, 0o600, dir_fd=dir_fd)
-
-
-def hold_tmp_dir(path: str) -> int:
+def hold_tmp_dir(path: str) -> tuple[int, Ownership]:
     """DEST/.corfs-tmp, opened once and checked (module docstring); UsageError if refused."""
     remove = "remove it: corfs makes its own"
     try:
@@ -80,7 +74,7 @@ def hold_tmp_dir(path: str) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, own
 
 
 def open_key_dir(root_fd: int, root: str, parts: list[str], *, make: bool = True) -> int:
