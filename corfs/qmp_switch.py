@@ -216,11 +216,16 @@ def drop_unused_nodes_on(monitor: Monitor, path: str) -> None:
     """Delete the nodes a switch added on `path` (its prefix's) that nothing uses: a switch
     cut off from QEMU could not undo them. One in use stays (QEMU refuses to delete it)."""
     for node in _file_nodes_on(read_graph(monitor), path):
-        if not (node.name.startswith("corfs") and node.name.endswith("-f")):
-            continue  # not a switch's (NewChild.add names them PREFIX-f, PREFIX-r)
-        for name in (f"{node.name.removesuffix('-f')}-r", node.name):  # format node first
-            with contextlib.suppress(QmpError):
-                monitor.command("blockdev-del", {"node-name": name})
+        if node.name.startswith("corfs") and node.name.endswith("-f"):
+            _delete_added_nodes(monitor, node.name.removesuffix("-f"))
+
+
+def _delete_added_nodes(monitor: Monitor, prefix: str) -> None:
+    """The nodes a switch step added (NewChild.add: PREFIX-r over PREFIX-f), where nothing
+    uses them (QEMU refuses to delete one in use)."""
+    for name in (f"{prefix}-r", f"{prefix}-f"):  # the format node first
+        with contextlib.suppress(QmpError):
+            monitor.command("blockdev-del", {"node-name": name})
 
 
 def rename_backing(
@@ -480,10 +485,17 @@ def _mirror(monitor: Monitor, source: str, target: str, job: str) -> None:
         "blockdev-mirror",
         {"job-id": job, "device": source, "target": target, "sync": "none", "auto-dismiss": False},
     )
+    _complete_mirror(monitor, job)
+
+
+def _complete_mirror(monitor: Monitor, job: str) -> None:
+    """Complete the sync=none mirror `job` (its target takes its source's place), unless it
+    concluded already; QmpError if it cannot, the job cancelled. Dismissed either way."""
     try:
-        _wait_job(monitor, job, "ready")
-        monitor.command("block-job-complete", {"device": job})
-        _wait_job(monitor, job, "concluded")
+        if _job(monitor, job).get("status") != "concluded":
+            _wait_job(monitor, job, "ready")
+            monitor.command("block-job-complete", {"device": job})
+            _wait_job(monitor, job, "concluded")
         error = _job(monitor, job).get("error")
         if error:
             raise QmpError(str(error))
@@ -510,29 +522,13 @@ def finish_cut_mirrors(monitor: Monitor) -> None:
         name = job["id"]
         if job.get("type") != "mirror" or not _OUR_MIRROR.fullmatch(name):
             continue
-        prefix = name.removesuffix("-job")
         try:
-            if job.get("status") != "concluded":
-                _wait_job(monitor, name, "ready")
-                monitor.command("block-job-complete", {"device": name})
-                _wait_job(monitor, name, "concluded")
-            if error := _job(monitor, name).get("error"):
-                raise QmpError(str(error))
+            _complete_mirror(monitor, name)
             log.info("completed the mirror %s of a handoff cut short", name)
         except QmpError as e:
             log.warning("the mirror %s of a handoff cut short cannot complete (%s): "
                         "cancelled", name, e)
-            if _job(monitor, name).get("status") not in ("concluded", None):
-                monitor.command("block-job-cancel", {"device": name, "force": True})
-                _wait_job(monitor, name, "concluded")
-            if _job(monitor, name):
-                monitor.command("job-dismiss", {"id": name})
-            for node in (f"{prefix}-r", f"{prefix}-f"):  # its target, on NEW
-                with contextlib.suppress(QmpError):
-                    monitor.command("blockdev-del", {"node-name": node})
-        else:
-            if _job(monitor, name):
-                monitor.command("job-dismiss", {"id": name})
+            _delete_added_nodes(monitor, name.removesuffix("-job"))  # its target, on NEW
 
 
 def _job(monitor: Monitor, job: str) -> dict:

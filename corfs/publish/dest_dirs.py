@@ -40,8 +40,7 @@ def _probe(dir_fd: int) -> Ownership:
     """A file made there and looked at by its own descriptor (review: a directory made, then
     looked at by name, could be swapped for another user's in between)."""
     name = f"probe-{uuid.uuid4().hex}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    fd = create_new(name, dir_fd)
     try:
         st = os.fstat(fd)
     finally:
@@ -50,7 +49,14 @@ def _probe(dir_fd: int) -> Ownership:
     return Ownership(st.st_uid, not st.st_mode & 0o077)
 
 
-def hold_tmp_dir(path: str) -> tuple[int, Ownership]:
+def create_new(name: str, dir_fd: int) -> int:
+    """A new private file `name` in the directory `dir_fd`, for writing (never through a link,
+    never one that was there)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
+def hold_tmp_dir(path: str) -> int:
     """DEST/.corfs-tmp, opened once and checked (module docstring); UsageError if refused."""
     remove = "remove it: corfs makes its own"
     try:
@@ -74,7 +80,7 @@ def hold_tmp_dir(path: str) -> tuple[int, Ownership]:
     except BaseException:
         os.close(fd)
         raise
-    return fd, own
+    return fd
 
 
 def open_key_dir(root_fd: int, root: str, parts: list[str], *, make: bool = True) -> int:

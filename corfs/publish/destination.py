@@ -48,7 +48,7 @@ from typing import Protocol
 from ..base import describe_url, parse_s3_url
 from ..errors import BaseAccessDenied, BaseChanged, BaseNotFound, CorfsError, UsageError
 from ..s3_errors import refuse_blind_redirects, s3_error
-from .dest_dirs import PUBLIC_DIR_MODE, TEMP_NAME, hold_tmp_dir, open_key_dir
+from .dest_dirs import PUBLIC_DIR_MODE, TEMP_NAME, create_new, hold_tmp_dir, open_key_dir
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class DirDestination:
         # the user's name, followed where it is a link.
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self._tmp_fd, _ = hold_tmp_dir(self._tmp)
+            self._tmp_fd = hold_tmp_dir(self._tmp)
         except BaseException:
             os.close(self._root_fd)
             raise
@@ -151,10 +151,6 @@ class DirDestination:
             raise UsageError(f"destination {path}: {exc.strerror}") from None
         dest._remove_stale_tmp()
         return dest
-
-    def _create_tmp(self, name: str) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(name, flags, 0o600, dir_fd=self._tmp_fd)
 
     def _remove_stale_tmp(self) -> None:
         """Temp files of runs that were killed; a concurrent run's are younger than this. Only
@@ -214,7 +210,7 @@ class DirDestination:
         path = self._path(key)
         tmp = f"{uuid.uuid4().hex}.tmp"  # in the held temp dir
         try:
-            fd = self._create_tmp(tmp)
+            fd = create_new(tmp, self._tmp_fd)
             try:
                 os.fchmod(fd, PUBLIC_FILE_MODE)  # os.open's mode went through the umask
                 view = memoryview(data)

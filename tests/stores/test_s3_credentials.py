@@ -4,16 +4,18 @@ worker thread, which the read's deadline must be able to leave."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from corfs.base import BaseOptions
-from corfs.base.s3 import open_s3_base
+from corfs.base import BaseImage, BaseOptions
+from corfs.base.s3 import S3Base, open_s3_base
 from corfs.errors import BaseError, BaseUnreachable
 from tests.servers import TEST_BUCKET, Moto
 
@@ -59,6 +61,22 @@ def _object_and_process(
                              region="us-east-1")
 
 
+@contextlib.asynccontextmanager
+async def _opened(
+    key: str, options: BaseOptions, data: bytes, first_read: bool
+) -> AsyncIterator[tuple[S3Base, BaseImage]]:
+    """The store of `key` and its image, read once already unless this is to be its
+    `first_read`; closed at the end."""
+    store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
+    try:
+        (image,) = await store.list_images()
+        if not first_read:
+            assert bytes(await image.read(0, 4096)) == data[:4096]
+        yield store, image
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.parametrize("first_read", [True, False], ids=["first-read", "later-read"])
 def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
     moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_read: bool
@@ -72,24 +90,22 @@ def test_a_credential_refresh_that_hangs_does_not_hold_a_read_past_io_timeout(
                                         CREDENTIAL_PROCESS, hang)
 
     async def main() -> None:
-        store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
-        try:
-            (image,) = await store.list_images()
+        async with _opened(key, options, data, first_read) as (store, image):
             if not first_read:
-                assert bytes(await image.read(0, 4096)) == data[:4096]
                 assert store.wire.reader.stats.answered == 1  # the lean path, signed by us
-            hang.touch()
-            start = time.monotonic()
-            with trio.move_on_after(IO_TIMEOUT):  # the fetcher's deadline, as it sets it
-                await image.read(4096, 4096)
-            took = time.monotonic() - start
-            assert took < IO_TIMEOUT + 1, f"the read took {took:.1f} s past its deadline"
-            # The abandoned thread runs on: not with a token of trio's default limiter, which
-            # the cache's commits share (enough such threads and fsync would wait for ever).
-            assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
-        finally:
-            hang.unlink(missing_ok=True)
-            await store.aclose()
+            try:
+                hang.touch()
+                start = time.monotonic()
+                with trio.move_on_after(IO_TIMEOUT):  # the fetcher's deadline, as it sets it
+                    await image.read(4096, 4096)
+                took = time.monotonic() - start
+                assert took < IO_TIMEOUT + 1, f"the read took {took:.1f} s past its deadline"
+                # The abandoned thread runs on: not with a token of trio's default limiter,
+                # which the cache's commits share (enough such threads and fsync would wait
+                # for ever).
+                assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+            finally:
+                hang.unlink(missing_ok=True)
 
     trio.run(main)
 
@@ -161,17 +177,11 @@ def test_a_credential_source_that_gives_expired_credentials_is_a_base_error(
                                         EXPIRED_PROCESS, expired)
 
     async def main() -> None:
-        store = await open_s3_base(f"s3://{TEST_BUCKET}/{key}", options)
-        try:
-            (image,) = await store.list_images()
-            if not first_read:
-                assert bytes(await image.read(0, 4096)) == data[:4096]
+        async with _opened(key, options, data, first_read) as (_, image):
             expired.touch()
             with pytest.raises(BaseError):
                 await image.read(4096, 4096)
             expired.unlink()
             assert bytes(await image.read(4096, 4096)) == data[4096:8192]
-        finally:
-            await store.aclose()
 
     trio.run(main)
