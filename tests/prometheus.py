@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, stop_process, wait_port
+from tests.servers import start_on_a_free_port, stop_process
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
@@ -67,7 +67,6 @@ class PrometheusServer:
 
     def start(self) -> PrometheusServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         config = self.workdir / "prometheus.yml"
         config.write_text(json.dumps({  # YAML is a superset of JSON
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -76,14 +75,18 @@ class PrometheusServer:
             ]}],
         }))
         log = self.workdir / "prometheus.log"
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={self.workdir}/data",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=open(log, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        wait_port(self.port, self.proc, log, timeout=30)
+
+        def launch(port: int) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}",
+                 f"--storage.tsdb.path={self.workdir}/data",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=open(log, "wb"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+        self.port, self.proc = start_on_a_free_port(launch, log, timeout=30)
         self._wait_ready(timeout=30)
         return self
 

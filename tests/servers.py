@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -56,20 +56,80 @@ def settle_log(log: Path, quiet: float = 0.05, most: float = 2.0) -> None:
         size = now
 
 
+class PortTaken(RuntimeError):
+    """Something else listens on the port a server was given (another test worker's server
+    took it between free_port() and the bind): the server should start again on another."""
+
+
+def _listener_inodes(port: int) -> set[str]:
+    """The socket inodes listening on `port` (IPv4 and IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    with contextlib.suppress(FileNotFoundError):
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def wait_port(
     port: int, proc: subprocess.Popen[bytes], log: Path | None, timeout: float = 20.0
 ) -> None:
+    """Until `proc` listens on `port` itself. PortTaken if something else has the port: a
+    test that went on would talk to another test's server (a moto with other users)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if _in_use(port):
+                raise PortTaken(f"port {port} was taken before the server bound it")
             detail = log.read_text() if log and log.exists() else ""
             raise RuntimeError(f"server exited with {proc.returncode}: {detail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        listeners = _listener_inodes(port)
+        if listeners & _socket_inodes(proc.pid):
+            return
+        time.sleep(0.05)
+    if _listener_inodes(port):
+        raise PortTaken(f"port {port} is taken by another process")
     raise RuntimeError(f"server on port {port} did not start")
+
+
+def start_on_a_free_port(
+    launch: Callable[[int], subprocess.Popen[bytes]], log: Path, timeout: float = 20.0
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """`launch(port)` on a free port until the server listens there itself (three tries)."""
+    for attempt in range(3):
+        port = free_port()
+        proc = launch(port)
+        try:
+            wait_port(port, proc, log, timeout)
+            return port, proc
+        except PortTaken:
+            stop_process(proc)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -340,16 +400,18 @@ class Moto:
 
     def start(self) -> Moto:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         log = self.workdir / "moto.log"
         env = {**os.environ, **FAKE_AWS_ENV, **self.extra_env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=open(log, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait_port(self.port, self.proc, log)
+
+        def launch(port: int) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=open(log, "wb"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+        self.port, self.proc = start_on_a_free_port(launch, log)
         deadline = time.monotonic() + 20
         while True:
             try:
