@@ -61,7 +61,8 @@ def test_a_port_always_taken_fails_after_three_tries(tmp_path: Path) -> None:
 
     try:
         with pytest.raises(PortTaken):
-            start_on_a_free_port(always_taken, tmp_path / "server.log")
+            _, proc = start_on_a_free_port(always_taken, tmp_path / "server.log")
+            stop_process(proc)  # taken for started: not left running
         assert len(held) == 3
     finally:
         for other in held:
