@@ -105,6 +105,7 @@ class Controller:
                 detached = detached_status(stats.name, stats.size, stats.handed_over_to)
                 images.append(dataclasses.replace(
                     detached, handing_over=stats.name in self._handing_over,
+                    fill_errors=stats.fill_errors,  # a counter: never back to 0 while mounted
                     # one finished unconfirmed (handoff.HandoffUnconfirmed) says why
                     handoff_error=bounded_error(self._handoff_errors.get(stats.name)),
                 ))
@@ -150,6 +151,7 @@ class Controller:
             failing_chunk_indexes=image.failing_chunk_indexes[:MAX_LISTED_CHUNKS],
             handoff_error=bounded_error(self._handoff_errors.get(image.name)),
             handing_over=image.name in self._handing_over,
+            stream_paused=stream.paused,
         )
 
     def status_xattr(self, name: str, *, owner: bool = True) -> bytes | None:

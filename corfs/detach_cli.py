@@ -16,6 +16,7 @@ from . import control_client, detach
 from .cache_layout import data_path_in, is_cache_dir
 from .errors import CacheLocked, NotLocalError, UsageError
 from .handoff import Via, check_dest
+from .status_view import fill_percent
 
 WAIT_POLL_S = 0.5
 
@@ -43,8 +44,8 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
     if status["fill_ratio"] < 1.0:
         if not wait:
             raise NotLocalError(
-                f"{image} is {status['fill_ratio']:.1%} local: only a fully local image can be "
-                "handed over (add --wait to wait for the stream)"
+                f"{image} is {fill_percent(status['fill_ratio'])} local: only a fully local "
+                "image can be handed over (add --wait to wait for the stream)"
             )
         _wait_complete(mountpoint, image, timeout)
     mount = control_client.read_status(mountpoint)
@@ -80,27 +81,28 @@ def _wait_complete(mountpoint: str, image: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     show = sys.stderr.isatty()
     while (status := _image_status(mountpoint, image))["fill_ratio"] < 1.0:
+        local = fill_percent(status["fill_ratio"])
         if status["state"] == "error":
             raise NotLocalError(f"{image} cannot be completed: {status['error']}")
         # Nothing would fill it: --timeout waited for nothing (a base that is down may come
         # back: "offline" is waited for)
         if status["state"] == "paused":
             raise NotLocalError(
-                f"{image} is {status['fill_ratio']:.1%} local and its stream is paused: "
+                f"{image} is {local} local and its stream is paused: "
                 f"corfs stream resume {mountpoint} {image}, then detach again"
             )
         if status["state"] == "idle":
             raise NotLocalError(
-                f"{image} is {status['fill_ratio']:.1%} local and its mount streams nothing "
+                f"{image} is {local} local and its mount streams nothing "
                 f"(--no-stream): read it whole (cat {mountpoint}/{image} >/dev/null), then "
                 "detach again"
             )
         if time.monotonic() > deadline:
             raise NotLocalError(
-                f"{image} is still {status['fill_ratio']:.1%} local after {timeout:g} s"
+                f"{image} is still {local} local after {timeout:g} s"
             )
         if show:
-            print(f"\r{image}: {status['fill_ratio']:.1%} local, waiting", end="",
+            print(f"\r{image}: {local} local, waiting", end="",
                   file=sys.stderr, flush=True)
         time.sleep(WAIT_POLL_S)
     if show:

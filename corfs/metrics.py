@@ -206,10 +206,10 @@ def status_metrics(snapshot: MountSnapshot) -> list[Metric]:
         for name, doc in (
             ("corfs_image_size_bytes", "Size of the image"),
             ("corfs_image_local_bytes", "Bytes of the image held in the cache"),
-            ("corfs_image_dirty_bytes", "Bytes of the image written through the mount"),
+            ("corfs_image_dirty_bytes", "Bytes of the chunks written through the mount"),
             ("corfs_image_failing_chunks", "Chunks whose latest fill failed, still not local"),
             ("corfs_stream_rate_bytes_per_second", "Fill rate of the image (last 10 s)"),
-            ("corfs_stream_paused", "1 if streaming of the image is paused"),
+            ("corfs_stream_paused", "1 while streaming of the image is paused (offline too)"),
         )
     }
     fill_errors = CounterMetricFamily(
@@ -226,7 +226,7 @@ def status_metrics(snapshot: MountSnapshot) -> list[Metric]:
             ("corfs_image_dirty_bytes", image.dirty_bytes),
             ("corfs_image_failing_chunks", image.failing_chunks),
             ("corfs_stream_rate_bytes_per_second", image.rate_bps),
-            ("corfs_stream_paused", int(image.state == "paused")),
+            ("corfs_stream_paused", int(image.stream_paused)),
         ):
             families[name].add_metric([image.name], value)
         fill_errors.add_metric([image.name], image.fill_errors)

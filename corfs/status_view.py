@@ -24,6 +24,13 @@ def eta_text(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def fill_percent(ratio: float) -> str:
+    """A fill ratio in percent, one decimal, never 100.0% short of complete (rounded, an image
+    one chunk short showed 100.0%, and `corfs detach` refused it as "100.0% local")."""
+    percent = ratio * 100 if ratio >= 1.0 else min(ratio * 100, 99.9)
+    return f"{percent:.1f}%"
+
+
 def format_table(status: dict) -> str:
     mounted = status.get("mounted")
     # Every text shown is printable(): paths, and errors quoting what a base answered.
@@ -37,7 +44,7 @@ def format_table(status: dict) -> str:
         rate = f"{format_size(image['rate_bps'])}/s" if image["rate_bps"] else "-"
         lines.append(
             f"{printable(image['name']):<24} {format_size(image['size']):>10} "
-            f"{format_size(image['local_bytes']):>10} {image['fill_ratio'] * 100:6.1f}% "
+            f"{format_size(image['local_bytes']):>10} {fill_percent(image['fill_ratio']):>7} "
             f"{image['state']:<10} {rate:>12} {eta_text(image['eta_s']):>9}"
         )
         if image.get("failing_chunks"):

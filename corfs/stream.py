@@ -92,6 +92,7 @@ class _ImageStream:
     fatal: bool = False
     base_failing: bool = False  # its latest fill failed as a whole in the base: backing off
     meter: RateMeter = field(default_factory=RateMeter)
+    metered_streaming: bool = False  # its state at the meter's latest sample was streaming
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class ImageStreamStatistics:
     state: str
     rate_bps: float
     error: str | None
+    paused: bool = False  # `corfs stream pause` is in effect, whatever the state shows
 
 
 class StreamWorker:
@@ -177,35 +179,45 @@ class StreamWorker:
                 # Its window would show the last bytes streamed for 10 s more; and should
                 # the image miss chunks again (a verify's forget), they never counted.
                 stream.meter.reset()
-            else:
-                stream.meter.sample(now, stream.image.local_bytes)
+                continue
+            streaming = self._state(stream) == "streaming"
+            if streaming and not stream.metered_streaming:
+                # Resumed, or back from an outage: the rate (and the ETA from it) is the
+                # stream's since then, not spread over the paused seconds still in the window
+                # (an image 30 s from complete showed an ETA of 161 s after a resume).
+                stream.meter.reset()
+            stream.metered_streaming = streaming
+            stream.meter.sample(now, stream.image.local_bytes)
 
     def statistics(self, name: str) -> ImageStreamStatistics:
         stream = self._streams[name]
         image = stream.image
-        # A failed sync of the cache ends streaming for good (no fill is stored any more),
-        # paused or not, whether a worker has tried since or not
-        unsyncable = image.store.sync_failure if not image.complete else None
-        if stream.fatal or image.error or unsyncable:
-            state = "error"
-        elif image.complete:
-            state = "complete"
-        elif image.source is None:  # the base was down at mount, or does not have it any more
-            state = "offline"
-        elif not self.enabled:
-            state = "idle"
-        elif stream.paused:
-            state = "paused"
-        elif stream.base_failing:  # fetching nothing until the base answers (or has it) again
-            state = "offline"
-        else:
-            state = "streaming"
+        state = self._state(stream)
         error = stream.error or image.error  # control.py adds a fill's error, then the sync's
         if error is None and image.source is None and not image.complete:
             error = f"not fetching: {image.missing_source}"  # the base is down, or lost it
         # Complete: nothing is fetched any more, whatever the last sample (up to 1 s old) says.
         rate = 0.0 if image.complete else stream.meter.rate()
-        return ImageStreamStatistics(state, rate, error)
+        return ImageStreamStatistics(state, rate, error, paused=stream.paused and self.enabled)
+
+    def _state(self, stream: _ImageStream) -> str:
+        image = stream.image
+        # A failed sync of the cache ends streaming for good (no fill is stored any more),
+        # paused or not, whether a worker has tried since or not
+        unsyncable = image.store.sync_failure if not image.complete else None
+        if stream.fatal or image.error or unsyncable:
+            return "error"
+        if image.complete:
+            return "complete"
+        if image.source is None:  # the base was down at mount, or does not have it any more
+            return "offline"
+        if not self.enabled:
+            return "idle"
+        if stream.paused:
+            return "paused"
+        if stream.base_failing:  # fetching nothing until the base answers (or has it) again
+            return "offline"
+        return "streaming"
 
     # ---- work ----------------------------------------------------------------------------
 
