@@ -25,7 +25,8 @@ def parse_size(text: str) -> int:
 
 def format_size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
+        shown = round(abs(count)) if unit == "B" else round(abs(count), 1)
+        if shown < 1024 or unit == "TiB":  # as shown: 1 MiB - 1 B is 1.0 MiB, not 1024.0 KiB
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
