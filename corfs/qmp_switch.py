@@ -231,10 +231,10 @@ def _delete_added_nodes(monitor: Monitor, prefix: str) -> None:
 def rename_backing(
     monitor: Monitor, old: str, new: str, changed: list[str], only: list[str] | None = None
 ) -> None:
-    """Overlays whose image header names `old` as their backing file name `new` from now on
-    (change-backing-file), so that a restart opens NEW rather than the mount; each is added
-    to `changed` as soon as it is (for an undo after a failure half-way). `only`: just these.
-    A read-only overlay cannot be written and keeps its header (logged)."""
+    """Overlays whose image header names `old` as their backing file name `new` from now on,
+    so that a restart opens NEW rather than the mount; each is added to `changed` as soon as
+    it is (for an undo after a failure half-way). `only`: just these. A read-only overlay
+    cannot be written and keeps its header (logged)."""
     graph = read_graph(monitor)
     for info in monitor.command("query-named-block-nodes", {"flat": True}):
         backing = info.get("image", {}).get("backing-filename")  # the header's (not the node's)
@@ -245,20 +245,31 @@ def rename_backing(
             log.warning("overlay %s is read-only: its header still names %s as its backing "
                         "file (a restart would open that)", name, old)
             continue
-        monitor.command(
-            "change-backing-file",
-            {"device": _root_of(graph, name), "image-node-name": name, "backing-file": new},
-        )
+        _write_backing_name(monitor, graph, name, new)
         changed.append(name)
 
 
-def _root_of(graph: Graph, name: str) -> str:
-    """The root node (or named BlockBackend) above `name`, as change-backing-file wants it."""
-    while True:
-        ups = [e for e in graph.parents.get(name, []) if e.parent_type == "block-driver"]
-        if not ups:
-            return name
-        name = ups[0].parent
+def _write_backing_name(monitor: Monitor, graph: Graph, overlay: str, name: str) -> None:
+    """Write `name` into `overlay`'s header as its backing file, with the format of the node
+    it backs onto now: a block-stream with nothing to copy (its base is the overlay's own
+    backing node) ends by writing both. QEMU 7.2's change-backing-file writes the overlay's
+    own format there instead (qcow2 for a raw DEST): no later open of the overlay worked."""
+    base = graph.children.get(overlay, {}).get("backing")
+    if base is None:
+        raise QmpError(f"{overlay} has no backing node to name {name} after")
+    job = "corfs-backing"
+    monitor.command("block-stream", {
+        "job-id": job, "device": overlay, "base-node": base, "backing-file": name,
+        "auto-dismiss": False,
+    })
+    try:
+        _wait_job(monitor, job, "concluded")  # nothing to copy: at once
+        error = _job(monitor, job).get("error")
+        if error:
+            raise QmpError(f"{overlay}: backing file name {name} not written: {error}")
+    finally:
+        if _job(monitor, job):
+            monitor.command("job-dismiss", {"id": job})
 
 
 # ---- the plan --------------------------------------------------------------------------

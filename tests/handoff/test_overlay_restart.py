@@ -1,0 +1,49 @@
+"""A qcow2 overlay over MNT/IMAGE keeps opening after a live handoff: README ("Thick at full
+speed") says its header is rewritten to name DEST, so that a restart of the VM opens DEST
+rather than the mount. The header must keep naming the backing file's format (raw): a header
+that says DEST is qcow2 makes every later open of the overlay fail ("Could not open backing
+file: Image is not in qcow2 format"), so the VM cannot be started again, and it would read a
+guest-written raw disk as qcow2 metadata. Real corfs mount, real QEMU (-machine none)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.mounting import CorfsDirs, make_image, run_corfs
+
+from .qemu import Qemu
+
+MIB = 1 << 20
+
+
+def test_an_overlay_still_opens_after_its_backing_file_is_handed_over(
+    tmp_dirs: CorfsDirs, tmp_path: Path
+) -> None:
+    make_image(tmp_dirs.base / "disk.raw", 8 * MIB, seed=7)
+    dest = tmp_path / "vm.raw"
+    overlay = tmp_path / "overlay.qcow2"
+    with tmp_dirs.mount() as m:
+        image = m.mnt / "disk.raw"
+        made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", image,
+                               overlay], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        # As README's "Running VMs on corfs" runs a guest: a -drive with a node name.
+        with Qemu(tmp_path, "-drive",
+                  f"file={overlay},format=qcow2,if=none,id=d0,node-name=ov") as qemu:
+            qemu.qemu_io("d0", "write -P 0x22 0 64k")
+            result = run_corfs("detach", m.mnt, "disk.raw", dest, "--qmp", qemu.socket,
+                               "--wait", timeout=120)
+            assert result.returncode == 0, result.stderr + m.log_tail()
+            qemu.qemu_io("d0", "flush")
+        # QEMU is gone: what a restart of the VM reads from the overlay's header.
+        info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
+                              capture_output=True, text=True)
+        assert info.returncode == 0, info.stderr
+        header = json.loads(info.stdout)
+        assert header["backing-filename"] == str(dest)
+        assert header.get("backing-filename-format") == "raw", header
+        opened = subprocess.run(["qemu-io", "-c", "read -P 0x22 0 64k", "-f", "qcow2", overlay],
+                                capture_output=True, text=True)
+        assert opened.returncode == 0 and "fail" not in opened.stdout, opened.stdout + opened.stderr
