@@ -17,7 +17,12 @@ from .cache_layout import STATE_DB, is_cache_dir, private_open
 from .digest import chunk_digest
 from .errors import CacheError, CacheLocked, NotLocalError, UsageError
 from .fileio import pread_full
-from .handoff import check_dest_outside_base, check_dest_outside_cache, unsettled
+from .handoff import (
+    check_dest_outside_base,
+    check_dest_outside_cache,
+    no_image_error,
+    unsettled,
+)
 from .store import CacheStore, ChunkState, ImageRecord
 
 TMP_SUFFIX = ".corfs-tmp"
@@ -42,7 +47,7 @@ def detach_image(cache_dir: str, name: str, dest: str) -> int:
     try:
         record = store.record_of(name)
         if record is None:
-            raise UsageError(f"{cache_dir} has no image {name!r}")
+            raise no_image_error(store, cache_dir, name)
         if why := unsettled(store, name):
             raise UsageError(why)
         check_dest_outside_base(dest, {r.base for r in store.records()})

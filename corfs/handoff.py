@@ -426,6 +426,18 @@ def unsettled(store: CacheStore, name: str) -> str | None:
     return None
 
 
+def no_image_error(store: CacheStore, cache_dir: str, name: str) -> UsageError:
+    """`name` is not among CACHE's images: say so, or to which file it was handed over live
+    (`corfs status CACHE` lists it as detached: "has no image" sent admins looking for it)."""
+    for handoff in store.handoffs():
+        if handoff.name == name and handoff.done:
+            return UsageError(
+                f"{name} was handed over live to {handoff.dest}: its data is that file now "
+                f"(corfs mount --forget-detached {name} serves it from the base again)"
+            )
+    return UsageError(f"{cache_dir} has no image {name!r}")
+
+
 def settle_handoffs(store: CacheStore) -> dict[str, str]:
     """At mount, before serving: finish or undo handoffs a killed daemon left under way, and
     drop the data file names of done ones. Returns {image: DEST} of every image handed over,

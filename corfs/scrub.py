@@ -21,9 +21,9 @@ from . import cache_files, control_client
 from .base import BaseOptions, BaseStore, open_base
 from .cache_layout import recorded_mountpoint
 from .digest import chunk_digest, is_zero
-from .errors import CacheError, CacheLocked, CorfsError, ForgetRefused, UsageError
+from .errors import CacheError, CacheLocked, CorfsError, ForgetRefused
 from .fileio import pread_full
-from .handoff import unsettled
+from .handoff import no_image_error, unsettled
 from .printable import printable
 from .refetch import why_base_cannot_supply
 from .store import CacheStore, ChunkState, ImageRecord
@@ -87,7 +87,7 @@ def verify_cache(
     try:
         records = [r for r in store.records() if image is None or r.name == image]
         if image is not None and not records:
-            raise UsageError(f"{cache_dir} has no image {image!r}")
+            raise no_image_error(store, cache_dir, image)
         reports = []
         for record in records:
             try:
