@@ -129,8 +129,8 @@ def check_dest(
     if not os.path.isabs(dest):
         raise UsageError(f"DEST {dest} must be an absolute path")
     cache_dir = os.path.dirname(os.path.dirname(data_path))
-    for inside in (cache_dir, mountpoint):
-        if inside and os.path.normpath(dest).startswith(os.path.normpath(inside) + os.sep):
+    for inside in (cache_dir, mountpoint):  # abspath: MNT may be given relative (no lookup)
+        if inside and os.path.normpath(dest).startswith(os.path.abspath(inside) + os.sep):
             raise UsageError(f"DEST {dest} must not be inside {inside}")
     if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists; choose a new file name")

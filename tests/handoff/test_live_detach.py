@@ -287,6 +287,22 @@ def test_dest_inside_cache_through_a_symlink_is_refused(
         m.stop()
 
 
+def test_dest_inside_the_mount_named_relative_is_refused_as_inside_it(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """MNT given as a relative path and DEST inside it: refused for being inside the mount
+    (walkthrough: it was refused as "on another file system than the cache", which sent the
+    admin looking at file systems rather than at where DEST is)."""
+    with tmp_dirs.mount() as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        result = run_corfs("detach", m.mnt.name, "disk.raw", m.mnt / "vm.raw", "--qmp",
+                           qemu.socket, "--wait", timeout=120, cwd=m.mnt.parent)
+        assert "another file system" not in assert_one_line_error(result, "must not be inside")
+        assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+        m.stop()
+
+
 def test_dest_inside_the_base_directory_is_refused(
     tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
 ) -> None:
