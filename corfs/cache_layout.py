@@ -197,8 +197,13 @@ def tighten_private(cache_dir: str, shown: str | None = None) -> list[str]:
     return changed
 
 
-def log_tightened(cache_dir: str, changed: list[str]) -> None:
-    if changed:
+def log_tightened(cache_dir: str, changed: list[str], *, new: bool = False) -> None:
+    """Say what was made private: a warning for a cache in use (another user may hold one of
+    its files open), news for a new one (an empty directory made with mkdir is 0755: nobody
+    could have opened anything in it, and a warning at every first mount was noise)."""
+    if changed and new:
+        log.info("new cache %s made private to its owner (%s)", cache_dir, ", ".join(changed))
+    elif changed:
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         log.warning(
             "cache %s was open to other users; made it private to its owner (a file another "

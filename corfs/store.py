@@ -43,6 +43,7 @@ from .cache_layout import (
     data_path_in,
     ensure_private_dir,
     held_path,
+    is_cache_dir,
     log_tightened,
     private_open,
     tighten_private,
@@ -230,10 +231,11 @@ class CacheStore:
         db_path = os.path.join(root, STATE_DB)
         if not create and not os.path.exists(db_path):
             raise UsageError(f"{cache_dir} is not a corfs cache (no {STATE_DB})")
+        new = create and not is_cache_dir(root)  # check_new_cache: nothing of others' in it
         lock_fd = take_lock(root, cache_dir) if lock else None
         try:
             if create:
-                log_tightened(cache_dir, tighten_private(root, cache_dir))
+                log_tightened(cache_dir, tighten_private(root, cache_dir), new=new)
                 # SQLite would create it 0644 (less the umask); its -wal and -shm copy its mode.
                 os.close(private_open(db_path, os.O_RDWR | os.O_CREAT))
             db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)

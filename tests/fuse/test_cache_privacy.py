@@ -116,6 +116,24 @@ def test_new_cache_is_private_to_its_owner(tmp_path: Path, shared_dir: Path) -> 
     assert_private(cache, shared_dir)
 
 
+def test_a_new_empty_cache_made_with_mkdir_is_made_private_without_a_warning(
+    tmp_path: Path, shared_dir: Path
+) -> None:
+    """`mkdir CACHE` makes it 0755: the first mount makes it private, and says so without the
+    warning an old cache gets (nobody could have opened a file in an empty directory; the
+    warning came first on stderr at every first mount, walkthrough)."""
+    base, mnt, cache = tmp_path / "base", tmp_path / "mnt", shared_dir / "cache"
+    base.mkdir()
+    mnt.mkdir()
+    cache.mkdir(mode=0o755)
+    cache.chmod(0o755)
+    make_image(base / "disk.raw", 2 * MIB, seed=5)
+    with CorfsMount(base, cache, mnt, "--no-stream", log_dir=tmp_path) as m:
+        assert_private(cache, shared_dir)
+        m.stop()
+    assert "open to other users" not in m.log_text(), m.log_text()
+
+
 def test_old_world_readable_cache_is_tightened_at_mount(
     tmp_path: Path, shared_dir: Path
 ) -> None:
