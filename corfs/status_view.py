@@ -24,6 +24,10 @@ def eta_text(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def rate_text(rate_bps: float) -> str:
+    return f"{format_size(rate_bps)}/s" if rate_bps else "-"
+
+
 def fill_percent(ratio: float) -> str:
     """A fill ratio in percent, one decimal, never 100.0% short of complete (rounded, an image
     one chunk short showed 100.0%, and `corfs detach` refused it as "100.0% local")."""
@@ -41,11 +45,11 @@ def format_table(status: dict) -> str:
     columns = ("IMAGE", "SIZE", "LOCAL", "FILL", "STATE", "RATE", "ETA")
     lines.append("{:<24} {:>10} {:>10} {:>7} {:<10} {:>12} {:>9}".format(*columns))
     for image in status["images"]:
-        rate = f"{format_size(image['rate_bps'])}/s" if image["rate_bps"] else "-"
         lines.append(
             f"{printable(image['name']):<24} {format_size(image['size']):>10} "
             f"{format_size(image['local_bytes']):>10} {fill_percent(image['fill_ratio']):>7} "
-            f"{image['state']:<10} {rate:>12} {eta_text(image['eta_s']):>9}"
+            f"{image['state']:<10} {rate_text(image['rate_bps']):>12} "
+            f"{eta_text(image['eta_s']):>9}"
         )
         if image.get("failing_chunks"):
             listed = image["failing_chunk_indexes"]
@@ -76,22 +80,17 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
     their images is not complete). A path that cannot be read is said once on stderr and
     asked no more, the others are watched on; the exit code is then its error's."""
     from rich.markup import escape
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 
+    # Rate and ETA are corfs's (as `corfs status` shows them), not rich's estimates from the
+    # bar's progress: those went on showing a speed and a time left while a stream was paused
+    # and counted the paused seconds after a resume.
     columns = (
         TextColumn("{task.description:<24}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[rate]:>12}"),
+        TextColumn("{task.fields[eta]:>9}"),
         TextColumn("{task.fields[state]}"),
     )
     tasks: dict[tuple[str, str], TaskID] = {}
@@ -126,10 +125,12 @@ def watch_status(paths: list[str], interval: float = 1.0) -> int:
                             # escape: rich reads "[...]" as markup ("disk[server].raw"
                             # was shown as "disk.raw", another image's name).
                             tasks[key] = progress.add_task(
-                                escape(printable(image["name"])), total=image["size"], state=""
+                                escape(printable(image["name"])), total=image["size"],
+                                state="", rate="", eta="",
                             )
                         progress.update(
-                            tasks[key], completed=image["local_bytes"], state=image["state"]
+                            tasks[key], completed=image["local_bytes"], state=image["state"],
+                            rate=rate_text(image["rate_bps"]), eta=eta_text(image["eta_s"]),
                         )
                         done &= image["state"] in FINAL_STATES
                 if done:

@@ -192,6 +192,20 @@ def test_status_watch_exits_once_complete(tmp_dirs: CorfsDirs) -> None:
         assert image_status(live_status(m.mnt), NAME)["state"] == "complete"
 
 
+def test_status_watch_shows_corfss_rate_and_eta(tmp_dirs: CorfsDirs) -> None:
+    """--watch shows the rate and ETA `corfs status` shows, not rich's own estimates from the
+    bar (which kept a speed and a time left while a stream was paused, and counted the paused
+    seconds after a resume): once complete, rate "-" and ETA 0:00:00 as in the table."""
+    make_image(tmp_dirs.base / NAME, 4 * MIB, seed=7)
+    with tmp_dirs.mount("--chunk-size", "64K", "--bandwidth", "2M") as m:
+        result = run_corfs("status", m.mnt, "--watch", timeout=30)
+        assert result.returncode == 0, result.stderr
+        (row,) = [line for line in result.stdout.splitlines() if line.startswith(NAME)]
+        table = run_corfs("status", m.mnt).stdout.splitlines()[2].split()
+        assert table[-3:] == ["complete", "-", "0:00:00"], table
+        assert row.split()[-3:] == ["-", "0:00:00", "complete"], row
+
+
 def test_status_watch_of_a_cache_no_mount_serves_shows_it_once(tmp_dirs: CorfsDirs) -> None:
     """Nothing streams into an unmounted cache: --watch shows it and ends (1: not complete),
     saying why in one line, rather than wait for ever."""
