@@ -56,7 +56,7 @@ from .errors import (
     UsageError,
 )
 from .image import Image
-from .qemu_cmdline import qemu_pid_for_socket, started_options
+from .qemu_cmdline import Started, qemu_pid_for_socket, started_options
 from .store import CacheStore, HandoffRecord
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,12 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
     QEMU is switched back. _StillOnDest if it cannot be."""
     from .qmp_switch import plan_switch, rename_backing, switch
 
-    started = started_options(via.qemu_pid(), qemu_path)
+    pid = via.qemu_pid()
+    started = started_options(pid, qemu_path)
+
+    def started_of(path: str) -> Started:  # an overlay's file, for rename_backing
+        return started_options(pid, path)
+
     monitor = via.connect()
     try:
         plan = plan_switch(monitor, qemu_path, dest, started=started)
@@ -358,7 +363,9 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
         renamed: list[str] = []
         repointing = False
         try:
-            rename_backing(monitor, qemu_path, dest, renamed)  # qcow2 overlays' headers
+            rename_backing(  # qcow2 overlays' headers
+                monitor, qemu_path, dest, renamed, started_of=started_of
+            )
             os.fdatasync(data_fd)
             if via.virsh is not None:
                 from .virsh import repoint_persistent_disk
@@ -369,7 +376,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
             if repointing:  # libvirt may have taken it and virsh timed out: point it back
                 _settle_definition(via, dest, qemu_path)
             try:
-                rename_backing(monitor, dest, qemu_path, [], only=renamed)
+                rename_backing(monitor, dest, qemu_path, [], only=renamed, started_of=started_of)
                 # Back with QEMU's defaults for what QMP does not report: only a definition
                 # that cannot be rewritten gets here, after a switch that worked.
                 switch(monitor, plan_switch(monitor, dest, qemu_path))
@@ -516,7 +523,9 @@ def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:
             with contextlib.suppress(CorfsError):  # nodes left on the dead mount, if any
                 switch(monitor, plan_switch(monitor, handoff.qemu_path, handoff.dest))
             with contextlib.suppress(CorfsError):
-                rename_backing(monitor, handoff.qemu_path, handoff.dest, [])
+                pid = via.qemu_pid()
+                rename_backing(monitor, handoff.qemu_path, handoff.dest, [],
+                               started_of=lambda path: started_options(pid, path))
         return on_dest
     finally:
         with contextlib.suppress(Exception):

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -228,25 +228,66 @@ def _delete_added_nodes(monitor: Monitor, prefix: str) -> None:
             monitor.command("blockdev-del", {"node-name": name})
 
 
+StartedOf = Callable[[str], Mapping[str | None, tuple[Mapping, Mapping]]]
+
+
+def _nothing_known(path: str) -> Mapping[str | None, tuple[Mapping, Mapping]]:
+    return {}
+
+
 def rename_backing(
-    monitor: Monitor, old: str, new: str, changed: list[str], only: list[str] | None = None
+    monitor: Monitor,
+    old: str,
+    new: str,
+    changed: list[str],
+    only: list[str] | None = None,
+    started_of: StartedOf = _nothing_known,
 ) -> None:
     """Overlays whose image header names `old` as their backing file name `new` from now on,
     so that a restart opens NEW rather than the mount; each is added to `changed` as soon as
-    it is (for an undo after a failure half-way). `only`: just these. A read-only overlay
-    cannot be written and keeps its header (logged)."""
+    it is (for an undo after a failure half-way). `only`: just these. Read-only overlays too
+    (the middle of a snapshot chain, a readonly=on drive): QEMU reopens one read-write for
+    the header, then read-only again; left alone, the chain never opened again. `started_of`:
+    the options QEMU was started with for a file (qemu_cmdline.started_options), kept when a
+    read-only file node is reopened read-write for the while."""
     graph = read_graph(monitor)
     for info in monitor.command("query-named-block-nodes", {"flat": True}):
-        backing = info.get("image", {}).get("backing-filename")  # the header's (not the node's)
+        image = info.get("image", {})
+        # The header's name (not the node's), as QEMU resolves it: a relative name in the
+        # header ("mnt/disk.raw", beside the overlay) names the mount too.
+        backing = image.get("full-backing-filename") or image.get("backing-filename")
         name = info["node-name"]
         if not backing or not same_path(backing, old) or (only is not None and name not in only):
             continue
-        if info["ro"]:
-            log.warning("overlay %s is read-only: its header still names %s as its backing "
-                        "file (a restart would open that)", name, old)
-            continue
-        _write_backing_name(monitor, graph, name, new)
+        with _file_writable(monitor, graph, name, started_of):
+            _write_backing_name(monitor, graph, name, new)
         changed.append(name)
+
+
+@contextlib.contextmanager
+def _file_writable(
+    monitor: Monitor, graph: Graph, overlay: str, started_of: StartedOf
+) -> Iterator[None]:
+    """The overlay's file node read-write meanwhile, if it was opened read-only by itself (a
+    chain started node by node, as libvirt does): QEMU reopens a read-only overlay read-write
+    to write its header, but not a file node under it whose read-only was given ("Block node
+    is read-only"). Reopened as it was afterwards, with the options it was started with."""
+    file_node = graph.nodes.get(graph.children.get(overlay, {}).get("file", ""))
+    if file_node is None or file_node.driver != "file" or not file_node.options["read-only"]:
+        yield
+        return
+    node_options, file_options = _started_for(file_node, started_of(file_node.filename))
+    options = {"driver": "file", "node-name": file_node.name, "filename": file_node.filename,
+               **_file_options(file_node, {**node_options, **file_options})}
+    try:
+        monitor.command("blockdev-reopen", {"options": [{**options, "read-only": False}]})
+    except QmpError:  # QEMU reopens it by itself, if it can (a -drive's inherits read-only)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.command("blockdev-reopen", {"options": [options]})
 
 
 def _write_backing_name(monitor: Monitor, graph: Graph, overlay: str, name: str) -> None:
