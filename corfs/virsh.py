@@ -228,15 +228,19 @@ def repoint_persistent_disk(
     """Make the domain's persistent definition name `new_path` wherever a disk (or a disk's
     backing store) names `old_path`, so its next start boots `new_path`. The running domain
     keeps its live definition. A transient domain has nothing to repoint: logged, skipped.
-    UsageError if the persistent definition has no disk on `old_path`. Each virsh run gets
-    at most `timeout` seconds (QmpError after)."""
+    A definition naming `old_path` nowhere needs nothing either: its disk is an overlay whose
+    header names `old_path` (rewritten to `new_path` by the switch), the way contrib/README.md
+    defines one (before, the handoff was refused and undone: such a VM never left the mount).
+    Each virsh run gets at most `timeout` seconds (QmpError after)."""
     if not _is_persistent(domain, uri, timeout):
         log.info("domain %s is transient: no persistent definition to repoint", domain)
         return
     xml = _persistent_xml(domain, uri, timeout)
     new_xml, changed = repoint_disk_sources(xml, old_path, new_path)
     if not changed:
-        raise UsageError(f"the persistent definition of domain {domain} has no disk on {old_path}")
+        log.info("domain %s: the persistent definition names %s nowhere (an overlay's backing "
+                 "file, named by its header): left as it is", domain, old_path)
+        return
     _domain_call(domain, uri, ["define", "--file", "/dev/stdin"], timeout=timeout, stdin=new_xml)
     log.info(
         "domain %s: persistent definition now boots %s (%d disk source(s) were %s)",
