@@ -80,7 +80,7 @@ def test_watch_says_a_failing_mount_once_and_asks_it_no_more(
             raise ControlError("/hung: its corfs daemon does not answer within 10 s")
         state = "complete" if asked[path] >= 3 else "streaming"
         image = {"name": "a.raw", "size": 10, "local_bytes": 10 if state == "complete" else 5,
-                 "state": state}
+                 "state": state, "rate_bps": 0.0, "eta_s": None}
         return {"mounted": True, "images": [image]}
 
     monkeypatch.setattr(control_client, "status_of_path", status_of_path)
@@ -99,7 +99,8 @@ def test_watch_keeps_apart_images_whose_path_and_name_join_alike(
 
     def status_of_path(path: str) -> dict:
         name = "c" if path == "/a:b" else "b:c"
-        image = {"name": name, "size": 1, "local_bytes": 1, "state": "complete"}
+        image = {"name": name, "size": 1, "local_bytes": 1, "state": "complete",
+                 "rate_bps": 0.0, "eta_s": 0.0}
         return {"mounted": True, "images": [image]}
 
     added: list[str] = []
