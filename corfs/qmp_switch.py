@@ -495,8 +495,18 @@ def plan_switch(
         # A mirror's target refuses to share reads of its inode: with any other node on OLD
         # or NEW it fails, and undoing it would too.
         raise NoNodesOnPath(
-            f"{old} is open by a -drive without a node name beside other nodes; corfs can "
-            "switch that only alone: give the drive a name (-drive ...,node-name=NAME)"
+            f"{old} is open by a node without a name of its own beside other nodes; corfs "
+            "can switch that only alone: name it (-drive ...,node-name=NAME names only the "
+            "drive's top node: a backing chain's nodes need -blockdev names)"
+        )
+    if any(isinstance(s, Reopen) for s in steps) and monitor.command("query-iothreads"):
+        # QEMU 7.2 aborts (qemu_mutex_unlock_impl) when a node on an I/O thread gets a new
+        # file node by blockdev-reopen, plain files too: the VM dies. Which drive runs on
+        # which thread QMP does not tell; any I/O thread makes a reopen unsafe.
+        raise NoNodesOnPath(
+            f"QEMU runs I/O threads (-object iothread), and QEMU 7.2 aborts, killing the VM, "
+            f"when a drive's file is replaced by blockdev-reopen on one: {old} is not handed "
+            "over live; stop the VM and copy it out (corfs detach CACHE IMAGE DEST)"
         )
     prefix = "corfs"
     while any(name.startswith(prefix) for name in graph.nodes):
