@@ -41,6 +41,11 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
     status = _image_status(mountpoint, image)
     if status["state"] == "detached":
         raise UsageError(f"{image} was handed over to {status['detached_to']} already")
+    mount = control_client.read_status(mountpoint)
+    dest = os.path.abspath(dest)
+    bases = [mount["base"]] if mount["base"] else []
+    # Before any wait: a DEST refused after hours of --wait (the daemon checks it again)
+    check_dest(data_path_in(mount["cache"], image), dest, mountpoint, bases)
     if status["fill_ratio"] < 1.0:
         if not wait:
             raise NotLocalError(
@@ -48,10 +53,6 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
                 "image can be handed over (add --wait to wait for the stream)"
             )
         _wait_complete(mountpoint, image, timeout)
-    mount = control_client.read_status(mountpoint)
-    dest = os.path.abspath(dest)
-    bases = [mount["base"]] if mount["base"] else []
-    check_dest(data_path_in(mount["cache"], image), dest, mountpoint, bases)
     control_client.send_command(
         mountpoint,
         {"op": "handoff", "image": image, "dest": dest, "qmp": via.qmp, "virsh": via.virsh},

@@ -340,7 +340,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
     """Worker thread: re-point every node of QEMU on `qemu_path` to `dest`, then sync what the
     reopen drained. With --virsh, the domain's persistent definition follows; if that fails,
     QEMU is switched back. _StillOnDest if it cannot be."""
-    from .qmp_switch import plan_switch, rename_backing, switch
+    from .qmp_switch import end_header_job, plan_switch, rename_backing, switch
 
     pid = via.qemu_pid()
     started = started_options(pid, qemu_path)
@@ -350,6 +350,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
 
     monitor = via.connect()
     try:
+        end_header_job(monitor)
         plan = plan_switch(monitor, qemu_path, dest, started=started)
         if os.environ.get(STALL_ENV) == "switching":
             log.warning("handoff pausing at switching")
@@ -373,16 +374,31 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
                 repointing = True
                 repoint_persistent_disk(via.virsh, qemu_path, dest)
         except BaseException:
-            if repointing:  # libvirt may have taken it and virsh timed out: point it back
-                _settle_definition(via, dest, qemu_path)
             try:
-                rename_backing(monitor, dest, qemu_path, [], only=renamed, started_of=started_of)
-                # Back with QEMU's defaults for what QMP does not report: only a definition
-                # that cannot be rewritten gets here, after a switch that worked.
+                # Back with QEMU's defaults for what QMP does not report: only a step after a
+                # switch that worked gets here.
                 switch(monitor, plan_switch(monitor, dest, qemu_path))
             except Exception as exc:
                 log.error("switching QEMU back to %s failed: %s", qemu_path, exc)
-            _fail_closed(monitor, via, dest)
+            try:
+                _fail_closed(monitor, via, dest)
+            except _StillOnDest:
+                # DEST stays under QEMU: overlays and the definition go on naming it (the
+                # mount no longer serves the image, and a --forget-detached would boot a
+                # fresh copy of the base). Undone before the switch back was, they did not.
+                with contextlib.suppress(Exception):
+                    rename_backing(monitor, qemu_path, dest, [], started_of=started_of)
+                if repointing:
+                    _settle_definition(via, qemu_path, dest)
+                raise
+            # QEMU is off DEST, which goes: what names it names the mount again.
+            if repointing:  # libvirt may have taken it and virsh timed out
+                _settle_definition(via, dest, qemu_path)
+            try:
+                rename_backing(monitor, dest, qemu_path, [], only=renamed, started_of=started_of)
+            except Exception as exc:
+                log.error("overlay(s) %s may still name %s, which goes, as their backing file: "
+                          "%s", ", ".join(renamed), dest, exc)
             raise
         return len(plan.old_file_nodes)
     finally:
@@ -506,8 +522,9 @@ def _settle_definition(via: Via, old_path: str, new_path: str) -> None:
     except QmpError as exc:
         log.warning("domain %s: its persistent definition could not be pointed at %s: %s",
                     via.virsh, new_path, exc)
-    except CorfsError:
-        pass  # no disk on `old_path` in it: nothing to change
+    except CorfsError as exc:  # libvirt has no such domain any more
+        log.warning("domain %s: its persistent definition not pointed at %s: %s",
+                    via.virsh, new_path, exc)
 
 
 def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:

@@ -259,9 +259,13 @@ def rename_backing(
         name = info["node-name"]
         if not backing or not same_path(backing, old) or (only is not None and name not in only):
             continue
+        base = graph.children.get(name, {}).get("backing")
+        if base is None:  # opened with backing: null: QEMU reads nothing through its header
+            log.warning("overlay %s has no backing node: its header still names %s", name, old)
+            continue
         with _file_writable(monitor, graph, name, started_of):
-            _write_backing_name(monitor, graph, name, new)
-        changed.append(name)
+            _write_backing_name(monitor, name, base, new)
+            changed.append(name)  # written: an undo must see it even if the reopen back fails
 
 
 @contextlib.contextmanager
@@ -287,30 +291,51 @@ def _file_writable(
     try:
         yield
     finally:
-        monitor.command("blockdev-reopen", {"options": [options]})
+        try:
+            monitor.command("blockdev-reopen", {"options": [options]})
+        except QmpError as exc:  # left read-write: the lesser harm than undoing a handoff
+            log.error("file node %s stays read-write (not reopened read-only: %s)",
+                      file_node.name, exc)
 
 
-def _write_backing_name(monitor: Monitor, graph: Graph, overlay: str, name: str) -> None:
-    """Write `name` into `overlay`'s header as its backing file, with the format of the node
-    it backs onto now: a block-stream with nothing to copy (its base is the overlay's own
-    backing node) ends by writing both. QEMU 7.2's change-backing-file writes the overlay's
-    own format there instead (qcow2 for a raw DEST): no later open of the overlay worked."""
-    base = graph.children.get(overlay, {}).get("backing")
-    if base is None:
-        raise QmpError(f"{overlay} has no backing node to name {name} after")
-    job = "corfs-backing"
+_BACKING_JOB = "corfs-backing"
+
+
+def _write_backing_name(monitor: Monitor, overlay: str, base: str, name: str) -> None:
+    """Write `name` into `overlay`'s header as its backing file, with the format of `base`,
+    the node it backs onto now: a block-stream whose base is the overlay's own backing node
+    streams nothing and ends by writing both. (QEMU 7.2's change-backing-file writes the
+    overlay's own format there instead, qcow2 for a raw DEST: no later open of the overlay
+    worked.) While the job runs, its copy-on-read filter may copy what the guest reads from
+    the backing file into the overlay: the same bytes, for a few milliseconds."""
+    end_header_job(monitor)  # one a killed daemon left would refuse this id
     monitor.command("block-stream", {
-        "job-id": job, "device": overlay, "base-node": base, "backing-file": name,
+        "job-id": _BACKING_JOB, "device": overlay, "base-node": base, "backing-file": name,
         "auto-dismiss": False,
     })
     try:
-        _wait_job(monitor, job, "concluded")  # nothing to copy: at once
-        error = _job(monitor, job).get("error")
+        _wait_job(monitor, _BACKING_JOB, "concluded")
+        error = _job(monitor, _BACKING_JOB).get("error")
         if error:
             raise QmpError(f"{overlay}: backing file name {name} not written: {error}")
     finally:
-        if _job(monitor, job):
-            monitor.command("job-dismiss", {"id": job})
+        _end_job(monitor, _BACKING_JOB)
+
+
+def end_header_job(monitor: Monitor) -> None:
+    """No header job of ours left in QEMU (a daemon killed between its start and its
+    dismissal leaves one): first thing on a new connection, since QEMU 7.2 drops a
+    connection asked query-named-block-nodes while a concluded stream job is not dismissed."""
+    _end_job(monitor, _BACKING_JOB)
+
+
+def _end_job(monitor: Monitor, job: str) -> None:
+    """No job `job` any more: cancelled if it still runs, then dismissed."""
+    if _job(monitor, job).get("status") not in ("concluded", None):
+        monitor.command("block-job-cancel", {"device": job, "force": True})
+        _wait_job(monitor, job, "concluded")
+    if _job(monitor, job):
+        monitor.command("job-dismiss", {"id": job})
 
 
 # ---- the plan --------------------------------------------------------------------------
@@ -561,14 +586,8 @@ def _complete_mirror(monitor: Monitor, job: str) -> None:
         error = _job(monitor, job).get("error")
         if error:
             raise QmpError(str(error))
-    except QmpError:
-        if _job(monitor, job).get("status") not in ("concluded", None):
-            monitor.command("block-job-cancel", {"device": job, "force": True})
-            _wait_job(monitor, job, "concluded")
-        raise
     finally:
-        if _job(monitor, job):
-            monitor.command("job-dismiss", {"id": job})
+        _end_job(monitor, job)
 
 
 _OUR_MIRROR = re.compile(r"corfsx*\d+-job")  # `_mirror`'s job ids (switch's prefixes)
@@ -579,7 +598,8 @@ def finish_cut_mirrors(monitor: Monitor) -> None:
     blockdev-mirror and block-job-complete) leaves the job running and the BlockBackend on
     OLD, with the job's target on NEW (hunt: the next mount took that node for QEMU switched
     and recorded the handoff finished). Complete it now: NEW holds the bytes; if QEMU cannot,
-    cancel it and delete the nodes it was to switch to."""
+    cancel it and delete the nodes it was to switch to. A header job left over goes too."""
+    end_header_job(monitor)
     for job in monitor.command("query-jobs"):
         name = job["id"]
         if job.get("type") != "mirror" or not _OUR_MIRROR.fullmatch(name):

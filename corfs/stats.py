@@ -33,7 +33,8 @@ class ImageStatus:
     handoff_error: str | None = None  # why the latest live handoff failed (rolled back, or
     # finished unconfirmed: errors.HandoffUnconfirmed)
     handing_over: bool = False  # a live handoff of it is under way
-    stream_paused: bool = False  # `corfs stream pause` is in effect (offline or idle too)
+    stream_paused: bool = False  # `corfs stream pause` holds (offline too; a --no-stream
+    # mount streams nothing: never paused)
 
 
 def detached_status(name: str, size: int, dest: str) -> ImageStatus:

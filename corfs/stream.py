@@ -181,10 +181,11 @@ class StreamWorker:
                 stream.meter.reset()
                 continue
             streaming = self._state(stream) == "streaming"
-            if streaming and not stream.metered_streaming:
+            if streaming != stream.metered_streaming:
                 # Resumed, or back from an outage: the rate (and the ETA from it) is the
                 # stream's since then, not spread over the paused seconds still in the window
-                # (an image 30 s from complete showed an ETA of 161 s after a resume).
+                # (an image 30 s from complete showed an ETA of 161 s after a resume); paused
+                # or down: what reads fetch since then, not the stream's last 10 s.
                 stream.meter.reset()
             stream.metered_streaming = streaming
             stream.meter.sample(now, stream.image.local_bytes)

@@ -427,3 +427,20 @@ def test_wait_on_a_mount_that_streams_nothing_says_so_at_once(
         assert_one_line_error(result, "--no-stream", "read it whole")
         assert not dest.exists()
         assert image_status(live_status(m.mnt), "disk.raw")["state"] == "idle"
+
+
+def test_a_bad_dest_is_refused_before_waiting_for_the_stream(
+    tmp_dirs: CorfsDirs, base_image: Path, tmp_path: Path
+) -> None:
+    """Review: DEST was checked only once the image was complete, so `--wait` could wait
+    hours for the stream and then refuse a DEST that existed from the start. Here the stream
+    is paused (the wait would end at once, saying so): the DEST comes first."""
+    dest = tmp_path / "taken.raw"
+    dest.write_bytes(b"someone's")
+    with tmp_dirs.mount("--stream-paused") as m, Qemu(
+        tmp_path, "-drive", f"file={m.mnt / 'disk.raw'},if=none,id=drv0,format=raw"
+    ) as qemu:
+        assert_one_line_error(detach(tmp_dirs, dest, qemu, "--wait"), "already exists")
+        assert dest.read_bytes() == b"someone's"
+        assert list(qemu.file_nodes().values()) == [str(m.mnt / "disk.raw")]
+        m.stop()

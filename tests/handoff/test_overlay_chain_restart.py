@@ -4,9 +4,9 @@ snapshot: base raw on MNT <- snap1.qcow2 <- top.qcow2): QEMU opens every backing
 read-only, and it is snap1's header that names MNT/IMAGE. A `-drive ...,readonly=on` over an
 overlay is another.
 
-rename_backing skips an overlay whose node is read-only ("its header still names ... (a restart
-would open that)", a log warning only), yet `corfs detach` exits 0: after it the header names
-the mount, where the image is no longer served, and every later open of the chain fails
+rename_backing skipped an overlay whose node was read-only ("its header still names ... (a
+restart would open that)", a log warning only), yet `corfs detach` exited 0: after it the header
+named the mount, where the image is no longer served, and every later open of the chain failed
 ("Could not open backing file: Could not open '.../mnt/disk.raw': No such file or
 directory"): `qemu-img check`, `qemu-io`, and a VM started again from the same command line
 (libvirt too: it reads the chain from the headers at start). README ("Thick at full speed"):

@@ -3,10 +3,10 @@
 directory) must be rewritten to name DEST by a live handoff, like one with an absolute name
 (README, "Thick at full speed": "A qcow2 overlay's header is rewritten to name DEST").
 
-rename_backing compares the header's backing file name as written ("mnt/disk.raw") with the
-absolute MNT/IMAGE and finds no overlay to rewrite: the handoff succeeds, QEMU runs on DEST,
-but the header still names the mount, where the image is no longer served (absent from MNT
-after the handoff, and gone with the mount). The VM cannot be started again: QEMU says
+rename_backing compared the header's backing file name as written ("mnt/disk.raw") with the
+absolute MNT/IMAGE and found no overlay to rewrite: the handoff succeeded, QEMU ran on DEST,
+but the header still named the mount, where the image is no longer served (absent from MNT
+after the handoff, and gone with the mount). The VM could not be started again: QEMU said
 "Could not open backing file: Could not open '.../mnt/disk.raw': No such file or directory".
 Real corfs mount, real QEMU (-machine none)."""
 

@@ -105,3 +105,60 @@ def test_a_definition_libvirt_took_when_virsh_failed_is_pointed_back(
         assert image_status(live_status(m.mnt), "disk.raw")["state"] == "complete"
         libvirt.virsh("destroy", "--domain", name)
         m.stop()
+
+
+def test_a_handoff_that_cannot_switch_back_leaves_the_overlay_naming_dest(
+    tmp_dirs: CorfsDirs, tmp_path: Path, libvirt: Libvirt, define_domain: DefineDomain
+) -> None:
+    """Review: a handoff failing after the switch (here `virsh define`, after libvirt took
+    the definition) named the mount again in the overlays' headers and the definition *before*
+    switching QEMU back; when that switch back failed too, the handoff was finished with QEMU
+    on DEST while both named the mount, which no longer serves the image: the domain could not
+    start again (and a --forget-detached would have booted a fresh copy of the base). Now the
+    switch back comes first, and what names DEST goes on naming it while QEMU stays there."""
+    import json
+    import subprocess
+
+    make_image(tmp_dirs.base / "disk.raw", 8 * MIB, seed=29)
+    dest = tmp_path / "vm.raw"
+    overlay = tmp_path / "overlay.qcow2"
+    name = unique_name()
+    defined = tmp_path / "defined"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    virsh = fake_bin / "virsh"
+    virsh.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do\n'
+        f'  [ "$a" = define ] && {{ /usr/bin/virsh "$@"; touch {defined}; '
+        'echo "error: injected after define" >&2; exit 1; }\n'
+        f'  case "$a" in *blockdev-reopen*) [ -e {defined} ] && '
+        '{ echo "error: injected refusal of the reopen back" >&2; exit 1; };; esac\n'
+        "done\n"
+        'exec /usr/bin/virsh "$@"\n'
+    )
+    virsh.chmod(0o755)
+    with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}) as m:
+        image = m.mnt / "disk.raw"
+        made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                               image, overlay], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        define_domain(name, domain_xml(name, overlay, backing=image))
+        libvirt.virsh("start", "--domain", name)
+        result = run_corfs("detach", m.mnt, "disk.raw", dest, "--virsh", name, "--wait",
+                           timeout=120)
+        assert result.returncode != 0 and defined.exists(), result.stderr + m.log_tail()
+        assert str(dest) in file_nodes(VirshMonitor(name)).values()  # QEMU stayed on DEST
+        assert dest.exists()
+        assert image_status(live_status(m.mnt), "disk.raw")["state"] == "detached"
+        inactive = libvirt.virsh("dumpxml", "--inactive", "--domain", name)
+        sources = [s.get("file") for s in ET.fromstring(inactive).iter("source") if s.get("file")]
+        assert sources == [str(overlay), str(dest)], sources
+        libvirt.virsh("destroy", "--domain", name)
+        m.stop()
+    info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
+                          capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    header = json.loads(info.stdout)
+    assert (header.get("backing-filename"), header.get("backing-filename-format")) == (
+        str(dest), "raw")

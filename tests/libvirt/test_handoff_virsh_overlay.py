@@ -6,9 +6,9 @@ domain's <disk> names the overlay, and its backing file is the overlay header's 
 README ("Thick at full speed") says a qcow2 overlay's backing file is switched and its header
 rewritten to name DEST, and with --virsh the persistent definition follows. Here the
 definition has nothing naming MNT/IMAGE to rewrite, and the overlay's rewritten header alone
-would make the next `virsh start` open DEST; yet repoint_persistent_disk refuses ("the
-persistent definition of domain ... has no disk on MNT/IMAGE") and the whole handoff is rolled
-back: such a VM can never be taken off the mount. Real libvirtd, real corfs mount."""
+would make the next `virsh start` open DEST; yet repoint_persistent_disk refused ("the
+persistent definition of domain ... has no disk on MNT/IMAGE") and the whole handoff was rolled
+back: such a VM could never be taken off the mount. Real libvirtd, real corfs mount."""
 
 from __future__ import annotations
 
