@@ -15,36 +15,15 @@ Real corfs mount, real QEMU (-machine none)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 from tests.mounting import CorfsDirs, make_image, run_corfs
 
+from .overlays import assert_reads, backing_of, make_overlay
 from .qemu import Qemu
 
 MIB = 1 << 20
-
-
-def overlay_on(backing: Path, overlay: Path, backing_format: str) -> None:
-    made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", backing_format,
-                           "-b", backing, overlay], capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
-
-
-def backing_of(overlay: Path) -> tuple[str | None, str | None]:
-    info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
-                          capture_output=True, text=True)
-    assert info.returncode == 0, info.stderr
-    header = json.loads(info.stdout)
-    return header.get("full-backing-filename"), header.get("backing-filename-format")
-
-
-def opens_and_reads(image: Path, *reads: str) -> subprocess.CompletedProcess[str]:
-    args = ["qemu-io", "-f", "qcow2"]
-    for read in reads:
-        args += ["-c", read]
-    return subprocess.run([*args, image], capture_output=True, text=True)
 
 
 def test_the_middle_of_an_overlay_chain_names_dest_after_the_handoff(
@@ -55,8 +34,8 @@ def test_the_middle_of_an_overlay_chain_names_dest_after_the_handoff(
     snap1, top = tmp_path / "snap1.qcow2", tmp_path / "top.qcow2"
     with tmp_dirs.mount() as m:
         image = m.mnt / "disk.raw"
-        overlay_on(image, snap1, "raw")
-        overlay_on(snap1, top, "qcow2")
+        make_overlay(image, snap1, "raw")
+        make_overlay(snap1, top, "qcow2")
         # The chain written out node by node, as libvirt starts it (every node named).
         with Qemu(
             tmp_path,
@@ -82,9 +61,7 @@ def test_the_middle_of_an_overlay_chain_names_dest_after_the_handoff(
         assert backing_of(snap1) == (str(dest), "raw")
         checked = subprocess.run(["qemu-img", "check", top], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stdout + checked.stderr
-        opened = opens_and_reads(top, "read -P 0x41 0 64k", "read -P 0x42 1m 64k")
-        assert opened.returncode == 0 and "fail" not in opened.stdout, (
-            opened.stdout + opened.stderr)
+        assert_reads(top, "read -P 0x41 0 64k", "read -P 0x42 1m 64k")
 
 
 def test_a_read_only_drive_on_an_overlay_still_opens_after_the_handoff(
@@ -95,7 +72,7 @@ def test_a_read_only_drive_on_an_overlay_still_opens_after_the_handoff(
     overlay = tmp_path / "overlay.qcow2"
     with tmp_dirs.mount() as m:
         image = m.mnt / "disk.raw"
-        overlay_on(image, overlay, "raw")
+        make_overlay(image, overlay, "raw")
         written = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x43 0 64k",
                                   overlay], capture_output=True, text=True)
         assert written.returncode == 0 and "fail" not in written.stdout, written.stderr
@@ -109,6 +86,4 @@ def test_a_read_only_drive_on_an_overlay_still_opens_after_the_handoff(
             qemu.qemu_io("d0", "read -P 0x43 0 64k")
         # Started again from the same command line: QEMU opens the overlay's backing file.
         assert backing_of(overlay) == (str(dest), "raw")
-        opened = opens_and_reads(overlay, "read -P 0x43 0 64k")
-        assert opened.returncode == 0 and "fail" not in opened.stdout, (
-            opened.stdout + opened.stderr)
+        assert_reads(overlay, "read -P 0x43 0 64k")

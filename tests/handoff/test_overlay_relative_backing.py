@@ -12,12 +12,11 @@ Real corfs mount, real QEMU (-machine none)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 from tests.mounting import CorfsDirs, make_image, run_corfs
 
+from .overlays import assert_reads, backing_of, make_overlay
 from .qemu import Qemu
 
 MIB = 1 << 20
@@ -31,10 +30,7 @@ def test_an_overlay_naming_the_image_relatively_still_opens_after_the_handoff(
     overlay = tmp_path / "overlay.qcow2"
     assert tmp_dirs.mnt == tmp_path / "mnt"  # the relative name below is MNT/disk.raw
     with tmp_dirs.mount() as m:
-        made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw",
-                               "-b", "mnt/disk.raw", overlay.name],
-                              capture_output=True, text=True, cwd=tmp_path)
-        assert made.returncode == 0, made.stderr
+        make_overlay("mnt/disk.raw", overlay, cwd=tmp_path)
         command_line = ["-drive", f"file={overlay},format=qcow2,if=none,id=d0,node-name=ov"]
         with Qemu(tmp_path, *command_line) as qemu:
             assert str(m.mnt / "disk.raw") in qemu.file_nodes().values()
@@ -46,14 +42,5 @@ def test_an_overlay_naming_the_image_relatively_still_opens_after_the_handoff(
             qemu.qemu_io("d0", "write -P 0x32 1m 64k")
             qemu.qemu_io("d0", "flush")
         # QEMU is gone; the VM is started again from the same command line (the overlay's).
-        info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
-                              capture_output=True, text=True)
-        assert info.returncode == 0, info.stderr
-        header = json.loads(info.stdout)
-        assert header.get("full-backing-filename") == str(dest), header
-        assert header.get("backing-filename-format") == "raw", header
-        opened = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x31 0 64k",
-                                 "-c", "read -P 0x32 1m 64k", overlay],
-                                capture_output=True, text=True)
-        assert opened.returncode == 0 and "fail" not in opened.stdout, (
-            opened.stdout + opened.stderr)
+        assert backing_of(overlay) == (str(dest), "raw")
+        assert_reads(overlay, "read -P 0x31 0 64k", "read -P 0x32 1m 64k")

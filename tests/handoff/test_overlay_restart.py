@@ -7,12 +7,11 @@ guest-written raw disk as qcow2 metadata. Real corfs mount, real QEMU (-machine 
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 from tests.mounting import CorfsDirs, make_image, run_corfs
 
+from .overlays import assert_reads, backing_of, make_overlay
 from .qemu import Qemu
 
 MIB = 1 << 20
@@ -26,9 +25,7 @@ def test_an_overlay_still_opens_after_its_backing_file_is_handed_over(
     overlay = tmp_path / "overlay.qcow2"
     with tmp_dirs.mount() as m:
         image = m.mnt / "disk.raw"
-        made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", image,
-                               overlay], capture_output=True, text=True)
-        assert made.returncode == 0, made.stderr
+        make_overlay(image, overlay)
         # As README's "Running VMs on corfs" runs a guest: a -drive with a node name.
         with Qemu(tmp_path, "-drive",
                   f"file={overlay},format=qcow2,if=none,id=d0,node-name=ov") as qemu:
@@ -38,15 +35,8 @@ def test_an_overlay_still_opens_after_its_backing_file_is_handed_over(
             assert result.returncode == 0, result.stderr + m.log_tail()
             qemu.qemu_io("d0", "flush")
         # QEMU is gone: what a restart of the VM reads from the overlay's header.
-        info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
-                              capture_output=True, text=True)
-        assert info.returncode == 0, info.stderr
-        header = json.loads(info.stdout)
-        assert header["backing-filename"] == str(dest)
-        assert header.get("backing-filename-format") == "raw", header
-        opened = subprocess.run(["qemu-io", "-c", "read -P 0x22 0 64k", "-f", "qcow2", overlay],
-                                capture_output=True, text=True)
-        assert opened.returncode == 0 and "fail" not in opened.stdout, opened.stdout + opened.stderr
+        assert backing_of(overlay) == (str(dest), "raw")
+        assert_reads(overlay, "read -P 0x22 0 64k")
 
 
 def test_a_header_job_left_over_in_qemu_does_not_stop_the_next_handoff(
@@ -62,9 +52,7 @@ def test_a_header_job_left_over_in_qemu_does_not_stop_the_next_handoff(
     overlay = tmp_path / "overlay.qcow2"
     with tmp_dirs.mount() as m:
         image = m.mnt / "disk.raw"
-        made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", image,
-                               overlay], capture_output=True, text=True)
-        assert made.returncode == 0, made.stderr
+        make_overlay(image, overlay)
         with Qemu(tmp_path, "-drive",
                   f"file={overlay},format=qcow2,if=none,id=d0,node-name=ov") as qemu:
             nodes = qemu.qmp("query-named-block-nodes", flat=True)
@@ -76,6 +64,4 @@ def test_a_header_job_left_over_in_qemu_does_not_stop_the_next_handoff(
                                "--wait", timeout=120)
             assert result.returncode == 0, result.stderr + m.log_tail()
             assert qemu.qmp("query-jobs") == []
-        info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
-                              capture_output=True, text=True)
-        assert json.loads(info.stdout)["backing-filename"] == str(dest)
+        assert backing_of(overlay) == (str(dest), "raw")

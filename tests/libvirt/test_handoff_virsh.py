@@ -14,6 +14,7 @@ from pathlib import Path
 
 from corfs.virsh import VirshMonitor
 from tests.fuse.util import assert_one_line_error, image_status, live_status
+from tests.handoff.overlays import backing_of, make_overlay
 from tests.libvirt.libvirtd import Libvirt
 from tests.libvirt.test_virsh import DefineDomain, domain_xml, unique_name
 from tests.mounting import CorfsDirs, make_image, run_corfs
@@ -116,9 +117,6 @@ def test_a_handoff_that_cannot_switch_back_leaves_the_overlay_naming_dest(
     on DEST while both named the mount, which no longer serves the image: the domain could not
     start again (and a --forget-detached would have booted a fresh copy of the base). Now the
     switch back comes first, and what names DEST goes on naming it while QEMU stays there."""
-    import json
-    import subprocess
-
     make_image(tmp_dirs.base / "disk.raw", 8 * MIB, seed=29)
     dest = tmp_path / "vm.raw"
     overlay = tmp_path / "overlay.qcow2"
@@ -140,9 +138,7 @@ def test_a_handoff_that_cannot_switch_back_leaves_the_overlay_naming_dest(
     virsh.chmod(0o755)
     with tmp_dirs.mount(env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}) as m:
         image = m.mnt / "disk.raw"
-        made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                               image, overlay], capture_output=True, text=True)
-        assert made.returncode == 0, made.stderr
+        make_overlay(image, overlay)
         define_domain(name, domain_xml(name, overlay, backing=image))
         libvirt.virsh("start", "--domain", name)
         result = run_corfs("detach", m.mnt, "disk.raw", dest, "--virsh", name, "--wait",
@@ -156,9 +152,4 @@ def test_a_handoff_that_cannot_switch_back_leaves_the_overlay_naming_dest(
         assert sources == [str(overlay), str(dest)], sources
         libvirt.virsh("destroy", "--domain", name)
         m.stop()
-    info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
-                          capture_output=True, text=True)
-    assert info.returncode == 0, info.stderr
-    header = json.loads(info.stdout)
-    assert (header.get("backing-filename"), header.get("backing-filename-format")) == (
-        str(dest), "raw")
+    assert backing_of(overlay) == (str(dest), "raw")

@@ -12,11 +12,10 @@ back: such a VM could never be taken off the mount. Real libvirtd, real corfs mo
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 from corfs.virsh import VirshMonitor
+from tests.handoff.overlays import backing_of, make_overlay
 from tests.libvirt.libvirtd import Libvirt
 from tests.libvirt.test_virsh import DefineDomain, disk_sources, domain_xml, unique_name
 from tests.mounting import CorfsDirs, make_image, run_corfs
@@ -33,9 +32,7 @@ def test_virsh_handoff_of_an_overlay_defined_without_its_backing_store(
     name = unique_name()
     with tmp_dirs.mount() as m:
         image = m.mnt / "disk.raw"
-        made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-                               "-b", image, overlay], capture_output=True, text=True)
-        assert made.returncode == 0, made.stderr
+        make_overlay(image, overlay)
         xml = domain_xml(name, overlay).replace("type='raw'", "type='qcow2'")
         define_domain(name, xml)
         assert disk_sources(libvirt.virsh("dumpxml", "--inactive", "--domain", name)) == [
@@ -50,12 +47,7 @@ def test_virsh_handoff_of_an_overlay_defined_without_its_backing_store(
         assert str(image) not in files and str(dest) in files, files
         m.stop()
     libvirt.virsh("destroy", "--domain", name)
-    info = subprocess.run(["qemu-img", "info", "--output=json", overlay],
-                          capture_output=True, text=True)
-    assert info.returncode == 0, info.stderr
-    header = json.loads(info.stdout)
-    assert (header.get("backing-filename"), header.get("backing-filename-format")) == (
-        str(dest), "raw")
+    assert backing_of(overlay) == (str(dest), "raw")
     libvirt.virsh("start", "--domain", name)  # boots over DEST: the mount is gone
     nodes = VirshMonitor(name).command("query-named-block-nodes", {"flat": True})
     assert str(dest) in {n["file"] for n in nodes if n["drv"] == "file"}
