@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import trio
@@ -224,9 +224,14 @@ async def _hand_over(
     named = data_path_in(os.path.realpath(store.root), name)
     await trio.to_thread.run_sync(check_dest, named, dest, os.path.dirname(qemu_path), bases)
     await store.commit()
-    record = HandoffRecord(name, image.size, dest, via.to_json(), qemu_path, False, time.time())
+    journal_via = json.dumps({**json.loads(via.to_json()), MARKS_SWITCH: True})
+    record = HandoffRecord(name, image.size, dest, journal_via, qemu_path, False, time.time())
     await trio.to_thread.run_sync(store.begin_handoff, record)
-    attempt = _Attempt()
+    def mark_switch() -> None:  # as a rollback after the switch began does, only earlier
+        image.mark_written_outside()
+        store.mark_dirty(name)
+
+    attempt = _Attempt(lambda: trio.from_thread.run_sync(mark_switch))
     try:
         await _stall_for_tests("journaled")
         await trio.to_thread.run_sync(_link, data_path, dest)
@@ -308,10 +313,16 @@ def _unless_unmounting_stops_it(what: str) -> Iterator[trio.CancelScope]:
                   what, FINISH_TIMEOUT)
 
 
+MARKS_SWITCH = "marks_switch"  # in a journal row's via: see _switch_may_have_begun
+
+
 @dataclass
 class _Attempt:
-    """What a handoff got to, for its rollback."""
+    """What a handoff got to, for its rollback. `mark_switch`: called (from the worker thread)
+    just before QEMU is first asked to touch DEST; it marks every chunk dirty, durably, so a
+    mount settling the handoff cut short can tell a switch that never began."""
 
+    mark_switch: Callable[[], None]
     switch_started: bool = False
 
 
@@ -355,6 +366,7 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
         if os.environ.get(STALL_ENV) == "switching":
             log.warning("handoff pausing at switching")
             time.sleep(SWITCH_PAUSE_S)
+        attempt.mark_switch()
         attempt.switch_started = True
         try:
             switch(monitor, plan)  # all or nothing itself
@@ -489,7 +501,10 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
         except CorfsError as exc:
             log.warning("handoff of %s to %s was cut short and %s does not answer (%s)",
                         handoff.name, handoff.dest, via.describe(), exc)
-    if linked and (on_dest or not answered):
+    # A QEMU that does not answer may run on DEST, unless the switch never began: then it
+    # never had DEST (hunt: finished anyway, a qcow2 overlay went on naming the mount, which
+    # served the image no more, and the VM could not start).
+    if linked and (on_dest or (not answered and _switch_may_have_begun(store, handoff))):
         _settle_definition(via, handoff.qemu_path, handoff.dest)
         store.drop_image(handoff.name, handed_over=True)
         log.warning("handoff of %s to %s was cut short %s: finished it (not served here any "
@@ -507,6 +522,18 @@ def _settle(store: CacheStore, handoff: HandoffRecord) -> bool:
     log.warning("handoff of %s to %s was cut short before QEMU switched: undone, %s is "
                 "served from the cache as before", handoff.name, handoff.dest, handoff.name)
     return False
+
+
+def _switch_may_have_begun(store: CacheStore, handoff: HandoffRecord) -> bool:
+    """False only when the journal row comes from a corfs that marks the switch (every chunk
+    dirty, durably, before QEMU is first asked to touch DEST) and the mark is not there."""
+    if not json.loads(handoff.via).get(MARKS_SWITCH):
+        return True  # an older corfs's row: nothing tells
+    record = store.record_of(handoff.name)
+    if record is None:
+        return True
+    states, dirty = store.load_states(record)
+    return dirty == len(states)
 
 
 def _settle_definition(via: Via, old_path: str, new_path: str) -> None:
