@@ -38,10 +38,10 @@ def run_detach(path: str, image: str, dest: str, via: Via | None, *, wait: bool,
             f"{path} is mounted on {mountpoint}: unmount it first to copy {image} out, or hand "
             f"it over live to the QEMU using it with --qmp SOCKET or --virsh DOMAIN"
         )
-    status = _image_status(mountpoint, image)
+    mount = control_client.read_status(mountpoint)
+    status = _image_in(mount, mountpoint, image)
     if status["state"] == "detached":
         raise UsageError(f"{image} was handed over to {status['detached_to']} already")
-    mount = control_client.read_status(mountpoint)
     dest = os.path.abspath(dest)
     bases = [mount["base"]] if mount["base"] else []
     # Before any wait: a DEST refused after hours of --wait (the daemon checks it again)
@@ -71,7 +71,11 @@ def _live_mountpoint(path: str) -> str | None:
 
 
 def _image_status(mountpoint: str, image: str) -> dict:
-    for entry in control_client.read_status(mountpoint)["images"]:
+    return _image_in(control_client.read_status(mountpoint), mountpoint, image)
+
+
+def _image_in(mount: dict, mountpoint: str, image: str) -> dict:
+    for entry in mount["images"]:
         if entry["name"] == image:
             return entry
     raise UsageError(f"{mountpoint} has no image {image!r}")

@@ -227,11 +227,14 @@ async def _hand_over(
     journal_via = json.dumps({**json.loads(via.to_json()), MARKS_SWITCH: True})
     record = HandoffRecord(name, image.size, dest, journal_via, qemu_path, False, time.time())
     await trio.to_thread.run_sync(store.begin_handoff, record)
-    def mark_switch() -> None:  # as a rollback after the switch began does, only earlier
+
+    def written_outside() -> None:
+        """QEMU may write to the shared inode: every chunk dirty, durably (the mount settling
+        a handoff cut short reads this), and the kernel's pages of the image stale."""
         image.mark_written_outside()
         store.mark_dirty(name)
 
-    attempt = _Attempt(lambda: trio.from_thread.run_sync(mark_switch))
+    attempt = _Attempt(lambda: trio.from_thread.run_sync(written_outside))
     try:
         await _stall_for_tests("journaled")
         await trio.to_thread.run_sync(_link, data_path, dest)
@@ -255,11 +258,9 @@ async def _hand_over(
         except BaseException:
             try:
                 if attempt.switch_started:  # QEMU may have written to the shared inode
-                    image.mark_written_outside()
-                    # Durably before DEST goes: a mount settling a handoff cut short after
-                    # that cannot tell that QEMU ever had the inode (_settle). Not in a
-                    # thread: a cancelled rollback must still get here.
-                    store.mark_dirty(name)
+                    # Again, now: pages read since the mark may be stale. Durably before DEST
+                    # goes. Not in a thread: a cancelled rollback must still get here.
+                    written_outside()
             finally:
                 _unlink_our_link(data_path, dest)
             await _stall_for_tests("unlinked")
@@ -353,11 +354,8 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
     QEMU is switched back. _StillOnDest if it cannot be."""
     from .qmp_switch import end_header_job, plan_switch, rename_backing, switch
 
-    pid = via.qemu_pid()
-    started = started_options(pid, qemu_path)
-
-    def started_of(path: str) -> Started:  # an overlay's file, for rename_backing
-        return started_options(pid, path)
+    started_of = _started_options_of(via)
+    started = started_of(qemu_path)
 
     monitor = via.connect()
     try:
@@ -416,6 +414,12 @@ def _switch_qemu(via: Via, qemu_path: str, dest: str, data_fd: int, attempt: _At
     finally:
         with contextlib.suppress(Exception):
             monitor.close()
+
+
+def _started_options_of(via: Via) -> Callable[[str], Started]:
+    """The options the QEMU behind `via` was started with for a file (qemu_cmdline.py)."""
+    pid = via.qemu_pid()
+    return lambda path: started_options(pid, path)
 
 
 def _fail_closed(monitor, via: Via, dest: str) -> None:
@@ -567,9 +571,8 @@ def _finish_qemu_side(via: Via, handoff: HandoffRecord) -> list[str]:
             with contextlib.suppress(CorfsError):  # nodes left on the dead mount, if any
                 switch(monitor, plan_switch(monitor, handoff.qemu_path, handoff.dest))
             with contextlib.suppress(CorfsError):
-                pid = via.qemu_pid()
                 rename_backing(monitor, handoff.qemu_path, handoff.dest, [],
-                               started_of=lambda path: started_options(pid, path))
+                               started_of=_started_options_of(via))
         return on_dest
     finally:
         with contextlib.suppress(Exception):

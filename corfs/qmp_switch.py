@@ -307,8 +307,8 @@ def _write_backing_name(monitor: Monitor, overlay: str, base: str, name: str) ->
     streams nothing and ends by writing both. (QEMU 7.2's change-backing-file writes the
     overlay's own format there instead, qcow2 for a raw DEST: no later open of the overlay
     worked.) While the job runs, its copy-on-read filter may copy what the guest reads from
-    the backing file into the overlay: the same bytes, for a few milliseconds."""
-    end_header_job(monitor)  # one a killed daemon left would refuse this id
+    the backing file into the overlay: the same bytes, for a few milliseconds. One a killed
+    daemon left would refuse this id: every connection that writes headers ends it first."""
     monitor.command("block-stream", {
         "job-id": _BACKING_JOB, "device": overlay, "base-node": base, "backing-file": name,
         "auto-dismiss": False,
