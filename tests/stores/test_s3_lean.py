@@ -66,7 +66,11 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SignedS3]:
             aws_access_key_id="setup", aws_secret_access_key="setup",
         )
         keys = []
-        for user, actions in (("reader", ("s3:*",)), ("lister", ("s3:ListBucket",))):
+        # The lister may list, not read. AWS checks s3:ListBucket for ListObjectsV2; moto
+        # 5.2.6 checks "s3:ListObjectsV2" instead (the AccessDenied that failed CI on a fresh
+        # install): both, so the listing passes on either and the read alone is refused.
+        lister = ("s3:ListBucket", "s3:ListObjectsV2")
+        for user, actions in (("reader", ("s3:*",)), ("lister", lister)):
             iam.create_user(UserName=user)
             iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=_policy(*actions))
             made = iam.create_access_key(UserName=user)["AccessKey"]
